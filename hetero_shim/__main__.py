@@ -1,0 +1,46 @@
+"""python -m hetero_shim CMD [ARGS...]: run any command with the shim active in it and in
+every process it starts (``vllm serve ... --device heterogeneous``,
+``python -m vllm.entrypoints.openai.api_server ...``, ``python script.py``).
+
+The launcher checks the vLLM release first (an unsupported one is refused here, with
+exit status 2), switches HETERO_SHIM_ENABLE on, puts the bootstrap sitecustomize on
+PYTHONPATH and replaces itself with the command.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+
+USAGE = "usage: python -m hetero_shim COMMAND [ARGS...]   e.g. python -m hetero_shim vllm serve MODEL --device heterogeneous --tensor-parallel-size 2"
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE, file=sys.stderr if not argv else sys.stdout)
+        return 0 if argv else 2
+    from hetero_shim import _api, settings, versions
+    from hetero_shim.errors import HeteroShimError
+    from hetero_shim.patches import tables
+
+    try:
+        versions.choose_table(tables.SUPPORTED)
+    except HeteroShimError as exc:
+        print(f"hetero_shim: {exc}", file=sys.stderr)
+        return 2
+    if settings.ENABLE in os.environ and not settings.activation_requested():
+        print(f"hetero_shim: note: {settings.ENABLE}=0 was overridden by the launcher", file=sys.stderr)
+    _api._propagate_to_children()
+    command = argv[0]
+    if command in ("python", "python3") and shutil.which(command) is None:
+        command = sys.executable
+    if shutil.which(command) is None and not os.path.exists(command):
+        print(f"hetero_shim: command not found: {command}", file=sys.stderr)
+        return 127
+    os.execvp(command, [command, *argv[1:]])
+    return 0  # not reached
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

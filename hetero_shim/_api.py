@@ -1,0 +1,122 @@
+"""enable(), disable(), status(): the public switch, idempotent, reversible, observable."""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from pathlib import Path
+
+from hetero_shim import settings
+
+from hetero_shim.logs import log
+
+BOOTSTRAP_DIR = str(Path(__file__).with_name("_bootstrap"))
+
+_lock = threading.RLock()
+_ledger = None  # registry.Ledger, created on first enable()
+_state: dict = {"table": None, "reason": None, "env_before": None}
+
+
+def _get_ledger():
+    global _ledger
+    if _ledger is None:
+        from hetero_shim.registry import Ledger
+
+        _ledger = Ledger()
+    return _ledger
+
+
+def _propagate_to_children() -> dict:
+    """Put the bootstrap on PYTHONPATH so that every spawned Python process activates too."""
+    before = {k: os.environ.get(k) for k in (settings.ENABLE, "PYTHONPATH")}
+    os.environ[settings.ENABLE] = "1"
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if BOOTSTRAP_DIR not in paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join([BOOTSTRAP_DIR, *paths])
+    return before
+
+
+def _restore_env(before: dict) -> None:
+    for key, value in before.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def enable(*, propagate: bool = True) -> dict:
+    """Patch vLLM (now for imported modules, on import for the rest). Harmless when repeated.
+
+    Raises :class:`~hetero_shim.errors.UnsupportedVllmVersion` before anything is patched
+    when the installed vLLM release has no table. With ``propagate`` (the default) child
+    processes, including those vLLM spawns, activate the shim themselves.
+    """
+    from hetero_shim import versions
+    from hetero_shim.patches import tables
+
+    with _lock:
+        ledger = _get_ledger()
+        if ledger.active:
+            log.debug("hetero_shim.enable(): already enabled")
+            return status()
+        release, reason = versions.choose_table(tables.SUPPORTED)
+        _state.update(table=release, reason=reason)
+        if propagate and _state["env_before"] is None:
+            _state["env_before"] = _propagate_to_children()
+        ledger.install(tables.table(release))
+        return status()
+
+
+def disable() -> dict:
+    """Restore every original vLLM function and stop child processes from activating."""
+    with _lock:
+        ledger = _get_ledger()
+        not_restored = ledger.remove_all()
+        if not_restored:
+            log.warning("hetero_shim.disable(): re-wrapped by someone else, left in place: %s", not_restored)
+        if _state["env_before"] is not None:
+            _restore_env(_state["env_before"])
+            _state["env_before"] = None
+        return status()
+
+
+def status() -> dict:
+    """What is patched, for which vLLM release, and the rank plan of heterogeneous mode."""
+    from hetero_shim import mode, versions
+
+    found = versions.installed()
+    ledger = _ledger
+    plan = None
+    try:
+        plan = mode.current_plan()
+    except ValueError:
+        pass
+    return {
+        "enabled": bool(ledger and ledger.active),
+        "vllm": f"{found.distribution} {found.version}" if found else None,
+        "table": _state["table"],
+        "table_reason": _state["reason"],
+        "heterogeneous": os.environ.get(settings.DEVICE) == settings.HETEROGENEOUS,
+        "plan": plan.describe() if plan else None,
+        "patches": ledger.describe() if ledger else [],
+        "missing": list(ledger.missing) if ledger else [],
+    }
+
+
+def activate_from_env() -> None:
+    """Used by sitecustomize: when HETERO_SHIM_ENABLE=1, enable the shim once vLLM is imported.
+
+    Processes that never import vLLM pay for one import hook and nothing else.
+    """
+    if not settings.activation_requested():
+        return
+    import wrapt
+
+    def _on_vllm_import(_module):
+        enable(propagate=False)
+
+    if "vllm" in sys.modules:
+        enable(propagate=False)
+    else:
+        wrapt.register_post_import_hook(_on_vllm_import, "vllm")

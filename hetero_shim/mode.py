@@ -1,0 +1,42 @@
+"""Heterogeneous mode as process state: switched on in the parent, read back in every child.
+
+The parent (where ``LLM(...)`` or ``vllm serve`` builds its engine config) decides the
+rank plan once and writes it to the environment; the engine core and the workers it
+spawns inherit it, so every process agrees on which rank is a GPU or a CPU rank.
+"""
+
+from __future__ import annotations
+
+import os
+
+from hetero_shim import node, settings
+from hetero_shim.plan import RankPlan, count_gpu_ranks, parse_bind_list, partition_cpus, plan_from_json, plan_to_json
+
+PLAN = "HETERO_SHIM_PLAN"
+
+
+def enter() -> None:
+    os.environ[settings.DEVICE] = settings.HETEROGENEOUS
+
+
+def build_plan(world_size: int, gpus_on_node: int) -> RankPlan:
+    """Make the rank plan for this node and publish it to child processes."""
+    gpu_ranks = count_gpu_ranks(world_size, gpus_on_node, settings.gpu_ranks_override())
+    cpu_ranks = world_size - gpu_ranks
+    allowed = node.allowed_cpus()
+    bind = os.environ.get(settings.OMP_BIND, "auto")
+    lists = parse_bind_list(bind, cpu_ranks, [c.id for c in allowed]) if cpu_ranks else []
+    notes: list[str] = []
+    reserved: list[int] = []
+    if lists is None and bind.strip() == "nobind":
+        lists = []
+    elif lists is None:  # automatic: own cores per CPU rank, one core kept for each other process
+        lists, reserved, notes = partition_cpus(node.one_per_core(allowed), cpu_ranks, reserve=1 + gpu_ranks)
+    plan = RankPlan(world_size, gpu_ranks, tuple(tuple(x) for x in lists), tuple(reserved), tuple(notes))
+    os.environ[PLAN] = plan_to_json(plan)
+    return plan
+
+
+def current_plan() -> RankPlan | None:
+    raw = os.environ.get(PLAN)
+    return plan_from_json(raw) if raw else None

@@ -1,0 +1,90 @@
+"""CPU workers: cores per CPU rank from the rank plan, and a missing env op tolerated.
+
+Targets
+- the NUMA auto-bind (``OMPProcessManager._get_autobind_cpu_ids`` in
+  ``vllm.utils.ompmultiprocessing``, 0.32+): stock vLLM gives every local rank its own
+  NUMA node and asserts when there are fewer nodes than ranks. In heterogeneous mode the
+  CPU ranks get the cores of the rank plan instead (nodes shared round-robin, cores split,
+  no core given twice, cores kept free for the engine core and GPU ranks' processes).
+- the CPU worker's constructor, which calls vLLM's thread/memory environment op
+  (``torch.ops._C.init_cpu_memory_env`` in 0.26+): when the loaded kernels lack it, a no-op
+  stands in with a warning instead of an AttributeError deep inside the worker.
+Why: one-NUMA-node hosts cannot run TP > 1 on CPU with auto-binding; a CUDA build of vLLM
+has no CPU ops at all.
+Remove when: vLLM shares NUMA nodes between CPU ranks itself (not as of 0.33.0).
+"""
+
+from __future__ import annotations
+
+
+from hetero_shim import mode, settings
+
+from hetero_shim.logs import log
+
+WHY_BIND = "stock auto-bind needs one NUMA node per CPU rank"
+REMOVE_WHEN_BIND = "vLLM shares NUMA nodes between CPU ranks itself (not as of 0.33.0)"
+WHY_OP = "the CPU env op is missing when the CPU kernels are not loaded (CUDA wheel)"
+REMOVE_WHEN_OP = "never needed with vLLM's own CPU build; drop when CPU ranks always load it"
+
+_fallback_libraries: list = []  # keep torch.library registrations alive
+
+
+def bind_cores_from_plan(wrapped, instance, args, kwargs):
+    """Return (cores of each local rank, reserved cores) as vLLM's LogicalCPUInfo lists."""
+    plan = mode.current_plan() if settings.heterogeneous() else None
+    if plan is None or not plan.cpu_lists:
+        return wrapped(*args, **kwargs)
+    import vllm.utils.cpu_resource_utils as cr_utils
+
+    by_id = {cpu.id: cpu for cpu in cr_utils.get_allowed_cpu_list()}
+    lists = [[by_id[i] for i in cores] for cores in plan.cpu_lists]
+    log.info("hetero_shim: CPU ranks bound from the rank plan\n%s", plan.describe())
+    return lists, [by_id[i] for i in plan.reserved if i in by_id]
+
+
+def ensure_op(namespace: str, name: str, schema: str, fallback) -> bool:
+    """Register ``fallback`` as torch.ops.<namespace>.<name> if that op is missing.
+
+    Returns True when the fallback was installed.
+    """
+    import torch
+
+    try:
+        getattr(getattr(torch.ops, namespace), name)
+        return False
+    except (AttributeError, RuntimeError):
+        pass
+    library = torch.library.Library(namespace, "FRAGMENT")
+    library.define(f"{name}{schema}")
+    library.impl(name, fallback, "CompositeExplicitAutograd")
+    _fallback_libraries.append(library)
+    log.warning(
+        "hetero_shim: torch.ops.%s.%s is missing (vLLM's CPU kernels are not loaded); "
+        "using a no-op: CPU threads and memory are not bound by vLLM in this process",
+        namespace,
+        name,
+    )
+    return True
+
+
+def tolerate_missing_env_op(namespace: str, name: str, schema: str, fallback):
+    """Wrapper for the CPU worker's constructor of a release that calls that op."""
+
+    def tolerate(wrapped, instance, args, kwargs):
+        if settings.heterogeneous():
+            ensure_op(namespace, name, schema, fallback)
+        return wrapped(*args, **kwargs)
+
+    return tolerate
+
+
+def _no_memory_env(nodes):
+    return None
+
+
+def _no_threads_env(cpu_ids):
+    return "hetero_shim: threads not bound (init_cpu_threads_env missing)"
+
+
+MEMORY_ENV_OP = ("_C", "init_cpu_memory_env", "(int[] nodes) -> ()", _no_memory_env)
+THREADS_ENV_OP = ("_C_utils", "init_cpu_threads_env", "(str cpu_ids) -> str", _no_threads_env)

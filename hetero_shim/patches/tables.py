@@ -1,0 +1,96 @@
+"""Per-release patch tables: for each supported vLLM release, exactly what is wrapped.
+
+Each row names its target as strings and says why and when it can go; the wrappers live
+in one module per concern. A release missing here is refused (see ``versions.py``).
+The targets of every table are checked against the real wheel of that release by
+``scripts/vllm_symbols.py`` (manifests in ``tests/data/vllm_symbols/``).
+"""
+
+from __future__ import annotations
+
+from hetero_shim.patches import cpu_worker_env, device_option, dist_backend, start_method, worker_selection
+from hetero_shim.registry import Patch
+
+ARG_UTILS = "vllm.engine.arg_utils"
+CPU_WORKER_MODULE = "vllm.v1.worker.cpu_worker"
+CPU_WORKER_CLS = "vllm.v1.worker.cpu_worker.CPUWorker"
+
+
+def _device_option() -> tuple[Patch, ...]:
+    def row(name, wrapper):
+        return Patch("device option", ARG_UTILS, name, wrapper, device_option.WHY, device_option.REMOVE_WHEN)
+
+    return (
+        row("EngineArgs.__init__", device_option.accept_device_kwarg),
+        row("AsyncEngineArgs.__init__", device_option.accept_device_kwarg),
+        row("EngineArgs.add_cli_args", device_option.add_device_cli_option),
+        row("EngineArgs.from_cli_args", device_option.read_device_cli_option),
+        row("EngineArgs.create_engine_config", device_option.plan_before_config),
+    )
+
+
+def _worker_selection() -> Patch:
+    return Patch(
+        "worker selection", "vllm.v1.worker.worker_base", "WorkerWrapperBase.init_worker",
+        worker_selection.cpu_worker_for_cpu_ranks(CPU_WORKER_CLS),
+        worker_selection.WHY, worker_selection.REMOVE_WHEN,
+    )
+
+
+def _start_method(aliases: tuple[str, ...]) -> Patch:
+    return Patch(
+        "start method", "vllm.utils.system_utils", "get_mp_context", start_method.force_spawn,
+        start_method.WHY, start_method.REMOVE_WHEN, aliases=aliases,
+    )
+
+
+def _dist_backend() -> Patch:
+    return Patch(
+        "distributed backend", "vllm.v1.worker.gpu_worker", "init_worker_distributed_environment",
+        dist_backend.gloo_for_all_ranks, dist_backend.WHY, dist_backend.REMOVE_WHEN,
+        aliases=(CPU_WORKER_MODULE,),
+    )
+
+
+def _numa_autobind_omp_manager() -> Patch:
+    return Patch(
+        "CPU worker: cores", "vllm.utils.ompmultiprocessing", "OMPProcessManager._get_autobind_cpu_ids",
+        cpu_worker_env.bind_cores_from_plan, cpu_worker_env.WHY_BIND, cpu_worker_env.REMOVE_WHEN_BIND,
+    )
+
+
+def _memory_env_op() -> Patch:
+    return Patch(
+        "CPU worker: env op", CPU_WORKER_MODULE, "CPUWorker.__init__",
+        cpu_worker_env.tolerate_missing_env_op(*cpu_worker_env.MEMORY_ENV_OP),
+        cpu_worker_env.WHY_OP, cpu_worker_env.REMOVE_WHEN_OP,
+    )
+
+
+_MP_CONTEXT_ALIASES_032 = (
+    "vllm.v1.executor.multiproc_executor",
+    "vllm.v1.engine.utils",
+    "vllm.v1.engine.coordinator",
+)
+
+
+def _table_032() -> tuple[Patch, ...]:
+    return (
+        *_device_option(),
+        _worker_selection(),
+        _start_method(_MP_CONTEXT_ALIASES_032),
+        _dist_backend(),
+        _numa_autobind_omp_manager(),
+        _memory_env_op(),
+    )
+
+
+TABLES = {
+    "0.32.0": _table_032,
+}
+
+SUPPORTED = tuple(TABLES)
+
+
+def table(release: str) -> tuple[Patch, ...]:
+    return TABLES[release]()

@@ -1,0 +1,36 @@
+"""Worker selection: ranks at or beyond the number of GPU ranks get vLLM's CPU worker class.
+
+Targets ``WorkerWrapperBase.init_worker`` (``vllm.v1.worker.worker_base``), which resolves
+``parallel_config.worker_cls`` in each worker process before constructing the worker.
+Why: vLLM picks one worker class for all ranks, from the one platform of the node.
+Remove when: vLLM selects a worker class per rank (not as of 0.33.0).
+"""
+
+from __future__ import annotations
+
+
+from hetero_shim import mode, settings
+
+from hetero_shim.logs import log
+
+WHY = "vLLM uses one worker class for every rank"
+REMOVE_WHEN = "vLLM chooses the worker class per rank (not as of 0.33.0)"
+
+
+def cpu_worker_for_cpu_ranks(cpu_worker_cls: str):
+    """Build the wrapper for a release whose CPU worker class is ``cpu_worker_cls``."""
+
+    def select_worker_class(wrapped, instance, args, kwargs):
+        plan = mode.current_plan() if settings.heterogeneous() else None
+        if plan is not None:
+            all_kwargs = args[0] if args else kwargs["all_kwargs"]
+            worker_kwargs = all_kwargs[instance.rpc_rank]
+            rank = worker_kwargs["rank"]
+            if plan.kind(rank) == "cpu":
+                parallel_config = worker_kwargs["vllm_config"].parallel_config
+                if parallel_config.worker_cls != cpu_worker_cls:
+                    log.info("hetero_shim: rank %d uses %s", rank, cpu_worker_cls)
+                parallel_config.worker_cls = cpu_worker_cls
+        return wrapped(*args, **kwargs)
+
+    return select_worker_class

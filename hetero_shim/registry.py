@@ -1,0 +1,133 @@
+"""The patch ledger: apply a release's table with wrapt post-import hooks, and undo it.
+
+A :class:`Patch` names its target as strings (module, dotted qualname) and carries one
+wrapt wrapper ``(wrapped, instance, args, kwargs)``. A post-import hook applies it when
+the module is imported, or at once if it already is. Modules that bound the target with
+``from module import name`` are listed as ``aliases`` and wrapped too. Every wrap is
+recorded with the original it replaced (first original wins) so :func:`remove_all`
+restores each one by identity, in reverse order.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from hetero_shim.errors import PatchTargetMissing
+
+from hetero_shim.logs import log
+
+
+@dataclass(frozen=True)
+class Patch:
+    concern: str  # one of the fixes, e.g. "worker selection"
+    module: str  # "vllm.v1.worker.worker_base"
+    name: str  # "WorkerWrapperBase.init_worker"
+    wrapper: Callable = field(compare=False)  # wrapt signature: (wrapped, instance, args, kwargs)
+    why: str = ""
+    remove_when: str = ""
+    aliases: tuple[str, ...] = ()  # modules holding `from module import name` copies
+    optional: bool = False  # a missing target is warned about instead of raising
+
+    @property
+    def target(self) -> str:
+        return f"{self.module}:{self.name}"
+
+    def sites(self) -> tuple[str, ...]:
+        return (self.module, *self.aliases)
+
+
+@dataclass
+class _Applied:
+    patch: Patch
+    site: str
+    parent: object
+    attribute: str
+    original: object  # the raw attribute (descriptor included) that was replaced
+    handle: object  # the wrapt FunctionWrapper now in its place
+
+
+class Ledger:
+    """What this process has patched. One instance lives in :mod:`hetero_shim._api`."""
+
+    def __init__(self) -> None:
+        self.active = False
+        self.patches: tuple[Patch, ...] = ()
+        self.applied: dict[tuple[str, str], _Applied] = {}
+        self.missing: list[str] = []
+        self._hooked: set[str] = set()
+
+    # -- applying -------------------------------------------------------------------
+    def install(self, patches: tuple[Patch, ...]) -> None:
+        import wrapt
+
+        self.patches = patches
+        self.active = True
+        for site in dict.fromkeys(s for p in patches for s in p.sites()):
+            if site in self._hooked:  # hooks cannot be unregistered: register once per process
+                if site in sys.modules:
+                    self._on_import(sys.modules[site])
+                continue
+            self._hooked.add(site)
+            wrapt.register_post_import_hook(self._on_import, site)
+
+    def _on_import(self, module) -> None:
+        if not self.active:
+            return
+        for patch in self.patches:
+            if module.__name__ in patch.sites():
+                self._apply(patch, module)
+
+    def _apply(self, patch: Patch, module) -> None:
+        import wrapt
+
+        key = (module.__name__, patch.name)
+        if key in self.applied:
+            return  # never double wrap
+        try:
+            parent, attribute, original = wrapt.resolve_path(module, patch.name)
+        except (AttributeError, wrapt.PathResolutionError):
+            message = f"{module.__name__}:{patch.name} ({patch.concern}) is not in the installed vLLM"
+            if patch.optional or module.__name__ != patch.module:
+                self.missing.append(message)
+                log.warning("hetero_shim: %s; skipped", message)
+                return
+            raise PatchTargetMissing(message + "; the patch table does not match this release") from None
+        handle = wrapt.wrap_function_wrapper(parent, attribute, patch.wrapper)
+        self.applied[key] = _Applied(patch, module.__name__, parent, attribute, original, handle)
+
+    # -- undoing --------------------------------------------------------------------
+    def remove_all(self) -> list[str]:
+        """Restore every original; return the targets that someone else had re-wrapped."""
+        self.active = False
+        not_restored = []
+        for key in reversed(list(self.applied)):
+            entry = self.applied.pop(key)
+            if vars(entry.parent).get(entry.attribute) is entry.handle:
+                setattr(entry.parent, entry.attribute, entry.original)
+            else:
+                not_restored.append(f"{entry.site}:{entry.patch.name}")
+        self.missing.clear()
+        return not_restored
+
+    # -- queries ----------------------------------------------------------------------
+    def original(self, site: str, name: str):
+        entry = self.applied.get((site, name))
+        return entry.original if entry else None
+
+    def describe(self) -> list[dict]:
+        rows = []
+        for patch in self.patches:
+            applied = [s for s in patch.sites() if (s, patch.name) in self.applied]
+            rows.append(
+                {
+                    "concern": patch.concern,
+                    "target": patch.target,
+                    "applied_in": applied,
+                    "pending": [s for s in patch.sites() if s not in applied and s not in sys.modules],
+                    "why": patch.why,
+                    "remove_when": patch.remove_when,
+                }
+            )
+        return rows

@@ -1,0 +1,82 @@
+"""Environment switches: the one channel that reaches every process vLLM starts.
+
+vLLM's engine core and workers are separate processes (spawned in heterogeneous mode),
+so every decision that a child must share is written to ``os.environ`` by the parent
+and read back here. Nothing in this module imports vLLM.
+"""
+
+from __future__ import annotations
+
+import os
+
+from hetero_shim.errors import HeteroConfigError
+
+#: "1" activates the shim in every Python process that has the bootstrap on its path;
+#: "0" turns it off even there.
+ENABLE = "HETERO_SHIM_ENABLE"
+#: "heterogeneous" puts vLLM into heterogeneous mode (set by ``device="heterogeneous"``).
+DEVICE = "HETERO_SHIM_DEVICE"
+#: How many of the tensor-parallel ranks run on GPUs (default: the GPUs the node has).
+GPU_RANKS = "HETERO_SHIM_GPU_RANKS"
+#: Experts only: use the patch table of this release for an unsupported vLLM release.
+FORCE_TABLE = "HETERO_SHIM_VLLM_TABLE"
+#: vLLM's own CPU bind list ("0-3|4-7"), validated against the rank plan.
+OMP_BIND = "VLLM_CPU_OMP_THREADS_BIND"
+
+HETEROGENEOUS = "heterogeneous"
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def _flag(name: str, default: bool) -> bool:
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise HeteroConfigError(f"{name}={raw!r} is not understood; use 1 or 0")
+
+
+def activation_requested() -> bool:
+    """Whether the environment asks for auto-activation (sitecustomize, launcher)."""
+    return _flag(ENABLE, default=False)
+
+
+def device_mode() -> str | None:
+    """``"heterogeneous"`` when heterogeneous mode is on, else None."""
+    raw = os.environ.get(DEVICE, "").strip()
+    if not raw:
+        return None
+    if raw != HETEROGENEOUS:
+        raise HeteroConfigError(f"{DEVICE}={raw!r} is not supported; the only value is {HETEROGENEOUS!r}")
+    return raw
+
+
+def heterogeneous() -> bool:
+    return device_mode() == HETEROGENEOUS
+
+
+def gpu_ranks_override() -> int | None:
+    raw = os.environ.get(GPU_RANKS, "").strip()
+    if not raw:
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise HeteroConfigError(f"{GPU_RANKS}={raw!r} must be a whole number of GPU ranks, 0 or more")
+    return value
+
+
+def parse_device(value: object) -> str:
+    """Validate a ``device=`` option value given to ``LLM``/``EngineArgs``/``--device``."""
+    if value == HETEROGENEOUS:
+        return HETEROGENEOUS
+    raise HeteroConfigError(
+        f"device={value!r} is not supported: vLLM chooses its device itself, and hetero_shim "
+        f"adds only device={HETEROGENEOUS!r}; leave the option out for stock behaviour"
+    )
