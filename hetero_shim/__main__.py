@@ -33,7 +33,7 @@ def main(argv: list[str]) -> int:
         print(f"hetero_shim: note: {settings.ENABLE}=0 was overridden by the launcher", file=sys.stderr)
     _api._propagate_to_children()
     command = argv[0]
-    if command in ("python", "python3") and shutil.which(command) is None:
+    if command in ("python", "python3"):  # the interpreter the launcher runs in, as users expect
         command = sys.executable
     if shutil.which(command) is None and not os.path.exists(command):
         print(f"hetero_shim: command not found: {command}", file=sys.stderr)

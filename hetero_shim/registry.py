@@ -29,6 +29,7 @@ class Patch:
     remove_when: str = ""
     aliases: tuple[str, ...] = ()  # modules holding `from module import name` copies
     optional: bool = False  # a missing target is warned about instead of raising
+    needs_params: tuple[str, ...] = ()  # parameters the wrapper reads by name (checked per wheel)
 
     @property
     def target(self) -> str:
@@ -94,6 +95,10 @@ class Ledger:
                 log.warning("hetero_shim: %s; skipped", message)
                 return
             raise PatchTargetMissing(message + "; the patch table does not match this release") from None
+        ours = next((e for e in self.applied.values() if e.handle is original), None)
+        if ours is not None:  # an alias imported after the primary was wrapped holds our wrapper
+            self.applied[key] = _Applied(patch, module.__name__, parent, attribute, ours.original, original)
+            return
         handle = wrapt.wrap_function_wrapper(parent, attribute, patch.wrapper)
         self.applied[key] = _Applied(patch, module.__name__, parent, attribute, original, handle)
 

@@ -75,8 +75,9 @@ def plan_before_config(wrapped, instance, args, kwargs):
         )
     if pp != 1:
         raise HeteroConfigError("device='heterogeneous' supports tensor parallelism only (pipeline_parallel_size=1)")
-    plan = mode.build_plan(tp * pp, _gpus_on_node())
     # "mp" explicitly: with the backend unset, ParallelConfig rejects more ranks than GPUs.
     instance.distributed_executor_backend = "mp"
+    config = wrapped(*args, **kwargs)  # vLLM's own checks (heads divisible by TP, ...) first
+    plan = mode.build_plan(tp * pp, _gpus_on_node())
     log.info("%s", plan.describe())
-    return wrapped(*args, **kwargs)
+    return config

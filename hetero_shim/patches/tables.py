@@ -33,7 +33,7 @@ def _worker_selection() -> Patch:
     return Patch(
         "worker selection", "vllm.v1.worker.worker_base", "WorkerWrapperBase.init_worker",
         worker_selection.cpu_worker_for_cpu_ranks(CPU_WORKER_CLS),
-        worker_selection.WHY, worker_selection.REMOVE_WHEN,
+        worker_selection.WHY, worker_selection.REMOVE_WHEN, needs_params=("self", "all_kwargs"),
     )
 
 
@@ -48,7 +48,7 @@ def _dist_backend() -> Patch:
     return Patch(
         "distributed backend", "vllm.v1.worker.gpu_worker", "init_worker_distributed_environment",
         dist_backend.gloo_for_all_ranks, dist_backend.WHY, dist_backend.REMOVE_WHEN,
-        aliases=(CPU_WORKER_MODULE,),
+        aliases=(CPU_WORKER_MODULE,), needs_params=("backend",),
     )
 
 
@@ -56,6 +56,7 @@ def _numa_autobind_omp_manager() -> Patch:
     return Patch(
         "CPU worker: cores", "vllm.utils.ompmultiprocessing", "OMPProcessManager._get_autobind_cpu_ids",
         cpu_worker_env.bind_cores_from_plan, cpu_worker_env.WHY_BIND, cpu_worker_env.REMOVE_WHEN_BIND,
+        needs_params=("self", "cpu_selector"),
     )
 
 
@@ -67,18 +68,24 @@ def _memory_env_op() -> Patch:
     )
 
 
-_MP_CONTEXT_ALIASES_032 = (
+# Modules that bind get_mp_context with `from vllm.utils.system_utils import get_mp_context`.
+_MP_CONTEXT_ALIASES = (
     "vllm.v1.executor.multiproc_executor",
     "vllm.v1.engine.utils",
     "vllm.v1.engine.coordinator",
 )
 
 
-def _table_032() -> tuple[Patch, ...]:
+def _table_v1_mp_executor() -> tuple[Patch, ...]:
+    """vLLM 0.26.0 .. 0.33.0: V1 engine, multiprocessing executor, OMPProcessManager auto-bind.
+
+    Every target has the same module, qualname and parameters in all these releases
+    (checked per wheel: tests/data/vllm_symbols/<release>.json).
+    """
     return (
         *_device_option(),
         _worker_selection(),
-        _start_method(_MP_CONTEXT_ALIASES_032),
+        _start_method(_MP_CONTEXT_ALIASES),
         _dist_backend(),
         _numa_autobind_omp_manager(),
         _memory_env_op(),
@@ -86,7 +93,15 @@ def _table_032() -> tuple[Patch, ...]:
 
 
 TABLES = {
-    "0.32.0": _table_032,
+    "0.26.0": _table_v1_mp_executor,
+    "0.27.0": _table_v1_mp_executor,
+    "0.27.1": _table_v1_mp_executor,
+    "0.28.0": _table_v1_mp_executor,
+    "0.29.0": _table_v1_mp_executor,
+    "0.30.0": _table_v1_mp_executor,
+    "0.31.0": _table_v1_mp_executor,
+    "0.32.0": _table_v1_mp_executor,
+    "0.33.0": _table_v1_mp_executor,
 }
 
 SUPPORTED = tuple(TABLES)

@@ -1,0 +1,46 @@
+"""One offline generation run, printed as a JSON line 'RESULT {...}' (used by the tests).
+
+    python tests/integration/generate.py MODEL --tp 2 [--device heterogeneous] [--enable]
+"""
+
+import argparse
+import json
+import sys
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("model")
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--enable", action="store_true", help="call hetero_shim.enable() first")
+    parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--backend", default=None, help="distributed_executor_backend")
+    opts = parser.parse_args()
+    if opts.enable:
+        import hetero_shim
+
+        hetero_shim.enable()
+    from vllm import LLM, SamplingParams
+
+    from hetero_shim.testing.tiny_models import PROMPTS
+
+    kwargs = dict(tensor_parallel_size=opts.tp, enforce_eager=True, kv_cache_memory_bytes=64 << 20,
+                  dtype="float32", max_model_len=256)
+    if opts.device:
+        kwargs["device"] = opts.device
+    if opts.backend:
+        kwargs["distributed_executor_backend"] = opts.backend
+    llm = LLM(model=opts.model, **kwargs)
+    outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=opts.max_tokens))
+    result = {
+        "tokens": [o.outputs[0].token_ids for o in outs],
+        "text": [o.outputs[0].text for o in outs],
+        "shim": "hetero_shim" in sys.modules and sys.modules["hetero_shim"].status()["enabled"],
+        "plan": sys.modules["hetero_shim"].status()["plan"] if "hetero_shim" in sys.modules else None,
+    }
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()

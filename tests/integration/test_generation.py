@@ -1,0 +1,61 @@
+"""Heterogeneous mode on the real vLLM CPU build: TP=2 with every rank a CPU worker.
+
+This host has one NUMA node and no GPU, so stock vLLM refuses TP=2 (auto-bind asserts);
+with the shim the same run works and gives the TP=1 tokens, through each activation path.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+import procs
+from conftest import GENERATE, generate, parse_result
+
+
+def test_stock_vllm_refuses_tp2_on_one_numa_node(models):
+    proc = procs.run_python([GENERATE, str(models["llama"]), "--tp", "2"], timeout=300)
+    assert proc.returncode != 0
+    assert "Not enough allowed NUMA nodes" in proc.stdout
+
+
+@pytest.mark.parametrize("name", ["llama", "opt"])
+def test_enable_api_tp2_matches_tp1(models, reference, name):
+    result = generate(models[name], "--tp", "2", "--device", "heterogeneous", "--enable")
+    assert result["shim"] is True
+    assert result["tokens"] == reference(name)["tokens"]
+    assert "rank 0: CPU" in result["plan"] and "rank 1: CPU" in result["plan"]
+
+
+def test_launcher_tp2_matches_tp1(models, reference):
+    result = generate(models["llama"], "--tp", "2", "--device", "heterogeneous", launcher=["-m", "hetero_shim", "python"])
+    assert result["shim"] is True
+    assert result["tokens"] == reference("llama")["tokens"]
+
+
+def test_sitecustomize_tp2_matches_tp1(models, reference, tmp_path):
+    shutil.copy(procs.REPO / "sitecustomize_example.py", tmp_path / "sitecustomize.py")
+    proc = procs.run_python(
+        [GENERATE, str(models["llama"]), "--tp", "2", "--device", "heterogeneous"],
+        timeout=300,
+        HETERO_SHIM_ENABLE="1",
+        PYTHONPATH=f"{tmp_path}:{procs.REPO}",
+    )
+    assert proc.returncode == 0, proc.stdout[-6000:]
+    result = parse_result(proc.stdout)
+    assert result["shim"] is True
+    assert result["tokens"] == reference("llama")["tokens"]
+
+
+def test_switch_off_leaves_vllm_stock(models, tmp_path):
+    """HETERO_SHIM_ENABLE=0 with the sitecustomize in place: vLLM is stock and rejects device=."""
+    shutil.copy(procs.REPO / "sitecustomize_example.py", tmp_path / "sitecustomize.py")
+    proc = procs.run_python(
+        [GENERATE, str(models["llama"]), "--tp", "1", "--device", "heterogeneous"],
+        timeout=300,
+        HETERO_SHIM_ENABLE="0",
+        PYTHONPATH=f"{tmp_path}:{procs.REPO}",
+    )
+    assert proc.returncode != 0
+    assert "unexpected keyword argument 'device'" in proc.stdout

@@ -1,0 +1,94 @@
+"""The patch ledger on throwaway modules: post-import application, aliases, no double
+wrapping, restore by identity, refusal of a missing target."""
+
+import importlib
+import itertools
+import sys
+
+import pytest
+import wrapt
+
+from hetero_shim.errors import PatchTargetMissing
+from hetero_shim.registry import Ledger, Patch
+
+_counter = itertools.count()
+
+
+def make_modules(tmp_path):
+    """A target module and a module that did `from target import func`."""
+    n = next(_counter)
+    target, alias = f"fake_target_{n}", f"fake_alias_{n}"
+    (tmp_path / f"{target}.py").write_text(
+        "def func(x):\n    return x\n\nclass Box:\n    def get(self, x):\n        return x\n"
+        "    @staticmethod\n    def make(x):\n        return x\n"
+    )
+    (tmp_path / f"{alias}.py").write_text(f"from {target} import func\n")
+    sys.path.insert(0, str(tmp_path))
+    return target, alias
+
+
+def plus_one(wrapped, instance, args, kwargs):
+    return wrapped(*args, **kwargs) + 1
+
+
+def patches(target, alias):
+    return (
+        Patch("t", target, "func", plus_one, "why", "when", aliases=(alias,)),
+        Patch("t", target, "Box.get", plus_one, "why", "when"),
+        Patch("t", target, "Box.make", plus_one, "why", "when"),
+    )
+
+
+def test_applied_on_import_and_restored_by_identity(tmp_path):
+    target, alias = make_modules(tmp_path)
+    ledger = Ledger()
+    ledger.install(patches(target, alias))
+    assert target not in sys.modules  # nothing imported by installing
+    mod = importlib.import_module(target)
+    alias_mod = importlib.import_module(alias)
+    originals = {name: ledger.original(target, name) for name in ("func", "Box.get", "Box.make")}
+    assert mod.func(1) == 2 and alias_mod.func(1) == 2
+    assert mod.Box().get(1) == 2 and mod.Box.make(1) == 2
+    assert ledger.remove_all() == []
+    assert mod.func is originals["func"] and alias_mod.func is originals["func"]
+    assert vars(mod.Box)["get"] is originals["Box.get"] and vars(mod.Box)["make"] is originals["Box.make"]
+    assert mod.func(1) == 1 and mod.Box.make(1) == 1
+
+
+def test_already_imported_module_is_patched_at_once_and_never_twice(tmp_path):
+    target, alias = make_modules(tmp_path)
+    mod = importlib.import_module(target)
+    ledger = Ledger()
+    ledger.install(patches(target, alias))
+    ledger.install(patches(target, alias))  # a second enable()
+    assert mod.func(1) == 2
+    assert isinstance(mod.func, wrapt.FunctionWrapper)
+    assert not isinstance(mod.func.__wrapped__, wrapt.FunctionWrapper)  # not double wrapped
+    ledger.remove_all()
+    ledger.install(patches(target, alias))  # enable / disable / enable
+    assert mod.func(1) == 2 and not isinstance(mod.func.__wrapped__, wrapt.FunctionWrapper)
+
+
+def test_missing_target_is_refused(tmp_path):
+    target, _ = make_modules(tmp_path)
+    ledger = Ledger()
+    ledger.install((Patch("t", target, "gone", plus_one, "why", "when"),))
+    with pytest.raises(PatchTargetMissing, match="gone"):
+        importlib.import_module(target)
+
+
+def test_optional_missing_target_is_reported(tmp_path):
+    target, _ = make_modules(tmp_path)
+    ledger = Ledger()
+    ledger.install((Patch("t", target, "gone", plus_one, "why", "when", optional=True),))
+    importlib.import_module(target)
+    assert ledger.missing and "gone" in ledger.missing[0]
+
+
+def test_describe_lists_applied_and_pending(tmp_path):
+    target, alias = make_modules(tmp_path)
+    ledger = Ledger()
+    ledger.install(patches(target, alias))
+    importlib.import_module(target)
+    row = ledger.describe()[0]
+    assert row["applied_in"] == [target] and row["pending"] == [alias]
