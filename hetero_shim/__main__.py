@@ -35,6 +35,9 @@ def main(argv: list[str]) -> int:
     command = argv[0]
     if command in ("python", "python3"):  # the interpreter the launcher runs in, as users expect
         command = sys.executable
+    beside = os.path.join(os.path.dirname(sys.executable), command)
+    if shutil.which(command) is None and os.access(beside, os.X_OK):
+        command = beside  # e.g. `vllm` of a virtualenv that is not activated
     if shutil.which(command) is None and not os.path.exists(command):
         print(f"hetero_shim: command not found: {command}", file=sys.stderr)
         return 127

@@ -99,9 +99,16 @@ def status() -> dict:
         "table_reason": _state["reason"],
         "heterogeneous": os.environ.get(settings.DEVICE) == settings.HETEROGENEOUS,
         "plan": plan.describe() if plan else None,
+        "cpu_kernels": _cpu_kernels_configured() if plan and plan.world_size > plan.gpu_ranks else None,
         "patches": ledger.describe() if ledger else [],
         "missing": list(ledger.missing) if ledger else [],
     }
+
+
+def _cpu_kernels_configured() -> str:
+    from hetero_shim.patches.cpu_kernels import configured
+
+    return configured()
 
 
 def activate_from_env() -> None:

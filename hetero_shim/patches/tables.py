@@ -8,7 +8,10 @@ The targets of every table are checked against the real wheel of that release by
 
 from __future__ import annotations
 
-from hetero_shim.patches import cpu_worker_env, device_option, dist_backend, start_method, worker_selection
+from hetero_shim.patches import (
+    collectives, cpu_kernels, cpu_worker_env, device_option, dist_backend, rank_process, sampling_sync, start_method,
+    worker_selection,
+)
 from hetero_shim.registry import Patch
 
 ARG_UTILS = "vllm.engine.arg_utils"
@@ -68,6 +71,41 @@ def _memory_env_op() -> Patch:
     )
 
 
+def _rank_process() -> tuple[Patch, ...]:
+    return (
+        Patch("CPU rank process", "vllm.v1.executor.multiproc_executor", "WorkerProc.make_worker_process",
+              rank_process.spawn_with_rank_environment, rank_process.WHY, rank_process.REMOVE_WHEN,
+              needs_params=("rank",)),
+        Patch("CPU rank process", "vllm.platforms", "resolve_current_platform_cls_qualname",
+              rank_process.cpu_platform_in_cpu_ranks, rank_process.WHY, rank_process.REMOVE_WHEN),
+    )
+
+
+def _cpu_kernels() -> Patch:
+    return Patch("CPU kernels", "vllm.platforms.cpu", "CpuPlatform.import_kernels", cpu_kernels.kernels_for_cpu_ranks,
+                 cpu_kernels.WHY, cpu_kernels.REMOVE_WHEN)
+
+
+def _collectives() -> tuple[Patch, ...]:
+    def row(module, name, wrapper, why):
+        return Patch("cross-device collectives", module, name, wrapper, why, collectives.REMOVE_WHEN)
+
+    runner = "vllm.v1.worker.gpu_model_runner"
+    return (
+        row("vllm.platforms.cuda", "CudaPlatformBase.get_device_communicator_cls", collectives.hetero_communicator,
+            collectives.WHY_COMM),
+        row("vllm.platforms.cpu", "CpuPlatform.get_device_communicator_cls", collectives.hetero_communicator,
+            collectives.WHY_COMM),
+        row(runner, "GPUModelRunner._dummy_run", collectives.local_dummy_pass, collectives.WHY_DUMMY),
+        row(runner, "GPUModelRunner._dummy_sampler_run", collectives.local_dummy_pass, collectives.WHY_DUMMY),
+    )
+
+
+def _sampling_sync() -> Patch:
+    return Patch("same tokens on every rank", "vllm.v1.sample.sampler", "Sampler.forward",
+                 sampling_sync.broadcast_rank0_tokens, sampling_sync.WHY, sampling_sync.REMOVE_WHEN)
+
+
 # Modules that bind get_mp_context with `from vllm.utils.system_utils import get_mp_context`.
 _MP_CONTEXT_ALIASES = (
     "vllm.v1.executor.multiproc_executor",
@@ -89,6 +127,10 @@ def _table_v1_mp_executor() -> tuple[Patch, ...]:
         _dist_backend(),
         _numa_autobind_omp_manager(),
         _memory_env_op(),
+        *_rank_process(),
+        _cpu_kernels(),
+        *_collectives(),
+        _sampling_sync(),
     )
 
 

@@ -27,10 +27,19 @@ def cpu_worker_for_cpu_ranks(cpu_worker_cls: str):
             worker_kwargs = all_kwargs[instance.rpc_rank]
             rank = worker_kwargs["rank"]
             if plan.kind(rank) == "cpu":
-                parallel_config = worker_kwargs["vllm_config"].parallel_config
-                if parallel_config.worker_cls != cpu_worker_cls:
+                config = worker_kwargs["vllm_config"]
+                if config.parallel_config.worker_cls != cpu_worker_cls:
                     log.info("hetero_shim: rank %d uses %s", rank, cpu_worker_cls)
-                parallel_config.worker_cls = cpu_worker_cls
+                config.parallel_config.worker_cls = cpu_worker_cls
+                _cpu_device(config.device_config)
         return wrapped(*args, **kwargs)
 
     return select_worker_class
+
+
+def _cpu_device(device_config) -> None:
+    """The engine config was made on a GPU node: this rank's model and tensors live on the CPU."""
+    import torch
+
+    device_config.device = torch.device("cpu")
+    device_config.device_type = "cpu"

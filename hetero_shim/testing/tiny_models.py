@@ -29,6 +29,12 @@ Hello, my name is Ada and I like to write programs that run on many machines at 
 
 DEFAULT_CACHE = Path(os.environ.get("HETERO_SHIM_MODEL_CACHE", Path.home() / ".cache" / "hetero_shim" / "models"))
 
+FORMAT = 2  # bump when what build() writes changes, so cached models are rebuilt
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
 PROMPTS = [
     "Hello, my name is",
     "The capital of France is",
@@ -58,7 +64,7 @@ class ModelSpec:
     extra: dict = field(default_factory=dict)
 
     def key(self) -> str:
-        blob = json.dumps(asdict(self), sort_keys=True).encode()
+        blob = json.dumps({**asdict(self), "format": FORMAT}, sort_keys=True).encode()
         return f"{self.arch}-{hashlib.sha256(blob).hexdigest()[:12]}"
 
 
@@ -85,9 +91,9 @@ def _train_tokenizer(vocab_size: int):
         show_progress=False,
     )
     tok.train_from_iterator(CORPUS.splitlines() * 4, trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
-    )
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
 
 
 def _config(spec: ModelSpec, tokenizer):

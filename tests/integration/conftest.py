@@ -10,7 +10,7 @@ import pytest
 
 import procs
 
-GENERATE = str(Path(__file__).with_name("generate.py"))
+GENERATE = str(Path(__file__).resolve().parents[2] / "hetero_shim" / "testing" / "generate.py")
 
 pytest.importorskip("vllm", reason="integration tests need an installed vLLM")
 

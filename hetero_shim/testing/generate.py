@@ -1,6 +1,6 @@
 """One offline generation run, printed as a JSON line 'RESULT {...}' (used by the tests).
 
-    python tests/integration/generate.py MODEL --tp 2 [--device heterogeneous] [--enable]
+    python -m hetero_shim.testing.generate MODEL --tp 2 [--device heterogeneous] [--enable]
 """
 
 import argparse
@@ -16,6 +16,10 @@ def main() -> None:
     parser.add_argument("--enable", action="store_true", help="call hetero_shim.enable() first")
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--backend", default=None, help="distributed_executor_backend")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--seed", type=int, default=None, help="per-request sampling seed")
+    parser.add_argument("--kv-cache-bytes", type=int, default=64 << 20)
     opts = parser.parse_args()
     if opts.enable:
         import hetero_shim
@@ -25,19 +29,21 @@ def main() -> None:
 
     from hetero_shim.testing.tiny_models import PROMPTS
 
-    kwargs = dict(tensor_parallel_size=opts.tp, enforce_eager=True, kv_cache_memory_bytes=64 << 20,
-                  dtype="float32", max_model_len=256)
+    kwargs = dict(tensor_parallel_size=opts.tp, enforce_eager=True, kv_cache_memory_bytes=opts.kv_cache_bytes,
+                  dtype=opts.dtype, max_model_len=256)
     if opts.device:
         kwargs["device"] = opts.device
     if opts.backend:
         kwargs["distributed_executor_backend"] = opts.backend
     llm = LLM(model=opts.model, **kwargs)
-    outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=opts.max_tokens))
+    params = SamplingParams(temperature=opts.temperature, seed=opts.seed, max_tokens=opts.max_tokens)
+    outs = llm.generate(PROMPTS, params)
     result = {
         "tokens": [o.outputs[0].token_ids for o in outs],
         "text": [o.outputs[0].text for o in outs],
         "shim": "hetero_shim" in sys.modules and sys.modules["hetero_shim"].status()["enabled"],
         "plan": sys.modules["hetero_shim"].status()["plan"] if "hetero_shim" in sys.modules else None,
+        "kernels": sys.modules["hetero_shim"].status().get("cpu_kernels") if "hetero_shim" in sys.modules else None,
     }
     print("RESULT " + json.dumps(result), flush=True)
 

@@ -1,0 +1,37 @@
+"""Cross-device collectives: one communicator for every rank of a GPU+CPU world, and warm-up
+passes that need no matching.
+
+Targets
+- ``CudaPlatform.get_device_communicator_cls`` and ``CpuPlatform.get_device_communicator_cls``:
+  with GPU and CPU ranks, both answer ``hetero_shim.comm.HeteroCommunicator`` (pinned host
+  staging + gloo), so no pynccl/custom all-reduce is built for a group with CPU members and
+  CPU ranks do not take the SHM path the GPU rank cannot join.
+- ``GPUModelRunner._dummy_run`` and ``GPUModelRunner._dummy_sampler_run``
+  (``vllm.v1.worker.gpu_model_runner``; the CPU model runner inherits them): profiling and
+  warm-up passes run with collectives skipped. GPU and CPU workers warm up with different
+  numbers of dummy passes (a public fork deadlocked there); their results are discarded.
+Why: NCCL and vLLM's CPU SHM all-reduce each serve one kind of rank.
+Remove when: vLLM supports mixed-device groups (not as of 0.33.0).
+"""
+
+from __future__ import annotations
+
+from hetero_shim import mode
+
+WHY_COMM = "pynccl/custom all-reduce and CPU SHM collectives each serve one kind of rank"
+WHY_DUMMY = "GPU and CPU workers run different numbers of warm-up passes; unmatched collectives deadlock"
+REMOVE_WHEN = "vLLM supports process groups mixing CUDA and CPU ranks (not as of 0.33.0)"
+COMMUNICATOR = "hetero_shim.comm.HeteroCommunicator"
+
+
+def hetero_communicator(wrapped, instance, args, kwargs):
+    return COMMUNICATOR if mode.mixed() else wrapped(*args, **kwargs)
+
+
+def local_dummy_pass(wrapped, instance, args, kwargs):
+    if not mode.mixed():
+        return wrapped(*args, **kwargs)
+    from hetero_shim.comm import local_only
+
+    with local_only():
+        return wrapped(*args, **kwargs)

@@ -1,0 +1,70 @@
+"""CPU-rank processes: each worker process learns its kind at spawn, and a CPU rank of a
+node with GPUs takes vLLM's CPU platform before anything binds ``current_platform``.
+
+Targets
+- ``WorkerProc.make_worker_process`` (``vllm.v1.executor.multiproc_executor``): around the
+  spawn of a CPU rank the engine core's environment gets ``HETERO_SHIM_RANK_KIND=cpu``,
+  ``CUDA_VISIBLE_DEVICES=`` and the rank's OpenMP binding from the rank plan (vLLM's own
+  OMP manager is inactive when the engine core's platform is CUDA); spawn copies it.
+- ``resolve_current_platform_cls_qualname`` (``vllm.platforms``): in a CPU-rank process it
+  answers vLLM's CPU platform, so every ``from vllm.platforms import current_platform``
+  in that process gets the CPU platform.
+Why: vLLM resolves one platform per node; a CPU rank of a GPU node would otherwise run as CUDA.
+Remove when: vLLM supports per-rank platforms (not as of 0.33.0).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+from hetero_shim import mode, settings
+from hetero_shim.logs import log
+from hetero_shim.plan import format_id_list
+
+WHY = "vLLM resolves one platform per node; CPU ranks of a GPU node need the CPU platform"
+REMOVE_WHEN = "vLLM supports per-rank platforms (not as of 0.33.0)"
+CPU_PLATFORM = "vllm.platforms.cpu.CpuPlatform"
+
+
+@contextlib.contextmanager
+def _environ(values: dict[str, str]):
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def rank_environment(rank: int) -> dict[str, str]:
+    plan = mode.current_plan()
+    if plan is None or plan.kind(rank) == "gpu":
+        return {mode.RANK_KIND: "gpu"}
+    env = {mode.RANK_KIND: "cpu"}
+    if plan.gpu_ranks > 0:  # the engine core runs the CUDA platform: bind here, hide the GPUs
+        env["CUDA_VISIBLE_DEVICES"] = ""
+        cores = plan.cpu_lists[rank - plan.gpu_ranks] if plan.cpu_lists else ()
+        if cores:
+            env.update(OMP_NUM_THREADS=str(len(cores)), OMP_PLACES="{" + ",".join(map(str, cores)) + "}",
+                       OMP_PROC_BIND="true")
+            log.info("hetero_shim: CPU rank %d bound to cores %s", rank, format_id_list(cores))
+    return env
+
+
+def spawn_with_rank_environment(wrapped, instance, args, kwargs):
+    if not settings.heterogeneous():
+        return wrapped(*args, **kwargs)
+    rank = kwargs["rank"] if "rank" in kwargs else args[2]
+    with _environ(rank_environment(rank)):
+        return wrapped(*args, **kwargs)
+
+
+def cpu_platform_in_cpu_ranks(wrapped, instance, args, kwargs):
+    if mode.this_process_is_cpu_rank():
+        return CPU_PLATFORM
+    return wrapped(*args, **kwargs)
