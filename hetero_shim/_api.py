@@ -118,6 +118,11 @@ def activate_from_env() -> None:
     """
     if not settings.activation_requested():
         return
+    if settings.heterogeneous():
+        # A process of a heterogeneous run (engine core, worker): patch before anything of vLLM
+        # is imported, so that e.g. a CPU rank resolves vLLM's CPU platform from the start.
+        enable(propagate=False)
+        return
     import wrapt
 
     def _on_vllm_import(_module):

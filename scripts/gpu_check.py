@@ -68,8 +68,17 @@ def generate(model: Path, tp: int, hetero: bool, dtype: str, out: Path, timeout:
     return result
 
 
+FAIL_FAST = False
+
+
+class Stop(Exception):
+    pass
+
+
 def record(check: str, ok: bool, detail: str) -> None:
     rows.append({"check": check, "ok": ok, "detail": detail})
+    if FAIL_FAST and not ok:
+        raise Stop
 
 
 def compare(name: str, ref: dict | None, got: dict | None) -> None:
@@ -94,10 +103,27 @@ def main() -> int:
     parser.add_argument("--tp", default="2")
     parser.add_argument("--timeout", type=float, default=240)
     parser.add_argument("--skip-sampled", action="store_true")
+    parser.add_argument("--fail-fast", action="store_true", help="stop at the first failed check")
     opts = parser.parse_args()
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    global FAIL_FAST
+    FAIL_FAST = opts.fail_fast
+    try:
+        checks(opts, out)
+    except Stop:
+        print("-- stopped at the first failure (--fail-fast)")
+    width = max(len(r["check"]) for r in rows) if rows else 10
+    print(f"\nGPU check, {started}, {sys.argv}")
+    print(f"{'check':<{width}}  result  detail")
+    for r in rows:
+        print(f"{r['check']:<{width}}  {'PASS' if r['ok'] else 'FAIL':<6}  {r['detail']}")
+    (out / "gpu_check.json").write_text(json.dumps({"started": started, "argv": sys.argv, "rows": rows}, indent=1))
+    return 0 if rows and all(r["ok"] for r in rows) else 1
+
+
+def checks(opts, out: Path) -> None:
     for name in opts.models.split(","):
         model = tiny_models.get(tiny_models.NAMED[name])
         for dtype in opts.dtypes.split(","):
@@ -112,13 +138,6 @@ def main() -> int:
             ref = generate(model, 1, False, "float32", out, opts.timeout, **seeded)
             got = generate(model, 2, True, "float32", out, opts.timeout, **seeded)
             compare(f"{name} float32 sampled (T=0.8, seed): hetero TP=2 == GPU TP=1", ref, got)
-    width = max(len(r["check"]) for r in rows) if rows else 10
-    print(f"\nGPU check, {started}, {sys.argv}")
-    print(f"{'check':<{width}}  result  detail")
-    for r in rows:
-        print(f"{r['check']:<{width}}  {'PASS' if r['ok'] else 'FAIL':<6}  {r['detail']}")
-    (out / "gpu_check.json").write_text(json.dumps({"started": started, "argv": sys.argv, "rows": rows}, indent=1))
-    return 0 if rows and all(r["ok"] for r in rows) else 1
 
 
 if __name__ == "__main__":

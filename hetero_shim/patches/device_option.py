@@ -12,11 +12,14 @@ Remove when: vLLM grows a device option that places ranks on CPUs itself (none a
 from __future__ import annotations
 
 
+import os
+
 from hetero_shim import mode, settings
 from hetero_shim.errors import HeteroConfigError
 
 from hetero_shim.logs import log
 
+V2_RUNNER = "VLLM_USE_V2_MODEL_RUNNER"
 WHY = "vLLM 0.26+ has no device option and rejects more TP ranks than GPUs"
 REMOVE_WHEN = "vLLM places TP ranks on CPU cores itself (not as of 0.33.0)"
 
@@ -78,11 +81,24 @@ def plan_before_config(wrapped, instance, args, kwargs):
     # "mp" explicitly: with the backend unset, ParallelConfig rejects more ranks than GPUs.
     instance.distributed_executor_backend = "mp"
     gpus = _gpus_on_node()
-    if gpus and not instance.enforce_eager:
-        # gloo collectives cannot be captured in CUDA graphs, and CPU ranks cannot replay them
-        log.warning("hetero_shim: device='heterogeneous' with GPU ranks runs eagerly (enforce_eager=True)")
-        instance.enforce_eager = True
+    if gpus:
+        _settings_for_mixed_ranks(instance)
     config = wrapped(*args, **kwargs)  # vLLM's own checks (heads divisible by TP, ...) first
     plan = mode.build_plan(tp * pp, gpus)
     log.info("%s", plan.describe())
     return config
+
+
+def _settings_for_mixed_ranks(instance) -> None:
+    """What GPU and CPU ranks must share: eager execution, synchronous scheduling, V1 runner."""
+    if not instance.enforce_eager:
+        # gloo collectives cannot be captured in CUDA graphs, and CPU ranks cannot replay them
+        log.warning("hetero_shim: device='heterogeneous' with GPU ranks runs eagerly (enforce_eager=True)")
+        instance.enforce_eager = True
+    if getattr(instance, "async_scheduling", None):
+        log.warning("hetero_shim: device='heterogeneous' with GPU ranks disables async scheduling")
+    if hasattr(instance, "async_scheduling"):
+        instance.async_scheduling = False  # the CPU model runner does not overlap steps
+    if os.environ.get(V2_RUNNER, "0") not in ("0", "false", "False"):
+        raise HeteroConfigError(f"device='heterogeneous' supports vLLM's V1 model runner only; unset {V2_RUNNER}")
+    os.environ[V2_RUNNER] = "0"  # the patches target the V1 runner and sampler; workers inherit this

@@ -47,7 +47,9 @@ def rank_environment(rank: int) -> dict[str, str]:
         return {mode.RANK_KIND: "gpu"}
     env = {mode.RANK_KIND: "cpu"}
     if plan.gpu_ranks > 0:  # the engine core runs the CUDA platform: bind here, hide the GPUs
-        env["CUDA_VISIBLE_DEVICES"] = ""
+        # "-1", not "": vLLM keeps Triton on when CUDA_VISIBLE_DEVICES is empty (it reads that as
+        # Ray's transient state) and would run the sampler's Triton kernels on a CPU rank.
+        env["CUDA_VISIBLE_DEVICES"] = "-1"
         cores = plan.cpu_lists[rank - plan.gpu_ranks] if plan.cpu_lists else ()
         if cores:
             env.update(OMP_NUM_THREADS=str(len(cores)), OMP_PLACES="{" + ",".join(map(str, cores)) + "}",

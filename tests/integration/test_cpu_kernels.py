@@ -19,7 +19,7 @@ import procs
 from conftest import GENERATE, parse_result
 from hetero_shim.cpu_kernels import fallback as fb
 
-DTYPES = {"fp32": (torch.float32, 2e-5), "bf16": (torch.bfloat16, 2e-2)}  # dtype, max abs diff
+DTYPES = {"fp32": (torch.float32, 2e-5), "bf16": (torch.bfloat16, 3e-2)}  # dtype, max abs diff
 
 
 @pytest.fixture(scope="module")

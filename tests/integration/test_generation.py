@@ -59,3 +59,14 @@ def test_switch_off_leaves_vllm_stock(models, tmp_path):
     )
     assert proc.returncode != 0
     assert "unexpected keyword argument 'device'" in proc.stdout
+
+
+def test_seeded_sampling_tp2_matches_tp1(models):
+    """Temperature > 0 with a seed: every rank continues from rank 0's token (broadcast), so
+    the heterogeneous run returns the text of the stock TP=1 run with the same seed."""
+    seeded = ["--temperature", "0.8", "--seed", "1234"]
+    stock = generate(models["llama"], "--tp", "1", *seeded)
+    hetero = generate(models["llama"], "--tp", "2", "--device", "heterogeneous", "--enable", *seeded)
+    assert hetero["tokens"] == stock["tokens"]
+    greedy = generate(models["llama"], "--tp", "1")
+    assert stock["tokens"] != greedy["tokens"]  # the sampled run really sampled
