@@ -118,6 +118,10 @@ def activate_from_env() -> None:
     """
     if not settings.activation_requested():
         return
+    if settings.hang_dump_seconds():
+        import faulthandler
+
+        faulthandler.dump_traceback_later(settings.hang_dump_seconds(), repeat=True)
     if settings.heterogeneous():
         # A process of a heterogeneous run (engine core, worker): patch before anything of vLLM
         # is imported, so that e.g. a CPU rank resolves vLLM's CPU platform from the start.

@@ -20,6 +20,8 @@ DEVICE = "HETERO_SHIM_DEVICE"
 GPU_RANKS = "HETERO_SHIM_GPU_RANKS"
 #: Experts only: use the patch table of this release for an unsupported vLLM release.
 FORCE_TABLE = "HETERO_SHIM_VLLM_TABLE"
+#: Debugging: every N seconds, each process under the shim prints all its threads' stacks.
+HANG_DUMP = "HETERO_SHIM_HANG_DUMP"
 #: vLLM's own CPU bind list ("0-3|4-7"), validated against the rank plan.
 OMP_BIND = "VLLM_CPU_OMP_THREADS_BIND"
 
@@ -80,3 +82,12 @@ def parse_device(value: object) -> str:
         f"device={value!r} is not supported: vLLM chooses its device itself, and hetero_shim "
         f"adds only device={HETEROGENEOUS!r}; leave the option out for stock behaviour"
     )
+
+
+def hang_dump_seconds() -> int:
+    raw = os.environ.get(HANG_DUMP, "").strip()
+    if not raw:
+        return 0
+    if not raw.isdigit():
+        raise HeteroConfigError(f"{HANG_DUMP}={raw!r} must be a whole number of seconds")
+    return int(raw)

@@ -28,7 +28,8 @@ rows: list[dict] = []
 
 
 def env() -> dict[str, str]:
-    e = {k: v for k, v in os.environ.items() if not k.startswith("HETERO_SHIM_") or k == "HETERO_SHIM_CPU_KERNELS"}
+    keep = ("HETERO_SHIM_CPU_KERNELS", "HETERO_SHIM_HANG_DUMP")
+    e = {k: v for k, v in os.environ.items() if not k.startswith("HETERO_SHIM_") or k in keep}
     e["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), e.get("PYTHONPATH")) if p)
     e.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
     e["PYTHONUNBUFFERED"] = "1"
@@ -51,7 +52,8 @@ def run(args: list[str], log: Path, timeout: float) -> tuple[int, str]:
 
 def generate(model: Path, tp: int, hetero: bool, dtype: str, out: Path, timeout: float, **extra) -> dict | None:
     tag = f"{model.name}-{dtype}-tp{tp}{'-het' if hetero else ''}{'-' + '-'.join(f'{k}{v}' for k, v in extra.items()) if extra else ''}"
-    args = [sys.executable, GENERATE, str(model), "--tp", str(tp), "--dtype", dtype, "--max-tokens", "32"]
+    args = [sys.executable, GENERATE, str(model), "--tp", str(tp), "--dtype", dtype, "--max-tokens", "32",
+            "--max-num-batched-tokens", "2048"]
     if hetero:
         args += ["--device", "heterogeneous", "--enable"]
     for key, value in extra.items():

@@ -20,6 +20,7 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=None, help="per-request sampling seed")
     parser.add_argument("--kv-cache-bytes", type=int, default=64 << 20)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=None)
     opts = parser.parse_args()
     if opts.enable:
         import hetero_shim
@@ -31,6 +32,8 @@ def main() -> None:
 
     kwargs = dict(tensor_parallel_size=opts.tp, enforce_eager=True, kv_cache_memory_bytes=opts.kv_cache_bytes,
                   dtype=opts.dtype, max_model_len=256)
+    if opts.max_num_batched_tokens:
+        kwargs["max_num_batched_tokens"] = opts.max_num_batched_tokens
     if opts.device:
         kwargs["device"] = opts.device
     if opts.backend:
