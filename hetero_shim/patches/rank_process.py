@@ -50,6 +50,9 @@ def rank_environment(rank: int) -> dict[str, str]:
         # "-1", not "": vLLM keeps Triton on when CUDA_VISIBLE_DEVICES is empty (it reads that as
         # Ray's transient state) and would run the sampler's Triton kernels on a CPU rank.
         env["CUDA_VISIBLE_DEVICES"] = "-1"
+        # vLLM wraps small CPU helpers in torch.compile (inductor: a C++ build, about a minute at
+        # start-up); the CPU rank runs eagerly like the rest of a heterogeneous run.
+        env["TORCHDYNAMO_DISABLE"] = "1"
         cores = plan.cpu_lists[rank - plan.gpu_ranks] if plan.cpu_lists else ()
         if cores:
             env.update(OMP_NUM_THREADS=str(len(cores)), OMP_PLACES="{" + ",".join(map(str, cores)) + "}",

@@ -9,8 +9,8 @@ The targets of every table are checked against the real wheel of that release by
 from __future__ import annotations
 
 from hetero_shim.patches import (
-    collectives, cpu_kernels, cpu_worker_env, device_option, dist_backend, rank_process, sampling_sync, start_method,
-    worker_selection,
+    collectives, cpu_kernels, cpu_worker_env, device_option, dist_backend, kv_cache_agreement, rank_process,
+    sampling_sync, start_method, worker_selection,
 )
 from hetero_shim.registry import Patch
 
@@ -106,6 +106,12 @@ def _sampling_sync() -> Patch:
                  sampling_sync.broadcast_rank0_tokens, sampling_sync.WHY, sampling_sync.REMOVE_WHEN)
 
 
+def _kv_cache_agreement(module: str) -> Patch:
+    return Patch("KV cache agreement", module, "get_kv_cache_configs", kv_cache_agreement.agree_on_kv_cache,
+                 kv_cache_agreement.WHY, kv_cache_agreement.REMOVE_WHEN, aliases=("vllm.v1.engine.core",),
+                 needs_params=("kv_cache_specs",))
+
+
 # Modules that bind get_mp_context with `from vllm.utils.system_utils import get_mp_context`.
 _MP_CONTEXT_ALIASES = (
     "vllm.v1.executor.multiproc_executor",
@@ -114,13 +120,15 @@ _MP_CONTEXT_ALIASES = (
 )
 
 
-def _table_v1_mp_executor() -> tuple[Patch, ...]:
+def _table_v1_mp_executor(kv_planning: str = "vllm.v1.core.kv_cache_utils") -> tuple[Patch, ...]:
     """vLLM 0.26.0 .. 0.33.0: V1 engine, multiprocessing executor, OMPProcessManager auto-bind.
 
     Every target has the same module, qualname and parameters in all these releases
-    (checked per wheel: tests/data/vllm_symbols/<release>.json).
+    (checked per wheel: tests/data/vllm_symbols/<release>.json), except where
+    get_kv_cache_configs lives: kv_cache_utils up to 0.32, kv_cache_planning in 0.33.
     """
     return (
+        _kv_cache_agreement(kv_planning),
         *_device_option(),
         _worker_selection(),
         _start_method(_MP_CONTEXT_ALIASES),
@@ -143,7 +151,7 @@ TABLES = {
     "0.30.0": _table_v1_mp_executor,
     "0.31.0": _table_v1_mp_executor,
     "0.32.0": _table_v1_mp_executor,
-    "0.33.0": _table_v1_mp_executor,
+    "0.33.0": lambda: _table_v1_mp_executor(kv_planning="vllm.v1.core.kv_cache_planning"),
 }
 
 SUPPORTED = tuple(TABLES)
