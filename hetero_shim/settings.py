@@ -22,6 +22,8 @@ GPU_RANKS = "HETERO_SHIM_GPU_RANKS"
 FORCE_TABLE = "HETERO_SHIM_VLLM_TABLE"
 #: Debugging: every N seconds, each process under the shim prints all its threads' stacks.
 HANG_DUMP = "HETERO_SHIM_HANG_DUMP"
+#: Debugging: after each sampling step, check every TP rank holds rank 0's token ids (costs a collective).
+VERIFY_TOKENS = "HETERO_SHIM_VERIFY_TOKENS"
 #: vLLM's own CPU bind list ("0-3|4-7"), validated against the rank plan.
 OMP_BIND = "VLLM_CPU_OMP_THREADS_BIND"
 
@@ -91,3 +93,7 @@ def hang_dump_seconds() -> int:
     if not raw.isdigit():
         raise HeteroConfigError(f"{HANG_DUMP}={raw!r} must be a whole number of seconds")
     return int(raw)
+
+
+def verify_tokens() -> bool:
+    return _flag(VERIFY_TOKENS, default=False)

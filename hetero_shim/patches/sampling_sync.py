@@ -27,8 +27,30 @@ def broadcast_rank0_tokens(wrapped, instance, args, kwargs):
     group = get_tp_group()
     if group.world_size == 1 or collectives_skipped():
         return output
+    own = output.sampled_token_ids.clone() if settings.verify_tokens() else None
     if isinstance(group.device_communicator, HeteroCommunicator):
         group.device_communicator.broadcast(output.sampled_token_ids, src=0)
     else:  # all ranks on one kind of device: vLLM's own broadcast
         group.broadcast(output.sampled_token_ids, src=0)
+    if own is not None:
+        _verify(group, own, output.sampled_token_ids)
     return output
+
+
+_replaced = [0, 0]  # tokens this rank sampled differently from rank 0, tokens seen
+
+
+def _verify(group, own, final) -> None:
+    """HETERO_SHIM_VERIFY_TOKENS=1: check every rank now holds rank 0's ids; count replacements."""
+    import torch
+
+    from hetero_shim.logs import log
+
+    # float32 holds token ids exactly (< 2**24) and every backend gathers it (the CPU SHM one has no int64)
+    gathered = group.all_gather(final.to(torch.float32).reshape(1, -1), dim=0)
+    if not bool((gathered == gathered[0]).all()):
+        raise RuntimeError(f"hetero_shim: TP ranks hold different sampled token ids after the broadcast: {gathered}")
+    _replaced[0] += int((own.cpu() != final.cpu()).sum())
+    _replaced[1] += own.numel()
+    log.info("hetero_shim: rank %d verified sampled ids equal on all %d TP ranks; %d of %d own samples replaced "
+             "by rank 0's so far", group.rank_in_group, group.world_size, _replaced[0], _replaced[1])

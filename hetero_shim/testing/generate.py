@@ -21,6 +21,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=None, help="per-request sampling seed")
     parser.add_argument("--kv-cache-bytes", type=int, default=64 << 20)
     parser.add_argument("--max-num-batched-tokens", type=int, default=None)
+    parser.add_argument("--also-sampled", action="store_true",
+                        help="in the same engine, also generate with temperature 0.8 and seed 1234")
     opts = parser.parse_args()
     if opts.enable:
         import hetero_shim
@@ -41,7 +43,11 @@ def main() -> None:
     llm = LLM(model=opts.model, **kwargs)
     params = SamplingParams(temperature=opts.temperature, seed=opts.seed, max_tokens=opts.max_tokens)
     outs = llm.generate(PROMPTS, params)
-    result = {
+    result = {}
+    if opts.also_sampled:
+        sampled = llm.generate(PROMPTS, SamplingParams(temperature=0.8, seed=1234, max_tokens=opts.max_tokens))
+        result["sampled_tokens"] = [list(o.outputs[0].token_ids) for o in sampled]
+    result |= {
         "tokens": [o.outputs[0].token_ids for o in outs],
         "text": [o.outputs[0].text for o in outs],
         "shim": "hetero_shim" in sys.modules and sys.modules["hetero_shim"].status()["enabled"],
