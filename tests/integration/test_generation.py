@@ -34,14 +34,19 @@ def test_launcher_tp2_matches_tp1(models, reference):
     assert result["tokens"] == reference("llama")["tokens"]
 
 
-def test_sitecustomize_tp2_matches_tp1(models, reference, tmp_path):
+def run_under_sitecustomize(model, tmp_path, tp: str, switch: str):
+    """Generate with sitecustomize_example.py installed as the interpreter's sitecustomize."""
     shutil.copy(procs.REPO / "sitecustomize_example.py", tmp_path / "sitecustomize.py")
-    proc = procs.run_python(
-        [GENERATE, str(models["llama"]), "--tp", "2", "--device", "heterogeneous"],
+    return procs.run_python(
+        [GENERATE, str(model), "--tp", tp, "--device", "heterogeneous"],
         timeout=300,
-        HETERO_SHIM_ENABLE="1",
+        HETERO_SHIM_ENABLE=switch,
         PYTHONPATH=f"{tmp_path}:{procs.REPO}",
     )
+
+
+def test_sitecustomize_tp2_matches_tp1(models, reference, tmp_path):
+    proc = run_under_sitecustomize(models["llama"], tmp_path, "2", switch="1")
     assert proc.returncode == 0, proc.stdout[-6000:]
     result = parse_result(proc.stdout)
     assert result["shim"] is True
@@ -50,13 +55,7 @@ def test_sitecustomize_tp2_matches_tp1(models, reference, tmp_path):
 
 def test_switch_off_leaves_vllm_stock(models, tmp_path):
     """HETERO_SHIM_ENABLE=0 with the sitecustomize in place: vLLM is stock and rejects device=."""
-    shutil.copy(procs.REPO / "sitecustomize_example.py", tmp_path / "sitecustomize.py")
-    proc = procs.run_python(
-        [GENERATE, str(models["llama"]), "--tp", "1", "--device", "heterogeneous"],
-        timeout=300,
-        HETERO_SHIM_ENABLE="0",
-        PYTHONPATH=f"{tmp_path}:{procs.REPO}",
-    )
+    proc = run_under_sitecustomize(models["llama"], tmp_path, "1", switch="0")
     assert proc.returncode != 0
     assert "unexpected keyword argument 'device'" in proc.stdout
 
