@@ -5,13 +5,11 @@ from __future__ import annotations
 import os
 import sys
 import threading
-from pathlib import Path
-
 from hetero_shim import settings
 
 from hetero_shim.logs import log
 
-BOOTSTRAP_DIR = str(Path(__file__).with_name("_bootstrap"))
+BOOTSTRAP_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_bootstrap")
 
 _lock = threading.RLock()
 _ledger = None  # registry.Ledger, created on first enable()

@@ -1,0 +1,82 @@
+"""Mixed GPU+CPU logic that needs no vLLM: per-rank spawn environment, KV spec agreement."""
+
+import dataclasses
+
+import pytest
+
+from hetero_shim import mode, settings
+from hetero_shim.errors import HeteroConfigError
+from hetero_shim.patches import kv_cache_agreement, rank_process
+from hetero_shim.plan import RankPlan, plan_to_json
+
+
+@pytest.fixture
+def mixed_plan(monkeypatch):
+    plan = RankPlan(world_size=3, gpu_ranks=1, cpu_lists=((2, 3), (4, 5, 6)), reserved=(0, 1))
+    monkeypatch.setenv(settings.DEVICE, settings.HETEROGENEOUS)
+    monkeypatch.setenv(mode.PLAN, plan_to_json(plan))
+    return plan
+
+
+def test_cpu_rank_spawn_environment(mixed_plan):
+    assert rank_process.rank_environment(0) == {mode.RANK_KIND: "gpu"}
+    env = rank_process.rank_environment(2)
+    assert env[mode.RANK_KIND] == "cpu"
+    assert env["CUDA_VISIBLE_DEVICES"] == "-1"  # "" would keep vLLM's Triton on
+    assert env["OMP_NUM_THREADS"] == "3" and env["OMP_PLACES"] == "{4,5,6}"
+    assert env["TORCHDYNAMO_DISABLE"] == "1"
+
+
+def test_all_cpu_ranks_leave_binding_to_vllm(monkeypatch):
+    plan = RankPlan(world_size=2, gpu_ranks=0, cpu_lists=((0,), (1,)))
+    monkeypatch.setenv(settings.DEVICE, settings.HETEROGENEOUS)
+    monkeypatch.setenv(mode.PLAN, plan_to_json(plan))
+    assert rank_process.rank_environment(1) == {mode.RANK_KIND: "cpu"}
+    assert not mode.mixed()
+
+
+def test_environment_is_restored_after_spawn(mixed_plan, monkeypatch):
+    monkeypatch.delenv("OMP_PLACES", raising=False)
+    seen = {}
+
+    def make_worker_process(vllm_config, local_rank, rank, *rest):
+        import os
+
+        seen.update(os.environ)
+
+    rank_process.spawn_with_rank_environment(make_worker_process, None, (None, 1, 1), {})
+    import os
+
+    assert seen[mode.RANK_KIND] == "cpu" and seen["OMP_PLACES"] == "{2,3}"
+    assert "OMP_PLACES" not in os.environ and mode.RANK_KIND not in os.environ
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    block_size: int
+    num_kv_heads: int
+    indexes_kv_by_block_stride: bool = False
+
+
+def get_kv_cache_configs(vllm_config, kv_cache_specs, available_memory):
+    return kv_cache_specs
+
+
+def test_layout_field_is_normalised(mixed_plan):
+    gpu = {"layer.0": Spec(16, 2, indexes_kv_by_block_stride=True)}
+    cpu = {"layer.0": Spec(16, 2, indexes_kv_by_block_stride=False)}
+    merged = kv_cache_agreement.agree_on_kv_cache(get_kv_cache_configs, None, (None, [gpu, cpu], [1, 1]), {})
+    assert merged[0] == merged[1] == {"layer.0": Spec(16, 2, False)}
+
+
+def test_real_difference_is_refused_with_fields(mixed_plan):
+    gpu = {"layer.0": Spec(16, 2)}
+    cpu = {"layer.0": Spec(128, 2)}
+    with pytest.raises(HeteroConfigError, match="layer.0 differs between rank 0 and rank 1.*block_size: 16 != 128"):
+        kv_cache_agreement.agree_on_kv_cache(get_kv_cache_configs, None, (None, [gpu, cpu], [1, 1]), {})
+
+
+def test_stock_behaviour_without_mixed_ranks(monkeypatch):
+    monkeypatch.delenv(settings.DEVICE, raising=False)
+    specs = [{"l": Spec(16, 2, True)}, {"l": Spec(16, 2, False)}]
+    assert kv_cache_agreement.agree_on_kv_cache(get_kv_cache_configs, None, (None, specs, [1, 1]), {}) is specs
