@@ -3,9 +3,10 @@ node with GPUs takes vLLM's CPU platform before anything binds ``current_platfor
 
 Targets
 - ``WorkerProc.make_worker_process`` (``vllm.v1.executor.multiproc_executor``): around the
-  spawn of a CPU rank the engine core's environment gets ``HETERO_SHIM_RANK_KIND=cpu``,
-  ``CUDA_VISIBLE_DEVICES=`` and the rank's OpenMP binding from the rank plan (vLLM's own
-  OMP manager is inactive when the engine core's platform is CUDA); spawn copies it.
+  spawn of a CPU rank the engine core's environment gets ``HETERO_SHIM_RANK_KIND=cpu``; with a
+  CUDA build of vLLM also ``CUDA_VISIBLE_DEVICES=-1`` and the rank's OpenMP binding from the
+  rank plan (vLLM's own OMP manager is inactive when the engine core's platform is CUDA);
+  spawn copies it.
 - ``resolve_current_platform_cls_qualname`` (``vllm.platforms``): in a CPU-rank process it
   answers vLLM's CPU platform, so every ``from vllm.platforms import current_platform``
   in that process gets the CPU platform.
@@ -18,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import os
 
-from hetero_shim import mode, settings
+from hetero_shim import mode, settings, versions
 from hetero_shim.logs import log
 from hetero_shim.plan import format_id_list
 
@@ -46,7 +47,7 @@ def rank_environment(rank: int) -> dict[str, str]:
     if plan is None or plan.kind(rank) == "gpu":
         return {mode.RANK_KIND: "gpu"}
     env = {mode.RANK_KIND: "cpu"}
-    if plan.gpu_ranks > 0:  # the engine core runs the CUDA platform: bind here, hide the GPUs
+    if not versions.is_cpu_build():  # the engine core runs the CUDA platform: bind here, hide the GPUs
         # "-1", not "": vLLM keeps Triton on when CUDA_VISIBLE_DEVICES is empty (it reads that as
         # Ray's transient state) and would run the sampler's Triton kernels on a CPU rank.
         env["CUDA_VISIBLE_DEVICES"] = "-1"

