@@ -69,3 +69,10 @@ def test_seeded_sampling_tp2_matches_tp1(models):
     assert hetero["tokens"] == stock["tokens"]
     greedy = generate(models["llama"], "--tp", "1")
     assert stock["tokens"] != greedy["tokens"]  # the sampled run really sampled
+
+
+def test_shim_is_a_no_op_without_heterogeneous_mode(models, reference):
+    """enable() but no device="heterogeneous": same tokens as stock vLLM, no plan, no mode switched on."""
+    result = generate(models["llama"], "--tp", "1", "--enable")
+    assert result["shim"] is True and result["plan"] is None
+    assert result["tokens"] == reference("llama")["tokens"]
