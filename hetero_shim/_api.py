@@ -35,14 +35,6 @@ def _propagate_to_children() -> dict:
     return before
 
 
-def _restore_env(before: dict) -> None:
-    for key, value in before.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
-
-
 def enable(*, propagate: bool = True) -> dict:
     """Patch vLLM (now for imported modules, on import for the rest). Harmless when repeated.
 
@@ -74,7 +66,7 @@ def disable() -> dict:
         if not_restored:
             log.warning("hetero_shim.disable(): re-wrapped by someone else, left in place: %s", not_restored)
         if _state["env_before"] is not None:
-            _restore_env(_state["env_before"])
+            settings.restore_environ(_state["env_before"])
             _state["env_before"] = None
         return status()
 

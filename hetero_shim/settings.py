@@ -97,3 +97,12 @@ def hang_dump_seconds() -> int:
 
 def verify_tokens() -> bool:
     return _flag(VERIFY_TOKENS, default=False)
+
+
+def restore_environ(before: dict[str, str | None]) -> None:
+    """Put back environment variables saved as {name: value or None (was unset)}."""
+    for key, value in before.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value

@@ -21,6 +21,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import gpu_check  # noqa: E402  (scripts/ is on sys.path when this script runs)
 from hetero_shim.testing import tiny_models  # noqa: E402
 
 
@@ -49,9 +50,7 @@ def serve_and_ask(model: Path, tp: int, hetero: bool, port: int, log: Path) -> d
         cmd += ["--device", "heterogeneous"]
     else:
         cmd = [sys.executable, *cmd[4:]]  # stock vLLM, no shim
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HETERO_SHIM_") or k == "HETERO_SHIM_CPU_KERNELS"}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
-    env.update(VLLM_USE_FLASHINFER_SAMPLER="0", VLLM_USE_V2_MODEL_RUNNER="0")
+    env = gpu_check.env()
     answers: dict = {}
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)

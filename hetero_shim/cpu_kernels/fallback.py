@@ -247,17 +247,20 @@ def _arg_types(schema) -> list[str]:
     return [str(a.type) for a in schema.arguments]
 
 
-def install(namespace: str = "_C") -> list[str]:
+def install(namespace: str = "_C", only: tuple[str, ...] | None = None) -> list[str]:
     """Register the fallback ops missing from ``torch.ops.<namespace>``; return their qualified names.
 
     An op not defined at all is defined (schema above) with the fallback as its kernel; an op
     defined without a CPU kernel (e.g. a CUDA-only one of the CUDA wheel) gets a CPU kernel
     only, after checking that its argument types match ours. Ops already served on CPU are left
     alone, so calling this after the native kernels loaded registers nothing. Idempotent.
+    ``only`` restricts it to the named ops.
     """
     registered: list[str] = []
     fragment = impl = None
     for spec in OPS:
+        if only is not None and spec.name not in only:
+            continue
         qualname = f"{namespace}::{spec.name}"
         existing = _existing_schema(qualname)
         if existing is None:

@@ -26,7 +26,7 @@ REMOVE_WHEN_BIND = "vLLM shares NUMA nodes between CPU ranks itself (not as of 0
 WHY_OP = "the CPU env op is missing when the CPU kernels are not loaded (CUDA wheel)"
 REMOVE_WHEN_OP = "never needed with vLLM's own CPU build; drop when CPU ranks always load it"
 
-_fallback_libraries: list = []  # keep torch.library registrations alive
+ENV_OP = "init_cpu_memory_env"  # vLLM 0.26 .. 0.33: torch.ops._C.init_cpu_memory_env([node])
 
 
 def bind_cores_from_plan(wrapped, instance, args, kwargs):
@@ -42,49 +42,15 @@ def bind_cores_from_plan(wrapped, instance, args, kwargs):
     return lists, [by_id[i] for i in plan.reserved if i in by_id]
 
 
-def ensure_op(namespace: str, name: str, schema: str, fallback) -> bool:
-    """Register ``fallback`` as torch.ops.<namespace>.<name> if that op is missing.
+def tolerate_missing_env_op(wrapped, instance, args, kwargs):
+    """CPU worker constructor: if vLLM's CPU env op is missing, a no-op stands in, with a warning."""
+    if settings.heterogeneous():
+        from hetero_shim.cpu_kernels.fallback import install
 
-    Returns True when the fallback was installed.
-    """
-    import torch
-
-    try:
-        getattr(getattr(torch.ops, namespace), name)
-        return False
-    except (AttributeError, RuntimeError):
-        pass
-    library = torch.library.Library(namespace, "FRAGMENT")
-    library.define(f"{name}{schema}")
-    library.impl(name, fallback, "CompositeExplicitAutograd")
-    _fallback_libraries.append(library)
-    log.warning(
-        "hetero_shim: torch.ops.%s.%s is missing (vLLM's CPU kernels are not loaded); "
-        "using a no-op: CPU threads and memory are not bound by vLLM in this process",
-        namespace,
-        name,
-    )
-    return True
-
-
-def tolerate_missing_env_op(namespace: str, name: str, schema: str, fallback):
-    """Wrapper for the CPU worker's constructor of a release that calls that op."""
-
-    def tolerate(wrapped, instance, args, kwargs):
-        if settings.heterogeneous():
-            ensure_op(namespace, name, schema, fallback)
-        return wrapped(*args, **kwargs)
-
-    return tolerate
-
-
-def _no_memory_env(nodes):
-    return None
-
-
-def _no_threads_env(cpu_ids):
-    return "hetero_shim: threads not bound (init_cpu_threads_env missing)"
-
-
-MEMORY_ENV_OP = ("_C", "init_cpu_memory_env", "(int[] nodes) -> ()", _no_memory_env)
-THREADS_ENV_OP = ("_C_utils", "init_cpu_threads_env", "(str cpu_ids) -> str", _no_threads_env)
+        if install(only=(ENV_OP,)):
+            log.warning(
+                "hetero_shim: torch.ops._C.%s is missing (vLLM's CPU kernels are not loaded); using a no-op: "
+                "CPU memory is not bound to a NUMA node by vLLM in this process",
+                ENV_OP,
+            )
+    return wrapped(*args, **kwargs)

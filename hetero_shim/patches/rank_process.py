@@ -35,11 +35,7 @@ def _environ(values: dict[str, str]):
     try:
         yield
     finally:
-        for key, value in before.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        settings.restore_environ(before)
 
 
 def rank_environment(rank: int) -> dict[str, str]:

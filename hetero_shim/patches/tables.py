@@ -66,7 +66,7 @@ def _numa_autobind_omp_manager() -> Patch:
 def _memory_env_op() -> Patch:
     return Patch(
         "CPU worker: env op", CPU_WORKER_MODULE, "CPUWorker.__init__",
-        cpu_worker_env.tolerate_missing_env_op(*cpu_worker_env.MEMORY_ENV_OP),
+        cpu_worker_env.tolerate_missing_env_op,
         cpu_worker_env.WHY_OP, cpu_worker_env.REMOVE_WHEN_OP,
     )
 

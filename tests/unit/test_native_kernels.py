@@ -46,3 +46,16 @@ def test_unusable_sources_are_refused(tmp_path, what):
             z.writestr("x", b"")
     with pytest.raises(native.KernelMismatch):
         native.locate(str(source))
+
+
+def test_missing_env_op_gets_a_no_op_once():
+    """What the CPU worker's env-op tolerance relies on (a throwaway namespace, not vLLM's _C)."""
+    import torch
+
+    from hetero_shim.cpu_kernels import fallback
+
+    assert fallback.install("_hetero_shim_test", only=("init_cpu_memory_env",)) == [
+        "_hetero_shim_test::init_cpu_memory_env"
+    ]
+    assert fallback.install("_hetero_shim_test", only=("init_cpu_memory_env",)) == []  # idempotent
+    torch.ops._hetero_shim_test.init_cpu_memory_env([0])  # callable, does nothing
