@@ -108,10 +108,11 @@ def activate_from_env() -> None:
     """
     if not settings.activation_requested():
         return
-    if settings.hang_dump_seconds():
+    dump_every = settings.hang_dump_seconds()
+    if dump_every:
         import faulthandler
 
-        faulthandler.dump_traceback_later(settings.hang_dump_seconds(), repeat=True)
+        faulthandler.dump_traceback_later(dump_every, repeat=True)
     if settings.heterogeneous():
         # A process of a heterogeneous run (engine core, worker): patch before anything of vLLM
         # is imported, so that e.g. a CPU rank resolves vLLM's CPU platform from the start.

@@ -59,8 +59,11 @@ class HeteroCommunicator(DeviceCommunicatorBase):
         return host
 
     @staticmethod
-    def _back(host: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        return host if like.device.type == "cpu" else host.to(like.device, non_blocking=False)
+    def _into_cpu_tensor(host: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Result of an in-place collective on a CPU tensor (host is target unless it was strided)."""
+        if host.data_ptr() != target.data_ptr():
+            target.copy_(host.view_as(target))
+        return target
 
     # -- collectives ----------------------------------------------------------------
     def all_reduce(self, input_: torch.Tensor) -> torch.Tensor:
@@ -69,10 +72,8 @@ class HeteroCommunicator(DeviceCommunicatorBase):
         host = self._to_host(input_)
         dist.all_reduce(host, group=self.cpu_group)
         if input_.device.type == "cpu":
-            if host.data_ptr() != input_.data_ptr():
-                input_.copy_(host.view_as(input_))
-            return input_
-        return self._back(host, input_)
+            return self._into_cpu_tensor(host, input_)
+        return host.to(input_.device)  # a new device tensor: the pinned buffer is reused
 
     def all_gather(self, input_: torch.Tensor, dim: int = -1) -> torch.Tensor:
         if collectives_skipped():
@@ -81,7 +82,7 @@ class HeteroCommunicator(DeviceCommunicatorBase):
         host = self._to_host(input_)
         parts = [torch.empty_like(host, device="cpu") for _ in range(self.world_size)]
         dist.all_gather(parts, host, group=self.cpu_group)
-        return self._back(torch.cat(parts, dim=dim), input_)
+        return torch.cat(parts, dim=dim).to(input_.device)
 
     def gather(self, input_: torch.Tensor, dst: int = 0, dim: int = -1) -> torch.Tensor | None:
         gathered = self.all_gather(input_, dim)  # gloo gather needs matching lists; all ranks are few
@@ -97,10 +98,8 @@ class HeteroCommunicator(DeviceCommunicatorBase):
         host = self._to_host(input_)
         dist.broadcast(host, src=self.ranks[src], group=self.cpu_group)
         if input_.device.type == "cpu":
-            if host.data_ptr() != input_.data_ptr():
-                input_.copy_(host)
-            return input_
-        input_.copy_(host, non_blocking=False)
+            return self._into_cpu_tensor(host, input_)
+        input_.copy_(host)
         return input_
 
     def send(self, tensor: torch.Tensor, dst: int | None = None) -> None:

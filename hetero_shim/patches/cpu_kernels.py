@@ -19,7 +19,7 @@ from hetero_shim.logs import log
 
 WHY = "the CUDA wheel has none of vLLM's CPU kernels"
 REMOVE_WHEN = "one vLLM wheel carries CUDA and CPU kernels (not as of 0.33.0)"
-ACTIVE = "HETERO_SHIM_CPU_KERNELS_ACTIVE"  # set in the CPU-rank process: what was loaded
+_active: str | None = None  # what this CPU-rank process loaded (vLLM calls import_kernels several times)
 
 
 def configured() -> str:
@@ -33,21 +33,23 @@ def configured() -> str:
 
 
 def kernels_for_cpu_ranks(wrapped, instance, args, kwargs):
+    global _active
     if not mode.this_process_is_cpu_rank() or versions.is_cpu_build():
         return wrapped(*args, **kwargs)
+    if _active is not None:
+        return None
     found = versions.installed()
     source = os.environ.get(native.ENV)
     if source:
         try:
-            loaded = native.load(source, found.release if found else "")
-            os.environ[ACTIVE] = loaded.describe()
-            log.info("hetero_shim: CPU rank uses %s", loaded.describe())
+            _active = native.load(source, found.release if found else "").describe()
+            log.info("hetero_shim: CPU rank uses %s", _active)
             return None
         except native.KernelMismatch as exc:
             log.warning("hetero_shim: %s; falling back to pure-PyTorch CPU kernels", exc)
     from hetero_shim.cpu_kernels import install_fallback
 
     ops = install_fallback()
-    os.environ[ACTIVE] = f"pure-PyTorch fallback ({len(ops)} ops)"
+    _active = f"pure-PyTorch fallback ({len(ops)} ops)"
     log.warning("hetero_shim: CPU rank uses pure-PyTorch fallback kernels for %s", ", ".join(ops) or "no op")
     return None
