@@ -21,7 +21,8 @@ def _read_int(path: Path, default: int) -> int:
         return default
 
 
-def _numa_node(cpu_id: int) -> int:
+def numa_node(cpu_id: int) -> int:
+    """The NUMA node of a logical CPU (0 when sysfs does not say)."""
     try:
         for entry in (SYS_CPU / f"cpu{cpu_id}").iterdir():
             if entry.name.startswith("node") and entry.name[4:].isdigit():
@@ -38,7 +39,7 @@ def allowed_cpus() -> list[Cpu]:
         topo = SYS_CPU / f"cpu{cpu_id}" / "topology"
         package = _read_int(topo / "physical_package_id", 0)
         core = _read_int(topo / "core_id", cpu_id)
-        cpus.append(Cpu(node=_numa_node(cpu_id), id=cpu_id, core=package * 100_000 + core))
+        cpus.append(Cpu(node=numa_node(cpu_id), id=cpu_id, core=package * 100_000 + core))
     return cpus
 
 

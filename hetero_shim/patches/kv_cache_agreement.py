@@ -7,7 +7,9 @@ attention backend lay their pages out differently, which only the per-worker fie
 ``indexes_kv_by_block_stride`` records; in heterogeneous mode that field is set to False on
 every spec (the conservative value: no page padding, no cross-layer layout) before merging.
 Any other difference (block size, heads, dtype) is refused with the fields named. vLLM then
-takes the smaller capacity: num_blocks is the minimum over the workers.
+takes the smaller capacity: num_blocks is the minimum over the workers. Each rank's budget
+and the agreed number of blocks are logged ("hetero_shim: KV cache ..."), because the
+budgets come from different settings on GPU and CPU ranks (see ``cpu_kv_budget``).
 Why: vLLM assumes one attention backend per TP group.
 Remove when: vLLM merges specs of workers with different attention backends (not as of 0.33.0).
 """
@@ -17,8 +19,9 @@ from __future__ import annotations
 import dataclasses
 import inspect
 
-from hetero_shim import mode
+from hetero_shim import mode, settings
 from hetero_shim.errors import HeteroConfigError
+from hetero_shim.logs import log
 
 WHY = "GPU and CPU attention backends record different page layouts in otherwise equal KV cache specs"
 REMOVE_WHEN = "vLLM merges KV cache specs of workers with different attention backends (not as of 0.33.0)"
@@ -43,9 +46,17 @@ def _differences(a, b) -> list[str]:
 
 
 def agree_on_kv_cache(wrapped, instance, args, kwargs):
-    if not mode.mixed():
+    if not settings.heterogeneous():
         return wrapped(*args, **kwargs)
     bound = inspect.signature(wrapped).bind(*args, **kwargs)
+    if mode.mixed():
+        _normalize_layouts(bound)
+    configs = wrapped(*bound.args, **bound.kwargs)
+    _log_agreement(bound.arguments.get("available_memory"), bound.arguments["kv_cache_specs"], configs)
+    return configs
+
+
+def _normalize_layouts(bound) -> None:
     specs = [{name: _normalized(s) for name, s in worker.items()} for worker in bound.arguments["kv_cache_specs"]]
     first: dict = {}
     for rank, worker in enumerate(specs):
@@ -57,4 +68,15 @@ def agree_on_kv_cache(wrapped, instance, args, kwargs):
                 )
             first.setdefault(name, spec)
     bound.arguments["kv_cache_specs"] = specs
-    return wrapped(*bound.args, **bound.kwargs)
+
+
+def _log_agreement(budgets, specs, configs) -> None:
+    """One line the checks read: each rank's budget, rank 0's bytes per block, the blocks agreed."""
+    plan = mode.current_plan()
+    per_block = sum(getattr(s, "page_size_bytes", 0) for s in specs[0].values()) if specs else 0
+    ranks = ", ".join(
+        f"rank {r} ({plan.kind(r) if plan else '?'}) {b} B" for r, b in enumerate(budgets or [])
+    )
+    blocks = sorted({c.num_blocks for c in configs}) if configs else []
+    log.info("hetero_shim: KV cache budgets: %s; %d B per block; agreed num_blocks=%s (the smallest budget wins)",
+             ranks, per_block, ",".join(map(str, blocks)))

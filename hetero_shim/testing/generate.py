@@ -19,7 +19,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=None, help="per-request sampling seed")
-    parser.add_argument("--kv-cache-bytes", type=int, default=64 << 20)
+    parser.add_argument("--kv-cache-bytes", type=int, default=64 << 20, help="0: leave kv_cache_memory_bytes unset")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=None)
     parser.add_argument("--max-num-batched-tokens", type=int, default=None)
     parser.add_argument("--also-sampled", action="store_true",
                         help="in the same engine, also generate with temperature 0.8 and seed 1234")
@@ -32,8 +33,11 @@ def main() -> None:
 
     from hetero_shim.testing.tiny_models import PROMPTS
 
-    kwargs = dict(tensor_parallel_size=opts.tp, enforce_eager=True, kv_cache_memory_bytes=opts.kv_cache_bytes,
-                  dtype=opts.dtype, max_model_len=256)
+    kwargs = dict(tensor_parallel_size=opts.tp, enforce_eager=True, dtype=opts.dtype, max_model_len=256)
+    if opts.kv_cache_bytes:
+        kwargs["kv_cache_memory_bytes"] = opts.kv_cache_bytes
+    if opts.gpu_memory_utilization is not None:
+        kwargs["gpu_memory_utilization"] = opts.gpu_memory_utilization
     if opts.max_num_batched_tokens:
         kwargs["max_num_batched_tokens"] = opts.max_num_batched_tokens
     if opts.device:
