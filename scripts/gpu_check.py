@@ -2,7 +2,12 @@
 weights, on a node with a GPU. Prints a pass/fail table last and writes JSON.
 
     python scripts/gpu_check.py --out DIR [--models llama,opt-125m-shape] [--dtypes float32,bfloat16]
-                                [--tp 2,4] [--skip-sampled] [--skip-server]
+                                [--tp 2,4] [--skip-sampled] [--kv-only]
+
+--kv adds the KV cache budget checks (tiny Llama fp32): VLLM_CPU_KVCACHE_SPACE=1 with TP=2,
+and vLLM's default sizing with TP=4 (three CPU ranks sharing the node's memory); in both
+every rank's budget is read from the shim's log and the agreed block count must be what the
+smallest budget holds, with the greedy tokens of GPU-only TP=1.
 
 Every vLLM run is a subprocess with a time limit whose whole session is killed on overrun.
 """
@@ -21,7 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from hetero_shim.testing import tiny_models  # noqa: E402
+from hetero_shim.testing import kv_report, tiny_models  # noqa: E402
 
 GENERATE = str(REPO / "hetero_shim" / "testing" / "generate.py")
 rows: list[dict] = []
@@ -39,11 +44,33 @@ def env() -> dict[str, str]:
     return e
 
 
-def run(args: list[str], log: Path, timeout: float) -> tuple[int, str]:
+def session_left(sid: int, wait: float) -> list[int]:
+    """Live processes of session ``sid`` after waiting up to ``wait`` seconds for them to go."""
+    deadline = time.monotonic() + wait
+    while True:
+        left = []
+        for entry in Path("/proc").iterdir():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split() if entry.name.isdigit() else None
+            except OSError:
+                continue
+            if fields and fields[0] != "Z" and int(fields[3]) == sid:
+                left.append(int(entry.name))
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.5)
+
+
+LEFT: dict[str, list[int]] = {}  # log name -> processes of the run still alive 30 s after it exited
+
+
+def run(args: list[str], log: Path, timeout: float, extra_env: dict[str, str] | None = None) -> tuple[int, str]:
     with open(log, "w") as f:
-        proc = subprocess.Popen(args, env=env(), stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(args, env=env() | (extra_env or {}), stdout=f, stderr=subprocess.STDOUT,
+                                start_new_session=True)
         try:
             rc = proc.wait(timeout=timeout)
+            LEFT[log.name] = session_left(proc.pid, 30)
         except subprocess.TimeoutExpired:
             rc = 124
         try:
@@ -53,8 +80,10 @@ def run(args: list[str], log: Path, timeout: float) -> tuple[int, str]:
     return rc, log.read_text()
 
 
-def generate(model: Path, tp: int, hetero: bool, dtype: str, out: Path, timeout: float, **extra) -> dict | None:
+def generate(model: Path, tp: int, hetero: bool, dtype: str, out: Path, timeout: float,
+             extra_env: dict[str, str] | None = None, **extra) -> dict | None:
     tag = f"{model.name}-{dtype}-tp{tp}{'-het' if hetero else ''}{'-' + '-'.join(f'{k}{v}' for k, v in extra.items()) if extra else ''}"
+    tag += "".join(f"-{k}{v}" for k, v in (extra_env or {}).items())
     args = [sys.executable, GENERATE, str(model), "--tp", str(tp), "--dtype", dtype, "--max-tokens", "32",
             "--max-num-batched-tokens", "2048", "--also-sampled"]
     if hetero:
@@ -62,7 +91,7 @@ def generate(model: Path, tp: int, hetero: bool, dtype: str, out: Path, timeout:
     for key, value in extra.items():
         args += [f"--{key}", str(value)]
     start = time.monotonic()
-    rc, text = run(args, out / f"{tag}.log", timeout)
+    rc, text = run(args, out / f"{tag}.log", timeout, extra_env)
     result = None
     for line in text.splitlines():
         if line.startswith("RESULT "):
@@ -71,6 +100,8 @@ def generate(model: Path, tp: int, hetero: bool, dtype: str, out: Path, timeout:
     verified = [line for line in text.splitlines() if "verified sampled ids equal" in line and "rank 0 " not in line]
     if result is not None and verified:
         result["verified"] = verified[-1].split("hetero_shim: ", 1)[-1]
+    if result is not None:
+        result["kv"] = kv_report.parse(text)
     if result is None:
         print("\n".join(text.splitlines()[-25:]), flush=True)
     return result
@@ -83,8 +114,14 @@ class Stop(Exception):
     pass
 
 
+PARTIAL: Path | None = None  # rows so far, rewritten after every check (a cut-off run keeps them)
+
+
 def record(check: str, ok: bool, detail: str) -> None:
     rows.append({"check": check, "ok": ok, "detail": detail})
+    print(f"-- {'PASS' if ok else 'FAIL'}: {check}: {detail}", flush=True)
+    if PARTIAL is not None:
+        PARTIAL.write_text(json.dumps(rows, indent=1))
     if FAIL_FAST and not ok:
         raise Stop
 
@@ -114,12 +151,15 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=240)
     parser.add_argument("--skip-sampled", action="store_true")
     parser.add_argument("--fail-fast", action="store_true", help="stop at the first failed check")
+    parser.add_argument("--kv", action="store_true", help="add the KV cache budget checks")
+    parser.add_argument("--kv-only", action="store_true", help="only the KV cache budget checks")
     opts = parser.parse_args()
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
-    global FAIL_FAST
+    global FAIL_FAST, PARTIAL
     FAIL_FAST = opts.fail_fast
+    PARTIAL = out / "gpu_check.partial.json"
     try:
         checks(opts, out)
     except Stop:
@@ -134,6 +174,10 @@ def main() -> int:
 
 
 def checks(opts, out: Path) -> None:
+    if opts.kv or opts.kv_only:
+        kv_checks(opts, out)
+    if opts.kv_only:
+        return
     for name in opts.models.split(","):
         model = tiny_models.get(tiny_models.NAMED[name])
         for dtype in opts.dtypes.split(","):
@@ -149,6 +193,51 @@ def checks(opts, out: Path) -> None:
                         seen = (got or {}).get("verified")
                         record(f"{name} {dtype} TP={tp}: every rank continued from rank 0's tokens", bool(seen),
                                seen or "no verification line in the log")
+
+
+GIB = 1 << 30
+
+
+def kv_checks(opts, out: Path) -> None:
+    model = tiny_models.get(tiny_models.NAMED["llama"])
+    ref = generate(model, 1, False, "float32", out, opts.timeout)
+    cases = [  # (tp, environment, what the budgets must show)
+        (2, {"VLLM_CPU_KVCACHE_SPACE": "1"}, "the CPU rank's budget is exactly 1 GiB"),
+        (4, {}, "each CPU rank's budget is at most 0.5 x host memory / 3"),
+    ]
+    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    cpu_rank_start_failure(model, out, opts.timeout)
+    for tp, extra_env, rule in cases:
+        got = generate(model, tp, True, "float32", out, opts.timeout, extra_env=extra_env,
+                       **{"kv-cache-bytes": 0, "gpu-memory-utilization": 0.5})
+        name = f"KV tp={tp} {' '.join(f'{k}={v}' for k, v in extra_env.items()) or 'default sizing'}"
+        compare(f"{name}: greedy == GPU TP=1", ref, got)
+        report = (got or {}).get("kv")
+        if not report:
+            record(f"{name}: budgets", False, "no KV agreement line in the log")
+            continue
+        cpu = [b for r, b in report["budgets"].items() if report["kinds"][r] == "cpu"]
+        gpu = [b for r, b in report["budgets"].items() if report["kinds"][r] == "gpu"]
+        rule_ok = all(b == GIB for b in cpu) if extra_env else all(0 < b <= 0.5 * host / 3 for b in cpu)
+        detail = (f"GPU {[round(b / GIB, 2) for b in gpu]} GiB, CPU {[round(b / GIB, 2) for b in cpu]} GiB, "
+                  f"{report['per_block']} B/block, agreed {report['blocks']} blocks")
+        record(f"{name}: {rule}", rule_ok and len(cpu) == tp - 1, detail)
+        record(f"{name}: agreed blocks = smallest budget / block size", kv_report.smallest_budget_wins(report), detail)
+
+
+def cpu_rank_start_failure(model: Path, out: Path, timeout: float) -> None:
+    """A CPU rank that fails during start-up (asks for 100000 GiB of KV cache): the engine must
+    fail with that rank's error in bounded time and leave no process behind."""
+    args = [sys.executable, GENERATE, str(model), "--tp", "2", "--device", "heterogeneous", "--enable",
+            "--kv-cache-bytes", "0"]
+    start = time.monotonic()
+    log = out / "startup-failure-cpu-rank.log"
+    rc, text = run(args, log, timeout, {"VLLM_CPU_KVCACHE_SPACE": "100000"})
+    took = time.monotonic() - start
+    named = "less than requested memory for kv" in text
+    left = LEFT.get(log.name, ["timed out"])
+    record("CPU rank fails at start-up: engine fails with its error, nothing left", rc not in (0, 124) and named
+           and not left, f"rc={rc} after {took:.0f}s; CPU rank's message in the log: {named}; left: {left or 'none'}")
 
 
 if __name__ == "__main__":
