@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 
 from hetero_shim import node, settings
+from hetero_shim.layer_split import LayerSplit
 from hetero_shim.plan import RankPlan, count_gpu_ranks, parse_bind_list, partition_cpus, plan_from_json, plan_to_json
 
 PLAN = "HETERO_SHIM_PLAN"
@@ -21,9 +22,13 @@ def enter() -> None:
     os.environ[settings.DEVICE] = settings.HETEROGENEOUS
 
 
-def build_plan(world_size: int, gpus_on_node: int) -> RankPlan:
-    """Make the rank plan for this node and publish it to child processes."""
-    gpu_ranks = count_gpu_ranks(world_size, gpus_on_node, settings.gpu_ranks_override())
+def gpu_ranks_for(world_size: int, gpus_on_node: int) -> int:
+    return count_gpu_ranks(world_size, gpus_on_node, settings.gpu_ranks_override())
+
+
+def build_plan(world_size: int, gpus_on_node: int, split: LayerSplit | None = None) -> RankPlan:
+    """Make the rank plan for this node and publish it to child processes (``split``: pipeline mode)."""
+    gpu_ranks = gpu_ranks_for(world_size, gpus_on_node)
     cpu_ranks = world_size - gpu_ranks
     allowed = node.allowed_cpus()
     bind = os.environ.get(settings.OMP_BIND, "auto")
@@ -34,7 +39,9 @@ def build_plan(world_size: int, gpus_on_node: int) -> RankPlan:
         lists = []
     elif lists is None:  # automatic: own cores per CPU rank, one core kept for each other process
         lists, reserved, notes = partition_cpus(node.one_per_core(allowed), cpu_ranks, reserve=1 + gpu_ranks)
-    plan = RankPlan(world_size, gpu_ranks, tuple(tuple(x) for x in lists), tuple(reserved), tuple(notes))
+    pipeline = {} if split is None else dict(
+        pp_size=len(split.partition), layers=split.partition, split_source=split.source)
+    plan = RankPlan(world_size, gpu_ranks, tuple(tuple(x) for x in lists), tuple(reserved), tuple(notes), **pipeline)
     os.environ[PLAN] = plan_to_json(plan)
     return plan
 

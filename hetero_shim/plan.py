@@ -29,6 +29,9 @@ class RankPlan:
     cpu_lists: tuple[tuple[int, ...], ...] = ()  # cores of each CPU rank, in rank order
     reserved: tuple[int, ...] = ()  # cores left free (engine core, GPU ranks' processes)
     notes: tuple[str, ...] = field(default=(), compare=False)
+    pp_size: int = 1  # pipeline mode: stage of rank r is r // (world_size // pp_size)
+    layers: tuple[int, ...] = ()  # pipeline mode: layers per stage (VLLM_PP_LAYER_PARTITION)
+    split_source: str = ""  # pipeline mode: where the layer split came from
 
     @property
     def cpu_ranks(self) -> range:
@@ -39,14 +42,24 @@ class RankPlan:
             raise IndexError(f"rank {rank} outside world size {self.world_size}")
         return "gpu" if rank < self.gpu_ranks else "cpu"
 
+    def stage(self, rank: int) -> int:
+        return rank // (self.world_size // self.pp_size)
+
     def describe(self) -> str:
         lines = [f"hetero_shim rank plan: {self.gpu_ranks} GPU rank(s) + {len(self.cpu_ranks)} CPU rank(s)"]
+        if self.pp_size > 1:
+            lines[0] += f", {self.pp_size} pipeline stages; layer split {','.join(map(str, self.layers))} ({self.split_source})"
         for rank in range(self.world_size):
             if self.kind(rank) == "gpu":
-                lines.append(f"  rank {rank}: GPU  cuda:{rank}")
+                line = f"  rank {rank}: GPU  cuda:{rank}"
             else:
                 cores = self.cpu_lists[rank - self.gpu_ranks] if self.cpu_lists else ()
-                lines.append(f"  rank {rank}: CPU  cores {format_id_list(cores) or '(not bound)'}")
+                line = f"  rank {rank}: CPU  cores {format_id_list(cores) or '(not bound)'}"
+            if self.pp_size > 1 and self.layers:
+                s = self.stage(rank)
+                start = sum(self.layers[:s])
+                line += f"  stage {s}: layers {start}-{start + self.layers[s] - 1} ({self.layers[s]})"
+            lines.append(line)
         if self.reserved:
             lines.append(f"  reserved cores: {format_id_list(self.reserved)}")
         lines.extend(f"  note: {n}" for n in self.notes)
@@ -186,7 +199,8 @@ def plan_to_json(plan: RankPlan) -> str:
 
     return json.dumps(
         {"world_size": plan.world_size, "gpu_ranks": plan.gpu_ranks, "cpu_lists": plan.cpu_lists,
-         "reserved": plan.reserved, "notes": plan.notes}
+         "reserved": plan.reserved, "notes": plan.notes, "pp_size": plan.pp_size, "layers": plan.layers,
+         "split_source": plan.split_source}
     )
 
 
@@ -200,4 +214,7 @@ def plan_from_json(text: str) -> RankPlan:
         cpu_lists=tuple(tuple(x) for x in data["cpu_lists"]),
         reserved=tuple(data["reserved"]),
         notes=tuple(data["notes"]),
+        pp_size=data.get("pp_size", 1),
+        layers=tuple(data.get("layers", ())),
+        split_source=data.get("split_source", ""),
     )

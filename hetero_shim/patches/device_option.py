@@ -4,7 +4,9 @@ Targets ``vllm.engine.arg_utils``: ``EngineArgs.__init__`` and ``AsyncEngineArgs
 (dataclass constructors; vLLM 0.26+ has no ``device`` field), ``EngineArgs.add_cli_args`` and
 ``EngineArgs.from_cli_args`` (the CLI of ``vllm serve`` and the api_server module), and
 ``EngineArgs.create_engine_config`` (where the plan is made and bad input is refused before
-any process starts).
+any process starts). Pipeline mode (``pipeline_parallel_size > 1``) also takes
+``hetero_gpu_layers=N`` / ``--hetero-gpu-layers N`` and hands the GPU/CPU layer split to vLLM as
+``VLLM_PP_LAYER_PARTITION`` before any worker starts (``hetero_shim.layer_split``).
 Why: vLLM removed its ``device`` option and rejects a world size larger than the GPU count.
 Remove when: vLLM grows a device option that places ranks on CPUs itself (none as of 0.33).
 """
@@ -14,12 +16,15 @@ from __future__ import annotations
 
 import os
 
-from hetero_shim import mode, settings
+from hetero_shim import layer_split, mode, settings
 from hetero_shim.errors import HeteroConfigError
 
 from hetero_shim.logs import log
 
 V2_RUNNER = "VLLM_USE_V2_MODEL_RUNNER"
+GPU_LAYERS = "hetero_gpu_layers"  # the option; kept on the EngineArgs instance under _GPU_LAYERS_ATTR
+_GPU_LAYERS_ATTR = "_hetero_shim_gpu_layers"
+_own_partition: str | None = None  # the VLLM_PP_LAYER_PARTITION value this process set (not the user's)
 WHY = "vLLM 0.26+ has no device option and rejects more TP ranks than GPUs"
 REMOVE_WHEN = "vLLM places TP ranks on CPU cores itself (not as of 0.33.0)"
 
@@ -29,7 +34,18 @@ def accept_device_kwarg(wrapped, instance, args, kwargs):
     if "device" in kwargs:
         settings.parse_device(kwargs.pop("device"))
         mode.enter()
-    return wrapped(*args, **kwargs)
+    gpu_layers = _parse_gpu_layers(kwargs.pop(GPU_LAYERS, None))
+    result = wrapped(*args, **kwargs)
+    setattr(instance, _GPU_LAYERS_ATTR, gpu_layers)
+    return result
+
+
+def _parse_gpu_layers(value) -> int | None:
+    if value is None:
+        return None
+    if not settings.heterogeneous():
+        raise HeteroConfigError(f"{GPU_LAYERS}={value!r} needs device='heterogeneous' and pipeline_parallel_size > 1")
+    return layer_split.parse_gpu_layers(value)
 
 
 def add_device_cli_option(wrapped, instance, args, kwargs):
@@ -41,6 +57,13 @@ def add_device_cli_option(wrapped, instance, args, kwargs):
             default=None,
             help="(hetero_shim) 'heterogeneous': tensor-parallel ranks beyond the GPU count run on CPU cores.",
         )
+    if "--hetero-gpu-layers" not in getattr(parser, "_option_string_actions", {}):
+        parser.add_argument(
+            "--hetero-gpu-layers",
+            default=None,
+            help="(hetero_shim) with --device heterogeneous and --pipeline-parallel-size > 1: layers on the GPU "
+            "stage(s); the CPU stages share the rest (default: as many as fit)",
+        )
     return parser
 
 
@@ -50,7 +73,10 @@ def read_device_cli_option(wrapped, instance, args, kwargs):
     if device is not None:
         settings.parse_device(device)
         mode.enter()
-    return wrapped(*args, **kwargs)
+    gpu_layers = _parse_gpu_layers(getattr(namespace, "hetero_gpu_layers", None))
+    engine_args = wrapped(*args, **kwargs)
+    setattr(engine_args, _GPU_LAYERS_ATTR, gpu_layers)
+    return engine_args
 
 
 def _gpus_on_node() -> int:
@@ -63,6 +89,7 @@ def plan_before_config(wrapped, instance, args, kwargs):
     """In heterogeneous mode: refuse what cannot work, make the rank plan, then build the config."""
     if not settings.heterogeneous():
         return wrapped(*args, **kwargs)
+    gpu_layers = getattr(instance, _GPU_LAYERS_ATTR, None)
     backend = instance.distributed_executor_backend
     if backend not in (None, "mp"):
         raise HeteroConfigError(
@@ -76,17 +103,55 @@ def plan_before_config(wrapped, instance, args, kwargs):
         raise HeteroConfigError(
             f"tensor_parallel_size and pipeline_parallel_size must be whole numbers >= 1; got {tp!r} and {pp!r}"
         )
-    if pp != 1:
-        raise HeteroConfigError("device='heterogeneous' supports tensor parallelism only (pipeline_parallel_size=1)")
+    if gpu_layers is not None and pp == 1:
+        raise HeteroConfigError(
+            f"{GPU_LAYERS}={gpu_layers} needs pipeline mode (pipeline_parallel_size > 1): it sets how many layers "
+            "the GPU stage holds; heterogeneous tensor parallelism splits every layer instead"
+        )
     # "mp" explicitly: with the backend unset, ParallelConfig rejects more ranks than GPUs.
     instance.distributed_executor_backend = "mp"
     gpus = _gpus_on_node()
+    kinds = layer_split.stage_kinds(pp, tp, mode.gpu_ranks_for(tp * pp, gpus)) if pp > 1 else ()
     if gpus:
         _settings_for_mixed_ranks(instance)
+    _forget_own_partition()
     config = wrapped(*args, **kwargs)  # vLLM's own checks (heads divisible by TP, ...) first
-    plan = mode.build_plan(tp * pp, gpus)
+    split = _pipeline_split(config, kinds, gpu_layers) if pp > 1 else None
+    plan = mode.build_plan(tp * pp, gpus, split)
     log.info("%s", plan.describe())
     return config
+
+
+def _forget_own_partition() -> None:
+    """A partition this process set for an earlier engine is not the user's."""
+    global _own_partition
+    if _own_partition is not None and os.environ.get(layer_split.PARTITION_ENV) == _own_partition:
+        del os.environ[layer_split.PARTITION_ENV]
+    _own_partition = None
+
+
+def _pipeline_split(config, kinds: tuple[str, ...], gpu_layers: int | None) -> layer_split.LayerSplit:
+    """Choose the layer split and hand it to vLLM's get_pp_indices (workers inherit the variable)."""
+    global _own_partition
+    layers = config.model_config.get_total_num_hidden_layers()
+    user = os.environ.get(layer_split.PARTITION_ENV)
+    fits, detail = None, ""
+    if "gpu" in kinds and "cpu" in kinds and user is None:
+        from vllm.platforms import current_platform
+
+        from hetero_shim.layer_costs import gpu_layer_costs
+
+        costs = gpu_layer_costs(config, current_platform.get_device_total_memory(0))
+        detail = costs.describe()
+        # an explicit count is refused only when its weights alone cannot fit; the KV reserve is an estimate
+        fits = costs.fits(with_kv=gpu_layers is None)
+        if gpu_layers is not None and gpu_layers > costs.fits(with_kv=True) * kinds.count("gpu"):
+            log.warning("hetero_shim: %s=%d may leave little room for the KV cache (%s)", GPU_LAYERS, gpu_layers,
+                        detail)
+    split = layer_split.choose_split(layers, kinds, gpu_layers, user, fits, detail)
+    if user is None:
+        os.environ[layer_split.PARTITION_ENV] = _own_partition = split.env_value
+    return split
 
 
 def _settings_for_mixed_ranks(instance) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from hetero_shim.patches import (
     collectives, cpu_kernels, cpu_kv_budget, cpu_worker_env, device_option, dist_backend, kv_cache_agreement,
-    rank_process, sampling_sync, start_method, worker_selection,
+    pipeline_buffers, pipeline_transfer, rank_process, sampling_sync, start_method, worker_selection,
 )
 from hetero_shim.registry import Patch
 
@@ -119,6 +119,24 @@ def _kv_cache_agreement(module: str) -> Patch:
                  needs_params=("kv_cache_specs",))
 
 
+def _pipeline_transfer() -> tuple[Patch, ...]:
+    def row(name, wrapper, params):
+        return Patch("pipeline activations", "vllm.distributed.parallel_state", name, wrapper,
+                     pipeline_transfer.WHY, pipeline_transfer.REMOVE_WHEN, needs_params=params)
+
+    return (
+        row("GroupCoordinator.isend_tensor_dict", pipeline_transfer.stage_cuda_tensors_on_host,
+            ("self", "tensor_dict")),
+        row("GroupCoordinator.irecv_tensor_dict", pipeline_transfer.received_tensors_to_device, ("self", "src")),
+    )
+
+
+def _pipeline_buffers() -> Patch:
+    return Patch("pipeline receive buffer", "vllm.v1.worker.gpu_model_runner",
+                 "GPUModelRunner.sync_and_gather_intermediate_tensors", pipeline_buffers.allocate_receive_buffer,
+                 pipeline_buffers.WHY, pipeline_buffers.REMOVE_WHEN)
+
+
 # Modules that bind get_mp_context with `from vllm.utils.system_utils import get_mp_context`.
 _MP_CONTEXT_ALIASES = (
     "vllm.v1.executor.multiproc_executor",
@@ -147,6 +165,8 @@ def _table_v1_mp_executor(kv_planning: str = "vllm.v1.core.kv_cache_utils") -> t
         _cpu_kernels(),
         *_collectives(),
         _sampling_sync(),
+        *_pipeline_transfer(),
+        _pipeline_buffers(),
     )
 
 

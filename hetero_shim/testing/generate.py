@@ -12,6 +12,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("model")
     parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--pp", type=int, default=1, help="pipeline_parallel_size")
+    parser.add_argument("--hetero-gpu-layers", default=None, help="hetero_gpu_layers (pipeline mode)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--enable", action="store_true", help="call hetero_shim.enable() first")
     parser.add_argument("--max-tokens", type=int, default=16)
@@ -40,8 +42,12 @@ def main() -> None:
         kwargs["gpu_memory_utilization"] = opts.gpu_memory_utilization
     if opts.max_num_batched_tokens:
         kwargs["max_num_batched_tokens"] = opts.max_num_batched_tokens
+    if opts.pp != 1:
+        kwargs["pipeline_parallel_size"] = opts.pp
     if opts.device:
         kwargs["device"] = opts.device
+    if opts.hetero_gpu_layers is not None:
+        kwargs["hetero_gpu_layers"] = opts.hetero_gpu_layers
     if opts.backend:
         kwargs["distributed_executor_backend"] = opts.backend
     llm = LLM(model=opts.model, **kwargs)

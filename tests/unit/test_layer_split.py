@@ -1,0 +1,126 @@
+"""Pipeline mode: stage kinds and the GPU/CPU layer split (pure logic)."""
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from hetero_shim.errors import HeteroConfigError
+from hetero_shim.layer_costs import GpuLayerCosts
+from hetero_shim.layer_split import (
+    choose_split, even_partition, fit_gpu_layers, parse_gpu_layers, parse_partition, spread, stage_kinds,
+)
+from hetero_shim.plan import RankPlan, plan_from_json, plan_to_json
+
+
+def test_stage_kinds_whole_stages_only():
+    assert stage_kinds(2, 1, 1) == ("gpu", "cpu")
+    assert stage_kinds(3, 1, 1) == ("gpu", "cpu", "cpu")
+    assert stage_kinds(2, 2, 2) == ("gpu", "cpu")
+    assert stage_kinds(2, 2, 0) == ("cpu", "cpu")
+    assert stage_kinds(2, 1, 2) == ("gpu", "gpu")
+    with pytest.raises(HeteroConfigError, match=r"GPU and CPU ranks in stage 0 \(ranks 0-1\).*divides the GPU ranks \(1\)"):
+        stage_kinds(2, 2, 1)
+
+
+def test_parse_gpu_layers():
+    assert parse_gpu_layers(3) == 3 and parse_gpu_layers("7") == 7 and parse_gpu_layers(" 2 ") == 2
+    for bad in (0, -1, "x", "1.5", 2.0, True, None):
+        with pytest.raises(HeteroConfigError, match="whole number of layers"):
+            parse_gpu_layers(bad)
+
+
+def test_even_partition_matches_vllm_rule():
+    # vLLM get_pp_indices: remainder to the stages before the last, counting back from the second to last
+    assert even_partition(8, 2) == (4, 4)
+    assert even_partition(7, 2) == (4, 3)
+    assert even_partition(10, 4) == (2, 3, 3, 2)
+    assert even_partition(2, 2) == (1, 1)
+
+
+def test_user_partition_wins_and_is_validated():
+    split = choose_split(8, ("gpu", "cpu"), gpu_layers=5, user_partition="6,2")
+    assert split.partition == (6, 2) and "set by the user" in split.source and "not used" in split.source
+    with pytest.raises(HeteroConfigError, match="sums to 7 layers but the model has 8"):
+        choose_split(8, ("gpu", "cpu"), user_partition="5,2")
+    with pytest.raises(HeteroConfigError, match="names 3 stage"):
+        parse_partition("2,2,4", 8, 2)
+    with pytest.raises(HeteroConfigError, match="comma-separated"):
+        parse_partition("4;4", 8, 2)
+    with pytest.raises(HeteroConfigError, match="at least one layer"):
+        parse_partition("8,0", 8, 2)
+
+
+def test_explicit_gpu_layers():
+    assert choose_split(12, ("gpu", "cpu"), gpu_layers=9).partition == (9, 3)
+    assert choose_split(12, ("gpu", "cpu", "cpu"), gpu_layers=5).partition == (5, 4, 3)
+    assert choose_split(12, ("gpu", "gpu", "cpu"), gpu_layers=9).partition == (5, 4, 3)
+    no_gpu = choose_split(4, ("cpu", "cpu"), gpu_layers=3)
+    assert no_gpu.partition == (3, 1) and "no GPU on this node" in no_gpu.source
+
+
+@pytest.mark.parametrize("args, message", [
+    ((2, ("gpu", "cpu"), 3), "hetero_gpu_layers=3 is more than the model's 2 layers"),
+    ((4, ("gpu", "cpu"), 4), "leaves 0 of the model's 4 layers for 1 CPU stage"),
+    ((4, ("gpu", "cpu", "cpu"), 3), "use 1 to 2"),
+    ((4, ("gpu", "gpu", "cpu"), 1), "1 for 2 GPU stage"),
+    ((2, ("cpu", "cpu", "cpu"), None), "pipeline_parallel_size=3 is larger than the model's 2 layer"),
+    ((4, ("gpu", "gpu"), 2), "every pipeline stage runs on a GPU"),
+])
+def test_bad_splits(args, message):
+    with pytest.raises(HeteroConfigError, match=message):
+        choose_split(*args)
+
+
+def test_automatic_split():
+    assert choose_split(8, ("cpu", "cpu")).partition == (4, 4)
+    assert "even split" in choose_split(7, ("cpu", "cpu")).source
+    assert choose_split(12, ("gpu", "cpu"), fits=5, fit_detail="d").partition == (5, 7)
+    assert choose_split(12, ("gpu", "cpu"), fits=40).partition == (11, 1)  # every CPU stage keeps a layer
+    assert choose_split(12, ("gpu", "gpu", "cpu"), fits=3).partition == (3, 3, 6)
+    with pytest.raises(HeteroConfigError, match="not one layer fits in the GPU budget"):
+        choose_split(12, ("gpu", "cpu"), fits=0)
+    with pytest.raises(HeteroConfigError, match=r"hetero_gpu_layers=6 does not fit: 4 layer\(s\) fit"):
+        choose_split(12, ("gpu", "cpu"), gpu_layers=6, fits=4)
+
+
+def test_fit_and_costs():
+    assert fit_gpu_layers(100, 20, 30) == 2 and fit_gpu_layers(10, 20, 30) == 0
+    costs = GpuLayerCosts(budget=100, fixed=20, per_layer_weights=20, per_layer_kv=20, how="x")
+    assert costs.fits() == 2 and costs.fits(with_kv=False) == 4 and "per layer" in costs.describe()
+
+
+@given(layers=st.integers(1, 200), pp=st.integers(2, 8), lead=st.integers(0, 8), data=st.data())
+def test_every_split_covers_all_layers_once(layers, pp, lead, data):
+    kinds = tuple("gpu" if s < min(lead, pp - 1) else "cpu" for s in range(pp))
+    gpu_layers = data.draw(st.none() | st.integers(1, layers + 2))
+    fits = data.draw(st.none() | st.integers(0, layers + 2))
+    try:
+        split = choose_split(layers, kinds, gpu_layers=gpu_layers, fits=fits)
+    except HeteroConfigError:
+        return
+    assert len(split.partition) == pp and sum(split.partition) == layers and min(split.partition) >= 1
+    ranges = [split.layer_range(s) for s in range(pp)]
+    assert ranges[0][0] == 0 and ranges[-1][1] == layers
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    if gpu_layers is not None:
+        n_lead = max(1, kinds.count("gpu"))
+        assert sum(split.partition[:n_lead]) == gpu_layers
+        assert max(split.partition[n_lead:]) - min(split.partition[n_lead:]) <= 1  # CPU stages share evenly
+    assert parse_partition(split.env_value, layers, pp) == split.partition
+
+
+@given(layers=st.integers(1, 100), stages=st.integers(1, 10))
+def test_spread_is_even(layers, stages):
+    parts = spread(layers, stages)
+    assert sum(parts) == layers and max(parts) - min(parts) <= 1
+
+
+def test_plan_prints_stages_and_layers():
+    plan = RankPlan(world_size=2, gpu_ranks=1, cpu_lists=((1,),), pp_size=2, layers=(9, 3),
+                    split_source="hetero_gpu_layers=9 on 1 GPU stage(s)")
+    text = plan.describe()
+    assert "2 pipeline stages; layer split 9,3 (hetero_gpu_layers=9" in text
+    assert "rank 0: GPU  cuda:0  stage 0: layers 0-8 (9)" in text
+    assert "rank 1: CPU  cores 1  stage 1: layers 9-11 (3)" in text
+    assert plan_from_json(plan_to_json(plan)) == plan
+    assert RankPlan(world_size=4, gpu_ranks=0, pp_size=2, layers=(1, 1)).stage(3) == 1
