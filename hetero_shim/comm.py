@@ -6,7 +6,10 @@ custom all-reduce; CPU: shared-memory kernels). Neither can include the other ki
 and a collective that one rank runs through NCCL and another through SHM never matches. Here
 every rank uses the same algorithm: CUDA tensors cross to the host through pinned staging
 buffers (unpinned device-to-host copies measured 0.9 GB/s on the H100 versus 54 GB/s pinned),
-and the collective runs on the group's gloo CPU group.
+and the collective runs on the group's gloo CPU group. When every rank of the group is on this
+host, all-reduce, broadcast and all-gather (and gather/reduce_scatter, built on them) run through a
+shared-memory segment instead (``hetero_shim.shm_collectives``; the GPU rank copies straight into
+it): ``HETERO_SHIM_COLLECTIVES=auto`` (default) decides at construction, ``shm`` or ``gloo`` forces.
 
 While a rank runs a warm-up or profiling dummy pass (``local_only()``), collectives are
 skipped: GPU and CPU workers warm up with different numbers of dummy passes, and the results
@@ -21,6 +24,8 @@ import threading
 import torch
 import torch.distributed as dist
 from vllm.distributed.device_communicators.base_device_communicator import DeviceCommunicatorBase
+
+from hetero_shim import shm_collectives
 
 _local = threading.local()
 
@@ -41,9 +46,19 @@ def collectives_skipped() -> bool:
 
 
 class HeteroCommunicator(DeviceCommunicatorBase):
-    def __init__(self, cpu_group, device=None, device_group=None, unique_name: str = "", **kwargs):
+    def __init__(self, cpu_group, device=None, device_group=None, unique_name: str = "", *,
+                 collectives: str | None = None, **kwargs):
+        """``collectives``: auto|shm|gloo (default: HETERO_SHIM_COLLECTIVES). Collective over cpu_group."""
         super().__init__(cpu_group, device, device_group, unique_name, **kwargs)
         self._pinned: dict[tuple[torch.dtype, int], torch.Tensor] = {}
+        self.shm = shm_collectives.for_group(self.cpu_group, self.ranks, self.rank_in_group, self.world_size,
+                                             self.device, mode=collectives, label=unique_name)
+
+    def destroy(self) -> None:
+        if self.shm is not None:
+            self.shm.close()
+            self.shm = None
+        super().destroy()
 
     # -- host staging ---------------------------------------------------------------
     def _to_host(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -69,6 +84,8 @@ class HeteroCommunicator(DeviceCommunicatorBase):
     def all_reduce(self, input_: torch.Tensor) -> torch.Tensor:
         if collectives_skipped():
             return input_
+        if self.shm is not None:
+            return self.shm.all_reduce(input_)
         host = self._to_host(input_)
         dist.all_reduce(host, group=self.cpu_group)
         if input_.device.type == "cpu":
@@ -79,6 +96,8 @@ class HeteroCommunicator(DeviceCommunicatorBase):
         if collectives_skipped():
             return torch.cat([input_] * self.world_size, dim=dim)
         dim = dim % input_.dim()
+        if self.shm is not None:
+            return self.shm.all_gather(input_, dim)
         host = self._to_host(input_)
         parts = [torch.empty_like(host, device="cpu") for _ in range(self.world_size)]
         dist.all_gather(parts, host, group=self.cpu_group)
@@ -95,6 +114,8 @@ class HeteroCommunicator(DeviceCommunicatorBase):
     def broadcast(self, input_: torch.Tensor, src: int = 0) -> torch.Tensor:
         if collectives_skipped():
             return input_
+        if self.shm is not None:
+            return self.shm.broadcast(input_, src)
         host = self._to_host(input_)
         dist.broadcast(host, src=self.ranks[src], group=self.cpu_group)
         if input_.device.type == "cpu":

@@ -24,6 +24,13 @@ FORCE_TABLE = "HETERO_SHIM_VLLM_TABLE"
 HANG_DUMP = "HETERO_SHIM_HANG_DUMP"
 #: Debugging: after each sampling step, check every TP rank holds rank 0's token ids (costs a collective).
 VERIFY_TOKENS = "HETERO_SHIM_VERIFY_TOKENS"
+#: How the ranks of a GPU+CPU group meet: "auto" (shared memory when all ranks are on this host,
+#: else gloo), "shm" (shared memory or a clear error), "gloo".
+COLLECTIVES = "HETERO_SHIM_COLLECTIVES"
+#: Seconds a shared-memory collective waits for a live rank before naming it in an error (default 300).
+SHM_TIMEOUT = "HETERO_SHIM_SHM_TIMEOUT"
+#: MiB of shared memory per rank and buffer (default 4); larger tensors go through in pieces.
+SHM_SLOT_MB = "HETERO_SHIM_SHM_SLOT_MB"
 #: vLLM's own CPU bind list ("0-3|4-7"), validated against the rank plan.
 OMP_BIND = "VLLM_CPU_OMP_THREADS_BIND"
 
@@ -97,6 +104,40 @@ def hang_dump_seconds() -> int:
 
 def verify_tokens() -> bool:
     return _flag(VERIFY_TOKENS, default=False)
+
+
+COLLECTIVE_MODES = ("auto", "shm", "gloo")
+
+
+def collectives_mode() -> str:
+    raw = os.environ.get(COLLECTIVES, "").strip().lower() or "auto"
+    if raw not in COLLECTIVE_MODES:
+        raise HeteroConfigError(f"{COLLECTIVES}={os.environ[COLLECTIVES]!r} is not supported; use one of "
+                                f"{', '.join(COLLECTIVE_MODES)}")
+    return raw
+
+
+def _positive_number(name: str, default: float) -> float:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise HeteroConfigError(f"{name}={raw!r} must be a positive number")
+    return value
+
+
+def shm_timeout_seconds() -> float:
+    return _positive_number(SHM_TIMEOUT, 300.0)
+
+
+def shm_slot_bytes() -> int:
+    """Bytes per rank and buffer in a shared-memory segment (a multiple of 4 KiB, at least 4 KiB)."""
+    raw_bytes = int(_positive_number(SHM_SLOT_MB, 4.0) * (1 << 20))
+    return max(4096, raw_bytes // 4096 * 4096)
 
 
 def restore_environ(before: dict[str, str | None]) -> None:

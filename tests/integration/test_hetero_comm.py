@@ -1,7 +1,10 @@
-"""HeteroCommunicator on two real gloo processes (CPU tensors here; on the GPU machine the GPU
-rank stages CUDA tensors through pinned host buffers, checked by scripts/gpu_check.py)."""
+"""HeteroCommunicator on two real gloo processes, through gloo and through shared memory (CPU
+tensors here; on the GPU machine the GPU rank's CUDA tensors cross through pinned or registered host
+memory, checked by scripts/gpu_check.py and bench/allreduce.py --gpu-rank)."""
 
 import textwrap
+
+import pytest
 
 import procs
 
@@ -10,11 +13,12 @@ SCRIPT = textwrap.dedent(
     import sys, tempfile, torch, torch.distributed as dist
     import torch.multiprocessing as mp
 
-    def worker(rank, init_file):
+    def worker(rank, init_file, mode):
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
         from hetero_shim.comm import HeteroCommunicator, local_only
         comm = HeteroCommunicator(cpu_group=dist.group.WORLD, device=torch.device("cpu"),
-                                  device_group=dist.group.WORLD)
+                                  device_group=dist.group.WORLD, collectives=mode)
+        assert (comm.shm is None) == (mode == "gloo"), (mode, comm.shm)
         assert torch.equal(comm.all_reduce(torch.full((2, 3), rank + 1.0)), torch.full((2, 3), 3.0))
         last = comm.all_gather(torch.full((2, 1), float(rank)), dim=-1)
         assert last.tolist() == [[0.0, 1.0], [0.0, 1.0]], last
@@ -32,18 +36,21 @@ SCRIPT = textwrap.dedent(
                 assert torch.equal(comm.all_reduce(torch.ones(2)), torch.ones(2))
                 assert comm.all_gather(torch.ones(1, 2), dim=0).shape == (2, 2)
         dist.barrier()
+        comm.destroy()
         print(f"RANK{rank} OK", flush=True)
         dist.destroy_process_group()
 
     if __name__ == "__main__":
-        mp.spawn(worker, args=(tempfile.mktemp(),), nprocs=2)
+        mp.spawn(worker, args=(tempfile.mktemp(), sys.argv[1]), nprocs=2)
     """
 )
 
 
-def test_collectives_on_two_gloo_ranks(tmp_path):
+@pytest.mark.parametrize("mode", ["gloo", "auto"])
+def test_collectives_on_two_gloo_ranks(tmp_path, mode):
+    """``auto`` takes shared memory here (both ranks on this host)."""
     script = tmp_path / "comm_check.py"
     script.write_text(SCRIPT)
-    proc = procs.run_python([str(script)], timeout=180)
+    proc = procs.run_python([str(script), mode], timeout=180)
     assert proc.returncode == 0, proc.stdout[-4000:]
     assert "RANK0 OK" in proc.stdout and "RANK1 OK" in proc.stdout

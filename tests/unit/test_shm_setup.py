@@ -1,0 +1,66 @@
+"""Pure logic of the shared-memory collectives: settings, segment naming/sweeping, chunk bounds."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from hetero_shim import settings
+from hetero_shim.errors import HeteroConfigError
+
+shm = pytest.importorskip("hetero_shim.shm_collectives")
+
+
+def test_collectives_setting(monkeypatch):
+    monkeypatch.delenv(settings.COLLECTIVES, raising=False)
+    assert settings.collectives_mode() == "auto"
+    for value in ("shm", "GLOO", " auto "):
+        monkeypatch.setenv(settings.COLLECTIVES, value)
+        assert settings.collectives_mode() == value.strip().lower()
+    monkeypatch.setenv(settings.COLLECTIVES, "nccl")
+    with pytest.raises(HeteroConfigError, match="HETERO_SHIM_COLLECTIVES='nccl' is not supported; use one of auto, shm, gloo"):
+        settings.collectives_mode()
+
+
+def test_shm_numbers(monkeypatch):
+    monkeypatch.delenv(settings.SHM_TIMEOUT, raising=False)
+    monkeypatch.delenv(settings.SHM_SLOT_MB, raising=False)
+    assert settings.shm_timeout_seconds() == 300.0
+    assert settings.shm_slot_bytes() == 4 << 20
+    monkeypatch.setenv(settings.SHM_SLOT_MB, "0.001")
+    assert settings.shm_slot_bytes() == 4096
+    monkeypatch.setenv(settings.SHM_TIMEOUT, "-1")
+    with pytest.raises(HeteroConfigError, match="HETERO_SHIM_SHM_TIMEOUT='-1' must be a positive number"):
+        settings.shm_timeout_seconds()
+
+
+def test_stale_segment_of_a_dead_creator_is_swept(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = f"{shm.PREFIX}{os.getuid()}_{dead.pid}_test"
+    live = f"{shm.PREFIX}{os.getuid()}_{os.getpid()}_test"
+    for name in (stale, live):
+        open(os.path.join(shm.SHM_DIR, name), "w").close()
+    try:
+        removed = shm.sweep_stale_segments()
+        assert stale in removed and not os.path.exists(os.path.join(shm.SHM_DIR, stale))
+        assert os.path.exists(os.path.join(shm.SHM_DIR, live))  # its creator (this process) is alive
+    finally:
+        for name in (stale, live):
+            shm._unlink(name)
+
+
+def test_chunks_cover_the_tensor_once():
+    for n in (1, 15, 16, 17, 1000, 4099):
+        for parts in (1, 2, 3, 4):
+            bounds = [shm._chunk(n, i, parts, 4) for i in range(parts)]
+            assert bounds[0][0] == 0 and bounds[-1][1] == n
+            assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+            assert all(lo % 16 == 0 for lo, _ in bounds if lo < n)  # 64-byte boundaries
+
+
+def test_segment_layout_fits_the_flags():
+    header, total = shm.segment_bytes(4, 4096)
+    assert header >= 4 * shm.FLAG_STRIDE and header % 4096 == 0
+    assert total == header + 2 * 5 * 4096
