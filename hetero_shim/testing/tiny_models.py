@@ -161,6 +161,112 @@ def get(spec: ModelSpec = TINY_LLAMA, cache: Path | None = None) -> Path:
 
 NAMED = {"llama": TINY_LLAMA, "opt": TINY_OPT, "opt-125m-shape": OPT_125M_SHAPE}
 
+# --- Llama models of any size (the benchmarks' 1B/3B/8B), written tensor by tensor -----------
+# build() instantiates a transformers model, which is too slow and too large in fp32 for
+# billions of parameters. write_llama() writes the same checkpoint layout (LlamaForCausalLM
+# names, safetensors shards + index, config, the tokenizer above) straight from random tensors,
+# generated on ``device`` (a GPU makes an 8B model in seconds) and saved shard by shard.
+
+SIZED_FORMAT = 1  # bump when what write_llama() writes changes
+SHARD_BYTES = 4 << 30
+
+
+def llama_tensors(config: dict) -> list[tuple[str, tuple[int, ...]]]:
+    """Names and shapes of a LlamaForCausalLM checkpoint for ``config`` (transformers' keys)."""
+    h, inter, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    head_dim = config.get("head_dim") or h // heads
+    out = [("model.embed_tokens.weight", (vocab, h))]
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        out += [
+            (p + "input_layernorm.weight", (h,)),
+            (p + "self_attn.q_proj.weight", (heads * head_dim, h)),
+            (p + "self_attn.k_proj.weight", (kv_heads * head_dim, h)),
+            (p + "self_attn.v_proj.weight", (kv_heads * head_dim, h)),
+            (p + "self_attn.o_proj.weight", (h, heads * head_dim)),
+            (p + "post_attention_layernorm.weight", (h,)),
+            (p + "mlp.gate_proj.weight", (inter, h)),
+            (p + "mlp.up_proj.weight", (inter, h)),
+            (p + "mlp.down_proj.weight", (h, inter)),
+        ]
+    out.append(("model.norm.weight", (h,)))
+    if not config.get("tie_word_embeddings", False):
+        out.append(("lm_head.weight", (vocab, h)))
+    return out
+
+
+def write_llama(config: dict, out_dir: Path, dtype: str = "bfloat16", seed: int = 0, device: str | None = None) -> Path:
+    """Write a random-weight Llama checkpoint for ``config`` (LlamaConfig fields) to ``out_dir``.
+
+    Linear and embedding weights ~ N(0, 0.02), norm weights 1, from ``torch.Generator(device)``
+    seeded with ``seed`` (same device kind + seed = same weights). ``device`` defaults to CUDA
+    when available. Written to a temporary directory first and renamed, like build().
+    """
+    import torch
+    import transformers
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    torch_dtype = getattr(torch, dtype)
+    tokenizer = _train_tokenizer(min(config["vocab_size"], 4096))
+    cfg = transformers.LlamaConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, torch_dtype=dtype, **config,
+    )
+    tensors = llama_tensors(cfg.to_dict())
+    shard_of, sizes = [], [0]  # consecutive tensors, a new shard once SHARD_BYTES would be passed
+    for _, shape in tensors:
+        nbytes = torch.Size(shape).numel() * torch_dtype.itemsize
+        if sizes[-1] and sizes[-1] + nbytes > SHARD_BYTES:
+            sizes.append(0)
+        sizes[-1] += nbytes
+        shard_of.append(len(sizes) - 1)
+    tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
+    tmp.mkdir(parents=True)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    staging = None
+    weight_map = {}
+    for n in range(len(sizes)):
+        fname = f"model-{n + 1:05d}-of-{len(sizes):05d}.safetensors"
+        shard = {}
+        for (name, shape), where in zip(tensors, shard_of):
+            if where != n:
+                continue
+            if name.endswith("norm.weight"):
+                t = torch.ones(shape, dtype=torch_dtype)
+            else:
+                t = torch.empty(shape, dtype=torch_dtype, device=device).normal_(0.0, 0.02, generator=gen)
+                if t.device.type != "cpu":  # through a pinned buffer: pageable copies run at ~1 GB/s
+                    if staging is None or staging.numel() < t.numel():
+                        staging = torch.empty(t.numel(), dtype=torch_dtype, pin_memory=True)
+                    t = staging[: t.numel()].view(shape).copy_(t).clone()
+            shard[name] = t
+            weight_map[name] = fname
+        save_file(shard, str(tmp / fname), metadata={"format": "pt"})
+    index = {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}
+    (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+    tokenizer.save_pretrained(tmp)
+    cfg.save_pretrained(tmp)
+    os.replace(tmp, out_dir)
+    return out_dir
+
+
+def get_llama(config: dict, dtype: str = "bfloat16", seed: int = 0, cache: Path | None = None) -> Path:
+    """The directory of write_llama(config, ...), written once and cached (key: config, dtype, seed)."""
+    blob = json.dumps({"config": config, "dtype": dtype, "seed": seed, "format": SIZED_FORMAT}, sort_keys=True)
+    cache = Path(cache or DEFAULT_CACHE)
+    out = cache / f"llama-sized-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+    if not (out / "config.json").exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        try:
+            write_llama(config, out, dtype=dtype, seed=seed)
+        except OSError:
+            if not (out / "config.json").exists():
+                raise
+    return out
+
 if __name__ == "__main__":
     name = sys.argv[1] if len(sys.argv) > 1 else "llama"
     if name not in NAMED:

