@@ -33,6 +33,11 @@ SHM_TIMEOUT = "HETERO_SHIM_SHM_TIMEOUT"
 SHM_SLOT_MB = "HETERO_SHIM_SHM_SLOT_MB"
 #: vLLM's own CPU bind list ("0-3|4-7"), validated against the rank plan.
 OMP_BIND = "VLLM_CPU_OMP_THREADS_BIND"
+#: Seconds a rank waits in a gloo collective (or the rendezvous) for its peers before it fails.
+GLOO_TIMEOUT = "HETERO_SHIM_GLOO_TIMEOUT_S"
+#: Default of GLOO_TIMEOUT: vLLM's own patience for one model step (VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS),
+#: below its 600 s start-up limit (VLLM_ENGINE_READY_TIMEOUT_S); torch's gloo default is 1800 s.
+GLOO_TIMEOUT_DEFAULT_S = 300
 
 HETEROGENEOUS = "heterogeneous"
 _TRUE = {"1", "true", "yes", "on"}
@@ -99,6 +104,19 @@ def hang_dump_seconds() -> int:
         return 0
     if not raw.isdigit():
         raise HeteroConfigError(f"{HANG_DUMP}={raw!r} must be a whole number of seconds")
+    return int(raw)
+
+
+def gloo_timeout_seconds() -> int:
+    """Seconds before a gloo collective of a heterogeneous run gives up on a peer."""
+    raw = os.environ.get(GLOO_TIMEOUT, "").strip()
+    if not raw:
+        return GLOO_TIMEOUT_DEFAULT_S
+    if not raw.isdigit() or int(raw) < 1:
+        raise HeteroConfigError(
+            f"{GLOO_TIMEOUT}={raw!r} must be a whole number of seconds, 1 or more "
+            f"(default {GLOO_TIMEOUT_DEFAULT_S})"
+        )
     return int(raw)
 
 
