@@ -1,13 +1,21 @@
-"""Micro-benchmark: one all-reduce between two ranks, as heterogeneous mode runs it.
+"""Micro-benchmark: one all-reduce between ranks of one host, as heterogeneous mode runs it.
 
-    python bench/allreduce.py [--gpu-rank] [--sizes 8K,64K,2M,16M] [--iters 50] [--out bench/out/allreduce.json]
+    python bench/allreduce.py [--gpu-rank] [--cpu-ranks 1,3] [--sizes 8K,64K,2M,16M] [--iters 50]
+                              [--out bench/out/allreduce.json]
 
-Rank 0 holds its tensor on the GPU with ``--gpu-rank`` (the GPU machine), else on the CPU;
-rank 1 is a CPU rank. Measured in the same run, on the same process group:
+For each entry of ``--cpu-ranks`` one group of spawned processes: rank 0 holds its tensor on
+cuda:0 with ``--gpu-rank`` (the GPU machine), else on the CPU; the other ranks are CPU ranks. Each
+rank gets its own block of the allowed cores (torch threads = cores in the block). Measured in
+the same run, on the same processes, fp32 tensors:
 - ``gloo .cpu()``: the naive path (unpinned device-to-host copy, gloo, copy back) = baseline;
-- ``HeteroCommunicator``: what the shim uses (pinned staging buffers, gloo on the CPU group).
-Prints a table (median microseconds and effective GB/s of the payload) and writes JSON.
-Issue 4's targets: 8 KiB <= 50 us, 16 MiB >= 20 GB/s.
+- ``gloo pinned``: HeteroCommunicator with HETERO_SHIM_COLLECTIVES=gloo (pinned staging + gloo);
+- ``shm``: HeteroCommunicator with HETERO_SHIM_COLLECTIVES=shm (hetero_shim.shm_collectives;
+  the GPU rank copies into the CUDA-registered segment);
+- ``vLLM CPU SHM``: vLLM's own CPU communicator (its C++ shared-memory all-reduce), only when every
+  rank is a CPU rank and vLLM's CPU kernels load (all-CPU heterogeneous mode uses it).
+Every path is first checked for the right sum. Times are rank 0's (the GPU rank with
+``--gpu-rank``): median and 90th percentile of ``--iters`` calls; GB/s = payload bytes / median.
+The table is printed last; JSON has every row. Issue 4's targets: 8 KiB <= 50 us, 16 MiB >= 20 GB/s.
 """
 
 from __future__ import annotations
@@ -25,11 +33,19 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+BASELINE = "gloo .cpu()"
 
 
 def parse_size(text: str) -> int:
     text = text.strip().upper().removesuffix("IB").removesuffix("B")
     return int(text[:-1]) * UNITS[text[-1]] if text[-1] in UNITS else int(text)
+
+
+def human(nbytes: int) -> str:
+    for unit, scale in (("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if nbytes >= scale and nbytes % scale == 0:
+            return f"{nbytes // scale} {unit}"
+    return f"{nbytes} B"
 
 
 def timed(fn, iters: int, sync) -> list[float]:
@@ -43,67 +59,131 @@ def timed(fn, iters: int, sync) -> list[float]:
     return samples
 
 
-def worker(rank: int, init_file: str, opts, results_path: str) -> None:
+def cores_for(rank: int, world: int) -> list[int]:
+    allowed = sorted(os.sched_getaffinity(0))
+    if len(allowed) < world:
+        return [allowed[rank % len(allowed)]]
+    per = len(allowed) // world
+    return allowed[rank * per:(rank + 1) * per]
+
+
+def vllm_cpu_communicator(group):
+    """vLLM's CPU communicator with its SHM all-reduce, or (None, why not)."""
+    try:
+        os.environ.setdefault("VLLM_DIST_IDENT", f"hsbench{os.getppid()}")
+        import torch
+        from vllm.distributed.device_communicators.cpu_communicator import CpuCommunicator, _CPUSHMDistributed
+        from vllm.platforms import current_platform
+
+        if current_platform.device_type != "cpu":
+            return None, f"vLLM platform is {current_platform.device_type}"
+        current_platform.import_kernels()
+        comm = CpuCommunicator(cpu_group=group, device=torch.device("cpu"), device_group=group, unique_name="tp:0")
+        if not isinstance(comm.dist_module, _CPUSHMDistributed):
+            return None, "vLLM's CPU SHM all-reduce is not available here"
+        return comm, None
+    except Exception as e:  # the comparison is optional: say why it is missing
+        return None, f"{type(e).__name__}: {e}"
+
+
+def worker(rank: int, world: int, init_file: str, opts, results_path: str) -> None:
+    cores = cores_for(rank, world)
+    os.sched_setaffinity(0, cores)
     import torch
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    torch.set_num_threads(len(cores))
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     from hetero_shim.comm import HeteroCommunicator
 
-    group = dist.new_group([0, 1], backend="gloo")
+    group = dist.new_group(list(range(world)), backend="gloo")
     use_gpu = opts.gpu_rank and rank == 0
     device = torch.device("cuda:0") if use_gpu else torch.device("cpu")
+    if use_gpu:
+        torch.cuda.set_device(device)
     sync = torch.cuda.synchronize if use_gpu else (lambda: None)
-    comm = HeteroCommunicator(cpu_group=group, device=device, device_group=group)
+    pinned = HeteroCommunicator(cpu_group=group, device=device, device_group=group, collectives="gloo")
+    shm = HeteroCommunicator(cpu_group=group, device=device, device_group=group, collectives="shm")
+    paths = {BASELINE: None, "gloo pinned": pinned.all_reduce, "shm": shm.all_reduce}
+    notes = {"shm registered with CUDA": shm.shm.registered} if use_gpu else {}
+    if not opts.gpu_rank:
+        vllm_comm, why = vllm_cpu_communicator(group)
+        if vllm_comm is not None:
+            paths["vLLM CPU SHM"] = vllm_comm.all_reduce
+        else:
+            notes["vLLM CPU SHM"] = f"not measured: {why}"
     rows = []
     for size in opts.sizes:
-        x = torch.ones(size // 4, dtype=torch.float32, device=device)
+        n = size // 4
+        check = torch.arange(n, dtype=torch.float32, device=device) % 1000 + rank
+        want = (torch.arange(n, dtype=torch.float32) % 1000) * world + sum(range(world))
+        x = torch.zeros(n, dtype=torch.float32, device=device)  # zeros stay zeros: no growing values
 
         def naive():
             host = x.cpu()
             dist.all_reduce(host, group=group)
             x.copy_(host)
 
-        def hetero():
-            comm.all_reduce(x)
-
-        for name, fn in (("gloo .cpu()", naive), ("HeteroCommunicator", hetero)):
+        for name, reduce in paths.items():
+            fn = naive if reduce is None else (lambda reduce=reduce: reduce(x))
+            if reduce is not None:
+                got = reduce(check.clone())
+                assert torch.equal(got.cpu(), want), f"{name} gave a wrong sum at {size} bytes"
             timed(fn, 3, sync)  # warm-up
             dist.barrier(group=group)
-            median = statistics.median(timed(fn, opts.iters, sync))
-            rows.append({"path": name, "bytes": size, "median_us": median * 1e6, "GBps": size / median / 1e9})
+            samples = sorted(timed(fn, opts.iters, sync))
+            median = statistics.median(samples)
+            rows.append({"world": world, "path": name, "bytes": size, "median_us": median * 1e6,
+                         "p90_us": samples[int(0.9 * (len(samples) - 1))] * 1e6, "GBps": size / median / 1e9})
     if rank == 0:
-        Path(results_path).write_text(json.dumps(rows))
+        Path(results_path).write_text(json.dumps({"rows": rows, "notes": notes, "cores": cores}))
     dist.barrier(group=group)
+    shm.destroy()
     dist.destroy_process_group()
+
+
+def print_table(rows: list[dict], opts) -> None:
+    print(f"\nall-reduce, fp32, rank 0 {'on cuda:0' if opts.gpu_rank else 'on CPU'}, median of {opts.iters} calls")
+    print(f"{'ranks':<12} {'size':>8}  {'path':<14} {'median us':>10} {'p90 us':>9} {'GB/s':>7} {'vs baseline':>12}")
+    base = {(r["world"], r["bytes"]): r["median_us"] for r in rows if r["path"] == BASELINE}
+    for r in rows:
+        kind = f"1 GPU+{r['world'] - 1} CPU" if opts.gpu_rank else f"{r['world']} CPU"
+        print(f"{kind:<12} {human(r['bytes']):>8}  {r['path']:<14} {r['median_us']:>10.1f} {r['p90_us']:>9.1f} "
+              f"{r['GBps']:>7.2f} {base[(r['world'], r['bytes'])] / r['median_us']:>11.2f}x")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gpu-rank", action="store_true", help="rank 0's tensors live on cuda:0")
+    parser.add_argument("--cpu-ranks", default="1,3", help="CPU ranks beside rank 0, one group per entry")
     parser.add_argument("--sizes", default="8K,64K,2M,16M")
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--out", default=str(REPO / "bench" / "out" / "allreduce.json"))
     opts = parser.parse_args()
     opts.sizes = [parse_size(s) for s in opts.sizes.split(",")]
+    bad = [s for s in opts.sizes if s % 4 or s <= 0]
+    if bad or opts.iters < 1:
+        parser.error(f"sizes must be positive multiples of 4 bytes (fp32) and --iters >= 1; got sizes {bad}")
     import torch.multiprocessing as mp
 
-    with tempfile.TemporaryDirectory() as tmp:
-        results_path = os.path.join(tmp, "rows.json")
-        mp.spawn(worker, args=(os.path.join(tmp, "init"), opts, results_path), nprocs=2)
-        rows = json.loads(Path(results_path).read_text())
+    rows, notes = [], {}
+    for cpu_ranks in (int(c) for c in opts.cpu_ranks.split(",")):
+        world = 1 + cpu_ranks
+        with tempfile.TemporaryDirectory() as tmp:
+            results_path = os.path.join(tmp, "rows.json")
+            mp.spawn(worker, args=(world, os.path.join(tmp, "init"), opts, results_path), nprocs=world)
+            result = json.loads(Path(results_path).read_text())
+        rows += result["rows"]
+        notes[f"world {world}"] = {**result["notes"], "rank 0 cores": result["cores"]}
     out = Path(opts.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "argv": sys.argv,
-            "gpu_rank": opts.gpu_rank, "iters": opts.iters}
+            "gpu_rank": opts.gpu_rank, "iters": opts.iters, "cpus": len(os.sched_getaffinity(0)), "notes": notes}
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    print(f"\nall-reduce, 2 ranks ({'GPU + CPU' if opts.gpu_rank else 'CPU + CPU'}), median of {opts.iters}")
-    print(f"{'bytes':>10}  {'path':<20} {'median us':>10} {'GB/s':>8}  {'vs baseline':>11}")
-    base = {r["bytes"]: r["median_us"] for r in rows if r["path"] == "gloo .cpu()"}
-    for r in rows:
-        print(f"{r['bytes']:>10}  {r['path']:<20} {r['median_us']:>10.1f} {r['GBps']:>8.2f}  "
-              f"{base[r['bytes']] / r['median_us']:>10.2f}x")
+    for world, info in notes.items():
+        print(f"{world}: " + ", ".join(f"{k}: {v}" for k, v in info.items()))
     print(f"(JSON: {out})")
+    print_table(rows, opts)
     return 0
 
 

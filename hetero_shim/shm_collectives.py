@@ -32,10 +32,12 @@ size on some rank) raise at once instead of mixing data. All-reduce then takes o
   commutative, so both ranks hold the same bits; the GPU rank adds on the GPU);
 - small tensors (< ``CHUNKED_MIN_BYTES``): every rank sums all pieces in rank order on the CPU;
 - large tensors: reduce-scatter + all-gather through the segment: each *reducer* (CPU ranks; all
-  ranks if none is a CPU rank) sums its own chunk into the result area and publishes
+  ranks if none is a CPU rank) sums its own chunk over the ranks (``torch.sum``: one pass over
+  the inputs; 16-bit types accumulate in fp32) into the result area and publishes
   ``reduced = seq``; everyone copies the result out. The memory bandwidth of all CPU ranks is used,
   and the GPU rank's single host core does no reduction.
-Every path adds in rank order ((x0 + x1) + x2) + ..., so the bits do not depend on the path.
+Each element of a result is computed once (large tensors) or by the same CPU additions in rank
+order on every rank (small ones), so every rank holds the same bits.
 Tensors above the slot go through the segment in slot-sized pieces (never a gloo fallback).
 
 Memory ordering: this relies on x86-64 TSO (stores become visible in program order, loads are not
@@ -47,7 +49,9 @@ fences: ``auto`` falls back to gloo there and ``shm`` refuses.
 
 GPU rank: the segment is registered with CUDA (``cudaHostRegister``), so device<->host copies go
 straight into and out of it at pinned speed; if registration fails, a pinned staging buffer is
-used (a warning says so).
+used (a warning says so). Copies into the segment are waited for (stream synchronize) before the
+flag is published; copies out of it are queued on the current stream and a CUDA event is waited
+for before this rank next publishes a flag (no peer can overwrite what the copy reads before then).
 
 Waiting: spin 50 us, then spin with ``sched_yield`` up to 20 ms, then sleep in steps growing to
 1 ms. Every 0.1 s of waiting the missing ranks' processes are checked (pid and start time, seen
@@ -202,6 +206,8 @@ class ShmCollectives:
         self._broken: str | None = None
         self._staging: dict[torch.dtype, torch.Tensor] = {}
         self._registered = False
+        self._reading: torch.cuda.Event | None = None  # a queued copy out of the segment
+        self._reading_pending = False
         if device.type == "cuda":
             self._register_cuda()
 
@@ -271,8 +277,14 @@ class ShmCollectives:
             shm.copy_(self._host_scratch(src.dtype, src.numel()).copy_(src))
 
     def _get(self, dst: torch.Tensor, shm: torch.Tensor) -> None:
-        if dst.device.type == "cpu" or self._registered:
+        if dst.device.type == "cpu":
             dst.copy_(shm)
+        elif self._registered:
+            dst.copy_(shm, non_blocking=True)
+            if self._reading is None:
+                self._reading = torch.cuda.Event()
+            self._reading.record()
+            self._reading_pending = True
         else:
             dst.copy_(self._host_scratch(shm.dtype, shm.numel()).copy_(shm))
 
@@ -281,6 +293,9 @@ class ShmCollectives:
         return rank * (FLAG_STRIDE // 8) + which
 
     def _publish(self, which: int, seq: int) -> None:
+        if self._reading_pending:  # a queued device copy may still read the segment
+            self._reading.synchronize()
+            self._reading_pending = False
         _fence()
         self._flags[self._flag_index(self.rank, which)] = seq
 
@@ -388,17 +403,17 @@ class ShmCollectives:
                 self._get(out, peer)
                 out.add_(src)
             return
-        pieces = [self._data(buf, dtype, q * n, n) for q in range(self.world)]
         if n * src.element_size() < self.chunked_min_bytes:
             acc = out if out.device.type == "cpu" else self._host_scratch(dtype, n)
-            _sum_in_rank_order(pieces, acc)
+            _sum_in_rank_order([self._data(buf, dtype, q * n, n) for q in range(self.world)], acc)
             if acc is not out:
                 out.copy_(acc)
             return
         if r in self.reducers:
             lo, hi = _chunk(n, self.reducers.index(r), len(self.reducers), dtype.itemsize)
             if hi > lo:
-                _sum_in_rank_order([p[lo:hi] for p in pieces], self._result(buf, dtype, lo, hi - lo))
+                every = self._data(buf, dtype, 0, self.world * n).view(self.world, n)
+                torch.sum(every[:, lo:hi], dim=0, dtype=dtype, out=self._result(buf, dtype, lo, hi - lo))
             self._publish(_REDUCED, seq)
         self._wait(_REDUCED, seq, self.reducers, "all_reduce")
         self._get(out, self._result(buf, dtype, 0, n))

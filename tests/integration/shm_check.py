@@ -35,11 +35,28 @@ def inputs(rank: int, n: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
 
 
 def expected_sum(world: int, n: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
-    parts = [inputs(q, n, dtype, seed) for q in range(world)]
-    acc = parts[0] + parts[1]
-    for p in parts[2:]:
-        acc += p
-    return acc
+    """The documented result, piece by piece: in-rank-order additions (2 ranks, small pieces),
+    torch.sum over the ranks (chunked pieces)."""
+    parts = torch.stack([inputs(q, n, dtype, seed) for q in range(world)])
+    out = torch.empty(n, dtype=dtype)
+    per_piece = SLOT // dtype.itemsize
+    for p0 in range(0, n, per_piece):
+        p1 = min(n, p0 + per_piece)
+        if world == 2 or (p1 - p0) * dtype.itemsize < CHUNKED_MIN:
+            acc = parts[0, p0:p1] + parts[1, p0:p1]
+            for q in range(2, world):
+                acc += parts[q, p0:p1]
+        else:
+            acc = parts[:, p0:p1].sum(0, dtype=dtype)
+        out[p0:p1] = acc
+    return out
+
+
+def exact_sum(world: int, n: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    return sum(inputs(q, n, dtype, seed).double() for q in range(world))
+
+
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 0.1, torch.float16: 0.01, torch.int32: 0}
 
 
 def same_on_every_rank(t: torch.Tensor, group) -> bool:
@@ -69,6 +86,7 @@ def check_exact(rank: int, world: int) -> None:
                 want = expected_sum(world, n, dtype, seed)
                 assert got is x, "CPU all_reduce is in place"
                 assert torch.equal(got, want), (dtype, n, (got - want).abs().max())
+                assert torch.allclose(got.double(), exact_sum(world, n, dtype, seed), rtol=0, atol=TOLERANCE[dtype])
                 assert same_on_every_rank(got, group), (dtype, n)
                 y = inputs(rank, n, dtype, seed).round()  # integer-valued: any summation order is exact
                 z = y.clone()
