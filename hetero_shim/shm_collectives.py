@@ -202,6 +202,7 @@ class ShmCollectives:
         self._flags = memoryview(mm).cast("q")
         self._bytes = torch.frombuffer(mm, dtype=torch.uint8)
         self._typed: dict[torch.dtype, torch.Tensor] = {}
+        self._views: dict[tuple, torch.Tensor] = {}
         self._seq = 0
         self._broken: str | None = None
         self._staging: dict[torch.dtype, torch.Tensor] = {}
@@ -213,11 +214,14 @@ class ShmCollectives:
 
     # -- set-up and teardown ------------------------------------------------------------
     def _register_cuda(self) -> None:
-        cudart = torch.cuda.cudart()
-        err = cudart.cudaHostRegister(self._bytes.data_ptr(), self._bytes.numel(), 0)
-        if err == cudart.cudaError.success:
-            self._registered = True
-            return
+        try:
+            cudart = torch.cuda.cudart()
+            err = cudart.cudaHostRegister(self._bytes.data_ptr(), self._bytes.numel(), 0)
+            if err == cudart.cudaError.success:
+                self._registered = True
+                return
+        except Exception as e:  # no usable CUDA runtime binding: same fallback
+            err = e
         _clear_cuda_error()
         log.warning("hetero_shim: cudaHostRegister of the shared-memory segment failed (%s); the GPU "
                     "rank copies through a pinned staging buffer instead", err)
@@ -230,6 +234,7 @@ class ShmCollectives:
             torch.cuda.cudart().cudaHostUnregister(self._bytes.data_ptr())
             self._registered = False
         self._typed.clear()
+        self._views.clear()
         self._staging.clear()
         self._bytes = None
         self._flags.release()
@@ -251,16 +256,21 @@ class ShmCollectives:
             typed = self._typed[dtype] = self._bytes.view(dtype)
         return typed
 
-    def _data(self, buf: int, dtype: torch.dtype, start: int, count: int) -> torch.Tensor:
-        """Elements [start, start+count) of buffer ``buf``'s data area."""
-        isz = dtype.itemsize
-        base = (self._header + buf * (self.world + 1) * self.slot) // isz
-        return self._view(dtype)[base + start: base + start + count]
+    def _data(self, buf: int, dtype: torch.dtype, start: int, count: int, area: int = 0) -> torch.Tensor:
+        """Elements [start, start+count) of buffer ``buf``'s data area (area 0) or result area (1).
+
+        Views are cached (a model repeats a few shapes; making a view costs about 1 us)."""
+        key = (buf, dtype, start, count, area)
+        view = self._views.get(key)
+        if view is None:
+            if len(self._views) > 1024:
+                self._views.clear()
+            base = (self._header + buf * (self.world + 1) * self.slot + area * self.world * self.slot) // dtype.itemsize
+            view = self._views[key] = self._view(dtype)[base + start: base + start + count]
+        return view
 
     def _result(self, buf: int, dtype: torch.dtype, start: int, count: int) -> torch.Tensor:
-        isz = dtype.itemsize
-        base = (self._header + buf * (self.world + 1) * self.slot + self.world * self.slot) // isz
-        return self._view(dtype)[base + start: base + start + count]
+        return self._data(buf, dtype, start, count, area=1)
 
     def _host_scratch(self, dtype: torch.dtype, count: int) -> torch.Tensor:
         buf = self._staging.get(dtype)
@@ -345,9 +355,9 @@ class ShmCollectives:
 
     def _check_signatures(self, seq: int, sig: int, what: str) -> None:
         flags, stride, which = self._flags, FLAG_STRIDE // 8, _SIG + (seq & 1)
-        other = {r: flags[r * stride + which] for r in range(self.world)}
-        if any(v != sig for v in other.values()):
-            calls = "; ".join(f"rank {r}: {_describe(v)}" for r, v in other.items())
+        other = [flags[r * stride + which] for r in range(self.world)]
+        if other.count(sig) != self.world:
+            calls = "; ".join(f"rank {r}: {_describe(v)}" for r, v in enumerate(other))
             self._fail(f"{self._where(what, seq)}: ranks called different collectives ({calls}); every "
                        f"rank of a group must run the same collectives in the same order")
 
@@ -381,9 +391,12 @@ class ShmCollectives:
         else:
             flat_out = torch.empty_like(flat_in)
         per_piece = max(1, self.slot // x.element_size())
-        for p0 in range(0, flat_in.numel(), per_piece):
-            p1 = min(p0 + per_piece, flat_in.numel())
-            self._all_reduce_piece(flat_in[p0:p1], flat_out[p0:p1])
+        if flat_in.numel() <= per_piece:
+            self._all_reduce_piece(flat_in, flat_out)
+        else:
+            for p0 in range(0, flat_in.numel(), per_piece):
+                p1 = min(p0 + per_piece, flat_in.numel())
+                self._all_reduce_piece(flat_in[p0:p1], flat_out[p0:p1])
         if not cpu:
             return flat_out.view(x.shape)
         if flat_out.data_ptr() != x.data_ptr():

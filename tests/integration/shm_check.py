@@ -121,6 +121,9 @@ def check_exact(rank: int, world: int) -> None:
         assert "called different collectives" in str(e), e
     comm.close()
     other.close()
+    with open("/proc/self/maps") as f:
+        mapped = [line for line in f if shm.PREFIX in line]
+    assert not mapped, f"segments still mapped after close(): {mapped}"
 
 
 def check_stuck(rank: int, world: int) -> None:
