@@ -15,8 +15,10 @@ alike; they show in the measured peak GPU memory, not in the budget.
   spread evenly over the stack (``offload_group_size``/``offload_num_in_group``).
 - heterogeneous TP=N with one GPU rank: the GPU holds 1/N of the weights; it is flagged
   ``over_budget`` when that exceeds W (the budget is not shifted to favour it).
-``gpu_memory_utilization`` is (B + headroom) / GPU total: with ``kv_cache_memory_bytes`` set,
-vLLM 0.26 uses it only for its start-up free-memory check; it is recorded, not the budget.
+``gpu_memory_utilization`` is (B + headroom) / GPU total for the stock configurations: with
+``kv_cache_memory_bytes`` set, vLLM 0.26 uses it only for its start-up free-memory check, so it is
+recorded, not the budget. Heterogeneous configurations leave it at vLLM's default (as the GPU
+check ran them): in their CPU ranks vLLM reads it as a fraction of host memory.
 """
 
 from __future__ import annotations
@@ -193,7 +195,7 @@ def plan(name: str, model: ModelInfo, budget: Budget, workload: Workload, gpu: b
     engine = dict(model=model.path, dtype=model.dtype, max_model_len=workload.max_model_len,
                   max_num_batched_tokens=workload.max_num_batched_tokens, kv_cache_memory_bytes=budget.kv_cache_bytes,
                   enable_prefix_caching=False, seed=0)
-    if gpu:
+    if gpu and not name.startswith("hetero"):
         engine["gpu_memory_utilization"] = budget.gpu_memory_utilization
     out = {"name": name, "label": CONFIGS[name], "engine": engine, "enable_shim": False, "skip": None,
            "gpu_weights_gib": None, "cpu_weights_gib": None, "over_budget": False}

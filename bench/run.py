@@ -194,7 +194,7 @@ class Harness:
                                         "budget": budget.as_dict(), "prepare_s": round(time.monotonic() - t, 1)}
         self.save()
         print(f"== model {name}: {path} ({info.params / 1e9:.3f} B params, {info.weights_gib:.2f} GiB {info.dtype}); "
-              f"budget {budget.budget_gib} GiB", flush=True)
+              + (f"budget {budget.budget_gib:.2f} GiB" if budget.budget_gib else "no GPU: no budget"), flush=True)
         for cfg in names:
             if cfg == "allreduce":
                 if self.results["allreduce"] is None:

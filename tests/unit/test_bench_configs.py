@@ -1,0 +1,132 @@
+"""The benchmark harness's pure parts: the GPU memory budget, the engine arguments of each
+configuration, the prefetch layout, the ratios, and the sized Llama checkpoint writer."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from bench import configs, report  # noqa: E402
+
+GIB = configs.GIB
+FULL = configs.WORKLOADS["full"]
+
+
+def model(weights_gib: float = 6.0, layers: int = 28, heads: int = 24, kv_heads: int = 8) -> configs.ModelInfo:
+    layer = int(weights_gib * GIB * 0.9 / layers)
+    return configs.ModelInfo(path="/m", dtype="bfloat16", params=int(weights_gib * GIB / 2),
+                             weights_bytes=int(weights_gib * GIB), layer_bytes=[layer] * layers,
+                             kv_bytes_per_token=2 * layers * kv_heads * 128 * 2, heads=heads, kv_heads=kv_heads)
+
+
+def test_budget_is_weights_on_gpu_plus_kv_cache():
+    m = model(6.0)
+    b = configs.make_budget(m, FULL, gpu_total_gib=80.0, budget_ratio=1.5)
+    assert b.budget_gib == pytest.approx(4.0)
+    assert b.weights_gib == pytest.approx(4.0 - b.kv_cache_bytes / GIB)
+    # the KV cache holds the largest batch (16 x (128 + 64 + 1) tokens) with 30 % to spare
+    assert b.kv_cache_bytes >= m.kv_bytes_per_token * FULL.kv_tokens() * 1.3
+    assert b.gpu_memory_utilization == pytest.approx((4.0 + b.headroom_gib) / 80.0, abs=1e-4)
+    assert "KV cache" in b.as_dict()["definition"]
+    with pytest.raises(ValueError, match="nothing for weights"):
+        configs.make_budget(m, FULL, gpu_total_gib=80.0, budget_gib=0.1)
+
+
+def test_each_configuration_keeps_at_most_the_weight_budget_on_the_gpu():
+    m = model(6.0)
+    b = configs.make_budget(m, FULL, gpu_total_gib=80.0, budget_ratio=1.5)
+    plans = {name: configs.plan(name, m, b, FULL, gpu=True, eager=False) for name in configs.CONFIGS}
+    assert "does not fit" in plans["gpu"]["skip"]
+    assert plans["gpu-ref"]["skip"] is None and plans["gpu-ref"]["over_budget"]
+    uva = plans["offload-uva"]
+    assert uva["engine"]["cpu_offload_gb"] == pytest.approx(6.0 - b.weights_gib, abs=0.011)
+    assert uva["gpu_weights_gib"] <= b.weights_gib and not uva["over_budget"]
+    pre = plans["offload-prefetch"]
+    assert pre["engine"]["offload_backend"] == "prefetch" and not pre["over_budget"]
+    assert pre["gpu_weights_gib"] <= b.weights_gib
+    tp2 = plans["hetero-tp2"]
+    assert tp2["engine"]["device"] == "heterogeneous" and tp2["engine"]["tensor_parallel_size"] == 2
+    assert tp2["gpu_weights_gib"] == pytest.approx(3.0) and not tp2["over_budget"]
+    assert plans["hetero-pp2"]["engine"]["pipeline_parallel_size"] == 2
+    for p in plans.values():
+        assert p["engine"]["kv_cache_memory_bytes"] == b.kv_cache_bytes  # the same KV cache everywhere
+        assert p["engine"]["enable_prefix_caching"] is False
+
+
+def test_without_a_gpu_offload_is_skipped_with_the_reason():
+    m = model(0.01, layers=2, heads=4, kv_heads=2)
+    b = configs.make_budget(m, configs.WORKLOADS["toy"], gpu_total_gib=None)
+    assert b.budget_gib is None
+    for name in ("offload-uva", "offload-prefetch"):
+        assert "no GPU" in configs.plan(name, m, b, configs.WORKLOADS["toy"], gpu=False, eager=True)["skip"]
+    stock = configs.plan("gpu", m, b, configs.WORKLOADS["toy"], gpu=False, eager=True)
+    assert stock["skip"] is None and "gpu_memory_utilization" not in stock["engine"]
+    with pytest.raises(ValueError, match="unknown configuration"):
+        configs.plan("gpu-only", m, b, configs.WORKLOADS["toy"], gpu=False, eager=True)
+
+
+def test_heads_that_do_not_split_are_skipped():
+    m = model(6.0, heads=24, kv_heads=8)
+    b = configs.make_budget(m, FULL, gpu_total_gib=80.0)
+    assert configs.plan("hetero-tp4", m, b, FULL, gpu=True, eager=False)["skip"] is None
+    odd = model(6.0, heads=6, kv_heads=3)
+    assert "TP=4" in configs.plan("hetero-tp4", odd, b, FULL, gpu=True, eager=False)["skip"]
+
+
+@pytest.mark.parametrize("layers,needed", [(28, 1), (28, 9), (28, 14), (28, 15), (28, 28), (16, 5), (32, 31)])
+def test_prefetch_layout_offloads_the_fewest_layers_spread_out(layers, needed):
+    group, k, count = configs.prefetch_layout(layers, needed)
+    chosen = [i for i in range(layers) if i % group >= group - k]  # vLLM's selection rule
+    assert len(chosen) == count >= needed
+    possible = {sum(1 for i in range(layers) if i % g >= g - j) for g in range(1, layers + 1) for j in range(1, g + 1)}
+    assert count == min(c for c in possible if c >= needed)
+    if needed * 2 <= layers and layers % needed == 0:
+        assert k == 1  # one layer in each group: evenly spread
+
+
+def test_prefetch_layout_refuses_more_layers_than_the_model_has():
+    assert configs.prefetch_layout(4, 5) is None
+
+
+def test_ratios_pair_candidates_with_baselines_of_the_same_model():
+    def run(model, config, b1, ttft, status="ok"):
+        return {"model": model, "config": config, "status": status,
+                "figures": {"decode_b1_tok_s": b1, "decode_b16_tok_s": b1 * 10, "prefill_tok_s": 100.0,
+                            "ttft_ms": ttft}}
+
+    runs = [run("3b", "offload-uva", 10.0, 200.0), run("3b", "hetero-tp2", 13.0, 100.0),
+            run("1b", "hetero-tp2", 50.0, 10.0), run("3b", "hetero-tp4", 1.0, 1.0, status="failed")]
+    [r] = report.ratios(runs)
+    assert (r["model"], r["candidate"], r["baseline"]) == ("3b", "hetero-tp2", "offload-uva")
+    assert r["decode_b1_tok_s"] == pytest.approx(1.3) and r["ttft_ms"] == pytest.approx(2.0)
+
+
+def test_sized_llama_checkpoint_matches_transformers_and_reads_back(tmp_path):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from hetero_shim.testing import tiny_models
+
+    cfg = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=2,
+               num_key_value_heads=1, vocab_size=1000, max_position_embeddings=256, tie_word_embeddings=False)
+    out = tiny_models.write_llama(cfg, tmp_path / "m", dtype="bfloat16", device="cpu")
+    hf_cfg = transformers.AutoConfig.from_pretrained(out)
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in transformers.LlamaForCausalLM(hf_cfg).state_dict().items()}
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for f in sorted(set(index["weight_map"].values())):
+        tensors |= load_file(out / f)
+    assert {k: tuple(v.shape) for k, v in tensors.items()} == expected
+    assert all(t.dtype == torch.bfloat16 for t in tensors.values())
+    assert 0.015 < tensors["model.layers.0.mlp.up_proj.weight"].float().std() < 0.025
+    info = configs.read_model(out)
+    assert info.params == sum(t.numel() for t in tensors.values())
+    assert len(info.layer_bytes) == 3 and info.dtype == "bfloat16"
+    again = tiny_models.write_llama(cfg, tmp_path / "n", dtype="bfloat16", device="cpu")
+    assert torch.equal(load_file(again / "model-00001-of-00001.safetensors")["lm_head.weight"],
+                       tensors["lm_head.weight"])  # same seed, same weights
