@@ -25,6 +25,7 @@ def main(argv: list[str]) -> int:
     from hetero_shim.patches import tables
 
     try:
+        settings.check_environment()
         versions.choose_table(tables.SUPPORTED)
     except HeteroShimError as exc:
         print(f"hetero_shim: {exc}", file=sys.stderr)

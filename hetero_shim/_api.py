@@ -6,6 +6,7 @@ import os
 import sys
 import threading
 from hetero_shim import settings
+from hetero_shim.errors import HeteroConfigError
 
 from hetero_shim.logs import log
 
@@ -50,12 +51,36 @@ def enable(*, propagate: bool = True) -> dict:
         if ledger.active:
             log.debug("hetero_shim.enable(): already enabled")
             return status()
+        settings.check_environment()
         release, reason = versions.choose_table(tables.SUPPORTED)
+        _warn_if_an_engine_runs()
         _state.update(table=release, reason=reason)
         if propagate and _state["env_before"] is None:
             _state["env_before"] = _propagate_to_children()
         ledger.install(tables.table(release))
         return status()
+
+
+def running_engines() -> list[str]:
+    """Engine-core processes vLLM has already started from this process (they stay unpatched)."""
+    if "vllm" not in sys.modules:
+        return []
+    import multiprocessing
+
+    return [f"{c.name} (pid {c.pid})" for c in multiprocessing.active_children() if c.name.startswith("EngineCore")]
+
+
+def _warn_if_an_engine_runs() -> None:
+    """enable() after vLLM started an engine: that engine keeps running stock (its processes
+    were started without the shim, and patching cannot reach them); engines made afterwards are
+    patched. Not an error, because nothing breaks, but never silent."""
+    engines = running_engines()
+    if engines:
+        log.warning(
+            "hetero_shim.enable(): vLLM already started an engine in this process (%s); it keeps running "
+            "without the shim. Engines created from now on are patched; call enable() before creating "
+            "LLM/AsyncLLM to run them all under the shim.", ", ".join(engines)
+        )
 
 
 def disable() -> dict:
@@ -106,6 +131,14 @@ def activate_from_env() -> None:
 
     Processes that never import vLLM pay for one import hook and nothing else.
     """
+    try:
+        settings.check_environment()
+    except HeteroConfigError as exc:
+        # One line and exit status 2, like the launcher: a bad setting must not start vLLM
+        # half-patched, and an exception here would print Python's "Fatal Python error" page.
+        sys.stderr.write(f"hetero_shim: {exc}\n")
+        sys.stderr.flush()
+        os._exit(2)
     if not settings.activation_requested():
         return
     dump_every = settings.hang_dump_seconds()

@@ -102,7 +102,7 @@ def hang_dump_seconds() -> int:
     raw = os.environ.get(HANG_DUMP, "").strip()
     if not raw:
         return 0
-    if not raw.isdigit():
+    if not (raw.isascii() and raw.isdigit()):  # str.isdigit() also accepts "²", which int() refuses
         raise HeteroConfigError(f"{HANG_DUMP}={raw!r} must be a whole number of seconds")
     return int(raw)
 
@@ -112,7 +112,7 @@ def gloo_timeout_seconds() -> int:
     raw = os.environ.get(GLOO_TIMEOUT, "").strip()
     if not raw:
         return GLOO_TIMEOUT_DEFAULT_S
-    if not raw.isdigit() or int(raw) < 1:
+    if not (raw.isascii() and raw.isdigit()) or int(raw) < 1:
         raise HeteroConfigError(
             f"{GLOO_TIMEOUT}={raw!r} must be a whole number of seconds, 1 or more "
             f"(default {GLOO_TIMEOUT_DEFAULT_S})"
@@ -156,6 +156,17 @@ def shm_slot_bytes() -> int:
     """Bytes per rank and buffer in a shared-memory segment (a multiple of 4 KiB, at least 4 KiB)."""
     raw_bytes = int(_positive_number(SHM_SLOT_MB, 4.0) * (1 << 20))
     return max(4096, raw_bytes // 4096 * 4096)
+
+
+def check_environment() -> None:
+    """Read every hetero_shim setting now, so that a bad value fails at once with its own
+    one-line message (instead of later, in a worker process)."""
+    activation_requested()
+    device_mode()
+    gpu_ranks_override()
+    hang_dump_seconds()
+    verify_tokens()
+    gloo_timeout_seconds()
 
 
 def restore_environ(before: dict[str, str | None]) -> None:

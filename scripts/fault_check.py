@@ -17,7 +17,9 @@ Phases
 The victim is a worker process of the run's session whose /proc/<pid>/environ has
 HETERO_SHIM_RANK_KIND=<victim> (highest rank for cpu, lowest for gpu; --rank picks one),
 its rank read from the process title (VLLM::Worker_TP<n>). --signal STOP freezes it instead
-of killing it: then the run must fail through the gloo timeout (set --gloo-timeout).
+(alive but silent); see docs/guarantees.md for what vLLM does then. --report-timeouts
+(generate) reads the timeout of every gloo group on every rank through collective_rpc and
+checks it equals --gloo-timeout (HETERO_SHIM_GLOO_TIMEOUT_S) or the shim's default.
 --stock runs vLLM without the shim (TP ranks are then picked by title only; on a CPU host
 pass a bind list, e.g. VLLM_CPU_OMP_THREADS_BIND='0|1').
 
@@ -44,11 +46,22 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 RANK_KIND = "HETERO_SHIM_RANK_KIND"
 TITLE_RANK = re.compile(r"Worker(?:_PP\d+)?_TP(\d+)")
+GLOO_TIMEOUT_DEFAULT_S = 300  # hetero_shim.settings.GLOO_TIMEOUT_DEFAULT_S (this script imports nothing of the shim)
 DEFAULT_ENGINE = {"enforce_eager": True, "dtype": "float32", "max_model_len": 256, "kv_cache_memory_bytes": 64 << 20}
 
 OFFLINE = textwrap.dedent(
     """
     import json, sys, time
+    def gloo_timeouts(worker):
+        import torch
+        from vllm.distributed import parallel_state
+        tp = parallel_state.get_tp_group()
+        groups = {"world": torch.distributed.group.WORLD, "tp device": tp.device_group, "tp cpu": tp.cpu_group}
+        found = {}
+        for name, group in groups.items():
+            backend = group._get_backend(torch.device("cpu"))
+            found[name] = backend.options._timeout.total_seconds() if type(backend).__name__ == "ProcessGroupGloo" else None
+        return found
     def main():
         model, tp, stock, engine, requests, max_tokens = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1", \\
             json.loads(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
@@ -64,6 +77,8 @@ OFFLINE = textwrap.dedent(
             first = (str(exc).strip().splitlines() or [""])[0]
             print(f"ENGINE FAILED after {time.monotonic() - start:.1f}s: {type(exc).__name__}: {first}", flush=True)
             sys.exit(3)
+        if sys.argv[7] == "1":  # the timeout of every gloo group each rank holds
+            print("GLOO_TIMEOUTS " + json.dumps(llm.collective_rpc(gloo_timeouts)), flush=True)
         print("GENERATING", flush=True)
         start = time.monotonic()
         try:
@@ -228,9 +243,12 @@ def run_offline(opts, workdir: Path) -> dict:
     engine = {**DEFAULT_ENGINE, **json.loads(opts.engine)}
     max_tokens = min(opts.max_tokens, engine.get("max_model_len", 256) - 8)
     args = [sys.executable, str(script), opts.model, str(opts.tp), "1" if opts.stock else "0", json.dumps(engine),
-            str(opts.requests), str(max_tokens)]
+            str(opts.requests), str(max_tokens), "1" if opts.report_timeouts else "0"]
+    env = child_env(opts)
+    if opts.report_timeouts:
+        env["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # collective_rpc with a function
     with open(log, "w") as out:
-        proc = subprocess.Popen(args, env=child_env(opts), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     result: dict = {"phase": opts.phase, "log": str(log)}
     try:
         if opts.phase == "startup":
@@ -256,6 +274,8 @@ def run_offline(opts, workdir: Path) -> dict:
     failed_line = next((l for l in text.splitlines() if l.startswith(("ENGINE FAILED", "RAISED"))), None)
     result["failure"] = failed_line
     result["named"] = named_lines(log, victim)
+    timeouts = next((json.loads(l.split(" ", 1)[1]) for l in text.splitlines() if l.startswith("GLOO_TIMEOUTS ")), None)
+    result["gloo_timeouts"] = timeouts  # per rank: {group: seconds}
     expected = "ENGINE FAILED" if opts.phase == "startup" else "RAISED"
     result["checks"] = {
         f"run failed ({expected})": bool(failed_line and failed_line.startswith(expected)) and result["exit_code"] == 3,
@@ -263,6 +283,10 @@ def run_offline(opts, workdir: Path) -> dict:
         "the dead rank is named in the log": bool(result["named"]),
         "no process left": not result["left_after_exit"],
     }
+    if opts.report_timeouts:
+        want = float(opts.gloo_timeout or GLOO_TIMEOUT_DEFAULT_S)
+        result["checks"][f"every gloo group of every rank times out after {want:.0f} s"] = bool(timeouts) and all(
+            value == want for rank in timeouts for value in rank.values())
     return result
 
 
@@ -327,6 +351,7 @@ def kill_while_serving(opts, proc: subprocess.Popen, port: int, log: Path) -> di
     if victim is None:
         raise RuntimeError(f"no {opts.victim} rank found among {ranks(proc.pid)}")
     result["victim"], result["ranks"] = victim, ranks(proc.pid)
+    in_flight = [i for i, t in enumerate(threads) if t.is_alive()]
     os.kill(victim["pid"], getattr(signal, "SIG" + opts.signal))
     hit = time.monotonic()
     health_codes: list[tuple[float, int | None]] = []
@@ -343,6 +368,8 @@ def kill_while_serving(opts, proc: subprocess.Popen, port: int, log: Path) -> di
         t.join(timeout=30)
     result["requests_hung"] = sum(t.is_alive() for t in threads)
     result["requests"] = outcomes
+    result["in_flight_at_hit"] = len(in_flight)
+    result["in_flight_failed"] = sum(1 for i in in_flight if outcomes[i].get("error"))
     result["requests_failed"] = sum(1 for o in outcomes if o.get("error"))
     result["requests_completed"] = sum(1 for o in outcomes if o.get("complete"))
     result["first_503_s"] = next((s for s, c in health_codes if c == 503), None)
@@ -368,7 +395,8 @@ def run_serve(opts, workdir: Path) -> dict:
 def serve_checks(result: dict, limit: float) -> dict:
     return {
         "no in-flight request hung": result["requests_hung"] == 0,
-        "in-flight requests failed (none completed after the hit)": result["requests_failed"] > 0,
+        "every request in flight at the hit failed (none hung, none lost silently)":
+            result["in_flight_at_hit"] > 0 and result["in_flight_failed"] == result["in_flight_at_hit"],
         "/health said 503 or the server was gone": result["first_503_s"] is not None or result["exit_code"] is not None,
         f"server exited by itself within {limit}s": result["exit_code"] is not None and result["seconds_to_exit"] <= limit,
         "the dead rank is named in the log": bool(result["named"]),
@@ -398,14 +426,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--tp", type=int, default=2)
     parser.add_argument("--signal", choices=("KILL", "STOP", "TERM"), default="KILL")
     parser.add_argument("--engine", default="{}", help="JSON of engine options over the defaults, e.g. '{\"dtype\": \"bfloat16\"}'")
-    parser.add_argument("--requests", type=int, default=8)
+    parser.add_argument("--requests", type=int, default=32, help="serve: requests in flight at the hit")
     parser.add_argument("--max-tokens", type=int, default=200)
-    parser.add_argument("--delay", type=float, default=2.0, help="seconds between generation start and the hit")
+    parser.add_argument("--delay", type=float, default=1.0, help="seconds between generation (or the requests) start and the hit")
     parser.add_argument("--at-log", default=r"Starting to load model", help="startup: hit when a log line matches")
     parser.add_argument("--limit", type=float, default=30.0, help="seconds the run may take to fail after the hit")
     parser.add_argument("--start-timeout", type=float, default=600.0)
     parser.add_argument("--gloo-timeout", type=int, default=None, help="sets HETERO_SHIM_GLOO_TIMEOUT_S for the run")
     parser.add_argument("--stock", action="store_true", help="run vLLM without the shim (reference behaviour)")
+    parser.add_argument("--report-timeouts", action="store_true",
+                        help="generate: read the timeout of each rank's gloo groups (world, TP) and check it")
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--json", default=None, help="also write the result here")
     return parser.parse_args(argv)

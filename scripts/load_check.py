@@ -276,7 +276,8 @@ def report(result: dict) -> bool:
     kill = result.get("kill")
     if kill:
         print(f"kill: {kill['victim']['kind']} rank {kill['victim']['rank']}; server exit {kill['exit_code']} after "
-              f"{kill['seconds_to_exit']} s; /health {kill['health']}; in-flight failed {kill['requests_failed']}")
+              f"{kill['seconds_to_exit']} s; /health {kill['health']}; in flight at the hit {kill['in_flight_at_hit']}, "
+              f"of which failed {kill['in_flight_failed']}")
     for check, ok in result["checks"].items():
         print(f"  {'PASS' if ok else 'FAIL'}  {check}")
     return all(result["checks"].values())
@@ -300,9 +301,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--then-kill", choices=("cpu", "gpu"), default=None)
     parser.add_argument("--rank", type=int, default=None)
     parser.add_argument("--signal", choices=("KILL", "STOP"), default="KILL")
-    parser.add_argument("--requests", type=int, default=8, help="requests in flight when --then-kill hits")
+    parser.add_argument("--requests", type=int, default=32, help="requests in flight when --then-kill hits")
     parser.add_argument("--max-tokens", type=int, default=200, help="their max_tokens")
-    parser.add_argument("--delay", type=float, default=2.0)
+    parser.add_argument("--delay", type=float, default=1.0, help="--then-kill: seconds between the requests' start and the hit")
     parser.add_argument("--limit", type=float, default=30.0, help="seconds the server may take to exit after the kill")
     parser.add_argument("--gloo-timeout", type=int, default=None)
     parser.add_argument("--request-timeout", type=float, default=300.0)

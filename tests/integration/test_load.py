@@ -1,0 +1,43 @@
+"""The OpenAI server in heterogeneous mode (TP=2, all CPU ranks here) under load, then a CPU
+rank killed while requests are in flight; through scripts/load_check.py, the runner the lead
+uses on the GPU machine at realistic size.
+
+Load: 64 concurrent clients x 4 requests (completions and chat, streamed and not, prompts of
+several lengths, max_tokens 4..48 with ignore_eos, greedy / seeded T=0.8 / unseeded T=1.0):
+every request completes, every greedy text equals the same request sent alone before the
+load, host memory of the whole server tree is recorded at start and end.
+Kill: what stock vLLM 0.32 does when a worker dies under `vllm serve` (measured with
+``fault_check.py --phase serve --stock``): requests in flight fail (500 or an error chunk),
+/health answers 503 briefly, the server exits by itself with status 0 about 10 s later.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import procs
+
+SCRIPT = procs.REPO / "scripts" / "load_check.py"
+
+
+def test_load_then_cpu_rank_killed_while_serving(models, tmp_path):
+    proc = procs.run([sys.executable, str(SCRIPT), str(models["llama"]), "--clients", "64", "--per-client", "4",
+                      "--then-kill", "cpu", "--workdir", str(tmp_path)], procs.python_env(), timeout=420)
+    line = next((l for l in proc.stdout.splitlines() if l.startswith("LOAD_RESULT ")), None)
+    assert line, proc.stdout[-4000:]
+    result = json.loads(line[len("LOAD_RESULT "):])
+    print(proc.stdout[proc.stdout.index(line) + len(line):][:3000])
+    assert result["requests"] == 256 and result["errors"] == 0 and result["wrong_length"] == 0, result["error_samples"]
+    assert result["streamed"] > 0 and result["chat"] > 0 and result["seeded"] > 0
+    assert result["greedy"] == 128 and result["greedy_mismatch"] == 0, result["greedy_mismatch_samples"]
+    start, end = result["memory_start"]["rss_mib"], result["memory_end"]["rss_mib"]
+    assert start > 0 and end - start <= max(512, 0.25 * start), (start, end)
+    kill = result["kill"]
+    assert kill["victim"]["kind"] == "cpu" and kill["victim"]["rank"] == 1
+    assert kill["in_flight_at_hit"] > 0 and kill["in_flight_failed"] == kill["in_flight_at_hit"], kill
+    assert kill["requests_hung"] == 0
+    assert kill["exit_code"] == 0 and kill["seconds_to_exit"] < 30, kill  # stock vLLM 0.32 exits 0 here too
+    assert any("VllmWorker-1 died unexpectedly" in l for l in kill["named"]), kill["named"]
+    assert not result["left_after_exit"]
+    assert proc.returncode == 0 and all(result["checks"].values()), result["checks"]
