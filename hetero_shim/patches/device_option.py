@@ -124,10 +124,8 @@ def plan_before_config(wrapped, instance, args, kwargs):
 
 def _forget_own_partition() -> None:
     """A partition this process set for an earlier engine is not the user's."""
-    global _own_partition
     if _own_partition is not None and os.environ.get(layer_split.PARTITION_ENV) == _own_partition:
         del os.environ[layer_split.PARTITION_ENV]
-    _own_partition = None
 
 
 def _pipeline_split(config, kinds: tuple[str, ...], gpu_layers: int | None) -> layer_split.LayerSplit:
