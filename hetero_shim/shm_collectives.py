@@ -41,9 +41,9 @@ order on every rank (small ones), so every rank holds the same bits.
 Tensors above the slot go through the segment in slot-sized pieces (never a gloo fallback).
 
 Memory ordering: this relies on x86-64 TSO (stores become visible in program order, loads are not
-reordered with older loads) and a single writer per flag: data is written (torch copy kernels,
-glibc memcpy whose non-temporal loops end with sfence, or a CUDA copy followed by a stream
-synchronize), then a locked read-modify-write (an uncontended ``threading.Lock``) and the 8-byte
+reordered with older loads) and a single writer per flag: data is written (torch kernels, whose
+worker threads finish before the call returns; glibc memcpy, whose non-temporal loops end with
+sfence; a CUDA copy followed by a stream synchronize), then a locked read-modify-write (an uncontended ``threading.Lock``) and the 8-byte
 aligned flag store; readers load the flag before the data. Other architectures would need real
 fences: ``auto`` falls back to gloo there and ``shm`` refuses.
 

@@ -20,6 +20,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from hetero_shim import shm_collectives as shm
+from hetero_shim.errors import HeteroConfigError
 
 SLOT = 16 << 10  # small slots: pieces and chunked reductions are exercised at small sizes
 CHUNKED_MIN = 4 << 10
@@ -65,7 +66,24 @@ def same_on_every_rank(t: torch.Tensor, group) -> bool:
     return all(torch.equal(e.view(torch.uint8) if e.dtype == torch.bool else e, t) for e in everyone)
 
 
+def check_other_host(rank: int, world: int) -> None:
+    """A rank that reports another host: ``auto`` falls back to gloo everywhere, ``shm`` is refused everywhere."""
+    real = shm.host_identity
+    if rank == world - 1:
+        shm.host_identity = lambda: "elsewhere/0"
+    try:
+        assert shm.for_group(dist.group.WORLD, list(range(world)), rank, world, torch.device("cpu"), mode="auto") is None
+        try:
+            shm.for_group(dist.group.WORLD, list(range(world)), rank, world, torch.device("cpu"), mode="shm")
+            raise AssertionError("shm was forced across hosts without an error")
+        except HeteroConfigError as e:
+            assert "HETERO_SHIM_COLLECTIVES=shm, but shared-memory collectives cannot be used: ranks are on 2 hosts" in str(e), e
+    finally:
+        shm.host_identity = real
+
+
 def check_exact(rank: int, world: int) -> None:
+    check_other_host(rank, world)
     group = dist.group.WORLD
     cpu = torch.device("cpu")
     # rank 0 is not a reducer: the GPU rank's role (contributes, sums no chunk), exercised on the CPU
