@@ -124,3 +124,21 @@ def test_plan_prints_stages_and_layers():
     assert "rank 1: CPU  cores 1  stage 1: layers 9-11 (3)" in text
     assert plan_from_json(plan_to_json(plan)) == plan
     assert RankPlan(world_size=4, gpu_ranks=0, pp_size=2, layers=(1, 1)).stage(3) == 1
+
+
+def test_checkpoint_numels_reads_safetensors_headers(tmp_path):
+    import json
+    import struct
+
+    from hetero_shim.layer_costs import checkpoint_numels
+
+    header = {"__metadata__": {"format": "pt"},
+              "model.embed_tokens.weight": {"dtype": "F32", "shape": [10, 4], "data_offsets": [0, 160]},
+              "model.layers.0.mlp.up_proj.weight": {"dtype": "F32", "shape": [8, 4], "data_offsets": [160, 288]},
+              "model.layers.1.mlp.up_proj.weight": {"dtype": "F32", "shape": [8, 4], "data_offsets": [288, 416]},
+              "model.layers.1.input_layernorm.weight": {"dtype": "F32", "shape": [4], "data_offsets": [416, 432]},
+              "lm_head.weight": {"dtype": "F32", "shape": [10, 4], "data_offsets": [432, 592]}}
+    blob = json.dumps(header).encode()
+    (tmp_path / "model.safetensors").write_bytes(struct.pack("<Q", len(blob)) + blob + bytes(592))
+    assert checkpoint_numels(str(tmp_path)) == ({0: 32, 1: 36}, 40)  # lm_head sits on the last stage
+    assert checkpoint_numels(str(tmp_path / "missing")) is None
