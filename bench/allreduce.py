@@ -13,7 +13,8 @@ the same run, on the same processes, fp32 tensors:
   the GPU rank copies into the CUDA-registered segment);
 - ``vLLM CPU SHM``: vLLM's own CPU communicator (its C++ shared-memory all-reduce), only when every
   rank is a CPU rank and vLLM's CPU kernels load (all-CPU heterogeneous mode uses it).
-Every path is first checked for the right sum. Times are rank 0's (the GPU rank with
+Every path is first checked for the right sum (fp32), and the shm path for every rank holding the
+same bits of a random bf16 sum. Times are rank 0's (the GPU rank with
 ``--gpu-rank``): median and 90th percentile of ``--iters`` calls; GB/s = payload bytes / median.
 The table is printed last; JSON has every row. Issue 4's targets: 8 KiB <= 50 us, 16 MiB >= 20 GB/s.
 """
@@ -86,6 +87,22 @@ def vllm_cpu_communicator(group):
         return None, f"{type(e).__name__}: {e}"
 
 
+def same_bits_bf16(reduce, rank: int, world: int, n: int, device, group) -> None:
+    """Random bf16 data: every rank (GPU or CPU) must hold the same bits, close to the exact sum."""
+    import torch
+    import torch.distributed as dist
+
+    def data(q):
+        return torch.randn(n, generator=torch.Generator().manual_seed(q)).to(torch.bfloat16)
+
+    got = reduce(data(rank).to(device)).cpu()
+    everyone = [torch.empty(2 * n, dtype=torch.uint8) for _ in range(world)]
+    dist.all_gather(everyone, got.view(torch.uint8), group=group)
+    assert all(torch.equal(e, everyone[0]) for e in everyone), f"ranks disagree on a bf16 sum of {n} elements"
+    exact = sum(data(q).double() for q in range(world))
+    assert torch.allclose(got.double(), exact, rtol=0, atol=0.1), f"bf16 sum of {n} elements is off"
+
+
 def worker(rank: int, world: int, init_file: str, opts, results_path: str) -> None:
     cores = cores_for(rank, world)
     os.sched_setaffinity(0, cores)
@@ -124,6 +141,7 @@ def worker(rank: int, world: int, init_file: str, opts, results_path: str) -> No
             dist.all_reduce(host, group=group)
             x.copy_(host)
 
+        same_bits_bf16(shm.all_reduce, rank, world, n, device, group)
         for name, reduce in paths.items():
             fn = naive if reduce is None else (lambda reduce=reduce: reduce(x))
             if reduce is not None:
@@ -177,8 +195,11 @@ def main() -> int:
         notes[f"world {world}"] = {**result["notes"], "rank 0 cores": result["cores"]}
     out = Path(opts.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    from hetero_shim import settings
+
     meta = {"date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "argv": sys.argv,
-            "gpu_rank": opts.gpu_rank, "iters": opts.iters, "cpus": len(os.sched_getaffinity(0)), "notes": notes}
+            "gpu_rank": opts.gpu_rank, "iters": opts.iters, "cpus": len(os.sched_getaffinity(0)),
+            "shm_slot_bytes": settings.shm_slot_bytes(), "notes": notes}
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     for world, info in notes.items():
         print(f"{world}: " + ", ".join(f"{k}: {v}" for k, v in info.items()))
