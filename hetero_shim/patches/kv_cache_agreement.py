@@ -77,6 +77,6 @@ def _log_agreement(budgets, specs, configs) -> None:
     ranks = ", ".join(
         f"rank {r} ({plan.kind(r) if plan else '?'}) {b} B" for r, b in enumerate(budgets or [])
     )
-    blocks = sorted({c.num_blocks for c in configs}) if configs else []
+    blocks = sorted({c.num_blocks for c in configs or () if hasattr(c, "num_blocks")})
     log.info("hetero_shim: KV cache budgets: %s; %d B per block; agreed num_blocks=%s (the smallest budget wins)",
              ranks, per_block, ",".join(map(str, blocks)))

@@ -2,6 +2,8 @@
 
 Targets ``WorkerWrapperBase.init_worker`` (``vllm.v1.worker.worker_base``), which resolves
 ``parallel_config.worker_cls`` in each worker process before constructing the worker.
+A CPU rank's own copy of the config also gets the CPU device and its KV cache budget
+inputs (see ``cpu_kv_budget``).
 Why: vLLM picks one worker class for all ranks, from the one platform of the node.
 Remove when: vLLM selects a worker class per rank (not as of 0.33.0).
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 
 from hetero_shim import mode, settings
+from hetero_shim.patches import cpu_kv_budget
 
 from hetero_shim.logs import log
 
@@ -32,6 +35,7 @@ def cpu_worker_for_cpu_ranks(cpu_worker_cls: str):
                     log.info("hetero_shim: rank %d uses %s", rank, cpu_worker_cls)
                 config.parallel_config.worker_cls = cpu_worker_cls
                 _cpu_device(config.device_config)
+                cpu_kv_budget.configure_cpu_rank(config.cache_config, rank)
         return wrapped(*args, **kwargs)
 
     return select_worker_class
