@@ -9,7 +9,7 @@ The targets of every table are checked against the real wheel of that release by
 from __future__ import annotations
 
 from hetero_shim.patches import (
-    collectives, cpu_kernels, cpu_kv_budget, cpu_worker_env, device_option, dist_backend, kv_cache_agreement,
+    collectives, cpu_kernels, cpu_worker_env, device_option, dist_backend, kv_cache_agreement,
     pipeline_buffers, pipeline_transfer, rank_process, sampling_sync, start_method, worker_selection,
 )
 from hetero_shim.registry import Patch
@@ -68,13 +68,6 @@ def _memory_env_op() -> Patch:
         "CPU worker: env op", CPU_WORKER_MODULE, "CPUWorker.__init__",
         cpu_worker_env.tolerate_missing_env_op,
         cpu_worker_env.WHY_OP, cpu_worker_env.REMOVE_WHEN_OP,
-    )
-
-
-def _cpu_kv_budget() -> Patch:
-    return Patch(
-        "CPU worker: KV budget", CPU_WORKER_MODULE, "CPUWorker.determine_available_memory",
-        cpu_kv_budget.size_cpu_kv_cache, cpu_kv_budget.WHY, cpu_kv_budget.REMOVE_WHEN,
     )
 
 
@@ -160,7 +153,6 @@ def _table_v1_mp_executor(kv_planning: str = "vllm.v1.core.kv_cache_utils") -> t
         _dist_backend(),
         _numa_autobind_omp_manager(),
         _memory_env_op(),
-        _cpu_kv_budget(),
         *_rank_process(),
         _cpu_kernels(),
         *_collectives(),
