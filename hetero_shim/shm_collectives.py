@@ -55,7 +55,8 @@ for before this rank next publishes a flag (no peer can overwrite what the copy 
 
 Waiting: spin 50 us, then spin with ``sched_yield`` up to 20 ms, then sleep in steps growing to
 1 ms. Every 0.1 s of waiting the missing ranks' processes are checked (pid and start time, seen
-through /proc): an exited rank is named at once. A rank that is alive but never arrives is named
+through /proc; ranks whose process is not visible there, e.g. in another pid namespace, get only the
+deadline): an exited rank is named at once. A rank that is alive but never arrives is named
 after ``HETERO_SHIM_SHM_TIMEOUT`` seconds (default 300: far above any one layer's compute on a CPU
 rank, far below gloo's 30 minutes). After such an error the communicator refuses further calls.
 """
@@ -558,7 +559,9 @@ def for_group(cpu_group, ranks: list[int], rank: int, world: int, device: torch.
         if name is not None and not error:
             mm.close()
         return _cannot(lead["mode"], "; ".join(problems))
-    peers = {r: (i["pid"], i["start"]) for r, i in enumerate(infos) if r != rank}
+    # a peer whose process this rank cannot see as it reported itself (another pid namespace) gets no liveness check
+    peers = {r: (i["pid"], i["start"]) if i["start"] and _start_time(i["pid"]) == i["start"] else (None, None)
+             for r, i in enumerate(infos) if r != rank}
     reducers = [r for r, i in enumerate(infos) if i["reducer"]] or list(range(world))
     log.info("hetero_shim: %s collectives through shared memory (%d ranks, %d bytes per rank, segment "
              "%d bytes)", label or "group", world, lead["slot"], size)
