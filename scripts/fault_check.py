@@ -290,22 +290,28 @@ def run_offline(opts, workdir: Path) -> dict:
     return result
 
 
-def _request(port: int, body: dict, outcome: dict) -> None:
+def _request(port: int, body: dict, outcome: dict, started: threading.Event) -> None:
+    """One completion request; a streamed one sets ``started`` at its first chunk."""
     start = time.monotonic()
     try:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
         conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
         response = conn.getresponse()
-        data = response.read().decode(errors="replace")
         outcome.update(status=response.status)
         error = None
         if response.status != 200:
-            error = data[:200]
+            error = response.read().decode(errors="replace")[:200]
         elif body.get("stream"):
-            chunks = [l[6:] for l in data.splitlines() if l.startswith("data: ")]
+            chunks = []
+            for raw in response:  # line by line, as the server sends them
+                line = raw.decode(errors="replace").strip()
+                if line.startswith("data: "):
+                    started.set()
+                    chunks.append(line[len("data: "):])
             error = next((c[:200] for c in chunks if '"error"' in c), None)
             outcome["complete"] = bool(chunks) and chunks[-1] == "[DONE]" and error is None
         else:
+            response.read()
             outcome["complete"] = True
         outcome["error"] = error
     except (OSError, http.client.HTTPException) as exc:
@@ -341,11 +347,13 @@ def kill_while_serving(opts, proc: subprocess.Popen, port: int, log: Path) -> di
     result: dict = {}
     outcomes = [{} for _ in range(opts.requests)]
     max_tokens = min(opts.max_tokens, json.loads(opts.engine).get("max_model_len", DEFAULT_ENGINE["max_model_len"]) - 8)
+    started = threading.Event()
     threads = [threading.Thread(target=_request, daemon=True, args=(port, {
         "model": opts.model, "prompt": f"Request {i}", "max_tokens": max_tokens, "temperature": 0,
-        "ignore_eos": True, "stream": i % 2 == 1}, outcomes[i])) for i in range(opts.requests)]
+        "ignore_eos": True, "stream": i % 2 == 1}, outcomes[i], started)) for i in range(opts.requests)]
     for t in threads:
         t.start()
+    started.wait(timeout=opts.start_timeout)  # generation has begun: the first streamed chunk arrived
     time.sleep(opts.delay)
     victim = pick_victim(proc.pid, opts.victim, opts.rank, opts.stock)
     if victim is None:
@@ -428,7 +436,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--engine", default="{}", help="JSON of engine options over the defaults, e.g. '{\"dtype\": \"bfloat16\"}'")
     parser.add_argument("--requests", type=int, default=32, help="serve: requests in flight at the hit")
     parser.add_argument("--max-tokens", type=int, default=200)
-    parser.add_argument("--delay", type=float, default=1.0, help="seconds between generation (or the requests) start and the hit")
+    parser.add_argument("--delay", type=float, default=1.0,
+                        help="seconds between the start of generation (serve: the first streamed chunk) and the hit")
     parser.add_argument("--at-log", default=r"Starting to load model", help="startup: hit when a log line matches")
     parser.add_argument("--limit", type=float, default=30.0, help="seconds the run may take to fail after the hit")
     parser.add_argument("--start-timeout", type=float, default=600.0)

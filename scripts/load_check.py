@@ -303,7 +303,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--signal", choices=("KILL", "STOP"), default="KILL")
     parser.add_argument("--requests", type=int, default=32, help="requests in flight when --then-kill hits")
     parser.add_argument("--max-tokens", type=int, default=200, help="their max_tokens")
-    parser.add_argument("--delay", type=float, default=1.0, help="--then-kill: seconds between the requests' start and the hit")
+    parser.add_argument("--delay", type=float, default=0.2, help="--then-kill: seconds between the first streamed chunk and the hit")
     parser.add_argument("--limit", type=float, default=30.0, help="seconds the server may take to exit after the kill")
     parser.add_argument("--gloo-timeout", type=int, default=None)
     parser.add_argument("--request-timeout", type=float, default=300.0)
