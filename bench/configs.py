@@ -57,7 +57,7 @@ class Workload:
 WORKLOADS = {
     "toy": Workload(ttft_prompt=32, ttft_reps=3, prefill_batch=4, prefill_prompt=64, decode_prompt=16,
                     decode_tokens=8, max_model_len=256, max_num_batched_tokens=512),
-    "full": Workload(ttft_prompt=512, ttft_reps=3, prefill_batch=4, prefill_prompt=512, decode_prompt=128,
+    "full": Workload(ttft_prompt=512, ttft_reps=3, prefill_batch=4, prefill_prompt=512, decode_prompt=64,
                      decode_tokens=32, max_model_len=1024, max_num_batched_tokens=2048),
 }
 

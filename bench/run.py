@@ -41,6 +41,14 @@ DROP_ENV = ("HETERO_SHIM_ENABLE", "HETERO_SHIM_DEVICE", "HETERO_SHIM_VERIFY_TOKE
 REFUSALS = ("HeteroConfigError", "ValueError", "ValidationError", "NotImplementedError", "TypeError")
 
 
+class Terminated(Exception):
+    """SIGTERM: unwinds through run_engine's cleanup, which kills the engine's session."""
+
+
+def _terminated(*_) -> None:
+    raise Terminated
+
+
 def child_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in DROP_ENV}
     bootstrap = str(REPO / "hetero_shim" / "_bootstrap")
@@ -101,33 +109,43 @@ def run_engine(spec: dict, log: Path, timeout: float, gpu: monitor.GpuProbe | No
 
         reader = threading.Thread(target=read, daemon=True)
         reader.start()
-        timed_out = not done.wait(timeout)
+        interrupted = timed_out = False
         rc = None
-        if not timed_out:
-            try:
-                rc = proc.wait(timeout=exit_grace)  # a clean shutdown; not waited for beyond the grace
-            except subprocess.TimeoutExpired:
-                rc = "killed after its results (shutdown slower than the grace period)"
-        mon.sample()
-        mon.stop()
-        left = kill_session(proc.pid)
-        proc.wait()
+        try:
+            timed_out = not done.wait(timeout)
+            if not timed_out:
+                try:
+                    rc = proc.wait(timeout=exit_grace)  # a clean shutdown; not waited for beyond the grace
+                except subprocess.TimeoutExpired:
+                    rc = "killed after its results (shutdown slower than the grace period)"
+            mon.sample()
+        except (KeyboardInterrupt, Terminated):
+            interrupted = True  # recorded with what was measured, then the harness stops
+        finally:  # the engine's session never outlives its configuration
+            mon.stop()
+            left = kill_session(proc.pid)
+            proc.wait()
         reader.join(timeout=10)
         if left:
             logf.write(f"\n[bench] processes left after SIGKILL: {left}\n")
     return {"values": got, "timed_out": timed_out, "rc": rc, "wall_s": round(time.monotonic() - start, 1),
-            "memory": mon.result(), "left_behind": left}
+            "memory": mon.result(), "left_behind": left, "interrupted": interrupted}
 
 
 def classify(plan: dict, outcome: dict) -> tuple[str, str | None]:
     v = outcome["values"]
     if v.get("done"):
         return "ok", None
+    if outcome["interrupted"]:
+        return "interrupted", f"the harness was stopped; measured so far: {sorted(k for k in v if k != 'plan')}"
     if outcome["timed_out"]:
         return "timeout", f"no result within the time limit; measured so far: {sorted(k for k in v if k != 'plan')}"
     if "error" in v:
-        if v.get("phase") == "start" and v["error"].split(":", 1)[0] in REFUSALS:
-            return "not supported", v["error"]
+        kind = v["error"].split(":", 1)[0]
+        if v.get("phase") == "start" and kind in REFUSALS:
+            # the shim's refusals and heterogeneous pipeline mode: "not supported"; vLLM's own: "refused"
+            unsupported = kind == "HeteroConfigError" or plan["name"] == "hetero-pp2"
+            return ("not supported" if unsupported else "refused"), v["error"]
         return "failed", f"{v.get('phase', '?')}: {v['error']}"
     return "failed", f"exited rc={outcome['rc']} without results (see the log)"
 
@@ -135,7 +153,7 @@ def classify(plan: dict, outcome: dict) -> tuple[str, str | None]:
 def figures(outcome: dict) -> dict:
     v = outcome["values"]
     keys = ("start_s", "ttft_ms", "ttft_all_ms", "prefill_tok_s", "decode_b1_tok_s", "decode_b1_step_ms",
-            "decode_b16_tok_s", "decode_b16_step_ms")
+            "decode_b1_all_step_ms", "decode_b16_tok_s", "decode_b16_step_ms", "decode_b16_all_step_ms")
     out = {k: (round(v[k], 4) if isinstance(v[k], float) else v[k]) for k in keys if k in v}
     return out | outcome["memory"]
 
@@ -239,6 +257,8 @@ class Harness:
         self.record(row | {"status": status, "reason": reason, "figures": figures(outcome), "wall_s": outcome["wall_s"],
                            "exit": outcome["rc"], "log": str(log), "hetero_plan": v.get("plan"),
                            "cpu_kernels": v.get("cpu_kernels"), "left_behind": outcome["left_behind"]})
+        if outcome["interrupted"]:
+            raise Terminated
 
     def run_allreduce(self) -> None:
         left = self.remaining()
@@ -302,8 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--deadline", type=float, default=None,
                         help="seconds for the whole harness: configurations that cannot start in time are skipped")
     parser.add_argument("--min-run", type=float, default=None,
-                        help="do not start a configuration with fewer seconds left (default 75 full, 30 toy)")
-    parser.add_argument("--exit-grace", type=float, default=15.0,
+                        help="do not start a configuration with fewer seconds left (default 120 full, 30 toy)")
+    parser.add_argument("--exit-grace", type=float, default=5.0,
                         help="seconds a finished engine gets to shut down before it is killed")
     parser.add_argument("--model-cache", type=Path, default=None, help="where 1b/3b/8b are written")
     parser.add_argument("--host", choices=("auto", "gpu", "cpu"), default="auto")
@@ -315,9 +335,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown configuration(s) {', '.join(unknown)}; choose from "
                      f"{', '.join([*configs.CONFIGS, *configs.STEPS])}")
     harness = Harness(opts)
+    signal.signal(signal.SIGTERM, _terminated)
     full = harness.results["meta"]["size"] == "full"
     opts.timeout = opts.timeout or (300 if full else 240)
-    opts.min_run = opts.min_run if opts.min_run is not None else (75 if full else 30)
+    opts.min_run = opts.min_run if opts.min_run is not None else (120 if full else 30)
     model_names = [m.strip() for m in (opts.models or ("1b" if harness.gpu else "toy")).split(",") if m.strip()]
     for m in model_names:
         if m not in models.NAMES and not (Path(m) / "config.json").exists():
@@ -325,8 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for m in model_names:
             harness.run_model(m, names)
-    except KeyboardInterrupt:
-        print("-- interrupted; writing what was measured", flush=True)
+    except (KeyboardInterrupt, Terminated) as exc:
+        print(f"-- interrupted ({type(exc).__name__}); writing what was measured", flush=True)
     finally:
         harness.save()
     plots = []

@@ -27,7 +27,7 @@ def test_budget_is_weights_on_gpu_plus_kv_cache():
     b = configs.make_budget(m, FULL, gpu_total_gib=80.0, budget_ratio=1.5)
     assert b.budget_gib == pytest.approx(4.0)
     assert b.weights_gib == pytest.approx(4.0 - b.kv_cache_bytes / GIB)
-    # the KV cache holds the largest batch (16 x (128 + 32 + 1) tokens) with 30 % to spare
+    # the KV cache holds the largest batch (4 x (512 + 1) prefill tokens) with 30 % to spare
     assert b.kv_cache_bytes >= m.kv_bytes_per_token * FULL.kv_tokens() * 1.3
     assert b.gpu_memory_utilization == pytest.approx((4.0 + b.headroom_gib) / 80.0, abs=1e-4)
     assert "KV cache" in b.as_dict()["definition"]
