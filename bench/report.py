@@ -57,21 +57,23 @@ def table(results: dict) -> str:
     lines = []
     meta = results.get("meta", {})
     lines.append(f"hetero_shim benchmark, {meta.get('date', '?')}, size {meta.get('size', '?')}, "
-                 f"{meta.get('vllm', '?')}, {meta.get('host', {}).get('gpus') or 'no GPU'}")
+                 f"{meta.get('vllm', '?')}, {', '.join(meta.get('host', {}).get('gpus') or ['no GPU'])}")
     for name, model in results.get("models", {}).items():
         budget = model.get("budget") or {}
         if budget.get("budget_gib") is not None:
-            lines.append(f"model {name}: {model['params'] / 1e9:.2f} B params, {model['weights_gib']:.2f} GiB {model['dtype']}; "
-                         f"budget {budget['budget_gib']:.2f} GiB = weights on GPU <= {budget['weights_gib']:.2f} GiB + "
+            lines.append(f"model {name}: {model['params'] / 1e9:.2f} B params, {model['weights_gib']:.2f} GiB "
+                         f"{model['dtype']}; budget {budget['budget_gib']:.2f} GiB = weights on GPU <= {budget['weights_gib']:.2f} GiB + "
                          f"KV cache {budget['kv_cache_gib']:.2f} GiB ({budget['how']})")
         else:
             lines.append(f"model {name}: {model['params'] / 1e6:.1f} M params, {model['weights_gib']:.3f} GiB "
-                         f"{model['dtype']}; no GPU: no budget; KV cache {budget.get('kv_cache_gib', 0):.2f} GiB per rank")
+                         f"{model['dtype']}; no GPU: no budget; "
+                         f"KV cache {budget.get('kv_cache_gib', 0):.2f} GiB per rank")
     head = ["model", "config", "status"] + [c[0] for c in COLUMNS]
     rows = []
     for r in results.get("runs", []):
         fig = {**r.get("figures", {}), "gpu_weights_gib": r.get("planned", {}).get("gpu_weights_gib")}
-        status = r["status"] + (" (over budget)" if r.get("planned", {}).get("over_budget") else "")
+        over = r.get("planned", {}).get("over_budget") and r["status"] != "skipped"
+        status = r["status"] + (" (over budget)" if over else "")
         rows.append([r["model"], r["config"], status] + [_fmt(fig.get(k), f) for _, k, f in COLUMNS])
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
     lines.append("")
@@ -94,11 +96,12 @@ def table(results: dict) -> str:
     ar = results.get("allreduce")
     if ar and ar.get("rows"):
         lines.append("")
-        lines.append(f"all-reduce (bench/allreduce.py), rank 0 {'on the GPU' if ar.get('meta', {}).get('gpu_rank') else 'on the CPU'}"
-                     ", other ranks CPU; median")
+        where = "on the GPU" if ar.get("meta", {}).get("gpu_rank") else "on the CPU"
+        lines.append(f"all-reduce (bench/allreduce.py), rank 0 {where}, other ranks CPU; median")
         for r in ar["rows"]:
             world = f"world {r['world']}  " if "world" in r else ""
-            lines.append(f"  {world}{r['bytes']:>9} B  {r['path']:<22} {r['median_us']:>10.1f} us  {r['GBps']:>7.2f} GB/s")
+            lines.append(f"  {world}{r['bytes']:>9} B  {r['path']:<22} {r['median_us']:>10.1f} us  "
+                         f"{r['GBps']:>7.2f} GB/s")
     elif ar and ar.get("error"):
         lines.append("")
         lines.append(f"all-reduce micro-benchmark: {ar['error']}")

@@ -174,7 +174,8 @@ class Harness:
             "meta": {
                 "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "argv": sys.argv,
                 "size": opts.size or ("full" if self.gpu else "toy"), "vllm": installed_vllm(),
-                "host": monitor.host_info() | {"gpus": [f"{g['name']} {g['total_bytes'] / configs.GIB:.0f} GiB" for g in gpus]},
+                "host": monitor.host_info() | {"gpus": [f"{g['name']} {g['total_bytes'] / configs.GIB:.0f} GiB"
+                                                         for g in gpus]},
                 "workload": asdict(self.workload), "eager_stock": opts.eager,
                 "env": {k: v for k, v in os.environ.items() if k.startswith(("HETERO_SHIM_", "VLLM_"))},
             },
