@@ -267,6 +267,7 @@ def get_llama(config: dict, dtype: str = "bfloat16", seed: int = 0, cache: Path 
                 raise
     return out
 
+
 if __name__ == "__main__":
     name = sys.argv[1] if len(sys.argv) > 1 else "llama"
     if name not in NAMED:
