@@ -129,9 +129,12 @@ def _cpu_kernels_configured() -> str:
 def activate_from_env() -> None:
     """Used by sitecustomize: when HETERO_SHIM_ENABLE=1, enable the shim once vLLM is imported.
 
-    Processes that never import vLLM pay for one import hook and nothing else.
+    Processes that never import vLLM pay for one import hook and nothing else. A setting the
+    shim cannot read ends the process with one line on stderr and exit status 2.
     """
     try:
+        if not settings.activation_requested():
+            return
         settings.check_environment()
     except HeteroConfigError as exc:
         # One line and exit status 2, like the launcher: a bad setting must not start vLLM
@@ -139,8 +142,6 @@ def activate_from_env() -> None:
         sys.stderr.write(f"hetero_shim: {exc}\n")
         sys.stderr.flush()
         os._exit(2)
-    if not settings.activation_requested():
-        return
     dump_every = settings.hang_dump_seconds()
     if dump_every:
         import faulthandler
