@@ -23,7 +23,8 @@ PAIRS = (
     ("hetero-tp2", "offload-uva"), ("hetero-tp4", "offload-uva"),
     ("hetero-tp2", "offload-prefetch"), ("hetero-tp4", "offload-prefetch"),
     ("hetero-pp2", "offload-uva"), ("hetero-pp2", "offload-prefetch"),
-    ("hetero-tp2", "gpu"), ("hetero-tp4", "gpu"), ("hetero-tp2", "gpu-ref"), ("hetero-tp4", "gpu-ref"),
+    ("hetero-tp2", "gpu"), ("hetero-tp4", "gpu"), ("hetero-pp2", "gpu"),
+    ("hetero-tp2", "gpu-ref"), ("hetero-tp4", "gpu-ref"), ("hetero-pp2", "gpu-ref"), ("hetero-pp2", "hetero-tp2"),
     ("offload-uva", "gpu-ref"), ("offload-prefetch", "gpu-ref"), ("gpu-shim", "gpu"),
 )
 # higher is better for throughput; for time to first token the ratio is baseline / candidate
