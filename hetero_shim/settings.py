@@ -7,6 +7,7 @@ and read back here. Nothing in this module imports vLLM.
 
 from __future__ import annotations
 
+import math
 import os
 
 from hetero_shim.errors import HeteroConfigError
@@ -143,7 +144,7 @@ def _positive_number(name: str, default: float) -> float:
         value = float(raw)
     except ValueError:
         value = -1.0
-    if not value > 0:
+    if not (value > 0 and math.isfinite(value)):  # "inf", "1e400" and "nan" are not numbers of seconds/MiB
         raise HeteroConfigError(f"{name}={raw!r} must be a positive number")
     return value
 
@@ -154,7 +155,10 @@ def shm_timeout_seconds() -> float:
 
 def shm_slot_bytes() -> int:
     """Bytes per rank and buffer in a shared-memory segment (a multiple of 4 KiB, at least 4 KiB)."""
-    raw_bytes = int(_positive_number(SHM_SLOT_MB, 4.0) * (1 << 20))
+    mib = _positive_number(SHM_SLOT_MB, 4.0)
+    if mib > 1 << 20:  # beyond any host's memory (and beyond what a float holds in bytes)
+        raise HeteroConfigError(f"{SHM_SLOT_MB}={os.environ[SHM_SLOT_MB]!r} must be at most 1048576 (MiB)")
+    raw_bytes = int(mib * (1 << 20))
     return max(4096, raw_bytes // 4096 * 4096)
 
 
@@ -167,6 +171,9 @@ def check_environment() -> None:
     hang_dump_seconds()
     verify_tokens()
     gloo_timeout_seconds()
+    collectives_mode()
+    shm_timeout_seconds()
+    shm_slot_bytes()
 
 
 def restore_environ(before: dict[str, str | None]) -> None:

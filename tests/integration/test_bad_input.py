@@ -57,6 +57,8 @@ SETTINGS = {
     "HETERO_SHIM_GLOO_TIMEOUT_S": ("soon", "HETERO_SHIM_GLOO_TIMEOUT_S='soon' must be a whole number of seconds, "
                                            "1 or more (default 300)"),
     "HETERO_SHIM_HANG_DUMP": ("1.5", "HETERO_SHIM_HANG_DUMP='1.5' must be a whole number of seconds"),
+    "HETERO_SHIM_COLLECTIVES": ("foo", "HETERO_SHIM_COLLECTIVES='foo' is not supported; use one of auto, shm, gloo"),
+    "HETERO_SHIM_SHM_TIMEOUT": ("-1", "HETERO_SHIM_SHM_TIMEOUT='-1' must be a positive number"),
 }
 
 

@@ -96,6 +96,25 @@ def test_seconds_settings(name, read, smallest, raw):
         assert isinstance(got, HeteroConfigError)
 
 
+@given(TEXT)
+def test_collectives_mode(raw):
+    with environ(**{settings.COLLECTIVES: raw}):
+        got = one_line_error(settings.collectives_mode, settings.COLLECTIVES)
+    if isinstance(got, str):
+        assert got in settings.COLLECTIVE_MODES and got == (raw.strip().lower() or "auto")
+    else:
+        assert isinstance(got, HeteroConfigError) and "auto, shm, gloo" in str(got)
+
+
+@given(st.one_of(TEXT, st.floats(allow_nan=True).map(str)))
+def test_shared_memory_numbers(raw):
+    with environ(**{settings.SHM_TIMEOUT: raw, settings.SHM_SLOT_MB: raw}):
+        timeout = one_line_error(settings.shm_timeout_seconds, settings.SHM_TIMEOUT)
+        slot = one_line_error(settings.shm_slot_bytes, settings.SHM_SLOT_MB)
+    assert isinstance(timeout, HeteroConfigError) or timeout > 0
+    assert isinstance(slot, HeteroConfigError) or (slot >= 4096 and slot % 4096 == 0)
+
+
 def test_gloo_timeout_default_and_zero():
     with environ(**{settings.GLOO_TIMEOUT: ""}):
         assert settings.gloo_timeout_seconds() == settings.GLOO_TIMEOUT_DEFAULT_S
@@ -133,7 +152,8 @@ def test_bind_list_parser(text, cpu_ranks, allowed):
 
 
 @given(st.dictionaries(st.sampled_from([settings.ENABLE, settings.DEVICE, settings.GPU_RANKS, settings.HANG_DUMP,
-                                        settings.VERIFY_TOKENS, settings.GLOO_TIMEOUT]), TEXT, max_size=4))
+                                        settings.VERIFY_TOKENS, settings.GLOO_TIMEOUT, settings.COLLECTIVES,
+                                        settings.SHM_TIMEOUT, settings.SHM_SLOT_MB]), TEXT, max_size=4))
 def test_check_environment_names_the_bad_setting(values):
     with environ(**values):
         got = one_line_error(settings.check_environment)
