@@ -15,10 +15,13 @@ alike; they show in the measured peak GPU memory, not in the budget.
   spread evenly over the stack (``offload_group_size``/``offload_num_in_group``).
 - heterogeneous TP=N with one GPU rank: the GPU holds 1/N of the weights; it is flagged
   ``over_budget`` when that exceeds W (the budget is not shifted to favour it).
-``gpu_memory_utilization`` is (B + headroom) / GPU total for the stock configurations: with
-``kv_cache_memory_bytes`` set, vLLM 0.26 uses it only for its start-up free-memory check, so it is
-recorded, not the budget. Heterogeneous configurations leave it at vLLM's default (as the GPU
-check ran them): in their CPU ranks vLLM reads it as a fraction of host memory.
+- heterogeneous pipeline mode: the shim's automatic layer split keeps as many layers on the GPU
+  as ``gpu_memory_utilization`` allows (its own estimate of the fixed costs), so that is where
+  the budget reaches it; the split it chose is in the engine log.
+``gpu_memory_utilization`` is (B + headroom) / GPU total, for every configuration on a GPU host:
+with ``kv_cache_memory_bytes`` set, vLLM 0.26 uses it only for its start-up free-memory check
+(CPU ranks skip their host-memory check when the KV cache size is given), and the pipeline
+split reads it as its GPU budget.
 """
 
 from __future__ import annotations
@@ -195,7 +198,7 @@ def plan(name: str, model: ModelInfo, budget: Budget, workload: Workload, gpu: b
     engine = dict(model=model.path, dtype=model.dtype, max_model_len=workload.max_model_len,
                   max_num_batched_tokens=workload.max_num_batched_tokens, kv_cache_memory_bytes=budget.kv_cache_bytes,
                   enable_prefix_caching=False, seed=0)
-    if gpu and not name.startswith("hetero"):
+    if gpu:
         engine["gpu_memory_utilization"] = budget.gpu_memory_utilization
     out = {"name": name, "label": CONFIGS[name], "engine": engine, "enable_shim": False, "skip": None,
            "gpu_weights_gib": None, "cpu_weights_gib": None, "over_budget": False}
@@ -254,7 +257,11 @@ def plan(name: str, model: ModelInfo, budget: Budget, workload: Workload, gpu: b
         engine |= {"device": "heterogeneous", "tensor_parallel_size": tp, "pipeline_parallel_size": pp,
                    "enforce_eager": True}
         out["enable_shim"] = True
-        place(total / (tp * pp))
+        if pp > 1:  # the shim's automatic split puts as many layers on the GPU as gpu_memory_utilization allows
+            out["gpu_weights_gib"] = out["cpu_weights_gib"] = None
+            out["split"] = "automatic (hetero_shim layer_split under gpu_memory_utilization); see the engine log"
+        else:
+            place(total / tp)
         kv_ok = model.kv_heads % tp == 0 if model.kv_heads >= tp else tp % model.kv_heads == 0  # vLLM's rule
         if model.heads % tp or not kv_ok:
             out["skip"] = f"{model.heads} heads / {model.kv_heads} KV heads cannot be split over TP={tp}"

@@ -240,7 +240,7 @@ class Harness:
         plan = configs.plan(cfg, info, budget, self.workload, gpu=self.gpu is not None, eager=self.opts.eager)
         row = {"model": model, "config": cfg, "label": plan["label"], "engine": plan["engine"],
                "planned": {k: plan.get(k) for k in ("gpu_weights_gib", "cpu_weights_gib", "over_budget",
-                                                    "prefetch_layers_offloaded") if k in plan},
+                                                    "prefetch_layers_offloaded", "split") if k in plan},
                "enable_shim": plan["enable_shim"]}
         if plan["skip"]:
             self.record(row | {"status": "skipped", "reason": plan["skip"]})

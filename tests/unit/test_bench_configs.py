@@ -50,10 +50,12 @@ def test_each_configuration_keeps_at_most_the_weight_budget_on_the_gpu():
     tp2 = plans["hetero-tp2"]
     assert tp2["engine"]["device"] == "heterogeneous" and tp2["engine"]["tensor_parallel_size"] == 2
     assert tp2["gpu_weights_gib"] == pytest.approx(3.0) and not tp2["over_budget"]
-    assert plans["hetero-pp2"]["engine"]["pipeline_parallel_size"] == 2
+    pp2 = plans["hetero-pp2"]
+    assert pp2["engine"]["pipeline_parallel_size"] == 2 and pp2["gpu_weights_gib"] is None and pp2["split"]
     for p in plans.values():
         assert p["engine"]["kv_cache_memory_bytes"] == b.kv_cache_bytes  # the same KV cache everywhere
         assert p["engine"]["enable_prefix_caching"] is False
+        assert p["engine"]["gpu_memory_utilization"] == b.gpu_memory_utilization
 
 
 def test_without_a_gpu_offload_is_skipped_with_the_reason():
