@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from hetero_shim.patches import (
     collectives, cpu_kernels, cpu_worker_env, device_option, dist_backend, kv_cache_agreement,
-    pipeline_buffers, pipeline_transfer, rank_process, sampling_sync, start_method, worker_selection,
+    pipeline_buffers, pipeline_transfer, rank_process, sampling_sync, start_method, worker_death,
+    worker_selection,
 )
 from hetero_shim.registry import Patch
 
@@ -79,6 +80,12 @@ def _rank_process() -> tuple[Patch, ...]:
         Patch("CPU rank process", "vllm.platforms", "resolve_current_platform_cls_qualname",
               rank_process.cpu_platform_in_cpu_ranks, rank_process.WHY, rank_process.REMOVE_WHEN),
     )
+
+
+def _worker_death() -> Patch:
+    return Patch("worker death at start-up", "vllm.v1.executor.multiproc_executor", "WorkerProc.wait_for_ready",
+                 worker_death.name_dead_rank_at_start, worker_death.WHY, worker_death.REMOVE_WHEN,
+                 needs_params=("unready_proc_handles",))
 
 
 def _cpu_kernels() -> Patch:
@@ -154,6 +161,7 @@ def _table_v1_mp_executor(kv_planning: str = "vllm.v1.core.kv_cache_utils") -> t
         _numa_autobind_omp_manager(),
         _memory_env_op(),
         *_rank_process(),
+        _worker_death(),
         _cpu_kernels(),
         *_collectives(),
         _sampling_sync(),
