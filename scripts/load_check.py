@@ -111,7 +111,10 @@ def send(port: int, model: str, request: dict, timeout: float) -> dict:
 
 def _read_stream(raw: str, chat: bool, out: dict) -> None:
     pieces, done = [], False
-    for line in raw.splitlines():
+    # SSE events are separated by "\n" only: str.splitlines() would also split inside a JSON string
+    # at U+0085, U+2028 or U+2029, which JSON leaves unescaped (a random-weight model emits them).
+    for line in raw.split("\n"):
+        line = line.rstrip("\r")
         if not line.startswith("data: "):
             continue
         payload = line[len("data: "):]
