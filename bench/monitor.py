@@ -17,22 +17,9 @@ import subprocess
 import threading
 from pathlib import Path
 
+from hetero_shim.testing.proctree import session_pids  # noqa: F401  (bench/run.py uses it from here)
+
 GIB = 1 << 30
-
-
-def session_pids(sid: int) -> list[int]:
-    """Live processes whose session or process group is ``sid``."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if fields[0] != "Z" and sid in (int(fields[2]), int(fields[3])):
-            pids.append(int(entry.name))
-    return pids
 
 
 def host_memory(pids: list[int]) -> tuple[int, int]:

@@ -7,6 +7,7 @@ and read back here. Nothing in this module imports vLLM.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -174,6 +175,17 @@ def check_environment() -> None:
     collectives_mode()
     shm_timeout_seconds()
     shm_slot_bytes()
+
+
+@contextlib.contextmanager
+def environ_set(values: dict[str, str]):
+    """Inside: ``values`` are set in os.environ; afterwards every variable is as it was."""
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        restore_environ(before)
 
 
 def restore_environ(before: dict[str, str | None]) -> None:

@@ -44,6 +44,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from hetero_shim.testing.proctree import kill_session, session_pids, wait_session_gone  # noqa: E402
 RANK_KIND = "HETERO_SHIM_RANK_KIND"
 TITLE_RANK = re.compile(r"Worker(?:_PP\d+)?_TP(\d+)")
 GLOO_TIMEOUT_DEFAULT_S = 300  # hetero_shim.settings.GLOO_TIMEOUT_DEFAULT_S (this script imports nothing of the shim)
@@ -94,21 +97,6 @@ OFFLINE = textwrap.dedent(
 
 
 # -- the process tree ------------------------------------------------------------------------
-def session_pids(sid: int) -> list[int]:
-    """Live (non-zombie) processes whose session or process group is ``sid``."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if fields[0] != "Z" and sid in (int(fields[2]), int(fields[3])):
-            pids.append(int(entry.name))
-    return pids
-
-
 def cmdline(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
@@ -166,22 +154,6 @@ def pick_victim(sid: int, kind: str, rank: int | None, stock: bool) -> dict | No
     if not candidates:
         return None
     return candidates[0] if kind == "gpu" else candidates[-1]
-
-
-def wait_gone(sid: int, timeout: float) -> list[int]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not session_pids(sid):
-            return []
-        time.sleep(0.25)
-    return session_pids(sid)
-
-
-def kill_session(sid: int) -> None:
-    try:
-        os.killpg(sid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 # -- helpers -----------------------------------------------------------------------------------
@@ -267,7 +239,7 @@ def run_offline(opts, workdir: Path) -> dict:
         except subprocess.TimeoutExpired:
             result["exit_code"] = None
         result["seconds_to_exit"] = round(time.monotonic() - hit, 1)
-        result["left_after_exit"] = wait_gone(proc.pid, 30)
+        result["left_after_exit"] = wait_session_gone(proc.pid, 30)
     finally:
         kill_session(proc.pid)
     text = log.read_text(errors="replace")
@@ -393,7 +365,7 @@ def run_serve(opts, workdir: Path) -> dict:
     try:
         wait_server_ready(proc, port, log, opts.start_timeout)
         result.update(kill_while_serving(opts, proc, port, log))
-        result["left_after_exit"] = wait_gone(proc.pid, 30)
+        result["left_after_exit"] = wait_session_gone(proc.pid, 30)
     finally:
         kill_session(proc.pid)
     result["checks"] = serve_checks(result, opts.limit)

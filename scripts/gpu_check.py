@@ -26,7 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from hetero_shim.testing import kv_report, tiny_models  # noqa: E402
+from hetero_shim.testing import kv_report, proctree, tiny_models  # noqa: E402
 
 GENERATE = str(REPO / "hetero_shim" / "testing" / "generate.py")
 rows: list[dict] = []
@@ -44,23 +44,6 @@ def env() -> dict[str, str]:
     return e
 
 
-def session_left(sid: int, wait: float) -> list[int]:
-    """Live processes of session ``sid`` after waiting up to ``wait`` seconds for them to go."""
-    deadline = time.monotonic() + wait
-    while True:
-        left = []
-        for entry in Path("/proc").iterdir():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split() if entry.name.isdigit() else None
-            except OSError:
-                continue
-            if fields and fields[0] != "Z" and int(fields[3]) == sid:
-                left.append(int(entry.name))
-        if not left or time.monotonic() > deadline:
-            return left
-        time.sleep(0.5)
-
-
 LEFT: dict[str, list[int]] = {}  # log name -> processes of the run still alive 30 s after it exited
 
 
@@ -70,7 +53,7 @@ def run(args: list[str], log: Path, timeout: float, extra_env: dict[str, str] | 
                                 start_new_session=True)
         try:
             rc = proc.wait(timeout=timeout)
-            LEFT[log.name] = session_left(proc.pid, 30)
+            LEFT[log.name] = proctree.wait_session_gone(proc.pid, 30)
         except subprocess.TimeoutExpired:
             rc = 124
         try:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+from hetero_shim.testing.proctree import kill_session, session_pids, wait_session_gone
+
+__all__ = ["REPO", "kill_session", "python_env", "run", "run_python", "session_pids", "wait_session_gone"]
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -19,39 +21,6 @@ def python_env(**extra: str) -> dict[str, str]:
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra)
     return env
-
-
-def session_pids(pgid: int) -> list[int]:
-    """Live processes of the session/process group ``pgid`` (zombies excluded)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        state, pgrp, sid = fields[0], int(fields[2]), int(fields[3])
-        if state != "Z" and (pgrp == pgid or sid == pgid):
-            pids.append(int(entry.name))
-    return pids
-
-
-def kill_session(pgid: int) -> None:
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-
-
-def wait_session_gone(pgid: int, timeout: float = 30.0) -> list[int]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        left = session_pids(pgid)
-        if not left:
-            return []
-        time.sleep(0.5)
-    return session_pids(pgid)
 
 
 def run(args: list[str], env: dict[str, str], timeout: float, cwd: Path | None = None) -> subprocess.CompletedProcess:

@@ -16,8 +16,6 @@ Remove when: vLLM supports per-rank platforms (not as of 0.33.0).
 
 from __future__ import annotations
 
-import contextlib
-import os
 
 from hetero_shim import mode, settings, versions
 from hetero_shim.logs import log
@@ -26,16 +24,6 @@ from hetero_shim.plan import format_id_list
 WHY = "vLLM resolves one platform per node; CPU ranks of a GPU node need the CPU platform"
 REMOVE_WHEN = "vLLM supports per-rank platforms (not as of 0.33.0)"
 CPU_PLATFORM = "vllm.platforms.cpu.CpuPlatform"
-
-
-@contextlib.contextmanager
-def _environ(values: dict[str, str]):
-    before = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        settings.restore_environ(before)
 
 
 def rank_environment(rank: int) -> dict[str, str]:
@@ -62,7 +50,7 @@ def spawn_with_rank_environment(wrapped, instance, args, kwargs):
     if not settings.heterogeneous():
         return wrapped(*args, **kwargs)
     rank = kwargs["rank"] if "rank" in kwargs else args[2]
-    with _environ(rank_environment(rank)):
+    with settings.environ_set(rank_environment(rank)):
         return wrapped(*args, **kwargs)
 
 

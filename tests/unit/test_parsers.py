@@ -4,7 +4,6 @@ that names what was wrong; nothing else escapes."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 import pytest
@@ -19,14 +18,8 @@ TEXT = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters=
 ID_TEXT = st.text(alphabet="0123456789-, |abx+", max_size=16)
 
 
-@contextlib.contextmanager
 def environ(**values: str):
-    before = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        settings.restore_environ(before)
+    return settings.environ_set(values)
 
 
 def one_line_error(call, *names: str):
