@@ -207,7 +207,7 @@ def run(opts) -> dict:
                 result["exit_code"] = proc.wait(timeout=90)
             except Exception:
                 result["exit_code"] = None
-        result["left_after_exit"] = fault_check.wait_gone(proc.pid, 30)
+        result["left_after_exit"] = fault_check.wait_session_gone(proc.pid, 30)
     finally:
         fault_check.kill_session(proc.pid)
     result["checks"] = checks(result, opts)

@@ -1,5 +1,6 @@
-"""The OpenAI server in heterogeneous mode (TP=2, all CPU ranks here), started through the
-launcher, answered over real HTTP with the openai client, shut down with nothing left."""
+"""The OpenAI server in heterogeneous mode (TP=2, and pipeline mode PP=2; all CPU ranks here),
+started through the launcher, answered over real HTTP with the openai client, shut down with
+nothing left."""
 
 from __future__ import annotations
 
@@ -77,18 +78,20 @@ def stop(proc: subprocess.Popen) -> list[int]:
     return procs.wait_session_gone(proc.pid, timeout=30)
 
 
-ARGS = ["--device", "heterogeneous", "--tensor-parallel-size", "2", "--enforce-eager", "--dtype", "float32",
+ARGS = ["--device", "heterogeneous", "--enforce-eager", "--dtype", "float32",
         "--max-model-len", "256", "--kv-cache-memory-bytes", str(64 << 20), "--host", "127.0.0.1"]
+SIZES = {"TP=2": ["--tensor-parallel-size", "2"], "PP=2": ["--pipeline-parallel-size", "2"]}
 
 
-@pytest.mark.parametrize("entry", ["vllm serve", "api_server module"])
-def test_server_answers_with_reference_tokens(models, reference, entry, tmp_path):
+@pytest.mark.parametrize("entry,size", [("vllm serve", "TP=2"), ("api_server module", "TP=2"), ("vllm serve", "PP=2")])
+def test_server_answers_with_reference_tokens(models, reference, entry, size, tmp_path):
     model = str(models["llama"])
     port = free_port()
+    args = [*ARGS, *SIZES[size], "--port", str(port)]
     if entry == "vllm serve":
-        command = ["vllm", "serve", model, *ARGS, "--port", str(port)]
+        command = ["vllm", "serve", model, *args]
     else:
-        command = ["python", "-m", "vllm.entrypoints.openai.api_server", "--model", model, *ARGS, "--port", str(port)]
+        command = ["python", "-m", "vllm.entrypoints.openai.api_server", "--model", model, *args]
     log_path = tmp_path / "server.log"
     proc = serve(command, log_path)
     try:
