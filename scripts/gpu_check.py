@@ -147,12 +147,17 @@ def main() -> int:
         checks(opts, out)
     except Stop:
         print("-- stopped at the first failure (--fail-fast)")
+    return finish("GPU check", started, out / "gpu_check.json")
+
+
+def finish(title: str, started: str, json_path: Path) -> int:
+    """Print the pass/fail table of the rows recorded, write them as JSON; exit status 0 iff all passed."""
     width = max(len(r["check"]) for r in rows) if rows else 10
-    print(f"\nGPU check, {started}, {sys.argv}")
+    print(f"\n{title}, {started}, {sys.argv}")
     print(f"{'check':<{width}}  result  detail")
     for r in rows:
         print(f"{r['check']:<{width}}  {'PASS' if r['ok'] else 'FAIL':<6}  {r['detail']}")
-    (out / "gpu_check.json").write_text(json.dumps({"started": started, "argv": sys.argv, "rows": rows}, indent=1))
+    json_path.write_text(json.dumps({"started": started, "argv": sys.argv, "rows": rows}, indent=1))
     return 0 if rows and all(r["ok"] for r in rows) else 1
 
 
@@ -184,12 +189,12 @@ GIB = 1 << 30
 def kv_checks(opts, out: Path) -> None:
     model = tiny_models.get(tiny_models.NAMED["llama"])
     ref = generate(model, 1, False, "float32", out, opts.timeout)
+    cpu_rank_start_failure(model, out, opts.timeout)
     cases = [  # (tp, environment, what the budgets must show)
         (2, {"VLLM_CPU_KVCACHE_SPACE": "1"}, "the CPU rank's budget is exactly 1 GiB"),
         (4, {}, "each CPU rank's budget is at most 0.5 x host memory / 3"),
     ]
     host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    cpu_rank_start_failure(model, out, opts.timeout)
     for tp, extra_env, rule in cases:
         got = generate(model, tp, True, "float32", out, opts.timeout, extra_env=extra_env,
                        **{"kv-cache-bytes": 0, "gpu-memory-utilization": 0.5})

@@ -14,7 +14,6 @@ random stream differs from the GPU's (the sampled tokens are printed as informat
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -70,14 +69,7 @@ def main() -> int:
     gc.PARTIAL = out / "gpu_check_pp.partial.json"
     started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     checks(opts, out)
-    rows = gc.rows
-    width = max(len(r["check"]) for r in rows) if rows else 10
-    print(f"\nGPU check (pipeline mode), {started}, {sys.argv}")
-    print(f"{'check':<{width}}  result  detail")
-    for r in rows:
-        print(f"{r['check']:<{width}}  {'PASS' if r['ok'] else 'FAIL':<6}  {r['detail']}")
-    (out / "gpu_check_pp.json").write_text(json.dumps({"started": started, "argv": sys.argv, "rows": rows}, indent=1))
-    return 0 if rows and all(r["ok"] for r in rows) else 1
+    return gc.finish("GPU check (pipeline mode)", started, out / "gpu_check_pp.json")
 
 
 if __name__ == "__main__":
