@@ -185,7 +185,11 @@ CONFIGS = {
     "hetero-tp2": "heterogeneous TP=2",
     "hetero-tp4": "heterogeneous TP=4",
     "hetero-pp2": "heterogeneous pipeline mode (pipeline_parallel_size=2)",
+    "hetero-tp2-free": "heterogeneous TP=2, engine core and GPU rank not confined to reserved cores (HETERO_SHIM_CONFINE=0)",
+    "hetero-pp2-free": "heterogeneous PP=2, engine core and GPU rank not confined to reserved cores (HETERO_SHIM_CONFINE=0)",
 }
+#: suffix of a configuration that runs its base configuration with these extra environment variables
+VARIANTS = {"-free": {"HETERO_SHIM_CONFINE": "0"}}
 STEPS = {"allreduce": "all-reduce micro-benchmark (bench/allreduce.py), once per harness run"}
 
 
@@ -201,7 +205,11 @@ def plan(name: str, model: ModelInfo, budget: Budget, workload: Workload, gpu: b
     if gpu:
         engine["gpu_memory_utilization"] = budget.gpu_memory_utilization
     out = {"name": name, "label": CONFIGS[name], "engine": engine, "enable_shim": False, "skip": None,
-           "gpu_weights_gib": None, "cpu_weights_gib": None, "over_budget": False}
+           "gpu_weights_gib": None, "cpu_weights_gib": None, "over_budget": False, "env": {}}
+    for suffix, env in VARIANTS.items():
+        if name.endswith(suffix):
+            name = name.removesuffix(suffix)
+            out["env"] = dict(env)
     total = model.weights_gib
     w = budget.weights_gib
 

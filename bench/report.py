@@ -26,6 +26,7 @@ PAIRS = (
     ("hetero-tp2", "gpu"), ("hetero-tp4", "gpu"), ("hetero-pp2", "gpu"),
     ("hetero-tp2", "gpu-ref"), ("hetero-tp4", "gpu-ref"), ("hetero-pp2", "gpu-ref"), ("hetero-pp2", "hetero-tp2"),
     ("offload-uva", "gpu-ref"), ("offload-prefetch", "gpu-ref"), ("gpu-shim", "gpu"),
+    ("hetero-tp2", "hetero-tp2-free"), ("hetero-pp2", "hetero-pp2-free"),
 )
 # higher is better for throughput; for time to first token the ratio is baseline / candidate
 RATIO_FIGURES = (("decode_b1_tok_s", False), ("decode_b16_tok_s", False), ("prefill_tok_s", False), ("ttft_ms", True))

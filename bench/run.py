@@ -92,7 +92,7 @@ def run_engine(spec: dict, log: Path, timeout: float, gpu: monitor.GpuProbe | No
     done = threading.Event()
     start = time.monotonic()
     with open(log, "w") as logf:
-        proc = subprocess.Popen([sys.executable, ENGINE, str(spec_path)], env=child_env(), stdout=subprocess.PIPE,
+        proc = subprocess.Popen([sys.executable, ENGINE, str(spec_path)], env=child_env() | spec.get("env", {}), stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, start_new_session=True, cwd=REPO)
         mon = monitor.TreeMonitor(proc.pid, gpu, gpu_baseline=baseline).start()
 

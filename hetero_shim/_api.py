@@ -149,7 +149,11 @@ def activate_from_env() -> None:
         faulthandler.dump_traceback_later(dump_every, repeat=True)
     if settings.heterogeneous():
         # A process of a heterogeneous run (engine core, worker): patch before anything of vLLM
-        # is imported, so that e.g. a CPU rank resolves vLLM's CPU platform from the start.
+        # is imported, so that e.g. a CPU rank resolves vLLM's CPU platform from the start, and
+        # take the cores the engine core gave this worker before torch's OpenMP runtime loads.
+        from hetero_shim import affinity
+
+        affinity.confine_from_environment()
         enable(propagate=False)
         return
     import wrapt

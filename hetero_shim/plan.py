@@ -78,6 +78,10 @@ def count_gpu_ranks(world_size: int, gpus_on_node: int, override: int | None) ->
     return min(wanted, world_size)
 
 
+#: Linux builds support at most 8192 CPUs (CONFIG_NR_CPUS); ids at or above this are refused.
+MAX_CPU_ID = 8192
+
+
 def parse_id_list(text: str) -> list[int]:
     """'0-3,8' -> [0, 1, 2, 3, 8] (the syntax of VLLM_CPU_OMP_THREADS_BIND's lists)."""
     ids: list[int] = []
@@ -90,6 +94,8 @@ def parse_id_list(text: str) -> list[int]:
             raise HeteroConfigError(f"{part!r} in CPU list {text!r} is not a CPU id or range like 0-3") from None
         if first < 0 or last < first:
             raise HeteroConfigError(f"{part!r} in CPU list {text!r} is not a valid range")
+        if last >= MAX_CPU_ID:  # checked before the range is expanded: "0-999999999" is a typo, not a list
+            raise HeteroConfigError(f"{part!r} in CPU list {text!r} names CPU ids beyond Linux's limit ({MAX_CPU_ID - 1})")
         ids.extend(range(first, last + 1))
     return ids
 

@@ -33,6 +33,11 @@ COLLECTIVES = "HETERO_SHIM_COLLECTIVES"
 SHM_TIMEOUT = "HETERO_SHIM_SHM_TIMEOUT"
 #: MiB of shared memory per rank and buffer (default 4); larger tensors go through in pieces.
 SHM_SLOT_MB = "HETERO_SHIM_SHM_SLOT_MB"
+#: "1" (default): with GPU and CPU ranks, the engine core and GPU-rank processes stay on the plan's
+#: reserved cores, off the CPU ranks' cores (hetero_shim/affinity.py); "0" leaves them where the kernel puts them.
+CONFINE = "HETERO_SHIM_CONFINE"
+#: Set by the engine core for each worker it starts: the CPUs that worker confines itself to.
+PROCESS_CPUS = "HETERO_SHIM_PROCESS_CPUS"
 #: vLLM's own CPU bind list ("0-3|4-7"), validated against the rank plan.
 OMP_BIND = "VLLM_CPU_OMP_THREADS_BIND"
 #: Seconds a rank waits in a gloo collective (or the rendezvous) for its peers before it fails.
@@ -126,6 +131,10 @@ def verify_tokens() -> bool:
     return _flag(VERIFY_TOKENS, default=False)
 
 
+def confine_processes() -> bool:
+    return _flag(CONFINE, default=True)
+
+
 COLLECTIVE_MODES = ("auto", "shm", "gloo")
 
 
@@ -171,6 +180,7 @@ def check_environment() -> None:
     gpu_ranks_override()
     hang_dump_seconds()
     verify_tokens()
+    confine_processes()
     gloo_timeout_seconds()
     collectives_mode()
     shm_timeout_seconds()

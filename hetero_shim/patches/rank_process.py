@@ -6,7 +6,8 @@ Targets
   spawn of a CPU rank the engine core's environment gets ``HETERO_SHIM_RANK_KIND=cpu``; with a
   CUDA build of vLLM also ``CUDA_VISIBLE_DEVICES=-1`` and the rank's OpenMP binding from the
   rank plan (vLLM's own OMP manager is inactive when the engine core's platform is CUDA);
-  spawn copies it.
+  spawn copies it. With GPU and CPU ranks the engine core also confines itself, and tells each
+  worker which cores to confine itself to (hetero_shim/affinity.py).
 - ``resolve_current_platform_cls_qualname`` (``vllm.platforms``): in a CPU-rank process it
   answers vLLM's CPU platform, so every ``from vllm.platforms import current_platform``
   in that process gets the CPU platform.
@@ -17,7 +18,7 @@ Remove when: vLLM supports per-rank platforms (not as of 0.33.0).
 from __future__ import annotations
 
 
-from hetero_shim import mode, settings, versions
+from hetero_shim import affinity, mode, settings, versions
 from hetero_shim.logs import log
 from hetero_shim.plan import format_id_list
 
@@ -28,8 +29,12 @@ CPU_PLATFORM = "vllm.platforms.cpu.CpuPlatform"
 
 def rank_environment(rank: int) -> dict[str, str]:
     plan = mode.current_plan()
+    confine = affinity.confines(plan)
     if plan is None or plan.kind(rank) == "gpu":
-        return {mode.RANK_KIND: "gpu"}
+        env = {mode.RANK_KIND: "gpu"}
+        if confine:
+            env[settings.PROCESS_CPUS] = format_id_list(affinity.reserved_cpus(plan))
+        return env
     env = {mode.RANK_KIND: "cpu"}
     if not versions.is_cpu_build():  # the engine core runs the CUDA platform: bind here, hide the GPUs
         # "-1", not "": vLLM keeps Triton on when CUDA_VISIBLE_DEVICES is empty (it reads that as
@@ -42,14 +47,33 @@ def rank_environment(rank: int) -> dict[str, str]:
         if cores:
             env.update(OMP_NUM_THREADS=str(len(cores)), OMP_PLACES="{" + ",".join(map(str, cores)) + "}",
                        OMP_PROC_BIND="true")
+            if confine:
+                env[settings.PROCESS_CPUS] = format_id_list(cores)
             log.info("hetero_shim: CPU rank %d bound to cores %s", rank, format_id_list(cores))
     return env
+
+
+_engine_core_confined = False
+
+
+def confine_engine_core() -> None:
+    """Before the first worker starts: the engine core moves to the reserved cores (once)."""
+    global _engine_core_confined
+    plan = mode.current_plan()
+    if _engine_core_confined or not affinity.confines(plan):
+        return
+    _engine_core_confined = True
+    cpus = affinity.reserved_cpus(plan)
+    if affinity.confine_this_process(cpus):
+        log.info("hetero_shim: engine core and GPU-rank processes confined to reserved cores %s, off the CPU "
+                 "ranks' cores (%s=0 leaves them free)", format_id_list(cpus), settings.CONFINE)
 
 
 def spawn_with_rank_environment(wrapped, instance, args, kwargs):
     if not settings.heterogeneous():
         return wrapped(*args, **kwargs)
     rank = kwargs["rank"] if "rank" in kwargs else args[2]
+    confine_engine_core()
     with settings.environ_set(rank_environment(rank)):
         return wrapped(*args, **kwargs)
 

@@ -52,6 +52,9 @@ def test_each_configuration_keeps_at_most_the_weight_budget_on_the_gpu():
     assert tp2["gpu_weights_gib"] == pytest.approx(3.0) and not tp2["over_budget"]
     pp2 = plans["hetero-pp2"]
     assert pp2["engine"]["pipeline_parallel_size"] == 2 and pp2["gpu_weights_gib"] is None and pp2["split"]
+    free = plans["hetero-pp2-free"]  # the same engine, processes not confined
+    assert free["engine"] == pp2["engine"] and free["env"] == {"HETERO_SHIM_CONFINE": "0"} and pp2["env"] == {}
+    assert plans["hetero-tp2-free"]["engine"] == tp2["engine"]
     for p in plans.values():
         assert p["engine"]["kv_cache_memory_bytes"] == b.kv_cache_bytes  # the same KV cache everywhere
         assert p["engine"]["enable_prefix_caching"] is False

@@ -4,10 +4,10 @@ import dataclasses
 
 import pytest
 
-from hetero_shim import mode, settings, versions
+from hetero_shim import affinity, mode, settings, versions
 from hetero_shim.errors import HeteroConfigError
 from hetero_shim.patches import kv_cache_agreement, rank_process
-from hetero_shim.plan import RankPlan, plan_to_json
+from hetero_shim.plan import Cpu, RankPlan, plan_to_json
 
 
 @pytest.fixture
@@ -20,12 +20,17 @@ def mixed_plan(monkeypatch):
 
 def test_cpu_rank_spawn_environment(mixed_plan, monkeypatch):
     monkeypatch.setattr(versions, "is_cpu_build", lambda: False)  # a CUDA wheel: the shim binds CPU ranks
-    assert rank_process.rank_environment(0) == {mode.RANK_KIND: "gpu"}
+    monkeypatch.setattr(affinity.node, "allowed_cpus", lambda: [Cpu(0, i, i) for i in range(7)])
+    assert rank_process.rank_environment(0) == {mode.RANK_KIND: "gpu", settings.PROCESS_CPUS: "0-1"}
     env = rank_process.rank_environment(2)
     assert env[mode.RANK_KIND] == "cpu"
     assert env["CUDA_VISIBLE_DEVICES"] == "-1"  # "" would keep vLLM's Triton on
     assert env["OMP_NUM_THREADS"] == "3" and env["OMP_PLACES"] == "{4,5,6}"
     assert env["TORCHDYNAMO_DISABLE"] == "1"
+    assert env[settings.PROCESS_CPUS] == "4-6"
+    monkeypatch.setenv(settings.CONFINE, "0")  # processes left where the kernel puts them
+    assert rank_process.rank_environment(0) == {mode.RANK_KIND: "gpu"}
+    assert settings.PROCESS_CPUS not in rank_process.rank_environment(2)
 
 
 def test_cpu_build_leaves_binding_to_vllm(monkeypatch):
@@ -47,11 +52,18 @@ def test_environment_is_restored_after_spawn(mixed_plan, monkeypatch):
 
         seen.update(os.environ)
 
+    confined = []
+    monkeypatch.setattr(affinity, "confine_this_process", lambda cpus: confined.append(cpus) or True)
+    monkeypatch.setattr(affinity.node, "allowed_cpus", lambda: [Cpu(0, i, i) for i in range(7)])
+    monkeypatch.setattr(rank_process, "_engine_core_confined", False)
+    rank_process.spawn_with_rank_environment(make_worker_process, None, (None, 1, 1), {})
     rank_process.spawn_with_rank_environment(make_worker_process, None, (None, 1, 1), {})
     import os
 
-    assert seen[mode.RANK_KIND] == "cpu" and seen["OMP_PLACES"] == "{2,3}"
+    assert seen[mode.RANK_KIND] == "cpu" and seen["OMP_PLACES"] == "{2,3}" and seen[settings.PROCESS_CPUS] == "2-3"
     assert "OMP_PLACES" not in os.environ and mode.RANK_KIND not in os.environ
+    assert settings.PROCESS_CPUS not in os.environ
+    assert confined == [[0, 1]]  # the engine core moved to the reserved cores, once
 
 
 @dataclasses.dataclass(frozen=True)
