@@ -18,9 +18,9 @@ def _chain_user_sitecustomize():
     spec = importlib.machinery.PathFinder.find_spec("sitecustomize", others)
     if spec is None or spec.loader is None:
         return
-    import importlib.util
+    from importlib.util import module_from_spec  # only when there is one: it costs ~2 ms
 
-    module = importlib.util.module_from_spec(spec)
+    module = module_from_spec(spec)
     sys.modules["sitecustomize"] = module
     spec.loader.exec_module(module)
 
