@@ -12,6 +12,8 @@ importing vLLM. Exit status 1 only when a child failed.
 
 Modules the interpreter imports before the statement (``site``, ``.pth`` files such as an
 editable install's finder) cost the statement nothing; the JSON records how many there were.
+``--no-site`` runs the children with ``python -S`` and the site-packages folders on PYTHONPATH
+instead: no ``.pth`` file runs, as in an interpreter that imports little at start-up.
 """
 
 from __future__ import annotations
@@ -51,15 +53,20 @@ print("ENABLE_COST " + json.dumps({{"ms": (_t1 - _t0) * 1e3, "startup_modules": 
 """
 
 
-def child_env() -> dict[str, str]:
+def site_packages(python: str) -> list[str]:
+    code = "import json, site; print(json.dumps(site.getsitepackages()))"
+    return json.loads(subprocess.run([python, "-c", code], capture_output=True, text=True, check=True).stdout)
+
+
+def child_env(extra_path: list[str]) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("HETERO_SHIM_")}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", ""), *extra_path) if p)
     return env
 
 
-def run_once(python: str, statement: str, env: dict[str, str], timeout: float) -> dict:
+def run_once(python: list[str], statement: str, env: dict[str, str], timeout: float) -> dict:
     start = time.perf_counter()
-    proc = subprocess.run([python, "-c", CHILD.format(statement=statement)], env=env, cwd=REPO,
+    proc = subprocess.run([*python, "-c", CHILD.format(statement=statement)], env=env, cwd=REPO,
                           capture_output=True, text=True, timeout=timeout)
     wall_ms = (time.perf_counter() - start) * 1e3
     line = next((l for l in proc.stdout.splitlines() if l.startswith("ENABLE_COST ")), None)
@@ -97,15 +104,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--python", default=sys.executable, help="interpreter to measure (default: this one)")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds one child may take")
+    parser.add_argument("--no-site", action="store_true", help="children run with -S, site-packages on PYTHONPATH")
     opts = parser.parse_args(argv)
     if opts.n < 1:
         parser.error(f"-n {opts.n}: need at least one run per statement")
-    env = child_env()
+    python = [opts.python, "-S"] if opts.no_site else [opts.python]
+    env = child_env(site_packages(opts.python) if opts.no_site else [])
     runs: dict[str, list[dict]] = {name: [] for name in CASES}
     try:
         for _ in range(opts.n):
             for name, statement in CASES.items():
-                runs[name].append(run_once(opts.python, statement, env, opts.timeout))
+                runs[name].append(run_once(python, statement, env, opts.timeout))
     except (RuntimeError, subprocess.TimeoutExpired) as exc:
         print(f"enable_cost: {exc}", file=sys.stderr)
         return 1
@@ -115,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "n": opts.n,
         "python": opts.python,
+        "no_site": opts.no_site,
         "python_version": platform.python_version(),
         "cpus": os.cpu_count(),
         "load_avg_1m": os.getloadavg()[0],
@@ -126,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     for case in cases.values():
         print(f"{case['statement']:44s} {case['median_ms']:9.2f} {case['p90_ms']:8.2f} "
               f"{case['process_median_ms']:10.1f} {case['modules_imported']:7d}  {', '.join(case['heavy_imported']) or '-'}")
-    print(f"n={opts.n} per statement, {os.cpu_count()} CPUs, load {result['load_avg_1m']:.1f}, "
+    print(f"n={opts.n} per statement{' (python -S)' if opts.no_site else ''}, {os.cpu_count()} CPUs, "
+          f"load {result['load_avg_1m']:.1f}, "
           f"{cases['baseline']['startup_modules']:.0f} modules imported at interpreter start")
     print(f"target: enable() with the import under {TARGET_MS:.0f} ms (median) and no vLLM/torch import: "
           f"{'MET' if met else 'NOT MET'} ({enable['median_ms']:.1f} ms)")

@@ -77,13 +77,14 @@ def enable(*, propagate: bool = True) -> dict:
             _log().debug("hetero_shim.enable(): already enabled")
             return status()
         settings.check_environment()
-        release, reason = versions.choose_table(versions.SUPPORTED)
+        found = versions.installed()
+        release, reason = versions.choose_table(versions.SUPPORTED, found)
         _warn_if_an_engine_runs()
         _state.update(table=release, reason=reason)
         if propagate and _state["env_before"] is None:
             _state["env_before"] = _propagate_to_children()
         _state["trigger"] = import_trigger.run_before_import("vllm", lambda: _install_table(release))
-        return status()
+        return _status(found)
 
 
 def running_engines() -> list[str]:
@@ -132,7 +133,10 @@ def status() -> dict:
     """
     from hetero_shim import versions
 
-    found = versions.installed()
+    return _status(versions.installed())
+
+
+def _status(found) -> dict:
     ledger = _ledger
     plan = None
     if os.environ.get(settings.PLAN):  # else no plan: leave the plan modules unimported

@@ -111,6 +111,8 @@ def _scan(path_entries: list[str]) -> Installed | None:
             except OSError:  # missing or unreadable: importlib.metadata skips it too
                 children = []
             for child in children:
+                if child[:4].lower() != "vllm":  # both names normalize to words starting "vllm": skip the rest fast
+                    continue
                 low = child.lower()
                 if low.endswith((".dist-info", ".egg-info")):
                     found.setdefault(_normalized(low.rpartition(".")[0].partition("-")[0]), []).append(child)
