@@ -135,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'statement':44s} {'median ms':>9s} {'p90 ms':>8s} {'process ms':>10s} {'modules':>7s}  heavy imports")
     for case in cases.values():
         print(f"{case['statement']:44s} {case['median_ms']:9.2f} {case['p90_ms']:8.2f} "
-              f"{case['process_median_ms']:10.1f} {case['modules_imported']:7d}  {', '.join(case['heavy_imported']) or '-'}")
+              f"{case['process_median_ms']:10.1f} {case['modules_imported']:7d}  "
+              f"{', '.join(case['heavy_imported']) or '-'}")
     print(f"n={opts.n} per statement{' (python -S)' if opts.no_site else ''}, {os.cpu_count()} CPUs, "
           f"load {result['load_avg_1m']:.1f}, "
           f"{cases['baseline']['startup_modules']:.0f} modules imported at interpreter start")

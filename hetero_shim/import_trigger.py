@@ -52,8 +52,11 @@ class BeforeImport:
                         break
         finally:
             self._searching = False
-        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
-            return None  # not installed, a namespace package or an old-style loader: stay out of it
+        if spec is None or spec.loader is None:
+            return None  # not (yet) installed: stay armed
+        if not hasattr(spec.loader, "exec_module"):  # an old-style loader cannot be preceded: run now
+            self._fire()
+            return spec
         spec.loader = _RunFirst(self, spec.loader)
         return spec
 

@@ -122,3 +122,24 @@ def test_submodules_and_other_packages_are_left_alone(tmp_path):
     assert EVENTS == ["package code"]
     importlib.import_module(f"{name}.sub")
     assert EVENTS == ["package code", "callback", "package code", "sub"]
+
+
+def test_old_style_loader_runs_the_callback_when_found():
+    """A loader without exec_module cannot be preceded: the callback runs when the spec is found."""
+    name = f"fake_pkg_{next(_counter)}"
+
+    class LegacyLoader:
+        def load_module(self, fullname):
+            EVENTS.append("package code")
+            module = sys.modules[fullname] = types.ModuleType(fullname)
+            return module
+
+    class LegacyFinder:
+        def find_spec(self, fullname, path=None, target=None):
+            return importlib.util.spec_from_loader(fullname, LegacyLoader()) if fullname == name else None
+
+    sys.meta_path.append(LegacyFinder())
+    import_trigger.run_before_import(name, callback)
+    with pytest.warns(ImportWarning):
+        importlib.import_module(name)
+    assert EVENTS == ["callback", "package code"]

@@ -14,7 +14,8 @@ from hetero_shim import versions
 def dist(folder, dirname: str, name: str, version: str, record: str = "METADATA"):
     path = folder / dirname
     path.mkdir(parents=True)
-    (path / record).write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n\nLong description\nVersion: 9\n")
+    body = "\nLong description\nVersion: 9\n"  # after the headers: not the version
+    (path / record).write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n{body}")
 
 
 def same_as_importlib_metadata(monkeypatch, entries) -> versions.Installed | None:
@@ -75,7 +76,8 @@ def test_what_the_scan_does_not_read_goes_to_importlib_metadata(tmp_path, monkey
     assert versions.installed() == "asked" and len(calls) == 2
 
 
-@pytest.mark.parametrize("version", ["0.32.0+cpu", "0.26.0", "0.27.1.dev3+g1234", "0.33.0rc1", "1", "v1.0", "", "10.2a.3"])
+@pytest.mark.parametrize("version",
+                         ["0.32.0+cpu", "0.26.0", "0.27.1.dev3+g1234", "0.33.0rc1", "1", "v1.0", "", "10.2a.3"])
 def test_release_is_the_leading_numbers(version):
     match = re.match(r"\d+(\.\d+)*", version)  # the definition the release property implements
     assert versions.Installed("vllm", version).release == (match.group(0) if match else version)
