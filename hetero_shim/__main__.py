@@ -22,11 +22,10 @@ def main(argv: list[str]) -> int:
         return 0 if argv else 2
     from hetero_shim import _api, settings, versions
     from hetero_shim.errors import HeteroShimError
-    from hetero_shim.patches import tables
 
     try:
         settings.check_environment()
-        versions.choose_table(tables.SUPPORTED)
+        versions.choose_table(versions.SUPPORTED)
     except HeteroShimError as exc:
         print(f"hetero_shim: {exc}", file=sys.stderr)
         return 2

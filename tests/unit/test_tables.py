@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from hetero_shim import versions
 from hetero_shim.patches import tables
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "vllm_symbols"
@@ -51,6 +52,11 @@ def test_each_patch_says_why_and_when_it_can_go():
     for release in tables.SUPPORTED:
         for patch in tables.table(release):
             assert patch.why and patch.remove_when, patch.target
+
+
+def test_enable_refuses_exactly_the_releases_without_a_table():
+    """enable() checks the release against versions.SUPPORTED, without importing this table."""
+    assert versions.SUPPORTED == tables.SUPPORTED == tuple(tables.TABLES)
 
 
 def test_unknown_release_has_no_table():
