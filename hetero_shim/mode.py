@@ -26,6 +26,14 @@ def gpu_ranks_for(world_size: int, gpus_on_node: int) -> int:
     return count_gpu_ranks(world_size, gpus_on_node, settings.gpu_ranks_override())
 
 
+def cores_to_reserve(gpu_ranks: int) -> int:
+    """Cores kept off the CPU ranks: one for the engine core, and with GPU ranks one for the
+    front end (the ``LLM`` or API-server process) and one per GPU rank. Measured on the H100
+    (3B, PP=2): engine core 107 %, GPU rank 99 % (both busy-wait between steps) and the ``LLM``
+    process 58 % of a core while the CPU rank worked (bench/results/2026-11-24-h100-run4/aff.txt)."""
+    return 2 + gpu_ranks if gpu_ranks else 1
+
+
 def build_plan(world_size: int, gpus_on_node: int, split: LayerSplit | None = None) -> RankPlan:
     """Make the rank plan for this node and publish it to child processes (``split``: pipeline mode)."""
     gpu_ranks = gpu_ranks_for(world_size, gpus_on_node)
@@ -37,8 +45,8 @@ def build_plan(world_size: int, gpus_on_node: int, split: LayerSplit | None = No
     reserved: list[int] = []
     if lists is None and bind.strip() == "nobind":
         lists = []
-    elif lists is None:  # automatic: own cores per CPU rank, one core kept for each other process
-        lists, reserved, notes = partition_cpus(node.one_per_core(allowed), cpu_ranks, reserve=1 + gpu_ranks)
+    elif lists is None:  # automatic: own cores per CPU rank, cores kept for the other processes
+        lists, reserved, notes = partition_cpus(node.one_per_core(allowed), cpu_ranks, reserve=cores_to_reserve(gpu_ranks))
     pipeline = {} if split is None else dict(
         pp_size=len(split.partition), layers=split.partition, split_source=split.source)
     plan = RankPlan(world_size, gpu_ranks, tuple(tuple(x) for x in lists), tuple(reserved), tuple(notes), **pipeline)

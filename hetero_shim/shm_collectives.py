@@ -352,7 +352,8 @@ class ShmCollectives:
             if pid is not None and started is not None and _start_time(pid) != started:
                 dead.append(f"{r} (pid {pid})")
         if dead:
-            self._fail(f"{self._where(what, seq)}: group rank(s) {', '.join(dead)} exited before arriving")
+            ranks = "group rank" + ("s " if len(dead) > 1 else " ") + ", ".join(dead)
+            self._fail(f"{self._where(what, seq)}: {ranks} died (the process exited before arriving)")
 
     def _check_signatures(self, seq: int, sig: int, what: str) -> None:
         flags, stride, which = self._flags, FLAG_STRIDE // 8, _SIG + (seq & 1)

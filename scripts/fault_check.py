@@ -202,7 +202,7 @@ def tail(log: Path, chars: int = 3000) -> str:
 def named_lines(log: Path, victim: dict) -> list[str]:
     """Log lines that say which worker or rank died."""
     patterns = (rf"Worker_TP{victim['rank']}\b.*(died|killed|exit)", rf"VllmWorker-{victim['rank']}\b.*died",
-                rf"rank {victim['rank']}\b.*(died|dead|ended|exit)")
+                rf"rank {victim['rank']}\b.*(died|dead|ended|exit)", rf"pid {victim['pid']}\b.*(died|dead|ended|exit)")
     return [line.strip()[:300] for line in log.read_text(errors="replace").splitlines()
             if any(re.search(p, line, re.I) for p in patterns)]
 

@@ -182,7 +182,7 @@ def check_killed(rank: int, world: int) -> None:
         raise AssertionError("no error although a rank exited")
     except shm.ShmCollectiveError as e:
         took = time.monotonic() - start
-        assert f"group rank(s) {world - 1} (pid " in str(e) and "exited before arriving" in str(e), e
+        assert f"group rank {world - 1} (pid " in str(e) and "died (the process exited before arriving)" in str(e), e
         assert took < 5, took
         say(f"RANK{rank} MESSAGE {e}")
 

@@ -43,4 +43,4 @@ def test_rank_that_never_arrives_is_named_within_the_deadline():
 
 def test_rank_that_exits_is_named_at_once():
     out = run_check(2, "killed")
-    assert re.search(r"RANK0 MESSAGE .*group rank\(s\) 1 \(pid \d+\) exited before arriving", out), out[-4000:]
+    assert re.search(r"RANK0 MESSAGE .*group rank 1 \(pid \d+\) died \(the process exited before arriving\)", out), out[-4000:]
