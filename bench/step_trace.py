@@ -11,7 +11,7 @@ of a given token count reports medians of:
 - ``stage0_ms``: stage 0's call (the GPU stage: its layers, sending the activations);
 - ``stage1_wait_ms``: stage 1 inside its call before stage 0 finished (waiting for activations);
 - ``stage1_work_ms``: stage 1 after stage 0 finished (its layers, LM head; the receive's tail);
-- ``gap_ms``: from stage 1's end to stage 0's next start (sampling, the engine core, scheduling;
+- ``gap_ms``: from stage 1's end to stage 0's next start of a step with tokens (sampling, the engine core, scheduling;
   negative when stage 0 already works on the next micro-batch);
 - ``period_ms``: from one stage-0 start to the next (the step rate).
 For pipeline runs (two stages); a TP run's two ranks run each step at the same time. Stdlib only.
@@ -49,10 +49,13 @@ def _median(values: list[float]) -> float | None:
 def pipeline_breakdown(first: list[dict], last: list[dict]) -> dict[int, dict]:
     """Per token count: median stage times (ms) over the steps both stages ran."""
     by_tokens: dict[int, dict[str, list[float]]] = {}
+    # vLLM's batch queue dispatches an empty step (0 tokens) to every worker while a request is in
+    # flight; both stages see the same sequence, so dropping those keeps the pairs aligned
+    first, last = [s for s in first if s["tokens"]], [s for s in last if s["tokens"]]
     n = min(len(first), len(last))
     for i in range(n):
         a, b = first[i], last[i]
-        if a["tokens"] != b["tokens"] or not a["tokens"]:
+        if a["tokens"] != b["tokens"]:
             continue
         row = by_tokens.setdefault(a["tokens"], {"stage0_ms": [], "stage1_wait_ms": [], "stage1_work_ms": [],
                                                  "gap_ms": [], "period_ms": []})
