@@ -159,6 +159,8 @@ def figures(outcome: dict) -> dict:
     keys = ("start_s", "ttft_ms", "ttft_all_ms", "prefill_tok_s", "decode_b1_tok_s", "decode_b1_step_ms",
             "decode_b1_all_step_ms", "decode_b16_tok_s", "decode_b16_step_ms", "decode_b16_all_step_ms")
     out = {k: (round(v[k], 4) if isinstance(v[k], float) else v[k]) for k in keys if k in v}
+    if "env_seen" in v:  # the configuration's extra variables, as the engine process saw them
+        out["env_seen"] = v["env_seen"]
     return out | outcome["memory"]
 
 
@@ -245,7 +247,7 @@ class Harness:
         row = {"model": model, "config": cfg, "label": plan["label"], "engine": plan["engine"],
                "planned": {k: plan.get(k) for k in ("gpu_weights_gib", "cpu_weights_gib", "over_budget",
                                                     "prefetch_layers_offloaded", "split") if k in plan},
-               "enable_shim": plan["enable_shim"]}
+               "enable_shim": plan["enable_shim"], "env": plan["env"]}
         if plan["skip"]:
             self.record(row | {"status": "skipped", "reason": plan["skip"]})
             return
@@ -253,7 +255,8 @@ class Harness:
         if left < self.opts.min_run:
             self.record(row | {"status": "skipped", "reason": f"not started: {left:.0f} s left of --deadline"})
             return
-        spec = {"engine": plan["engine"], "enable_shim": plan["enable_shim"], "workload": asdict(self.workload)}
+        spec = {"engine": plan["engine"], "enable_shim": plan["enable_shim"], "workload": asdict(self.workload),
+                "env": plan["env"]}
         log = self.out / "logs" / f"{model}-{cfg}.log"
         print(f"   {model} {cfg}: starting (limit {min(self.opts.timeout, left - 5):.0f} s)", flush=True)
         outcome = run_engine(spec, log, min(self.opts.timeout, left - 5), self.gpu, self.opts.exit_grace)

@@ -12,12 +12,15 @@ FIGURES = ("start_s", "ttft_ms", "prefill_tok_s", "decode_b1_tok_s", "decode_b16
 
 def test_harness_runs_every_configuration_and_writes_every_figure(tmp_path):
     proc = procs.run_python([str(procs.REPO / "bench" / "run.py"), "--size", "toy", "--models", "toy", "--eager",
-                             "--configs", "gpu,offload-uva,hetero-tp2,hetero-tp4", "--out", str(tmp_path),
-                             "--no-plot"], timeout=240)
+                             "--configs", "gpu,offload-uva,hetero-tp2,hetero-tp4,hetero-tp2-free", "--out", str(tmp_path),
+                             "--no-plot"], timeout=300)
     assert proc.returncode == 0, proc.stdout[-5000:]
     results = json.loads((tmp_path / "results.json").read_text())
     runs = {r["config"]: r for r in results["runs"]}
-    assert list(runs) == ["gpu", "offload-uva", "hetero-tp2", "hetero-tp4"]
+    assert list(runs) == ["gpu", "offload-uva", "hetero-tp2", "hetero-tp4", "hetero-tp2-free"]
+    # a variant's environment reaches its engine process (and only its)
+    assert runs["hetero-tp2-free"]["figures"]["env_seen"] == {"HETERO_SHIM_CONFINE": "0"}
+    assert runs["hetero-tp2"]["figures"]["env_seen"] == {}
 
     for name in ("gpu", "hetero-tp2"):
         run = runs[name]
