@@ -131,6 +131,7 @@ def main() -> int:
     parser.add_argument("--models", default="llama")
     parser.add_argument("--dtypes", default="float32")
     parser.add_argument("--tp", default="2")
+    parser.add_argument("--ref-tp", type=int, default=1, help="tensor-parallel size of the GPU-only reference")
     parser.add_argument("--timeout", type=float, default=240)
     parser.add_argument("--skip-sampled", action="store_true")
     parser.add_argument("--fail-fast", action="store_true", help="stop at the first failed check")
@@ -169,14 +170,15 @@ def checks(opts, out: Path) -> None:
     for name in opts.models.split(","):
         model = tiny_models.get(tiny_models.NAMED[name])
         for dtype in opts.dtypes.split(","):
-            ref = generate(model, 1, False, dtype, out, opts.timeout)
+            ref = generate(model, opts.ref_tp, False, dtype, out, opts.timeout)
+            ref_name = f"GPU TP={opts.ref_tp}"
             for tp in map(int, opts.tp.split(",")):
                 got = generate(model, tp, True, dtype, out, opts.timeout)
                 if got and got.get("plan"):
                     print(got["plan"], "\n  kernels:", got.get("kernels"), flush=True)
-                compare(f"{name} {dtype} greedy: hetero TP={tp} == GPU TP=1", ref, got)
+                compare(f"{name} {dtype} greedy: hetero TP={tp} == {ref_name}", ref, got)
                 if not opts.skip_sampled:
-                    compare(f"{name} {dtype} seeded T=0.8: hetero TP={tp} == GPU TP=1", ref, got, "sampled_tokens")
+                    compare(f"{name} {dtype} seeded T=0.8: hetero TP={tp} == {ref_name}", ref, got, "sampled_tokens")
                     if os.environ.get("HETERO_SHIM_VERIFY_TOKENS") == "1":
                         seen = (got or {}).get("verified")
                         record(f"{name} {dtype} TP={tp}: every rank continued from rank 0's tokens", bool(seen),
