@@ -428,9 +428,14 @@ def main(argv: list[str]) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     result = run_serve(opts, workdir) if opts.phase == "serve" else run_offline(opts, workdir)
     result.update(model=opts.model, tp=opts.tp, signal=opts.signal, stock=opts.stock)
-    if opts.json:
-        Path(opts.json).write_text(json.dumps(result, indent=1))
-    ok = report(result)
+    return finish(result, opts.json, report)
+
+
+def finish(result: dict, json_path: str | None, report_fn) -> int:
+    """Write the result JSON (if asked), print the report; on failure also the log's tail. Exit status."""
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=1))
+    ok = report_fn(result)
     if not ok:
         print(f"\nlog tail ({result['log']}):\n{tail(Path(result['log']))}")
     return 0 if ok else 1

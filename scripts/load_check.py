@@ -318,13 +318,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> int:
     opts = parse_args(argv)
-    result = run(opts)
-    if opts.json:
-        Path(opts.json).write_text(json.dumps(result, indent=1))
-    ok = report(result)
-    if not ok:
-        print(f"\nserver log tail ({result['log']}):\n{fault_check.tail(Path(result['log']))}")
-    return 0 if ok else 1
+    return fault_check.finish(run(opts), opts.json, report)
 
 
 if __name__ == "__main__":
