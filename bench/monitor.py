@@ -17,7 +17,7 @@ import subprocess
 import threading
 from pathlib import Path
 
-from hetero_shim.testing.proctree import session_pids  # noqa: F401  (bench/run.py uses it from here)
+from hetero_shim.testing.proctree import session_pids
 
 GIB = 1 << 30
 

@@ -32,6 +32,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from bench import configs, models, monitor, report  # noqa: E402
+from hetero_shim.testing import proctree  # noqa: E402
 
 ENGINE = str(REPO / "bench" / "engine.py")
 ALLREDUCE = str(REPO / "bench" / "allreduce.py")
@@ -64,14 +65,12 @@ def child_env() -> dict[str, str]:
 
 
 def kill_session(pid: int) -> list[int]:
-    """SIGKILL the session ``pid`` and wait (up to 30 s) until none of it is left; returns survivors."""
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    """SIGKILL the session ``pid`` and wait (up to 30 s) until none of it is left; returns survivors.
+    Unlike proctree.wait_session_gone, members that left the process group are killed one by one."""
+    proctree.kill_session(pid)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        left = monitor.session_pids(pid)
+        left = proctree.session_pids(pid)
         if not left:
             return []
         for p in left:  # a process that moved to its own group but kept the session
@@ -80,7 +79,7 @@ def kill_session(pid: int) -> list[int]:
             except ProcessLookupError:
                 pass
         time.sleep(0.3)
-    return monitor.session_pids(pid)
+    return proctree.session_pids(pid)
 
 
 def run_engine(spec: dict, log: Path, timeout: float, gpu: monitor.GpuProbe | None, exit_grace: float) -> dict:

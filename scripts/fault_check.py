@@ -384,7 +384,7 @@ def serve_checks(result: dict, limit: float) -> dict:
     }
 
 
-def report(result: dict) -> bool:
+def report(result: dict) -> None:
     shown = {k: v for k, v in result.items() if k not in ("requests", "ranks")}
     print("FAULT_RESULT " + json.dumps(shown), flush=True)
     victim = result.get("victim") or {}
@@ -392,9 +392,6 @@ def report(result: dict) -> bool:
           f"exit code {result.get('exit_code')} after {result.get('seconds_to_exit')} s")
     for line in result.get("named", [])[:3]:
         print(f"  log: {line}")
-    for check, ok in result["checks"].items():
-        print(f"  {'PASS' if ok else 'FAIL'}  {check}")
-    return all(result["checks"].values())
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -432,10 +429,14 @@ def main(argv: list[str]) -> int:
 
 
 def finish(result: dict, json_path: str | None, report_fn) -> int:
-    """Write the result JSON (if asked), print the report; on failure also the log's tail. Exit status."""
+    """Write the result JSON (if asked), print the report and every check; on failure also the
+    log's tail. Exit status: 0 when every check passed."""
     if json_path:
         Path(json_path).write_text(json.dumps(result, indent=1))
-    ok = report_fn(result)
+    report_fn(result)
+    for check, passed in result["checks"].items():
+        print(f"  {'PASS' if passed else 'FAIL'}  {check}")
+    ok = all(result["checks"].values())
     if not ok:
         print(f"\nlog tail ({result['log']}):\n{tail(Path(result['log']))}")
     return 0 if ok else 1
