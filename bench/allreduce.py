@@ -10,11 +10,15 @@ the same run, on the same processes, fp32 tensors:
 - ``gloo .cpu()``: the naive path (unpinned device-to-host copy, gloo, copy back) = baseline;
 - ``gloo pinned``: HeteroCommunicator with HETERO_SHIM_COLLECTIVES=gloo (pinned staging + gloo);
 - ``shm``: HeteroCommunicator with HETERO_SHIM_COLLECTIVES=shm (hetero_shim.shm_collectives;
-  the GPU rank copies into the CUDA-registered segment);
+  the GPU rank copies into the CUDA-registered segment, and its all-reduce waits on its CUDA
+  stream: hetero_shim.shm_gpu_stream);
+- ``shm host waits`` (``--gpu-rank`` only): the same with HETERO_SHIM_SHM_STREAM_OPS=0 (the GPU
+  rank's host thread waits for its copy and for the peers: the previous design);
 - ``vLLM CPU SHM``: vLLM's own CPU communicator (its C++ shared-memory all-reduce), only when every
   rank is a CPU rank and vLLM's CPU kernels load (all-CPU heterogeneous mode uses it).
-Every path is first checked for the right sum (fp32), and the shm path for every rank holding the
-same bits of a random bf16 sum. Times are rank 0's (the GPU rank with
+Every path is first checked for the right sum (fp32), the shm paths for every rank holding the
+same bits of a random bf16 sum, and for 200 back-to-back all-reduces with no synchronization in
+between, each input computed from the previous result (what a model's layers do). Times are rank 0's (the GPU rank with
 ``--gpu-rank``): median and 90th percentile of ``--iters`` calls; GB/s = payload bytes / median.
 The table is printed last; JSON has every row. Issue 4's targets: 8 KiB <= 50 us, 16 MiB >= 20 GB/s.
 """
@@ -103,6 +107,21 @@ def same_bits_bf16(reduce, rank: int, world: int, n: int, device, group) -> None
     assert torch.allclose(got.double(), exact, rtol=0, atol=0.1), f"bf16 sum of {n} elements is off"
 
 
+def back_to_back(reduce, rank: int, world: int, n: int, device) -> None:
+    """200 dependent all-reduces, alternating two sizes, nothing synchronized in between: exact results."""
+    import torch
+
+    base = [torch.arange(k, dtype=torch.float32, device=device) % 1000 for k in (n, max(1, n // 2 + 1))]
+    x = [b + rank for b in base]
+    ranks_sum = float(sum(range(world)))
+    for i in range(200):
+        k = i % 2
+        y = reduce(x[k])  # = world * base + ranks_sum, exactly (small integers in fp32)
+        x[k] = (y - ranks_sum) / world + rank  # = base + rank again, exactly (world is 2 or 4 here)
+    for k in (0, 1):
+        assert torch.equal(x[k].cpu(), (base[k] + rank).cpu()), f"back-to-back all-reduces of {n} elements went wrong"
+
+
 def worker(rank: int, world: int, init_file: str, opts, results_path: str) -> None:
     cores = cores_for(rank, world)
     os.sched_setaffinity(0, cores)
@@ -122,7 +141,14 @@ def worker(rank: int, world: int, init_file: str, opts, results_path: str) -> No
     pinned = HeteroCommunicator(cpu_group=group, device=device, device_group=group, collectives="gloo")
     shm = HeteroCommunicator(cpu_group=group, device=device, device_group=group, collectives="shm")
     paths = {BASELINE: None, "gloo pinned": pinned.all_reduce, "shm": shm.all_reduce}
-    notes = {"shm registered with CUDA": shm.shm.registered} if use_gpu else {}
+    notes = {}
+    if opts.gpu_rank:  # every rank builds it (a collective set-up); only rank 0's device differs
+        host_waits = HeteroCommunicator(cpu_group=group, device=device, device_group=group, collectives="shm",
+                                        stream_ops=False)
+        paths["shm host waits"] = host_waits.all_reduce
+    if use_gpu:
+        notes = {"shm registered with CUDA": shm.shm.registered,
+                 "shm stream-ordered": getattr(shm.shm, "stream_ordered", False)}
     if not opts.gpu_rank:
         vllm_comm, why = vllm_cpu_communicator(group)
         if vllm_comm is not None:
@@ -143,6 +169,8 @@ def worker(rank: int, world: int, init_file: str, opts, results_path: str) -> No
 
         same_bits_bf16(shm.all_reduce, rank, world, n, device, group)
         for name, reduce in paths.items():
+            if name.startswith("shm"):
+                back_to_back(reduce, rank, world, min(n, 1 << 20), device)
             fn = naive if reduce is None else (lambda reduce=reduce: reduce(x))
             if reduce is not None:
                 got = reduce(check.clone())
@@ -157,6 +185,8 @@ def worker(rank: int, world: int, init_file: str, opts, results_path: str) -> No
         Path(results_path).write_text(json.dumps({"rows": rows, "notes": notes, "cores": cores}))
     dist.barrier(group=group)
     shm.destroy()
+    if opts.gpu_rank:
+        host_waits.destroy()
     dist.destroy_process_group()
 
 

@@ -47,12 +47,14 @@ def collectives_skipped() -> bool:
 
 class HeteroCommunicator(DeviceCommunicatorBase):
     def __init__(self, cpu_group, device=None, device_group=None, unique_name: str = "", *,
-                 collectives: str | None = None, **kwargs):
-        """``collectives``: auto|shm|gloo (default: HETERO_SHIM_COLLECTIVES). Collective over cpu_group."""
+                 collectives: str | None = None, stream_ops: bool | None = None, **kwargs):
+        """``collectives``: auto|shm|gloo (default: HETERO_SHIM_COLLECTIVES); ``stream_ops``: a GPU
+        rank's shared-memory all-reduce waits on its stream (default: HETERO_SHIM_SHM_STREAM_OPS)."""
         super().__init__(cpu_group, device, device_group, unique_name, **kwargs)
         self._pinned: dict[tuple[torch.dtype, int], torch.Tensor] = {}
         self.shm = shm_collectives.for_group(self.cpu_group, self.ranks, self.rank_in_group, self.world_size,
-                                             self.device, mode=collectives, label=unique_name)
+                                             self.device, mode=collectives, label=unique_name,
+                                             stream_ops=stream_ops)
 
     def destroy(self) -> None:
         if self.shm is not None:
@@ -61,7 +63,13 @@ class HeteroCommunicator(DeviceCommunicatorBase):
         super().destroy()
 
     # -- host staging ---------------------------------------------------------------
+    def _settle(self) -> None:
+        """Before a host-side wait: this group's stream-ordered collectives seen complete (a dead peer named)."""
+        if self.shm is not None:
+            self.shm.settle()
+
     def _to_host(self, tensor: torch.Tensor) -> torch.Tensor:
+        self._settle()
         if tensor.device.type == "cpu":
             return tensor.contiguous()
         key = (tensor.dtype, tensor.numel())
@@ -129,6 +137,7 @@ class HeteroCommunicator(DeviceCommunicatorBase):
 
     def recv(self, size: torch.Size, dtype: torch.dtype, src: int | None = None) -> torch.Tensor:
         src = (self.rank_in_group - 1) % self.world_size if src is None else src
+        self._settle()
         host = torch.empty(size, dtype=dtype)
         dist.recv(host, self.ranks[src], group=self.cpu_group)
         return host.to(self.device)

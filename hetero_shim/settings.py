@@ -32,6 +32,9 @@ COLLECTIVES = "HETERO_SHIM_COLLECTIVES"
 SHM_TIMEOUT = "HETERO_SHIM_SHM_TIMEOUT"
 #: MiB of shared memory per rank and buffer (default 4); larger tensors go through in pieces.
 SHM_SLOT_MB = "HETERO_SHIM_SHM_SLOT_MB"
+#: "1" (default): a GPU rank's shared-memory all-reduce waits on its CUDA stream (stream memory
+#: operations), not on the host; "0": host waits.
+SHM_STREAM_OPS = "HETERO_SHIM_SHM_STREAM_OPS"
 #: "1" (default): with GPU and CPU ranks, the engine core and GPU-rank processes stay on the plan's
 #: reserved cores, off the CPU ranks' cores (hetero_shim/affinity.py); "0" leaves them where the kernel puts them.
 CONFINE = "HETERO_SHIM_CONFINE"
@@ -147,6 +150,10 @@ def collectives_mode() -> str:
     return raw
 
 
+def shm_stream_ops() -> bool:
+    return _flag(SHM_STREAM_OPS, default=True)
+
+
 def _positive_number(name: str, default: float) -> float:
     raw = os.environ.get(name, "").strip()
     if not raw:
@@ -186,6 +193,7 @@ def check_environment() -> None:
     collectives_mode()
     shm_timeout_seconds()
     shm_slot_bytes()
+    shm_stream_ops()
 
 
 class environ_set:  # noqa: N801 - used as a function: `with environ_set({...}):`

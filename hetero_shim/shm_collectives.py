@@ -49,7 +49,9 @@ fences: ``auto`` falls back to gloo there and ``shm`` refuses.
 
 GPU rank: the segment is registered with CUDA (``cudaHostRegister``), so device<->host copies go
 straight into and out of it at pinned speed; if registration fails, a pinned staging buffer is
-used (a warning says so). Copies into the segment are waited for (stream synchronize) before the
+used (a warning says so). By default its all-reduce is stream-ordered (``hetero_shim.shm_gpu_stream``:
+the flag store and the wait for the peers are queued on the CUDA stream). Otherwise, and for its
+broadcast and all-gather: copies into the segment are waited for (stream synchronize) before the
 flag is published; copies out of it are queued on the current stream and a CUDA event is waited
 for before this rank next publishes a flag (no peer can overwrite what the copy reads before then).
 
@@ -250,6 +252,9 @@ class ShmCollectives:
     def registered(self) -> bool:
         return self._registered
 
+    def settle(self) -> None:
+        """Nothing of this rank's collectives is left queued on a device stream (here: never)."""
+
     # -- views --------------------------------------------------------------------------
     def _view(self, dtype: torch.dtype) -> torch.Tensor:
         typed = self._typed.get(dtype)
@@ -310,9 +315,13 @@ class ShmCollectives:
         _fence()
         self._flags[self._flag_index(self.rank, which)] = seq
 
-    def _arrive(self, seq: int, op: int, dtype: torch.dtype, nbytes: int) -> int:
+    @staticmethod
+    def _signature(op: int, dtype: torch.dtype, nbytes: int) -> int:
         code = _DTYPES.index(dtype) if dtype in _DTYPES else 63
-        sig = (op << 56) | (code << 48) | nbytes
+        return (op << 56) | (code << 48) | nbytes
+
+    def _arrive(self, seq: int, op: int, dtype: torch.dtype, nbytes: int) -> int:
+        sig = self._signature(op, dtype, nbytes)
         self._flags[self._flag_index(self.rank, _SIG + (seq & 1))] = sig
         self._publish(_ARRIVE, seq)
         return sig
@@ -509,13 +518,15 @@ def _clear_cuda_error() -> None:
 
 def for_group(cpu_group, ranks: list[int], rank: int, world: int, device: torch.device, *,
               mode: str | None = None, slot: int | None = None, timeout_s: float | None = None,
-              reducer: bool | None = None, label: str = "",
-              chunked_min_bytes: int = CHUNKED_MIN_BYTES) -> ShmCollectives | None:
+              reducer: bool | None = None, label: str = "", chunked_min_bytes: int = CHUNKED_MIN_BYTES,
+              stream_ops: bool | None = None) -> ShmCollectives | None:
     """Collective set-up over ``cpu_group`` (gloo): shared-memory collectives for this group, or None (use gloo).
 
     Every rank must call it. ``mode`` (default: HETERO_SHIM_COLLECTIVES) and ``slot``/``timeout_s``
     (default: their settings) are taken from group rank 0 so all ranks decide alike. ``reducer``:
     whether this rank sums chunks of large all-reduces (default: its device is the CPU).
+    ``stream_ops``: a CUDA rank's all-reduce waits on its stream (``hetero_shim.shm_gpu_stream``;
+    default: HETERO_SHIM_SHM_STREAM_OPS, on); a local choice, peers see the same protocol.
     """
     mode = settings.collectives_mode() if mode is None else mode
     info = {"host": host_identity(), "why_not": unsupported_reason(), "pid": os.getpid(),
@@ -566,9 +577,11 @@ def for_group(cpu_group, ranks: list[int], rank: int, world: int, device: torch.
     reducers = [r for r, i in enumerate(infos) if i["reducer"]] or list(range(world))
     log.info("hetero_shim: %s collectives through shared memory (%d ranks, %d bytes per rank, segment "
              "%d bytes)", label or "group", world, lead["slot"], size)
-    return ShmCollectives(mm, rank=rank, world=world, slot=lead["slot"], reducers=reducers, peers=peers,
-                          device=device, timeout_s=lead["timeout"], label=label,
-                          chunked_min_bytes=chunked_min_bytes)
+    kind = ShmCollectives
+    if device.type == "cuda" and (settings.shm_stream_ops() if stream_ops is None else stream_ops):
+        from hetero_shim.shm_gpu_stream import StreamOrderedShm as kind
+    return kind(mm, rank=rank, world=world, slot=lead["slot"], reducers=reducers, peers=peers,
+                device=device, timeout_s=lead["timeout"], label=label, chunked_min_bytes=chunked_min_bytes)
 
 
 def _cannot(mode: str, why: str) -> None:

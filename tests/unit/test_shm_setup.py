@@ -35,6 +35,26 @@ def test_shm_numbers(monkeypatch):
         settings.shm_timeout_seconds()
 
 
+def test_stream_ops_setting(monkeypatch):
+    monkeypatch.delenv(settings.SHM_STREAM_OPS, raising=False)
+    assert settings.shm_stream_ops() is True
+    monkeypatch.setenv(settings.SHM_STREAM_OPS, "0")
+    assert settings.shm_stream_ops() is False
+    monkeypatch.setenv(settings.SHM_STREAM_OPS, "sometimes")
+    with pytest.raises(HeteroConfigError, match="HETERO_SHIM_SHM_STREAM_OPS='sometimes' is not understood"):
+        settings.shm_stream_ops()
+
+
+def test_stream_ops_load_without_a_cuda_driver_says_why_not():
+    """On a host without libcuda (CI) loading gives (None, reason), never an exception; with one, ops or a reason."""
+    from hetero_shim import cuda_stream_ops
+
+    ops, why = cuda_stream_ops.load(0)
+    assert (ops is None) != (why is None)
+    if ops is None:
+        assert why and ("OSError" in why or "Error" in why or "does not support" in why)
+
+
 def test_stale_segment_of_a_dead_creator_is_swept(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()

@@ -1,0 +1,159 @@
+"""Stream-ordered shared-memory all-reduce for a GPU rank (``StreamOrderedShm``).
+
+Why: with host-side waiting (``ShmCollectives``) a GPU rank's all-reduce of 8 KiB took 126 us on
+the H100 (issue 4 wants 50 us): its host thread copies its input into the segment and waits for
+the copy (a stream synchronize, behind every kernel queued before), publishes its flag, spins for
+the peers, and only then queues the copy back. Here the host thread only queues work; the flag
+store and the wait for the peers are CUDA stream memory operations (``hetero_shim.cuda_stream_ops``)
+on the current stream, in stream order with the copies and kernels around them.
+
+Protocol: the same segment, flags and buffers as ``ShmCollectives`` (its docstring), so CPU peers
+cannot tell the difference. For operation ``seq`` the GPU rank queues: copy its input into its
+piece of buffer ``seq % 2`` -> write ``arrive = seq`` (the write is fenced behind the copy) ->
+wait until every peer's ``arrive >= seq`` -> [large tensors, more than 2 ranks: wait until each
+reducer's ``reduced >= seq``] -> copy the peers' pieces (or the reduced result) to the device and
+add. Double buffering holds in stream order: the copy into buffer ``seq % 2`` runs after the wait
+of operation ``seq - 1``, i.e. after every peer arrived at ``seq - 1`` and so finished reading
+operation ``seq - 2`` (the buffer's last use); and this rank's reads of operation ``seq - 2`` ran
+before its ``arrive = seq - 1``, which a CPU peer waits for before it writes that buffer again.
+Every element is still computed by the same IEEE additions in rank order as on the CPU ranks,
+so all ranks hold the same bits.
+
+Host bookkeeping ("settling"): before queuing operation ``seq`` the host thread waits (the base
+class's ``_wait``: liveness checks every 0.1 s, ``HETERO_SHIM_SHM_TIMEOUT``) until the peers have
+met the conditions of operation ``seq - 1``. So the stream waits on at most one collective that
+the host thread has not seen complete, a peer that died is named at the next collective (as with
+host waits), this rank's signature of ``seq`` can be written from the host (every peer finished
+checking ``seq - 2``'s), and the peers' signatures of ``seq - 1`` are checked then: one collective
+late, but before the collective returns. Broadcast, all-gather and every gloo path of the
+communicator first settle fully (conditions, then the stream's queued work) and then run the
+host-waiting protocol. After an error the stream's pending waits are released (their flags are
+overwritten), so this process can still synchronize and exit; the communicator refuses further
+calls.
+
+Limit: a host synchronization *between* two collectives (none happens inside vLLM's decoder
+forward pass) waits until the peers arrive; if a peer died at exactly that point, this rank is
+ended by vLLM's worker monitor, not named by this module.
+``HETERO_SHIM_SHM_STREAM_OPS=0`` turns this off (host waits, as before). Remove when: never for
+GPU+CPU groups (NCCL cannot include CPU ranks); torch may one day expose stream memory operations.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hetero_shim import cuda_stream_ops
+from hetero_shim.logs import log
+from hetero_shim.shm_collectives import (_ARRIVE, _REDUCED, _SIG, FLAG_STRIDE, ShmCollectives,
+                                         _sum_in_rank_order)
+
+RELEASED = 1 << 62  # written into awaited flags after an error: every pending stream wait passes
+
+
+class StreamOrderedShm(ShmCollectives):
+    """ShmCollectives whose all-reduce on a CUDA rank waits on the stream, not on the host."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._ops = None
+        self._queued: tuple | None = None  # (seq, signature, [(flag, ranks)], stream) not yet seen met
+        if not self.registered:
+            return
+        ops, why = cuda_stream_ops.load(torch.cuda.current_device())
+        if ops is None:
+            log.info("hetero_shim: GPU rank waits on the host in shared-memory collectives (%s)", why)
+            return
+        self._ops = ops
+        self._base = ops.device_pointer(self._bytes.data_ptr())
+
+    @property
+    def stream_ordered(self) -> bool:
+        return self._ops is not None
+
+    def _address(self, rank: int, which: int) -> int:
+        return self._base + 8 * self._flag_index(rank, which)
+
+    # -- settling -------------------------------------------------------------------------
+    def _settle_conditions(self) -> None:
+        """Wait on the host until the queued operation's peers have arrived (named if they died)."""
+        if self._queued is None:
+            return
+        seq, sig, waits, _ = self._queued
+        for which, ranks in waits:
+            self._wait(which, seq, ranks, "all_reduce")
+        self._check_signatures(seq, sig, "all_reduce")
+        self._queued = None
+
+    def settle(self) -> None:
+        """The queued operation's conditions met and its stream work done: host-side protocol may follow."""
+        if self._queued is None:
+            return
+        stream = self._queued[3]
+        self._settle_conditions()
+        stream.synchronize()
+
+    def _release_stream(self) -> None:
+        """Let the stream's pending waits pass (after an error: the data they guard is not used)."""
+        if self._queued is None or self._mm is None:
+            return
+        seq, _, waits, _ = self._queued
+        for which, ranks in waits:
+            for q in ranks:
+                index = self._flag_index(q, which)
+                if self._flags[index] < seq:
+                    self._flags[index] = RELEASED
+        self._queued = None
+
+    def _fail(self, message: str):
+        self._release_stream()
+        super()._fail(message)
+
+    def close(self) -> None:
+        if self._queued is not None and self._mm is not None:
+            seq, _, waits, _ = self._queued
+            stride = FLAG_STRIDE // 8
+            if any(self._flags[q * stride + which] < seq for which, ranks in waits for q in ranks):
+                self._release_stream()
+            self._queued = None
+        super().close()
+
+    # -- collectives ------------------------------------------------------------------------
+    def _all_reduce_piece(self, src: torch.Tensor, out: torch.Tensor) -> None:
+        if self._ops is None or out.device.type != "cuda":
+            self.settle()
+            return super()._all_reduce_piece(src, out)
+        seq = self._begin()
+        self._settle_conditions()
+        buf, n, dtype, r, world = seq & 1, src.numel(), src.dtype, self.rank, self.world
+        nbytes = n * src.element_size()
+        sig = self._signature(1, dtype, nbytes)
+        self._flags[self._flag_index(r, _SIG + (seq & 1))] = sig
+        stream = torch.cuda.current_stream()
+        handle, ops = stream.cuda_stream, self._ops
+        self._data(buf, dtype, r * n, n).copy_(src, non_blocking=True)
+        ops.write(handle, self._address(r, _ARRIVE), seq)
+        peers = [q for q in range(world) if q != r]
+        for q in peers:
+            ops.wait_at_least(handle, self._address(q, _ARRIVE), seq)
+        waits = [(_ARRIVE, peers)]
+        if world == 2:
+            out.copy_(self._data(buf, dtype, (1 - r) * n, n), non_blocking=True)
+            out.add_(src)
+        elif nbytes < self.chunked_min_bytes:
+            every = torch.empty(world * n, dtype=dtype, device=out.device)
+            every.copy_(self._data(buf, dtype, 0, world * n), non_blocking=True)
+            _sum_in_rank_order(list(every.view(world, n)), out)
+        else:
+            for q in self.reducers:
+                ops.wait_at_least(handle, self._address(q, _REDUCED), seq)
+            waits.append((_REDUCED, self.reducers))
+            out.copy_(self._result(buf, dtype, 0, n), non_blocking=True)
+        self._queued = (seq, sig, waits, stream)
+
+    def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
+        self.settle()
+        return super().broadcast(x, src)
+
+    def all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        self.settle()
+        return super().all_gather(x, dim)
