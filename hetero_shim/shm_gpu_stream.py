@@ -65,6 +65,8 @@ class StreamOrderedShm(ShmCollectives):
             return
         self._ops = ops
         self._base = ops.device_pointer(self._bytes.data_ptr())
+        log.info("hetero_shim: %s: this GPU rank's all-reduce waits on its CUDA stream (stream memory operations)",
+                 self.label or "group")
 
     @property
     def stream_ordered(self) -> bool:
