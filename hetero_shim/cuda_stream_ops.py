@@ -20,7 +20,9 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 
-_CAN_USE_64_BIT_STREAM_MEM_OPS = 93  # CUdevice_attribute (cuda.h)
+# CUdevice_attribute (cuda.h): the v2 operations (cuStream*Value64_v2; CUDA 11.7+; since 12.0 the
+# plain names map to them) report at 122; 93 is the legacy v1 API, off unless the driver enables it.
+_V2_ATTRIBUTE, _V1_ATTRIBUTE = 122, 93
 _WAIT_GEQ = 0x0  # CU_STREAM_WAIT_VALUE_GEQ: (int64)(*addr - value) >= 0
 _WRITE_DEFAULT = 0x0  # CU_STREAM_WRITE_VALUE_DEFAULT: a memory fence before the write (earlier copies land first)
 
@@ -73,14 +75,15 @@ def load(device_index: int) -> tuple[StreamOps | None, str | None]:
     Call with that device's context current (torch has initialised CUDA on it)."""
     try:
         lib = ctypes.CDLL(ctypes.util.find_library("cuda") or "libcuda.so.1")
-        write = _function(lib, "cuStreamWriteValue64_v2", "cuStreamWriteValue64")
-        wait = _function(lib, "cuStreamWaitValue64_v2", "cuStreamWaitValue64")
-        device, supported = ctypes.c_int(), ctypes.c_int()
+        device = ctypes.c_int()
         _check(lib.cuDeviceGet(ctypes.byref(device), device_index), "cuDeviceGet")
-        _check(lib.cuDeviceGetAttribute(ctypes.byref(supported), _CAN_USE_64_BIT_STREAM_MEM_OPS, device),
-               "cuDeviceGetAttribute")
-        if not supported.value:
-            return None, f"cuda:{device_index} does not support 64-bit stream memory operations"
-        return StreamOps(lib, write, wait), None
+        for attribute, suffix in ((_V2_ATTRIBUTE, "_v2"), (_V1_ATTRIBUTE, "")):
+            supported = ctypes.c_int()
+            _check(lib.cuDeviceGetAttribute(ctypes.byref(supported), attribute, device), "cuDeviceGetAttribute")
+            if supported.value:
+                write = _function(lib, f"cuStreamWriteValue64{suffix}")
+                wait = _function(lib, f"cuStreamWaitValue64{suffix}")
+                return StreamOps(lib, write, wait), None
+        return None, f"cuda:{device_index} does not support 64-bit stream memory operations"
     except (OSError, AttributeError, CudaDriverError) as e:
         return None, f"{type(e).__name__}: {e}"
