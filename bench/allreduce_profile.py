@@ -1,0 +1,123 @@
+"""Where a small GPU<->CPU shared-memory all-reduce spends its time (one GPU rank + one CPU rank).
+
+    python bench/allreduce_profile.py [--bytes 8192] [--iters 2000] [--out OUT.json]
+
+Rank 0 on cuda:0, rank 1 on the CPU (cores split as in bench/allreduce.py), fp32. Per operation,
+averaged over ``--iters`` (after 50 warm-up calls):
+- ``launch floor`` (rank 0 alone): the GPU rank's device work of one all-reduce without any peer:
+  copy into the registered segment, copy back, add (queued back to back, one synchronize at the end);
+- ``stream-ordered`` / ``host waits``: the all-reduce, back to back with one synchronize at the end
+  (throughput: what a model's layers see) and with a synchronize after each call (latency: what
+  bench/allreduce.py reports);
+- rank 1: its time per call outside waiting for the GPU rank (its own Python and copies).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def worker(rank: int, init: str, opts, out: str) -> None:
+    cores = sorted(os.sched_getaffinity(0))
+    half = len(cores) // 2 or 1
+    os.sched_setaffinity(0, cores[:half] if rank == 0 else cores[half:] or cores)
+    import torch
+    import torch.distributed as dist
+
+    from hetero_shim import shm_collectives as shm
+
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=2)
+    group = dist.new_group([0, 1], backend="gloo")
+    gpu = rank == 0
+    device = torch.device("cuda:0" if gpu else "cpu")
+    if gpu:
+        torch.cuda.set_device(device)
+    sync = torch.cuda.synchronize if gpu else (lambda: None)
+    n = opts.bytes // 4
+    rows = {}
+    waited = [0.0]
+    for name, stream_ops in (("stream-ordered", True), ("host waits", False)):
+        comm = shm.for_group(group, [0, 1], rank, 2, device, mode="shm", stream_ops=stream_ops)
+        inner = comm._wait
+
+        def timed_wait(*a, inner=inner, **k):
+            t = time.perf_counter()
+            inner(*a, **k)
+            waited[0] += time.perf_counter() - t
+
+        comm._wait = timed_wait
+        x = torch.zeros(n, device=device)
+        for mode in ("back to back", "synchronize each"):
+            for _ in range(50):
+                comm.all_reduce(x)
+            comm.settle()
+            sync()
+            dist.barrier(group=group)
+            waited[0] = 0.0
+            start = time.perf_counter()
+            for _ in range(opts.iters):
+                comm.all_reduce(x)
+                if mode == "synchronize each":
+                    sync()
+            comm.settle()
+            sync()
+            total = time.perf_counter() - start
+            rows[f"{name}, {mode}"] = {"per_call_us": total / opts.iters * 1e6,
+                                       "outside_waits_us": (total - waited[0]) / opts.iters * 1e6}
+        comm.settle()
+        dist.barrier(group=group)
+        comm.close()
+    if gpu:
+        host = torch.empty(2 * n, dtype=torch.float32, pin_memory=True)
+        x, y = torch.zeros(n, device=device), torch.zeros(n, device=device)
+        for reps in (50, opts.iters):
+            sync()
+            start = time.perf_counter()
+            for _ in range(reps):
+                host[:n].copy_(x, non_blocking=True)
+                y.copy_(host[n:], non_blocking=True)
+                y.add_(x)
+            sync()
+        rows["launch floor (GPU rank alone)"] = {"per_call_us": (time.perf_counter() - start) / opts.iters * 1e6}
+    every = [None, None]
+    dist.all_gather_object(every, rows, group=group)
+    if rank == 0:
+        Path(out).write_text(json.dumps({"gpu_rank": every[0], "cpu_rank": every[1]}))
+    dist.destroy_process_group()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bytes", type=int, default=8192)
+    parser.add_argument("--iters", type=int, default=2000)
+    parser.add_argument("--out", default="bench/out/allreduce_profile.json")
+    opts = parser.parse_args()
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        result_path = os.path.join(tmp, "rows.json")
+        mp.spawn(worker, args=(os.path.join(tmp, "init"), opts, result_path), nprocs=2)
+        result = json.loads(Path(result_path).read_text())
+    result["meta"] = {"date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "argv": sys.argv,
+                      "bytes": opts.bytes, "iters": opts.iters}
+    Path(opts.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(opts.out).write_text(json.dumps(result, indent=1))
+    print(f"{opts.bytes} bytes fp32, 1 GPU rank + 1 CPU rank, {opts.iters} calls (microseconds per call)")
+    print(f"{'what':<42} {'GPU rank':>9} {'its own work':>13} {'CPU rank':>9} {'its own work':>13}")
+    for key, g in result["gpu_rank"].items():
+        c = result["cpu_rank"].get(key, {})
+        print(f"{key:<42} {g['per_call_us']:>9.1f} {g.get('outside_waits_us', float('nan')):>13.1f} "
+              f"{c.get('per_call_us', float('nan')):>9.1f} {c.get('outside_waits_us', float('nan')):>13.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
