@@ -9,7 +9,8 @@ averaged over ``--iters`` (after 50 warm-up calls):
 - ``stream-ordered`` / ``host waits``: the all-reduce, back to back with one synchronize at the end
   (throughput: what a model's layers see) and with a synchronize after each call (latency: what
   bench/allreduce.py reports);
-- rank 1: its time per call outside waiting for the GPU rank (its own Python and copies).
+- rank 1: its time per call outside waiting for the GPU rank (its own Python and copies);
+- ``step: ...`` (rank 0 alone): the host cost of each call the stream-ordered all-reduce makes.
 """
 
 from __future__ import annotations
@@ -23,6 +24,43 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def statement_costs(comm, x, iters: int) -> dict:
+    """Microseconds per call of each step a GPU rank's stream-ordered all-reduce queues (GPU rank alone)."""
+    import torch
+
+    n = x.numel()
+    mine, peer = comm._data(0, x.dtype, 0, n), comm._data(0, x.dtype, n, n)
+    pinned = torch.empty(n, dtype=x.dtype, pin_memory=True)
+    flag = comm._address(0, 0)
+    handle = torch.cuda.current_stream().cuda_stream
+    out = torch.empty_like(x)
+    steps = {
+        "torch.cuda.current_stream()": lambda: torch.cuda.current_stream(),
+        "torch._C._cuda_getCurrentRawStream": lambda: torch._C._cuda_getCurrentRawStream(0),
+        "torch.empty_like": lambda: torch.empty_like(x),
+        "x.contiguous().view(-1)": lambda: x.contiguous().view(-1),
+        "D2H copy_ into the registered segment": lambda: mine.copy_(x, non_blocking=True),
+        "D2H copy_ into a torch pinned tensor": lambda: pinned.copy_(x, non_blocking=True),
+        "H2D copy_ from the registered segment": lambda: out.copy_(peer, non_blocking=True),
+        "add_ (device)": lambda: out.add_(x),
+        "torch.add reading the segment (zero copy)": lambda: torch.add(x, comm._device_data(0, x.dtype, n, n), out=out),
+        "cuStreamWriteValue64 (ctypes)": lambda: comm._ops.write(handle, flag, 0),
+        "cuStreamWaitValue64, met (ctypes)": lambda: comm._ops.wait_at_least(handle, flag, 0),
+        "comm._check_signatures": lambda: comm._check_signatures(comm._seq, comm._signature(1, x.dtype, n * 4), "x"),
+    }
+    costs = {}
+    for name, fn in steps.items():
+        for reps in (50, iters):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(reps):
+                fn()
+            elapsed = time.perf_counter() - start
+        torch.cuda.synchronize()
+        costs[f"step: {name}"] = {"per_call_us": elapsed / iters * 1e6}
+    return costs
 
 
 def worker(rank: int, init: str, opts, out: str) -> None:
@@ -73,6 +111,9 @@ def worker(rank: int, init: str, opts, out: str) -> None:
             rows[f"{name}, {mode}"] = {"per_call_us": total / opts.iters * 1e6,
                                        "outside_waits_us": (total - waited[0]) / opts.iters * 1e6}
         comm.settle()
+        dist.barrier(group=group)
+        if gpu and stream_ops and getattr(comm, "stream_ordered", False):
+            rows.update(statement_costs(comm, x, opts.iters))
         dist.barrier(group=group)
         comm.close()
     if gpu:

@@ -38,12 +38,18 @@ class StreamOps:
         self._lib, self._write, self._wait = lib, write, wait
         self._host_ptr = lib.cuMemHostGetDevicePointer_v2
         self._host_ptr.argtypes = [ctypes.POINTER(ctypes.c_uint64), ctypes.c_void_p, ctypes.c_uint]
+        self._sync = lib.cuStreamSynchronize
+        self._sync.argtypes = [ctypes.c_void_p]
 
     def device_pointer(self, host_ptr: int) -> int:
         """The device address of registered (mapped) host memory."""
         out = ctypes.c_uint64()
         _check(self._host_ptr(ctypes.byref(out), ctypes.c_void_p(host_ptr), 0), "cuMemHostGetDevicePointer")
         return out.value
+
+    def synchronize(self, stream: int) -> None:
+        """Wait on the host until everything queued on ``stream`` has run."""
+        _check(self._sync(stream), "cuStreamSynchronize")
 
     def write(self, stream: int, address: int, value: int) -> None:
         """Queue on ``stream``: after everything queued before, store ``value`` at ``address``."""

@@ -11,8 +11,10 @@ Protocol: the same segment, flags and buffers as ``ShmCollectives`` (its docstri
 cannot tell the difference. For operation ``seq`` the GPU rank queues: copy its input into its
 piece of buffer ``seq % 2`` -> write ``arrive = seq`` (the write is fenced behind the copy) ->
 wait until every peer's ``arrive >= seq`` -> [large tensors, more than 2 ranks: wait until each
-reducer's ``reduced >= seq``] -> copy the peers' pieces (or the reduced result) to the device and
-add. Double buffering holds in stream order: the copy into buffer ``seq % 2`` runs after the wait
+reducer's ``reduced >= seq``] -> add the peers' pieces (up to ``ZERO_COPY_MAX_BYTES`` of them the
+add kernel reads them straight from the mapped segment over PCIe: one launch instead of a copy
+and an add, measured 10 us each on the H100 host; larger ones are DMA-copied first), or copy the
+reduced result. Double buffering holds in stream order: the copy into buffer ``seq % 2`` runs after the wait
 of operation ``seq - 1``, i.e. after every peer arrived at ``seq - 1`` and so finished reading
 operation ``seq - 2`` (the buffer's last use); and this rank's reads of operation ``seq - 2`` ran
 before its ``arrive = seq - 1``, which a CPU peer waits for before it writes that buffer again.
@@ -48,6 +50,15 @@ from hetero_shim.shm_collectives import (_ARRIVE, _REDUCED, _SIG, FLAG_STRIDE, S
                                          _sum_in_rank_order)
 
 RELEASED = 1 << 62  # written into awaited flags after an error: every pending stream wait passes
+ZERO_COPY_MAX_BYTES = 256 << 10  # below: kernels read the peers' pieces over PCIe; above: a DMA copy first
+
+
+class _MappedBytes:
+    """``__cuda_array_interface__`` of the mapped segment, so torch can view it as a CUDA tensor."""
+
+    def __init__(self, address: int, nbytes: int) -> None:
+        self.__cuda_array_interface__ = {"data": (address, False), "shape": (nbytes,), "typestr": "|u1",
+                                         "version": 2}
 
 
 class StreamOrderedShm(ShmCollectives):
@@ -56,7 +67,7 @@ class StreamOrderedShm(ShmCollectives):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._ops = None
-        self._queued: tuple | None = None  # (seq, signature, [(flag, ranks)], stream) not yet seen met
+        self._queued: tuple | None = None  # (seq, signature, [(flag, ranks)], raw stream) not yet seen met
         if not self.registered:
             return
         ops, why = cuda_stream_ops.load(torch.cuda.current_device())
@@ -65,6 +76,9 @@ class StreamOrderedShm(ShmCollectives):
             return
         self._ops = ops
         self._base = ops.device_pointer(self._bytes.data_ptr())
+        self._device_index = torch.cuda.current_device()
+        self._on_device = torch.as_tensor(_MappedBytes(self._base, self._bytes.numel()), device="cuda")
+        self._device_views: dict[tuple, torch.Tensor] = {}
         log.info("hetero_shim: %s: this GPU rank's all-reduce waits on its CUDA stream (stream memory operations)",
                  self.label or "group")
 
@@ -74,6 +88,18 @@ class StreamOrderedShm(ShmCollectives):
 
     def _address(self, rank: int, which: int) -> int:
         return self._base + 8 * self._flag_index(rank, which)
+
+    def _device_data(self, buf: int, dtype: torch.dtype, start: int, count: int) -> torch.Tensor:
+        """``_data``'s elements as a CUDA tensor: kernels read them from host memory over PCIe (zero copy)."""
+        key = (buf, dtype, start, count)
+        view = self._device_views.get(key)
+        if view is None:
+            if len(self._device_views) > 1024:
+                self._device_views.clear()
+            host = self._data(buf, dtype, start, count)
+            offset = host.data_ptr() - self._bytes.data_ptr()
+            view = self._device_views[key] = self._on_device[offset: offset + count * dtype.itemsize].view(dtype)
+        return view
 
     # -- settling -------------------------------------------------------------------------
     def _settle_conditions(self) -> None:
@@ -90,9 +116,9 @@ class StreamOrderedShm(ShmCollectives):
         """The queued operation's conditions met and its stream work done: host-side protocol may follow."""
         if self._queued is None:
             return
-        stream = self._queued[3]
+        handle = self._queued[3]
         self._settle_conditions()
-        stream.synchronize()
+        self._ops.synchronize(handle)
 
     def _release_stream(self) -> None:
         """Let the stream's pending waits pass (after an error: the data they guard is not used)."""
@@ -117,6 +143,9 @@ class StreamOrderedShm(ShmCollectives):
             if any(self._flags[q * stride + which] < seq for which, ranks in waits for q in ranks):
                 self._release_stream()
             self._queued = None
+        if self._ops is not None:
+            self._device_views.clear()
+            self._on_device = None  # no CUDA view may outlive the registration
         super().close()
 
     # -- collectives ------------------------------------------------------------------------
@@ -130,27 +159,33 @@ class StreamOrderedShm(ShmCollectives):
         nbytes = n * src.element_size()
         sig = self._signature(1, dtype, nbytes)
         self._flags[self._flag_index(r, _SIG + (seq & 1))] = sig
-        stream = torch.cuda.current_stream()
-        handle, ops = stream.cuda_stream, self._ops
+        handle, ops = torch._C._cuda_getCurrentRawStream(self._device_index), self._ops
         self._data(buf, dtype, r * n, n).copy_(src, non_blocking=True)
         ops.write(handle, self._address(r, _ARRIVE), seq)
         peers = [q for q in range(world) if q != r]
         for q in peers:
             ops.wait_at_least(handle, self._address(q, _ARRIVE), seq)
         waits = [(_ARRIVE, peers)]
+        zero_copy = nbytes * (world - 1) <= ZERO_COPY_MAX_BYTES
         if world == 2:
-            out.copy_(self._data(buf, dtype, (1 - r) * n, n), non_blocking=True)
-            out.add_(src)
+            if zero_copy:
+                torch.add(src, self._device_data(buf, dtype, (1 - r) * n, n), out=out)
+            else:
+                out.copy_(self._data(buf, dtype, (1 - r) * n, n), non_blocking=True)
+                out.add_(src)
         elif nbytes < self.chunked_min_bytes:
-            every = torch.empty(world * n, dtype=dtype, device=out.device)
-            every.copy_(self._data(buf, dtype, 0, world * n), non_blocking=True)
+            if zero_copy:
+                every = self._device_data(buf, dtype, 0, world * n)
+            else:
+                every = torch.empty(world * n, dtype=dtype, device=out.device)
+                every.copy_(self._data(buf, dtype, 0, world * n), non_blocking=True)
             _sum_in_rank_order(list(every.view(world, n)), out)
         else:
             for q in self.reducers:
                 ops.wait_at_least(handle, self._address(q, _REDUCED), seq)
             waits.append((_REDUCED, self.reducers))
             out.copy_(self._result(buf, dtype, 0, n), non_blocking=True)
-        self._queued = (seq, sig, waits, stream)
+        self._queued = (seq, sig, waits, handle)
 
     def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
         self.settle()
