@@ -525,8 +525,9 @@ def for_group(cpu_group, ranks: list[int], rank: int, world: int, device: torch.
     Every rank must call it. ``mode`` (default: HETERO_SHIM_COLLECTIVES) and ``slot``/``timeout_s``
     (default: their settings) are taken from group rank 0 so all ranks decide alike. ``reducer``:
     whether this rank sums chunks of large all-reduces (default: its device is the CPU).
-    ``stream_ops``: a CUDA rank's all-reduce waits on its stream (``hetero_shim.shm_gpu_stream``;
-    default: HETERO_SHIM_SHM_STREAM_OPS, on); a local choice, peers see the same protocol.
+    ``stream_ops``: in a group of 2 ranks, a CUDA rank's all-reduce waits on its stream
+    (``hetero_shim.shm_gpu_stream``; default: HETERO_SHIM_SHM_STREAM_OPS, on); a local choice,
+    peers see the same protocol.
     """
     mode = settings.collectives_mode() if mode is None else mode
     info = {"host": host_identity(), "why_not": unsupported_reason(), "pid": os.getpid(),
@@ -578,7 +579,8 @@ def for_group(cpu_group, ranks: list[int], rank: int, world: int, device: torch.
     log.info("hetero_shim: %s collectives through shared memory (%d ranks, %d bytes per rank, segment "
              "%d bytes)", label or "group", world, lead["slot"], size)
     kind = ShmCollectives
-    if device.type == "cuda" and (settings.shm_stream_ops() if stream_ops is None else stream_ops):
+    stream_ops = settings.shm_stream_ops() if stream_ops is None else stream_ops
+    if device.type == "cuda" and world == 2 and stream_ops:  # measured faster for 2 ranks only (shm_gpu_stream)
         from hetero_shim.shm_gpu_stream import StreamOrderedShm as kind
     return kind(mm, rank=rank, world=world, slot=lead["slot"], reducers=reducers, peers=peers,
                 device=device, timeout_s=lead["timeout"], label=label, chunked_min_bytes=chunked_min_bytes)

@@ -1,32 +1,34 @@
-"""Stream-ordered shared-memory all-reduce for a GPU rank (``StreamOrderedShm``).
+"""Stream-ordered shared-memory all-reduce for the GPU rank of a 2-rank group (``StreamOrderedShm``).
 
-Why: with host-side waiting (``ShmCollectives``) a GPU rank's all-reduce of 8 KiB took 126 us on
-the H100 (issue 4 wants 50 us): its host thread copies its input into the segment and waits for
+Why: with host-side waiting (``ShmCollectives``) a GPU rank's all-reduce of 8 KiB took 100-126 us
+on the H100 (issue 4 wants 50 us): its host thread copies its input into the segment and waits for
 the copy (a stream synchronize, behind every kernel queued before), publishes its flag, spins for
-the peers, and only then queues the copy back. Here the host thread only queues work; the flag
-store and the wait for the peers are CUDA stream memory operations (``hetero_shim.cuda_stream_ops``)
-on the current stream, in stream order with the copies and kernels around them.
+the peer, and only then queues the copy back. Here the host thread only queues work; the flag
+store and the wait for the peer are CUDA stream memory operations (``hetero_shim.cuda_stream_ops``)
+on the current stream, in stream order with the copies and kernels around them. Measured on the
+H100 (bench/README.md): 8 KiB 79 us against 104 us with host waits in the same run, 58 us per call
+back to back. Used for groups of 2 ranks (1 GPU + 1 CPU) only: with 1 GPU + 3 CPU ranks it was
+slower than host waits (113 vs 84 us: one stream wait and one add launch per peer), so those
+groups keep host waits.
 
-Protocol: the same segment, flags and buffers as ``ShmCollectives`` (its docstring), so CPU peers
-cannot tell the difference. For operation ``seq`` the GPU rank queues: copy its input into its
-piece of buffer ``seq % 2`` -> write ``arrive = seq`` (the write is fenced behind the copy) ->
-wait until every peer's ``arrive >= seq`` -> [large tensors, more than 2 ranks: wait until each
-reducer's ``reduced >= seq``] -> add the peers' pieces (up to ``ZERO_COPY_MAX_BYTES`` of them the
-add kernel reads them straight from the mapped segment over PCIe: one launch instead of a copy
-and an add, measured 10 us each on the H100 host; larger ones are DMA-copied first), or copy the
-reduced result. Double buffering holds in stream order: the copy into buffer ``seq % 2`` runs after the wait
-of operation ``seq - 1``, i.e. after every peer arrived at ``seq - 1`` and so finished reading
-operation ``seq - 2`` (the buffer's last use); and this rank's reads of operation ``seq - 2`` ran
-before its ``arrive = seq - 1``, which a CPU peer waits for before it writes that buffer again.
-Every element is still computed by the same IEEE additions in rank order as on the CPU ranks,
-so all ranks hold the same bits.
+Protocol: the same segment, flags and buffers as ``ShmCollectives`` (its docstring), so the CPU
+peer cannot tell the difference. For operation ``seq`` the GPU rank queues: copy its input into
+its piece of buffer ``seq % 2`` -> write ``arrive = seq`` (the write is fenced behind the copy) ->
+wait until the peer's ``arrive >= seq`` -> add the peer's piece (up to ``ZERO_COPY_MAX_BYTES`` the
+add kernel reads it straight from the mapped segment over PCIe: one launch instead of a copy and
+an add, ~9-10 us each on the H100 host; larger pieces are DMA-copied first). Double buffering
+holds in stream order: the copy into buffer ``seq % 2`` runs after the wait of operation
+``seq - 1``, i.e. after the peer arrived at ``seq - 1`` and so finished reading operation
+``seq - 2`` (the buffer's last use); and this rank's reads of operation ``seq - 2`` ran before its
+``arrive = seq - 1``, which the peer waits for before it writes that buffer again. Both ranks
+compute each element with the same one IEEE addition, so they hold the same bits.
 
 Host bookkeeping ("settling"): before queuing operation ``seq`` the host thread waits (the base
-class's ``_wait``: liveness checks every 0.1 s, ``HETERO_SHIM_SHM_TIMEOUT``) until the peers have
-met the conditions of operation ``seq - 1``. So the stream waits on at most one collective that
+class's ``_wait``: liveness checks every 0.1 s, ``HETERO_SHIM_SHM_TIMEOUT``) until the peer has
+arrived at operation ``seq - 1``. So the stream waits on at most one collective that
 the host thread has not seen complete, a peer that died is named at the next collective (as with
-host waits), this rank's signature of ``seq`` can be written from the host (every peer finished
-checking ``seq - 2``'s), and the peers' signatures of ``seq - 1`` are checked then: one collective
+host waits), this rank's signature of ``seq`` can be written from the host (the peer finished
+checking ``seq - 2``'s), and the peer's signature of ``seq - 1`` is checked then: one collective
 late, but before the collective returns. Broadcast, all-gather and every gloo path of the
 communicator first settle fully (conditions, then the stream's queued work) and then run the
 host-waiting protocol. After an error the stream's pending waits are released (their flags are
@@ -34,7 +36,7 @@ overwritten), so this process can still synchronize and exit; the communicator r
 calls.
 
 Limit: a host synchronization *between* two collectives (none happens inside vLLM's decoder
-forward pass) waits until the peers arrive; if a peer died at exactly that point, this rank is
+forward pass) waits until the peer arrives; if a peer died at exactly that point, this rank is
 ended by vLLM's worker monitor, not named by this module.
 ``HETERO_SHIM_SHM_STREAM_OPS=0`` turns this off (host waits, as before). Remove when: never for
 GPU+CPU groups (NCCL cannot include CPU ranks); torch may one day expose stream memory operations.
@@ -46,11 +48,10 @@ import torch
 
 from hetero_shim import cuda_stream_ops
 from hetero_shim.logs import log
-from hetero_shim.shm_collectives import (_ARRIVE, _REDUCED, _SIG, FLAG_STRIDE, ShmCollectives,
-                                         _sum_in_rank_order)
+from hetero_shim.shm_collectives import _ARRIVE, _SIG, FLAG_STRIDE, ShmCollectives
 
 RELEASED = 1 << 62  # written into awaited flags after an error: every pending stream wait passes
-ZERO_COPY_MAX_BYTES = 256 << 10  # below: kernels read the peers' pieces over PCIe; above: a DMA copy first
+ZERO_COPY_MAX_BYTES = 256 << 10  # up to this the add kernel reads the peer's piece over PCIe; above: a DMA copy first
 
 
 class _MappedBytes:
@@ -68,7 +69,7 @@ class StreamOrderedShm(ShmCollectives):
         super().__init__(*args, **kwargs)
         self._ops = None
         self._queued: tuple | None = None  # (seq, signature, [(flag, ranks)], raw stream) not yet seen met
-        if not self.registered:
+        if not self.registered or self.world != 2:
             return
         ops, why = cuda_stream_ops.load(torch.cuda.current_device())
         if ops is None:
@@ -103,7 +104,7 @@ class StreamOrderedShm(ShmCollectives):
 
     # -- settling -------------------------------------------------------------------------
     def _settle_conditions(self) -> None:
-        """Wait on the host until the queued operation's peers have arrived (named if they died)."""
+        """Wait on the host until the peer has arrived at the queued operation (named if it died)."""
         if self._queued is None:
             return
         seq, sig, waits, _ = self._queued
@@ -155,37 +156,20 @@ class StreamOrderedShm(ShmCollectives):
             return super()._all_reduce_piece(src, out)
         seq = self._begin()
         self._settle_conditions()
-        buf, n, dtype, r, world = seq & 1, src.numel(), src.dtype, self.rank, self.world
+        buf, n, dtype, r = seq & 1, src.numel(), src.dtype, self.rank
         nbytes = n * src.element_size()
         sig = self._signature(1, dtype, nbytes)
         self._flags[self._flag_index(r, _SIG + (seq & 1))] = sig
-        handle, ops = torch._C._cuda_getCurrentRawStream(self._device_index), self._ops
+        handle, ops, peer = torch._C._cuda_getCurrentRawStream(self._device_index), self._ops, 1 - r
         self._data(buf, dtype, r * n, n).copy_(src, non_blocking=True)
         ops.write(handle, self._address(r, _ARRIVE), seq)
-        peers = [q for q in range(world) if q != r]
-        for q in peers:
-            ops.wait_at_least(handle, self._address(q, _ARRIVE), seq)
-        waits = [(_ARRIVE, peers)]
-        zero_copy = nbytes * (world - 1) <= ZERO_COPY_MAX_BYTES
-        if world == 2:
-            if zero_copy:
-                torch.add(src, self._device_data(buf, dtype, (1 - r) * n, n), out=out)
-            else:
-                out.copy_(self._data(buf, dtype, (1 - r) * n, n), non_blocking=True)
-                out.add_(src)
-        elif nbytes < self.chunked_min_bytes:
-            if zero_copy:
-                every = self._device_data(buf, dtype, 0, world * n)
-            else:
-                every = torch.empty(world * n, dtype=dtype, device=out.device)
-                every.copy_(self._data(buf, dtype, 0, world * n), non_blocking=True)
-            _sum_in_rank_order(list(every.view(world, n)), out)
+        ops.wait_at_least(handle, self._address(peer, _ARRIVE), seq)
+        if nbytes <= ZERO_COPY_MAX_BYTES:
+            torch.add(src, self._device_data(buf, dtype, peer * n, n), out=out)
         else:
-            for q in self.reducers:
-                ops.wait_at_least(handle, self._address(q, _REDUCED), seq)
-            waits.append((_REDUCED, self.reducers))
-            out.copy_(self._result(buf, dtype, 0, n), non_blocking=True)
-        self._queued = (seq, sig, waits, handle)
+            out.copy_(self._data(buf, dtype, peer * n, n), non_blocking=True)
+            out.add_(src)
+        self._queued = (seq, sig, [(_ARRIVE, [peer])], handle)
 
     def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
         self.settle()
