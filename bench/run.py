@@ -32,6 +32,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from bench import configs, models, monitor, report  # noqa: E402
+from hetero_shim import node  # noqa: E402
 from hetero_shim.testing import proctree  # noqa: E402
 
 ENGINE = str(REPO / "bench" / "engine.py")
@@ -242,10 +243,11 @@ class Harness:
             self.run_config(name, cfg, info, budget)
 
     def run_config(self, model: str, cfg: str, info: configs.ModelInfo, budget: configs.Budget) -> None:
-        plan = configs.plan(cfg, info, budget, self.workload, gpu=self.gpu is not None, eager=self.opts.eager)
+        plan = configs.plan(cfg, info, budget, self.workload, gpu=self.gpu is not None, eager=self.opts.eager,
+                            cpus=node.one_per_core(node.allowed_cpus()))
         row = {"model": model, "config": cfg, "label": plan["label"], "engine": plan["engine"],
                "planned": {k: plan.get(k) for k in ("gpu_weights_gib", "cpu_weights_gib", "over_budget",
-                                                    "prefetch_layers_offloaded", "split") if k in plan},
+                                                    "prefetch_layers_offloaded", "split", "cpu_bind") if k in plan},
                "enable_shim": plan["enable_shim"], "env": plan["env"]}
         if plan["skip"]:
             self.record(row | {"status": "skipped", "reason": plan["skip"]})
