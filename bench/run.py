@@ -325,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default=None, help="default: the model's (bf16 for 1b/3b/8b, fp32 for toy)")
     parser.add_argument("--eager", action="store_true",
                         help="stock configurations without CUDA graphs/compilation (faster start; heterogeneous "
-                             "mode always runs eager)")
+                             "mode with a GPU rank always runs eager; all-CPU it follows this flag)")
     parser.add_argument("--timeout", type=float, default=None, help="seconds per configuration (default 300 full, "
                         "240 toy)")
     parser.add_argument("--deadline", type=float, default=None,

@@ -25,10 +25,10 @@ def cpus(n: int, nodes: int = 1) -> list[Cpu]:
     return [Cpu(node=i * nodes // n, id=i, core=i) for i in range(n)]
 
 
-def stock(name: str, host: list[Cpu], gpu: bool = False, m: configs.ModelInfo | None = None) -> dict:
+def stock(name: str, host: list[Cpu], gpu: bool = False, m: configs.ModelInfo | None = None, eager: bool = True) -> dict:
     m = m or model()
     budget = configs.make_budget(m, TOY, gpu_total_gib=80.0 if gpu else None, budget_gib=1.0 if gpu else None)
-    return configs.plan(name, m, budget, TOY, gpu=gpu, eager=True, cpus=host)
+    return configs.plan(name, m, budget, TOY, gpu=gpu, eager=eager, cpus=host)
 
 
 def shim_plan(tp: int, host: list[Cpu], monkeypatch) -> tuple[list[list[int]], list[int]]:
@@ -66,6 +66,17 @@ def test_two_core_host_gives_each_rank_its_own_core_and_reserves_none():
     p = stock("cpu-stock-tp2", cpus(2))
     assert p["env"] == {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}
     assert p["cpu_bind"]["reserved_by_shim_plan"] == ""
+
+
+@pytest.mark.parametrize("eager", [True, False])
+def test_all_cpu_pair_runs_the_same_engine_compiled_or_eager(eager):
+    """Without a GPU the shim compiles like stock vllm-cpu, so both follow --eager; with GPU
+    ranks heterogeneous mode is always eager."""
+    host = cpus(2)
+    hetero, base = stock("hetero-tp2", host, eager=eager)["engine"], stock("cpu-stock-tp2", host, eager=eager)["engine"]
+    assert hetero["enforce_eager"] is eager and base["enforce_eager"] is eager
+    assert {k: v for k, v in hetero.items() if k not in ("device", "pipeline_parallel_size")} == base
+    assert stock("hetero-tp2", host, gpu=True, eager=False)["engine"]["enforce_eager"] is True
 
 
 def test_gpu_host_skips_with_the_reason():
