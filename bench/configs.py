@@ -1,6 +1,7 @@
 """What the harness runs: workloads, the GPU memory budget and the engine arguments of every
 configuration. Pure logic (reads a model's config.json and safetensors headers; imports neither
-vLLM nor torch; the CPU binding of ``cpu-stock-tpN`` comes from the shim's own rank plan code), so the budget arithmetic is unit-tested on its own.
+vLLM nor torch; the CPU binding of ``cpu-stock-tpN`` comes from the shim's own rank plan code),
+so the budget arithmetic is unit-tested on its own.
 
 The budget, concretely: ``budget_gib`` B is the GPU memory a configuration may fill with the
 weights it keeps on the GPU plus its KV cache. Every configuration gets the same KV cache
@@ -295,7 +296,8 @@ def plan(name: str, model: ModelInfo, budget: Budget, workload: Workload, gpu: b
         try:
             bind, reserved = stock_cpu_bind(tp, cpus)
         except HeteroConfigError as exc:
-            out["skip"] = f"the shim's rank plan for hetero-tp{tp} is refused on this host, so there are no cores to match: {exc}"
+            out["skip"] = (f"the shim's rank plan for hetero-tp{tp} is refused on this host, "
+                           f"so there are no cores to match: {exc}")
             return out
         out["env"] = {"VLLM_CPU_OMP_THREADS_BIND": bind}
         out["cpu_bind"] = {"ranks": bind, "reserved_by_shim_plan": format_id_list(reserved)}

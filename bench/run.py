@@ -37,7 +37,7 @@ from hetero_shim.testing import proctree  # noqa: E402
 
 ENGINE = str(REPO / "bench" / "engine.py")
 ALLREDUCE = str(REPO / "bench" / "allreduce.py")
-DEFAULT_CONFIGS = "hetero-tp2,offload-uva,gpu,offload-prefetch,hetero-tp4"
+DEFAULT_CONFIGS = "hetero-tp2,offload-uva,gpu,offload-prefetch,hetero-tp4,cpu-stock-tp2"
 # settings of the user's environment that would make a stock configuration non-stock or cost time
 DROP_ENV = ("HETERO_SHIM_ENABLE", "HETERO_SHIM_DEVICE", "HETERO_SHIM_VERIFY_TOKENS")
 REFUSALS = ("HeteroConfigError", "ValueError", "ValidationError", "NotImplementedError", "TypeError")

@@ -14,7 +14,8 @@ FIGURES = ("start_s", "ttft_ms", "prefill_tok_s", "decode_b1_tok_s", "decode_b16
 
 def test_harness_runs_every_configuration_and_writes_every_figure(tmp_path):
     proc = procs.run_python([str(procs.REPO / "bench" / "run.py"), "--size", "toy", "--models", "toy", "--eager",
-                             "--configs", "gpu,offload-uva,hetero-tp2,hetero-tp4,hetero-tp2-free,cpu-stock-tp2", "--out", str(tmp_path),
+                             "--configs", "gpu,offload-uva,hetero-tp2,hetero-tp4,hetero-tp2-free,cpu-stock-tp2",
+                             "--out", str(tmp_path),
                              "--no-plot"], timeout=300)
     assert proc.returncode == 0, proc.stdout[-5000:]
     results = json.loads((tmp_path / "results.json").read_text())

@@ -25,7 +25,8 @@ def cpus(n: int, nodes: int = 1) -> list[Cpu]:
     return [Cpu(node=i * nodes // n, id=i, core=i) for i in range(n)]
 
 
-def stock(name: str, host: list[Cpu], gpu: bool = False, m: configs.ModelInfo | None = None, eager: bool = True) -> dict:
+def stock(name: str, host: list[Cpu] | None, gpu: bool = False, m: configs.ModelInfo | None = None,
+          eager: bool = True) -> dict:
     m = m or model()
     budget = configs.make_budget(m, TOY, gpu_total_gib=80.0 if gpu else None, budget_gib=1.0 if gpu else None)
     return configs.plan(name, m, budget, TOY, gpu=gpu, eager=eager, cpus=host)
