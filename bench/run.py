@@ -32,11 +32,12 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from bench import configs, models, monitor, report  # noqa: E402
+from hetero_shim import node  # noqa: E402
 from hetero_shim.testing import proctree  # noqa: E402
 
 ENGINE = str(REPO / "bench" / "engine.py")
 ALLREDUCE = str(REPO / "bench" / "allreduce.py")
-DEFAULT_CONFIGS = "hetero-tp2,offload-uva,gpu,offload-prefetch,hetero-tp4"
+DEFAULT_CONFIGS = "hetero-tp2,offload-uva,gpu,offload-prefetch,hetero-tp4,cpu-stock-tp2"
 # settings of the user's environment that would make a stock configuration non-stock or cost time
 DROP_ENV = ("HETERO_SHIM_ENABLE", "HETERO_SHIM_DEVICE", "HETERO_SHIM_VERIFY_TOKENS")
 REFUSALS = ("HeteroConfigError", "ValueError", "ValidationError", "NotImplementedError", "TypeError")
@@ -242,10 +243,11 @@ class Harness:
             self.run_config(name, cfg, info, budget)
 
     def run_config(self, model: str, cfg: str, info: configs.ModelInfo, budget: configs.Budget) -> None:
-        plan = configs.plan(cfg, info, budget, self.workload, gpu=self.gpu is not None, eager=self.opts.eager)
+        plan = configs.plan(cfg, info, budget, self.workload, gpu=self.gpu is not None, eager=self.opts.eager,
+                            cpus=node.one_per_core(node.allowed_cpus()))
         row = {"model": model, "config": cfg, "label": plan["label"], "engine": plan["engine"],
                "planned": {k: plan.get(k) for k in ("gpu_weights_gib", "cpu_weights_gib", "over_budget",
-                                                    "prefetch_layers_offloaded", "split") if k in plan},
+                                                    "prefetch_layers_offloaded", "split", "cpu_bind") if k in plan},
                "enable_shim": plan["enable_shim"], "env": plan["env"]}
         if plan["skip"]:
             self.record(row | {"status": "skipped", "reason": plan["skip"]})
@@ -323,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default=None, help="default: the model's (bf16 for 1b/3b/8b, fp32 for toy)")
     parser.add_argument("--eager", action="store_true",
                         help="stock configurations without CUDA graphs/compilation (faster start; heterogeneous "
-                             "mode always runs eager)")
+                             "mode with a GPU rank always runs eager; all-CPU it follows this flag)")
     parser.add_argument("--timeout", type=float, default=None, help="seconds per configuration (default 300 full, "
                         "240 toy)")
     parser.add_argument("--deadline", type=float, default=None,
