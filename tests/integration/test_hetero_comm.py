@@ -10,7 +10,7 @@ import procs
 
 SCRIPT = textwrap.dedent(
     """
-    import sys, tempfile, torch, torch.distributed as dist
+    import os, sys, tempfile, torch, torch.distributed as dist
     import torch.multiprocessing as mp
 
     def worker(rank, init_file, mode):
@@ -38,7 +38,11 @@ SCRIPT = textwrap.dedent(
         dist.barrier()
         comm.destroy()
         print(f"RANK{rank} OK", flush=True)
-        dist.destroy_process_group()
+        dist.barrier()
+        # not dist.destroy_process_group(): in one CI run (of 5c690c2) gloo's teardown aborted
+        # ("terminate called without an active exception") after both ranks had printed OK;
+        # what this test checks is done, so leave without torch's teardown
+        os._exit(0)
 
     if __name__ == "__main__":
         mp.spawn(worker, args=(tempfile.mktemp(), sys.argv[1]), nprocs=2)
