@@ -50,15 +50,21 @@ def medians(rows: list[dict]) -> dict:
     return out
 
 
+def _ok_runs(runs: list[dict]) -> dict[tuple[str, str], list[dict]]:
+    """The runs that measured, grouped by (model, configuration), in run order."""
+    by: dict[tuple[str, str], list[dict]] = {}
+    for r in runs:
+        if r["status"] == "ok":
+            by.setdefault((r["model"], r["config"]), []).append(r)
+    return by
+
+
 def ratios(runs: list[dict]) -> list[dict]:
     """Speed-ups of each candidate over each baseline, per model, where both ran: x > 1 means
     the candidate is faster (TTFT: baseline TTFT / candidate TTFT). A configuration that ran
     several times enters with its median of each figure (``runs``: how many of each)."""
     out = []
-    by: dict[tuple[str, str], list[dict]] = {}
-    for r in runs:
-        if r["status"] == "ok":
-            by.setdefault((r["model"], r["config"]), []).append(r)
+    by = _ok_runs(runs)
     for model in dict.fromkeys(r["model"] for r in runs):
         for cand, base in PAIRS:
             a, b = by.get((model, cand)), by.get((model, base))
@@ -80,12 +86,8 @@ def ratios(runs: list[dict]) -> list[dict]:
 
 def repeated(runs: list[dict]) -> list[str]:
     """Lines for every configuration that ran more than once: the median and every sample."""
-    by: dict[tuple[str, str], list[dict]] = {}
-    for r in runs:
-        if r["status"] == "ok":
-            by.setdefault((r["model"], r["config"]), []).append(r)
     lines = []
-    for (model, config), rows in by.items():
+    for (model, config), rows in _ok_runs(runs).items():
         if len(rows) < 2:
             continue
         parts = []
