@@ -11,7 +11,9 @@ produces exactly max_tokens tokens (checked). Prefix caching is off in the spec.
 - prefill tokens/s: prefill_batch prompts of prefill_prompt tokens, max_tokens=1: tokens / wall time.
 - decode tokens/s at batch B: B prompts of decode_prompt tokens, wall time with max_tokens=N+1
   minus wall time with max_tokens=1 (the prefill and first token cancel) = N decode steps;
-  tokens/s = B / median step time (repeated up to 3 times while a repetition is cheap).
+  tokens/s = B / median step time (repeated up to 3 times while a repetition is cheap; a sample
+  where the N+1-token run was not slower than the 1-token run is measured again, up to 5 times,
+  and counted in decode_bB_discarded).
 """
 
 from __future__ import annotations
@@ -47,18 +49,22 @@ def measure(w: dict, prompts, timed) -> None:
     n = w["decode_tokens"]
     for batch in batches:
         steps = []  # seconds per decode step: 3 samples unless they take over 15 s (one run to run
-        spent = 0.0  # spread of 10-20 % was seen on the H100 with one sample of the slow configurations)
+        spent, discarded = 0.0, 0  # spread of 10-20 % was seen on the H100 with one sample of the slow configurations)
         while len(steps) < 3 and (not steps or spent < 15.0):
             p = prompts(batch, w["decode_prompt"])
             first = timed(p, 1)
             full = timed(p, n + 1)
-            if full <= first:
-                raise RuntimeError(f"batch {batch}: {n + 1} tokens took {full:.4f} s, 1 token {first:.4f} s")
-            steps.append((full - first) / n)
             spent += first + full
+            if full <= first:  # the noise exceeded N decode steps (seen at toy size on 2 busy cores): again
+                discarded += 1
+                if discarded > 5:
+                    raise RuntimeError(f"batch {batch}: {n + 1} tokens took {full:.4f} s, 1 token {first:.4f} s "
+                                       f"({discarded} times): too noisy to measure a decode step")
+                continue
+            steps.append((full - first) / n)
         step = statistics.median(steps)
         emit(**{f"decode_b{batch}_tok_s": batch / step, f"decode_b{batch}_step_ms": step * 1e3,
-                f"decode_b{batch}_all_step_ms": [x * 1e3 for x in steps]})
+                f"decode_b{batch}_all_step_ms": [x * 1e3 for x in steps], f"decode_b{batch}_discarded": discarded})
 
 
 def main() -> int:

@@ -157,7 +157,8 @@ def classify(plan: dict, outcome: dict) -> tuple[str, str | None]:
 def figures(outcome: dict) -> dict:
     v = outcome["values"]
     keys = ("start_s", "ttft_ms", "ttft_all_ms", "prefill_tok_s", "decode_b1_tok_s", "decode_b1_step_ms",
-            "decode_b1_all_step_ms", "decode_b16_tok_s", "decode_b16_step_ms", "decode_b16_all_step_ms")
+            "decode_b1_all_step_ms", "decode_b1_discarded", "decode_b16_tok_s", "decode_b16_step_ms",
+            "decode_b16_all_step_ms", "decode_b16_discarded")
     out = {k: (round(v[k], 4) if isinstance(v[k], float) else v[k]) for k in keys if k in v}
     if "env_seen" in v:  # the configuration's extra variables, as the engine process saw them
         out["env_seen"] = v["env_seen"]
