@@ -25,6 +25,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.allreduce import cores_for  # noqa: E402  (the same split of the cores as the benchmark)
+
 
 def statement_costs(comm, x, iters: int) -> dict:
     """Microseconds per call of each step a GPU rank's stream-ordered all-reduce queues (GPU rank alone)."""
@@ -64,9 +66,7 @@ def statement_costs(comm, x, iters: int) -> dict:
 
 
 def worker(rank: int, init: str, opts, out: str) -> None:
-    cores = sorted(os.sched_getaffinity(0))
-    half = len(cores) // 2 or 1
-    os.sched_setaffinity(0, cores[:half] if rank == 0 else cores[half:] or cores)
+    os.sched_setaffinity(0, cores_for(rank, 2))
     import torch
     import torch.distributed as dist
 

@@ -35,7 +35,7 @@ class StreamOps:
     """Write and wait operations on a CUDA stream (handles as ints: ``torch.cuda.Stream.cuda_stream``)."""
 
     def __init__(self, lib: ctypes.CDLL, write, wait) -> None:
-        self._lib, self._write, self._wait = lib, write, wait
+        self._write, self._wait = write, wait
         self._host_ptr = lib.cuMemHostGetDevicePointer_v2
         self._host_ptr.argtypes = [ctypes.POINTER(ctypes.c_uint64), ctypes.c_void_p, ctypes.c_uint]
         self._sync = lib.cuStreamSynchronize
@@ -65,14 +65,12 @@ def _check(code: int, what: str) -> None:
         raise CudaDriverError(f"{what} failed with CUDA driver error {code}")
 
 
-def _function(lib: ctypes.CDLL, *names: str):
-    for name in names:
-        fn = getattr(lib, name, None)
-        if fn is not None:
-            fn.restype = ctypes.c_int
-            fn.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint64, ctypes.c_uint]
-            return fn
-    raise AttributeError(f"libcuda has none of {', '.join(names)}")
+def _function(lib: ctypes.CDLL, name: str):
+    """A stream write/wait function of libcuda: (CUstream, CUdeviceptr, cuuint64_t, unsigned int) -> CUresult."""
+    fn = getattr(lib, name)  # AttributeError when this driver lacks it
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint64, ctypes.c_uint]
+    return fn
 
 
 def load(device_index: int) -> tuple[StreamOps | None, str | None]:

@@ -579,9 +579,8 @@ def for_group(cpu_group, ranks: list[int], rank: int, world: int, device: torch.
     log.info("hetero_shim: %s collectives through shared memory (%d ranks, %d bytes per rank, segment "
              "%d bytes)", label or "group", world, lead["slot"], size)
     kind = ShmCollectives
-    stream_ops = settings.shm_stream_ops() if stream_ops is None else stream_ops
-    if device.type == "cuda" and world == 2 and stream_ops:  # measured faster for 2 ranks only (shm_gpu_stream)
-        from hetero_shim.shm_gpu_stream import StreamOrderedShm as kind
+    if device.type == "cuda" and (settings.shm_stream_ops() if stream_ops is None else stream_ops):
+        from hetero_shim.shm_gpu_stream import StreamOrderedShm as kind  # stream-ordered in 2-rank groups only
     return kind(mm, rank=rank, world=world, slot=lead["slot"], reducers=reducers, peers=peers,
                 device=device, timeout_s=lead["timeout"], label=label, chunked_min_bytes=chunked_min_bytes)
 

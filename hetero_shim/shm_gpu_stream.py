@@ -48,7 +48,7 @@ import torch
 
 from hetero_shim import cuda_stream_ops
 from hetero_shim.logs import log
-from hetero_shim.shm_collectives import _ARRIVE, _SIG, FLAG_STRIDE, ShmCollectives
+from hetero_shim.shm_collectives import _ARRIVE, _SIG, ShmCollectives
 
 RELEASED = 1 << 62  # written into awaited flags after an error: every pending stream wait passes
 ZERO_COPY_MAX_BYTES = 256 << 10  # up to this the add kernel reads the peer's piece over PCIe; above: a DMA copy first
@@ -63,21 +63,26 @@ class _MappedBytes:
 
 
 class StreamOrderedShm(ShmCollectives):
-    """ShmCollectives whose all-reduce on a CUDA rank waits on the stream, not on the host."""
+    """ShmCollectives whose all-reduce on a CUDA rank waits on the stream, not on the host.
+
+    Only in a group of 2 ranks (the one place that decides it; measured slower with more, see
+    the module docstring); in larger groups, or without stream memory operations, it is the base
+    class's host waiting."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._ops = None
-        self._queued: tuple | None = None  # (seq, signature, [(flag, ranks)], raw stream) not yet seen met
+        self._peer = 1 - self.rank
+        self._queued: tuple | None = None  # (seq, signature, raw stream) of the op not yet seen met
         if not self.registered or self.world != 2:
             return
-        ops, why = cuda_stream_ops.load(torch.cuda.current_device())
+        self._device_index = torch.cuda.current_device()
+        ops, why = cuda_stream_ops.load(self._device_index)
         if ops is None:
             log.info("hetero_shim: GPU rank waits on the host in shared-memory collectives (%s)", why)
             return
         self._ops = ops
         self._base = ops.device_pointer(self._bytes.data_ptr())
-        self._device_index = torch.cuda.current_device()
         self._on_device = torch.as_tensor(_MappedBytes(self._base, self._bytes.numel()), device="cuda")
         self._device_views: dict[tuple, torch.Tensor] = {}
         log.info("hetero_shim: %s: this GPU rank's all-reduce waits on its CUDA stream (stream memory operations)",
@@ -107,9 +112,8 @@ class StreamOrderedShm(ShmCollectives):
         """Wait on the host until the peer has arrived at the queued operation (named if it died)."""
         if self._queued is None:
             return
-        seq, sig, waits, _ = self._queued
-        for which, ranks in waits:
-            self._wait(which, seq, ranks, "all_reduce")
+        seq, sig, _ = self._queued
+        self._wait(_ARRIVE, seq, [self._peer], "all_reduce")
         self._check_signatures(seq, sig, "all_reduce")
         self._queued = None
 
@@ -117,20 +121,18 @@ class StreamOrderedShm(ShmCollectives):
         """The queued operation's conditions met and its stream work done: host-side protocol may follow."""
         if self._queued is None:
             return
-        handle = self._queued[3]
+        handle = self._queued[2]
         self._settle_conditions()
         self._ops.synchronize(handle)
 
     def _release_stream(self) -> None:
-        """Let the stream's pending waits pass (after an error: the data they guard is not used)."""
+        """Let the stream's pending wait pass (after an error, or at close: the data it guards is
+        not used). Only a flag still below the awaited value is overwritten."""
         if self._queued is None or self._mm is None:
             return
-        seq, _, waits, _ = self._queued
-        for which, ranks in waits:
-            for q in ranks:
-                index = self._flag_index(q, which)
-                if self._flags[index] < seq:
-                    self._flags[index] = RELEASED
+        index = self._flag_index(self._peer, _ARRIVE)
+        if self._flags[index] < self._queued[0]:
+            self._flags[index] = RELEASED
         self._queued = None
 
     def _fail(self, message: str):
@@ -138,12 +140,7 @@ class StreamOrderedShm(ShmCollectives):
         super()._fail(message)
 
     def close(self) -> None:
-        if self._queued is not None and self._mm is not None:
-            seq, _, waits, _ = self._queued
-            stride = FLAG_STRIDE // 8
-            if any(self._flags[q * stride + which] < seq for which, ranks in waits for q in ranks):
-                self._release_stream()
-            self._queued = None
+        self._release_stream()
         if self._ops is not None:
             self._device_views.clear()
             self._on_device = None  # no CUDA view may outlive the registration
@@ -160,7 +157,7 @@ class StreamOrderedShm(ShmCollectives):
         nbytes = n * src.element_size()
         sig = self._signature(1, dtype, nbytes)
         self._flags[self._flag_index(r, _SIG + (seq & 1))] = sig
-        handle, ops, peer = torch._C._cuda_getCurrentRawStream(self._device_index), self._ops, 1 - r
+        handle, ops, peer = torch._C._cuda_getCurrentRawStream(self._device_index), self._ops, self._peer
         self._data(buf, dtype, r * n, n).copy_(src, non_blocking=True)
         ops.write(handle, self._address(r, _ARRIVE), seq)
         ops.wait_at_least(handle, self._address(peer, _ARRIVE), seq)
@@ -169,7 +166,7 @@ class StreamOrderedShm(ShmCollectives):
         else:
             out.copy_(self._data(buf, dtype, peer * n, n), non_blocking=True)
             out.add_(src)
-        self._queued = (seq, sig, [(_ARRIVE, [peer])], handle)
+        self._queued = (seq, sig, handle)
 
     def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
         self.settle()

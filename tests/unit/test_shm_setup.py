@@ -84,3 +84,46 @@ def test_segment_layout_fits_the_flags():
     header, total = shm.segment_bytes(4, 4096)
     assert header >= 4 * shm.FLAG_STRIDE and header % 4096 == 0
     assert total == header + 2 * 5 * 4096
+
+
+def test_stream_ordered_bookkeeping_waits_for_and_releases_only_the_peer(monkeypatch):
+    """The host-side part of hetero_shim.shm_gpu_stream (no GPU needed): settling waits for the
+    peer's arrival at the queued operation and checks signatures; releasing after an error lifts
+    only a peer flag still below the awaited value, and close() releases what is queued."""
+    import mmap
+
+    import torch
+
+    from hetero_shim.shm_gpu_stream import RELEASED, StreamOrderedShm
+
+    _, size = shm.segment_bytes(2, 4096)
+    mm = mmap.mmap(-1, size)
+    comm = StreamOrderedShm(mm, rank=0, world=2, slot=4096, reducers=[1], peers={1: (None, None)},
+                            device=torch.device("cpu"), timeout_s=5.0)
+    assert not comm.stream_ordered  # no CUDA here: the base class's host waiting
+    peer_arrive = comm._flag_index(1, shm._ARRIVE)
+    sig = comm._signature(1, torch.float32, 64)
+    for rank in (0, 1):
+        comm._flags[comm._flag_index(rank, shm._SIG + 1)] = sig
+    waited = []
+    monkeypatch.setattr(comm, "_wait", lambda which, seq, ranks, what: waited.append((which, seq, ranks)))
+    comm._queued = (3, sig, 0)
+    comm._settle_conditions()
+    assert waited == [(shm._ARRIVE, 3, [1])] and comm._queued is None
+
+    comm._flags[peer_arrive] = 2
+    comm._queued = (3, sig, 0)
+    comm._release_stream()
+    assert comm._flags[peer_arrive] == RELEASED and comm._queued is None
+
+    comm._flags[peer_arrive] = 5  # already past the awaited value: left alone
+    comm._queued = (4, sig, 0)
+    comm._release_stream()
+    assert comm._flags[peer_arrive] == 5 and comm._queued is None
+
+    comm._flags[peer_arrive] = 5
+    comm._queued = (7, sig, 0)
+    released = []
+    monkeypatch.setattr(comm, "_release_stream", lambda: released.append(comm._queued))
+    comm.close()
+    assert released == [(7, sig, 0)] and comm._mm is None
