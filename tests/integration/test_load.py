@@ -22,8 +22,12 @@ SCRIPT = procs.REPO / "scripts" / "load_check.py"
 
 
 def test_load_then_cpu_rank_killed_while_serving(models, tmp_path):
+    # The kill must land while its 32 requests generate. With 200 tokens each (the default) a warm
+    # toy engine finished 21 of them before the hit once in CI; 480 tokens (the model's 512-token
+    # context) keep them generating 2.4x longer.
     proc = procs.run([sys.executable, str(SCRIPT), str(models["llama"]), "--clients", "64", "--per-client", "4",
-                      "--then-kill", "cpu", "--workdir", str(tmp_path)], procs.python_env(), timeout=420)
+                      "--then-kill", "cpu", "--max-tokens", "480", "--engine", '{"max_model_len": 512}',
+                      "--workdir", str(tmp_path)], procs.python_env(), timeout=420)
     line = next((l for l in proc.stdout.splitlines() if l.startswith("LOAD_RESULT ")), None)
     assert line, proc.stdout[-4000:]
     result = json.loads(line[len("LOAD_RESULT "):])
