@@ -39,7 +39,8 @@ def test_load_then_cpu_rank_killed_while_serving(models, tmp_path):
     assert start > 0 and end - start <= max(512, 0.25 * start), (start, end)
     kill = result["kill"]
     assert kill["victim"]["kind"] == "cpu" and kill["victim"]["rank"] == 1
-    assert kill["in_flight_at_hit"] > 0 and kill["in_flight_failed"] == kill["in_flight_at_hit"], kill
+    not_failed = [r for r in kill["requests"] if not r.get("error")]  # what such a request got, if any
+    assert kill["in_flight_at_hit"] > 0 and kill["in_flight_failed"] == kill["in_flight_at_hit"], (kill, not_failed)
     assert kill["requests_hung"] == 0
     assert kill["exit_code"] == 0 and kill["seconds_to_exit"] < 30, kill  # stock vLLM 0.32 exits 0 here too
     assert any("VllmWorker-1 died unexpectedly" in l for l in kill["named"]), kill["named"]
