@@ -12,12 +12,15 @@ the same run, on the same processes, fp32 tensors:
 - ``shm``: HeteroCommunicator with HETERO_SHIM_COLLECTIVES=shm (hetero_shim.shm_collectives;
   the GPU rank copies into the CUDA-registered segment, and its all-reduce waits on its CUDA
   stream: hetero_shim.shm_gpu_stream);
+- ``shm 4 stream ops`` (``--gpu-rank`` only): the same with HETERO_SHIM_SHM_FUSED_KERNEL=0 (the
+  GPU rank queues a copy, a flag write, a stream wait and an add instead of one fused kernel:
+  hetero_shim.cuda_fused_allreduce);
 - ``shm host waits`` (``--gpu-rank`` only): the same with HETERO_SHIM_SHM_STREAM_OPS=0 (the GPU
   rank's host thread waits for its copy and for the peers: the previous design);
 - ``vLLM CPU SHM``: vLLM's own CPU communicator (its C++ shared-memory all-reduce), only when every
   rank is a CPU rank and vLLM's CPU kernels load (all-CPU heterogeneous mode uses it).
 Every path is first checked for the right sum (fp32), the shm paths for every rank holding the
-same bits of a random bf16 sum, and for 200 back-to-back all-reduces with no synchronization in
+same bits of a random bf16 and fp16 sum, and for 200 back-to-back all-reduces with no synchronization in
 between, each input computed from the previous result (what a model's layers do). Times are rank 0's (the GPU rank with
 ``--gpu-rank``): median and 90th percentile of ``--iters`` calls; GB/s = payload bytes / median.
 The table is printed last; JSON has every row. Issue 4's targets: 8 KiB <= 50 us, 16 MiB >= 20 GB/s.
@@ -91,20 +94,20 @@ def vllm_cpu_communicator(group):
         return None, f"{type(e).__name__}: {e}"
 
 
-def same_bits_bf16(reduce, rank: int, world: int, n: int, device, group) -> None:
-    """Random bf16 data: every rank (GPU or CPU) must hold the same bits, close to the exact sum."""
+def same_bits(reduce, rank: int, world: int, n: int, device, group, dtype) -> None:
+    """Random 16-bit data: every rank (GPU or CPU) must hold the same bits, close to the exact sum."""
     import torch
     import torch.distributed as dist
 
     def data(q):
-        return torch.randn(n, generator=torch.Generator().manual_seed(q)).to(torch.bfloat16)
+        return torch.randn(n, generator=torch.Generator().manual_seed(q)).to(dtype)
 
     got = reduce(data(rank).to(device)).cpu()
     everyone = [torch.empty(2 * n, dtype=torch.uint8) for _ in range(world)]
     dist.all_gather(everyone, got.view(torch.uint8), group=group)
-    assert all(torch.equal(e, everyone[0]) for e in everyone), f"ranks disagree on a bf16 sum of {n} elements"
+    assert all(torch.equal(e, everyone[0]) for e in everyone), f"ranks disagree on a {dtype} sum of {n} elements"
     exact = sum(data(q).double() for q in range(world))
-    assert torch.allclose(got.double(), exact, rtol=0, atol=0.1), f"bf16 sum of {n} elements is off"
+    assert torch.allclose(got.double(), exact, rtol=0, atol=0.1), f"{dtype} sum of {n} elements is off"
 
 
 def back_to_back(reduce, rank: int, world: int, n: int, device) -> None:
@@ -142,13 +145,22 @@ def worker(rank: int, world: int, init_file: str, opts, results_path: str) -> No
     shm = HeteroCommunicator(cpu_group=group, device=device, device_group=group, collectives="shm")
     paths = {BASELINE: None, "gloo pinned": pinned.all_reduce, "shm": shm.all_reduce}
     notes = {}
-    if opts.gpu_rank:  # every rank builds it (a collective set-up); only rank 0's device differs
+    extra = []
+    if opts.gpu_rank:  # every rank builds them (a collective set-up); only rank 0's device differs
+        from hetero_shim import settings
+
+        with settings.environ_set({settings.SHM_FUSED_KERNEL: "0"}):
+            unfused = HeteroCommunicator(cpu_group=group, device=device, device_group=group, collectives="shm")
         host_waits = HeteroCommunicator(cpu_group=group, device=device, device_group=group, collectives="shm",
                                         stream_ops=False)
+        extra = [unfused, host_waits]
+        paths["shm 4 stream ops"] = unfused.all_reduce
         paths["shm host waits"] = host_waits.all_reduce
     if use_gpu:
         notes = {"shm registered with CUDA": shm.shm.registered,
-                 "shm stream-ordered": getattr(shm.shm, "stream_ordered", False)}
+                 "shm stream-ordered": getattr(shm.shm, "stream_ordered", False),
+                 "shm fused kernel": getattr(shm.shm, "_fused", None) is not None,
+                 "shm 4 stream ops: fused kernel": getattr(unfused.shm, "_fused", None) is not None}
     if not opts.gpu_rank:
         vllm_comm, why = vllm_cpu_communicator(group)
         if vllm_comm is not None:
@@ -167,7 +179,10 @@ def worker(rank: int, world: int, init_file: str, opts, results_path: str) -> No
             dist.all_reduce(host, group=group)
             x.copy_(host)
 
-        same_bits_bf16(shm.all_reduce, rank, world, n, device, group)
+        for name, reduce in paths.items():
+            if name.startswith("shm"):
+                for dtype in (torch.bfloat16, torch.float16):
+                    same_bits(reduce, rank, world, n, device, group, dtype)
         for name, reduce in paths.items():
             if name.startswith("shm"):
                 back_to_back(reduce, rank, world, min(n, 1 << 20), device)
@@ -184,19 +199,18 @@ def worker(rank: int, world: int, init_file: str, opts, results_path: str) -> No
     if rank == 0:
         Path(results_path).write_text(json.dumps({"rows": rows, "notes": notes, "cores": cores}))
     dist.barrier(group=group)
-    shm.destroy()
-    if opts.gpu_rank:
-        host_waits.destroy()
+    for comm in [shm, *extra]:
+        comm.destroy()
     dist.destroy_process_group()
 
 
 def print_table(rows: list[dict], opts) -> None:
     print(f"\nall-reduce, fp32, rank 0 {'on cuda:0' if opts.gpu_rank else 'on CPU'}, median of {opts.iters} calls")
-    print(f"{'ranks':<12} {'size':>8}  {'path':<14} {'median us':>10} {'p90 us':>9} {'GB/s':>7} {'vs baseline':>12}")
+    print(f"{'ranks':<12} {'size':>8}  {'path':<16} {'median us':>10} {'p90 us':>9} {'GB/s':>7} {'vs baseline':>12}")
     base = {(r["world"], r["bytes"]): r["median_us"] for r in rows if r["path"] == BASELINE}
     for r in rows:
         kind = f"1 GPU+{r['world'] - 1} CPU" if opts.gpu_rank else f"{r['world']} CPU"
-        print(f"{kind:<12} {human(r['bytes']):>8}  {r['path']:<14} {r['median_us']:>10.1f} {r['p90_us']:>9.1f} "
+        print(f"{kind:<12} {human(r['bytes']):>8}  {r['path']:<16} {r['median_us']:>10.1f} {r['p90_us']:>9.1f} "
               f"{r['GBps']:>7.2f} {base[(r['world'], r['bytes'])] / r['median_us']:>11.2f}x")
 
 

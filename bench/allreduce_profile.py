@@ -6,7 +6,9 @@ Rank 0 on cuda:0, rank 1 on the CPU (cores split as in bench/allreduce.py), fp32
 averaged over ``--iters`` (after 50 warm-up calls):
 - ``launch floor`` (rank 0 alone): the GPU rank's device work of one all-reduce without any peer:
   copy into the registered segment, copy back, add (queued back to back, one synchronize at the end);
-- ``stream-ordered`` / ``host waits``: the all-reduce, back to back with one synchronize at the end
+- ``fused kernel`` / ``4 stream ops`` / ``host waits``: the all-reduce (stream-ordered with one
+  fused kernel, stream-ordered with a copy, a flag write, a stream wait and an add, or waiting on
+  the host), back to back with one synchronize at the end
   (throughput: what a model's layers see) and with a synchronize after each call (latency: what
   bench/allreduce.py reports);
 - rank 1: its time per call outside waiting for the GPU rank (its own Python and copies);
@@ -35,7 +37,7 @@ def statement_costs(comm, x, iters: int) -> dict:
     n = x.numel()
     mine, peer = comm._data(0, x.dtype, 0, n), comm._data(0, x.dtype, n, n)
     pinned = torch.empty(n, dtype=x.dtype, pin_memory=True)
-    flag = comm._address(0, 0)
+    flag = comm._address(0, 1)  # the "reduced" flag: 2-rank all-reduces never use it
     handle = torch.cuda.current_stream().cuda_stream
     out = torch.empty_like(x)
     steps = {
@@ -50,6 +52,8 @@ def statement_costs(comm, x, iters: int) -> dict:
         "torch.add reading the segment (zero copy)": lambda: torch.add(x, comm._device_data(0, x.dtype, n, n), out=out),
         "cuStreamWriteValue64 (ctypes)": lambda: comm._ops.write(handle, flag, 0),
         "cuStreamWaitValue64, met (ctypes)": lambda: comm._ops.wait_at_least(handle, flag, 0),
+        "fused kernel, wait met (ctypes launch)": lambda: comm._fused.launch(handle, x, out, comm._base, comm._base,
+                                                                           flag, flag, 0),
         "comm._check_signatures": lambda: comm._check_signatures(comm._seq, comm._signature(1, x.dtype, n * 4), "x"),
     }
     costs = {}
@@ -70,6 +74,7 @@ def worker(rank: int, init: str, opts, out: str) -> None:
     import torch
     import torch.distributed as dist
 
+    from hetero_shim import settings
     from hetero_shim import shm_collectives as shm
 
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=2)
@@ -80,10 +85,12 @@ def worker(rank: int, init: str, opts, out: str) -> None:
         torch.cuda.set_device(device)
     sync = torch.cuda.synchronize if gpu else (lambda: None)
     n = opts.bytes // 4
-    rows = {}
+    rows, notes = {}, {}
     waited = [0.0]
-    for name, stream_ops in (("stream-ordered", True), ("host waits", False)):
-        comm = shm.for_group(group, [0, 1], rank, 2, device, mode="shm", stream_ops=stream_ops)
+    for name, stream_ops, fused in (("fused kernel", True, "1"), ("4 stream ops", True, "0"),
+                                    ("host waits", False, "0")):
+        with settings.environ_set({settings.SHM_FUSED_KERNEL: fused}):
+            comm = shm.for_group(group, [0, 1], rank, 2, device, mode="shm", stream_ops=stream_ops)
         inner = comm._wait
 
         def timed_wait(*a, inner=inner, **k):
@@ -112,8 +119,10 @@ def worker(rank: int, init: str, opts, out: str) -> None:
                                        "outside_waits_us": (total - waited[0]) / opts.iters * 1e6}
         comm.settle()
         dist.barrier(group=group)
-        if gpu and stream_ops and getattr(comm, "stream_ordered", False):
+        if gpu and fused == "1" and getattr(comm, "_fused", None) is not None:
             rows.update(statement_costs(comm, x, opts.iters))
+        if gpu:
+            notes[name] = f"fused kernel loaded: {getattr(comm, '_fused', None) is not None}"
         dist.barrier(group=group)
         comm.close()
     if gpu:
@@ -131,7 +140,7 @@ def worker(rank: int, init: str, opts, out: str) -> None:
     every = [None, None]
     dist.all_gather_object(every, rows, group=group)
     if rank == 0:
-        Path(out).write_text(json.dumps({"gpu_rank": every[0], "cpu_rank": every[1]}))
+        Path(out).write_text(json.dumps({"gpu_rank": every[0], "cpu_rank": every[1], "notes": notes}))
     dist.destroy_process_group()
 
 
@@ -151,6 +160,7 @@ def main() -> int:
                       "bytes": opts.bytes, "iters": opts.iters}
     Path(opts.out).parent.mkdir(parents=True, exist_ok=True)
     Path(opts.out).write_text(json.dumps(result, indent=1))
+    print("; ".join(f"{k}: {v}" for k, v in result["notes"].items()))
     print(f"{opts.bytes} bytes fp32, 1 GPU rank + 1 CPU rank, {opts.iters} calls (microseconds per call)")
     print(f"{'what':<42} {'GPU rank':>9} {'its own work':>13} {'CPU rank':>9} {'its own work':>13}")
     for key, g in result["gpu_rank"].items():

@@ -73,12 +73,17 @@ def _function(lib: ctypes.CDLL, name: str):
     return fn
 
 
+def driver() -> ctypes.CDLL:
+    """libcuda (the driver API); OSError when it cannot be loaded."""
+    return ctypes.CDLL(ctypes.util.find_library("cuda") or "libcuda.so.1")
+
+
 def load(device_index: int) -> tuple[StreamOps | None, str | None]:
     """(the operations, None) when device ``device_index`` supports them, else (None, why not).
 
     Call with that device's context current (torch has initialised CUDA on it)."""
     try:
-        lib = ctypes.CDLL(ctypes.util.find_library("cuda") or "libcuda.so.1")
+        lib = driver()
         device = ctypes.c_int()
         _check(lib.cuDeviceGet(ctypes.byref(device), device_index), "cuDeviceGet")
         for attribute, suffix in ((_V2_ATTRIBUTE, "_v2"), (_V1_ATTRIBUTE, "")):

@@ -35,6 +35,7 @@ SHM_SLOT_MB = "HETERO_SHIM_SHM_SLOT_MB"
 #: "1" (default): a GPU rank's shared-memory all-reduce waits on its CUDA stream (stream memory
 #: operations), not on the host; "0": host waits.
 SHM_STREAM_OPS = "HETERO_SHIM_SHM_STREAM_OPS"
+SHM_FUSED_KERNEL = "HETERO_SHIM_SHM_FUSED_KERNEL"
 #: "1" (default): with GPU and CPU ranks, the engine core and GPU-rank processes stay on the plan's
 #: reserved cores, off the CPU ranks' cores (hetero_shim/affinity.py); "0" leaves them where the kernel puts them.
 CONFINE = "HETERO_SHIM_CONFINE"
@@ -154,6 +155,10 @@ def shm_stream_ops() -> bool:
     return _flag(SHM_STREAM_OPS, default=True)
 
 
+def shm_fused_kernel() -> bool:
+    return _flag(SHM_FUSED_KERNEL, default=True)
+
+
 def _positive_number(name: str, default: float) -> float:
     raw = os.environ.get(name, "").strip()
     if not raw:
@@ -194,6 +199,7 @@ def check_environment() -> None:
     shm_timeout_seconds()
     shm_slot_bytes()
     shm_stream_ops()
+    shm_fused_kernel()
 
 
 class environ_set:  # noqa: N801 - used as a function: `with environ_set({...}):`

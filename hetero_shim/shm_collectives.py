@@ -271,9 +271,13 @@ class ShmCollectives:
         if view is None:
             if len(self._views) > 1024:
                 self._views.clear()
-            base = (self._header + buf * (self.world + 1) * self.slot + area * self.world * self.slot) // dtype.itemsize
+            base = self._area_offset(buf, area) // dtype.itemsize
             view = self._views[key] = self._view(dtype)[base + start: base + start + count]
         return view
+
+    def _area_offset(self, buf: int, area: int = 0) -> int:
+        """Byte offset in the segment of buffer ``buf``'s data area (area 0) or result area (1)."""
+        return self._header + buf * (self.world + 1) * self.slot + area * self.world * self.slot
 
     def _result(self, buf: int, dtype: torch.dtype, start: int, count: int) -> torch.Tensor:
         return self._data(buf, dtype, start, count, area=1)

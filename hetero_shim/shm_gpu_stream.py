@@ -16,7 +16,10 @@ peer cannot tell the difference. For operation ``seq`` the GPU rank queues: copy
 its piece of buffer ``seq % 2`` -> write ``arrive = seq`` (the write is fenced behind the copy) ->
 wait until the peer's ``arrive >= seq`` -> add the peer's piece (up to ``ZERO_COPY_MAX_BYTES`` the
 add kernel reads it straight from the mapped segment over PCIe: one launch instead of a copy and
-an add, ~9-10 us each on the H100 host; larger pieces are DMA-copied first). Double buffering
+an add, ~9-10 us each on the H100 host; larger pieces are DMA-copied first). Pieces up to
+``ZERO_COPY_MAX_BYTES`` of fp32, bf16 or fp16 take all four steps in one kernel launch instead
+(``hetero_shim.cuda_fused_allreduce``: same order, same flags; ``HETERO_SHIM_SHM_FUSED_KERNEL=0``
+keeps the four operations). Double buffering
 holds in stream order: the copy into buffer ``seq % 2`` runs after the wait of operation
 ``seq - 1``, i.e. after the peer arrived at ``seq - 1`` and so finished reading operation
 ``seq - 2`` (the buffer's last use); and this rank's reads of operation ``seq - 2`` ran before its
@@ -46,12 +49,12 @@ from __future__ import annotations
 
 import torch
 
-from hetero_shim import cuda_stream_ops
+from hetero_shim import cuda_fused_allreduce, cuda_stream_ops, settings
 from hetero_shim.logs import log
 from hetero_shim.shm_collectives import _ARRIVE, _SIG, ShmCollectives
 
 RELEASED = 1 << 62  # written into awaited flags after an error: every pending stream wait passes
-ZERO_COPY_MAX_BYTES = 256 << 10  # up to this the add kernel reads the peer's piece over PCIe; above: a DMA copy first
+ZERO_COPY_MAX_BYTES = 256 << 10  # up to this the GPU reads the peer's piece over PCIe (fused kernel or add); above: a DMA copy first
 
 
 class _MappedBytes:
@@ -72,6 +75,8 @@ class StreamOrderedShm(ShmCollectives):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._ops = None
+        self._fused = None  # cuda_fused_allreduce.FusedAllReduce when loaded
+        self._fused_max = min(ZERO_COPY_MAX_BYTES, self.slot)  # bytes: one piece, read over PCIe
         self._peer = 1 - self.rank
         self._queued: tuple | None = None  # (seq, signature, raw stream) of the op not yet seen met
         if not self.registered or self.world != 2:
@@ -85,8 +90,11 @@ class StreamOrderedShm(ShmCollectives):
         self._base = ops.device_pointer(self._bytes.data_ptr())
         self._on_device = torch.as_tensor(_MappedBytes(self._base, self._bytes.numel()), device="cuda")
         self._device_views: dict[tuple, torch.Tensor] = {}
-        log.info("hetero_shim: %s: this GPU rank's all-reduce waits on its CUDA stream (stream memory operations)",
-                 self.label or "group")
+        how = "stream memory operations"
+        if settings.shm_fused_kernel():
+            self._fused, why = cuda_fused_allreduce.load(self._device_index)
+            how = f"one fused kernel up to {self._fused_max >> 10} KiB" if self._fused else f"{how} (no fused kernel: {why})"
+        log.info("hetero_shim: %s: this GPU rank's all-reduce waits on its CUDA stream (%s)", self.label or "group", how)
 
     @property
     def stream_ordered(self) -> bool:
@@ -147,6 +155,16 @@ class StreamOrderedShm(ShmCollectives):
         super().close()
 
     # -- collectives ------------------------------------------------------------------------
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """A tensor the fused kernel takes goes to it as it is (no flattening: ~4 us less host work)."""
+        fused = self._fused
+        if (fused is not None and x.is_cuda and x.numel() * x.element_size() <= self._fused_max
+                and x.is_contiguous() and fused.supports(x.dtype)):
+            out = torch.empty_like(x)
+            self._all_reduce_piece(x, out)
+            return out
+        return super().all_reduce(x)
+
     def _all_reduce_piece(self, src: torch.Tensor, out: torch.Tensor) -> None:
         if self._ops is None or out.device.type != "cuda":
             self.settle()
@@ -158,6 +176,12 @@ class StreamOrderedShm(ShmCollectives):
         sig = self._signature(1, dtype, nbytes)
         self._flags[self._flag_index(r, _SIG + (seq & 1))] = sig
         handle, ops, peer = torch._C._cuda_getCurrentRawStream(self._device_index), self._ops, self._peer
+        if self._fused is not None and nbytes <= self._fused_max and self._fused.supports(dtype):
+            pieces = self._base + self._area_offset(buf)
+            self._fused.launch(handle, src, out, pieces + r * nbytes, pieces + peer * nbytes,
+                               self._address(r, _ARRIVE), self._address(peer, _ARRIVE), seq)
+            self._queued = (seq, sig, handle)
+            return
         self._data(buf, dtype, r * n, n).copy_(src, non_blocking=True)
         ops.write(handle, self._address(r, _ARRIVE), seq)
         ops.wait_at_least(handle, self._address(peer, _ARRIVE), seq)

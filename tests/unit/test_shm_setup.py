@@ -43,6 +43,10 @@ def test_stream_ops_setting(monkeypatch):
     monkeypatch.setenv(settings.SHM_STREAM_OPS, "sometimes")
     with pytest.raises(HeteroConfigError, match="HETERO_SHIM_SHM_STREAM_OPS='sometimes' is not understood"):
         settings.shm_stream_ops()
+    monkeypatch.delenv(settings.SHM_FUSED_KERNEL, raising=False)
+    assert settings.shm_fused_kernel() is True
+    monkeypatch.setenv(settings.SHM_FUSED_KERNEL, "0")
+    assert settings.shm_fused_kernel() is False
 
 
 def test_stream_ops_load_without_a_cuda_driver_says_why_not():
