@@ -38,6 +38,7 @@ def statement_costs(comm, x, iters: int) -> dict:
     mine, peer = comm._data(0, x.dtype, 0, n), comm._data(0, x.dtype, n, n)
     pinned = torch.empty(n, dtype=x.dtype, pin_memory=True)
     flag = comm._address(0, 1)  # the "reduced" flag: 2-rank all-reduces never use it
+    area = comm._base + comm._area_offset(0) if getattr(comm, "_fused", None) else 0  # buffer 0's pieces (device)
     handle = torch.cuda.current_stream().cuda_stream
     out = torch.empty_like(x)
     steps = {
@@ -52,7 +53,7 @@ def statement_costs(comm, x, iters: int) -> dict:
         "torch.add reading the segment (zero copy)": lambda: torch.add(x, comm._device_data(0, x.dtype, n, n), out=out),
         "cuStreamWriteValue64 (ctypes)": lambda: comm._ops.write(handle, flag, 0),
         "cuStreamWaitValue64, met (ctypes)": lambda: comm._ops.wait_at_least(handle, flag, 0),
-        "fused kernel, wait met (ctypes launch)": lambda: comm._fused.launch(handle, x, out, comm._base, comm._base,
+        "fused kernel, wait met (ctypes launch)": lambda: comm._fused.launch(handle, x, out, area, area + 4 * n,
                                                                            flag, flag, 0),
         "comm._check_signatures": lambda: comm._check_signatures(comm._seq, comm._signature(1, x.dtype, n * 4), "x"),
     }
