@@ -1,31 +1,37 @@
-"""One CUDA kernel for the GPU rank's part of a 2-rank shared-memory all-reduce (``FusedAllReduce``).
+"""One CUDA kernel for the GPU rank's part of a shared-memory all-reduce (``FusedAllReduce``).
 
 Why: the stream-ordered all-reduce (``hetero_shim.shm_gpu_stream``) queued four operations per
 call (copy into the segment, ``cuStreamWriteValue64``, ``cuStreamWaitValue64``, an add reading
 the segment): four host calls of 3-10 us each on the H100 host, and 28-32 us of device time
-for an 8 KiB piece (bench/README.md, profile of run 9). Issue 4 wants 50 us per all-reduce. This
-kernel does the four steps in one launch, with the same protocol, so the CPU peer cannot tell:
+for an 8 KiB piece (bench/README.md, profile of run 9): 79 us per 8 KiB all-reduce; issue 4
+wants 50. This kernel does the steps in one launch, with the protocol of
+``hetero_shim.shm_collectives``, so the CPU ranks cannot tell:
 
-1. every thread copies its elements of ``src`` into this rank's piece of the segment (stores
-   to mapped host memory over PCIe), then fences them at system scope;
+1. every thread copies its elements of ``src`` (16-byte vectors when aligned) into this rank's
+   piece of the segment (stores to mapped host memory over PCIe), then fences them at system scope;
 2. the last block to finish (one block: itself) stores ``arrive = seq`` with release semantics
-   at system scope: the CPU peer that sees the flag sees the data;
-3. thread 0 of every block polls the peer's ``arrive`` flag (acquire loads at system scope,
-   i.e. from host memory, never a stale cache line) until it is >= ``seq``;
-4. every thread adds the peer's elements (volatile loads from the segment) to its own and
-   writes ``out``: one IEEE addition per element, as the CPU peer does (bf16/fp16: in fp32,
-   rounded to nearest even; NaN becomes the canonical NaN as in PyTorch's CPU code).
+   at system scope: a CPU rank that sees the flag sees the data;
+3. thread 0 of every block polls every other rank's ``arrive`` flag (acquire loads at system
+   scope, i.e. from host memory, never a stale cache line) until it is >= ``seq``, or until this
+   rank's own ``release`` flag is (set by the host after an error: the wait ends, the result is
+   not used, and no other rank's flag is touched);
+4. every thread sums the ranks' elements in rank order (volatile loads from the segment; its
+   own from ``src``) and writes ``out``: the same IEEE additions, rounded to the dtype after each,
+   as every CPU rank does (bf16/fp16: in fp32, rounded to nearest even; NaN becomes the
+   canonical NaN as in PyTorch's CPU code), so every rank holds the same bits.
 
-A pending kernel waits on the stream exactly as ``cuStreamWaitValue64`` would, so the host
-bookkeeping (settling one collective late, releasing the wait by overwriting the flag after an
-error) is unchanged. Grid: at most ``MAX_BLOCKS`` blocks, all resident at once on any GPU this
-runs on (a block that spins must not keep another block of the same grid from starting).
+A pending kernel waits on the stream like ``cuStreamWaitValue64``, so the host bookkeeping
+(settling one collective late, releasing the wait after an error) is unchanged. Grid: at most
+``MAX_BLOCKS`` blocks, all resident at once on any GPU this runs on (a block that spins must not
+keep another block of the same grid from starting). Measured on the H100 (run 11,
+bench/README.md): 8 KiB between 1 GPU and 1 CPU rank 29-43 us against 70-102 us with the four
+operations, in the same calls.
 
 Compiled at first use with NVRTC (``libnvrtc``, which the CUDA builds of torch install) for this
 GPU's architecture, loaded and launched through the driver API (ctypes; ``cuLaunchKernel`` with
 argument storage allocated once). ``load`` returns (None, why) when any of it is unavailable;
-the caller then keeps the four-operation path. Remove when: never for GPU+CPU groups, unless
-torch gains a host-memory collective.
+the caller then keeps the four operations (2 ranks) or host waits (more). Remove when: never for
+GPU+CPU groups, unless torch gains a host-memory collective.
 """
 
 from __future__ import annotations
@@ -90,21 +96,28 @@ struct Add16 {
 typedef Add16<bf16_to_float, float_to_bf16> AddBF16;
 typedef Add16<f16_to_float, float_to_f16> AddF16;
 
-// vec: all four data pointers are 16-byte aligned, so whole 16-byte vectors move at once (the tail
-// of fewer than 16 bytes, and everything when not aligned, element by element).
+// One all-reduce of operation `seq` for group rank `rank` of `world`. `area`: the buffer's data
+// area in the mapped segment, rank q's piece of n elements at q * n. `flags`: the segment's flag
+// header; rank q's arrive flag at flags[q * stride + ARRIVE]. `release`: this rank's own flag that
+// the host sets after an error, so a pending wait ends (peers' flags are never overwritten).
+// vec: src, out and every piece are 16-byte aligned, so whole 16-byte vectors move at once (the
+// tail of fewer than 16 bytes, and everything when not aligned, element by element).
+// The sum is ((p0 + p1) + p2) + ..., rounded to T after each addition: what every CPU rank
+// computes (hetero_shim.shm_collectives), so every rank holds the same bits.
 template <class K>
-__device__ void all_reduce_2(const typename K::T* __restrict__ src, typename K::T* __restrict__ out,
-                             typename K::T* __restrict__ mine, const typename K::T* peer, long long* my_arrive,
-                             const long long* peer_arrive, unsigned int* blocks_done, long long seq,
-                             long long n, int vec) {
+__device__ void all_reduce(const typename K::T* __restrict__ src, typename K::T* __restrict__ out,
+                           typename K::T* area, long long* flags, const long long* release,
+                           unsigned int* blocks_done, long long seq, long long n, int rank, int world,
+                           int stride, int vec) {
   typedef typename K::T T;
-  const long long stride = (long long)gridDim.x * blockDim.x;
+  const long long step = (long long)gridDim.x * blockDim.x;
   const long long first = (long long)blockIdx.x * blockDim.x + threadIdx.x;
   const long long per = 16 / sizeof(T);
   const long long vectors = vec ? n / per : 0;
   const uint4* src4 = reinterpret_cast<const uint4*>(src);
-  for (long long i = first; i < vectors; i += stride) reinterpret_cast<uint4*>(mine)[i] = src4[i];
-  for (long long i = vectors * per + first; i < n; i += stride) mine[i] = src[i];
+  T* mine = area + rank * n;
+  for (long long i = first; i < vectors; i += step) reinterpret_cast<uint4*>(mine)[i] = src4[i];
+  for (long long i = vectors * per + first; i < n; i += step) mine[i] = src[i];
   __threadfence_system();
   __syncthreads();
   if (threadIdx.x == 0) {
@@ -114,34 +127,44 @@ __device__ void all_reduce_2(const typename K::T* __restrict__ src, typename K::
       last = atomicAdd(blocks_done, 1u) == gridDim.x - 1;
       if (last) { *blocks_done = 0u; __threadfence_system(); }
     }
-    if (last) store_release_sys(my_arrive, seq);
-    while (load_acquire_sys(peer_arrive) < seq) { }
+    if (last) store_release_sys(flags + (long long)rank * stride, seq);
+    for (int q = 0; q < world; ++q) {
+      if (q == rank) continue;
+      while (load_acquire_sys(flags + (long long)q * stride) < seq && load_acquire_sys(release) < seq) { }
+    }
   }
   __syncthreads();
-  for (long long i = first; i < vectors; i += stride) {
-    uint4 a = src4[i], b = load_volatile_v4(reinterpret_cast<const uint4*>(peer) + i), c;
-    c.x = K::add_word(a.x, b.x); c.y = K::add_word(a.y, b.y);
-    c.z = K::add_word(a.z, b.z); c.w = K::add_word(a.w, b.w);
-    reinterpret_cast<uint4*>(out)[i] = c;
+  for (long long i = first; i < vectors; i += step) {
+    uint4 acc = rank == 0 ? src4[i] : load_volatile_v4(reinterpret_cast<const uint4*>(area) + i);
+    for (int q = 1; q < world; ++q) {
+      uint4 b = q == rank ? src4[i] : load_volatile_v4(reinterpret_cast<const uint4*>(area + q * n) + i);
+      acc.x = K::add_word(acc.x, b.x); acc.y = K::add_word(acc.y, b.y);
+      acc.z = K::add_word(acc.z, b.z); acc.w = K::add_word(acc.w, b.w);
+    }
+    reinterpret_cast<uint4*>(out)[i] = acc;
   }
-  for (long long i = vectors * per + first; i < n; i += stride)
-    out[i] = K::add(src[i], *reinterpret_cast<const volatile T*>(peer + i));
+  for (long long i = vectors * per + first; i < n; i += step) {
+    T acc = rank == 0 ? src[i] : *reinterpret_cast<const volatile T*>(area + i);
+    for (int q = 1; q < world; ++q)
+      acc = K::add(acc, q == rank ? src[i] : *reinterpret_cast<const volatile T*>(area + q * n + i));
+    out[i] = acc;
+  }
 }
 
-#define ALL_REDUCE_2(NAME, K)                                                                   \
-  extern "C" __global__ void NAME(const K::T* src, K::T* out, K::T* mine, const K::T* peer,      \
-                                  long long* my_arrive, const long long* peer_arrive,           \
-                                  unsigned int* blocks_done, long long seq, long long n, int vec) { \
-    all_reduce_2<K>(src, out, mine, peer, my_arrive, peer_arrive, blocks_done, seq, n, vec);   \
+#define ALL_REDUCE(NAME, K)                                                                         \
+  extern "C" __global__ void NAME(const K::T* src, K::T* out, K::T* area, long long* flags,           \
+                                  const long long* release, unsigned int* blocks_done, long long seq, \
+                                  long long n, int rank, int world, int stride, int vec) {            \
+    all_reduce<K>(src, out, area, flags, release, blocks_done, seq, n, rank, world, stride, vec);    \
   }
-ALL_REDUCE_2(hs_all_reduce_2_f32, AddF32)
-ALL_REDUCE_2(hs_all_reduce_2_bf16, AddBF16)
-ALL_REDUCE_2(hs_all_reduce_2_f16, AddF16)
+ALL_REDUCE(hs_all_reduce_f32, AddF32)
+ALL_REDUCE(hs_all_reduce_bf16, AddBF16)
+ALL_REDUCE(hs_all_reduce_f16, AddF16)
 """
 
 _CUBINS: dict[str, bytes] = {}
-KERNELS = {torch.float32: "hs_all_reduce_2_f32", torch.bfloat16: "hs_all_reduce_2_bf16",
-           torch.float16: "hs_all_reduce_2_f16"}
+KERNELS = {torch.float32: "hs_all_reduce_f32", torch.bfloat16: "hs_all_reduce_bf16",
+           torch.float16: "hs_all_reduce_f16"}
 
 
 def _nvrtc() -> ctypes.CDLL:
@@ -208,9 +231,9 @@ def _nvrtc_check(code: int, what: str) -> None:
 
 
 class FusedAllReduce:
-    """The loaded kernels of one device; ``launch`` queues one all-reduce of a 2-rank group."""
+    """The loaded kernels of one device; ``launch`` queues one all-reduce of a shared-memory group."""
 
-    _POINTERS = 7  # src, out, mine, peer, my_arrive, peer_arrive, blocks_done; then seq, n, vec
+    _POINTERS = 6  # src, out, area, flags, release, blocks_done; then seq, n (int64); rank, world, stride, vec (int32)
 
     def __init__(self, lib: ctypes.CDLL, cubin: bytes, device: torch.device) -> None:
         module = ctypes.c_void_p()
@@ -223,24 +246,26 @@ class FusedAllReduce:
         self._launch = lib.cuLaunchKernel
         self._launch.restype = ctypes.c_int
         self._launch.argtypes = [ctypes.c_void_p] + [ctypes.c_uint] * 7 + [ctypes.c_void_p] * 3
-        self._values = [ctypes.c_uint64() for _ in range(self._POINTERS)] + [ctypes.c_int64(), ctypes.c_int64(),
-                                                                              ctypes.c_int32()]
+        self._values = ([ctypes.c_uint64() for _ in range(self._POINTERS)] + [ctypes.c_int64() for _ in range(2)]
+                        + [ctypes.c_int32() for _ in range(4)])
         self._params = (ctypes.c_void_p * len(self._values))(*(ctypes.addressof(v) for v in self._values))
         self._blocks_done = torch.zeros(1, dtype=torch.int32, device=device)  # reset by each grid's last block
-        self._values[6].value = self._blocks_done.data_ptr()
+        self._values[5].value = self._blocks_done.data_ptr()
 
     def supports(self, dtype: torch.dtype) -> bool:
         return dtype in self._functions
 
-    def launch(self, stream: int, src: torch.Tensor, out: torch.Tensor, mine: int, peer: int,
-               my_arrive: int, peer_arrive: int, seq: int) -> None:
-        """Queue on ``stream``: src -> segment piece ``mine`` (device address), arrive = seq, wait for
-        the peer's arrive >= seq, out = src + the peer's piece ``peer``. Contiguous, same-size tensors."""
+    def launch(self, stream: int, src: torch.Tensor, out: torch.Tensor, area: int, flags: int, release: int,
+               seq: int, rank: int, world: int, stride: int) -> None:
+        """Queue on ``stream``: ``src`` -> this rank's piece of the data area at device address ``area``
+        (rank q's piece of src.numel() elements at q * src.nbytes), arrive = seq at ``flags`` + 8 *
+        rank * ``stride``, wait until every rank's arrive >= seq (or the int64 at ``release`` is),
+        out = the pieces summed in rank order. ``src`` and ``out``: contiguous, same size and dtype."""
         n, src_ptr, out_ptr = src.numel(), src.data_ptr(), out.data_ptr()
         v = self._values
-        v[0].value, v[1].value, v[2].value, v[3].value = src_ptr, out_ptr, mine, peer
-        v[4].value, v[5].value, v[7].value, v[8].value = my_arrive, peer_arrive, seq, n
-        v[9].value = int((src_ptr | out_ptr | mine | peer) & 15 == 0)
+        v[0].value, v[1].value, v[2].value, v[3].value, v[4].value = src_ptr, out_ptr, area, flags, release
+        v[6].value, v[7].value, v[8].value, v[9].value, v[10].value = seq, n, rank, world, stride
+        v[11].value = int((src_ptr | out_ptr | area | n * src.element_size()) & 15 == 0)
         blocks = min(MAX_BLOCKS, max(1, -(-n * src.element_size() // BLOCK_BYTES)))
         _check(self._launch(self._functions[src.dtype], blocks, 1, 1, THREADS, 1, 1, 0, stream, self._params, None),
                "cuLaunchKernel")

@@ -17,7 +17,8 @@ also unlink at exit). By hand: ``rm /dev/shm/hetero_shim_*`` when no run is acti
 
 Layout (``slot`` = HETERO_SHIM_SHM_SLOT_MB, default 4 MiB)::
 
-    header    per rank, 128 bytes apart (no false sharing): arrive, reduced, sig[0], sig[1] (int64)
+    header    per rank, 128 bytes apart (no false sharing): arrive, reduced, sig[0], sig[1], release (int64;
+              release: read by this rank's own GPU kernels only, see hetero_shim.shm_gpu_stream)
     buffer 0  data area (world x slot; rank r's piece of k elements at r*k) | result area (slot)
     buffer 1  the same
 
@@ -92,7 +93,7 @@ SPIN_YIELD_S = 0.02
 SLEEP_MAX_S = 1e-3
 LIVENESS_EVERY_S = 0.1
 
-_ARRIVE, _REDUCED, _SIG = 0, 1, 2  # int64 offsets inside a rank's flag group (sig: 2 and 3)
+_ARRIVE, _REDUCED, _SIG, _RELEASE = 0, 1, 2, 4  # int64 offsets inside a rank's flag group (sig: 2 and 3)
 _OPS = {1: "all_reduce", 2: "broadcast", 3: "all_gather"}
 _DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.int32,
            torch.int16, torch.int8, torch.uint8, torch.bool]

@@ -1,45 +1,45 @@
-"""Stream-ordered shared-memory all-reduce for the GPU rank of a 2-rank group (``StreamOrderedShm``).
+"""Stream-ordered shared-memory all-reduce for a GPU rank (``StreamOrderedShm``).
 
 Why: with host-side waiting (``ShmCollectives``) a GPU rank's all-reduce of 8 KiB took 100-126 us
 on the H100 (issue 4 wants 50 us): its host thread copies its input into the segment and waits for
 the copy (a stream synchronize, behind every kernel queued before), publishes its flag, spins for
-the peer, and only then queues the copy back. Here the host thread only queues work; the flag
-store and the wait for the peer are CUDA stream memory operations (``hetero_shim.cuda_stream_ops``)
-on the current stream, in stream order with the copies and kernels around them. Measured on the
-H100 (bench/README.md): 8 KiB 79 us against 104 us with host waits in the same run, 58 us per call
-back to back. Used for groups of 2 ranks (1 GPU + 1 CPU) only: with 1 GPU + 3 CPU ranks it was
-slower than host waits (113 vs 84 us: one stream wait and one add launch per peer), so those
-groups keep host waits.
+the peers, and only then queues the copy back. Here the host thread only queues work on the
+current stream, in stream order with the kernels around it:
+- by default one kernel (``hetero_shim.cuda_fused_allreduce``) for tensors of fp32, bf16 or fp16
+  up to ``ZERO_COPY_MAX_BYTES`` (2-rank groups) or below the chunked size (larger groups): it
+  copies the input into the segment, publishes the flag, waits for every peer and sums in rank
+  order. H100, run 11: 8 KiB between 1 GPU and 1 CPU rank 29-43 us;
+- in 2-rank groups otherwise (larger tensors, other dtypes, ``HETERO_SHIM_SHM_FUSED_KERNEL=0`` or no
+  NVRTC): four operations, a copy into the segment, ``cuStreamWriteValue64`` of the flag (fenced
+  behind the copy), ``cuStreamWaitValue64`` for the peer, and an add (up to ``ZERO_COPY_MAX_BYTES``
+  reading the peer's piece straight from the mapped segment; larger pieces DMA-copied first).
+  H100, run 9: 8 KiB 79 us against 104 us with host waits. With 1 GPU + 3 CPU ranks that form
+  was slower than host waits (113 vs 84 us: one wait and one add per peer), so larger groups
+  use host waits for what the kernel does not take.
 
 Protocol: the same segment, flags and buffers as ``ShmCollectives`` (its docstring), so the CPU
-peer cannot tell the difference. For operation ``seq`` the GPU rank queues: copy its input into
-its piece of buffer ``seq % 2`` -> write ``arrive = seq`` (the write is fenced behind the copy) ->
-wait until the peer's ``arrive >= seq`` -> add the peer's piece (up to ``ZERO_COPY_MAX_BYTES`` the
-add kernel reads it straight from the mapped segment over PCIe: one launch instead of a copy and
-an add, ~9-10 us each on the H100 host; larger pieces are DMA-copied first). Pieces up to
-``ZERO_COPY_MAX_BYTES`` of fp32, bf16 or fp16 take all four steps in one kernel launch instead
-(``hetero_shim.cuda_fused_allreduce``: same order, same flags; ``HETERO_SHIM_SHM_FUSED_KERNEL=0``
-keeps the four operations). Double buffering
-holds in stream order: the copy into buffer ``seq % 2`` runs after the wait of operation
-``seq - 1``, i.e. after the peer arrived at ``seq - 1`` and so finished reading operation
-``seq - 2`` (the buffer's last use); and this rank's reads of operation ``seq - 2`` ran before its
-``arrive = seq - 1``, which the peer waits for before it writes that buffer again. Both ranks
-compute each element with the same one IEEE addition, so they hold the same bits.
+ranks cannot tell the difference. Double buffering holds in stream order: the copy into buffer
+``seq % 2`` runs after the wait of operation ``seq - 1``, i.e. after every peer arrived at
+``seq - 1`` and so finished reading operation ``seq - 2`` (the buffer's last use); and this rank's
+reads of operation ``seq - 2`` ran before its ``arrive = seq - 1``, which the peers wait for before
+they write that buffer again. Every rank computes each element with the same IEEE additions in
+the same order, so they hold the same bits.
 
 Host bookkeeping ("settling"): before queuing operation ``seq`` the host thread waits (the base
-class's ``_wait``: liveness checks every 0.1 s, ``HETERO_SHIM_SHM_TIMEOUT``) until the peer has
+class's ``_wait``: liveness checks every 0.1 s, ``HETERO_SHIM_SHM_TIMEOUT``) until every peer has
 arrived at operation ``seq - 1``. So the stream waits on at most one collective that
 the host thread has not seen complete, a peer that died is named at the next collective (as with
-host waits), this rank's signature of ``seq`` can be written from the host (the peer finished
-checking ``seq - 2``'s), and the peer's signature of ``seq - 1`` is checked then: one collective
+host waits), this rank's signature of ``seq`` can be written from the host (the peers finished
+checking ``seq - 2``'s), and the peers' signatures of ``seq - 1`` are checked then: one collective
 late, but before the collective returns. Broadcast, all-gather and every gloo path of the
 communicator first settle fully (conditions, then the stream's queued work) and then run the
-host-waiting protocol. After an error the stream's pending waits are released (their flags are
-overwritten), so this process can still synchronize and exit; the communicator refuses further
-calls.
+host-waiting protocol. After an error the stream's pending wait is released (the kernel's by
+this rank's own release flag; the four-operation form's, 2-rank groups only, by overwriting the
+peer's arrive flag, which no other rank reads), so this process can still synchronize and exit;
+the communicator refuses further calls.
 
 Limit: a host synchronization *between* two collectives (none happens inside vLLM's decoder
-forward pass) waits until the peer arrives; if a peer died at exactly that point, this rank is
+forward pass) waits until the peers arrive; if a peer died at exactly that point, this rank is
 ended by vLLM's worker monitor, not named by this module.
 ``HETERO_SHIM_SHM_STREAM_OPS=0`` turns this off (host waits, as before). Remove when: never for
 GPU+CPU groups (NCCL cannot include CPU ranks); torch may one day expose stream memory operations.
@@ -51,7 +51,7 @@ import torch
 
 from hetero_shim import cuda_fused_allreduce, cuda_stream_ops, settings
 from hetero_shim.logs import log
-from hetero_shim.shm_collectives import _ARRIVE, _SIG, ShmCollectives
+from hetero_shim.shm_collectives import _ARRIVE, _RELEASE, _SIG, FLAG_STRIDE, ShmCollectives
 
 RELEASED = 1 << 62  # written into awaited flags after an error: every pending stream wait passes
 ZERO_COPY_MAX_BYTES = 256 << 10  # up to this the GPU reads the peer's piece over PCIe (fused kernel or add); above: a DMA copy first
@@ -68,32 +68,39 @@ class _MappedBytes:
 class StreamOrderedShm(ShmCollectives):
     """ShmCollectives whose all-reduce on a CUDA rank waits on the stream, not on the host.
 
-    Only in a group of 2 ranks (the one place that decides it; measured slower with more, see
-    the module docstring); in larger groups, or without stream memory operations, it is the base
-    class's host waiting."""
+    Groups of 2 ranks: the fused kernel, or the four stream operations without it. Larger
+    groups: the fused kernel (one launch whatever the group size) for tensors below the chunked
+    size, host waits otherwise and without it (four operations per peer measured slower than
+    host waits, see the module docstring). This class is the one place that decides."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._ops = None
         self._fused = None  # cuda_fused_allreduce.FusedAllReduce when loaded
-        self._fused_max = min(ZERO_COPY_MAX_BYTES, self.slot)  # bytes: one piece, read over PCIe
-        self._peer = 1 - self.rank
+        limit = ZERO_COPY_MAX_BYTES if self.world == 2 else self.chunked_min_bytes - 1  # larger: chunked sums
+        self._fused_max = min(limit, self.slot)  # bytes: one piece, read over PCIe
+        self._peers = [q for q in range(self.world) if q != self.rank]
         self._queued: tuple | None = None  # (seq, signature, raw stream) of the op not yet seen met
-        if not self.registered or self.world != 2:
+        if not self.registered:
             return
         self._device_index = torch.cuda.current_device()
         ops, why = cuda_stream_ops.load(self._device_index)
         if ops is None:
             log.info("hetero_shim: GPU rank waits on the host in shared-memory collectives (%s)", why)
             return
-        self._ops = ops
+        fused = None
+        if settings.shm_fused_kernel():
+            fused, why = cuda_fused_allreduce.load(self._device_index)
+        else:
+            why = f"{settings.SHM_FUSED_KERNEL}=0"
+        if fused is None and self.world != 2:
+            log.info("hetero_shim: %s: GPU rank waits on the host (no fused kernel: %s)", self.label or "group", why)
+            return
+        self._ops, self._fused = ops, fused
         self._base = ops.device_pointer(self._bytes.data_ptr())
         self._on_device = torch.as_tensor(_MappedBytes(self._base, self._bytes.numel()), device="cuda")
         self._device_views: dict[tuple, torch.Tensor] = {}
-        how = "stream memory operations"
-        if settings.shm_fused_kernel():
-            self._fused, why = cuda_fused_allreduce.load(self._device_index)
-            how = f"one fused kernel up to {self._fused_max >> 10} KiB" if self._fused else f"{how} (no fused kernel: {why})"
+        how = f"one fused kernel up to {self._fused_max >> 10} KiB" if fused else f"stream memory operations ({why})"
         log.info("hetero_shim: %s: this GPU rank's all-reduce waits on its CUDA stream (%s)", self.label or "group", how)
 
     @property
@@ -121,7 +128,7 @@ class StreamOrderedShm(ShmCollectives):
         if self._queued is None:
             return
         seq, sig, _ = self._queued
-        self._wait(_ARRIVE, seq, [self._peer], "all_reduce")
+        self._wait(_ARRIVE, seq, self._peers, "all_reduce")
         self._check_signatures(seq, sig, "all_reduce")
         self._queued = None
 
@@ -135,12 +142,17 @@ class StreamOrderedShm(ShmCollectives):
 
     def _release_stream(self) -> None:
         """Let the stream's pending wait pass (after an error, or at close: the data it guards is
-        not used). Only a flag still below the awaited value is overwritten."""
+        not used). The fused kernel also watches this rank's own release flag; the stream wait of
+        the four-operation path (2-rank groups only) watches the peer's arrive flag, so that one is
+        overwritten, and only while still below the awaited value (in a 2-rank group no other rank
+        reads it)."""
         if self._queued is None or self._mm is None:
             return
-        index = self._flag_index(self._peer, _ARRIVE)
-        if self._flags[index] < self._queued[0]:
-            self._flags[index] = RELEASED
+        self._flags[self._flag_index(self.rank, _RELEASE)] = RELEASED
+        if self.world == 2:
+            index = self._flag_index(self._peers[0], _ARRIVE)
+            if self._flags[index] < self._queued[0]:
+                self._flags[index] = RELEASED
         self._queued = None
 
     def _fail(self, message: str):
@@ -166,22 +178,23 @@ class StreamOrderedShm(ShmCollectives):
         return super().all_reduce(x)
 
     def _all_reduce_piece(self, src: torch.Tensor, out: torch.Tensor) -> None:
-        if self._ops is None or out.device.type != "cuda":
+        nbytes = src.numel() * src.element_size()
+        fused = (self._fused is not None and nbytes <= self._fused_max and self._fused.supports(src.dtype))
+        if self._ops is None or out.device.type != "cuda" or (self.world != 2 and not fused):
             self.settle()
             return super()._all_reduce_piece(src, out)
         seq = self._begin()
         self._settle_conditions()
         buf, n, dtype, r = seq & 1, src.numel(), src.dtype, self.rank
-        nbytes = n * src.element_size()
         sig = self._signature(1, dtype, nbytes)
         self._flags[self._flag_index(r, _SIG + (seq & 1))] = sig
-        handle, ops, peer = torch._C._cuda_getCurrentRawStream(self._device_index), self._ops, self._peer
-        if self._fused is not None and nbytes <= self._fused_max and self._fused.supports(dtype):
-            pieces = self._base + self._area_offset(buf)
-            self._fused.launch(handle, src, out, pieces + r * nbytes, pieces + peer * nbytes,
-                               self._address(r, _ARRIVE), self._address(peer, _ARRIVE), seq)
+        handle, ops = torch._C._cuda_getCurrentRawStream(self._device_index), self._ops
+        if fused:
+            self._fused.launch(handle, src, out, self._base + self._area_offset(buf), self._address(0, _ARRIVE),
+                               self._address(r, _RELEASE), seq, r, self.world, FLAG_STRIDE // 8)
             self._queued = (seq, sig, handle)
             return
+        peer = self._peers[0]
         self._data(buf, dtype, r * n, n).copy_(src, non_blocking=True)
         ops.write(handle, self._address(r, _ARRIVE), seq)
         ops.wait_at_least(handle, self._address(peer, _ARRIVE), seq)

@@ -1,14 +1,15 @@
 """The GPU rank's shared-memory all-reduce against a CPU peer, every path (needs a GPU; no vLLM).
 
-    python scripts/shm_gpu_check.py [--json OUT.json]
+    python scripts/shm_gpu_check.py [--cpu-ranks 1,3] [--json OUT.json]
 
-Two spawned processes: group rank 0 on cuda:0, group rank 1 on the CPU, meeting through
+For each entry of --cpu-ranks, spawned processes: group rank 0 on cuda:0, the others on the CPU, meeting through
 ``hetero_shim.shm_collectives.for_group`` as heterogeneous mode does. For each GPU-rank path
 (``fused kernel``: hetero_shim.cuda_fused_allreduce; ``4 stream ops``: HETERO_SHIM_SHM_FUSED_KERNEL=0;
 ``host waits``: HETERO_SHIM_SHM_STREAM_OPS=0) it checks:
 - exact fp32 sums (small integers) at sizes that take each branch of the kernel: 1 and 3
   elements (no 16-byte vector), 8 KiB, 8 KiB + 4 bytes (vectors and a tail), 64 KiB, 256 KiB
-  (32 blocks), 256 KiB + 4 bytes and 2 MiB (above the fused kernel: four operations);
+  (32 blocks; with 3 CPU ranks already the chunked sums), 256 KiB + 4 bytes and 2 MiB (above the
+  fused kernel: four operations with one CPU rank, host waits with three);
 - a tensor at an address that is not 16-byte aligned, a 2-D tensor (shape kept), a strided one;
 - bf16 and fp16 random data: both ranks hold the same bits, close to the exact sum;
 - 200 back-to-back dependent all-reduces with no synchronization between them (bench/allreduce.py).
@@ -34,12 +35,12 @@ SIZES = [4, 12, 8 << 10, (8 << 10) + 4, 64 << 10, 256 << 10, (256 << 10) + 4, 2 
 PATHS = {"fused kernel": (True, "1"), "4 stream ops": (True, "0"), "host waits": (False, "0")}
 
 
-def checks(comm, rank: int, device, group) -> list[tuple[str, object]]:
+def checks(comm, rank: int, world: int, device, group) -> list[tuple[str, object]]:
     import torch
 
     def exact(x_of_rank):
         got = comm.all_reduce(x_of_rank(rank))
-        want = x_of_rank(0).cpu() + x_of_rank(1).cpu()
+        want = sum(x_of_rank(q).cpu() for q in range(world))
         assert got.shape == want.shape and torch.equal(got.cpu(), want), f"wrong sum, shape {tuple(want.shape)}"
 
     def ints(n, offset=0):
@@ -54,32 +55,33 @@ def checks(comm, rank: int, device, group) -> list[tuple[str, object]]:
     for dtype in (torch.bfloat16, torch.float16):
         for size in (8 << 10, 256 << 10):
             out.append((f"{str(dtype)[6:]} same bits, {size} bytes",
-                        lambda dtype=dtype, size=size: same_bits(comm.all_reduce, rank, 2, size // 2, device, group,
+                        lambda dtype=dtype, size=size: same_bits(comm.all_reduce, rank, world, size // 2, device, group,
                                                                  dtype)))
-    out.append(("200 back-to-back, 8 KiB", lambda: back_to_back(comm.all_reduce, rank, 2, 2048, device)))
-    out.append(("200 back-to-back, 256 KiB", lambda: back_to_back(comm.all_reduce, rank, 2, 65536, device)))
+    out.append(("200 back-to-back, 8 KiB", lambda: back_to_back(comm.all_reduce, rank, world, 2048, device)))
+    out.append(("200 back-to-back, 256 KiB", lambda: back_to_back(comm.all_reduce, rank, world, 65536, device)))
     return out
 
 
-def worker(rank: int, init: str, results: str, cpu_only: bool) -> None:
-    os.sched_setaffinity(0, cores_for(rank, 2))
+def worker(rank: int, world: int, init: str, results: str, cpu_only: bool) -> None:
+    os.sched_setaffinity(0, cores_for(rank, world))
     import torch
     import torch.distributed as dist
 
     from hetero_shim import settings
     from hetero_shim import shm_collectives as shm
 
-    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=2)
-    group = dist.new_group([0, 1], backend="gloo")
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
+    group = dist.new_group(list(range(world)), backend="gloo")
     device = torch.device("cuda:0" if rank == 0 and not cpu_only else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     rows = []
     for path, (stream_ops, fused) in PATHS.items():
         with settings.environ_set({settings.SHM_FUSED_KERNEL: fused}):
-            comm = shm.for_group(group, [0, 1], rank, 2, device, mode="shm", stream_ops=stream_ops, timeout_s=30)
+            comm = shm.for_group(group, list(range(world)), rank, world, device, mode="shm", stream_ops=stream_ops,
+                                 timeout_s=30)
         loaded = getattr(comm, "_fused", None) is not None
-        for name, check in checks(comm, rank, device, group):
+        for name, check in checks(comm, rank, world, device, group):
             try:
                 check()
                 comm.settle()
@@ -89,7 +91,8 @@ def worker(rank: int, init: str, results: str, cpu_only: bool) -> None:
             except Exception as e:  # report, keep going: the peer still makes the same calls
                 ok, detail = False, f"{type(e).__name__}: {e}"
                 traceback.print_exc()
-            rows.append({"path": path, "check": name, "ok": ok, "detail": detail, "fused_loaded": loaded})
+            rows.append({"world": world, "path": path, "check": name, "ok": ok, "detail": detail,
+                         "fused_loaded": loaded})
         dist.barrier(group=group)
         comm.close()
     if rank == 0:
@@ -99,20 +102,24 @@ def worker(rank: int, init: str, results: str, cpu_only: bool) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cpu-ranks", default="1,3", help="CPU ranks beside the GPU rank, one group per entry")
     parser.add_argument("--json", default=None)
     parser.add_argument("--cpu-only", action="store_true",
-                        help="both ranks on the CPU: a dry run of the checks on a machine without a GPU")
+                        help="every rank on the CPU: a dry run of the checks on a machine without a GPU")
     opts = parser.parse_args()
     import torch.multiprocessing as mp
 
-    with tempfile.TemporaryDirectory() as tmp:
-        results = os.path.join(tmp, "rows.json")
-        mp.spawn(worker, args=(os.path.join(tmp, "init"), results, opts.cpu_only), nprocs=2)
-        rows = json.loads(Path(results).read_text())
+    rows = []
+    for world in (1 + int(c) for c in opts.cpu_ranks.split(",")):
+        with tempfile.TemporaryDirectory() as tmp:
+            results = os.path.join(tmp, "rows.json")
+            mp.spawn(worker, args=(world, os.path.join(tmp, "init"), results, opts.cpu_only), nprocs=world)
+            rows += json.loads(Path(results).read_text())
     if opts.json:
         Path(opts.json).write_text(json.dumps(rows, indent=1))
     for r in rows:
-        print(f"{'PASS' if r['ok'] else 'FAIL'}  {r['path']:<13} {r['check']:<34} {r['detail']}")
+        print(f"{'PASS' if r['ok'] else 'FAIL'}  1 GPU+{r['world'] - 1} CPU  {r['path']:<13} {r['check']:<34} "
+              f"{r['detail']}")
     fused_used = opts.cpu_only or all(r["fused_loaded"] for r in rows if r["path"] == "fused kernel")
     print(f"fused kernel loaded on the GPU rank: {'(CPU-only dry run)' if opts.cpu_only else fused_used}")
     return 0 if all(r["ok"] for r in rows) and fused_used else 1

@@ -119,6 +119,7 @@ def test_stream_ordered_bookkeeping_waits_for_and_releases_only_the_peer(monkeyp
     comm._queued = (3, sig, 0)
     comm._release_stream()
     assert comm._flags[peer_arrive] == RELEASED and comm._queued is None
+    assert comm._flags[comm._flag_index(0, shm._RELEASE)] == RELEASED  # the fused kernel's own release flag
 
     comm._flags[peer_arrive] = 5  # already past the awaited value: left alone
     comm._queued = (4, sig, 0)
@@ -131,3 +132,31 @@ def test_stream_ordered_bookkeeping_waits_for_and_releases_only_the_peer(monkeyp
     monkeypatch.setattr(comm, "_release_stream", lambda: released.append(comm._queued))
     comm.close()
     assert released == [(7, sig, 0)] and comm._mm is None
+
+
+def test_stream_ordered_bookkeeping_in_a_larger_group_touches_no_peer_flag(monkeypatch):
+    """In a group of 4 (the fused kernel's case) settling waits for every peer, and releasing
+    after an error sets only this rank's own release flag: other CPU ranks read the peers'
+    arrive flags, so overwriting one would let them sum data that never arrived."""
+    import mmap
+
+    import torch
+
+    from hetero_shim.shm_gpu_stream import RELEASED, StreamOrderedShm
+
+    _, size = shm.segment_bytes(4, 1 << 20)
+    comm = StreamOrderedShm(mmap.mmap(-1, size), rank=1, world=4, slot=1 << 20, reducers=[0, 2, 3],
+                            peers={q: (None, None) for q in (0, 2, 3)}, device=torch.device("cpu"), timeout_s=5.0)
+    assert comm._fused_max == shm.CHUNKED_MIN_BYTES - 1  # larger tensors take the chunked sums
+    waited = []
+    monkeypatch.setattr(comm, "_wait", lambda which, seq, ranks, what: waited.append((which, seq, ranks)))
+    monkeypatch.setattr(comm, "_check_signatures", lambda seq, sig, what: None)
+    comm._queued = (3, 0, 0)
+    comm._settle_conditions()
+    assert waited == [(shm._ARRIVE, 3, [0, 2, 3])]
+    before = [comm._flags[comm._flag_index(q, shm._ARRIVE)] for q in range(4)]
+    comm._queued = (4, 0, 0)
+    comm._release_stream()
+    assert [comm._flags[comm._flag_index(q, shm._ARRIVE)] for q in range(4)] == before
+    assert comm._flags[comm._flag_index(1, shm._RELEASE)] == RELEASED and comm._queued is None
+    comm.close()
