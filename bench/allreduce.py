@@ -12,9 +12,9 @@ the same run, on the same processes, fp32 tensors:
 - ``shm``: HeteroCommunicator with HETERO_SHIM_COLLECTIVES=shm (hetero_shim.shm_collectives;
   the GPU rank copies into the CUDA-registered segment, and its all-reduce waits on its CUDA
   stream: hetero_shim.shm_gpu_stream);
-- ``shm 4 stream ops`` (``--gpu-rank`` only): the same with HETERO_SHIM_SHM_FUSED_KERNEL=0 (the
-  GPU rank queues a copy, a flag write, a stream wait and an add instead of one fused kernel:
-  hetero_shim.cuda_fused_allreduce);
+- ``shm no fused`` (``--gpu-rank`` only): the same with HETERO_SHIM_SHM_FUSED_KERNEL=0 (with one
+  CPU rank the GPU rank queues a copy, a flag write, a stream wait and an add instead of one fused
+  kernel, hetero_shim.cuda_fused_allreduce; with more CPU ranks it waits on the host);
 - ``shm host waits`` (``--gpu-rank`` only): the same with HETERO_SHIM_SHM_STREAM_OPS=0 (the GPU
   rank's host thread waits for its copy and for the peers: the previous design);
 - ``vLLM CPU SHM``: vLLM's own CPU communicator (its C++ shared-memory all-reduce), only when every
@@ -154,13 +154,13 @@ def worker(rank: int, world: int, init_file: str, opts, results_path: str) -> No
         host_waits = HeteroCommunicator(cpu_group=group, device=device, device_group=group, collectives="shm",
                                         stream_ops=False)
         extra = [unfused, host_waits]
-        paths["shm 4 stream ops"] = unfused.all_reduce
+        paths["shm no fused"] = unfused.all_reduce
         paths["shm host waits"] = host_waits.all_reduce
     if use_gpu:
         notes = {"shm registered with CUDA": shm.shm.registered,
                  "shm stream-ordered": getattr(shm.shm, "stream_ordered", False),
                  "shm fused kernel": getattr(shm.shm, "_fused", None) is not None,
-                 "shm 4 stream ops: fused kernel": getattr(unfused.shm, "_fused", None) is not None}
+                 "shm no fused: fused kernel": getattr(unfused.shm, "_fused", None) is not None}
     if not opts.gpu_rank:
         vllm_comm, why = vllm_cpu_communicator(group)
         if vllm_comm is not None:

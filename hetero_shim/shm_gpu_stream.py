@@ -100,7 +100,7 @@ class StreamOrderedShm(ShmCollectives):
         self._base = ops.device_pointer(self._bytes.data_ptr())
         self._on_device = torch.as_tensor(_MappedBytes(self._base, self._bytes.numel()), device="cuda")
         self._device_views: dict[tuple, torch.Tensor] = {}
-        how = f"one fused kernel up to {self._fused_max >> 10} KiB" if fused else f"stream memory operations ({why})"
+        how = f"one fused kernel up to {self._fused_max} bytes" if fused else f"stream memory operations ({why})"
         log.info("hetero_shim: %s: this GPU rank's all-reduce waits on its CUDA stream (%s)", self.label or "group", how)
 
     @property

@@ -1,17 +1,18 @@
-"""The GPU rank's shared-memory all-reduce against a CPU peer, every path (needs a GPU; no vLLM).
+"""The GPU rank's shared-memory all-reduce against CPU peers, every path (needs a GPU; no vLLM).
 
     python scripts/shm_gpu_check.py [--cpu-ranks 1,3] [--json OUT.json]
 
-For each entry of --cpu-ranks, spawned processes: group rank 0 on cuda:0, the others on the CPU, meeting through
-``hetero_shim.shm_collectives.for_group`` as heterogeneous mode does. For each GPU-rank path
-(``fused kernel``: hetero_shim.cuda_fused_allreduce; ``4 stream ops``: HETERO_SHIM_SHM_FUSED_KERNEL=0;
+For each entry of --cpu-ranks, spawned processes: group rank 0 on cuda:0, the others on the CPU,
+meeting through ``hetero_shim.shm_collectives.for_group`` as heterogeneous mode does. For each GPU-rank path
+(``fused kernel``: hetero_shim.cuda_fused_allreduce; ``no fused``: HETERO_SHIM_SHM_FUSED_KERNEL=0, i.e.
+four stream operations with one CPU rank, host waits with more;
 ``host waits``: HETERO_SHIM_SHM_STREAM_OPS=0) it checks:
 - exact fp32 sums (small integers) at sizes that take each branch of the kernel: 1 and 3
   elements (no 16-byte vector), 8 KiB, 8 KiB + 4 bytes (vectors and a tail), 64 KiB, 256 KiB
   (32 blocks; with 3 CPU ranks already the chunked sums), 256 KiB + 4 bytes and 2 MiB (above the
   fused kernel: four operations with one CPU rank, host waits with three);
 - a tensor at an address that is not 16-byte aligned, a 2-D tensor (shape kept), a strided one;
-- bf16 and fp16 random data: both ranks hold the same bits, close to the exact sum;
+- bf16 and fp16 random data: every rank holds the same bits, close to the exact sum;
 - 200 back-to-back dependent all-reduces with no synchronization between them (bench/allreduce.py).
 Prints one PASS/FAIL line per path and check, and exits 1 on any failure.
 """
@@ -32,7 +33,7 @@ sys.path.insert(0, str(REPO))
 from bench.allreduce import back_to_back, cores_for, same_bits  # noqa: E402
 
 SIZES = [4, 12, 8 << 10, (8 << 10) + 4, 64 << 10, 256 << 10, (256 << 10) + 4, 2 << 20]
-PATHS = {"fused kernel": (True, "1"), "4 stream ops": (True, "0"), "host waits": (False, "0")}
+PATHS = {"fused kernel": (True, "1"), "no fused": (True, "0"), "host waits": (False, "0")}
 
 
 def checks(comm, rank: int, world: int, device, group) -> list[tuple[str, object]]:
