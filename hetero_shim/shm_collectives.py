@@ -530,12 +530,12 @@ def for_group(cpu_group, ranks: list[int], rank: int, world: int, device: torch.
     Every rank must call it. ``mode`` (default: HETERO_SHIM_COLLECTIVES) and ``slot``/``timeout_s``
     (default: their settings) are taken from group rank 0 so all ranks decide alike. ``reducer``:
     whether this rank sums chunks of large all-reduces (default: its device is the CPU).
-    ``stream_ops``: in a group of 2 ranks, a CUDA rank's all-reduce waits on its stream
-    (``hetero_shim.shm_gpu_stream``; default: HETERO_SHIM_SHM_STREAM_OPS, on); a local choice,
-    peers see the same protocol.
+    ``stream_ops``: the CUDA rank of a group with one CUDA rank queues its all-reduce on its
+    stream (``hetero_shim.shm_gpu_stream``; default: HETERO_SHIM_SHM_STREAM_OPS, on); a local
+    choice, peers see the same protocol. Groups with several CUDA ranks wait on the host.
     """
     mode = settings.collectives_mode() if mode is None else mode
-    info = {"host": host_identity(), "why_not": unsupported_reason(), "pid": os.getpid(),
+    info = {"host": host_identity(), "why_not": unsupported_reason(), "pid": os.getpid(), "cuda": device.type == "cuda",
             "start": _start_time(os.getpid()), "reducer": device.type == "cpu" if reducer is None else reducer,
             "mode": mode, "slot": settings.shm_slot_bytes() if slot is None else slot,
             "timeout": settings.shm_timeout_seconds() if timeout_s is None else timeout_s}
@@ -585,7 +585,12 @@ def for_group(cpu_group, ranks: list[int], rank: int, world: int, device: torch.
              "%d bytes)", label or "group", world, lead["slot"], size)
     kind = ShmCollectives
     if device.type == "cuda" and (settings.shm_stream_ops() if stream_ops is None else stream_ops):
-        from hetero_shim.shm_gpu_stream import StreamOrderedShm as kind  # stream-ordered in 2-rank groups only
+        gpu_ranks = sum(1 for i in infos if i["cuda"])
+        if gpu_ranks == 1:
+            from hetero_shim.shm_gpu_stream import StreamOrderedShm as kind  # its own choice of form by group size
+        else:  # several GPUs polling each other through host memory was never run: keep what was checked
+            log.info("hetero_shim: %s has %d GPU ranks: they wait on the host in shared-memory collectives "
+                     "(the stream-ordered all-reduce is used with one GPU rank per group)", label or "group", gpu_ranks)
     return kind(mm, rank=rank, world=world, slot=lead["slot"], reducers=reducers, peers=peers,
                 device=device, timeout_s=lead["timeout"], label=label, chunked_min_bytes=chunked_min_bytes)
 

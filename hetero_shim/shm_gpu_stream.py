@@ -71,7 +71,9 @@ class StreamOrderedShm(ShmCollectives):
     Groups of 2 ranks: the fused kernel, or the four stream operations without it. Larger
     groups: the fused kernel (one launch whatever the group size) for tensors below the chunked
     size, host waits otherwise and without it (four operations per peer measured slower than
-    host waits, see the module docstring). This class is the one place that decides."""
+    host waits, see the module docstring). This class decides the form by group size;
+    ``shm_collectives.for_group`` gives it only to the one GPU rank of a group (several GPU
+    ranks polling each other through host memory was never run)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

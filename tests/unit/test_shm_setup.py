@@ -160,3 +160,28 @@ def test_stream_ordered_bookkeeping_in_a_larger_group_touches_no_peer_flag(monke
     assert [comm._flags[comm._flag_index(q, shm._ARRIVE)] for q in range(4)] == before
     assert comm._flags[comm._flag_index(1, shm._RELEASE)] == RELEASED and comm._queued is None
     comm.close()
+
+
+@pytest.mark.parametrize("other_device, stream_ordered", [("cpu", True), ("cuda", False)])
+def test_stream_ordered_form_only_with_one_gpu_rank_per_group(monkeypatch, other_device, stream_ordered):
+    """for_group gives a CUDA rank the stream-ordered class only when it is the group's one CUDA
+    rank; with two GPU ranks in the group (never run on GPUs) it keeps host waits. The gloo
+    exchanges are faked: the peer reports the given device; no GPU needed."""
+    import torch
+
+    from hetero_shim.shm_gpu_stream import StreamOrderedShm
+
+    def all_gather_object(out, obj, group=None):
+        if not isinstance(obj, dict):  # the second exchange: set-up errors (none here)
+            out[0], out[1] = obj, None
+            return
+        out[0], out[1] = obj, dict(obj, cuda=other_device == "cuda", reducer=other_device == "cpu")
+
+    monkeypatch.setattr(shm.dist, "all_gather_object", all_gather_object)
+    monkeypatch.setattr(shm.dist, "broadcast_object_list", lambda objs, src=0, group=None: None)
+    monkeypatch.setattr(shm.ShmCollectives, "_register_cuda", lambda self: None)  # no CUDA here
+    comm = shm.for_group(None, [0, 1], 0, 2, torch.device("cuda"), mode="shm", stream_ops=True)
+    try:
+        assert isinstance(comm, StreamOrderedShm) is stream_ordered
+    finally:
+        comm.close()
