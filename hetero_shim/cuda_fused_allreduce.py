@@ -91,7 +91,8 @@ struct Add16 {
   typedef u16 T;
   __device__ static u16 add(u16 a, u16 b) { return FROM(__fadd_rn(TO(a), TO(b))); }
   __device__ static unsigned add_word(unsigned a, unsigned b) {
-    return (unsigned)add((u16)(a & 0xffffu), (u16)(b & 0xffffu)) | ((unsigned)add((u16)(a >> 16), (u16)(b >> 16)) << 16); }
+    return (unsigned)add((u16)(a & 0xffffu), (u16)(b & 0xffffu))
+           | ((unsigned)add((u16)(a >> 16), (u16)(b >> 16)) << 16); }
 };
 typedef Add16<bf16_to_float, float_to_bf16> AddBF16;
 typedef Add16<f16_to_float, float_to_f16> AddF16;

@@ -35,6 +35,8 @@ SHM_SLOT_MB = "HETERO_SHIM_SHM_SLOT_MB"
 #: "1" (default): a GPU rank's shared-memory all-reduce waits on its CUDA stream (stream memory
 #: operations), not on the host; "0": host waits.
 SHM_STREAM_OPS = "HETERO_SHIM_SHM_STREAM_OPS"
+#: "1" (default): with stream-ordered all-reduce, small fp32/bf16/fp16 all-reduces are one CUDA kernel
+#: (hetero_shim/cuda_fused_allreduce.py); "0": four stream operations (2 ranks) or host waits (more).
 SHM_FUSED_KERNEL = "HETERO_SHIM_SHM_FUSED_KERNEL"
 #: "1" (default): with GPU and CPU ranks, the engine core and GPU-rank processes stay on the plan's
 #: reserved cores, off the CPU ranks' cores (hetero_shim/affinity.py); "0" leaves them where the kernel puts them.

@@ -54,7 +54,8 @@ from hetero_shim.logs import log
 from hetero_shim.shm_collectives import _ARRIVE, _RELEASE, _SIG, FLAG_STRIDE, ShmCollectives
 
 RELEASED = 1 << 62  # written into awaited flags after an error: every pending stream wait passes
-ZERO_COPY_MAX_BYTES = 256 << 10  # up to this the GPU reads the peer's piece over PCIe (fused kernel or add); above: a DMA copy first
+# 2-rank groups: up to this the GPU reads the peer's piece over PCIe (fused kernel or add); above: DMA copy first
+ZERO_COPY_MAX_BYTES = 256 << 10
 
 
 class _MappedBytes:
@@ -103,7 +104,8 @@ class StreamOrderedShm(ShmCollectives):
         self._on_device = torch.as_tensor(_MappedBytes(self._base, self._bytes.numel()), device="cuda")
         self._device_views: dict[tuple, torch.Tensor] = {}
         how = f"one fused kernel up to {self._fused_max} bytes" if fused else f"stream memory operations ({why})"
-        log.info("hetero_shim: %s: this GPU rank's all-reduce waits on its CUDA stream (%s)", self.label or "group", how)
+        log.info("hetero_shim: %s: this GPU rank's all-reduce waits on its CUDA stream (%s)", self.label or "group",
+                 how)
 
     @property
     def stream_ordered(self) -> bool:
