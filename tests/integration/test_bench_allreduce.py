@@ -20,3 +20,15 @@ def test_allreduce_benchmark_runs_and_writes_json(tmp_path):
     assert all(r["median_us"] > 0 for r in rows)
     assert proc.stdout.rstrip().splitlines()[-1].startswith("2 CPU")  # the table is printed last
     assert "vs baseline" in proc.stdout
+
+
+def test_shm_gpu_check_dry_run_on_cpu(tmp_path):
+    """scripts/shm_gpu_check.py (its real use: the GPU machine) runs its checks with every rank on
+    the CPU here, so the script stays runnable: every check passes and the JSON lists them all."""
+    out = tmp_path / "check.json"
+    proc = procs.run_python([str(procs.REPO / "scripts" / "shm_gpu_check.py"), "--cpu-only", "--cpu-ranks", "1",
+                             "--json", str(out)], timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    rows = json.loads(out.read_text())
+    assert len(rows) == 3 * 17 and all(r["ok"] for r in rows)
+    assert {r["path"] for r in rows} == {"fused kernel", "no fused", "host waits"}
