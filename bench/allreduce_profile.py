@@ -34,11 +34,13 @@ def statement_costs(comm, x, iters: int) -> dict:
     """Microseconds per call of each step a GPU rank's stream-ordered all-reduce queues (GPU rank alone)."""
     import torch
 
+    from hetero_shim.shm_collectives import FLAG_STRIDE
+
     n = x.numel()
     mine, peer = comm._data(0, x.dtype, 0, n), comm._data(0, x.dtype, n, n)
     pinned = torch.empty(n, dtype=x.dtype, pin_memory=True)
     flag = comm._address(0, 1)  # the "reduced" flag: 2-rank all-reduces never use it
-    area = comm._base + comm._area_offset(0) if getattr(comm, "_fused", None) else 0  # buffer 0's pieces (device)
+    area = comm._base + comm._area_offset(0) if getattr(comm, "fused_kernel", False) else 0  # buffer 0's pieces (device)
     handle = torch.cuda.current_stream().cuda_stream
     out = torch.empty_like(x)
     steps = {
@@ -53,8 +55,9 @@ def statement_costs(comm, x, iters: int) -> dict:
         "torch.add reading the segment (zero copy)": lambda: torch.add(x, comm._device_data(0, x.dtype, n, n), out=out),
         "cuStreamWriteValue64 (ctypes)": lambda: comm._ops.write(handle, flag, 0),
         "cuStreamWaitValue64, met (ctypes)": lambda: comm._ops.wait_at_least(handle, flag, 0),
-        "fused kernel, wait met (ctypes launch)": lambda: comm._fused.launch(handle, x, out, area, area + 4 * n,
-                                                                           flag, flag, 0),
+        # seq 0 with the "reduced" slots as the flags: its wait is met, and no arrive flag is touched
+        "fused kernel, wait met (ctypes launch)": lambda: comm._fused.launch(handle, x, out, area, flag, flag, 0, 0, 2,
+                                                                           FLAG_STRIDE // 8),
         "comm._check_signatures": lambda: comm._check_signatures(comm._seq, comm._signature(1, x.dtype, n * 4), "x"),
     }
     costs = {}
@@ -120,10 +123,10 @@ def worker(rank: int, init: str, opts, out: str) -> None:
                                        "outside_waits_us": (total - waited[0]) / opts.iters * 1e6}
         comm.settle()
         dist.barrier(group=group)
-        if gpu and fused == "1" and getattr(comm, "_fused", None) is not None:
+        if gpu and fused == "1" and getattr(comm, "fused_kernel", False):
             rows.update(statement_costs(comm, x, opts.iters))
         if gpu:
-            notes[name] = f"fused kernel loaded: {getattr(comm, '_fused', None) is not None}"
+            notes[name] = f"fused kernel loaded: {getattr(comm, 'fused_kernel', False)}"
         dist.barrier(group=group)
         comm.close()
     if gpu:
