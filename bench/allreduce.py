@@ -159,8 +159,8 @@ def worker(rank: int, world: int, init_file: str, opts, results_path: str) -> No
     if use_gpu:
         notes = {"shm registered with CUDA": shm.shm.registered,
                  "shm stream-ordered": getattr(shm.shm, "stream_ordered", False),
-                 "shm fused kernel": getattr(shm.shm, "_fused", None) is not None,
-                 "shm no fused: fused kernel": getattr(unfused.shm, "_fused", None) is not None}
+                 "shm fused kernel": getattr(shm.shm, "fused_kernel", False),
+                 "shm no fused: fused kernel": getattr(unfused.shm, "fused_kernel", False)}
     if not opts.gpu_rank:
         vllm_comm, why = vllm_cpu_communicator(group)
         if vllm_comm is not None:
@@ -183,8 +183,6 @@ def worker(rank: int, world: int, init_file: str, opts, results_path: str) -> No
             if name.startswith("shm"):
                 for dtype in (torch.bfloat16, torch.float16):
                     same_bits(reduce, rank, world, n, device, group, dtype)
-        for name, reduce in paths.items():
-            if name.startswith("shm"):
                 back_to_back(reduce, rank, world, min(n, 1 << 20), device)
             fn = naive if reduce is None else (lambda reduce=reduce: reduce(x))
             if reduce is not None:

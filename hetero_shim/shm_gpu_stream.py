@@ -111,6 +111,16 @@ class StreamOrderedShm(ShmCollectives):
     def stream_ordered(self) -> bool:
         return self._ops is not None
 
+    @property
+    def fused_kernel(self) -> bool:
+        """Whether the fused kernel is loaded (small all-reduces are one launch)."""
+        return self._fused is not None
+
+    def _fusable(self, src: torch.Tensor) -> bool:
+        """The fused kernel takes this (contiguous) tensor: its dtype, at most ``_fused_max`` bytes."""
+        return (self._fused is not None and src.numel() * src.element_size() <= self._fused_max
+                and self._fused.supports(src.dtype))
+
     def _address(self, rank: int, which: int) -> int:
         return self._base + 8 * self._flag_index(rank, which)
 
@@ -173,20 +183,22 @@ class StreamOrderedShm(ShmCollectives):
     # -- collectives ------------------------------------------------------------------------
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """A tensor the fused kernel takes goes to it as it is (no flattening: ~4 us less host work)."""
-        fused = self._fused
-        if (fused is not None and x.is_cuda and x.numel() * x.element_size() <= self._fused_max
-                and x.is_contiguous() and fused.supports(x.dtype)):
+        if x.is_cuda and x.is_contiguous() and self._fusable(x):
             out = torch.empty_like(x)
-            self._all_reduce_piece(x, out)
+            self._queue_all_reduce(x, out, fused=True)
             return out
         return super().all_reduce(x)
 
     def _all_reduce_piece(self, src: torch.Tensor, out: torch.Tensor) -> None:
-        nbytes = src.numel() * src.element_size()
-        fused = (self._fused is not None and nbytes <= self._fused_max and self._fused.supports(src.dtype))
+        fused = self._fusable(src)
         if self._ops is None or out.device.type != "cuda" or (self.world != 2 and not fused):
             self.settle()
             return super()._all_reduce_piece(src, out)
+        self._queue_all_reduce(src, out, fused)
+
+    def _queue_all_reduce(self, src: torch.Tensor, out: torch.Tensor, fused: bool) -> None:
+        """Queue operation ``seq`` on the current stream: the fused kernel, or (2 ranks) the four operations."""
+        nbytes = src.numel() * src.element_size()
         seq = self._begin()
         self._settle_conditions()
         buf, n, dtype, r = seq & 1, src.numel(), src.dtype, self.rank

@@ -81,7 +81,7 @@ def worker(rank: int, world: int, init: str, results: str, cpu_only: bool) -> No
         with settings.environ_set({settings.SHM_FUSED_KERNEL: fused}):
             comm = shm.for_group(group, list(range(world)), rank, world, device, mode="shm", stream_ops=stream_ops,
                                  timeout_s=30)
-        loaded = getattr(comm, "_fused", None) is not None
+        loaded = getattr(comm, "fused_kernel", False)
         for name, check in checks(comm, rank, world, device, group):
             try:
                 check()
