@@ -87,6 +87,13 @@ def enable(*, propagate: bool = True) -> dict:
         return _status(found)
 
 
+def heterogeneous_mode_entered() -> None:
+    """Called by mode.enter(): apply the per-step patches held back while the mode was off."""
+    with _lock:
+        if _ledger is not None:
+            _ledger.mode_entered()
+
+
 def running_engines() -> list[str]:
     """Engine-core processes vLLM has already started from this process (they stay unpatched)."""
     if "vllm" not in sys.modules:

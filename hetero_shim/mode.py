@@ -19,7 +19,11 @@ RANK_KIND = "HETERO_SHIM_RANK_KIND"
 
 
 def enter() -> None:
+    """Switch this process (and the processes it starts) into heterogeneous mode."""
     os.environ[settings.DEVICE] = settings.HETEROGENEOUS
+    from hetero_shim import _api
+
+    _api.heterogeneous_mode_entered()
 
 
 def gpu_ranks_for(world_size: int, gpus_on_node: int) -> int:

@@ -5,7 +5,8 @@ wrapt wrapper ``(wrapped, instance, args, kwargs)``. A post-import hook applies 
 the module is imported, or at once if it already is. Modules that bound the target with
 ``from module import name`` are listed as ``aliases`` and wrapped too. Every wrap is
 recorded with the original it replaced (first original wins) so :func:`remove_all`
-restores each one by identity, in reverse order.
+restores each one by identity, in reverse order. A ``hetero_only`` patch (a target vLLM calls
+every step) waits until the process is in heterogeneous mode (:meth:`Ledger.mode_entered`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from hetero_shim import settings
 from hetero_shim.errors import PatchTargetMissing
 
 from hetero_shim.logs import log
@@ -30,6 +32,10 @@ class Patch:
     aliases: tuple[str, ...] = ()  # modules holding `from module import name` copies
     optional: bool = False  # a missing target is warned about instead of raising
     needs_params: tuple[str, ...] = ()  # parameters the wrapper reads by name (checked per wheel)
+    #: The target runs every engine step (sampling, pipeline sends) and the wrapper does nothing
+    #: outside heterogeneous mode: it is applied only once this process is in heterogeneous mode,
+    #: so that vLLM without it runs its per-step code unwrapped (no cost per step when the mode is off).
+    hetero_only: bool = False
 
     @property
     def target(self) -> str:
@@ -57,6 +63,7 @@ class Ledger:
         self.patches: tuple[Patch, ...] = ()
         self.applied: dict[tuple[str, str], _Applied] = {}
         self.missing: list[str] = []
+        self.waiting_for_mode: set[tuple[str, str]] = set()  # hetero_only patches of imported modules
         self._hooked: set[str] = set()
 
     # -- applying -------------------------------------------------------------------
@@ -76,9 +83,22 @@ class Ledger:
     def _on_import(self, module) -> None:
         if not self.active:
             return
+        heterogeneous = settings.heterogeneous()
         for patch in self.patches:
             if module.__name__ in patch.sites():
+                if patch.hetero_only and not heterogeneous:
+                    self.waiting_for_mode.add((module.__name__, patch.name))
+                    continue
                 self._apply(patch, module)
+
+    def mode_entered(self) -> None:
+        """This process switched heterogeneous mode on: apply the hetero_only patches it held back."""
+        if not self.active or not settings.heterogeneous():
+            return
+        sites = sorted({site for site, _ in self.waiting_for_mode})
+        self.waiting_for_mode.clear()
+        for site in sites:
+            self._on_import(sys.modules[site])
 
     def _apply(self, patch: Patch, module) -> None:
         import wrapt
@@ -114,6 +134,7 @@ class Ledger:
             else:
                 not_restored.append(f"{entry.site}:{entry.patch.name}")
         self.missing.clear()
+        self.waiting_for_mode.clear()
         return not_restored
 
     # -- queries ----------------------------------------------------------------------
@@ -131,6 +152,7 @@ class Ledger:
                     "target": patch.target,
                     "applied_in": applied,
                     "pending": [s for s in patch.sites() if s not in applied and s not in sys.modules],
+                    "waiting_for_mode": [s for s in patch.sites() if (s, patch.name) in self.waiting_for_mode],
                     "why": patch.why,
                     "remove_when": patch.remove_when,
                 }

@@ -112,7 +112,7 @@ def _collectives() -> tuple[Patch, ...]:
 
 def _sampling_sync() -> Patch:
     return Patch("same tokens on every rank", "vllm.v1.sample.sampler", "Sampler.forward",
-                 sampling_sync.broadcast_rank0_tokens, sampling_sync.WHY, sampling_sync.REMOVE_WHEN)
+                 sampling_sync.broadcast_rank0_tokens, sampling_sync.WHY, sampling_sync.REMOVE_WHEN, hetero_only=True)
 
 
 def _kv_cache_agreement(module: str) -> Patch:
@@ -124,7 +124,7 @@ def _kv_cache_agreement(module: str) -> Patch:
 def _pipeline_transfer() -> tuple[Patch, ...]:
     def row(name, wrapper, params):
         return Patch("pipeline activations", "vllm.distributed.parallel_state", name, wrapper,
-                     pipeline_transfer.WHY, pipeline_transfer.REMOVE_WHEN, needs_params=params)
+                     pipeline_transfer.WHY, pipeline_transfer.REMOVE_WHEN, needs_params=params, hetero_only=True)
 
     return (
         row("GroupCoordinator.isend_tensor_dict", pipeline_transfer.stage_cuda_tensors_on_host,
@@ -136,7 +136,7 @@ def _pipeline_transfer() -> tuple[Patch, ...]:
 def _pipeline_buffers() -> Patch:
     return Patch("pipeline receive buffer", "vllm.v1.worker.gpu_model_runner",
                  "GPUModelRunner.sync_and_gather_intermediate_tensors", pipeline_buffers.allocate_receive_buffer,
-                 pipeline_buffers.WHY, pipeline_buffers.REMOVE_WHEN)
+                 pipeline_buffers.WHY, pipeline_buffers.REMOVE_WHEN, hetero_only=True)
 
 
 # Modules that bind get_mp_context with `from vllm.utils.system_utils import get_mp_context`.

@@ -92,3 +92,33 @@ def test_describe_lists_applied_and_pending(tmp_path):
     importlib.import_module(target)
     row = ledger.describe()[0]
     assert row["applied_in"] == [target] and row["pending"] == [alias]
+
+
+def test_hetero_only_patch_waits_for_heterogeneous_mode(tmp_path, monkeypatch):
+    """A per-step target stays vLLM's own function while the mode is off, and is wrapped once the
+    process enters heterogeneous mode (imported before or after that)."""
+    monkeypatch.delenv("HETERO_SHIM_DEVICE", raising=False)
+    target, alias = make_modules(tmp_path)
+    ledger = Ledger()
+    ledger.install((Patch("t", target, "Box.get", plus_one, "why", "when", hetero_only=True),
+                    Patch("t", target, "func", plus_one, "why", "when", aliases=(alias,))))
+    mod = importlib.import_module(target)
+    assert not isinstance(vars(mod.Box)["get"], wrapt.FunctionWrapper) and mod.Box().get(1) == 1
+    assert mod.func(1) == 2  # the start-up kind of patch is applied at once
+    assert ledger.describe()[0]["waiting_for_mode"] == [target]
+    ledger.mode_entered()  # still off: nothing changes
+    assert mod.Box().get(1) == 1
+    monkeypatch.setenv("HETERO_SHIM_DEVICE", "heterogeneous")
+    ledger.mode_entered()
+    assert mod.Box().get(1) == 2 and ledger.describe()[0]["waiting_for_mode"] == []
+    assert ledger.remove_all() == [] and mod.Box().get(1) == 1
+
+
+def test_hetero_only_patch_applied_on_import_in_heterogeneous_mode(tmp_path, monkeypatch):
+    monkeypatch.setenv("HETERO_SHIM_DEVICE", "heterogeneous")  # a worker process of a heterogeneous run
+    target, _ = make_modules(tmp_path)
+    ledger = Ledger()
+    ledger.install((Patch("t", target, "Box.get", plus_one, "why", "when", hetero_only=True),))
+    mod = importlib.import_module(target)
+    assert mod.Box().get(1) == 2
+    ledger.remove_all()
