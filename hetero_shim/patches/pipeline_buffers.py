@@ -9,6 +9,7 @@ buffer and fails ``assert self.intermediate_tensors is not None`` (seen with vll
 all-CPU PP=2). Here the buffer is allocated on first use exactly as ``_dummy_run`` does
 (``make_empty_intermediate_tensors(batch_size=max_num_tokens, dtype=model dtype, device)``).
 Why: the CPU worker's eager start-up never allocates the receive buffer of a later pipeline stage.
+Runs every step, so it is ``hetero_only``: applied only in processes in heterogeneous mode.
 Remove when: vLLM allocates it outside the warm-up pass (not as of 0.33.0).
 """
 

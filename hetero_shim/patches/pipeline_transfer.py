@@ -19,6 +19,7 @@ Only the last stage samples; the other stages get the sampled tokens from the sc
 (``CachedRequestData.new_token_ids``, filled because heterogeneous mode with GPU ranks turns
 async scheduling off), so no other tensor crosses between stages.
 Why: gloo has no CUDA send/recv, and vLLM assumes every stage is on the same kind of device.
+Runs every step, so it is ``hetero_only``: applied only in processes in heterogeneous mode.
 Remove when: vLLM supports pipeline stages on different devices (not as of 0.33.0).
 """
 

@@ -6,6 +6,7 @@ CUDA and CPU random streams differ, so ranks would silently diverge. After sampl
 ``sampled_token_ids`` are broadcast over the TP group (skipped inside warm-up passes); in an
 all-CPU group as an all-reduce over vLLM's shared-memory path (cheaper than gloo's broadcast).
 Why: ranks on different devices draw different random numbers.
+Runs every step, so it is ``hetero_only``: applied only in processes in heterogeneous mode.
 Remove when: vLLM broadcasts the driver's sampled tokens itself (not as of 0.33.0).
 """
 

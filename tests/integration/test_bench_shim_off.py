@@ -24,3 +24,4 @@ def test_shim_off_alternates_checked_states_in_one_engine(tmp_path):
         assert row["samples"] == 2 and len(row["all_step_ms"]["on"]) == len(row["all_step_ms"]["off"]) == 2
         assert row["step_ms_on"] > 0 and row["step_ms_off"] > 0 and row["ratio_95"][0] <= row["ratio"] <= row["ratio_95"][1]
     assert "| batch | step ms off | step ms on |" in proc.stdout
+    assert row["paired_ratio_95"][0] <= row["paired_ratio_median"] <= row["paired_ratio_95"][1]
