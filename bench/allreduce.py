@@ -5,7 +5,9 @@
 
 For each entry of ``--cpu-ranks`` one group of spawned processes: rank 0 holds its tensor on
 cuda:0 with ``--gpu-rank`` (the GPU machine), else on the CPU; the other ranks are CPU ranks. Each
-rank gets its own block of the allowed cores (torch threads = cores in the block). Measured in
+rank gets its own cores (torch threads = its cores): with ``--gpu-rank`` as heterogeneous mode
+splits them (``--cores plan``: rank 0 on the reserved cores, each CPU rank on its plan's cores;
+on 16 cores with 1 CPU rank: 3 and 13), else (or ``--cores even``) in equal blocks. Measured in
 the same run, on the same processes, fp32 tensors:
 - ``gloo .cpu()``: the naive path (unpinned device-to-host copy, gloo, copy back) = baseline;
 - ``gloo pinned``: HeteroCommunicator with HETERO_SHIM_COLLECTIVES=gloo (pinned staging + gloo);
@@ -67,8 +69,18 @@ def timed(fn, iters: int, sync) -> list[float]:
     return samples
 
 
-def cores_for(rank: int, world: int) -> list[int]:
+def cores_for(rank: int, world: int, split: str = "even") -> list[int]:
+    """The cores of ``rank``: ``even`` = equal blocks of the allowed cores; ``plan`` = as
+    heterogeneous mode gives them with one GPU rank (rank 0: the reserved cores, shared in a real run
+    with the engine core and the front end; ranks 1..: each CPU rank's own cores, ``plan.partition_cpus``)."""
     allowed = sorted(os.sched_getaffinity(0))
+    if split == "plan":
+        from hetero_shim import mode, node
+        from hetero_shim.plan import partition_cpus
+
+        lists, reserved, _ = partition_cpus(node.one_per_core(node.allowed_cpus()), world - 1,
+                                            reserve=mode.cores_to_reserve(1))
+        return (reserved or allowed) if rank == 0 else lists[rank - 1]
     if len(allowed) < world:
         return [allowed[rank % len(allowed)]]
     per = len(allowed) // world
@@ -126,7 +138,8 @@ def back_to_back(reduce, rank: int, world: int, n: int, device) -> None:
 
 
 def worker(rank: int, world: int, init_file: str, opts, results_path: str) -> None:
-    cores = cores_for(rank, world)
+    every_rank = [cores_for(q, world, opts.cores) for q in range(world)]  # before this rank's mask narrows
+    cores = every_rank[rank]
     os.sched_setaffinity(0, cores)
     import torch
     import torch.distributed as dist
@@ -195,7 +208,8 @@ def worker(rank: int, world: int, init_file: str, opts, results_path: str) -> No
             rows.append({"world": world, "path": name, "bytes": size, "median_us": median * 1e6,
                          "p90_us": samples[int(0.9 * (len(samples) - 1))] * 1e6, "GBps": size / median / 1e9})
     if rank == 0:
-        Path(results_path).write_text(json.dumps({"rows": rows, "notes": notes, "cores": cores}))
+        Path(results_path).write_text(json.dumps({"rows": rows, "notes": notes, "cores": cores,
+                                                  "peer_cores": every_rank[1]}))
     dist.barrier(group=group)
     for comm in [shm, *extra]:
         comm.destroy()
@@ -219,7 +233,12 @@ def main() -> int:
     parser.add_argument("--sizes", default="8K,64K,2M,16M")
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--out", default=str(REPO / "bench" / "out" / "allreduce.json"))
+    parser.add_argument("--cores", choices=("plan", "even"), default=None,
+                        help="plan: the GPU rank on the reserved cores and each CPU rank on its own cores, as "
+                             "heterogeneous mode splits them (default with --gpu-rank); even: equal blocks "
+                             "(default without it)")
     opts = parser.parse_args()
+    opts.cores = opts.cores or ("plan" if opts.gpu_rank else "even")
     opts.sizes = [parse_size(s) for s in opts.sizes.split(",")]
     bad = [s for s in opts.sizes if s % 4 or s <= 0]
     if bad or opts.iters < 1:
@@ -234,13 +253,14 @@ def main() -> int:
             mp.spawn(worker, args=(world, os.path.join(tmp, "init"), opts, results_path), nprocs=world)
             result = json.loads(Path(results_path).read_text())
         rows += result["rows"]
-        notes[f"world {world}"] = {**result["notes"], "rank 0 cores": result["cores"]}
+        notes[f"world {world}"] = {**result["notes"], "rank 0 cores": result["cores"],
+                                   "rank 1 cores": result["peer_cores"]}
     out = Path(opts.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     from hetero_shim import settings
 
     meta = {"date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "argv": sys.argv,
-            "gpu_rank": opts.gpu_rank, "iters": opts.iters, "cpus": len(os.sched_getaffinity(0)),
+            "gpu_rank": opts.gpu_rank, "cores": opts.cores, "iters": opts.iters, "cpus": len(os.sched_getaffinity(0)),
             "shm_slot_bytes": settings.shm_slot_bytes(), "notes": notes}
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     for world, info in notes.items():

@@ -2,7 +2,8 @@
 
     python bench/allreduce_profile.py [--bytes 8192] [--iters 2000] [--out OUT.json]
 
-Rank 0 on cuda:0, rank 1 on the CPU (cores split as in bench/allreduce.py), fp32. Per operation,
+Rank 0 on cuda:0, rank 1 on the CPU (the cores split in equal halves, as ``bench/allreduce.py
+--cores even``), fp32. Per operation,
 averaged over ``--iters`` (after 50 warm-up calls):
 - ``launch floor`` (rank 0 alone): the GPU rank's device work of one all-reduce without any peer:
   copy into the registered segment, copy back, add (queued back to back, one synchronize at the end);
@@ -27,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.allreduce import cores_for  # noqa: E402  (the same split of the cores as the benchmark)
+from bench.allreduce import cores_for  # noqa: E402  (its even split, as in the runs recorded so far)
 
 
 def statement_costs(comm, x, iters: int) -> dict:
