@@ -17,9 +17,6 @@ the same run, on the same processes, fp32 tensors:
 - ``shm no fused`` (``--gpu-rank`` only): the same with HETERO_SHIM_SHM_FUSED_KERNEL=0 (with one
   CPU rank the GPU rank queues a copy, a flag write, a stream wait and an add instead of one fused
   kernel, hetero_shim.cuda_fused_allreduce; with more CPU ranks it waits on the host);
-- ``shm no overlap`` (``--gpu-rank`` only): the same with HETERO_SHIM_SHM_OVERLAP=0 (with one CPU
-  rank, a tensor over one slot goes piece by piece on one stream, each piece's two PCIe copies in
-  turn, instead of the next piece's copy in beside this piece's copy back);
 - ``shm host waits`` (``--gpu-rank`` only): the same with HETERO_SHIM_SHM_STREAM_OPS=0 (the GPU
   rank's host thread waits for its copy and for the peers: the previous design);
 - ``vLLM CPU SHM``: vLLM's own CPU communicator (its C++ shared-memory all-reduce), only when every
@@ -167,21 +164,16 @@ def worker(rank: int, world: int, init_file: str, opts, results_path: str) -> No
 
         with settings.environ_set({settings.SHM_FUSED_KERNEL: "0"}):
             unfused = HeteroCommunicator(cpu_group=group, device=device, device_group=group, collectives="shm")
-        with settings.environ_set({settings.SHM_OVERLAP: "0"}):
-            one_stream = HeteroCommunicator(cpu_group=group, device=device, device_group=group, collectives="shm")
         host_waits = HeteroCommunicator(cpu_group=group, device=device, device_group=group, collectives="shm",
                                         stream_ops=False)
-        extra = [unfused, one_stream, host_waits]
+        extra = [unfused, host_waits]
         paths["shm no fused"] = unfused.all_reduce
-        paths["shm no overlap"] = one_stream.all_reduce
         paths["shm host waits"] = host_waits.all_reduce
     if use_gpu:
         notes = {"shm registered with CUDA": shm.shm.registered,
                  "shm stream-ordered": getattr(shm.shm, "stream_ordered", False),
                  "shm fused kernel": getattr(shm.shm, "fused_kernel", False),
-                 "shm no fused: fused kernel": getattr(unfused.shm, "fused_kernel", False),
-                 "shm overlapped copies": getattr(shm.shm, "overlapped_copies", False),
-                 "shm no overlap: overlapped copies": getattr(one_stream.shm, "overlapped_copies", False)}
+                 "shm no fused: fused kernel": getattr(unfused.shm, "fused_kernel", False)}
     if not opts.gpu_rank:
         vllm_comm, why = vllm_cpu_communicator(group)
         if vllm_comm is not None:

@@ -38,10 +38,6 @@ SHM_STREAM_OPS = "HETERO_SHIM_SHM_STREAM_OPS"
 #: "1" (default): with stream-ordered all-reduce, small fp32/bf16/fp16 all-reduces are one CUDA kernel
 #: (hetero_shim/cuda_fused_allreduce.py); "0": four stream operations (2 ranks) or host waits (more).
 SHM_FUSED_KERNEL = "HETERO_SHIM_SHM_FUSED_KERNEL"
-#: "1" (default): with stream-ordered all-reduce in a 2-rank group, a tensor larger than one slot
-#: overlaps the next piece's device-to-host copy with this piece's copy back (a second stream);
-#: "0": one stream, the two copies of each piece in turn.
-SHM_OVERLAP = "HETERO_SHIM_SHM_OVERLAP"
 #: "1" (default): with GPU and CPU ranks, the engine core and GPU-rank processes stay on the plan's
 #: reserved cores, off the CPU ranks' cores (hetero_shim/affinity.py); "0" leaves them where the kernel puts them.
 CONFINE = "HETERO_SHIM_CONFINE"
@@ -165,10 +161,6 @@ def shm_fused_kernel() -> bool:
     return _flag(SHM_FUSED_KERNEL, default=True)
 
 
-def shm_overlap() -> bool:
-    return _flag(SHM_OVERLAP, default=True)
-
-
 def _positive_number(name: str, default: float) -> float:
     raw = os.environ.get(name, "").strip()
     if not raw:
@@ -210,7 +202,6 @@ def check_environment() -> None:
     shm_slot_bytes()
     shm_stream_ops()
     shm_fused_kernel()
-    shm_overlap()
 
 
 class environ_set:  # noqa: N801 - used as a function: `with environ_set({...}):`

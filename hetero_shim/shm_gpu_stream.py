@@ -15,11 +15,7 @@ current stream, in stream order with the kernels around it:
   reading the peer's piece straight from the mapped segment; larger pieces DMA-copied first).
   H100, run 9: 8 KiB 79 us against 104 us with host waits. With 1 GPU + 3 CPU ranks that form
   was slower than host waits (113 vs 84 us: one wait and one add per peer), so larger groups
-  use host waits for what the kernel does not take;
-- in 2-rank groups, a tensor over one slot (``HETERO_SHIM_SHM_OVERLAP=0`` turns this off): the same
-  four operations per piece, but each piece's copy into the segment and its flag write are queued
-  on a side stream, so the next piece's device-to-host copy runs while this piece's host-to-device
-  copy does (one stream ran them in turn: ~180 us of PCIe per 4 MiB piece instead of ~90).
+  use host waits for what the kernel does not take.
 
 Protocol: the same segment, flags and buffers as ``ShmCollectives`` (its docstring), so the CPU
 ranks cannot tell the difference. Double buffering holds in stream order: the copy into buffer
@@ -88,7 +84,6 @@ class StreamOrderedShm(ShmCollectives):
         self._fused_max = min(limit, self.slot)  # bytes: one piece, read over PCIe
         self._peers = [q for q in range(self.world) if q != self.rank]
         self._queued: tuple | None = None  # (seq, signature, raw stream) of the op not yet seen met
-        self._overlap = False  # 2 ranks, stream-ordered: tensors over one slot overlap their two copies
         if not self.registered:
             return
         self._device_index = torch.cuda.current_device()
@@ -105,10 +100,6 @@ class StreamOrderedShm(ShmCollectives):
             log.info("hetero_shim: %s: GPU rank waits on the host (no fused kernel: %s)", self.label or "group", why)
             return
         self._ops, self._fused = ops, fused
-        self._overlap = self.world == 2 and settings.shm_overlap()
-        if self._overlap:  # copies into the segment run here, beside the current stream's copies back
-            self._side = torch.cuda.Stream(self._device_index)
-            self._read_back = (torch.cuda.Event(), torch.cuda.Event())
         self._base = ops.device_pointer(self._bytes.data_ptr())
         self._on_device = torch.as_tensor(_MappedBytes(self._base, self._bytes.numel()), device="cuda")
         self._device_views: dict[tuple, torch.Tensor] = {}
@@ -124,11 +115,6 @@ class StreamOrderedShm(ShmCollectives):
     def fused_kernel(self) -> bool:
         """Whether the fused kernel is loaded (small all-reduces are one launch)."""
         return self._fused is not None
-
-    @property
-    def overlapped_copies(self) -> bool:
-        """Whether tensors over one slot overlap their pieces' two PCIe copies (2 ranks)."""
-        return self._overlap
 
     def _fusable(self, src: torch.Tensor) -> bool:
         """The fused kernel takes this (contiguous) tensor: its dtype, at most ``_fused_max`` bytes."""
@@ -201,44 +187,7 @@ class StreamOrderedShm(ShmCollectives):
             out = torch.empty_like(x)
             self._queue_all_reduce(x, out, fused=True)
             return out
-        if self._overlap and x.is_cuda and x.numel() * x.element_size() > self.slot:
-            return self._all_reduce_overlapped(x)
         return super().all_reduce(x)
-
-    def _all_reduce_overlapped(self, x: torch.Tensor) -> torch.Tensor:
-        """2 ranks, a tensor of several slots: piece k+1's copy into the segment runs on a side
-        stream while piece k's copy back runs on the current stream (PCIe carries both directions
-        at once; one stream ran them in turn). Per piece, side stream: copy in, wait until this
-        rank's copy back of the previous piece has run, write ``arrive``; current stream: wait for
-        the peer's ``arrive``, copy its piece back, add. The protocol the peer sees is unchanged:
-        this rank's data lands before its ``arrive = seq``, and that store comes after it read the
-        peer's piece of ``seq - 1``; its area of buffer ``seq % 2`` is free because the host saw
-        the peer arrive at ``seq - 1`` (``_settle_conditions``) before queuing the copy into it."""
-        flat_in = x.contiguous().view(-1)
-        out = torch.empty_like(flat_in)
-        main, side, ops = torch.cuda.current_stream(), self._side, self._ops
-        side.wait_stream(main)  # the input is written, earlier collectives' reads of the segment are done
-        r, peer, dtype = self.rank, self._peers[0], x.dtype
-        per_piece = max(1, self.slot // x.element_size())
-        read_back = None
-        for p0 in range(0, flat_in.numel(), per_piece):
-            src, dst = flat_in[p0:p0 + per_piece], out[p0:p0 + per_piece]
-            n = src.numel()
-            seq, sig = self._next_queued(src)
-            buf = seq & 1
-            with torch.cuda.stream(side):
-                self._data(buf, dtype, r * n, n).copy_(src, non_blocking=True)
-                if read_back is not None:
-                    side.wait_event(read_back)
-            ops.write(side.cuda_stream, self._address(r, _ARRIVE), seq)
-            ops.wait_at_least(main.cuda_stream, self._address(peer, _ARRIVE), seq)
-            dst.copy_(self._data(buf, dtype, peer * n, n), non_blocking=True)
-            read_back = self._read_back[buf]
-            read_back.record(main)
-            dst.add_(src)
-            self._queued = (seq, sig, main.cuda_stream)
-        main.wait_stream(side)  # the input was read before anything queued after this call runs
-        return out.view(x.shape)
 
     def _all_reduce_piece(self, src: torch.Tensor, out: torch.Tensor) -> None:
         fused = self._fusable(src)
@@ -247,21 +196,14 @@ class StreamOrderedShm(ShmCollectives):
             return super()._all_reduce_piece(src, out)
         self._queue_all_reduce(src, out, fused)
 
-    def _next_queued(self, src: torch.Tensor) -> tuple[int, int]:
-        """(seq, signature) of the all-reduce of ``src`` about to be queued: the previous one's
-        conditions seen met on the host (its buffer, ``seq % 2``'s last use, is free), this one's
-        signature published."""
-        seq = self._begin()
-        self._settle_conditions()
-        sig = self._signature(1, src.dtype, src.numel() * src.element_size())
-        self._flags[self._flag_index(self.rank, _SIG + (seq & 1))] = sig
-        return seq, sig
-
     def _queue_all_reduce(self, src: torch.Tensor, out: torch.Tensor, fused: bool) -> None:
         """Queue operation ``seq`` on the current stream: the fused kernel, or (2 ranks) the four operations."""
         nbytes = src.numel() * src.element_size()
-        seq, sig = self._next_queued(src)
+        seq = self._begin()
+        self._settle_conditions()
         buf, n, dtype, r = seq & 1, src.numel(), src.dtype, self.rank
+        sig = self._signature(1, dtype, nbytes)
+        self._flags[self._flag_index(r, _SIG + (seq & 1))] = sig
         handle, ops = torch._C._cuda_getCurrentRawStream(self._device_index), self._ops
         if fused:
             self._fused.launch(handle, src, out, self._base + self._area_offset(buf), self._address(0, _ARRIVE),

@@ -5,15 +5,14 @@
 For each entry of --cpu-ranks, spawned processes: group rank 0 on cuda:0, the others on the CPU,
 meeting through ``hetero_shim.shm_collectives.for_group`` as heterogeneous mode does. For each GPU-rank path
 (``fused kernel``: hetero_shim.cuda_fused_allreduce; ``no fused``: HETERO_SHIM_SHM_FUSED_KERNEL=0, i.e.
-four stream operations with one CPU rank, host waits with more; ``no overlap``: HETERO_SHIM_SHM_OVERLAP=0,
-tensors over one slot (4 MiB) on one stream; ``64 KiB slots``: the default path with slots so small
-that most checks go through in pieces, up to 256 of them per call, the copies of consecutive pieces
-overlapping; ``host waits``: HETERO_SHIM_SHM_STREAM_OPS=0) it checks:
+four stream operations with one CPU rank, host waits with more; ``64 KiB slots``: the default path
+with slots so small that most checks go through in pieces, up to 256 of them per call; ``host
+waits``: HETERO_SHIM_SHM_STREAM_OPS=0) it checks:
 - exact fp32 sums (small integers) at sizes that take each branch of the kernel: 1 and 3
   elements (no 16-byte vector), 8 KiB, 8 KiB + 4 bytes (vectors and a tail), 64 KiB, 256 KiB
   (32 blocks; with 3 CPU ranks already the chunked sums), 256 KiB + 4 bytes and 2 MiB (above the
   fused kernel: four operations with one CPU rank, host waits with three), 16 MiB + 4 bytes (five
-  pieces, the last of one element: with one CPU rank the overlapped copies);
+  pieces of the 4 MiB slot, the last of one element);
 - a tensor at an address that is not 16-byte aligned, a 2-D tensor (shape kept), a strided one;
 - bf16 and fp16 random data: every rank holds the same bits, close to the exact sum (8 KiB,
   256 KiB, 8 MiB + 2 bytes);
@@ -38,9 +37,9 @@ sys.path.insert(0, str(REPO))
 from bench.allreduce import back_to_back, cores_for, same_bits  # noqa: E402
 
 SIZES = [4, 12, 8 << 10, (8 << 10) + 4, 64 << 10, 256 << 10, (256 << 10) + 4, 2 << 20, (16 << 20) + 4]
-# name: (stream ops, HETERO_SHIM_SHM_FUSED_KERNEL, HETERO_SHIM_SHM_OVERLAP, slot bytes or None: the default)
-PATHS = {"fused kernel": (True, "1", "1", None), "no fused": (True, "0", "1", None), "no overlap": (True, "1", "0", None),
-         "64 KiB slots": (True, "1", "1", 64 << 10), "host waits": (False, "0", "1", None)}
+# name: (stream ops, HETERO_SHIM_SHM_FUSED_KERNEL, slot bytes or None: the default)
+PATHS = {"fused kernel": (True, "1", None), "no fused": (True, "0", None), "64 KiB slots": (True, "1", 64 << 10),
+         "host waits": (False, "0", None)}
 
 
 def checks(comm, rank: int, world: int, device, group) -> list[tuple[str, object]]:
@@ -85,8 +84,8 @@ def worker(rank: int, world: int, init: str, results: str, cpu_only: bool) -> No
     if device.type == "cuda":
         torch.cuda.set_device(device)
     rows = []
-    for path, (stream_ops, fused, overlap, slot) in PATHS.items():
-        with settings.environ_set({settings.SHM_FUSED_KERNEL: fused, settings.SHM_OVERLAP: overlap}):
+    for path, (stream_ops, fused, slot) in PATHS.items():
+        with settings.environ_set({settings.SHM_FUSED_KERNEL: fused}):
             comm = shm.for_group(group, list(range(world)), rank, world, device, mode="shm", stream_ops=stream_ops,
                                  timeout_s=30, slot=slot)
         loaded = getattr(comm, "fused_kernel", False)

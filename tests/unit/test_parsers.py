@@ -147,7 +147,7 @@ def test_bind_list_parser(text, cpu_ranks, allowed):
 @given(st.dictionaries(st.sampled_from([settings.ENABLE, settings.DEVICE, settings.GPU_RANKS, settings.HANG_DUMP,
                                         settings.VERIFY_TOKENS, settings.GLOO_TIMEOUT, settings.COLLECTIVES,
                                         settings.SHM_TIMEOUT, settings.SHM_SLOT_MB, settings.SHM_STREAM_OPS,
-                                        settings.SHM_FUSED_KERNEL, settings.SHM_OVERLAP]),
+                                        settings.SHM_FUSED_KERNEL]),
                        TEXT, max_size=4))
 def test_check_environment_names_the_bad_setting(values):
     with environ(**values):

@@ -47,10 +47,6 @@ def test_stream_ops_setting(monkeypatch):
     assert settings.shm_fused_kernel() is True
     monkeypatch.setenv(settings.SHM_FUSED_KERNEL, "0")
     assert settings.shm_fused_kernel() is False
-    monkeypatch.delenv(settings.SHM_OVERLAP, raising=False)
-    assert settings.shm_overlap() is True
-    monkeypatch.setenv(settings.SHM_OVERLAP, "0")
-    assert settings.shm_overlap() is False
 
 
 def test_stream_ops_load_without_a_cuda_driver_says_why_not():
