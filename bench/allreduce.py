@@ -24,7 +24,8 @@ the same run, on the same processes, fp32 tensors:
 Every path is first checked for the right sum (fp32), the shm paths for every rank holding the
 same bits of a random bf16 and fp16 sum, and for 200 back-to-back all-reduces with no synchronization in
 between, each input computed from the previous result (what a model's layers do; up to 9 MiB, i.e.
-three pieces). Times are rank 0's (the GPU rank with ``--gpu-rank``): median and 90th percentile of ``--iters`` calls; GB/s = payload bytes / median.
+three pieces). Times are rank 0's (the GPU rank with ``--gpu-rank``): median and 90th percentile
+of ``--iters`` calls; GB/s = payload bytes / median.
 The table is printed last; JSON has every row. Issue 4's targets: 8 KiB <= 50 us, 16 MiB >= 20 GB/s.
 """
 

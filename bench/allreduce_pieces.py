@@ -4,8 +4,9 @@
 
 Rank 0 on cuda:0 and rank 1 on the CPU, cores split as heterogeneous mode splits them
 (``bench/allreduce.py --cores plan``), meeting through ``shm_collectives.for_group``. Measured:
-- PCIe alone (rank 0, before the group meets): one slot-sized copy into the registered segment,
-  one out of it, and both at once on two streams (medians, CUDA events);
+- PCIe alone (rank 0, before the group meets): one slot-sized copy into pinned host memory (as
+  the registered segment is), one out of it, and both at once on two streams (medians of host
+  time around each copy and a synchronize);
 - the all-reduce of ``--bytes`` fp32 (slot: HETERO_SHIM_SHM_SLOT_MB), each rank's host time per
   call split by method: CPU rank ``_put`` (its copy into the segment), ``_wait`` (for
   the GPU rank's flag) and the rest of ``_all_reduce_piece`` (its add); GPU rank
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -27,7 +29,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.allreduce import cores_for, parse_size  # noqa: E402
+from bench.allreduce import cores_for, parse_size, timed  # noqa: E402
 
 
 def clocked(cls, name: str, bucket: dict) -> None:
@@ -52,23 +54,17 @@ def pcie(slot: int, iters: int) -> dict:
     host_b = torch.empty(slot // 4, pin_memory=True)
     side = torch.cuda.Stream()
 
-    def timed(fn) -> float:
-        samples = []
-        for _ in range(iters):
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-            fn()
-            torch.cuda.synchronize()
-            samples.append(time.perf_counter() - start)
-        return sorted(samples)[len(samples) // 2] * 1e6
+    def median_us(fn) -> float:
+        return statistics.median(timed(fn, iters, torch.cuda.synchronize)) * 1e6
 
     def both():
         with torch.cuda.stream(side):
             host.copy_(dev_a, non_blocking=True)
         dev_b.copy_(host_b, non_blocking=True)
 
-    return {"to host us": timed(lambda: host.copy_(dev_a, non_blocking=True)),
-            "to device us": timed(lambda: dev_b.copy_(host_b, non_blocking=True)), "both at once us": timed(both)}
+    return {"to host us": median_us(lambda: host.copy_(dev_a, non_blocking=True)),
+            "to device us": median_us(lambda: dev_b.copy_(host_b, non_blocking=True)),
+            "both at once us": median_us(both)}
 
 
 def worker(rank: int, world: int, init: str, opts, results: str) -> None:

@@ -27,17 +27,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.allreduce import parse_size  # noqa: E402
+from bench.allreduce import parse_size, timed  # noqa: E402
 
 
 def median_s(fn, iters: int) -> float:
-    fn()
-    samples = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
+    fn()  # warm-up
+    return statistics.median(timed(fn, iters, lambda: None))
 
 
 def segment_of(kind: str, elements: int):
@@ -64,7 +59,7 @@ def segment_of(kind: str, elements: int):
 
 DMA_LOOP = """
 import mmap, os, sys, torch
-path, k = sys.argv[1], int(sys.argv[2])
+path, k, parent = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 fd = os.open(path, os.O_RDWR)
 mm = mmap.mmap(fd, os.fstat(fd).st_size)
 seg = torch.frombuffer(mm, dtype=torch.float32)
@@ -72,7 +67,7 @@ cudart = torch.cuda.cudart()
 assert cudart.cudaHostRegister(seg.data_ptr(), seg.numel() * 4, 0) == cudart.cudaError.success
 dev, streams = torch.rand(k, device="cuda"), (torch.cuda.Stream(), torch.cuda.Stream())
 print("dma running", flush=True)
-while True:
+while os.getppid() == parent:  # ends with its parent, however that ends
     with torch.cuda.stream(streams[0]):
         seg[k:2 * k].copy_(dev, non_blocking=True)
     with torch.cuda.stream(streams[1]):
@@ -85,10 +80,40 @@ def start_dma(path: str, k: int, cpus: list[int]):
     """``shm+dma``: another process (on ``cpus``) registers the segment with CUDA, as the GPU rank
     does, and copies pieces into the peer's area and out of this rank's over PCIe without pause,
     as a GPU rank does during the all-reduce. Returns the process (kill it when done)."""
-    proc = subprocess.Popen([sys.executable, "-c", DMA_LOOP, path, str(k)], stdout=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: os.sched_setaffinity(0, cpus))
+    proc = subprocess.Popen([sys.executable, "-c", DMA_LOOP, path, str(k), str(os.getpid())], stdout=subprocess.PIPE,
+                            text=True, preexec_fn=lambda: os.sched_setaffinity(0, cpus))
     assert proc.stdout.readline().strip() == "dma running", "the DMA process did not start"
     return proc
+
+
+def time_pieces(src, segment, k: int, iters: int, gap_s: float) -> dict:
+    """Median seconds of the CPU rank's copies of ``src`` into the segment in pieces of ``k``
+    elements, of its adds of the peer's pieces, and of both in its order (copy, wait, add)."""
+    import torch
+
+    pieces = [(i, p0, min(k, src.numel() - p0)) for i, p0 in enumerate(range(0, src.numel(), k))]
+
+    def put(i, p0, m):  # into this rank's area of buffer i % 2
+        segment[2 * (i % 2) * k:][:m].copy_(src[p0:p0 + m])
+
+    def add(i, p0, m):  # the peer's piece, read from its area of buffer i % 2, into this rank's tensor
+        torch.add(src[p0:p0 + m], segment[(2 * (i % 2) + 1) * k:][:m], out=src[p0:p0 + m])
+
+    def pause():  # the real rank spins on a flag between its copy and its add: its OpenMP threads idle
+        until = time.perf_counter() + gap_s
+        while time.perf_counter() < until:
+            pass
+
+    def both():
+        for piece in pieces:
+            put(*piece)
+            if gap_s:
+                pause()
+            add(*piece)
+
+    return {"copy": median_s(lambda: [put(*piece) for piece in pieces], iters),
+            "add": median_s(lambda: [add(*piece) for piece in pieces], iters),
+            "copy+add": median_s(both, iters) - gap_s * len(pieces)}  # less the pauses it spun
 
 
 def measure(cores: int, nbytes: int, piece: int, iters: int, kind: str = "private", gap_s: float = 0.0) -> dict:
@@ -101,42 +126,20 @@ def measure(cores: int, nbytes: int, piece: int, iters: int, kind: str = "privat
     n, k = nbytes // 4, piece // 4
     src = torch.rand(n)
     segment, path = segment_of(kind.removesuffix("+dma"), 4 * k)  # two buffers of (this rank's piece, the peer's)
-    segment.uniform_()  # (this also touches every page)
-    dma = start_dma(path, k, allowed[cores:] or allowed[-1:]) if kind.endswith("+dma") else None
-    big = torch.rand(64 << 20)  # 256 MiB
-
-    def copy_in():
-        for i, p0 in enumerate(range(0, n, k)):
-            m = min(k, n - p0)
-            segment[2 * (i % 2) * k:][:m].copy_(src[p0:p0 + m])
-
-    def add():
-        for i, p0 in enumerate(range(0, n, k)):
-            m = min(k, n - p0)
-            torch.add(src[p0:p0 + m], segment[(2 * (i % 2) + 1) * k:][:m], out=src[p0:p0 + m])
-
-    def pause():  # the real rank spins on a flag between its copy and its add: its OpenMP threads idle
-        until = time.perf_counter() + gap_s
-        while time.perf_counter() < until:
-            pass
-
-    def both():  # the CPU rank's order: copy piece i in, (wait,) then add the peer's piece into it
-        for i, p0 in enumerate(range(0, n, k)):
-            m = min(k, n - p0)
-            segment[2 * (i % 2) * k:][:m].copy_(src[p0:p0 + m])
-            if gap_s:
-                pause()
-            torch.add(src[p0:p0 + m], segment[(2 * (i % 2) + 1) * k:][:m], out=src[p0:p0 + m])
-
-    t = {name: median_s(fn, iters) for name, fn in (("copy", copy_in), ("add", add), ("copy+add", both))}
-    if gap_s:  # "both" less the pauses it spun
-        t["copy+add"] -= gap_s * len(range(0, n, k))
-    t["read 256 MiB"] = median_s(big.sum, max(3, iters // 5))
-    if dma is not None:
-        dma.kill()
-        dma.wait()
-    if path:
-        os.unlink(path)
+    dma = None
+    try:
+        segment.uniform_()  # (this also touches every page)
+        if kind.endswith("+dma"):
+            dma = start_dma(path, k, allowed[cores:] or allowed[-1:])
+        t = time_pieces(src, segment, k, iters, gap_s)
+        big = torch.rand(64 << 20)  # 256 MiB, read while the DMA (if any) still runs
+        t["read 256 MiB"] = median_s(big.sum, max(3, iters // 5))
+    finally:
+        if dma is not None:
+            dma.kill()
+            dma.wait()
+        if path:
+            os.unlink(path)
     return {"cores": cores, "segment": kind, "bytes": nbytes, "piece": piece, "median_s": t,
             "GBps": {"copy": 2 * nbytes / t["copy"] / 1e9, "add": 3 * nbytes / t["add"] / 1e9,
                      "copy+add": 5 * nbytes / t["copy+add"] / 1e9, "read": big.numel() * 4 / t["read 256 MiB"] / 1e9,
@@ -171,21 +174,21 @@ def main() -> int:
             if cores > available:
                 print(f"skipping {cores} cores: only {available} allowed")
                 continue
-            out = subprocess.run([sys.executable, __file__, "--one", f"{cores},{kind}", "--bytes", opts.bytes,
-                                  "--piece", opts.piece, "--iters", str(opts.iters), "--gap-us", str(opts.gap_us)], check=True, capture_output=True,
-                                 text=True)
+            args = ["--one", f"{cores},{kind}", "--bytes", opts.bytes, "--piece", opts.piece, "--iters",
+                    str(opts.iters), "--gap-us", str(opts.gap_us)]
+            out = subprocess.run([sys.executable, __file__, *args], check=True, capture_output=True, text=True)
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     Path(opts.out).parent.mkdir(parents=True, exist_ok=True)
     Path(opts.out).write_text(json.dumps({"argv": sys.argv, "rows": rows}, indent=1))
     print(f"\nCPU rank's work per {opts.bytes} all-reduce in {opts.piece} pieces, fp32 (median of {opts.iters}; "
           f"{opts.gap_us:g} us spun between copy and add); "
           "GB/s of memory traffic (copy 2x, add 3x, both 5x the bytes)")
-    print(f"{'segment':<9} {'cores':>5} {'copy us':>9} {'add us':>9} {'both us':>9} {'both GB/s':>10} {'read GB/s':>10} "
-          f"{'bound GB/s':>11}")
+    print(f"{'segment':<9} {'cores':>5} {'copy us':>9} {'add us':>9} {'both us':>9} {'both GB/s':>10} "
+          f"{'read GB/s':>10} {'bound GB/s':>11}")
     for r in rows:
         t, g = r["median_s"], r["GBps"]
-        print(f"{r['segment']:<9} {r['cores']:>5} {t['copy'] * 1e6:>9.1f} {t['add'] * 1e6:>9.1f} {t['copy+add'] * 1e6:>9.1f} "
-              f"{g['copy+add']:>10.1f} {g['read']:>10.1f} {g['all-reduce bound']:>11.1f}")
+        print(f"{r['segment']:<9} {r['cores']:>5} {t['copy'] * 1e6:>9.1f} {t['add'] * 1e6:>9.1f} "
+              f"{t['copy+add'] * 1e6:>9.1f} {g['copy+add']:>10.1f} {g['read']:>10.1f} {g['all-reduce bound']:>11.1f}")
     print("(bound: the all-reduce's payload over the CPU rank's time alone, before any handshake or PCIe copy)")
     return 0
 
