@@ -175,6 +175,7 @@ def worker(rank: int, world: int, init_file: str, opts, results_path: str) -> No
                  "shm stream-ordered": getattr(shm.shm, "stream_ordered", False),
                  "shm fused kernel": getattr(shm.shm, "fused_kernel", False),
                  "shm no fused: fused kernel": getattr(unfused.shm, "fused_kernel", False)}
+    notes["shm slot bytes"] = shm.shm.slot
     if not opts.gpu_rank:
         vllm_comm, why = vllm_cpu_communicator(group)
         if vllm_comm is not None:
@@ -262,7 +263,7 @@ def main() -> int:
 
     meta = {"date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "argv": sys.argv,
             "gpu_rank": opts.gpu_rank, "cores": opts.cores, "iters": opts.iters, "cpus": len(os.sched_getaffinity(0)),
-            "shm_slot_bytes": settings.shm_slot_bytes(), "notes": notes}
+            "shm_slot_setting": settings.shm_slot_bytes(), "notes": notes}
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     for world, info in notes.items():
         print(f"{world}: " + ", ".join(f"{k}: {v}" for k, v in info.items()))

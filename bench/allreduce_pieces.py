@@ -7,8 +7,8 @@ Rank 0 on cuda:0 and rank 1 on the CPU, cores split as heterogeneous mode splits
 - PCIe alone (rank 0, before the group meets): one slot-sized copy into pinned host memory (as
   the registered segment is), one out of it, and both at once on two streams (medians of host
   time around each copy and a synchronize);
-- the all-reduce of ``--bytes`` fp32 (slot: HETERO_SHIM_SHM_SLOT_MB), each rank's host time per
-  call split by method: CPU rank ``_put`` (its copy into the segment), ``_wait`` (for
+- the all-reduce of ``--bytes`` fp32 (slot: HETERO_SHIM_SHM_SLOT_MB, else the 2-rank default),
+  each rank's host time per call split by method: CPU rank ``_put`` (its copy into the segment), ``_wait`` (for
   the GPU rank's flag) and the rest of ``_all_reduce_piece`` (its add); GPU rank
   ``_settle_conditions`` (waiting on the host for the CPU rank's flag) and the rest (queuing, and
   the final synchronize). Totals are per call, averaged over ``--iters``. Prints a table, writes JSON.
@@ -85,7 +85,7 @@ def worker(rank: int, world: int, init: str, opts, results: str) -> None:
     row: dict = {"rank": rank, "cores": every[rank]}
     if gpu:
         torch.cuda.set_device(device)
-        row["pcie"] = pcie(settings.shm_slot_bytes(), opts.iters)
+        row["pcie"] = pcie(settings.shm_slot_bytes() or shm.default_slot(world, None), opts.iters)
     bucket: dict = defaultdict(float)
     if gpu:
         clocked(StreamOrderedShm, "_settle_conditions", bucket)
@@ -105,6 +105,7 @@ def worker(rank: int, world: int, init: str, opts, results: str) -> None:
         comm.all_reduce(x)
         sync()
     total = time.perf_counter() - start
+    row["slot"] = comm.slot
     row["times"] = {"call us": total / opts.iters * 1e6, **{k: v / opts.iters * 1e6 for k, v in bucket.items()}}
     dist.barrier(group=group)
     comm.close()
@@ -133,7 +134,7 @@ def main() -> int:
     gpu, cpu = rows
     print(f"PCIe, one slot (rank 0): {json.dumps({k: round(v, 1) for k, v in gpu['pcie'].items()})}")
     print(f"\nall-reduce of {opts.bytes} bytes fp32, host time per call in us (GPU rank cores {gpu['cores']}, "
-          f"CPU rank cores {cpu['cores']})")
+          f"CPU rank cores {cpu['cores']}, slot {gpu['slot']} bytes)")
     g, c = gpu["times"], cpu["times"]
     add = c.get("_all_reduce_piece", 0) - c.get("_put", 0) - c.get("_wait", 0)
     print(f"GPU call {g['call us']:.1f} (host waits for the CPU {g.get('_settle_conditions', 0):.1f}) | "

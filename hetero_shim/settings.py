@@ -178,9 +178,12 @@ def shm_timeout_seconds() -> float:
     return _positive_number(SHM_TIMEOUT, 300.0)
 
 
-def shm_slot_bytes() -> int:
-    """Bytes per rank and buffer in a shared-memory segment (a multiple of 4 KiB, at least 4 KiB)."""
-    mib = _positive_number(SHM_SLOT_MB, 4.0)
+def shm_slot_bytes() -> int | None:
+    """HETERO_SHIM_SHM_SLOT_MB in bytes (a multiple of 4 KiB, at least 4 KiB), or None when it is unset:
+    then ``shm_collectives.default_slot`` sizes the slot by group size and /dev/shm's free space."""
+    if not os.environ.get(SHM_SLOT_MB, "").strip():
+        return None
+    mib = _positive_number(SHM_SLOT_MB, 0.0)
     if mib > 1 << 20:  # beyond any host's memory (and beyond what a float holds in bytes)
         raise HeteroConfigError(f"{SHM_SLOT_MB}={os.environ[SHM_SLOT_MB]!r} must be at most 1048576 (MiB)")
     raw_bytes = int(mib * (1 << 20))

@@ -15,7 +15,7 @@ Only a creator killed during that set-up window can leave a name behind: the nam
 creator's pid, and every later set-up sweeps names of this user whose creator is dead (creators
 also unlink at exit). By hand: ``rm /dev/shm/hetero_shim_*`` when no run is active.
 
-Layout (``slot`` = HETERO_SHIM_SHM_SLOT_MB, default 4 MiB)::
+Layout (``slot`` = HETERO_SHIM_SHM_SLOT_MB, by default ``default_slot``: 16 MiB for 2 ranks, 8 MiB for more)::
 
     header    per rank, 128 bytes apart (no false sharing): arrive, reduced, sig[0], sig[1], release (int64;
               release: read by this rank's own GPU kernels only, see hetero_shim.shm_gpu_stream)
@@ -71,6 +71,7 @@ import mmap
 import os
 import platform
 import secrets
+import shutil
 import socket
 import sys
 import threading
@@ -173,6 +174,44 @@ def segment_bytes(world: int, slot: int) -> tuple[int, int]:
     """(header bytes, total bytes) of a segment for ``world`` ranks and ``slot`` bytes per rank."""
     header = -(-(world * FLAG_STRIDE) // PAGE) * PAGE
     return header, header + 2 * (world + 1) * slot
+
+
+SLOT_BY_GROUP = {2: 16 << 20}  # bytes per rank for a group of this many ranks; other sizes: SLOT_LARGER_GROUPS
+SLOT_LARGER_GROUPS = 8 << 20
+SLOT_MIN = 1 << 20
+
+
+def default_slot(world: int, free_bytes: int | None) -> int:
+    """The slot without HETERO_SHIM_SHM_SLOT_MB: by group size, halved (down to ``SLOT_MIN``) while the
+    segment would take more than half of /dev/shm's free space (``free_bytes``; None: not known).
+
+    Why these sizes: a tensor above the slot goes in slot-sized pieces, and every piece costs the
+    waits of one operation. H100 run 18 (``bench/slot_size.py``, same processes, fp32): 1 GPU + 1
+    CPU rank, 16 MiB all-reduce in 727-777 us with 16 MiB slots, 916-944 with 8, 1171-1214 with 4
+    (64 MiB: 2.9 / 3.5 / 4.5 ms); 1 GPU + 3 CPU ranks, 16 MiB: 8 and 16 MiB alike, 4 MiB 1.1-1.2x
+    slower; 64 MiB: 8 MiB best, 16 MiB 1.1-1.2x slower. 2 MiB tensors: no difference."""
+    slot = SLOT_BY_GROUP.get(world, SLOT_LARGER_GROUPS)
+    while free_bytes is not None and slot > SLOT_MIN and 2 * segment_bytes(world, slot)[1] > free_bytes:
+        slot //= 2
+    return slot
+
+
+def _shm_free_bytes() -> int | None:
+    try:
+        return shutil.disk_usage(SHM_DIR).free
+    except OSError:
+        return None
+
+
+def _default_slot_said(world: int, rank: int, label: str) -> int:
+    """``default_slot`` here; group rank 0 (whose choice every rank takes) warns when /dev/shm made it smaller."""
+    free = _shm_free_bytes()
+    slot, wanted = default_slot(world, free), default_slot(world, None)
+    if slot < wanted and rank == 0:
+        log.warning("hetero_shim: %s: %s has %d MiB free, so shared-memory collectives use %d MiB slots instead of "
+                    "%d (large all-reduces are slower); give it more (docker: --ipc=host or --shm-size) or set %s",
+                    label or "group", SHM_DIR, free >> 20, slot >> 20, wanted >> 20, settings.SHM_SLOT_MB)
+    return slot
 
 
 def _map(name: str, size: int, create: bool) -> mmap.mmap:
@@ -537,7 +576,7 @@ def for_group(cpu_group, ranks: list[int], rank: int, world: int, device: torch.
     mode = settings.collectives_mode() if mode is None else mode
     info = {"host": host_identity(), "why_not": unsupported_reason(), "pid": os.getpid(), "cuda": device.type == "cuda",
             "start": _start_time(os.getpid()), "reducer": device.type == "cpu" if reducer is None else reducer,
-            "mode": mode, "slot": settings.shm_slot_bytes() if slot is None else slot,
+            "mode": mode, "slot": slot or settings.shm_slot_bytes() or _default_slot_said(world, rank, label),
             "timeout": settings.shm_timeout_seconds() if timeout_s is None else timeout_s}
     infos: list = [None] * world
     dist.all_gather_object(infos, info, group=cpu_group)

@@ -11,13 +11,15 @@ waits``: HETERO_SHIM_SHM_STREAM_OPS=0) it checks:
 - exact fp32 sums (small integers) at sizes that take each branch of the kernel: 1 and 3
   elements (no 16-byte vector), 8 KiB, 8 KiB + 4 bytes (vectors and a tail), 64 KiB, 256 KiB
   (32 blocks; with 3 CPU ranks already the chunked sums), 256 KiB + 4 bytes and 2 MiB (above the
-  fused kernel: four operations with one CPU rank, host waits with three), 16 MiB + 4 bytes (five
-  pieces of the 4 MiB slot, the last of one element);
+  fused kernel: four operations with one CPU rank, host waits with three), 16 MiB + 4 bytes and
+  32 MiB + 4 bytes (in pieces of the default slot, 16 MiB with one CPU rank and 8 MiB with three,
+  the last of one element);
 - a tensor at an address that is not 16-byte aligned, a 2-D tensor (shape kept), a strided one;
 - bf16 and fp16 random data: every rank holds the same bits, close to the exact sum (8 KiB,
   256 KiB, 8 MiB + 2 bytes);
 - 200 back-to-back dependent all-reduces with no synchronization between them (bench/allreduce.py),
-  at 8 KiB, 256 KiB and 9 MiB (three pieces, alternating with 4.5 MiB + 4 bytes: two).
+  at 8 KiB, 256 KiB, 9 MiB and 36 MiB (three pieces of a 16 MiB slot, alternating with 18 MiB + 4
+  bytes: two).
 Prints one PASS/FAIL line per path and check, and exits 1 on any failure.
 """
 
@@ -36,7 +38,8 @@ sys.path.insert(0, str(REPO))
 
 from bench.allreduce import back_to_back, cores_for, same_bits  # noqa: E402
 
-SIZES = [4, 12, 8 << 10, (8 << 10) + 4, 64 << 10, 256 << 10, (256 << 10) + 4, 2 << 20, (16 << 20) + 4]
+SIZES = [4, 12, 8 << 10, (8 << 10) + 4, 64 << 10, 256 << 10, (256 << 10) + 4, 2 << 20, (16 << 20) + 4,
+         (32 << 20) + 4]
 # name: (stream ops, HETERO_SHIM_SHM_FUSED_KERNEL, slot bytes or None: the default)
 PATHS = {"fused kernel": (True, "1", None), "no fused": (True, "0", None), "64 KiB slots": (True, "1", 64 << 10),
          "host waits": (False, "0", None)}
@@ -67,6 +70,7 @@ def checks(comm, rank: int, world: int, device, group) -> list[tuple[str, object
     out.append(("200 back-to-back, 8 KiB", lambda: back_to_back(comm.all_reduce, rank, world, 2048, device)))
     out.append(("200 back-to-back, 256 KiB", lambda: back_to_back(comm.all_reduce, rank, world, 65536, device)))
     out.append(("200 back-to-back, 9 MiB", lambda: back_to_back(comm.all_reduce, rank, world, 9 << 18, device)))
+    out.append(("200 back-to-back, 36 MiB", lambda: back_to_back(comm.all_reduce, rank, world, 9 << 20, device)))
     return out
 
 

@@ -128,6 +128,15 @@ def check_exact(rank: int, world: int) -> None:
     ids = torch.tensor([[7 if rank == 0 else 9]], dtype=torch.int32)
     other.broadcast(ids, 0)
     assert ids.item() == 7
+    # no slot given and HETERO_SHIM_SHM_SLOT_MB unset (test_shm_collectives runs this without it): the
+    # group-size default, taken from rank 0, while /dev/shm has room for twice the segment
+    os.environ.pop("HETERO_SHIM_SHM_SLOT_MB", None)
+    default = shm.for_group(dist.new_group(list(range(world)), backend="gloo"), list(range(world)), rank, world, cpu,
+                            mode="shm", timeout_s=60, label="default")
+    assert default.slot == {2: 16 << 20}.get(world, 8 << 20), default.slot
+    base = torch.arange(5 * (default.slot // 4) // 2 + 1, dtype=torch.float32) % 1000  # 2.5 slots: three pieces
+    assert torch.equal(default.all_reduce(base + rank), base * world + sum(range(world)))
+    default.close()
     # mismatched calls are named, not mixed
     try:
         if rank == 0:

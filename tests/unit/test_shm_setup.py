@@ -27,12 +27,25 @@ def test_shm_numbers(monkeypatch):
     monkeypatch.delenv(settings.SHM_TIMEOUT, raising=False)
     monkeypatch.delenv(settings.SHM_SLOT_MB, raising=False)
     assert settings.shm_timeout_seconds() == 300.0
+    assert settings.shm_slot_bytes() is None  # unset: shm_collectives.default_slot decides per group
+    monkeypatch.setenv(settings.SHM_SLOT_MB, "4")
     assert settings.shm_slot_bytes() == 4 << 20
     monkeypatch.setenv(settings.SHM_SLOT_MB, "0.001")
     assert settings.shm_slot_bytes() == 4096
     monkeypatch.setenv(settings.SHM_TIMEOUT, "-1")
     with pytest.raises(HeteroConfigError, match="HETERO_SHIM_SHM_TIMEOUT='-1' must be a positive number"):
         settings.shm_timeout_seconds()
+
+
+def test_default_slot_by_group_size_and_free_shared_memory():
+    mib = 1 << 20
+    assert shm.default_slot(2, None) == 16 * mib  # measured fastest for 1 GPU + 1 CPU rank (H100 run 18)
+    assert shm.default_slot(4, None) == shm.default_slot(3, None) == 8 * mib
+    assert shm.default_slot(2, 100 << 30) == 16 * mib  # plenty free: no change
+    # docker's default 64 MiB /dev/shm: halved until the segment takes at most half of it
+    assert shm.default_slot(2, 64 * mib) == 4 * mib and shm.segment_bytes(2, 4 * mib)[1] <= 32 * mib
+    assert shm.default_slot(4, 64 * mib) == 2 * mib
+    assert shm.default_slot(2, 0) == shm.SLOT_MIN  # never below the minimum (creating it then fails cleanly)
 
 
 def test_stream_ops_setting(monkeypatch):
