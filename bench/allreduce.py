@@ -70,6 +70,32 @@ def timed(fn, iters: int, sync) -> list[float]:
     return samples
 
 
+def ranks_label(world: int, gpu_rank: bool) -> str:
+    return f"1 GPU+{world - 1} CPU" if gpu_rank else f"{world} CPU"
+
+
+def add_group_options(parser) -> None:
+    """The options every multi-rank all-reduce benchmark here shares: where rank 0 is, how many CPU ranks."""
+    parser.add_argument("--gpu-rank", action="store_true", help="rank 0's tensors live on cuda:0")
+    parser.add_argument("--cpu-ranks", default="1,3", help="CPU ranks beside rank 0, one group per entry")
+
+
+def run_groups(worker, opts) -> list[tuple[int, dict]]:
+    """One spawned group per entry of ``opts.cpu_ranks`` (rank 0 and that many CPU ranks), in turn:
+    ``worker(rank, world, init_file, opts, results_path)``; the group's rank 0 writes JSON to
+    results_path. Returns (world, that JSON) per group."""
+    import torch.multiprocessing as mp
+
+    done = []
+    for cpu_ranks in (int(c) for c in opts.cpu_ranks.split(",")):
+        world = 1 + cpu_ranks
+        with tempfile.TemporaryDirectory() as tmp:
+            results_path = os.path.join(tmp, "rows.json")
+            mp.spawn(worker, args=(world, os.path.join(tmp, "init"), opts, results_path), nprocs=world)
+            done.append((world, json.loads(Path(results_path).read_text())))
+    return done
+
+
 def cores_for(rank: int, world: int, split: str = "even") -> list[int]:
     """The cores of ``rank``: ``even`` = equal blocks of the allowed cores; ``plan`` = as
     heterogeneous mode gives them with one GPU rank (rank 0: the reserved cores, shared in a real run
@@ -223,15 +249,14 @@ def print_table(rows: list[dict], opts) -> None:
     print(f"{'ranks':<12} {'size':>8}  {'path':<16} {'median us':>10} {'p90 us':>9} {'GB/s':>7} {'vs baseline':>12}")
     base = {(r["world"], r["bytes"]): r["median_us"] for r in rows if r["path"] == BASELINE}
     for r in rows:
-        kind = f"1 GPU+{r['world'] - 1} CPU" if opts.gpu_rank else f"{r['world']} CPU"
-        print(f"{kind:<12} {human(r['bytes']):>8}  {r['path']:<16} {r['median_us']:>10.1f} {r['p90_us']:>9.1f} "
+        print(f"{ranks_label(r['world'], opts.gpu_rank):<12} {human(r['bytes']):>8}  {r['path']:<16} "
+              f"{r['median_us']:>10.1f} {r['p90_us']:>9.1f} "
               f"{r['GBps']:>7.2f} {base[(r['world'], r['bytes'])] / r['median_us']:>11.2f}x")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--gpu-rank", action="store_true", help="rank 0's tensors live on cuda:0")
-    parser.add_argument("--cpu-ranks", default="1,3", help="CPU ranks beside rank 0, one group per entry")
+    add_group_options(parser)
     parser.add_argument("--sizes", default="8K,64K,2M,16M")
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--out", default=str(REPO / "bench" / "out" / "allreduce.json"))
@@ -245,15 +270,8 @@ def main() -> int:
     bad = [s for s in opts.sizes if s % 4 or s <= 0]
     if bad or opts.iters < 1:
         parser.error(f"sizes must be positive multiples of 4 bytes (fp32) and --iters >= 1; got sizes {bad}")
-    import torch.multiprocessing as mp
-
     rows, notes = [], {}
-    for cpu_ranks in (int(c) for c in opts.cpu_ranks.split(",")):
-        world = 1 + cpu_ranks
-        with tempfile.TemporaryDirectory() as tmp:
-            results_path = os.path.join(tmp, "rows.json")
-            mp.spawn(worker, args=(world, os.path.join(tmp, "init"), opts, results_path), nprocs=world)
-            result = json.loads(Path(results_path).read_text())
+    for world, result in run_groups(worker, opts):
         rows += result["rows"]
         notes[f"world {world}"] = {**result["notes"], "rank 0 cores": result["cores"],
                                    "rank 1 cores": result["peer_cores"]}

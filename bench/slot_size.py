@@ -24,14 +24,14 @@ import os
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.allreduce import back_to_back, cores_for, human, parse_size, timed  # noqa: E402
+from bench.allreduce import (add_group_options, back_to_back, cores_for, human, parse_size,  # noqa: E402
+                             ranks_label, run_groups, timed)
 
 MIB = 1 << 20
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}  # names of torch types (torch is imported in the ranks only)
@@ -54,8 +54,8 @@ def worker(rank: int, world: int, init: str, opts, results: str) -> None:
     if gpu:
         torch.cuda.set_device(device)
     sync = torch.cuda.synchronize if gpu else (lambda: None)
-    comms = {s: shm.for_group(group, list(range(world)), rank, world, device, mode="shm", slot=s * MIB, timeout_s=60)
-             for s in opts.slots}
+    comms = {s: shm.for_group(group, list(range(world)), rank, world, device, mode="shm", slot=s * MIB,
+                              timeout_s=60) for s in opts.slots}
     for slot, comm in comms.items():
         for n in sorted({s // 4 for s in opts.sizes} | {slot * MIB // 4 + 1}):
             got = comm.all_reduce(torch.arange(n, dtype=torch.float32, device=device) % 1000 + rank)
@@ -102,16 +102,15 @@ def print_table(rows: list[dict], gpu_rank: bool, dtype: str) -> None:
         key = (r["world"], r["bytes"])
         best[key] = min(best.get(key, float("inf")), r["median_us"])
     for r in rows:
-        kind = f"1 GPU+{r['world'] - 1} CPU" if gpu_rank else f"{r['world']} CPU"
         rounds = ", ".join(f"{v:.0f}" for v in r["round_medians_us"])
-        print(f"{kind:<12} {human(r['bytes']):>8} {r['slot_mib']:>4} MiB {r['median_us']:>10.1f} {r['GBps']:>7.2f} "
-              f"{r['median_us'] / best[(r['world'], r['bytes'])]:>5.2f}x  [{rounds}]")
+        print(f"{ranks_label(r['world'], gpu_rank):<12} {human(r['bytes']):>8} {r['slot_mib']:>4} MiB "
+              f"{r['median_us']:>10.1f} {r['GBps']:>7.2f} {r['median_us'] / best[(r['world'], r['bytes'])]:>5.2f}x  "
+              f"[{rounds}]")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--gpu-rank", action="store_true", help="rank 0's tensors live on cuda:0")
-    parser.add_argument("--cpu-ranks", default="1,3", help="CPU ranks beside rank 0, one group per entry")
+    add_group_options(parser)
     parser.add_argument("--slots", default="4,8,16", help="slot sizes in MiB (whole numbers)")
     parser.add_argument("--sizes", default="2M,16M,64M")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
@@ -123,15 +122,8 @@ def main() -> int:
     opts.sizes = [parse_size(s) for s in opts.sizes.split(",")]
     if any(s <= 0 for s in opts.slots) or any(s <= 0 or s % 4 for s in opts.sizes) or min(opts.rounds, opts.iters) < 1:
         parser.error("slots must be positive MiB, sizes positive multiples of 4 bytes, --rounds and --iters >= 1")
-    import torch.multiprocessing as mp
-
     rows, notes = [], {}
-    for cpu_ranks in (int(c) for c in opts.cpu_ranks.split(",")):
-        world = 1 + cpu_ranks
-        with tempfile.TemporaryDirectory() as tmp:
-            results = os.path.join(tmp, "rows.json")
-            mp.spawn(worker, args=(world, os.path.join(tmp, "init"), opts, results), nprocs=world)
-            result = json.loads(Path(results).read_text())
+    for world, result in run_groups(worker, opts):
         rows += summarize(world, result["samples"])
         notes[f"world {world}"] = {"rank 0 cores": result["cores"], "rank 1 cores": result["peer_cores"],
                                    "registered with CUDA": result["registered"]}

@@ -48,6 +48,19 @@ def test_default_slot_by_group_size_and_free_shared_memory():
     assert shm.default_slot(2, 0) == shm.SLOT_MIN  # never below the minimum (creating it then fails cleanly)
 
 
+def test_smaller_default_slot_is_warned_by_group_rank_0_only(monkeypatch, caplog):
+    monkeypatch.setattr(shm, "_shm_free_bytes", lambda: 64 << 20)
+    shm.log.addHandler(caplog.handler)  # directly: vLLM's logging set-up may stop propagation to the root
+    try:
+        assert shm._default_slot_said(2, 1, "tp:0") == 4 << 20
+        assert not caplog.records  # only the rank whose choice is taken says it
+        assert shm._default_slot_said(2, 0, "tp:0") == 4 << 20
+    finally:
+        shm.log.removeHandler(caplog.handler)
+    assert "has 64 MiB free, so shared-memory collectives use 4 MiB slots instead of 16" in caplog.text
+    assert "--shm-size" in caplog.text and "HETERO_SHIM_SHM_SLOT_MB" in caplog.text
+
+
 def test_stream_ops_setting(monkeypatch):
     monkeypatch.delenv(settings.SHM_STREAM_OPS, raising=False)
     assert settings.shm_stream_ops() is True
