@@ -8,8 +8,8 @@ Rank 0 on cuda:0 and rank 1 on the CPU, cores split as heterogeneous mode splits
   the registered segment is), one out of it, and both at once on two streams (medians of host
   time around each copy and a synchronize);
 - the all-reduce of ``--bytes`` fp32 (slot: HETERO_SHIM_SHM_SLOT_MB, else the 2-rank default),
-  each rank's host time per call split by method: CPU rank ``_put`` (its copy into the segment), ``_wait`` (for
-  the GPU rank's flag) and the rest of ``_all_reduce_piece`` (its add); GPU rank
+  each rank's host time per call split by method: CPU rank ``_put`` (its copy into the segment),
+  ``_wait`` (for the GPU rank's flag) and the rest of ``_all_reduce_piece`` (its add); GPU rank
   ``_settle_conditions`` (waiting on the host for the CPU rank's flag) and the rest (queuing, and
   the final synchronize). Totals are per call, averaged over ``--iters``. Prints a table, writes JSON.
 """
@@ -21,7 +21,6 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -29,7 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.allreduce import cores_for, parse_size, timed  # noqa: E402
+from bench.allreduce import cores_for, parse_size, run_groups, timed  # noqa: E402
 
 
 def clocked(cls, name: str, bucket: dict) -> None:
@@ -74,7 +73,6 @@ def worker(rank: int, world: int, init: str, opts, results: str) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(len(every[rank]))
-    from hetero_shim import settings
     from hetero_shim import shm_collectives as shm
     from hetero_shim.shm_gpu_stream import StreamOrderedShm
 
@@ -85,7 +83,7 @@ def worker(rank: int, world: int, init: str, opts, results: str) -> None:
     row: dict = {"rank": rank, "cores": every[rank]}
     if gpu:
         torch.cuda.set_device(device)
-        row["pcie"] = pcie(settings.shm_slot_bytes() or shm.default_slot(world, None), opts.iters)
+        row["pcie"] = pcie(shm.configured_slot(world, rank), opts.iters)
     bucket: dict = defaultdict(float)
     if gpu:
         clocked(StreamOrderedShm, "_settle_conditions", bucket)
@@ -122,13 +120,8 @@ def main() -> int:
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--out", default=str(REPO / "bench" / "out" / "allreduce_pieces.json"))
     opts = parser.parse_args()
-    opts.bytes = parse_size(opts.bytes)
-    import torch.multiprocessing as mp
-
-    with tempfile.TemporaryDirectory() as tmp:
-        results = os.path.join(tmp, "rows.json")
-        mp.spawn(worker, args=(2, os.path.join(tmp, "init"), opts, results), nprocs=2)
-        rows = json.loads(Path(results).read_text())
+    opts.bytes, opts.cpu_ranks = parse_size(opts.bytes), "1"
+    [(_, rows)] = run_groups(worker, opts)
     Path(opts.out).parent.mkdir(parents=True, exist_ok=True)
     Path(opts.out).write_text(json.dumps({"argv": sys.argv, "rows": rows}, indent=1))
     gpu, cpu = rows

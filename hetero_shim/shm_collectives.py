@@ -203,8 +203,12 @@ def _shm_free_bytes() -> int | None:
         return None
 
 
-def _default_slot_said(world: int, rank: int, label: str) -> int:
-    """``default_slot`` here; group rank 0 (whose choice every rank takes) warns when /dev/shm made it smaller."""
+def configured_slot(world: int, rank: int, label: str = "") -> int:
+    """The slot ``for_group`` uses when given none: HETERO_SHIM_SHM_SLOT_MB, else ``default_slot`` for this
+    host's /dev/shm; group rank 0 (whose choice every rank takes) warns when /dev/shm made it smaller."""
+    setting = settings.shm_slot_bytes()
+    if setting is not None:
+        return setting
     free = _shm_free_bytes()
     slot, wanted = default_slot(world, free), default_slot(world, None)
     if slot < wanted and rank == 0:
@@ -576,7 +580,7 @@ def for_group(cpu_group, ranks: list[int], rank: int, world: int, device: torch.
     mode = settings.collectives_mode() if mode is None else mode
     info = {"host": host_identity(), "why_not": unsupported_reason(), "pid": os.getpid(), "cuda": device.type == "cuda",
             "start": _start_time(os.getpid()), "reducer": device.type == "cpu" if reducer is None else reducer,
-            "mode": mode, "slot": slot or settings.shm_slot_bytes() or _default_slot_said(world, rank, label),
+            "mode": mode, "slot": configured_slot(world, rank, label) if slot is None else slot,
             "timeout": settings.shm_timeout_seconds() if timeout_s is None else timeout_s}
     infos: list = [None] * world
     dist.all_gather_object(infos, info, group=cpu_group)

@@ -49,16 +49,19 @@ def test_default_slot_by_group_size_and_free_shared_memory():
 
 
 def test_smaller_default_slot_is_warned_by_group_rank_0_only(monkeypatch, caplog):
+    monkeypatch.delenv(settings.SHM_SLOT_MB, raising=False)
     monkeypatch.setattr(shm, "_shm_free_bytes", lambda: 64 << 20)
     shm.log.addHandler(caplog.handler)  # directly: vLLM's logging set-up may stop propagation to the root
     try:
-        assert shm._default_slot_said(2, 1, "tp:0") == 4 << 20
+        assert shm.configured_slot(2, 1, "tp:0") == 4 << 20
         assert not caplog.records  # only the rank whose choice is taken says it
-        assert shm._default_slot_said(2, 0, "tp:0") == 4 << 20
+        assert shm.configured_slot(2, 0, "tp:0") == 4 << 20
     finally:
         shm.log.removeHandler(caplog.handler)
     assert "has 64 MiB free, so shared-memory collectives use 4 MiB slots instead of 16" in caplog.text
     assert "--shm-size" in caplog.text and "HETERO_SHIM_SHM_SLOT_MB" in caplog.text
+    monkeypatch.setenv(settings.SHM_SLOT_MB, "2")  # the setting wins over the default
+    assert shm.configured_slot(2, 0) == 2 << 20
 
 
 def test_stream_ops_setting(monkeypatch):
