@@ -120,6 +120,14 @@ def set_state(state: str, control: bool = False) -> dict:
     return seen
 
 
+def kv_cache_bytes(config: dict, tokens: int) -> int:
+    """Room for ``tokens`` tokens of this model's KV cache (all layers, TP=1), rounded up to 64 MiB."""
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    per_token = 2 * config["num_hidden_layers"] * config.get("num_key_value_heads", heads) * head_dim * 4
+    return -(-per_token * tokens * 2 // (64 << 20)) * (64 << 20)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="1b, toy, ... (bench/models.py) or a model dir; "
@@ -157,8 +165,12 @@ def main(argv: list[str] | None = None) -> int:
     gpu = torch.cuda.is_available()
     model_dir = models.get(opts.model or ("1b" if gpu else "toy"), opts.model_cache)
     config = json.loads((model_dir / "config.json").read_text())
-    engine = dict(model=str(model_dir), dtype=config.get("torch_dtype", "auto"), max_model_len=opts.prompt + opts.tokens + 64,
-                  enable_prefix_caching=False, seed=0, enforce_eager=opts.eager)
+    max_model_len = opts.prompt + opts.tokens + 64
+    engine = dict(model=str(model_dir), dtype=config.get("torch_dtype", "auto"), max_model_len=max_model_len,
+                  enable_prefix_caching=False, seed=0, enforce_eager=opts.eager,
+                  # an explicit size: vLLM's CPU start-up check of gpu_memory_utilization x the node's memory
+                  # then never depends on what other processes happen to use
+                  kv_cache_memory_bytes=kv_cache_bytes(config, max(batches) * max_model_len))
     if gpu:
         engine["gpu_memory_utilization"] = opts.gpu_memory_utilization
         if not opts.eager:

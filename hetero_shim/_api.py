@@ -12,7 +12,7 @@ import _thread
 import os
 import sys
 
-from hetero_shim import settings
+from hetero_shim import run_state, settings
 from hetero_shim.errors import HeteroConfigError
 
 BOOTSTRAP_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_bootstrap")
@@ -21,7 +21,7 @@ _lock = _thread.RLock()
 _ledger = None  # registry.Ledger, created when the first table is installed
 #: trigger: the import_trigger waiting for vLLM's import to install the table (None once installed);
 #: activation: the one activate_from_env() left to call enable() on vLLM's import.
-_state: dict = {"table": None, "reason": None, "env_before": None, "trigger": None, "activation": None}
+_state: dict = {"table": None, "reason": None, "trigger": None, "activation": None}
 
 
 def _log():
@@ -35,7 +35,8 @@ def _get_ledger():
     if _ledger is None:
         from hetero_shim.registry import Ledger
 
-        _ledger = Ledger()
+        _ledger = Ledger(gate=run_state.heterogeneous)
+        run_state.on_enter(_ledger.mode_entered)
     return _ledger
 
 
@@ -43,14 +44,12 @@ def _enabled() -> bool:
     return _state["trigger"] is not None or bool(_ledger and _ledger.active)
 
 
-def _propagate_to_children() -> dict:
+def _propagate_to_children() -> None:
     """Put the bootstrap on PYTHONPATH so that every spawned Python process activates too."""
-    before = {k: os.environ.get(k) for k in (settings.ENABLE, "PYTHONPATH")}
-    os.environ[settings.ENABLE] = "1"
+    run_state.set_env(settings.ENABLE, "1")
     paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     if BOOTSTRAP_DIR not in paths:
-        os.environ["PYTHONPATH"] = os.pathsep.join([BOOTSTRAP_DIR, *paths])
-    return before
+        run_state.set_env("PYTHONPATH", os.pathsep.join([BOOTSTRAP_DIR, *paths]))
 
 
 def _install_table(release: str) -> None:
@@ -81,17 +80,10 @@ def enable(*, propagate: bool = True) -> dict:
         release, reason = versions.choose_table(versions.SUPPORTED, found)
         _warn_if_an_engine_runs()
         _state.update(table=release, reason=reason)
-        if propagate and _state["env_before"] is None:
-            _state["env_before"] = _propagate_to_children()
+        if propagate:
+            _propagate_to_children()
         _state["trigger"] = import_trigger.run_before_import("vllm", lambda: _install_table(release))
         return _status(found)
-
-
-def heterogeneous_mode_entered() -> None:
-    """Called by mode.enter(): apply the per-step patches held back while the mode was off."""
-    with _lock:
-        if _ledger is not None:
-            _ledger.mode_entered()
 
 
 def running_engines() -> list[str]:
@@ -117,7 +109,9 @@ def _warn_if_an_engine_runs() -> None:
 
 
 def disable() -> dict:
-    """Restore every original vLLM function and stop child processes from activating."""
+    """End heterogeneous mode: restore every original vLLM function and every environment
+    variable the shim set (the mode, the plan, the bootstrap on PYTHONPATH, vLLM settings it
+    chose), so this process and the processes it starts later run stock vLLM."""
     with _lock:
         for key in ("trigger", "activation"):  # vLLM was not imported yet: nothing will be installed
             if _state[key] is not None:
@@ -126,9 +120,7 @@ def disable() -> dict:
         not_restored = _ledger.remove_all() if _ledger is not None else []
         if not_restored:
             _log().warning("hetero_shim.disable(): re-wrapped by someone else, left in place: %s", not_restored)
-        if _state["env_before"] is not None:
-            settings.restore_environ(_state["env_before"])
-            _state["env_before"] = None
+        run_state.exit()
         return status()
 
 
@@ -145,14 +137,11 @@ def status() -> dict:
 
 def _status(found) -> dict:
     ledger = _ledger
-    plan = None
-    if os.environ.get(settings.PLAN):  # else no plan: leave the plan modules unimported
-        from hetero_shim import mode
-
-        try:
-            plan = mode.current_plan()
-        except ValueError:
-            pass
+    try:
+        run = run_state.current()
+        plan = run.plan if run.heterogeneous else None
+    except ValueError:
+        plan = None
     return {
         "enabled": _enabled(),
         "waiting_for_vllm": _state["trigger"] is not None,  # the table is installed when vLLM is imported
@@ -160,6 +149,7 @@ def _status(found) -> dict:
         "table": _state["table"],
         "table_reason": _state["reason"],
         "heterogeneous": os.environ.get(settings.DEVICE) == settings.HETEROGENEOUS,
+        "environment_set": sorted(run_state.owned_variables()),
         "plan": plan.describe() if plan else None,
         "cpu_kernels": _cpu_kernels_configured() if plan and plan.world_size > plan.gpu_ranks else None,
         "patches": ledger.describe() if ledger else [],

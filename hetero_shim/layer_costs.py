@@ -106,6 +106,33 @@ def gpu_layer_costs(vllm_config, total_gpu_memory: int) -> GpuLayerCosts:
     return GpuLayerCosts(budget, fixed, layer * elem // tp, per_layer_kv, how)
 
 
+def cpu_rank_needs(vllm_config, plan) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(bytes of weights, KV bytes per token) of each CPU rank of ``plan``, in CPU-rank order.
+
+    A rank of pipeline stage s holds that stage's layers (the embeddings on the first stage, the
+    LM head, a copy when the embeddings are tied, on the last), all divided by the TP size."""
+    model, cache, par = vllm_config.model_config, vllm_config.cache_config, vllm_config.parallel_config
+    elem = _itemsize(model.dtype)
+    hf = model.hf_text_config
+    numels = checkpoint_numels(str(model.model))
+    if numels and numels[0]:
+        per_layer, other = max(numels[0].values()), numels[1]
+    else:
+        per_layer, other = config_numels(hf)
+    head = hf.vocab_size * hf.hidden_size
+    kv_elem = elem if cache.cache_dtype in (None, "auto") else _itemsize(cache.cache_dtype)
+    per_token_layer = 2 * model.get_num_kv_heads(par) * model.get_head_size() * kv_elem
+    layers = plan.layers or (model.get_total_num_hidden_layers(),)
+    tp = plan.world_size // plan.pp_size
+    weights, per_token = [], []
+    for rank in plan.cpu_ranks:
+        stage = plan.stage(rank)
+        numel = layers[stage] * per_layer + (other if stage == 0 else 0) + (head if stage == len(layers) - 1 else 0)
+        weights.append(numel * elem // tp)
+        per_token.append(layers[stage] * per_token_layer)
+    return tuple(weights), tuple(per_token)
+
+
 def _itemsize(dtype) -> int:
     import torch
 

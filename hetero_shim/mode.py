@@ -8,22 +8,13 @@ spawns inherit it, so every process agrees on which rank is a GPU or a CPU rank.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from dataclasses import replace
 
-from hetero_shim import node, settings
+from hetero_shim import node, run_state, settings
+from hetero_shim.kv_budget import KvBudgets
 from hetero_shim.layer_split import LayerSplit
-from hetero_shim.plan import RankPlan, count_gpu_ranks, parse_bind_list, partition_cpus, plan_from_json, plan_to_json
-
-PLAN = settings.PLAN
-#: Set by the engine core for each worker process it starts: "gpu" or "cpu".
-RANK_KIND = "HETERO_SHIM_RANK_KIND"
-
-
-def enter() -> None:
-    """Switch this process (and the processes it starts) into heterogeneous mode."""
-    os.environ[settings.DEVICE] = settings.HETEROGENEOUS
-    from hetero_shim import _api
-
-    _api.heterogeneous_mode_entered()
+from hetero_shim.plan import RankPlan, count_gpu_ranks, parse_bind_list, partition_cpus, plan_to_json
 
 
 def gpu_ranks_for(world_size: int, gpus_on_node: int) -> int:
@@ -38,8 +29,10 @@ def cores_to_reserve(gpu_ranks: int) -> int:
     return 2 + gpu_ranks if gpu_ranks else 1
 
 
-def build_plan(world_size: int, gpus_on_node: int, split: LayerSplit | None = None) -> RankPlan:
-    """Make the rank plan for this node and publish it to child processes (``split``: pipeline mode)."""
+def build_plan(world_size: int, gpus_on_node: int, split: LayerSplit | None = None,
+               kv_for: Callable[[RankPlan], KvBudgets] | None = None) -> RankPlan:
+    """Make the rank plan for this node and publish it to child processes (``split``: pipeline mode;
+    ``kv_for``: the CPU ranks' KV budgets for the plan's cores)."""
     gpu_ranks = gpu_ranks_for(world_size, gpus_on_node)
     cpu_ranks = world_size - gpu_ranks
     allowed = node.allowed_cpus()
@@ -54,22 +47,8 @@ def build_plan(world_size: int, gpus_on_node: int, split: LayerSplit | None = No
     pipeline = {} if split is None else dict(
         pp_size=len(split.partition), layers=split.partition, split_source=split.source)
     plan = RankPlan(world_size, gpu_ranks, tuple(tuple(x) for x in lists), tuple(reserved), tuple(notes), **pipeline)
-    os.environ[PLAN] = plan_to_json(plan)
+    if kv_for is not None and cpu_ranks:
+        kv = kv_for(plan)
+        plan = replace(plan, kv_budgets=kv.per_rank, kv_source=kv.source, notes=plan.notes + kv.notes)
+    run_state.publish_plan(plan_to_json(plan))
     return plan
-
-
-def current_plan() -> RankPlan | None:
-    raw = os.environ.get(PLAN)
-    return plan_from_json(raw) if raw else None
-
-
-def mixed() -> bool:
-    """Heterogeneous mode with both GPU and CPU ranks (the cross-device machinery is needed)."""
-    if not settings.heterogeneous():
-        return False
-    plan = current_plan()
-    return plan is not None and 0 < plan.gpu_ranks < plan.world_size
-
-
-def this_process_is_cpu_rank() -> bool:
-    return settings.heterogeneous() and os.environ.get(RANK_KIND) == "cpu"

@@ -32,6 +32,8 @@ class RankPlan:
     pp_size: int = 1  # pipeline mode: stage of rank r is r // (world_size // pp_size)
     layers: tuple[int, ...] = ()  # pipeline mode: layers per stage (VLLM_PP_LAYER_PARTITION)
     split_source: str = ""  # pipeline mode: where the layer split came from
+    kv_budgets: tuple[int, ...] = ()  # KV cache bytes of each CPU rank, in CPU-rank order
+    kv_source: str = ""  # where the CPU ranks' KV budgets came from
 
     @property
     def cpu_ranks(self) -> range:
@@ -55,6 +57,8 @@ class RankPlan:
             else:
                 cores = self.cpu_lists[rank - self.gpu_ranks] if self.cpu_lists else ()
                 line = f"  rank {rank}: CPU  cores {format_id_list(cores) or '(not bound)'}"
+                if self.kv_budgets:
+                    line += f"  KV cache {self.kv_budgets[rank - self.gpu_ranks] / (1 << 30):.2f} GiB"
             if self.pp_size > 1 and self.layers:
                 s = self.stage(rank)
                 start = sum(self.layers[:s])
@@ -62,6 +66,8 @@ class RankPlan:
             lines.append(line)
         if self.reserved:
             lines.append(f"  reserved cores: {format_id_list(self.reserved)}")
+        if self.kv_source:
+            lines.append(f"  CPU ranks' KV cache: {self.kv_source}")
         lines.extend(f"  note: {n}" for n in self.notes)
         return "\n".join(lines)
 
@@ -72,7 +78,9 @@ def count_gpu_ranks(world_size: int, gpus_on_node: int, override: int | None) ->
         raise HeteroConfigError(f"tensor_parallel_size x pipeline_parallel_size must be at least 1, got {world_size}")
     if override is not None and override > gpus_on_node:
         raise HeteroConfigError(
-            f"HETERO_SHIM_GPU_RANKS={override} asks for more GPU ranks than this node has GPUs ({gpus_on_node})"
+            f"HETERO_SHIM_GPU_RANKS={override} asks for more GPU ranks than this node has GPUs ({gpus_on_node}); "
+            f"set it to at most {gpus_on_node}, or unset it to use every GPU"
+            + (" (0: every rank on the CPU)" if gpus_on_node else "")
         )
     wanted = gpus_on_node if override is None else override
     return min(wanted, world_size)
@@ -206,7 +214,7 @@ def plan_to_json(plan: RankPlan) -> str:
     return json.dumps(
         {"world_size": plan.world_size, "gpu_ranks": plan.gpu_ranks, "cpu_lists": plan.cpu_lists,
          "reserved": plan.reserved, "notes": plan.notes, "pp_size": plan.pp_size, "layers": plan.layers,
-         "split_source": plan.split_source}
+         "split_source": plan.split_source, "kv_budgets": plan.kv_budgets, "kv_source": plan.kv_source}
     )
 
 
@@ -223,4 +231,6 @@ def plan_from_json(text: str) -> RankPlan:
         pp_size=data.get("pp_size", 1),
         layers=tuple(data.get("layers", ())),
         split_source=data.get("split_source", ""),
+        kv_budgets=tuple(data.get("kv_budgets", ())),
+        kv_source=data.get("kv_source", ""),
     )

@@ -15,7 +15,6 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from hetero_shim import settings
 from hetero_shim.errors import PatchTargetMissing
 
 from hetero_shim.logs import log
@@ -36,13 +35,16 @@ class Patch:
     #: outside heterogeneous mode: it is applied only once this process is in heterogeneous mode,
     #: so that vLLM without it runs its per-step code unwrapped (no cost per step when the mode is off).
     hetero_only: bool = False
+    #: False: only the ``aliases`` are wrapped, the defining module keeps vLLM's own function (for a
+    #: fix that one caller needs, e.g. spawn for the workers but not for the engine core)
+    wrap_primary: bool = True
 
     @property
     def target(self) -> str:
         return f"{self.module}:{self.name}"
 
     def sites(self) -> tuple[str, ...]:
-        return (self.module, *self.aliases)
+        return (self.module, *self.aliases) if self.wrap_primary else self.aliases
 
 
 @dataclass
@@ -58,7 +60,9 @@ class _Applied:
 class Ledger:
     """What this process has patched. One instance lives in :mod:`hetero_shim._api`."""
 
-    def __init__(self) -> None:
+    def __init__(self, gate: Callable[[], bool] = lambda: True) -> None:
+        #: whether this process is in heterogeneous mode now: ``hetero_only`` patches wait for it
+        self.gate = gate
         self.active = False
         self.patches: tuple[Patch, ...] = ()
         self.applied: dict[tuple[str, str], _Applied] = {}
@@ -83,7 +87,7 @@ class Ledger:
     def _on_import(self, module) -> None:
         if not self.active:
             return
-        heterogeneous = settings.heterogeneous()
+        heterogeneous = self.gate()
         for patch in self.patches:
             if module.__name__ in patch.sites():
                 if patch.hetero_only and not heterogeneous:
@@ -93,7 +97,7 @@ class Ledger:
 
     def mode_entered(self) -> None:
         """This process switched heterogeneous mode on: apply the hetero_only patches it held back."""
-        if not self.active or not settings.heterogeneous():
+        if not self.active or not self.gate():
             return
         sites = sorted({site for site, _ in self.waiting_for_mode})
         self.waiting_for_mode.clear()

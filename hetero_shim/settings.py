@@ -43,10 +43,15 @@ SHM_FUSED_KERNEL = "HETERO_SHIM_SHM_FUSED_KERNEL"
 CONFINE = "HETERO_SHIM_CONFINE"
 #: The rank plan of a heterogeneous run, as JSON (written by ``mode.build_plan`` in the parent).
 PLAN = "HETERO_SHIM_PLAN"
+#: Set in the parent when a script builds its engine outside a ``__main__`` guard: workers are then
+#: spawned without importing the script again (hetero_shim/main_guard.py).
+UNGUARDED_MAIN = "HETERO_SHIM_UNGUARDED_MAIN"
 #: Set by the engine core for each worker it starts: the CPUs that worker confines itself to.
 PROCESS_CPUS = "HETERO_SHIM_PROCESS_CPUS"
 #: vLLM's own CPU bind list ("0-3|4-7"), validated against the rank plan.
 OMP_BIND = "VLLM_CPU_OMP_THREADS_BIND"
+#: vLLM's CPU KV cache size in whole GiB; in heterogeneous mode applied to every CPU rank (kv_budget.py).
+CPU_KVCACHE_SPACE = "VLLM_CPU_KVCACHE_SPACE"
 #: Seconds a rank waits in a gloo collective (or the rendezvous) for its peers before it fails.
 GLOO_TIMEOUT = "HETERO_SHIM_GLOO_TIMEOUT_S"
 #: Default of GLOO_TIMEOUT: vLLM's own patience for one model step (VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS),
@@ -100,6 +105,19 @@ def gpu_ranks_override() -> int | None:
     if value < 0:
         raise HeteroConfigError(f"{GPU_RANKS}={raw!r} must be a whole number of GPU ranks, 0 or more")
     return value
+
+
+def cpu_kvcache_space_gib() -> int | None:
+    """VLLM_CPU_KVCACHE_SPACE in GiB, or None when unset (read in heterogeneous mode only: it is vLLM's)."""
+    raw = os.environ.get(CPU_KVCACHE_SPACE, "").strip()
+    if not raw:
+        return None
+    if not (raw.isascii() and raw.isdigit()) or int(raw) < 1:
+        raise HeteroConfigError(
+            f"{CPU_KVCACHE_SPACE}={raw!r} must be a whole number of GiB, 1 or more (vLLM reads it as an "
+            "integer); for less than 1 GiB leave it unset and give kv_cache_memory_bytes instead"
+        )
+    return int(raw)
 
 
 def parse_device(value: object) -> str:

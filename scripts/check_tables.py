@@ -29,7 +29,7 @@ OUT = REPO / "tests" / "data" / "vllm_symbols"
 def targets(release: str) -> list[dict]:
     rows = []
     for patch in tables.table(release):
-        for site in patch.sites():
+        for site in dict.fromkeys((patch.module, *patch.sites())):
             rows.append({"module": site, "name": patch.name})
             if "." in patch.name:  # the class too (a dataclass __init__ is generated, not written)
                 rows.append({"module": site, "name": patch.name.rsplit(".", 1)[0]})

@@ -16,7 +16,7 @@ Remove when: vLLM supports mixed-device groups (not as of 0.33.0).
 
 from __future__ import annotations
 
-from hetero_shim import mode
+from hetero_shim import run_state
 
 WHY_COMM = "pynccl/custom all-reduce and CPU SHM collectives each serve one kind of rank"
 WHY_DUMMY = "GPU and CPU workers run different numbers of warm-up passes; unmatched collectives deadlock"
@@ -25,11 +25,11 @@ COMMUNICATOR = "hetero_shim.comm.HeteroCommunicator"
 
 
 def hetero_communicator(wrapped, instance, args, kwargs):
-    return COMMUNICATOR if mode.mixed() else wrapped(*args, **kwargs)
+    return COMMUNICATOR if run_state.current().mixed else wrapped(*args, **kwargs)
 
 
 def local_dummy_pass(wrapped, instance, args, kwargs):
-    if not mode.mixed():
+    if not run_state.current().mixed:
         return wrapped(*args, **kwargs)
     from hetero_shim.comm import local_only
 

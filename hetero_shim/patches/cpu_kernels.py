@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 
-from hetero_shim import mode, versions
+from hetero_shim import run_state, versions
 from hetero_shim.cpu_kernels import native
 from hetero_shim.logs import log
 
@@ -34,7 +34,7 @@ def configured() -> str:
 
 def kernels_for_cpu_ranks(wrapped, instance, args, kwargs):
     global _active
-    if not mode.this_process_is_cpu_rank() or versions.is_cpu_build():
+    if not run_state.current().cpu_rank or versions.is_cpu_build():
         return wrapped(*args, **kwargs)
     if _active is not None:
         return None

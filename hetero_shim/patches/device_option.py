@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import os
 
-from hetero_shim import layer_split, mode, settings
+from hetero_shim import kv_budget, layer_split, main_guard, mode, run_state, settings, shm_sweep
+from hetero_shim.kv_budget import KvBudgets
 from hetero_shim.errors import HeteroConfigError
 
 from hetero_shim.logs import log
@@ -33,7 +34,7 @@ def accept_device_kwarg(wrapped, instance, args, kwargs):
     """EngineArgs(device="heterogeneous", ...): take the option out and switch the mode on."""
     if "device" in kwargs:
         settings.parse_device(kwargs.pop("device"))
-        mode.enter()
+        run_state.enter()
     gpu_layers = _parse_gpu_layers(kwargs.pop(GPU_LAYERS, None))
     result = wrapped(*args, **kwargs)
     setattr(instance, _GPU_LAYERS_ATTR, gpu_layers)
@@ -43,7 +44,7 @@ def accept_device_kwarg(wrapped, instance, args, kwargs):
 def _parse_gpu_layers(value) -> int | None:
     if value is None:
         return None
-    if not settings.heterogeneous():
+    if not run_state.heterogeneous():
         raise HeteroConfigError(f"{GPU_LAYERS}={value!r} needs device='heterogeneous' and pipeline_parallel_size > 1")
     return layer_split.parse_gpu_layers(value)
 
@@ -72,7 +73,7 @@ def read_device_cli_option(wrapped, instance, args, kwargs):
     device = getattr(namespace, "device", None)
     if device is not None:
         settings.parse_device(device)
-        mode.enter()
+        run_state.enter()
     gpu_layers = _parse_gpu_layers(getattr(namespace, "hetero_gpu_layers", None))
     engine_args = wrapped(*args, **kwargs)
     setattr(engine_args, _GPU_LAYERS_ATTR, gpu_layers)
@@ -87,7 +88,7 @@ def _gpus_on_node() -> int:
 
 def plan_before_config(wrapped, instance, args, kwargs):
     """In heterogeneous mode: refuse what cannot work, make the rank plan, then build the config."""
-    if not settings.heterogeneous():
+    if not run_state.heterogeneous():
         return wrapped(*args, **kwargs)
     gpu_layers = getattr(instance, _GPU_LAYERS_ATTR, None)
     backend = instance.distributed_executor_backend
@@ -108,6 +109,7 @@ def plan_before_config(wrapped, instance, args, kwargs):
             f"{GPU_LAYERS}={gpu_layers} needs pipeline mode (pipeline_parallel_size > 1): it sets how many layers "
             "the GPU stage holds; heterogeneous tensor parallelism splits every layer instead"
         )
+    shm_sweep.at_plan()
     # "mp" explicitly: with the backend unset, ParallelConfig rejects more ranks than GPUs.
     instance.distributed_executor_backend = "mp"
     gpus = _gpus_on_node()
@@ -116,16 +118,58 @@ def plan_before_config(wrapped, instance, args, kwargs):
         _settings_for_mixed_ranks(instance)
     _forget_own_partition()
     config = wrapped(*args, **kwargs)  # vLLM's own checks (heads divisible by TP, ...) first
+    _check_main_guard()
     split = _pipeline_split(config, kinds, gpu_layers) if pp > 1 else None
-    plan = mode.build_plan(tp * pp, gpus, split)
+    plan = mode.build_plan(tp * pp, gpus, split, kv_for=lambda p: _cpu_kv_budgets(config, p))
     log.info("%s", plan.describe())
     return config
+
+
+def _cpu_kv_budgets(config, plan) -> KvBudgets:
+    """The CPU ranks' KV budgets from the memory the run can really use (kv_budget.py): one pool per
+    NUMA node where the nodes' meminfo is trusted, else the host's (cgroup-aware) figures."""
+    from hetero_shim import node
+    from hetero_shim.layer_costs import cpu_rank_needs
+
+    weights, per_token = cpu_rank_needs(config, plan)
+    memory = node.host_memory()
+    space = settings.cpu_kvcache_space_gib()
+    cache, sched = config.cache_config, config.scheduler_config
+    pools: dict[int, list[int]] = {}
+    for i, rank in enumerate(plan.cpu_ranks):
+        cores = plan.cpu_lists[i] if plan.cpu_lists else ()
+        pools.setdefault(node.numa_node(cores[0]) if cores and memory.nodes_trusted else -1, []).append(i)
+    per_rank = [0] * len(weights)
+    notes: list[str] = []
+    others = plan.gpu_ranks + 1  # GPU-rank processes and the engine core, counted in the first pool
+    for key, members in pools.items():
+        pool = memory.for_node(key) if key >= 0 else memory.host
+        work = kv_budget.Workload(
+            cpu_weights=tuple(weights[i] for i in members), cpu_bytes_per_token=tuple(per_token[i] for i in members),
+            max_model_len=config.model_config.max_model_len, max_num_seqs=sched.max_num_seqs,
+            processes=len(members) + others, fraction=cache.gpu_memory_utilization)
+        others = 0
+        found = kv_budget.budgets(work, pool.available, space, cache.kv_cache_memory_bytes, memory.describe())
+        for i, value in zip(members, found.per_rank):
+            per_rank[i] = value
+        notes.extend(n for n in found.notes if n not in notes)
+    return KvBudgets(tuple(per_rank), f"{found.source}; host memory: {memory.describe()}", tuple(notes))
+
+
+def _check_main_guard() -> None:
+    """A script building its engine outside ``if __name__ == "__main__":`` works as with stock vLLM
+    where vLLM forks the engine core (its workers are spawned without importing the script again);
+    where vLLM spawns the engine core itself (the CPU build), one line says to add the guard."""
+    unguarded = main_guard.engine_built_unguarded()
+    if unguarded and main_guard.engine_core_spawns():
+        raise HeteroConfigError(main_guard.unguarded_message())
+    run_state.set_env(settings.UNGUARDED_MAIN, "1" if unguarded else None)
 
 
 def _forget_own_partition() -> None:
     """A partition this process set for an earlier engine is not the user's."""
     if _own_partition is not None and os.environ.get(layer_split.PARTITION_ENV) == _own_partition:
-        del os.environ[layer_split.PARTITION_ENV]
+        run_state.set_env(layer_split.PARTITION_ENV, None)
 
 
 def _pipeline_split(config, kinds: tuple[str, ...], gpu_layers: int | None) -> layer_split.LayerSplit:
@@ -148,7 +192,8 @@ def _pipeline_split(config, kinds: tuple[str, ...], gpu_layers: int | None) -> l
                         detail)
     split = layer_split.choose_split(layers, kinds, gpu_layers, user, fits, detail)
     if user is None:
-        os.environ[layer_split.PARTITION_ENV] = _own_partition = split.env_value
+        _own_partition = split.env_value
+        run_state.set_env(layer_split.PARTITION_ENV, _own_partition)
     return split
 
 
@@ -164,4 +209,4 @@ def _settings_for_mixed_ranks(instance) -> None:
         instance.async_scheduling = False  # the CPU model runner does not overlap steps
     if os.environ.get(V2_RUNNER, "0") not in ("0", "false", "False"):
         raise HeteroConfigError(f"device='heterogeneous' supports vLLM's V1 model runner only; unset {V2_RUNNER}")
-    os.environ[V2_RUNNER] = "0"  # the patches target the V1 runner and sampler; workers inherit this
+    run_state.set_env(V2_RUNNER, "0")  # the patches target the V1 runner and sampler; workers inherit this

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import inspect
 
-from hetero_shim import settings
+from hetero_shim import run_state, settings
 from hetero_shim.logs import log
 
 WHY = "NCCL cannot include CPU ranks; every rank must use one backend"
@@ -32,7 +32,7 @@ TIMEOUT_FIELDS = ("distributed_timeout_seconds", "cpu_distributed_timeout_second
 
 
 def gloo_for_all_ranks(wrapped, instance, args, kwargs):
-    if not settings.heterogeneous():
+    if not run_state.heterogeneous():
         return wrapped(*args, **kwargs)
     bound = inspect.signature(wrapped).bind(*args, **kwargs)
     bound.arguments["backend"] = "gloo"

@@ -9,7 +9,7 @@ every spec (the conservative value: no page padding, no cross-layer layout) befo
 Any other difference (block size, heads, dtype) is refused with the fields named. vLLM then
 takes the smaller capacity: num_blocks is the minimum over the workers. Each rank's budget
 and the agreed number of blocks are logged ("hetero_shim: KV cache ..."), because the
-budgets come from different settings on GPU and CPU ranks (see ``cpu_kv_budget``).
+budgets come from different settings on GPU and CPU ranks (see ``hetero_shim.kv_budget``).
 Why: vLLM assumes one attention backend per TP group.
 Remove when: vLLM merges specs of workers with different attention backends (not as of 0.33.0).
 """
@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 
-from hetero_shim import mode, settings
+from hetero_shim import run_state
 from hetero_shim.errors import HeteroConfigError
 from hetero_shim.logs import log
 
@@ -46,10 +46,10 @@ def _differences(a, b) -> list[str]:
 
 
 def agree_on_kv_cache(wrapped, instance, args, kwargs):
-    if not settings.heterogeneous():
+    if not run_state.heterogeneous():
         return wrapped(*args, **kwargs)
     bound = inspect.signature(wrapped).bind(*args, **kwargs)
-    if mode.mixed():
+    if run_state.current().mixed:
         _normalize_layouts(bound)
     configs = wrapped(*bound.args, **bound.kwargs)
     _log_agreement(bound.arguments.get("available_memory"), bound.arguments["kv_cache_specs"], configs)
@@ -72,7 +72,7 @@ def _normalize_layouts(bound) -> None:
 
 def _log_agreement(budgets, specs, configs) -> None:
     """One line the checks read: each rank's budget, rank 0's bytes per block, the blocks agreed."""
-    plan = mode.current_plan()
+    plan = run_state.plan()
     per_block = sum(getattr(s, "page_size_bytes", 0) for s in specs[0].values()) if specs else 0
     ranks = ", ".join(
         f"rank {r} ({plan.kind(r) if plan else '?'}) {b} B" for r, b in enumerate(budgets or [])

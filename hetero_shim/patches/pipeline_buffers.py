@@ -15,14 +15,14 @@ Remove when: vLLM allocates it outside the warm-up pass (not as of 0.33.0).
 
 from __future__ import annotations
 
-from hetero_shim import settings
+from hetero_shim import run_state
 
 WHY = "eager CPU workers (0.27+) skip the warm-up pass that allocates a later stage's receive buffer"
 REMOVE_WHEN = "vLLM allocates intermediate_tensors outside _dummy_run (not as of 0.33.0)"
 
 
 def allocate_receive_buffer(wrapped, instance, args, kwargs):
-    if settings.heterogeneous() and getattr(instance, "intermediate_tensors", 0) is None:
+    if run_state.heterogeneous() and getattr(instance, "intermediate_tensors", 0) is None:
         instance.intermediate_tensors = instance.model.make_empty_intermediate_tensors(
             batch_size=instance.max_num_tokens, dtype=instance.model_config.dtype, device=instance.device
         )

@@ -25,7 +25,7 @@ Remove when: vLLM supports pipeline stages on different devices (not as of 0.33.
 
 from __future__ import annotations
 
-from hetero_shim import mode
+from hetero_shim import run_state
 
 WHY = "gloo has no CUDA send/recv; vLLM sends CUDA IntermediateTensors over the device group"
 REMOVE_WHEN = "vLLM supports pipeline stages on different kinds of device (not as of 0.33.0)"
@@ -37,7 +37,7 @@ def _this_rank_is_cuda(group) -> bool:
 
 def stage_cuda_tensors_on_host(wrapped, instance, args, kwargs):
     """isend_tensor_dict: CUDA tensors are sent as pinned host copies."""
-    if not (mode.mixed() and _this_rank_is_cuda(instance)):
+    if not (run_state.current().mixed and _this_rank_is_cuda(instance)):
         return wrapped(*args, **kwargs)
     import torch
 
@@ -61,7 +61,7 @@ def stage_cuda_tensors_on_host(wrapped, instance, args, kwargs):
 def received_tensors_to_device(wrapped, instance, args, kwargs):
     """irecv_tensor_dict on a CUDA rank: host tensors from the previous stage move to this device."""
     result = wrapped(*args, **kwargs)
-    if not (mode.mixed() and _this_rank_is_cuda(instance)):
+    if not (run_state.current().mixed and _this_rank_is_cuda(instance)):
         return result
     tensor_dict, handles, postprocess = result
     if tensor_dict is None:

@@ -17,8 +17,9 @@ Remove when: vLLM supports per-rank platforms (not as of 0.33.0).
 
 from __future__ import annotations
 
+import os
 
-from hetero_shim import affinity, mode, settings, versions
+from hetero_shim import affinity, main_guard, run_state, settings, versions
 from hetero_shim.logs import log
 from hetero_shim.plan import format_id_list
 
@@ -28,14 +29,14 @@ CPU_PLATFORM = "vllm.platforms.cpu.CpuPlatform"
 
 
 def rank_environment(rank: int) -> dict[str, str]:
-    plan = mode.current_plan()
+    plan = run_state.plan()
     confine = affinity.confines(plan)
     if plan is None or plan.kind(rank) == "gpu":
-        env = {mode.RANK_KIND: "gpu"}
+        env = {run_state.RANK_KIND: "gpu"}
         if confine:
             env[settings.PROCESS_CPUS] = format_id_list(affinity.reserved_cpus(plan))
         return env
-    env = {mode.RANK_KIND: "cpu"}
+    env = {run_state.RANK_KIND: "cpu"}
     if not versions.is_cpu_build():  # the engine core runs the CUDA platform: bind here, hide the GPUs
         # "-1", not "": vLLM keeps Triton on when CUDA_VISIBLE_DEVICES is empty (it reads that as
         # Ray's transient state) and would run the sampler's Triton kernels on a CPU rank.
@@ -59,7 +60,7 @@ _engine_core_confined = False
 def confine_engine_core() -> None:
     """Before the first worker starts: the engine core moves to the reserved cores (once)."""
     global _engine_core_confined
-    plan = mode.current_plan()
+    plan = run_state.plan()
     if _engine_core_confined or not affinity.confines(plan):
         return
     _engine_core_confined = True
@@ -70,15 +71,16 @@ def confine_engine_core() -> None:
 
 
 def spawn_with_rank_environment(wrapped, instance, args, kwargs):
-    if not settings.heterogeneous():
+    if not run_state.heterogeneous():
         return wrapped(*args, **kwargs)
     rank = kwargs["rank"] if "rank" in kwargs else args[2]
     confine_engine_core()
-    with settings.environ_set(rank_environment(rank)):
+    unguarded = os.environ.get(settings.UNGUARDED_MAIN) == "1"
+    with settings.environ_set(rank_environment(rank)), main_guard.main_hidden(unguarded):
         return wrapped(*args, **kwargs)
 
 
 def cpu_platform_in_cpu_ranks(wrapped, instance, args, kwargs):
-    if mode.this_process_is_cpu_rank():
+    if run_state.current().cpu_rank:
         return CPU_PLATFORM
     return wrapped(*args, **kwargs)

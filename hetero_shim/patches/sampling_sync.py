@@ -12,7 +12,7 @@ Remove when: vLLM broadcasts the driver's sampled tokens itself (not as of 0.33.
 
 from __future__ import annotations
 
-from hetero_shim import settings
+from hetero_shim import run_state, settings
 
 WHY = "V1 lets each TP rank sample on its own; CUDA and CPU random streams differ"
 REMOVE_WHEN = "vLLM broadcasts the driver rank's sampled tokens (not as of 0.33.0)"
@@ -20,7 +20,7 @@ REMOVE_WHEN = "vLLM broadcasts the driver rank's sampled tokens (not as of 0.33.
 
 def broadcast_rank0_tokens(wrapped, instance, args, kwargs):
     output = wrapped(*args, **kwargs)
-    if not settings.heterogeneous():
+    if not run_state.heterogeneous():
         return output
     from vllm.distributed.parallel_state import get_tp_group
 

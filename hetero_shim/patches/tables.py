@@ -43,10 +43,11 @@ def _worker_selection() -> Patch:
     )
 
 
-def _start_method(aliases: tuple[str, ...]) -> Patch:
+def _start_method() -> Patch:
     return Patch(
-        "start method", "vllm.utils.system_utils", "get_mp_context", start_method.force_spawn,
-        start_method.WHY, start_method.REMOVE_WHEN, aliases=aliases,
+        "start method", "vllm.utils.system_utils", "get_mp_context", start_method.spawn_workers,
+        start_method.WHY, start_method.REMOVE_WHEN, aliases=("vllm.v1.executor.multiproc_executor",),
+        wrap_primary=False,
     )
 
 
@@ -71,6 +72,14 @@ def _memory_env_op() -> Patch:
         "CPU worker: env op", CPU_WORKER_MODULE, "CPUWorker.__init__",
         cpu_worker_env.tolerate_missing_env_op,
         cpu_worker_env.WHY_OP, cpu_worker_env.REMOVE_WHEN_OP,
+    )
+
+
+def _memory_figures() -> Patch:
+    return Patch(
+        "CPU worker: memory", "vllm.utils.cpu_resource_utils", "get_memory_node_info",
+        cpu_worker_env.host_figures_where_numa_meminfo_is_short, cpu_worker_env.WHY_MEMORY,
+        cpu_worker_env.REMOVE_WHEN_MEMORY, aliases=(CPU_WORKER_MODULE,), wrap_primary=False, needs_params=("node_id",),
     )
 
 
@@ -139,14 +148,6 @@ def _pipeline_buffers() -> Patch:
                  pipeline_buffers.WHY, pipeline_buffers.REMOVE_WHEN, hetero_only=True)
 
 
-# Modules that bind get_mp_context with `from vllm.utils.system_utils import get_mp_context`.
-_MP_CONTEXT_ALIASES = (
-    "vllm.v1.executor.multiproc_executor",
-    "vllm.v1.engine.utils",
-    "vllm.v1.engine.coordinator",
-)
-
-
 def _table_v1_mp_executor(kv_planning: str = "vllm.v1.core.kv_cache_utils") -> tuple[Patch, ...]:
     """vLLM 0.26.0 .. 0.33.0: V1 engine, multiprocessing executor, OMPProcessManager auto-bind.
 
@@ -158,10 +159,11 @@ def _table_v1_mp_executor(kv_planning: str = "vllm.v1.core.kv_cache_utils") -> t
         _kv_cache_agreement(kv_planning),
         *_device_option(),
         _worker_selection(),
-        _start_method(_MP_CONTEXT_ALIASES),
+        _start_method(),
         _dist_backend(),
         _numa_autobind_omp_manager(),
         _memory_env_op(),
+        _memory_figures(),
         *_rank_process(),
         _worker_death(),
         _cpu_kernels(),

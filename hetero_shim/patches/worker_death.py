@@ -17,7 +17,7 @@ from __future__ import annotations
 import signal
 import time
 
-from hetero_shim import mode, settings
+from hetero_shim import run_state
 from hetero_shim.errors import HeteroShimError
 
 WHY = "vLLM's start-up error for a dead worker names no rank"
@@ -41,7 +41,7 @@ def how_it_ended(exitcode: int | None) -> str:
 
 def describe_dead(handles) -> list[str]:
     """One phrase per handle whose process has ended: 'CPU rank 1 (pid 123, killed by SIGKILL)'."""
-    plan = mode.current_plan()
+    plan = run_state.plan()
     dead = []
     for handle in handles:
         proc = handle.proc
@@ -53,7 +53,7 @@ def describe_dead(handles) -> list[str]:
 
 
 def name_dead_rank_at_start(wrapped, instance, args, kwargs):
-    if not settings.heterogeneous():
+    if not run_state.heterogeneous():
         return wrapped(*args, **kwargs)
     handles = list(args[0] if args else kwargs["unready_proc_handles"])
     try:

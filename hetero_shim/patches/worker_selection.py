@@ -2,8 +2,8 @@
 
 Targets ``WorkerWrapperBase.init_worker`` (``vllm.v1.worker.worker_base``), which resolves
 ``parallel_config.worker_cls`` in each worker process before constructing the worker.
-A CPU rank's own copy of the config also gets the CPU device and its KV cache budget
-inputs (see ``cpu_kv_budget``).
+A CPU rank's own copy of the config also gets the CPU device and its KV cache budget from the
+rank plan (``hetero_shim.kv_budget``).
 Why: vLLM picks one worker class for all ranks, from the one platform of the node.
 Remove when: vLLM selects a worker class per rank (not as of 0.33.0).
 """
@@ -11,8 +11,7 @@ Remove when: vLLM selects a worker class per rank (not as of 0.33.0).
 from __future__ import annotations
 
 
-from hetero_shim import mode, settings
-from hetero_shim.patches import cpu_kv_budget
+from hetero_shim import run_state
 
 from hetero_shim.logs import log
 
@@ -24,7 +23,7 @@ def cpu_worker_for_cpu_ranks(cpu_worker_cls: str):
     """Build the wrapper for a release whose CPU worker class is ``cpu_worker_cls``."""
 
     def select_worker_class(wrapped, instance, args, kwargs):
-        plan = mode.current_plan() if settings.heterogeneous() else None
+        plan = run_state.plan() if run_state.heterogeneous() else None
         if plan is not None:
             all_kwargs = args[0] if args else kwargs["all_kwargs"]
             worker_kwargs = all_kwargs[instance.rpc_rank]
@@ -35,10 +34,20 @@ def cpu_worker_for_cpu_ranks(cpu_worker_cls: str):
                     log.info("hetero_shim: rank %d uses %s", rank, cpu_worker_cls)
                 config.parallel_config.worker_cls = cpu_worker_cls
                 _cpu_device(config.device_config)
-                cpu_kv_budget.configure_cpu_rank(config.cache_config, rank)
+                _cpu_kv_budget(config.cache_config, plan, rank)
         return wrapped(*args, **kwargs)
 
     return select_worker_class
+
+
+def _cpu_kv_budget(cache_config, plan, rank: int) -> None:
+    """The CPU rank's KV budget from the plan (planned in the parent: kv_budget.py), set on this
+    rank's own copy of the config before vLLM builds its CPUWorker; an explicit size also skips
+    vLLM's start-up check of gpu_memory_utilization against the host."""
+    if plan.kv_budgets:
+        cache_config.kv_cache_memory_bytes = plan.kv_budgets[rank - plan.gpu_ranks]
+        log.info("hetero_shim: CPU rank %d KV cache budget %d bytes (%s)", rank, cache_config.kv_cache_memory_bytes,
+                 plan.kv_source)
 
 
 def _cpu_device(device_config) -> None:

@@ -8,7 +8,9 @@ behind (procs.run fails the test if anything of the run's session survives).
 | unknown device value | LLM(device=...) / --device | test_unknown_device_value |
 | Ray executor, TP 0, TP not dividing heads | engine config, before any worker | CASES |
 | bind list vs CPU ranks, core given twice | rank plan | CASES |
-| GPU-rank override above the node's GPUs | rank plan | CASES |
+| GPU-rank override above the node's GPUs | rank plan (says what to set) | CASES |
+| VLLM_CPU_KVCACHE_SPACE not whole GiB, or more than the host has | rank plan (names the numbers) | CASES |
+| engine built outside `if __name__ == "__main__":` where vLLM spawns it | engine config, one line | test_unguarded_script |
 | more CPU ranks than cores | rank plan | CASES |
 | native CPU kernels of another release | CPU rank: warning + pure-PyTorch kernels | tests/unit/test_reliability_logic.py |
 | enable() after vLLM started an engine | warning (that engine stays stock) | test_lifecycle.py |
@@ -30,7 +32,12 @@ CASES = {
     "tp not dividing heads": (["--tp", "3"], {}, "must be divisible by tensor parallel size"),
     "bind list vs ranks": (["--tp", "2"], {"VLLM_CPU_OMP_THREADS_BIND": "0|1|0"}, "names 3 CPU list(s) but the plan has 2 CPU rank(s)"),
     "bind list overlap": (["--tp", "2"], {"VLLM_CPU_OMP_THREADS_BIND": "0-1|1"}, "is given to two CPU ranks"),
-    "gpu override without gpus": (["--tp", "2"], {"HETERO_SHIM_GPU_RANKS": "1"}, "more GPU ranks than this node has GPUs (0)"),
+    "gpu override without gpus": (["--tp", "2"], {"HETERO_SHIM_GPU_RANKS": "1"},
+                                  "more GPU ranks than this node has GPUs (0); set it to at most 0"),
+    "kv space not whole GiB": (["--tp", "2", "--kv-cache-bytes", "0"], {"VLLM_CPU_KVCACHE_SPACE": "0.5"},
+                               "VLLM_CPU_KVCACHE_SPACE='0.5' must be a whole number of GiB"),
+    "kv space beyond the host": (["--tp", "2", "--kv-cache-bytes", "0"], {"VLLM_CPU_KVCACHE_SPACE": "4096"},
+                                 "VLLM_CPU_KVCACHE_SPACE=4096 asks 4096.00 GiB of KV cache for each of 2 CPU rank(s)"),
     "more cpu ranks than cores": (["--tp", "4"], {}, "4 CPU rank(s) need at least 4 cores"),
 }
 
@@ -101,3 +108,24 @@ def test_unsupported_release_refused_before_patching(tmp_path):
     assert 'found "vllm 0.25.1"' in lines[0] and "HETERO_SHIM_VLLM_TABLE" in lines[0]
     launcher = procs.run_python(["-m", "hetero_shim", "python", "-c", "print('ran')"], timeout=60, PYTHONPATH=path)
     assert launcher.returncode == 2 and launcher.stdout.strip() == "hetero_shim: " + lines[0][len("REFUSED "):]
+
+
+UNGUARDED = """
+import hetero_shim
+hetero_shim.enable()
+from vllm import LLM
+llm = LLM(model={model!r}, device="heterogeneous", tensor_parallel_size=2, enforce_eager=True,
+          max_model_len=256, kv_cache_memory_bytes=64 << 20)
+print("RESULT built")
+"""
+
+
+def test_unguarded_script(models, tmp_path):
+    """vLLM's CPU build spawns its engine core, which runs the script again: a script building its
+    engine at the top level gets one line saying to add the guard, not Python's bootstrap error."""
+    script = tmp_path / "unguarded.py"
+    script.write_text(UNGUARDED.format(model=str(models["llama"])))
+    proc = procs.run_python([str(script)], timeout=180)
+    assert proc.returncode != 0 and "RESULT" not in proc.stdout
+    assert 'put the code that creates the LLM under `if __name__ == "__main__":`' in proc.stdout, proc.stdout[-3000:]
+    assert "bootstrapping phase" not in proc.stdout

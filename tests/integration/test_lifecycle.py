@@ -50,8 +50,8 @@ CHECK = textwrap.dedent(
         for site in p.sites():
             assert not isinstance(current(site, p.name).__wrapped__, wrapt.FunctionWrapper)
     assert all(current(*key) is original for key, original in held.items())
-    from hetero_shim import mode
-    mode.enter()  # what device="heterogeneous" does: the held-back patches are applied now
+    from hetero_shim import run_state
+    run_state.enter()  # what device="heterogeneous" does: the held-back patches are applied now
     for key, original in held.items():
         assert isinstance(current(*key), wrapt.FunctionWrapper) and current(*key).__wrapped__ is original, key
     hetero_shim.disable()
@@ -272,3 +272,68 @@ def test_launcher_puts_children_under_the_shim():
     assert "ENV 1 True" in proc.stdout, proc.stdout
     usage = procs.run_python(["-m", "hetero_shim"], timeout=60)
     assert usage.returncode == 2 and "usage" in usage.stdout
+
+
+DISABLE_ENDS_THE_MODE = textwrap.dedent(
+    """
+    import gc, json, os, sys
+    import psutil
+    import hetero_shim
+    from hetero_shim.testing.tiny_models import PROMPTS
+
+    def engine(model, **kwargs):
+        from vllm import LLM
+        return LLM(model=model, enforce_eager=True, dtype="float32", max_model_len=256,
+                   kv_cache_memory_bytes=64 << 20, **kwargs)
+
+    def tokens(llm):
+        from vllm import SamplingParams
+        return [list(o.outputs[0].token_ids) for o in llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=8))]
+
+    def main(model):
+        env_before = dict(os.environ)
+        hetero_shim.enable()
+        llm = engine(model, device="heterogeneous", tensor_parallel_size=2)
+        hetero = tokens(llm)
+        during = hetero_shim.status()
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()
+        after = hetero_shim.status()
+        changed = sorted(k for k in set(os.environ) | set(env_before) if os.environ.get(k) != env_before.get(k))
+        print("STOCK ENGINE STARTS", flush=True)
+        llm = engine(model, tensor_parallel_size=1)
+        children = [p.environ() for p in psutil.Process().children(recursive=True)]
+        stock = tokens(llm)
+        print("RESULT " + json.dumps({"hetero": hetero, "stock": stock, "during": during["heterogeneous"],
+                                      "during_set": during["environment_set"], "after": after, "changed": changed,
+                                      "children": len(children),
+                                      "children_shim_env": sorted({k for env in children for k in env
+                                                                   if k.startswith("HETERO_SHIM_")}),
+                                      "children_bootstrap": any("_bootstrap" in env.get("PYTHONPATH", "")
+                                                                for env in children)}), flush=True)
+
+    if __name__ == "__main__":
+        main(sys.argv[1])
+    """
+)
+
+
+def test_disable_ends_heterogeneous_mode_for_later_stock_engines(tmp_path, models, reference):
+    """enable(), a heterogeneous TP=2 engine, disable(): every variable the shim set is back, status()
+    says so, and a stock TP=1 engine started afterwards in the same process runs with no shim in it or
+    in its children (no shim variable, no bootstrap on PYTHONPATH, no shim log line) and gives stock tokens."""
+    script = tmp_path / "cycle.py"
+    script.write_text(DISABLE_ENDS_THE_MODE)
+    proc = procs.run_python([str(script), str(models["llama"])], timeout=480)
+    assert proc.returncode == 0, proc.stdout[-6000:]
+    result = next(json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("RESULT "))
+    assert result["during"] and "HETERO_SHIM_DEVICE" in result["during_set"] and "HETERO_SHIM_PLAN" in result["during_set"]
+    after = result["after"]
+    assert not after["enabled"] and not after["heterogeneous"] and after["plan"] is None and after["patches"] == []
+    assert after["environment_set"] == [] and result["changed"] == [], result["changed"]
+    assert result["children"] >= 1 and result["children_shim_env"] == [] and not result["children_bootstrap"]
+    stock_log = proc.stdout.split("STOCK ENGINE STARTS", 1)[1]
+    assert "hetero_shim" not in stock_log.split("RESULT ", 1)[0], stock_log[:3000]
+    want = [t[:8] for t in reference("llama")["tokens"]]
+    assert result["stock"] == want and result["hetero"] == want

@@ -17,7 +17,7 @@ from hetero_shim.plan import Cpu  # noqa: E402
 def host16(monkeypatch):
     monkeypatch.setattr(mode.node, "allowed_cpus", lambda: [Cpu(node=0, id=i, core=i) for i in range(16)])
     monkeypatch.setattr(allreduce.os, "sched_getaffinity", lambda pid: set(range(16)))
-    for name in (settings.OMP_BIND, mode.PLAN):  # set, then removed: restored after the test (build_plan sets PLAN)
+    for name in (settings.OMP_BIND, settings.PLAN):  # set, then removed: restored after the test (build_plan sets PLAN)
         monkeypatch.setenv(name, "")
         monkeypatch.delenv(name)
 

@@ -36,7 +36,7 @@ def shim_plan(tp: int, host: list[Cpu], monkeypatch) -> tuple[list[list[int]], l
     """What the shim itself plans for an all-CPU heterogeneous TP=tp run on ``host``."""
     monkeypatch.setattr(mode.node, "allowed_cpus", lambda: host)
     monkeypatch.delenv(settings.OMP_BIND, raising=False)
-    monkeypatch.delenv(mode.PLAN, raising=False)
+    monkeypatch.delenv(settings.PLAN, raising=False)
     plan = mode.build_plan(tp, gpus_on_node=0)
     return [list(c) for c in plan.cpu_lists], list(plan.reserved)
 

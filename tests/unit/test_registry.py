@@ -8,6 +8,7 @@ import sys
 import pytest
 import wrapt
 
+from hetero_shim import run_state
 from hetero_shim.errors import PatchTargetMissing
 from hetero_shim.registry import Ledger, Patch
 
@@ -99,7 +100,7 @@ def test_hetero_only_patch_waits_for_heterogeneous_mode(tmp_path, monkeypatch):
     process enters heterogeneous mode (imported before or after that)."""
     monkeypatch.delenv("HETERO_SHIM_DEVICE", raising=False)
     target, alias = make_modules(tmp_path)
-    ledger = Ledger()
+    ledger = Ledger(gate=run_state.heterogeneous)
     ledger.install((Patch("t", target, "Box.get", plus_one, "why", "when", hetero_only=True),
                     Patch("t", target, "func", plus_one, "why", "when", aliases=(alias,))))
     mod = importlib.import_module(target)
@@ -117,7 +118,7 @@ def test_hetero_only_patch_waits_for_heterogeneous_mode(tmp_path, monkeypatch):
 def test_hetero_only_patch_applied_on_import_in_heterogeneous_mode(tmp_path, monkeypatch):
     monkeypatch.setenv("HETERO_SHIM_DEVICE", "heterogeneous")  # a worker process of a heterogeneous run
     target, _ = make_modules(tmp_path)
-    ledger = Ledger()
+    ledger = Ledger(gate=run_state.heterogeneous)
     ledger.install((Patch("t", target, "Box.get", plus_one, "why", "when", hetero_only=True),))
     mod = importlib.import_module(target)
     assert mod.Box().get(1) == 2

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from hetero_shim import mode, settings
+from hetero_shim import run_state, settings
 from hetero_shim.patches import cpu_kernels, dist_backend, worker_death
 from hetero_shim.plan import RankPlan, plan_to_json
 
@@ -19,7 +19,7 @@ from hetero_shim.plan import RankPlan, plan_to_json
 @pytest.fixture
 def heterogeneous(monkeypatch):
     monkeypatch.setenv(settings.DEVICE, settings.HETEROGENEOUS)
-    monkeypatch.setenv(mode.PLAN, plan_to_json(RankPlan(world_size=3, gpu_ranks=1, cpu_lists=((1,), (2,)))))
+    monkeypatch.setenv(settings.PLAN, plan_to_json(RankPlan(world_size=3, gpu_ranks=1, cpu_lists=((1,), (2,)))))
 
 
 def parallel_config(**values):
@@ -130,7 +130,8 @@ def test_kernels_of_another_release_fall_back_with_one_warning(monkeypatch, capl
         (tmp_path / "vllm" / lib).write_bytes(b"x")
     monkeypatch.setattr(cpu_kernels.native, "_preferred_libraries", lambda: list(cpu_kernels.native.LIBRARIES))
     monkeypatch.setenv(cpu_kernels.native.ENV, str(tmp_path))
-    monkeypatch.setattr(cpu_kernels.mode, "this_process_is_cpu_rank", lambda: True)
+    monkeypatch.setenv(settings.DEVICE, settings.HETEROGENEOUS)  # a CPU-rank process of a heterogeneous run
+    monkeypatch.setenv(run_state.RANK_KIND, "cpu")
     monkeypatch.setattr(cpu_kernels.versions, "is_cpu_build", lambda found=None: False)
     monkeypatch.setattr(cpu_kernels.versions, "installed", lambda: cpu_kernels.versions.Installed("vllm", "0.32.0"))
     monkeypatch.setattr(cpu_kernels, "_active", None)

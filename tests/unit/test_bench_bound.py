@@ -1,0 +1,195 @@
+"""The bound's arithmetic (bench/bound.py) with made-up rates, the step breakdown's op categories
+and aggregation (bench/breakdown/sitecustomize.py, bench/breakdown.py) on made-up profiler events."""
+
+import math
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from bench import bound, breakdown, configs, report  # noqa: E402
+
+GIB = configs.GIB
+FULL = configs.WORKLOADS["full"]
+
+
+def llama(layers: int, layer_gib: float, embed_gib: float, tied: bool) -> configs.ModelInfo:
+    embed = int(embed_gib * GIB)
+    layer = int(layer_gib * GIB)
+    norm = 4096
+    total = layers * layer + embed + (0 if tied else embed) + norm
+    return configs.ModelInfo(path="/m", dtype="bfloat16", params=total // 2, weights_bytes=total,
+                             layer_bytes=[layer] * layers, kv_bytes_per_token=2 * layers * 8 * 128 * 2, heads=24,
+                             kv_heads=8, embed_bytes=embed, lm_head_bytes=0 if tied else embed, tied=tied)
+
+
+def rates(cpu: dict[str, float], threads: int = 13, every: int = 16, h2d: float | None = 55.0,
+          hbm: float = 4000.0) -> dict:
+    """A bound.py result with GB/s at batch 1 per kernel (the same at every thread count)."""
+    row = {"gemm": {k: {"by_batch": {"1": {"GBps": v}, "16": {"GBps": v / 2}}} for k, v in cpu.items()},
+           "unavailable": {}}
+    gpu = {"cuda": True, "h2d_pinned_GBps": h2d, "hbm_read_GBps": hbm} if h2d else {"cuda": False}
+    return {"plan_threads": threads, "all_threads": every, "cpu": {str(threads): row, str(every): row}, "gpu": gpu}
+
+
+def test_best_cpu_rate_is_the_fastest_kernel_at_batch_1_at_the_plans_threads():
+    r = rates({"F.linear": 68.6, "oneDNN": 70.0, "packed": 84.7})
+    r["cpu"]["16"] = {"gemm": {"oneDNN": {"by_batch": {"1": {"GBps": 99.0}}}}}
+    assert bound.best_cpu_rate(r) == (84.7e9, "packed", 13)
+    assert bound.best_cpu_rate(r, threads=16) == (99.0e9, "oneDNN", 16)
+    assert bound.best_cpu_rate(r, batch=16) == (84.7e9 / 2, "packed", 13)
+    assert bound.best_cpu_rate({"cpu": {}}) is None
+
+
+def test_model_bytes_embedding_reads_nothing_and_a_tied_lm_head_reads_the_embedding():
+    tied = bound.model_bytes(llama(28, 0.1875, 0.73, tied=True))
+    assert tied["lm_head"] == tied["embed"] == int(0.73 * GIB) and tied["lm_head_stored"] == 0
+    untied = bound.model_bytes(llama(32, 0.4375, 0.98, tied=False))
+    assert untied["lm_head"] == untied["lm_head_stored"] == untied["embed"]
+    assert untied["other"] == 4096  # the final norm
+
+
+def test_offload_and_pipeline_bounds_at_the_budget():
+    m = llama(28, 0.1875, 0.73, tied=True)  # ~3B Llama shapes
+    b = configs.make_budget(m, FULL, gpu_total_gib=139.0, budget_ratio=1.5)
+    out = bound.bound_for(m, b, rates({"F.linear": 68.6, "oneDNN": 70.0, "packed": 84.7}), prefetch_layers=14)
+    parts = bound.model_bytes(m)
+    matrices = sum(parts["layers"]) + parts["lm_head"] + parts["other"]
+    assert out["read_per_token_gib"] == pytest.approx(matrices / GIB, abs=1e-4)
+
+    # UVA offload: (model - W, rounded up to 0.01 GiB) over PCIe, everything else from HBM
+    off = math.ceil((m.weights_bytes / GIB - b.weights_gib) * 100) / 100 * GIB
+    expect = off / 55e9 + (matrices - off) / 4000e9
+    assert out["offload-uva"]["step_ms"] == pytest.approx(expect * 1e3, abs=1e-3)
+    assert out["offload-uva"]["tok_s"] == pytest.approx(1 / expect, abs=0.01)
+    # prefetch: the copies overlap the other layers' compute
+    moved = 14 * parts["layers"][0]
+    assert out["offload-prefetch"]["step_ms"] == pytest.approx(max(moved / 55e9, (matrices - moved) / 4000e9) * 1e3,
+                                                               abs=1e-3)
+
+    # pipeline: embedding + the leading layers that fit W on the GPU; the rest + LM head on the CPU
+    pp = out["hetero-pp2"]
+    g = pp["gpu_layers"]
+    assert parts["embed"] + g * parts["layers"][0] <= b.weights_gib * GIB
+    assert parts["embed"] + (g + 1) * parts["layers"][0] > b.weights_gib * GIB
+    cpu = (28 - g) * parts["layers"][0] + parts["lm_head"] + parts["other"]
+    assert pp["cpu_read_gib"] == pytest.approx(cpu / GIB, abs=1e-4)
+    assert pp["step_ms"] == pytest.approx((cpu / 84.7e9 + g * parts["layers"][0] / 4000e9) * 1e3, abs=1e-3)
+    assert "packed" in pp["how"] and out["rates"]["cpu_kernel"] == "packed"
+    assert out["rates"]["cpu_GBps_by_kernel"] == {"F.linear": 68.6, "oneDNN": 70.0, "packed": 84.7}
+    # every split has its bound; more layers on the GPU is never slower
+    by = pp["tok_s_by_gpu_layers"]
+    assert by[str(g)] == pp["tok_s"] and len(by) == 29
+    assert all(by[str(i)] <= by[str(i + 1)] for i in range(28))
+
+    # TP=2: half of every matrix on each side, ranks at once
+    tp2 = out["hetero-tp2"]
+    assert tp2["step_ms"] == pytest.approx(max(matrices / 2 / 84.7e9, matrices / 2 / 4000e9) * 1e3, abs=1e-3)
+    assert out["hetero-tp4"]["cpu_read_gib"] == pytest.approx(0.75 * matrices / GIB, abs=1e-4)
+    assert out["hetero_pp2_over_offload"] == pytest.approx(pp["tok_s"] / out["offload-uva"]["tok_s"], abs=1e-3)
+    assert out["hetero_tp2_over_offload"] == pytest.approx(tp2["tok_s"] / out["offload-uva"]["tok_s"], abs=1e-3)
+    # the CPU streaming 1.5x faster than PCIe: both heterogeneous bounds beat offload's
+    assert out["hetero_pp2_over_offload"] > 1 and out["hetero_tp2_over_offload"] > 1
+
+
+def test_without_a_gpu_every_byte_is_read_by_the_cpu_and_offload_has_no_bound():
+    m = llama(2, 0.001, 0.0005, tied=False)
+    b = configs.make_budget(m, configs.WORKLOADS["toy"], gpu_total_gib=None)
+    out = bound.bound_for(m, b, rates({"oneDNN": 50.0}, threads=1, every=2, h2d=None))
+    assert "offload-uva" not in out
+    matrices = sum(m.layer_bytes) + m.lm_head_bytes + 4096
+    assert out["hetero-tp2"]["step_ms"] == pytest.approx(matrices / 50e9 * 1e3, abs=1e-3)
+    assert "2 threads" in out["hetero-tp2"]["how"]  # all cores: every rank is a CPU rank
+    assert bound.bound_of_config(out, "hetero-tp2-free") is out["hetero-tp2"]
+
+
+def test_report_gives_each_row_its_fraction_of_the_bound_and_the_runs_own_split():
+    m = llama(28, 0.1875, 0.73, tied=True)
+    b = configs.make_budget(m, FULL, gpu_total_gib=139.0, budget_ratio=1.5)
+    bounds = bound.bound_for(m, b, rates({"oneDNN": 70.0}))
+    g = bounds["hetero-pp2"]["gpu_layers"]
+    runs = [
+        {"model": "3b", "config": "offload-uva", "status": "ok", "figures": {"decode_b1_tok_s": 19.2}},
+        {"model": "3b", "config": "hetero-pp2", "status": "ok", "figures": {"decode_b1_tok_s": 13.8},
+         "hetero_plan": f"hetero_shim rank plan: 1 GPU rank(s) + 1 CPU rank(s), 2 pipeline stages; layer split "
+                        f"{g + 2},{26 - g} (automatic)"},
+        {"model": "3b", "config": "gpu-ref", "status": "ok", "figures": {"decode_b1_tok_s": 90.0}},
+        {"model": "3b", "config": "hetero-tp2", "status": "failed", "figures": {}},
+    ]
+    fractions = report.bound_fractions({"runs": runs, "bounds": {"3b": bounds}})
+    assert [f["config"] for f in fractions] == ["offload-uva", "hetero-pp2"]
+    off, pp = fractions
+    assert off["fraction"] == pytest.approx(19.2 / bounds["offload-uva"]["tok_s"], abs=1e-3)
+    assert pp["gpu_layers"] == g + 2
+    assert pp["fraction_at_split"] == pytest.approx(13.8 / bounds["hetero-pp2"]["tok_s_by_gpu_layers"][str(g + 2)],
+                                                    abs=1e-3)
+    text = report.table({"runs": [r | {"planned": {}} for r in runs], "bounds": {"3b": bounds},
+                         "bound": {"cpu": {}, "plan_threads": 13}})
+    assert "b1 of bound" in text and "as a fraction of its bound" in text
+
+
+@pytest.mark.parametrize(("name", "category"), [
+    ("aten::linear", "GEMM"), ("aten::mm", "GEMM"), ("aten::addmm", "GEMM"), ("_C::onednn_mm", "GEMM"),
+    ("_C::weight_packed_linear", "GEMM"), ("aten::matmul", "GEMM"),
+    ("vllm::unified_attention_with_output", "attention"), ("_C::cpu_attn_reshape_and_cache", "attention"),
+    ("_C::paged_attention_v1", "attention"), ("vllm::unified_kv_cache_update", "attention"),
+    ("_C::rms_norm", "norms"), ("_C::fused_add_rms_norm", "norms"), ("aten::layer_norm", "norms"),
+    ("_C::silu_and_mul", "activations"), ("_C::gelu_and_mul", "activations"),
+    ("_C::rotary_embedding", "rotary"),
+    ("_C::shm_allreduce", "communication"), ("comm::GroupCoordinator.all_reduce", "communication"),
+    ("gloo:all_reduce", "communication"), ("c10d::broadcast_", "communication"),
+    ("_C::shm_all_gather", "communication"),
+    ("comm::HeteroCommunicator.broadcast", "communication"),
+    ("aten::argmax", "sampling"), ("aten::multinomial", "sampling"),
+    ("aten::copy_", None), ("aten::add_", None), ("aten::embedding", None), ("aten::broadcast_tensors", None),
+    ("aten::slice", None), ("aten::addcmul_", None),
+])
+def test_op_categories(name, category):
+    assert breakdown.categorize(name) == category
+
+
+def _event(name, parent=None, self_us=0.0, device_us=0.0):
+    return SimpleNamespace(name=name, cpu_parent=parent, self_cpu_time_total=self_us, self_device_time_total=device_us,
+                           device_type="DeviceType.CPU")
+
+
+def test_each_ops_self_time_goes_to_its_nearest_categorised_ancestor():
+    step = _event("bench_step::execute::22", self_us=500)
+    linear = _event("aten::linear", step, self_us=10)
+    mm = _event("aten::mm", linear, self_us=3000, device_us=2500)
+    reduce = _event("comm::GroupCoordinator.all_reduce", step, self_us=40)
+    copy = _event("aten::copy_", reduce, self_us=300)  # the all-reduce's own copies: communication
+    loose = _event("aten::slice", step, self_us=20)
+    sample = _event("bench_step::sample::22", self_us=100)
+    argmax = _event("aten::argmax", sample, self_us=50)
+    index = _event("aten::index_select", sample, self_us=30)  # nothing of its own: sampling, under sample_tokens
+    outside = _event("aten::mm", None, self_us=9999)  # between steps: not counted
+    walls = {22: {"tokens": 1, "execute_ms": 4.0, "sample_ms": 0.5, "wall_ms": 4.5}}
+    events = [step, linear, mm, reduce, copy, loose, sample, argmax, index, outside]
+    out = breakdown.hook.summarize(events, walls)
+    [row] = out["steps"]
+    assert row["cpu_ms"] == {"GEMM": 3.01, "communication": 0.34, "other ops": 0.02, "sampling": 0.08}
+    assert row["device_ms"] == {"GEMM": 2.5}
+    assert row["ops_ms"] == pytest.approx(3.45)
+    assert out["top_ops"][0] == {"name": "aten::mm", "category": "GEMM", "ms_per_step": 3.0, "calls_per_step": 1.0}
+
+    by = breakdown.profile_by_tokens(out)[1]
+    assert by["wall_ms"] == 4.5 and by["steps"] == 1
+    assert by["ms"]["python/overhead"] == pytest.approx(4.5 - 3.45)
+    assert list(by["ms"])[0] == "GEMM" and list(by["ms"])[-1] == "python/overhead"
+    assert sum(by["share"].values()) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_helpers():
+    assert bound.cores_for(13, list(range(13)), list(range(16))) == list(range(13))
+    assert bound.cores_for(16, list(range(13)), list(range(16))) == list(range(16))
+    assert bound.cores_for(2, [4, 5, 6], list(range(8))) == [4, 5]
+    with pytest.raises(ValueError):
+        bound.cores_for(9, [0], list(range(8)))
+    assert bound.parse_shape("8192x16384") == (8192, 16384)
+    assert bound.plan_gpu_layers("... 2 pipeline stages; layer split 17,11 (automatic)\n  rank 0") == 17
+    assert bound.plan_gpu_layers("hetero_shim rank plan: 1 GPU rank(s) + 1 CPU rank(s)") is None
+    assert breakdown.hook.parse_window("5:3") == (5, 3) and breakdown.hook.parse_window(None) == (22, 8)
