@@ -81,6 +81,9 @@ class ModelInfo:
     kv_bytes_per_token: int  # all layers, TP=1, in ``dtype``
     heads: int
     kv_heads: int
+    embed_bytes: int = 0  # the input embedding, in ``dtype`` (a lookup reads one row of it per token)
+    lm_head_bytes: int = 0  # a separate LM head matrix; 0 when it is tied to the embedding
+    tied: bool = False  # tie_word_embeddings: the LM head reads the embedding matrix
 
     @property
     def weights_gib(self) -> float:
@@ -106,19 +109,24 @@ def read_model(path: Path, dtype: str | None = None) -> ModelInfo:
     if not shapes:
         raise ValueError(f"{path}: no *.safetensors files")
     layers = [0] * cfg["num_hidden_layers"]
-    params = 0
+    params = embed = head = 0
     for name, shape in shapes.items():
         n = math.prod(shape)
         params += n
         m = re.match(r"model\.layers\.(\d+)\.", name)
         if m:
             layers[int(m.group(1))] += n * nbytes
+        elif name.endswith("embed_tokens.weight"):
+            embed += n * nbytes
+        elif name.startswith("lm_head."):
+            head += n * nbytes
     heads, kv_heads = cfg["num_attention_heads"], cfg.get("num_key_value_heads", cfg["num_attention_heads"])
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
     return ModelInfo(
         path=str(path), dtype=dtype, params=params, weights_bytes=params * nbytes, layer_bytes=layers,
         kv_bytes_per_token=2 * cfg["num_hidden_layers"] * kv_heads * head_dim * nbytes, heads=heads,
-        kv_heads=kv_heads,
+        kv_heads=kv_heads, embed_bytes=embed, lm_head_bytes=head,
+        tied=bool(cfg.get("tie_word_embeddings", False)) and not head,
     )
 
 
@@ -198,7 +206,8 @@ CONFIGS = {
 }
 #: suffix of a configuration that runs its base configuration with these extra environment variables
 VARIANTS = {"-free": {"HETERO_SHIM_CONFINE": "0"}}
-STEPS = {"allreduce": "all-reduce micro-benchmark (bench/allreduce.py), once per harness run"}
+STEPS = {"allreduce": "all-reduce micro-benchmark (bench/allreduce.py), once per harness run",
+         "bound": "the machine's bound (bench/bound.py: CPU weight streaming, PCIe, HBM), once per harness run"}
 
 
 CPU_STOCK_ON_GPU_HOST = (

