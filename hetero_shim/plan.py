@@ -57,12 +57,12 @@ class RankPlan:
             else:
                 cores = self.cpu_lists[rank - self.gpu_ranks] if self.cpu_lists else ()
                 line = f"  rank {rank}: CPU  cores {format_id_list(cores) or '(not bound)'}"
-                if self.kv_budgets:
-                    line += f"  KV cache {self.kv_budgets[rank - self.gpu_ranks] / (1 << 30):.2f} GiB"
             if self.pp_size > 1 and self.layers:
                 s = self.stage(rank)
                 start = sum(self.layers[:s])
                 line += f"  stage {s}: layers {start}-{start + self.layers[s] - 1} ({self.layers[s]})"
+            if self.kind(rank) == "cpu" and self.kv_budgets:
+                line += f"  KV cache {self.kv_budgets[rank - self.gpu_ranks] / (1 << 30):.2f} GiB"
             lines.append(line)
         if self.reserved:
             lines.append(f"  reserved cores: {format_id_list(self.reserved)}")

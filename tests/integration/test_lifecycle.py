@@ -299,7 +299,7 @@ DISABLE_ENDS_THE_MODE = textwrap.dedent(
         llm.llm_engine.engine_core.shutdown()
         del llm
         gc.collect()
-        after = hetero_shim.status()
+        after = hetero_shim.disable()
         changed = sorted(k for k in set(os.environ) | set(env_before) if os.environ.get(k) != env_before.get(k))
         print("STOCK ENGINE STARTS", flush=True)
         llm = engine(model, tensor_parallel_size=1)
