@@ -337,10 +337,12 @@ def _entry(cpu_bytes: float, gpu_bytes: float, pcie_bytes: float, seconds: float
             "tok_s": round(1.0 / seconds, 2) if seconds > 0 else None, "how": how}
 
 
-def pipeline_split(parts: dict, weights_budget_bytes: float) -> int:
-    """Decoder layers the GPU stage can hold: the embedding plus as many leading layers as fit
-    ``weights_budget_bytes`` (the last stage, on the CPU, holds the rest, the final norm and the LM head)."""
-    used = parts["embed"]
+def pipeline_split(parts: dict, weights_budget_bytes: float, cpu_first: bool = False) -> int:
+    """Decoder layers the GPU stage can hold within ``weights_budget_bytes``: with the GPU stage
+    first, beside the embedding (the CPU stage holds the rest, the final norm and the LM head);
+    with the CPU stage first (the shim's default), beside the final norm and the LM head (the CPU
+    stage holds the embedding, read one row per token, and the leading layers)."""
+    used = parts["lm_head"] + parts["other"] if cpu_first else parts["embed"]
     fit = 0
     for layer in parts["layers"]:
         if used + layer > weights_budget_bytes:
@@ -359,9 +361,11 @@ def bound_for(model, budget, rates: dict, tp_sizes=(2, 4), prefetch_layers: int 
       on the GPU (the rest of the layers, the LM head, the final norm) at the HBM read rate.
     - ``offload-prefetch`` (when ``prefetch_layers`` is given): the same bytes, but the copies
       overlap the compute of other layers: the larger of the two times.
-    - ``hetero-pp2``: the GPU stage holds the embedding and the leading layers that fit W, the
-      CPU stage the rest + final norm + LM head; the stages run one after the other for one
-      token: CPU bytes / best CPU kernel rate + GPU bytes / HBM.
+    - ``hetero-pp2`` (the CPU stage first, the shim's default): the GPU stage holds the final norm,
+      the LM head and the trailing layers that fit W, the CPU stage the embedding (one row read per
+      token) and the rest; ``hetero-pp2-gpufirst``: the GPU stage holds the embedding and the
+      leading layers that fit W, the CPU stage the rest + final norm + LM head. The stages run one
+      after the other for one token: CPU bytes / best CPU kernel rate + GPU bytes / HBM.
     - ``hetero-tpN``: every matrix split N ways, 1/N on the GPU rank, (N-1)/N on the CPU ranks
       (which share the plan's cores: the rate at the plan's thread count); ranks run at once:
       the larger of the two times.
@@ -412,17 +416,24 @@ def bound_for(model, budget, rates: dict, tp_sizes=(2, 4), prefetch_layers: int 
     if cpu_best:
         rate = cpu_best[0]
 
-        def pipeline(gpu_layers: int) -> dict:
-            gpu_bytes = sum(layers[:gpu_layers])
-            cpu_bytes = sum(layers[gpu_layers:]) + parts["lm_head"] + parts["other"]
+        def pipeline(gpu_layers: int, cpu_first: bool) -> dict:
+            tail = parts["lm_head"] + parts["other"]
+            if cpu_first:  # CPU: embedding lookup + leading layers; GPU: the rest + final norm + LM head
+                gpu_bytes = sum(layers[len(layers) - gpu_layers:]) + tail
+                cpu_bytes = sum(layers[:len(layers) - gpu_layers])
+            else:
+                gpu_bytes = sum(layers[:gpu_layers])
+                cpu_bytes = sum(layers[gpu_layers:]) + tail
             entry = _entry(cpu_bytes, gpu_bytes, 0, cpu_bytes / rate + gpu_bytes / hbm,
-                           f"{gpu_layers} of {len(layers)} layers on the GPU; CPU stage "
-                           f"{cpu_bytes / GIB:.2f} GiB at {rate / 1e9:.1f} GB/s ({cpu_best[1]})")
+                           f"{'CPU stage first' if cpu_first else 'GPU stage first'}: {gpu_layers} of {len(layers)} "
+                           f"layers on the GPU; CPU stage {cpu_bytes / GIB:.2f} GiB at {rate / 1e9:.1f} GB/s "
+                           f"({cpu_best[1]})")
             return entry | {"gpu_layers": gpu_layers}
 
-        out["hetero-pp2"] = pipeline(pipeline_split(parts, w))
-        # the bound of every other split too: the shim's automatic split need not be this one
-        out["hetero-pp2"]["tok_s_by_gpu_layers"] = {str(g): pipeline(g)["tok_s"] for g in range(len(layers) + 1)}
+        for key, cpu_first in (("hetero-pp2", True), ("hetero-pp2-gpufirst", False)):
+            out[key] = pipeline(pipeline_split(parts, w, cpu_first), cpu_first)
+            # the bound of every other split too: the shim's automatic split need not be this one
+            out[key]["tok_s_by_gpu_layers"] = {str(g): pipeline(g, cpu_first)["tok_s"] for g in range(len(layers) + 1)}
         for tp in tp_sizes:
             g, c = matrices / tp, matrices * (tp - 1) / tp
             out[f"hetero-tp{tp}"] = _entry(c, g, 0, max(c / rate, g / hbm),
@@ -436,17 +447,22 @@ def bound_for(model, budget, rates: dict, tp_sizes=(2, 4), prefetch_layers: int 
 
 def bound_of_config(bounds: dict, config: str) -> dict | None:
     """The bound entry that applies to a harness configuration (variants share their base's)."""
-    base = config.removesuffix("-free")
+    from bench.configs import split_variants
+
+    base, env = split_variants(config)
+    if base == "hetero-pp2" and env.get("HETERO_SHIM_STAGE_ORDER") == "gpu-first":
+        return bounds.get("hetero-pp2-gpufirst")
     return bounds.get(base)
 
 
 def plan_gpu_layers(plan_text: str | None) -> int | None:
-    """Layers of the GPU stage in a pipeline run's rank plan (hetero_shim's ``describe()``:
-    "layer split 17,11"), or None."""
+    """Layers of the GPU stage(s) in a pipeline run's rank plan (hetero_shim's ``describe()``:
+    "rank 1: GPU  cuda:0  stage 1: layers 13-27 (15)"), or None."""
     import re
 
-    match = re.search(r"layer split (\d+)(?:,\d+)+", plan_text or "")
-    return int(match.group(1)) if match else None
+    stages = {int(m.group(1)): int(m.group(2)) for m in re.finditer(
+        r"rank \d+: GPU .*?stage (\d+): layers \d+-\d+ \((\d+)\)", plan_text or "")}
+    return sum(stages.values()) if stages else None
 
 
 # --------------------------------------------------------------------------------------------

@@ -204,8 +204,18 @@ CONFIGS = {
     "hetero-tp2-free": "heterogeneous TP=2, engine core and GPU rank not confined to reserved cores (HETERO_SHIM_CONFINE=0)",
     "hetero-pp2-free": "heterogeneous PP=2, engine core and GPU rank not confined to reserved cores (HETERO_SHIM_CONFINE=0)",
 }
-#: suffix of a configuration that runs its base configuration with these extra environment variables
-VARIANTS = {"-free": {"HETERO_SHIM_CONFINE": "0"}}
+#: suffixes of a configuration that run its base configuration with these extra environment variables
+#: (stackable: hetero-pp2-gpufirst-eager): each turns one of the shim's choices off, to measure it
+VARIANTS = {
+    "-free": {"HETERO_SHIM_CONFINE": "0"},
+    "-gpufirst": {"HETERO_SHIM_STAGE_ORDER": "gpu-first"},
+    "-eager": {"HETERO_SHIM_GPU_STAGE_GRAPHS": "0"},
+    "-onednn": {"VLLM_CPU_SGL_KERNEL": "0"},
+    "-r2": {"HETERO_SHIM_RESERVE_CORES": "2"},
+    # the pipeline mode as it was before the CPU-first order, GPU-stage graphs and packed GEMM
+    "-before": {"HETERO_SHIM_STAGE_ORDER": "gpu-first", "HETERO_SHIM_GPU_STAGE_GRAPHS": "0",
+                "VLLM_CPU_SGL_KERNEL": "0"},
+}
 STEPS = {"allreduce": "all-reduce micro-benchmark (bench/allreduce.py), once per harness run",
          "bound": "the machine's bound (bench/bound.py: CPU weight streaming, PCIe, HBM), once per harness run"}
 
@@ -230,19 +240,19 @@ def plan(name: str, model: ModelInfo, budget: Budget, workload: Workload, gpu: b
     """Everything needed to run (or skip) one configuration: engine kwargs, shim use, planned
     GPU/CPU weight split, and ``skip`` (a reason) when it cannot run here. ``cpus``: the host's
     CPUs, one per physical core (``cpu-stock-tpN`` binds its ranks to the shim's plan of them)."""
-    if name not in CONFIGS:
-        raise ValueError(f"unknown configuration {name!r}; choose from {', '.join([*CONFIGS, *STEPS])}")
+    base, env = split_variants(name)
+    if base not in CONFIGS:
+        raise ValueError(f"unknown configuration {name!r}; choose from {', '.join([*CONFIGS, *STEPS])} "
+                         f"(+ variant suffixes {', '.join(VARIANTS)})")
     engine = dict(model=model.path, dtype=model.dtype, max_model_len=workload.max_model_len,
                   max_num_batched_tokens=workload.max_num_batched_tokens, kv_cache_memory_bytes=budget.kv_cache_bytes,
                   enable_prefix_caching=False, seed=0)
     if gpu:
         engine["gpu_memory_utilization"] = budget.gpu_memory_utilization
-    out = {"name": name, "label": CONFIGS[name], "engine": engine, "enable_shim": False, "skip": None,
-           "gpu_weights_gib": None, "cpu_weights_gib": None, "over_budget": False, "env": {}}
-    for suffix, env in VARIANTS.items():
-        if name.endswith(suffix):
-            name = name.removesuffix(suffix)
-            out["env"] = dict(env)
+    label = CONFIGS[name] if name in CONFIGS else f"{CONFIGS[base]} with {env}"
+    out = {"name": name, "label": label, "engine": engine, "enable_shim": False, "skip": None,
+           "gpu_weights_gib": None, "cpu_weights_gib": None, "over_budget": False, "env": env}
+    name = base
     total = model.weights_gib
     w = budget.weights_gib
 
@@ -313,10 +323,12 @@ def plan(name: str, model: ModelInfo, budget: Budget, workload: Workload, gpu: b
         out["skip"] = _unsplittable(model, tp)
     else:  # heterogeneous
         tp, pp = (int(name[-1]), 1) if "-tp" in name else (1, int(name[-1]))
-        # with GPU ranks the shim runs eagerly (no gloo collective in a CUDA graph); all-CPU it
-        # compiles like stock vllm-cpu, so there it follows --eager as the stock configurations do
+        # as the stock configurations: --eager, else vLLM's compilation with graphs for the measured
+        # batch sizes; the shim itself runs eagerly what cannot be captured (GPU+CPU tensor parallelism)
         engine |= {"device": "heterogeneous", "tensor_parallel_size": tp, "pipeline_parallel_size": pp,
-                   "enforce_eager": True if gpu else eager}
+                   "enforce_eager": eager}
+        if gpu and not eager:
+            engine["compilation_config"] = {"cudagraph_capture_sizes": sorted({1, 2, 4, 8, *workload.decode_batches})}
         out["enable_shim"] = True
         if pp > 1:  # the shim's automatic split puts as many layers on the GPU as gpu_memory_utilization allows
             out["gpu_weights_gib"] = out["cpu_weights_gib"] = None
@@ -325,6 +337,17 @@ def plan(name: str, model: ModelInfo, budget: Budget, workload: Workload, gpu: b
             place(total / tp)
         out["skip"] = _unsplittable(model, tp)
     return out
+
+
+def split_variants(name: str) -> tuple[str, dict[str, str]]:
+    """(base configuration, extra environment) of a name with variant suffixes (see VARIANTS)."""
+    env: dict[str, str] = {}
+    while True:
+        suffix = next((s for s in VARIANTS if name.endswith(s)), None)
+        if suffix is None:
+            return name, env
+        env = VARIANTS[suffix] | env
+        name = name.removesuffix(suffix)
 
 
 def _unsplittable(model: ModelInfo, tp: int) -> str | None:

@@ -1,8 +1,10 @@
 """Pipeline mode: which stages run on GPUs, and how many layers each stage holds.
 
 Pure logic, no vLLM and no torch. vLLM numbers ranks DP x PP x TP, so stage ``s`` holds ranks
-``s*tp .. s*tp+tp-1``; GPU ranks are the low ranks (see ``plan.py``), so the GPU stages come
-first and the CPU stages follow. The split is handed to vLLM as its own
+``s*tp .. s*tp+tp-1``. By default the CPU stages come first and the GPU stages last
+(``cpu_first``, see ``plan.py``): the last stage computes the LM head and samples, and the
+first only looks its tokens up in the embedding table, so with the GPU last the CPU stages
+stream nothing but their layers; ``HETERO_SHIM_STAGE_ORDER=gpu-first`` puts the GPU stages first. The split is handed to vLLM as its own
 ``VLLM_PP_LAYER_PARTITION`` ("4,2,2": layers per stage, in stage order), which
 ``vllm.distributed.utils.get_pp_indices`` reads in every worker (0.26.0 .. 0.33.0).
 
@@ -11,7 +13,7 @@ Where the split comes from, first match wins:
 2. ``hetero_gpu_layers=N`` / ``--hetero-gpu-layers N``: N layers on the GPU stages;
 3. automatic with GPU stages: as many layers as fit in one GPU's budget (``fit_gpu_layers``);
 4. automatic without GPU stages: vLLM's even split (``even_partition``).
-Layers of the leading (GPU) stages and of the CPU stages are each spread evenly over their stages.
+Layers of the GPU stages and of the CPU stages are each spread evenly over their stages.
 """
 
 from __future__ import annotations
@@ -52,14 +54,17 @@ def parse_gpu_layers(value: object) -> int:
     return value
 
 
-def stage_kinds(pp: int, tp: int, gpu_ranks: int) -> tuple[str, ...]:
-    """'gpu' or 'cpu' per stage; a stage whose TP group would mix both kinds is refused."""
+def stage_kinds(pp: int, tp: int, gpu_ranks: int, cpu_first: bool = False) -> tuple[str, ...]:
+    """'gpu' or 'cpu' per stage; a stage whose TP group would mix both kinds is refused. The GPU
+    ranks are the low ranks, or with ``cpu_first`` the high ones."""
     kinds = []
+    world = pp * tp
+    lo, hi = (world - gpu_ranks, world) if cpu_first else (0, gpu_ranks)
     for stage in range(pp):
         first, last = stage * tp, stage * tp + tp - 1
-        if last < gpu_ranks:
+        if lo <= first and last < hi:
             kinds.append("gpu")
-        elif first >= gpu_ranks:
+        elif last < lo or first >= hi:
             kinds.append("cpu")
         else:
             raise HeteroConfigError(
@@ -162,7 +167,7 @@ def choose_split(
                 f"hetero_gpu_layers={gpu_layers} does not fit: {fits * lead} layer(s) fit in the GPU budget "
                 f"({fit_detail}); lower hetero_gpu_layers or raise gpu_memory_utilization"
             )
-        return LayerSplit(spread(gpu_layers, lead) + spread(layers - gpu_layers, rest),
+        return LayerSplit(_assemble(kinds, no_gpu, spread(gpu_layers, lead), spread(layers - gpu_layers, rest)),
                           f"hetero_gpu_layers={gpu_layers} on {where}")
     if no_gpu or fits is None:
         return LayerSplit(even_partition(layers, pp), "automatic: vLLM's even split (no GPU stage)" if no_gpu
@@ -173,5 +178,14 @@ def choose_split(
             "lower kv_cache_memory_bytes/max_model_len, or give hetero_gpu_layers"
         )
     on_gpu = min(fits * lead, layers - rest)
-    return LayerSplit(spread(on_gpu, lead) + spread(layers - on_gpu, rest),
+    return LayerSplit(_assemble(kinds, no_gpu, spread(on_gpu, lead), spread(layers - on_gpu, rest)),
                       f"automatic: {on_gpu} layer(s) on {lead} GPU stage(s), {fits} fit per GPU ({fit_detail})")
+
+
+def _assemble(kinds: tuple[str, ...], no_gpu: bool, gpu: tuple[int, ...], cpu: tuple[int, ...]) -> tuple[int, ...]:
+    """Layers per stage in stage order, from the GPU stages' and the CPU stages' shares (without GPU
+    stages, stage 0 takes the "GPU" share)."""
+    if no_gpu:
+        return gpu + cpu
+    gpu_it, cpu_it = iter(gpu), iter(cpu)
+    return tuple(next(gpu_it) if kind == "gpu" else next(cpu_it) for kind in kinds)

@@ -26,11 +26,14 @@ def cores_to_reserve(gpu_ranks: int) -> int:
     front end (the ``LLM`` or API-server process) and one per GPU rank. Measured on the H100
     (3B, PP=2): engine core 107 %, GPU rank 99 % (both busy-wait between steps) and the ``LLM``
     process 58 % of a core while the CPU rank worked (bench/results/2026-11-24-h100-run4/aff.txt)."""
+    override = settings.reserve_cores()
+    if override is not None:
+        return override
     return 2 + gpu_ranks if gpu_ranks else 1
 
 
 def build_plan(world_size: int, gpus_on_node: int, split: LayerSplit | None = None,
-               kv_for: Callable[[RankPlan], KvBudgets] | None = None) -> RankPlan:
+               kv_for: Callable[[RankPlan], KvBudgets] | None = None, cpu_first: bool = False) -> RankPlan:
     """Make the rank plan for this node and publish it to child processes (``split``: pipeline mode;
     ``kv_for``: the CPU ranks' KV budgets for the plan's cores)."""
     gpu_ranks = gpu_ranks_for(world_size, gpus_on_node)
@@ -46,7 +49,8 @@ def build_plan(world_size: int, gpus_on_node: int, split: LayerSplit | None = No
         lists, reserved, notes = partition_cpus(node.one_per_core(allowed), cpu_ranks, reserve=cores_to_reserve(gpu_ranks))
     pipeline = {} if split is None else dict(
         pp_size=len(split.partition), layers=split.partition, split_source=split.source)
-    plan = RankPlan(world_size, gpu_ranks, tuple(tuple(x) for x in lists), tuple(reserved), tuple(notes), **pipeline)
+    plan = RankPlan(world_size, gpu_ranks, tuple(tuple(x) for x in lists), tuple(reserved), tuple(notes), **pipeline,
+                    cpu_first=cpu_first and 0 < gpu_ranks < world_size)
     if kv_for is not None and cpu_ranks:
         kv = kv_for(plan)
         plan = replace(plan, kv_budgets=kv.per_rank, kv_source=kv.source, notes=plan.notes + kv.notes)

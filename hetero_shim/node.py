@@ -54,6 +54,18 @@ def one_per_core(cpus: list[Cpu]) -> list[Cpu]:
     return sorted(best.values())
 
 
+def has_amx() -> bool:
+    """Whether the CPU has AMX tiles (what vLLM's packed CPU GEMM needs), from /proc/cpuinfo."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return "amx_tile" in line.split()
+    except OSError:
+        pass
+    return False
+
+
 # -- memory -------------------------------------------------------------------------------------
 PROC_MEMINFO = Path("/proc/meminfo")
 SYS_NODE = Path("/sys/devices/system/node")

@@ -1,8 +1,10 @@
 """The rank plan: which tensor-parallel ranks run on GPUs, which on CPU cores, and which cores.
 
 Pure logic, no vLLM and no torch: the patches feed it what vLLM measured about the node.
-Ranks ``0 .. gpu_ranks-1`` are GPU ranks, the rest are CPU ranks (vLLM numbers TP ranks
-first inside a pipeline stage, so GPU ranks are the low ones).
+Ranks ``0 .. gpu_ranks-1`` are GPU ranks and the rest CPU ranks (vLLM numbers TP ranks first
+inside a pipeline stage, so tensor parallelism keeps its rank 0 on a GPU). A pipeline whose CPU
+stages come first (``cpu_first``: the GPU stages then hold the LM head and sample) has its GPU
+ranks at the top instead.
 """
 
 from __future__ import annotations
@@ -34,15 +36,26 @@ class RankPlan:
     split_source: str = ""  # pipeline mode: where the layer split came from
     kv_budgets: tuple[int, ...] = ()  # KV cache bytes of each CPU rank, in CPU-rank order
     kv_source: str = ""  # where the CPU ranks' KV budgets came from
+    cpu_first: bool = False  # pipeline mode: CPU stages first, GPU stages last (the GPU ranks are the top ranks)
 
     @property
     def cpu_ranks(self) -> range:
+        if self.cpu_first:
+            return range(0, self.world_size - self.gpu_ranks)
         return range(self.gpu_ranks, self.world_size)
 
     def kind(self, rank: int) -> str:
         if not 0 <= rank < self.world_size:
             raise IndexError(f"rank {rank} outside world size {self.world_size}")
-        return "gpu" if rank < self.gpu_ranks else "cpu"
+        return "cpu" if rank in self.cpu_ranks else "gpu"
+
+    def cpu_index(self, rank: int) -> int:
+        """Position of a CPU rank among the CPU ranks (its cores in ``cpu_lists``, its KV budget)."""
+        return rank - self.cpu_ranks.start
+
+    def gpu_index(self, rank: int) -> int:
+        """The CUDA device of a GPU rank (its position among the GPU ranks)."""
+        return rank - (self.world_size - self.gpu_ranks if self.cpu_first else 0)
 
     def stage(self, rank: int) -> int:
         return rank // (self.world_size // self.pp_size)
@@ -53,16 +66,16 @@ class RankPlan:
             lines[0] += f", {self.pp_size} pipeline stages; layer split {','.join(map(str, self.layers))} ({self.split_source})"
         for rank in range(self.world_size):
             if self.kind(rank) == "gpu":
-                line = f"  rank {rank}: GPU  cuda:{rank}"
+                line = f"  rank {rank}: GPU  cuda:{self.gpu_index(rank)}"
             else:
-                cores = self.cpu_lists[rank - self.gpu_ranks] if self.cpu_lists else ()
+                cores = self.cpu_lists[self.cpu_index(rank)] if self.cpu_lists else ()
                 line = f"  rank {rank}: CPU  cores {format_id_list(cores) or '(not bound)'}"
             if self.pp_size > 1 and self.layers:
                 s = self.stage(rank)
                 start = sum(self.layers[:s])
                 line += f"  stage {s}: layers {start}-{start + self.layers[s] - 1} ({self.layers[s]})"
             if self.kind(rank) == "cpu" and self.kv_budgets:
-                line += f"  KV cache {self.kv_budgets[rank - self.gpu_ranks] / (1 << 30):.2f} GiB"
+                line += f"  KV cache {self.kv_budgets[self.cpu_index(rank)] / (1 << 30):.2f} GiB"
             lines.append(line)
         if self.reserved:
             lines.append(f"  reserved cores: {format_id_list(self.reserved)}")
@@ -214,7 +227,8 @@ def plan_to_json(plan: RankPlan) -> str:
     return json.dumps(
         {"world_size": plan.world_size, "gpu_ranks": plan.gpu_ranks, "cpu_lists": plan.cpu_lists,
          "reserved": plan.reserved, "notes": plan.notes, "pp_size": plan.pp_size, "layers": plan.layers,
-         "split_source": plan.split_source, "kv_budgets": plan.kv_budgets, "kv_source": plan.kv_source}
+         "split_source": plan.split_source, "kv_budgets": plan.kv_budgets, "kv_source": plan.kv_source,
+         "cpu_first": plan.cpu_first}
     )
 
 
@@ -233,4 +247,5 @@ def plan_from_json(text: str) -> RankPlan:
         split_source=data.get("split_source", ""),
         kv_budgets=tuple(data.get("kv_budgets", ())),
         kv_source=data.get("kv_source", ""),
+        cpu_first=data.get("cpu_first", False),
     )

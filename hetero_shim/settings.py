@@ -41,6 +41,16 @@ SHM_FUSED_KERNEL = "HETERO_SHIM_SHM_FUSED_KERNEL"
 #: "1" (default): with GPU and CPU ranks, the engine core and GPU-rank processes stay on the plan's
 #: reserved cores, off the CPU ranks' cores (hetero_shim/affinity.py); "0" leaves them where the kernel puts them.
 CONFINE = "HETERO_SHIM_CONFINE"
+#: Pipeline mode with GPU and CPU stages: "auto" (default: CPU stages first, GPU stages last, so
+#: the GPU computes the LM head and samples), "cpu-first" or "gpu-first".
+STAGE_ORDER = "HETERO_SHIM_STAGE_ORDER"
+STAGE_ORDERS = ("auto", "cpu-first", "gpu-first")
+#: Pipeline mode: "1" (default) GPU stages of one rank run with vLLM's compilation and CUDA graphs
+#: as a stock engine would (nothing collective is inside their forward); "0" runs them eagerly.
+GPU_STAGE_GRAPHS = "HETERO_SHIM_GPU_STAGE_GRAPHS"
+#: Cores kept off the CPU ranks for the engine core, the front end and the GPU-rank processes
+#: (default: 2 + one per GPU rank with GPU ranks, else 1).
+RESERVE_CORES = "HETERO_SHIM_RESERVE_CORES"
 #: The rank plan of a heterogeneous run, as JSON (written by ``mode.build_plan`` in the parent).
 PLAN = "HETERO_SHIM_PLAN"
 #: Set in the parent when a script builds its engine outside a ``__main__`` guard: workers are then
@@ -171,6 +181,27 @@ def collectives_mode() -> str:
     return raw
 
 
+def reserve_cores() -> int | None:
+    raw = os.environ.get(RESERVE_CORES, "").strip()
+    if not raw:
+        return None
+    if not (raw.isascii() and raw.isdigit()):
+        raise HeteroConfigError(f"{RESERVE_CORES}={raw!r} must be a whole number of cores, 0 or more")
+    return int(raw)
+
+
+def stage_order() -> str:
+    raw = os.environ.get(STAGE_ORDER, "").strip().lower() or "auto"
+    if raw not in STAGE_ORDERS:
+        raise HeteroConfigError(f"{STAGE_ORDER}={os.environ[STAGE_ORDER]!r} is not supported; use one of "
+                                f"{', '.join(STAGE_ORDERS)}")
+    return raw
+
+
+def gpu_stage_graphs() -> bool:
+    return _flag(GPU_STAGE_GRAPHS, default=True)
+
+
 def shm_stream_ops() -> bool:
     return _flag(SHM_STREAM_OPS, default=True)
 
@@ -223,6 +254,9 @@ def check_environment() -> None:
     shm_slot_bytes()
     shm_stream_ops()
     shm_fused_kernel()
+    stage_order()
+    gpu_stage_graphs()
+    reserve_cores()
 
 
 class environ_set:  # noqa: N801 - used as a function: `with environ_set({...}):`

@@ -113,14 +113,15 @@ def plan_before_config(wrapped, instance, args, kwargs):
     # "mp" explicitly: with the backend unset, ParallelConfig rejects more ranks than GPUs.
     instance.distributed_executor_backend = "mp"
     gpus = _gpus_on_node()
-    kinds = layer_split.stage_kinds(pp, tp, mode.gpu_ranks_for(tp * pp, gpus)) if pp > 1 else ()
+    cpu_first = pp > 1 and settings.stage_order() != "gpu-first"
+    kinds = layer_split.stage_kinds(pp, tp, mode.gpu_ranks_for(tp * pp, gpus), cpu_first) if pp > 1 else ()
     if gpus:
-        _settings_for_mixed_ranks(instance)
+        _settings_for_mixed_ranks(instance, graphs=pp > 1 and tp == 1 and settings.gpu_stage_graphs())
     _forget_own_partition()
     config = wrapped(*args, **kwargs)  # vLLM's own checks (heads divisible by TP, ...) first
     _check_main_guard()
     split = _pipeline_split(config, kinds, gpu_layers) if pp > 1 else None
-    plan = mode.build_plan(tp * pp, gpus, split, kv_for=lambda p: _cpu_kv_budgets(config, p))
+    plan = mode.build_plan(tp * pp, gpus, split, kv_for=lambda p: _cpu_kv_budgets(config, p), cpu_first=cpu_first)
     log.info("%s", plan.describe())
     return config
 
@@ -197,11 +198,15 @@ def _pipeline_split(config, kinds: tuple[str, ...], gpu_layers: int | None) -> l
     return split
 
 
-def _settings_for_mixed_ranks(instance) -> None:
-    """What GPU and CPU ranks must share: eager execution, synchronous scheduling, V1 runner."""
-    if not instance.enforce_eager:
-        # gloo collectives cannot be captured in CUDA graphs, and CPU ranks cannot replay them
-        log.warning("hetero_shim: device='heterogeneous' with GPU ranks runs eagerly (enforce_eager=True)")
+def _settings_for_mixed_ranks(instance, graphs: bool) -> None:
+    """What GPU and CPU ranks must share: synchronous scheduling, the V1 runner, and eager execution
+    unless ``graphs``: pipeline stages of one rank have nothing collective inside their forward, so
+    a GPU stage compiles and replays CUDA graphs as stock vLLM would (the CPU ranks' own copies of the
+    config are made eager in worker_selection). Tensor parallelism across GPU and CPU ranks has
+    cross-device all-reduces inside the forward, which no CUDA graph can hold: eager."""
+    if not instance.enforce_eager and not graphs:
+        log.warning("hetero_shim: device='heterogeneous' runs this configuration eagerly (enforce_eager=True): its "
+                    "GPU ranks share collectives with CPU ranks inside the forward, which CUDA graphs cannot hold")
         instance.enforce_eager = True
     if getattr(instance, "async_scheduling", None):
         log.warning("hetero_shim: device='heterogeneous' with GPU ranks disables async scheduling")

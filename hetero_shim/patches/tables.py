@@ -87,7 +87,7 @@ def _rank_process() -> tuple[Patch, ...]:
     return (
         Patch("CPU rank process", "vllm.v1.executor.multiproc_executor", "WorkerProc.make_worker_process",
               rank_process.spawn_with_rank_environment, rank_process.WHY, rank_process.REMOVE_WHEN,
-              needs_params=("rank",)),
+              needs_params=("local_rank", "rank")),
         Patch("CPU rank process", "vllm.platforms", "resolve_current_platform_cls_qualname",
               rank_process.cpu_platform_in_cpu_ranks, rank_process.WHY, rank_process.REMOVE_WHEN),
     )
@@ -116,6 +116,8 @@ def _collectives() -> tuple[Patch, ...]:
             collectives.WHY_COMM),
         row(runner, "GPUModelRunner._dummy_run", collectives.local_dummy_pass, collectives.WHY_DUMMY),
         row(runner, "GPUModelRunner._dummy_sampler_run", collectives.local_dummy_pass, collectives.WHY_DUMMY),
+        row("vllm.distributed.parallel_state", "GroupCoordinator.graph_capture",
+            collectives.capture_without_hetero_communicator, collectives.WHY_CAPTURE),
     )
 
 
@@ -145,7 +147,8 @@ def _pipeline_transfer() -> tuple[Patch, ...]:
 def _pipeline_buffers() -> Patch:
     return Patch("pipeline receive buffer", "vllm.v1.worker.gpu_model_runner",
                  "GPUModelRunner.sync_and_gather_intermediate_tensors", pipeline_buffers.allocate_receive_buffer,
-                 pipeline_buffers.WHY, pipeline_buffers.REMOVE_WHEN, hetero_only=True)
+                 pipeline_buffers.WHY, pipeline_buffers.REMOVE_WHEN, hetero_only=True,
+                 needs_params=("num_tokens", "intermediate_tensors"))
 
 
 def _table_v1_mp_executor(kv_planning: str = "vllm.v1.core.kv_cache_utils") -> tuple[Patch, ...]:

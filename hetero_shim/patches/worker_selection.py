@@ -35,6 +35,7 @@ def cpu_worker_for_cpu_ranks(cpu_worker_cls: str):
                 config.parallel_config.worker_cls = cpu_worker_cls
                 _cpu_device(config.device_config)
                 _cpu_kv_budget(config.cache_config, plan, rank)
+                _eager(config)
         return wrapped(*args, **kwargs)
 
     return select_worker_class
@@ -45,9 +46,26 @@ def _cpu_kv_budget(cache_config, plan, rank: int) -> None:
     rank's own copy of the config before vLLM builds its CPUWorker; an explicit size also skips
     vLLM's start-up check of gpu_memory_utilization against the host."""
     if plan.kv_budgets:
-        cache_config.kv_cache_memory_bytes = plan.kv_budgets[rank - plan.gpu_ranks]
+        cache_config.kv_cache_memory_bytes = plan.kv_budgets[plan.cpu_index(rank)]
         log.info("hetero_shim: CPU rank %d KV cache budget %d bytes (%s)", rank, cache_config.kv_cache_memory_bytes,
                  plan.kv_source)
+
+
+def _eager(config) -> None:
+    """A CPU rank runs eagerly, whatever the GPU ranks of the run compile and capture. The config was
+    made for the GPU platform (vLLM's CPU platform never adjusted it), so without this a CPU rank
+    would compile, pad batches to CUDA-graph sizes and use the compiled path's native custom ops."""
+    from vllm.config import CompilationMode, CUDAGraphMode
+
+    config.model_config.enforce_eager = True
+    cc = config.compilation_config
+    cc.mode = CompilationMode.NONE
+    cc.cudagraph_mode = CUDAGraphMode.NONE
+    cc.cudagraph_capture_sizes = []
+    cc.max_cudagraph_capture_size = 0
+    cc.compile_sizes = []
+    cc.custom_ops = ["all" if op == "none" else op for op in cc.custom_ops]
+    cc.ir_enable_torch_wrap = False
 
 
 def _cpu_device(device_config) -> None:

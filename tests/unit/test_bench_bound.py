@@ -70,8 +70,8 @@ def test_offload_and_pipeline_bounds_at_the_budget():
     assert out["offload-prefetch"]["step_ms"] == pytest.approx(max(moved / 55e9, (matrices - moved) / 4000e9) * 1e3,
                                                                abs=1e-3)
 
-    # pipeline: embedding + the leading layers that fit W on the GPU; the rest + LM head on the CPU
-    pp = out["hetero-pp2"]
+    # pipeline, GPU stage first: embedding + the leading layers that fit W on the GPU; the rest + LM head on the CPU
+    pp = out["hetero-pp2-gpufirst"]
     g = pp["gpu_layers"]
     assert parts["embed"] + g * parts["layers"][0] <= b.weights_gib * GIB
     assert parts["embed"] + (g + 1) * parts["layers"][0] > b.weights_gib * GIB
@@ -85,11 +85,20 @@ def test_offload_and_pipeline_bounds_at_the_budget():
     assert by[str(g)] == pp["tok_s"] and len(by) == 29
     assert all(by[str(i)] <= by[str(i + 1)] for i in range(28))
 
+    # pipeline, CPU stage first (the shim's default): LM head + norm + trailing layers on the GPU, the CPU
+    # stage reads only its layers (its embedding lookup reads one row)
+    cf = out["hetero-pp2"]
+    gc = cf["gpu_layers"]
+    tail = parts["lm_head"] + parts["other"]
+    assert tail + gc * parts["layers"][0] <= b.weights_gib * GIB < tail + (gc + 1) * parts["layers"][0]
+    assert cf["cpu_read_gib"] == pytest.approx((28 - gc) * parts["layers"][0] / GIB, abs=1e-4)
+    assert cf["tok_s"] > pp["tok_s"] and "CPU stage first" in cf["how"]
+
     # TP=2: half of every matrix on each side, ranks at once
     tp2 = out["hetero-tp2"]
     assert tp2["step_ms"] == pytest.approx(max(matrices / 2 / 84.7e9, matrices / 2 / 4000e9) * 1e3, abs=1e-3)
     assert out["hetero-tp4"]["cpu_read_gib"] == pytest.approx(0.75 * matrices / GIB, abs=1e-4)
-    assert out["hetero_pp2_over_offload"] == pytest.approx(pp["tok_s"] / out["offload-uva"]["tok_s"], abs=1e-3)
+    assert out["hetero_pp2_over_offload"] == pytest.approx(cf["tok_s"] / out["offload-uva"]["tok_s"], abs=1e-3)
     assert out["hetero_tp2_over_offload"] == pytest.approx(tp2["tok_s"] / out["offload-uva"]["tok_s"], abs=1e-3)
     # the CPU streaming 1.5x faster than PCIe: both heterogeneous bounds beat offload's
     assert out["hetero_pp2_over_offload"] > 1 and out["hetero_tp2_over_offload"] > 1
@@ -115,7 +124,8 @@ def test_report_gives_each_row_its_fraction_of_the_bound_and_the_runs_own_split(
         {"model": "3b", "config": "offload-uva", "status": "ok", "figures": {"decode_b1_tok_s": 19.2}},
         {"model": "3b", "config": "hetero-pp2", "status": "ok", "figures": {"decode_b1_tok_s": 13.8},
          "hetero_plan": f"hetero_shim rank plan: 1 GPU rank(s) + 1 CPU rank(s), 2 pipeline stages; layer split "
-                        f"{g + 2},{26 - g} (automatic)"},
+                        f"{26 - g},{g + 2} (automatic)\n  rank 0: CPU  cores 0-12  stage 0: layers 0-{25 - g} ({26 - g})\n"
+                        f"  rank 1: GPU  cuda:0  stage 1: layers {26 - g}-27 ({g + 2})"},
         {"model": "3b", "config": "gpu-ref", "status": "ok", "figures": {"decode_b1_tok_s": 90.0}},
         {"model": "3b", "config": "hetero-tp2", "status": "failed", "figures": {}},
     ]
@@ -190,6 +200,7 @@ def test_helpers():
     with pytest.raises(ValueError):
         bound.cores_for(9, [0], list(range(8)))
     assert bound.parse_shape("8192x16384") == (8192, 16384)
-    assert bound.plan_gpu_layers("... 2 pipeline stages; layer split 17,11 (automatic)\n  rank 0") == 17
+    assert bound.plan_gpu_layers("... layer split 11,17 (automatic)\n  rank 0: CPU  cores 0-12  stage 0: layers 0-10 (11)\n"
+                                 "  rank 1: GPU  cuda:0  stage 1: layers 11-27 (17)") == 17
     assert bound.plan_gpu_layers("hetero_shim rank plan: 1 GPU rank(s) + 1 CPU rank(s)") is None
     assert breakdown.hook.parse_window("5:3") == (5, 3) and breakdown.hook.parse_window(None) == (22, 8)

@@ -77,7 +77,9 @@ def test_all_cpu_pair_runs_the_same_engine_compiled_or_eager(eager):
     hetero, base = stock("hetero-tp2", host, eager=eager)["engine"], stock("cpu-stock-tp2", host, eager=eager)["engine"]
     assert hetero["enforce_eager"] is eager and base["enforce_eager"] is eager
     assert {k: v for k, v in hetero.items() if k not in ("device", "pipeline_parallel_size")} == base
-    assert stock("hetero-tp2", host, gpu=True, eager=False)["engine"]["enforce_eager"] is True
+    gpu_hetero = stock("hetero-pp2", host, gpu=True, eager=False)["engine"]
+    gpu_stock = stock("offload-uva", host, gpu=True, eager=False)["engine"]
+    assert gpu_hetero["enforce_eager"] is False and gpu_hetero["compilation_config"] == gpu_stock["compilation_config"]
 
 
 def test_gpu_host_skips_with_the_reason():

@@ -142,3 +142,26 @@ def test_checkpoint_numels_reads_safetensors_headers(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(struct.pack("<Q", len(blob)) + blob + bytes(592))
     assert checkpoint_numels(str(tmp_path)) == ({0: 32, 1: 36}, 40)  # lm_head sits on the last stage
     assert checkpoint_numels(str(tmp_path / "missing")) is None
+
+
+def test_cpu_first_pipeline_puts_the_gpu_stages_last():
+    """With the CPU stages first the GPU ranks are the top ranks; the GPU stages still get as many
+    layers as fit, the CPU stages the rest, in stage order."""
+    assert stage_kinds(2, 1, 1, cpu_first=True) == ("cpu", "gpu")
+    assert stage_kinds(4, 2, 4, cpu_first=True) == ("cpu", "cpu", "gpu", "gpu")
+    with pytest.raises(HeteroConfigError, match="would put GPU and CPU ranks in stage 1"):
+        stage_kinds(2, 2, 1, cpu_first=True)
+    split = choose_split(28, ("cpu", "gpu"), fits=15, fit_detail="x")
+    assert split.partition == (13, 15)
+    assert choose_split(28, ("cpu", "gpu"), gpu_layers=17).partition == (11, 17)
+    assert choose_split(10, ("cpu", "cpu", "gpu"), gpu_layers=4).partition == (3, 3, 4)
+
+
+def test_cpu_first_plan_numbers_devices_and_cores_by_kind():
+    plan = RankPlan(world_size=3, gpu_ranks=1, cpu_lists=((0, 1), (2, 3)), reserved=(4,), pp_size=3,
+                    layers=(4, 4, 2), cpu_first=True, kv_budgets=(1 << 30, 2 << 30))
+    assert [plan.kind(r) for r in range(3)] == ["cpu", "cpu", "gpu"]
+    assert list(plan.cpu_ranks) == [0, 1] and plan.cpu_index(1) == 1 and plan.gpu_index(2) == 0
+    text = plan.describe()
+    assert "rank 2: GPU  cuda:0" in text and "rank 0: CPU  cores 0-1  stage 0: layers 0-3 (4)  KV cache 1.00 GiB" in text
+    assert plan_from_json(plan_to_json(plan)) == plan

@@ -1,6 +1,7 @@
 """Mixed GPU+CPU logic that needs no vLLM: per-rank spawn environment, KV spec agreement."""
 
 import dataclasses
+import types
 
 import pytest
 
@@ -95,3 +96,40 @@ def test_stock_behaviour_without_mixed_ranks(monkeypatch):
     monkeypatch.delenv(settings.DEVICE, raising=False)
     specs = [{"l": Spec(16, 2, True)}, {"l": Spec(16, 2, False)}]
     assert kv_cache_agreement.agree_on_kv_cache(get_kv_cache_configs, None, (None, specs, [1, 1]), {}) is specs
+
+
+def test_gpu_rank_of_a_cpu_first_pipeline_gets_its_device(monkeypatch):
+    """CPU stage first: the GPU rank is rank 1, and vLLM would give it local rank 1 (cuda:1)."""
+    plan = RankPlan(world_size=2, gpu_ranks=1, cpu_lists=((2, 3),), reserved=(0, 1), pp_size=2, layers=(1, 1),
+                    cpu_first=True)
+    monkeypatch.setenv(settings.DEVICE, settings.HETEROGENEOUS)
+    monkeypatch.setenv(settings.PLAN, plan_to_json(plan))
+    monkeypatch.setattr(versions, "is_cpu_build", lambda: False)
+    monkeypatch.setattr(affinity, "confine_this_process", lambda cpus: True)
+    monkeypatch.setattr(affinity.node, "allowed_cpus", lambda: [Cpu(0, i, i) for i in range(4)])
+    seen = []
+
+    def make_worker_process(vllm_config, local_rank, rank, *rest, **kw):
+        import os
+
+        seen.append((local_rank, rank, os.environ[run_state.RANK_KIND]))
+
+    rank_process.spawn_with_rank_environment(make_worker_process, None, (None, 0, 0), {})
+    rank_process.spawn_with_rank_environment(make_worker_process, None, (None, 1, 1), {})
+    rank_process.spawn_with_rank_environment(make_worker_process, None, (), {"vllm_config": None, "local_rank": 1,
+                                                                             "rank": 1})
+    assert seen == [(0, 0, "cpu"), (0, 1, "gpu"), (0, 1, "gpu")]
+
+
+@pytest.mark.parametrize(("graphs", "user_eager", "eager_after"), [(True, False, False), (False, False, True),
+                                                                   (True, True, True)])
+def test_eager_only_where_graphs_cannot_hold_the_collectives(monkeypatch, graphs, user_eager, eager_after):
+    """One-rank pipeline stages keep vLLM's graphs (graphs=True); GPU+CPU tensor parallelism runs
+    eagerly; the user's own enforce_eager always stands. Async scheduling is off either way."""
+    from hetero_shim.patches import device_option
+
+    monkeypatch.setattr(device_option.run_state, "set_env", lambda name, value: None)
+    monkeypatch.delenv(device_option.V2_RUNNER, raising=False)
+    args = types.SimpleNamespace(enforce_eager=user_eager, async_scheduling=True)
+    device_option._settings_for_mixed_ranks(args, graphs=graphs)
+    assert args.enforce_eager is eager_after and args.async_scheduling is False
