@@ -439,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
                              "per-step times and a per-rank step breakdown, added to each row")
     opts = parser.parse_args(argv)
     names = [c.strip() for c in opts.configs.split(",") if c.strip()]
-    unknown = [c for c in names if c not in configs.CONFIGS and c not in configs.STEPS]
+    unknown = [c for c in names if configs.split_variants(c)[0] not in configs.CONFIGS and c not in configs.STEPS]
     if unknown:
         parser.error(f"unknown configuration(s) {', '.join(unknown)}; choose from "
                      f"{', '.join([*configs.CONFIGS, *configs.STEPS])}")
