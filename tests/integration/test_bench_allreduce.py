@@ -1,6 +1,7 @@
 """bench/allreduce.py runs (at toy size: this checks the harness works and every path sums right, not timings)."""
 
 import json
+import sys
 
 import procs
 
@@ -22,14 +23,17 @@ def test_allreduce_benchmark_runs_and_writes_json(tmp_path):
     assert "vs baseline" in proc.stdout
 
 
-def test_shm_gpu_check_dry_run_on_cpu(tmp_path):
-    """scripts/shm_gpu_check.py (its real use: the GPU machine) runs its checks with every rank on
-    the CPU here, so the script stays runnable: every check passes and the JSON lists them all."""
-    out = tmp_path / "check.json"
-    proc = procs.run_python([str(procs.REPO / "scripts" / "shm_gpu_check.py"), "--cpu-only", "--cpu-ranks", "1",
-                             "--json", str(out)], timeout=240)
-    assert proc.returncode == 0, proc.stdout[-3000:]
-    rows = json.loads(out.read_text())
+def test_shm_gpu_allreduce_dry_run_on_cpu(tmp_path):
+    """tests/gpu/test_shm_allreduce.py (its real use: the GPU machine) runs its checks with every rank on
+    the CPU here (--cpu-dry-run), so the GPU test stays runnable: every check passes and its evidence
+    lists them all."""
+    proc = procs.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                      str(procs.REPO / "tests" / "gpu" / "test_shm_allreduce.py"), "--cpu-dry-run",
+                      "--shm-cpu-ranks", "1", "--gpu-out", str(tmp_path)], procs.python_env(), timeout=240,
+                     cwd=procs.REPO)
+    assert proc.returncode == 0 and "1 passed" in proc.stdout, proc.stdout[-3000:]
+    [found] = tmp_path.rglob("allreduce_rows.json")
+    rows = json.loads(found.read_text())
     assert len(rows) == 4 * 23 and all(r["ok"] for r in rows)
     assert {r["path"] for r in rows} == {"fused kernel", "no fused", "64 KiB slots", "host waits"}
 

@@ -1,6 +1,6 @@
 """HeteroCommunicator on two real gloo processes, through gloo and through shared memory (CPU
 tensors here; on the GPU machine the GPU rank's CUDA tensors cross through pinned or registered host
-memory, checked by scripts/gpu_check.py and bench/allreduce.py --gpu-rank)."""
+memory, checked by tests/gpu/ and bench/allreduce.py --gpu-rank)."""
 
 import textwrap
 

@@ -1,6 +1,6 @@
 """The OpenAI server in heterogeneous mode (TP=2, all CPU ranks here) under load, then a CPU
-rank killed while requests are in flight; through scripts/load_check.py, the runner the lead
-uses on the GPU machine at realistic size.
+rank killed while requests are in flight; through hetero_shim.testing.load_check, the runner the
+GPU tests use at realistic size (tests/gpu/test_faults.py).
 
 Load: 64 concurrent clients x 4 requests (completions and chat, streamed and not, prompts of
 several lengths, max_tokens 4..48 with ignore_eos, greedy / seeded T=0.8 / unseeded T=1.0):
@@ -18,14 +18,14 @@ import sys
 
 import procs
 
-SCRIPT = procs.REPO / "scripts" / "load_check.py"
+RUNNER = ["-m", "hetero_shim.testing.load_check"]
 
 
 def test_load_then_cpu_rank_killed_while_serving(models, tmp_path):
     # The kill must land while its 32 requests generate. With 200 tokens each (the default) a warm
     # toy engine finished 21 of them before the hit once in CI; 480 tokens (the model's 512-token
     # context) keep them generating 2.4x longer.
-    proc = procs.run([sys.executable, str(SCRIPT), str(models["llama"]), "--clients", "64", "--per-client", "4",
+    proc = procs.run([sys.executable, *RUNNER, str(models["llama"]), "--clients", "64", "--per-client", "4",
                       "--then-kill", "cpu", "--max-tokens", "480", "--engine", '{"max_model_len": 512}',
                       "--workdir", str(tmp_path)], procs.python_env(), timeout=420)
     line = next((l for l in proc.stdout.splitlines() if l.startswith("LOAD_RESULT ")), None)

@@ -1,6 +1,7 @@
-"""Faults in heterogeneous mode (all-CPU here), run through scripts/fault_check.py, the same
-runner the lead uses on the GPU machine: a CPU rank killed (SIGKILL) during offline generation
-and during engine start-up. The serving case is in test_load.py (after the load, same server).
+"""Faults in heterogeneous mode (all-CPU here), run through hetero_shim.testing.fault_check, the
+same runner the GPU tests use (tests/gpu/test_faults.py): a CPU rank killed (SIGKILL) during
+offline generation and during engine start-up. The serving case is in test_load.py (after the
+load, same server).
 
 Stock vLLM's behaviour, measured here with ``fault_check.py --stock`` (TP=2 with a manual bind
 list): a worker that dies after start-up is named by the executor's monitor ("Worker proc
@@ -14,14 +15,13 @@ from __future__ import annotations
 import json
 import sys
 
-
 import procs
 
-SCRIPT = procs.REPO / "scripts" / "fault_check.py"
+RUNNER = ["-m", "hetero_shim.testing.fault_check"]
 
 
 def fault_check(model, tmp_path, *args: str) -> tuple[str, dict]:
-    proc = procs.run([sys.executable, str(SCRIPT), str(model), "--workdir", str(tmp_path), *args],
+    proc = procs.run([sys.executable, *RUNNER, str(model), "--workdir", str(tmp_path), *args],
                      procs.python_env(), timeout=360)
     line = next((l for l in proc.stdout.splitlines() if l.startswith("FAULT_RESULT ")), None)
     assert line, proc.stdout[-4000:]

@@ -1,13 +1,11 @@
 """The GPU rank's shared-memory all-reduce against CPU peers, every path (needs a GPU; no vLLM).
 
-    python scripts/shm_gpu_check.py [--cpu-ranks 1,3] [--json OUT.json]
-
-For each entry of --cpu-ranks, spawned processes: group rank 0 on cuda:0, the others on the CPU,
-meeting through ``hetero_shim.shm_collectives.for_group`` as heterogeneous mode does. For each GPU-rank path
-(``fused kernel``: hetero_shim.cuda_fused_allreduce; ``no fused``: HETERO_SHIM_SHM_FUSED_KERNEL=0, i.e.
-four stream operations with one CPU rank, host waits with more; ``64 KiB slots``: the default path
-with slots so small that most checks go through in pieces, up to 256 of them per call; ``host
-waits``: HETERO_SHIM_SHM_STREAM_OPS=0) it checks:
+For each entry of --shm-cpu-ranks (default 1,3), spawned processes: group rank 0 on cuda:0, the
+others on the CPU, meeting through ``hetero_shim.shm_collectives.for_group`` as heterogeneous mode
+does. For each GPU-rank path (``fused kernel``: hetero_shim.cuda_fused_allreduce; ``no fused``:
+HETERO_SHIM_SHM_FUSED_KERNEL=0, i.e. four stream operations with one CPU rank, host waits with
+more; ``64 KiB slots``: the default path with slots so small that most checks go through in
+pieces, up to 256 of them per call; ``host waits``: HETERO_SHIM_SHM_STREAM_OPS=0) it checks:
 - exact fp32 sums (small integers) at sizes that take each branch of the kernel: 1 and 3
   elements (no 16-byte vector), 8 KiB, 8 KiB + 4 bytes (vectors and a tail), 64 KiB, 256 KiB
   (32 blocks; with 3 CPU ranks already the chunked sums), 256 KiB + 4 bytes and 2 MiB (above the
@@ -20,23 +18,26 @@ waits``: HETERO_SHIM_SHM_STREAM_OPS=0) it checks:
 - 200 back-to-back dependent all-reduces with no synchronization between them (bench/allreduce.py),
   at 8 KiB, 256 KiB, 9 MiB and 36 MiB (three pieces of a 16 MiB slot, alternating with 18 MiB + 4
   bytes: two).
-Prints one PASS/FAIL line per path and check, and exits 1 on any failure.
+and that the fused kernel loaded on the GPU rank. Every check of every path runs (a failure is
+recorded, the peers still make the same calls); the rows go to allreduce_rows.json.
+
+``--cpu-dry-run`` runs the same checks with every rank on the CPU (tests/integration runs it so
+on a machine without a GPU).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
 import tempfile
 import traceback
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+import pytest
 
-from bench.allreduce import back_to_back, cores_for, same_bits  # noqa: E402
+from bench.allreduce import back_to_back, cores_for, same_bits
+
+pytestmark = [pytest.mark.no_vllm, pytest.mark.cpu_dry_run]
 
 SIZES = [4, 12, 8 << 10, (8 << 10) + 4, 64 << 10, 256 << 10, (256 << 10) + 4, 2 << 20, (16 << 20) + 4,
          (32 << 20) + 4]
@@ -75,6 +76,7 @@ def checks(comm, rank: int, world: int, device, group) -> list[tuple[str, object
 
 
 def worker(rank: int, world: int, init: str, results: str, cpu_only: bool) -> None:
+    """One rank of the group (spawned): every path, every check; rank 0 writes the rows."""
     os.sched_setaffinity(0, cores_for(rank, world))
     import torch
     import torch.distributed as dist
@@ -112,30 +114,26 @@ def worker(rank: int, world: int, init: str, results: str, cpu_only: bool) -> No
     dist.barrier(group=group)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cpu-ranks", default="1,3", help="CPU ranks beside the GPU rank, one group per entry")
-    parser.add_argument("--json", default=None)
-    parser.add_argument("--cpu-only", action="store_true",
-                        help="every rank on the CPU: a dry run of the checks on a machine without a GPU")
-    opts = parser.parse_args()
+def run_group(world: int, cpu_only: bool) -> list[dict]:
     import torch.multiprocessing as mp
 
-    rows = []
-    for world in (1 + int(c) for c in opts.cpu_ranks.split(",")):
-        with tempfile.TemporaryDirectory() as tmp:
-            results = os.path.join(tmp, "rows.json")
-            mp.spawn(worker, args=(world, os.path.join(tmp, "init"), results, opts.cpu_only), nprocs=world)
-            rows += json.loads(Path(results).read_text())
-    if opts.json:
-        Path(opts.json).write_text(json.dumps(rows, indent=1))
-    for r in rows:
-        print(f"{'PASS' if r['ok'] else 'FAIL'}  1 GPU+{r['world'] - 1} CPU  {r['path']:<13} {r['check']:<34} "
-              f"{r['detail']}")
-    fused_used = opts.cpu_only or all(r["fused_loaded"] for r in rows if r["path"] == "fused kernel")
-    print(f"fused kernel loaded on the GPU rank: {'(CPU-only dry run)' if opts.cpu_only else fused_used}")
-    return 0 if all(r["ok"] for r in rows) and fused_used else 1
+    with tempfile.TemporaryDirectory() as tmp:
+        results = os.path.join(tmp, "rows.json")
+        mp.spawn(worker, args=(world, os.path.join(tmp, "init"), results, cpu_only), nprocs=world)
+        return json.loads(Path(results).read_text())
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def test_gpu_rank_allreduce_every_path(gpu, evidence, shm_world):
+    cpu_only = gpu.opts.cpu_dry_run
+    rows = run_group(shm_world, cpu_only)
+    evidence.save("allreduce_rows", rows)
+    group = f"1 GPU+{shm_world - 1} CPU" + (" (CPU-only dry run)" if cpu_only else "")
+    for path in PATHS:
+        mine = [r for r in rows if r["path"] == path]
+        failed = [f"{r['check']}: {r['detail']}" for r in mine if not r["ok"]]
+        evidence.row(f"shm all-reduce {group}, {path}: every check exact", bool(mine) and not failed,
+                     f"{len(mine) - len(failed)}/{len(mine)} passed" + ("; " + "; ".join(failed) if failed else ""))
+    fused_used = cpu_only or all(r["fused_loaded"] for r in rows if r["path"] == "fused kernel")
+    evidence.row(f"shm all-reduce {group}: fused kernel loaded on the GPU rank", fused_used,
+                 "(CPU-only dry run)" if cpu_only else str(fused_used))
+    evidence.check()
