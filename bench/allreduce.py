@@ -102,11 +102,11 @@ def cores_for(rank: int, world: int, split: str = "even") -> list[int]:
     with the engine core and the front end; ranks 1..: each CPU rank's own cores, ``plan.partition_cpus``)."""
     allowed = sorted(os.sched_getaffinity(0))
     if split == "plan":
-        from hetero_shim import mode, node
-        from hetero_shim.plan import partition_cpus
+        from hetero_shim.planning import build, node
+        from hetero_shim.planning.plan import partition_cpus
 
         lists, reserved, _ = partition_cpus(node.one_per_core(node.allowed_cpus()), world - 1,
-                                            reserve=mode.cores_to_reserve(1))
+                                            reserve=build.cores_to_reserve(1))
         return (reserved or allowed) if rank == 0 else lists[rank - 1]
     if len(allowed) < world:
         return [allowed[rank % len(allowed)]]

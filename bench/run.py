@@ -36,7 +36,7 @@ if str(REPO) not in sys.path:
 
 from bench import bound as boundmod  # noqa: E402
 from bench import breakdown, configs, models, monitor, report  # noqa: E402
-from hetero_shim import node  # noqa: E402
+from hetero_shim.planning import node  # noqa: E402
 from hetero_shim.testing import proctree  # noqa: E402
 
 ENGINE = str(REPO / "bench" / "engine.py")

@@ -158,7 +158,7 @@ def _status(found) -> dict:
 
 
 def _cpu_kernels_configured() -> str:
-    from hetero_shim.patches.cpu_kernels import configured
+    from hetero_shim.patches.startup.cpu_rank_kernels import configured
 
     return configured()
 

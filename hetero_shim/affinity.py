@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import os
 
-from hetero_shim import node, settings
+from hetero_shim import settings
 from hetero_shim.logs import log
-from hetero_shim.plan import RankPlan, format_id_list, parse_id_list
+from hetero_shim.planning import node
+from hetero_shim.planning.plan import RankPlan, format_id_list, parse_id_list
 
 
 def confines(plan: RankPlan | None) -> bool:

@@ -54,7 +54,7 @@ def current() -> State:
     if key != _cached_key or _cached is None:
         plan = None
         if key[1]:
-            from hetero_shim.plan import plan_from_json
+            from hetero_shim.planning.plan import plan_from_json
 
             plan = plan_from_json(key[1])
         _cached = State(settings.heterogeneous(), key[2], plan)

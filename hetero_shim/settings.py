@@ -51,7 +51,7 @@ GPU_STAGE_GRAPHS = "HETERO_SHIM_GPU_STAGE_GRAPHS"
 #: Cores kept off the CPU ranks for the engine core, the front end and the GPU-rank processes
 #: (default: 2 + one per GPU rank with GPU ranks, else 1).
 RESERVE_CORES = "HETERO_SHIM_RESERVE_CORES"
-#: The rank plan of a heterogeneous run, as JSON (written by ``mode.build_plan`` in the parent).
+#: The rank plan of a heterogeneous run, as JSON (written by ``planning.build.build_plan`` in the parent).
 PLAN = "HETERO_SHIM_PLAN"
 #: Set in the parent when a script builds its engine outside a ``__main__`` guard: workers are then
 #: spawned without importing the script again (hetero_shim/main_guard.py).

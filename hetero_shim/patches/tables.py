@@ -10,9 +10,17 @@ The targets of every table are checked against the real wheel of that release by
 
 from __future__ import annotations
 
-from hetero_shim.patches import (
-    collectives, cpu_kernels, cpu_worker_env, device_option, dist_backend, kv_cache_agreement,
-    pipeline_buffers, pipeline_transfer, rank_process, sampling_sync, start_method, worker_death,
+from hetero_shim.patches.per_step import pipeline_buffers, pipeline_transfer, sampling_sync
+from hetero_shim.patches.startup import (
+    communicators,
+    cpu_rank_kernels,
+    cpu_worker_env,
+    device_option,
+    dist_backend,
+    kv_cache_agreement,
+    rank_process,
+    start_method,
+    worker_death,
     worker_selection,
 )
 from hetero_shim.registry import Patch
@@ -100,24 +108,24 @@ def _worker_death() -> Patch:
 
 
 def _cpu_kernels() -> Patch:
-    return Patch("CPU kernels", "vllm.platforms.cpu", "CpuPlatform.import_kernels", cpu_kernels.kernels_for_cpu_ranks,
-                 cpu_kernels.WHY, cpu_kernels.REMOVE_WHEN)
+    return Patch("CPU kernels", "vllm.platforms.cpu", "CpuPlatform.import_kernels", cpu_rank_kernels.kernels_for_cpu_ranks,
+                 cpu_rank_kernels.WHY, cpu_rank_kernels.REMOVE_WHEN)
 
 
 def _collectives() -> tuple[Patch, ...]:
     def row(module, name, wrapper, why):
-        return Patch("cross-device collectives", module, name, wrapper, why, collectives.REMOVE_WHEN)
+        return Patch("cross-device collectives", module, name, wrapper, why, communicators.REMOVE_WHEN)
 
     runner = "vllm.v1.worker.gpu_model_runner"
     return (
-        row("vllm.platforms.cuda", "CudaPlatformBase.get_device_communicator_cls", collectives.hetero_communicator,
-            collectives.WHY_COMM),
-        row("vllm.platforms.cpu", "CpuPlatform.get_device_communicator_cls", collectives.hetero_communicator,
-            collectives.WHY_COMM),
-        row(runner, "GPUModelRunner._dummy_run", collectives.local_dummy_pass, collectives.WHY_DUMMY),
-        row(runner, "GPUModelRunner._dummy_sampler_run", collectives.local_dummy_pass, collectives.WHY_DUMMY),
+        row("vllm.platforms.cuda", "CudaPlatformBase.get_device_communicator_cls", communicators.hetero_communicator,
+            communicators.WHY_COMM),
+        row("vllm.platforms.cpu", "CpuPlatform.get_device_communicator_cls", communicators.hetero_communicator,
+            communicators.WHY_COMM),
+        row(runner, "GPUModelRunner._dummy_run", communicators.local_dummy_pass, communicators.WHY_DUMMY),
+        row(runner, "GPUModelRunner._dummy_sampler_run", communicators.local_dummy_pass, communicators.WHY_DUMMY),
         row("vllm.distributed.parallel_state", "GroupCoordinator.graph_capture",
-            collectives.capture_without_hetero_communicator, collectives.WHY_CAPTURE),
+            communicators.capture_without_hetero_communicator, communicators.WHY_CAPTURE),
     )
 
 

@@ -6,7 +6,8 @@ import json
 import re
 
 import procs
-from hetero_shim.plan import parse_id_list
+
+from hetero_shim.planning.plan import parse_id_list
 
 FIGURES = ("start_s", "ttft_ms", "prefill_tok_s", "decode_b1_tok_s", "decode_b16_tok_s", "peak_host_rss_gib",
            "peak_host_anon_gib")

@@ -12,12 +12,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
-
 import procs
+import pytest
 from conftest import GENERATE, generate
 
-from hetero_shim.layer_split import PARTITION_ENV, choose_split, even_partition
+from hetero_shim.planning.layer_split import PARTITION_ENV, choose_split, even_partition
 from hetero_shim.testing import tiny_models
 
 HERE = Path(__file__).resolve().parent

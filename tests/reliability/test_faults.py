@@ -45,7 +45,7 @@ def test_cpu_rank_killed_during_generation(models, tmp_path):
 
 
 def test_cpu_rank_killed_during_startup(models, tmp_path):
-    """LLM() fails within 30 s of the kill, names the dead rank (hetero_shim/patches/worker_death.py;
+    """LLM() fails within 30 s of the kill, names the dead rank (hetero_shim/patches/startup/worker_death.py;
     stock vLLM names none) and nothing is left."""
     out, result = fault_check(models["llama"], tmp_path, "--phase", "startup")
     print(out[out.index("phase startup"):] if "phase startup" in out else out[-2000:])

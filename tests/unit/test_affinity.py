@@ -9,7 +9,7 @@ import pytest
 
 from hetero_shim import affinity, settings
 from hetero_shim.errors import HeteroConfigError
-from hetero_shim.plan import Cpu, RankPlan, parse_id_list
+from hetero_shim.planning.plan import Cpu, RankPlan, parse_id_list
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -9,13 +9,14 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from bench import allreduce  # noqa: E402
-from hetero_shim import mode, settings  # noqa: E402
-from hetero_shim.plan import Cpu  # noqa: E402
+from hetero_shim import settings  # noqa: E402
+from hetero_shim.planning import build  # noqa: E402
+from hetero_shim.planning.plan import Cpu  # noqa: E402
 
 
 @pytest.fixture
 def host16(monkeypatch):
-    monkeypatch.setattr(mode.node, "allowed_cpus", lambda: [Cpu(node=0, id=i, core=i) for i in range(16)])
+    monkeypatch.setattr(build.node, "allowed_cpus", lambda: [Cpu(node=0, id=i, core=i) for i in range(16)])
     monkeypatch.setattr(allreduce.os, "sched_getaffinity", lambda pid: set(range(16)))
     for name in (settings.OMP_BIND, settings.PLAN):  # set, then removed: restored after the test (build_plan sets PLAN)
         monkeypatch.setenv(name, "")
@@ -26,7 +27,7 @@ def host16(monkeypatch):
 def test_plan_split_is_the_shims_plan_with_one_gpu_rank(host16, cpu_ranks):
     world = 1 + cpu_ranks
     split = [allreduce.cores_for(r, world, "plan") for r in range(world)]
-    plan = mode.build_plan(world, gpus_on_node=1)
+    plan = build.build_plan(world, gpus_on_node=1)
     assert plan.gpu_ranks == 1
     assert split[0] == list(plan.reserved) and split[1:] == [list(c) for c in plan.cpu_lists]
     assert sorted(sum(split, [])) == list(range(16))  # disjoint, every core used

@@ -10,8 +10,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from bench import configs, report  # noqa: E402
-from hetero_shim import mode, settings  # noqa: E402
-from hetero_shim.plan import Cpu, parse_id_list  # noqa: E402
+from hetero_shim import settings  # noqa: E402
+from hetero_shim.planning import build  # noqa: E402
+from hetero_shim.planning.plan import Cpu, parse_id_list  # noqa: E402
 
 TOY = configs.WORKLOADS["toy"]
 
@@ -34,10 +35,10 @@ def stock(name: str, host: list[Cpu] | None, gpu: bool = False, m: configs.Model
 
 def shim_plan(tp: int, host: list[Cpu], monkeypatch) -> tuple[list[list[int]], list[int]]:
     """What the shim itself plans for an all-CPU heterogeneous TP=tp run on ``host``."""
-    monkeypatch.setattr(mode.node, "allowed_cpus", lambda: host)
+    monkeypatch.setattr(build.node, "allowed_cpus", lambda: host)
     monkeypatch.delenv(settings.OMP_BIND, raising=False)
     monkeypatch.delenv(settings.PLAN, raising=False)
-    plan = mode.build_plan(tp, gpus_on_node=0)
+    plan = build.build_plan(tp, gpus_on_node=0)
     return [list(c) for c in plan.cpu_lists], list(plan.reserved)
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from hetero_shim import kv_budget, node
 from hetero_shim.errors import HeteroConfigError
-from hetero_shim.kv_budget import GIB, PROCESS_OVERHEAD, Workload
+from hetero_shim.planning import kv_budget, node
+from hetero_shim.planning.kv_budget import GIB, PROCESS_OVERHEAD, Workload
 
 
 def work(ranks=2, weights=GIB, per_token=1024, max_model_len=2048, max_num_seqs=256, fraction=0.9, processes=None):

@@ -5,11 +5,17 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from hetero_shim.errors import HeteroConfigError
-from hetero_shim.layer_costs import GpuLayerCosts
-from hetero_shim.layer_split import (
-    choose_split, even_partition, fit_gpu_layers, parse_gpu_layers, parse_partition, spread, stage_kinds,
+from hetero_shim.planning.layer_costs import GpuLayerCosts
+from hetero_shim.planning.layer_split import (
+    choose_split,
+    even_partition,
+    fit_gpu_layers,
+    parse_gpu_layers,
+    parse_partition,
+    spread,
+    stage_kinds,
 )
-from hetero_shim.plan import RankPlan, plan_from_json, plan_to_json
+from hetero_shim.planning.plan import RankPlan, plan_from_json, plan_to_json
 
 
 def test_stage_kinds_whole_stages_only():
@@ -130,7 +136,7 @@ def test_checkpoint_numels_reads_safetensors_headers(tmp_path):
     import json
     import struct
 
-    from hetero_shim.layer_costs import checkpoint_numels
+    from hetero_shim.planning.layer_costs import checkpoint_numels
 
     header = {"__metadata__": {"format": "pt"},
               "model.embed_tokens.weight": {"dtype": "F32", "shape": [10, 4], "data_offsets": [0, 160]},

@@ -7,8 +7,8 @@ import pytest
 
 from hetero_shim import affinity, run_state, settings, versions
 from hetero_shim.errors import HeteroConfigError
-from hetero_shim.patches import kv_cache_agreement, rank_process
-from hetero_shim.plan import Cpu, RankPlan, plan_to_json
+from hetero_shim.patches.startup import kv_cache_agreement, rank_process
+from hetero_shim.planning.plan import Cpu, RankPlan, plan_to_json
 
 
 @pytest.fixture
@@ -126,7 +126,7 @@ def test_gpu_rank_of_a_cpu_first_pipeline_gets_its_device(monkeypatch):
 def test_eager_only_where_graphs_cannot_hold_the_collectives(monkeypatch, graphs, user_eager, eager_after):
     """One-rank pipeline stages keep vLLM's graphs (graphs=True); GPU+CPU tensor parallelism runs
     eagerly; the user's own enforce_eager always stands. Async scheduling is off either way."""
-    from hetero_shim.patches import device_option
+    from hetero_shim.patches.startup import device_option
 
     monkeypatch.setattr(device_option.run_state, "set_env", lambda name, value: None)
     monkeypatch.delenv(device_option.V2_RUNNER, raising=False)

@@ -7,12 +7,13 @@ from __future__ import annotations
 import os
 
 import pytest
-from hypothesis import given, settings as hsettings
+from hypothesis import given
+from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
 from hetero_shim import settings
 from hetero_shim.errors import HeteroConfigError
-from hetero_shim.plan import format_id_list, parse_bind_list, parse_id_list
+from hetero_shim.planning.plan import format_id_list, parse_bind_list, parse_id_list
 
 TEXT = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=20)  # what an environment can hold
 ID_TEXT = st.text(alphabet="0123456789-, |abx+", max_size=16)

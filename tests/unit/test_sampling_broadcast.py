@@ -8,7 +8,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from hetero_shim.patches import sampling_sync  # noqa: E402
+from hetero_shim.patches.per_step import sampling_sync  # noqa: E402
 
 
 class FakeGroup:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 _gib = float(os.environ.get("FAKE_NUMA_GIB", "0") or 0)
 if _gib:
-    import hetero_shim.node as _node
+    import hetero_shim.planning.node as _node
 
     _root = Path(tempfile.mkdtemp(prefix="fake_numa_"))
     (_root / "node0").mkdir()

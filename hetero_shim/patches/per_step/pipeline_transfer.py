@@ -1,0 +1,75 @@
+"""Pipeline activations between a CUDA stage and a CPU stage, staged through pinned host memory.
+
+Targets ``GroupCoordinator.isend_tensor_dict`` and ``GroupCoordinator.irecv_tensor_dict``
+(``vllm.distributed.parallel_state``; ``send_tensor_dict``/``recv_tensor_dict`` call them).
+vLLM's V1 worker (``Worker.execute_model``) sends a stage's ``IntermediateTensors`` to the next
+stage with ``isend_tensor_dict``: the metadata (``TensorMetadata(device type, dtype, size)``)
+goes over the group's gloo ``cpu_group``, and each tensor over ``cpu_group`` if it is a CPU
+tensor, else over ``device_group``, with ``torch.distributed.isend`` directly (not through
+the device communicator). In heterogeneous mode with GPU ranks every group is gloo, which
+cannot send CUDA tensors, and the receiver would allocate ``device="cuda"`` buffers on a CPU
+rank. So, with GPU and CPU ranks in the world:
+- a sending CUDA rank copies each CUDA tensor into pinned host memory (one synchronisation),
+  and vLLM sends those host tensors (metadata says "cpu", tensors go over ``cpu_group``); the
+  pinned copies stay alive in vLLM's send handles until the next step waits on them;
+- a receiving CUDA rank (a GPU stage after a GPU stage) gets host tensors and copies them to
+  its device after the receive completes (one more post-processing step, after vLLM's own).
+CPU-only worlds (no GPU ranks) and GPU-only worlds are left alone: vLLM's own paths serve them.
+Only the last stage samples; the other stages get the sampled tokens from the scheduler
+(``CachedRequestData.new_token_ids``, filled because heterogeneous mode with GPU ranks turns
+async scheduling off), so no other tensor crosses between stages.
+Why: gloo has no CUDA send/recv, and vLLM assumes every stage is on the same kind of device.
+Runs every step, so it is ``hetero_only``: applied only in processes in heterogeneous mode.
+Remove when: vLLM supports pipeline stages on different devices (not as of 0.33.0).
+"""
+
+from __future__ import annotations
+
+from hetero_shim import run_state
+
+WHY = "gloo has no CUDA send/recv; vLLM sends CUDA IntermediateTensors over the device group"
+REMOVE_WHEN = "vLLM supports pipeline stages on different kinds of device (not as of 0.33.0)"
+
+
+def _this_rank_is_cuda(group) -> bool:
+    return getattr(getattr(group, "device", None), "type", None) == "cuda"
+
+
+def stage_cuda_tensors_on_host(wrapped, instance, args, kwargs):
+    """isend_tensor_dict: CUDA tensors are sent as pinned host copies."""
+    if not (run_state.current().mixed and _this_rank_is_cuda(instance)):
+        return wrapped(*args, **kwargs)
+    import torch
+
+    key = "tensor_dict"
+    tensor_dict = args[0] if args else kwargs[key]
+    staged = {}
+    for name, value in tensor_dict.items():
+        if isinstance(value, torch.Tensor) and value.is_cuda:
+            host = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
+            host.copy_(value, non_blocking=True)
+            value = host
+        staged[name] = value
+    torch.cuda.current_stream(instance.device).synchronize()
+    if args:
+        args = (staged, *args[1:])
+    else:
+        kwargs[key] = staged
+    return wrapped(*args, **kwargs)
+
+
+def received_tensors_to_device(wrapped, instance, args, kwargs):
+    """irecv_tensor_dict on a CUDA rank: host tensors from the previous stage move to this device."""
+    result = wrapped(*args, **kwargs)
+    if not (run_state.current().mixed and _this_rank_is_cuda(instance)):
+        return result
+    tensor_dict, handles, postprocess = result
+    if tensor_dict is None:
+        return result
+
+    def to_device(tensor_dict=tensor_dict, device=instance.device) -> None:
+        for name, value in list(tensor_dict.items()):
+            if getattr(value, "is_cuda", True) is False:
+                tensor_dict[name] = value.to(device)
+
+    return tensor_dict, handles, [*postprocess, to_device]

@@ -1,0 +1,1 @@
+"""Patches applied while vLLM starts an engine and its workers (configuration, processes, groups)."""

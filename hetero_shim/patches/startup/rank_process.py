@@ -1,0 +1,99 @@
+"""CPU-rank processes: each worker process learns its kind at spawn, and a CPU rank of a
+node with GPUs takes vLLM's CPU platform before anything binds ``current_platform``.
+
+Targets
+- ``WorkerProc.make_worker_process`` (``vllm.v1.executor.multiproc_executor``): around the
+  spawn of a CPU rank the engine core's environment gets ``HETERO_SHIM_RANK_KIND=cpu``; a GPU
+  rank of a pipeline whose CPU stages come first gets the local rank of its device; with a
+  CUDA build of vLLM also ``CUDA_VISIBLE_DEVICES=-1`` and the rank's OpenMP binding from the
+  rank plan (vLLM's own OMP manager is inactive when the engine core's platform is CUDA);
+  spawn copies it. With GPU and CPU ranks the engine core also confines itself, and tells each
+  worker which cores to confine itself to (hetero_shim/affinity.py).
+- ``resolve_current_platform_cls_qualname`` (``vllm.platforms``): in a CPU-rank process it
+  answers vLLM's CPU platform, so every ``from vllm.platforms import current_platform``
+  in that process gets the CPU platform.
+Why: vLLM resolves one platform per node; a CPU rank of a GPU node would otherwise run as CUDA.
+Remove when: vLLM supports per-rank platforms (not as of 0.33.0).
+"""
+
+from __future__ import annotations
+
+import os
+
+from hetero_shim import affinity, main_guard, run_state, settings, versions
+from hetero_shim.arguments import argument, with_argument
+from hetero_shim.logs import log
+from hetero_shim.planning import node
+from hetero_shim.planning.plan import format_id_list
+
+WHY = "vLLM resolves one platform per node; CPU ranks of a GPU node need the CPU platform"
+REMOVE_WHEN = "vLLM supports per-rank platforms (not as of 0.33.0)"
+CPU_PLATFORM = "vllm.platforms.cpu.CpuPlatform"
+
+
+def rank_environment(rank: int) -> dict[str, str]:
+    plan = run_state.plan()
+    confine = affinity.confines(plan)
+    if plan is None or plan.kind(rank) == "gpu":
+        env = {run_state.RANK_KIND: "gpu"}
+        if confine:
+            env[settings.PROCESS_CPUS] = format_id_list(affinity.reserved_cpus(plan))
+        return env
+    env = {run_state.RANK_KIND: "cpu"}
+    if not versions.is_cpu_build():  # the engine core runs the CUDA platform: bind here, hide the GPUs
+        # "-1", not "": vLLM keeps Triton on when CUDA_VISIBLE_DEVICES is empty (it reads that as
+        # Ray's transient state) and would run the sampler's Triton kernels on a CPU rank.
+        env["CUDA_VISIBLE_DEVICES"] = "-1"
+        # vLLM wraps small CPU helpers in torch.compile (inductor: a C++ build, about a minute at
+        # start-up); the CPU rank runs eagerly like the rest of a heterogeneous run.
+        env["TORCHDYNAMO_DISABLE"] = "1"
+        if "VLLM_CPU_SGL_KERNEL" not in os.environ and node.has_amx():
+            # vLLM's packed AMX GEMM (weight_packed_linear) streams bf16 weights faster than its oneDNN
+            # path (84.7 vs 70.0 GB/s at batch 1, 72.4 vs 51.0 at batch 16 on the 16-core H200 host);
+            # vLLM leaves it off by default. Other dtypes keep oneDNN (vLLM's own check).
+            env["VLLM_CPU_SGL_KERNEL"] = "1"
+        cores = plan.cpu_lists[plan.cpu_index(rank)] if plan.cpu_lists else ()
+        if cores:
+            env.update(OMP_NUM_THREADS=str(len(cores)), OMP_PLACES="{" + ",".join(map(str, cores)) + "}",
+                       OMP_PROC_BIND="true")
+            if confine:
+                env[settings.PROCESS_CPUS] = format_id_list(cores)
+            log.info("hetero_shim: CPU rank %d bound to cores %s", rank, format_id_list(cores))
+    return env
+
+
+_engine_core_confined = False
+
+
+def confine_engine_core() -> None:
+    """Before the first worker starts: the engine core moves to the reserved cores (once)."""
+    global _engine_core_confined
+    plan = run_state.plan()
+    if _engine_core_confined or not affinity.confines(plan):
+        return
+    _engine_core_confined = True
+    cpus = affinity.reserved_cpus(plan)
+    if affinity.confine_this_process(cpus):
+        log.info("hetero_shim: engine core and GPU-rank processes confined to reserved cores %s, off the CPU "
+                 "ranks' cores (%s=0 leaves them free)", format_id_list(cpus), settings.CONFINE)
+
+
+def spawn_with_rank_environment(wrapped, instance, args, kwargs):
+    if not run_state.heterogeneous():
+        return wrapped(*args, **kwargs)
+    rank = argument(args, kwargs, 2, "rank")
+    plan = run_state.plan()
+    if plan is not None and plan.cpu_first and plan.kind(rank) == "gpu":
+        # vLLM gives rank r the local rank r, i.e. cuda:r; with the CPU stages first the GPU ranks
+        # are the top ranks, and their devices are 0 .. gpu_ranks-1
+        args, kwargs = with_argument(args, kwargs, 1, "local_rank", plan.gpu_index(rank))
+    confine_engine_core()
+    unguarded = os.environ.get(settings.UNGUARDED_MAIN) == "1"
+    with settings.environ_set(rank_environment(rank)), main_guard.main_hidden(unguarded):
+        return wrapped(*args, **kwargs)
+
+
+def cpu_platform_in_cpu_ranks(wrapped, instance, args, kwargs):
+    if run_state.current().cpu_rank:
+        return CPU_PLATFORM
+    return wrapped(*args, **kwargs)

@@ -1,0 +1,74 @@
+"""Worker selection: ranks at or beyond the number of GPU ranks get vLLM's CPU worker class.
+
+Targets ``WorkerWrapperBase.init_worker`` (``vllm.v1.worker.worker_base``), which resolves
+``parallel_config.worker_cls`` in each worker process before constructing the worker.
+A CPU rank's own copy of the config also gets the CPU device and its KV cache budget from the
+rank plan (``hetero_shim.planning.kv_budget``).
+Why: vLLM picks one worker class for all ranks, from the one platform of the node.
+Remove when: vLLM selects a worker class per rank (not as of 0.33.0).
+"""
+
+from __future__ import annotations
+
+from hetero_shim import run_state
+from hetero_shim.logs import log
+
+WHY = "vLLM uses one worker class for every rank"
+REMOVE_WHEN = "vLLM chooses the worker class per rank (not as of 0.33.0)"
+
+
+def cpu_worker_for_cpu_ranks(cpu_worker_cls: str):
+    """Build the wrapper for a release whose CPU worker class is ``cpu_worker_cls``."""
+
+    def select_worker_class(wrapped, instance, args, kwargs):
+        plan = run_state.plan() if run_state.heterogeneous() else None
+        if plan is not None:
+            all_kwargs = args[0] if args else kwargs["all_kwargs"]
+            worker_kwargs = all_kwargs[instance.rpc_rank]
+            rank = worker_kwargs["rank"]
+            if plan.kind(rank) == "cpu":
+                config = worker_kwargs["vllm_config"]
+                if config.parallel_config.worker_cls != cpu_worker_cls:
+                    log.info("hetero_shim: rank %d uses %s", rank, cpu_worker_cls)
+                config.parallel_config.worker_cls = cpu_worker_cls
+                _cpu_device(config.device_config)
+                _cpu_kv_budget(config.cache_config, plan, rank)
+                _eager(config)
+        return wrapped(*args, **kwargs)
+
+    return select_worker_class
+
+
+def _cpu_kv_budget(cache_config, plan, rank: int) -> None:
+    """The CPU rank's KV budget from the plan (planned in the parent: kv_budget.py), set on this
+    rank's own copy of the config before vLLM builds its CPUWorker; an explicit size also skips
+    vLLM's start-up check of gpu_memory_utilization against the host."""
+    if plan.kv_budgets:
+        cache_config.kv_cache_memory_bytes = plan.kv_budgets[plan.cpu_index(rank)]
+        log.info("hetero_shim: CPU rank %d KV cache budget %d bytes (%s)", rank, cache_config.kv_cache_memory_bytes,
+                 plan.kv_source)
+
+
+def _eager(config) -> None:
+    """A CPU rank runs eagerly, whatever the GPU ranks of the run compile and capture. The config was
+    made for the GPU platform (vLLM's CPU platform never adjusted it), so without this a CPU rank
+    would compile, pad batches to CUDA-graph sizes and use the compiled path's native custom ops."""
+    from vllm.config import CompilationMode, CUDAGraphMode
+
+    config.model_config.enforce_eager = True
+    cc = config.compilation_config
+    cc.mode = CompilationMode.NONE
+    cc.cudagraph_mode = CUDAGraphMode.NONE
+    cc.cudagraph_capture_sizes = []
+    cc.max_cudagraph_capture_size = 0
+    cc.compile_sizes = []
+    cc.custom_ops = ["all" if op == "none" else op for op in cc.custom_ops]
+    cc.ir_enable_torch_wrap = False
+
+
+def _cpu_device(device_config) -> None:
+    """The engine config was made on a GPU node: this rank's model and tensors live on the CPU."""
+    import torch
+
+    device_config.device = torch.device("cpu")
+    device_config.device_type = "cpu"

@@ -1,0 +1,1 @@
+"""Rank planning: pure functions of what the node offers and what the user asked for."""

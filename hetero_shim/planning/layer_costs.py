@@ -1,0 +1,143 @@
+"""GPU memory a pipeline stage needs per decoder layer, for the automatic GPU/CPU layer split.
+
+Reads what vLLM's engine config already knows (duck-typed: model path, dtype, shapes, cache
+settings) and the checkpoint's safetensors headers (only the JSON header of each file, no
+weights). An estimate, deliberately on the safe side:
+- weights: the largest decoder layer of the checkpoint at the run's dtype (from the hf config
+  if there are no local safetensors files), divided by the stage's TP size;
+- KV cache: ``max_model_len`` tokens per layer (vLLM needs room for one full-length request),
+  or ``kv_cache_memory_bytes`` as a fixed amount when the user set it;
+- fixed: every non-layer weight except ``lm_head`` (embeddings sit on stage 0), plus 1 GiB
+  for the CUDA context and allocator slack, plus activations of ``max_num_batched_tokens``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from hetero_shim.planning.layer_split import GIB
+
+_LAYER = re.compile(r"\.layers\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class GpuLayerCosts:
+    budget: int  # bytes the GPU stage may use
+    fixed: int  # bytes needed whatever the number of layers
+    per_layer_weights: int
+    per_layer_kv: int  # 0 when kv_cache_memory_bytes is part of ``fixed``
+    how: str  # where the numbers came from
+
+    def fits(self, with_kv: bool = True) -> int:
+        per = self.per_layer_weights + (self.per_layer_kv if with_kv else 0)
+        return max(0, (self.budget - self.fixed) // max(1, per))
+
+    def describe(self) -> str:
+        kv = f" + KV {self.per_layer_kv / GIB:.3f}" if self.per_layer_kv else ""
+        return (f"budget {self.budget / GIB:.1f} GiB, fixed {self.fixed / GIB:.2f} GiB, per layer "
+                f"{self.per_layer_weights / GIB:.3f}{kv} GiB; {self.how}")
+
+
+def checkpoint_numels(model_dir: str) -> tuple[dict[int, int], int] | None:
+    """(elements per decoder layer, elements outside the layers except lm_head) from safetensors headers."""
+    files = sorted(Path(model_dir).glob("*.safetensors")) if Path(model_dir).is_dir() else []
+    if not files:
+        return None
+    per_layer: dict[int, int] = {}
+    other = 0
+    for path in files:
+        with open(path, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(size))
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            numel = 1
+            for d in info["shape"]:
+                numel *= d
+            match = _LAYER.search(name)
+            if match:
+                per_layer[int(match.group(1))] = per_layer.get(int(match.group(1)), 0) + numel
+            elif "lm_head" not in name:
+                other += numel
+    return per_layer, other
+
+
+def config_numels(hf) -> tuple[int, int]:
+    """(elements of one decoder layer, of the embeddings) from an hf config, gated MLP assumed."""
+    h = hf.hidden_size
+    heads = hf.num_attention_heads
+    head_dim = getattr(hf, "head_dim", None) or h // heads
+    kv = getattr(hf, "num_key_value_heads", None) or heads
+    inter = getattr(hf, "intermediate_size", None) or getattr(hf, "ffn_dim", None) or 4 * h
+    attn = 2 * h * heads * head_dim + 2 * h * kv * head_dim
+    return attn + 3 * h * inter + 4 * h, hf.vocab_size * h + getattr(hf, "max_position_embeddings", 0) * h
+
+
+def gpu_layer_costs(vllm_config, total_gpu_memory: int) -> GpuLayerCosts:
+    model, cache, par, sched = (vllm_config.model_config, vllm_config.cache_config, vllm_config.parallel_config,
+                                vllm_config.scheduler_config)
+    elem = _itemsize(model.dtype)
+    tp = par.tensor_parallel_size
+    numels = checkpoint_numels(str(model.model))
+    if numels and numels[0]:
+        layer, other = max(numels[0].values()), numels[1]
+        how = "weights from the safetensors headers"
+    else:
+        layer, other = config_numels(model.hf_text_config)
+        how = "weights estimated from the model config"
+    hf = model.hf_text_config
+    activations = sched.max_num_batched_tokens * max(hf.hidden_size, getattr(hf, "intermediate_size", 0) or 0) * elem
+    fixed = GIB + other * elem + 4 * activations
+    kv_elem = elem if cache.cache_dtype in (None, "auto") else _itemsize(cache.cache_dtype)
+    per_token = 2 * model.get_num_kv_heads(par) * model.get_head_size() * kv_elem
+    per_layer_kv = per_token * model.max_model_len
+    if getattr(cache, "kv_cache_memory_bytes", None):
+        fixed += cache.kv_cache_memory_bytes
+        per_layer_kv = 0
+        how += f"; KV cache kv_cache_memory_bytes={cache.kv_cache_memory_bytes}"
+    else:
+        how += f"; KV cache for max_model_len={model.max_model_len} tokens per layer"
+    budget = int(cache.gpu_memory_utilization * total_gpu_memory)
+    return GpuLayerCosts(budget, fixed, layer * elem // tp, per_layer_kv, how)
+
+
+def cpu_rank_needs(vllm_config, plan) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(bytes of weights, KV bytes per token) of each CPU rank of ``plan``, in CPU-rank order.
+
+    A rank of pipeline stage s holds that stage's layers (the embeddings on the first stage, the
+    LM head, a copy when the embeddings are tied, on the last), all divided by the TP size."""
+    model, cache, par = vllm_config.model_config, vllm_config.cache_config, vllm_config.parallel_config
+    elem = _itemsize(model.dtype)
+    hf = model.hf_text_config
+    numels = checkpoint_numels(str(model.model))
+    if numels and numels[0]:
+        per_layer, other = max(numels[0].values()), numels[1]
+    else:
+        per_layer, other = config_numels(hf)
+    head = hf.vocab_size * hf.hidden_size
+    kv_elem = elem if cache.cache_dtype in (None, "auto") else _itemsize(cache.cache_dtype)
+    per_token_layer = 2 * model.get_num_kv_heads(par) * model.get_head_size() * kv_elem
+    layers = plan.layers or (model.get_total_num_hidden_layers(),)
+    tp = plan.world_size // plan.pp_size
+    weights, per_token = [], []
+    for rank in plan.cpu_ranks:
+        stage = plan.stage(rank)
+        numel = layers[stage] * per_layer + (other if stage == 0 else 0) + (head if stage == len(layers) - 1 else 0)
+        weights.append(numel * elem // tp)
+        per_token.append(layers[stage] * per_token_layer)
+    return tuple(weights), tuple(per_token)
+
+
+def _itemsize(dtype) -> int:
+    import torch
+
+    if isinstance(dtype, str):
+        name = {"half": "float16", "float": "float32", "fp8": "float8_e4m3fn"}.get(dtype, dtype)
+        name = "float8_e4m3fn" if name.startswith("fp8") else name
+        dtype = getattr(torch, name, torch.float16)
+    return torch.empty((), dtype=dtype).element_size()
