@@ -11,12 +11,12 @@ on 16 cores with 1 CPU rank: 3 and 13), else (or ``--cores even``) in equal bloc
 the same run, on the same processes, fp32 tensors:
 - ``gloo .cpu()``: the naive path (unpinned device-to-host copy, gloo, copy back) = baseline;
 - ``gloo pinned``: HeteroCommunicator with HETERO_SHIM_COLLECTIVES=gloo (pinned staging + gloo);
-- ``shm``: HeteroCommunicator with HETERO_SHIM_COLLECTIVES=shm (hetero_shim.shm_collectives;
+- ``shm``: HeteroCommunicator with HETERO_SHIM_COLLECTIVES=shm (hetero_shim.collectives.shm;
   the GPU rank copies into the CUDA-registered segment, and its all-reduce waits on its CUDA
-  stream: hetero_shim.shm_gpu_stream);
+  stream: hetero_shim.collectives.gpu_stream);
 - ``shm no fused`` (``--gpu-rank`` only): the same with HETERO_SHIM_SHM_FUSED_KERNEL=0 (with one
   CPU rank the GPU rank queues a copy, a flag write, a stream wait and an add instead of one fused
-  kernel, hetero_shim.cuda_fused_allreduce; with more CPU ranks it waits on the host);
+  kernel, hetero_shim.collectives.fused_kernel; with more CPU ranks it waits on the host);
 - ``shm host waits`` (``--gpu-rank`` only): the same with HETERO_SHIM_SHM_STREAM_OPS=0 (the GPU
   rank's host thread waits for its copy and for the peers: the previous design);
 - ``vLLM CPU SHM``: vLLM's own CPU communicator (its C++ shared-memory all-reduce), only when every
@@ -173,7 +173,7 @@ def worker(rank: int, world: int, init_file: str, opts, results_path: str) -> No
 
     torch.set_num_threads(len(cores))
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    from hetero_shim.comm import HeteroCommunicator
+    from hetero_shim.collectives.communicator import HeteroCommunicator
 
     group = dist.new_group(list(range(world)), backend="gloo")
     use_gpu = opts.gpu_rank and rank == 0

@@ -356,7 +356,7 @@ COMM_CLASSES = (
     ("vllm.distributed.device_communicators.base_device_communicator", "DeviceCommunicatorBase"),
     ("vllm.distributed.device_communicators.cpu_communicator", "CpuCommunicator"),
     ("vllm.distributed.device_communicators.cuda_communicator", "CudaCommunicator"),
-    ("hetero_shim.comm", "HeteroCommunicator"),
+    ("hetero_shim.collectives.communicator", "HeteroCommunicator"),
 )
 
 

@@ -1,8 +1,8 @@
 """The GPU rank's shared-memory all-reduce against CPU peers, every path (needs a GPU; no vLLM).
 
 For each entry of --shm-cpu-ranks (default 1,3), spawned processes: group rank 0 on cuda:0, the
-others on the CPU, meeting through ``hetero_shim.shm_collectives.for_group`` as heterogeneous mode
-does. For each GPU-rank path (``fused kernel``: hetero_shim.cuda_fused_allreduce; ``no fused``:
+others on the CPU, meeting through ``hetero_shim.collectives.factory.for_group`` as heterogeneous mode
+does. For each GPU-rank path (``fused kernel``: hetero_shim.collectives.fused_kernel; ``no fused``:
 HETERO_SHIM_SHM_FUSED_KERNEL=0, i.e. four stream operations with one CPU rank, host waits with
 more; ``64 KiB slots``: the default path with slots so small that most checks go through in
 pieces, up to 256 of them per call; ``host waits``: HETERO_SHIM_SHM_STREAM_OPS=0) it checks:
@@ -82,7 +82,7 @@ def worker(rank: int, world: int, init: str, results: str, cpu_only: bool) -> No
     import torch.distributed as dist
 
     from hetero_shim import settings
-    from hetero_shim import shm_collectives as shm
+    from hetero_shim.collectives import factory, shm
 
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
     group = dist.new_group(list(range(world)), backend="gloo")
@@ -92,7 +92,7 @@ def worker(rank: int, world: int, init: str, results: str, cpu_only: bool) -> No
     rows = []
     for path, (stream_ops, fused, slot) in PATHS.items():
         with settings.environ_set({settings.SHM_FUSED_KERNEL: fused}):
-            comm = shm.for_group(group, list(range(world)), rank, world, device, mode="shm", stream_ops=stream_ops,
+            comm = factory.for_group(group, list(range(world)), rank, world, device, mode="shm", stream_ops=stream_ops,
                                  timeout_s=30, slot=slot)
         loaded = getattr(comm, "fused_kernel", False)
         for name, check in checks(comm, rank, world, device, group):

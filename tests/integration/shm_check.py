@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from hetero_shim import shm_collectives as shm
+from hetero_shim.collectives import factory, shm
 from hetero_shim.errors import HeteroConfigError
 
 SLOT = 16 << 10  # small slots: pieces and chunked reductions are exercised at small sizes
@@ -72,9 +72,9 @@ def check_other_host(rank: int, world: int) -> None:
     if rank == world - 1:
         shm.host_identity = lambda: "elsewhere/0"
     try:
-        assert shm.for_group(dist.group.WORLD, list(range(world)), rank, world, torch.device("cpu"), mode="auto") is None
+        assert factory.for_group(dist.group.WORLD, list(range(world)), rank, world, torch.device("cpu"), mode="auto") is None
         try:
-            shm.for_group(dist.group.WORLD, list(range(world)), rank, world, torch.device("cpu"), mode="shm")
+            factory.for_group(dist.group.WORLD, list(range(world)), rank, world, torch.device("cpu"), mode="shm")
             raise AssertionError("shm was forced across hosts without an error")
         except HeteroConfigError as e:
             assert "HETERO_SHIM_COLLECTIVES=shm, but shared-memory collectives cannot be used: ranks are on 2 hosts" in str(e), e
@@ -87,11 +87,11 @@ def check_exact(rank: int, world: int) -> None:
     group = dist.group.WORLD
     cpu = torch.device("cpu")
     # rank 0 is not a reducer: the GPU rank's role (contributes, sums no chunk), exercised on the CPU
-    comm = shm.for_group(group, list(range(world)), rank, world, cpu, mode="shm", slot=SLOT, timeout_s=60,
+    comm = factory.for_group(group, list(range(world)), rank, world, cpu, mode="shm", slot=SLOT, timeout_s=60,
                          reducer=rank != 0, label="check", chunked_min_bytes=CHUNKED_MIN)
     assert comm is not None
     # a second, concurrent group on the same ranks: its own segment, interleaved calls
-    other = shm.for_group(dist.new_group(list(range(world)), backend="gloo"), list(range(world)), rank, world, cpu,
+    other = factory.for_group(dist.new_group(list(range(world)), backend="gloo"), list(range(world)), rank, world, cpu,
                           mode="shm", slot=4096, timeout_s=60, label="other")
     seed = 0
     sizes = [1, 7, 1000, 1023, 2049, SLOT // 4, SLOT // 4 + 3, 3 * SLOT // 2 + 5, 5 * SLOT]  # elements
@@ -131,7 +131,7 @@ def check_exact(rank: int, world: int) -> None:
     # no slot given and HETERO_SHIM_SHM_SLOT_MB unset (test_shm_collectives runs this without it): the
     # group-size default, taken from rank 0, while /dev/shm has room for twice the segment
     os.environ.pop("HETERO_SHIM_SHM_SLOT_MB", None)
-    default = shm.for_group(dist.new_group(list(range(world)), backend="gloo"), list(range(world)), rank, world, cpu,
+    default = factory.for_group(dist.new_group(list(range(world)), backend="gloo"), list(range(world)), rank, world, cpu,
                             mode="shm", timeout_s=60, label="default")
     assert default.slot == {2: 16 << 20}.get(world, 8 << 20), default.slot
     base = torch.arange(5 * (default.slot // 4) // 2 + 1, dtype=torch.float32) % 1000  # 2.5 slots: three pieces
@@ -155,7 +155,7 @@ def check_exact(rank: int, world: int) -> None:
 
 def check_stuck(rank: int, world: int) -> None:
     group = dist.group.WORLD
-    comm = shm.for_group(group, list(range(world)), rank, world, torch.device("cpu"), mode="shm", timeout_s=3)
+    comm = factory.for_group(group, list(range(world)), rank, world, torch.device("cpu"), mode="shm", timeout_s=3)
     assert comm is not None
     comm.all_reduce(torch.ones(8))
     if rank == world - 1:
@@ -179,7 +179,7 @@ def check_stuck(rank: int, world: int) -> None:
 
 def check_killed(rank: int, world: int) -> None:
     group = dist.group.WORLD
-    comm = shm.for_group(group, list(range(world)), rank, world, torch.device("cpu"), mode="shm", timeout_s=120)
+    comm = factory.for_group(group, list(range(world)), rank, world, torch.device("cpu"), mode="shm", timeout_s=120)
     assert comm is not None
     comm.all_reduce(torch.ones(8))
     if rank == world - 1:

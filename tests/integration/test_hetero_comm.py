@@ -15,7 +15,7 @@ SCRIPT = textwrap.dedent(
 
     def worker(rank, init_file, mode):
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-        from hetero_shim.comm import HeteroCommunicator, local_only
+        from hetero_shim.collectives.communicator import HeteroCommunicator, local_only
         comm = HeteroCommunicator(cpu_group=dist.group.WORLD, device=torch.device("cpu"),
                                   device_group=dist.group.WORLD, collectives=mode)
         assert (comm.shm is None) == (mode == "gloo"), (mode, comm.shm)

@@ -1,4 +1,4 @@
-"""Shared-memory collectives (hetero_shim.shm_collectives) on 2 and 3 real processes with gloo.
+"""Shared-memory collectives (hetero_shim.collectives.shm) on 2 and 3 real processes with gloo.
 
 The worker script (shm_check.py) checks results bit for bit; here each scenario runs in its own
 session, must leave no process and no segment in /dev/shm behind."""

@@ -1,4 +1,4 @@
-"""The fused GPU all-reduce kernel (hetero_shim.cuda_fused_allreduce): its source compiles with
+"""The fused GPU all-reduce kernel (hetero_shim.collectives.fused_kernel): its source compiles with
 NVRTC for the GPUs it may meet, and loading it never raises (it is optional).
 
 The compile test needs libnvrtc (the CUDA builds of torch install it; on a CPU-only machine:
@@ -7,7 +7,7 @@ GPU: bench/allreduce.py --gpu-rank checks its sums, bits and back-to-back use on
 
 import pytest
 
-from hetero_shim import cuda_fused_allreduce as fused
+from hetero_shim.collectives import fused_kernel as fused
 
 
 def _nvrtc_or_skip():

@@ -9,7 +9,8 @@ import pytest
 from hetero_shim import settings
 from hetero_shim.errors import HeteroConfigError
 
-shm = pytest.importorskip("hetero_shim.shm_collectives")
+shm = pytest.importorskip("hetero_shim.collectives.shm")
+factory = pytest.importorskip("hetero_shim.collectives.factory")
 
 
 def test_collectives_setting(monkeypatch):
@@ -27,7 +28,7 @@ def test_shm_numbers(monkeypatch):
     monkeypatch.delenv(settings.SHM_TIMEOUT, raising=False)
     monkeypatch.delenv(settings.SHM_SLOT_MB, raising=False)
     assert settings.shm_timeout_seconds() == 300.0
-    assert settings.shm_slot_bytes() is None  # unset: shm_collectives.default_slot decides per group
+    assert settings.shm_slot_bytes() is None  # unset: collectives.shm.default_slot decides per group
     monkeypatch.setenv(settings.SHM_SLOT_MB, "4")
     assert settings.shm_slot_bytes() == 4 << 20
     monkeypatch.setenv(settings.SHM_SLOT_MB, "0.001")
@@ -80,7 +81,7 @@ def test_stream_ops_setting(monkeypatch):
 
 def test_stream_ops_load_without_a_cuda_driver_says_why_not():
     """On a host without libcuda (CI) loading gives (None, reason), never an exception; with one, ops or a reason."""
-    from hetero_shim import cuda_stream_ops
+    from hetero_shim.collectives import stream_ops as cuda_stream_ops
 
     ops, why = cuda_stream_ops.load(0)
     assert (ops is None) != (why is None)
@@ -120,35 +121,35 @@ def test_segment_layout_fits_the_flags():
 
 
 def test_stream_ordered_bookkeeping_waits_for_and_releases_only_the_peer(monkeypatch):
-    """The host-side part of hetero_shim.shm_gpu_stream (no GPU needed): settling waits for the
+    """The host-side part of hetero_shim.collectives.gpu_stream (no GPU needed): settling waits for the
     peer's arrival at the queued operation and checks signatures; releasing after an error lifts
     only a peer flag still below the awaited value, and close() releases what is queued."""
     import mmap
 
     import torch
 
-    from hetero_shim.shm_gpu_stream import RELEASED, StreamOrderedShm
+    from hetero_shim.collectives.gpu_stream import RELEASED, StreamOrderedShm
 
     _, size = shm.segment_bytes(2, 4096)
     mm = mmap.mmap(-1, size)
     comm = StreamOrderedShm(mm, rank=0, world=2, slot=4096, reducers=[1], peers={1: (None, None)},
                             device=torch.device("cpu"), timeout_s=5.0)
     assert not comm.stream_ordered  # no CUDA here: the base class's host waiting
-    peer_arrive = comm._flag_index(1, shm._ARRIVE)
+    peer_arrive = comm._flag_index(1, shm.ARRIVE)
     sig = comm._signature(1, torch.float32, 64)
     for rank in (0, 1):
-        comm._flags[comm._flag_index(rank, shm._SIG + 1)] = sig
+        comm._flags[comm._flag_index(rank, shm.SIG + 1)] = sig
     waited = []
     monkeypatch.setattr(comm, "_wait", lambda which, seq, ranks, what: waited.append((which, seq, ranks)))
     comm._queued = (3, sig, 0)
     comm._settle_conditions()
-    assert waited == [(shm._ARRIVE, 3, [1])] and comm._queued is None
+    assert waited == [(shm.ARRIVE, 3, [1])] and comm._queued is None
 
     comm._flags[peer_arrive] = 2
     comm._queued = (3, sig, 0)
     comm._release_stream()
     assert comm._flags[peer_arrive] == RELEASED and comm._queued is None
-    assert comm._flags[comm._flag_index(0, shm._RELEASE)] == RELEASED  # the fused kernel's own release flag
+    assert comm._flags[comm._flag_index(0, shm.RELEASE)] == RELEASED  # the fused kernel's own release flag
 
     comm._flags[peer_arrive] = 5  # already past the awaited value: left alone
     comm._queued = (4, sig, 0)
@@ -171,7 +172,7 @@ def test_stream_ordered_bookkeeping_in_a_larger_group_touches_no_peer_flag(monke
 
     import torch
 
-    from hetero_shim.shm_gpu_stream import RELEASED, StreamOrderedShm
+    from hetero_shim.collectives.gpu_stream import RELEASED, StreamOrderedShm
 
     _, size = shm.segment_bytes(4, 1 << 20)
     comm = StreamOrderedShm(mmap.mmap(-1, size), rank=1, world=4, slot=1 << 20, reducers=[0, 2, 3],
@@ -182,12 +183,12 @@ def test_stream_ordered_bookkeeping_in_a_larger_group_touches_no_peer_flag(monke
     monkeypatch.setattr(comm, "_check_signatures", lambda seq, sig, what: None)
     comm._queued = (3, 0, 0)
     comm._settle_conditions()
-    assert waited == [(shm._ARRIVE, 3, [0, 2, 3])]
-    before = [comm._flags[comm._flag_index(q, shm._ARRIVE)] for q in range(4)]
+    assert waited == [(shm.ARRIVE, 3, [0, 2, 3])]
+    before = [comm._flags[comm._flag_index(q, shm.ARRIVE)] for q in range(4)]
     comm._queued = (4, 0, 0)
     comm._release_stream()
-    assert [comm._flags[comm._flag_index(q, shm._ARRIVE)] for q in range(4)] == before
-    assert comm._flags[comm._flag_index(1, shm._RELEASE)] == RELEASED and comm._queued is None
+    assert [comm._flags[comm._flag_index(q, shm.ARRIVE)] for q in range(4)] == before
+    assert comm._flags[comm._flag_index(1, shm.RELEASE)] == RELEASED and comm._queued is None
     comm.close()
 
 
@@ -198,7 +199,7 @@ def test_stream_ordered_form_only_with_one_gpu_rank_per_group(monkeypatch, other
     exchanges are faked: the peer reports the given device; no GPU needed."""
     import torch
 
-    from hetero_shim.shm_gpu_stream import StreamOrderedShm
+    from hetero_shim.collectives.gpu_stream import StreamOrderedShm
 
     def all_gather_object(out, obj, group=None):
         if not isinstance(obj, dict):  # the second exchange: set-up errors (none here)
@@ -209,7 +210,7 @@ def test_stream_ordered_form_only_with_one_gpu_rank_per_group(monkeypatch, other
     monkeypatch.setattr(shm.dist, "all_gather_object", all_gather_object)
     monkeypatch.setattr(shm.dist, "broadcast_object_list", lambda objs, src=0, group=None: None)
     monkeypatch.setattr(shm.ShmCollectives, "_register_cuda", lambda self: None)  # no CUDA here
-    comm = shm.for_group(None, [0, 1], 0, 2, torch.device("cuda"), mode="shm", stream_ops=True)
+    comm = factory.for_group(None, [0, 1], 0, 2, torch.device("cuda"), mode="shm", stream_ops=True)
     try:
         assert isinstance(comm, StreamOrderedShm) is stream_ordered
     finally:

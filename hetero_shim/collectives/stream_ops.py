@@ -1,7 +1,7 @@
 """CUDA stream memory operations through the driver API (ctypes): a stream writes a 64-bit value
 to memory, or waits until a 64-bit value in memory reaches a number.
 
-Why: the GPU rank of a shared-memory collective (``hetero_shim.shm_gpu_stream``) must publish
+Why: the GPU rank of a shared-memory collective (``hetero_shim.collectives.gpu_stream``) must publish
 "my data is in the segment" only after its device-to-host copy has landed, and must copy the
 peers' data in only after they have published theirs. Done from the host thread, that costs a
 stream synchronize per collective (the host thread waits for every kernel queued before it) and

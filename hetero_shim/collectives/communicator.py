@@ -8,7 +8,7 @@ every rank uses the same algorithm: CUDA tensors cross to the host through pinne
 buffers (unpinned device-to-host copies measured 0.9 GB/s on the H100 versus 54 GB/s pinned),
 and the collective runs on the group's gloo CPU group. When every rank of the group is on this
 host, all-reduce, broadcast and all-gather (and gather/reduce_scatter, built on them) run through a
-shared-memory segment instead (``hetero_shim.shm_collectives``; the GPU rank copies straight into
+shared-memory segment instead (``hetero_shim.collectives.shm``; the GPU rank copies straight into
 it): ``HETERO_SHIM_COLLECTIVES=auto`` (default) decides at construction, ``shm`` or ``gloo`` forces.
 
 While a rank runs a warm-up or profiling dummy pass (``local_only()``), collectives are
@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from vllm.distributed.device_communicators.base_device_communicator import DeviceCommunicatorBase
 
-from hetero_shim import shm_collectives
+from hetero_shim.collectives import factory
 
 _local = threading.local()
 
@@ -52,7 +52,7 @@ class HeteroCommunicator(DeviceCommunicatorBase):
         rank's shared-memory all-reduce waits on its stream (default: HETERO_SHIM_SHM_STREAM_OPS)."""
         super().__init__(cpu_group, device, device_group, unique_name, **kwargs)
         self._pinned: dict[tuple[torch.dtype, int], torch.Tensor] = {}
-        self.shm = shm_collectives.for_group(self.cpu_group, self.ranks, self.rank_in_group, self.world_size,
+        self.shm = factory.for_group(self.cpu_group, self.ranks, self.rank_in_group, self.world_size,
                                              self.device, mode=collectives, label=unique_name,
                                              stream_ops=stream_ops)
 

@@ -1,11 +1,11 @@
 """One CUDA kernel for the GPU rank's part of a shared-memory all-reduce (``FusedAllReduce``).
 
-Why: the stream-ordered all-reduce (``hetero_shim.shm_gpu_stream``) queued four operations per
+Why: the stream-ordered all-reduce (``hetero_shim.collectives.gpu_stream``) queued four operations per
 call (copy into the segment, ``cuStreamWriteValue64``, ``cuStreamWaitValue64``, an add reading
 the segment): four host calls of 3-10 us each on the H100 host, and 28-32 us of device time
 for an 8 KiB piece (bench/README.md, profile of run 9): 79 us per 8 KiB all-reduce; issue 4
 wants 50. This kernel does the steps in one launch, with the protocol of
-``hetero_shim.shm_collectives``, so the CPU ranks cannot tell:
+``hetero_shim.collectives.shm``, so the CPU ranks cannot tell:
 
 1. every thread copies its elements of ``src`` (16-byte vectors when aligned) into this rank's
    piece of the segment (stores to mapped host memory over PCIe), then fences them at system scope;
@@ -43,7 +43,7 @@ import sys
 
 import torch
 
-from hetero_shim.cuda_stream_ops import _check, driver
+from hetero_shim.collectives.stream_ops import _check, driver
 
 THREADS = 512
 BLOCK_BYTES = THREADS * 16  # one 16-byte vector per thread and phase: no thread waits on two PCIe loads in turn
@@ -104,7 +104,7 @@ typedef Add16<f16_to_float, float_to_f16> AddF16;
 // vec: src, out and every piece are 16-byte aligned, so whole 16-byte vectors move at once (the
 // tail of fewer than 16 bytes, and everything when not aligned, element by element).
 // The sum is ((p0 + p1) + p2) + ..., rounded to T after each addition: what every CPU rank
-// computes (hetero_shim.shm_collectives), so every rank holds the same bits.
+// computes (hetero_shim.collectives.shm), so every rank holds the same bits.
 template <class K>
 __device__ void all_reduce(const typename K::T* __restrict__ src, typename K::T* __restrict__ out,
                            typename K::T* area, long long* flags, const long long* release,

@@ -5,7 +5,7 @@ on the H100 (issue 4 wants 50 us): its host thread copies its input into the seg
 the copy (a stream synchronize, behind every kernel queued before), publishes its flag, spins for
 the peers, and only then queues the copy back. Here the host thread only queues work on the
 current stream, in stream order with the kernels around it:
-- by default one kernel (``hetero_shim.cuda_fused_allreduce``) for tensors of fp32, bf16 or fp16
+- by default one kernel (``hetero_shim.collectives.fused_kernel``) for tensors of fp32, bf16 or fp16
   up to ``ZERO_COPY_MAX_BYTES`` (2-rank groups) or below the chunked size (larger groups): it
   copies the input into the segment, publishes the flag, waits for every peer and sums in rank
   order. H100, run 11: 8 KiB between 1 GPU and 1 CPU rank 29-43 us;
@@ -49,9 +49,10 @@ from __future__ import annotations
 
 import torch
 
-from hetero_shim import cuda_fused_allreduce, cuda_stream_ops, settings
+from hetero_shim.collectives import fused_kernel as cuda_fused_allreduce, stream_ops as cuda_stream_ops
+from hetero_shim import settings
 from hetero_shim.logs import log
-from hetero_shim.shm_collectives import _ARRIVE, _RELEASE, _SIG, FLAG_STRIDE, ShmCollectives
+from hetero_shim.collectives.shm import ARRIVE, RELEASE, SIG, FLAG_STRIDE, ShmCollectives
 
 RELEASED = 1 << 62  # written into awaited flags after an error: every pending stream wait passes
 # 2-rank groups: up to this the GPU reads the peer's piece over PCIe (fused kernel or add); above: DMA copy first
@@ -73,7 +74,7 @@ class StreamOrderedShm(ShmCollectives):
     groups: the fused kernel (one launch whatever the group size) for tensors below the chunked
     size, host waits otherwise and without it (four operations per peer measured slower than
     host waits, see the module docstring). This class decides the form by group size;
-    ``shm_collectives.for_group`` gives it only to the one GPU rank of a group (several GPU
+    ``factory.for_group`` gives it only to the one GPU rank of a group (several GPU
     ranks polling each other through host memory was never run)."""
 
     def __init__(self, *args, **kwargs):
@@ -142,7 +143,7 @@ class StreamOrderedShm(ShmCollectives):
         if self._queued is None:
             return
         seq, sig, _ = self._queued
-        self._wait(_ARRIVE, seq, self._peers, "all_reduce")
+        self._wait(ARRIVE, seq, self._peers, "all_reduce")
         self._check_signatures(seq, sig, "all_reduce")
         self._queued = None
 
@@ -162,9 +163,9 @@ class StreamOrderedShm(ShmCollectives):
         reads it)."""
         if self._queued is None or self._mm is None:
             return
-        self._flags[self._flag_index(self.rank, _RELEASE)] = RELEASED
+        self._flags[self._flag_index(self.rank, RELEASE)] = RELEASED
         if self.world == 2:
-            index = self._flag_index(self._peers[0], _ARRIVE)
+            index = self._flag_index(self._peers[0], ARRIVE)
             if self._flags[index] < self._queued[0]:
                 self._flags[index] = RELEASED
         self._queued = None
@@ -203,17 +204,17 @@ class StreamOrderedShm(ShmCollectives):
         self._settle_conditions()
         buf, n, dtype, r = seq & 1, src.numel(), src.dtype, self.rank
         sig = self._signature(1, dtype, nbytes)
-        self._flags[self._flag_index(r, _SIG + (seq & 1))] = sig
+        self._flags[self._flag_index(r, SIG + (seq & 1))] = sig
         handle, ops = torch._C._cuda_getCurrentRawStream(self._device_index), self._ops
         if fused:
-            self._fused.launch(handle, src, out, self._base + self._area_offset(buf), self._address(0, _ARRIVE),
-                               self._address(r, _RELEASE), seq, r, self.world, FLAG_STRIDE // 8)
+            self._fused.launch(handle, src, out, self._base + self._area_offset(buf), self._address(0, ARRIVE),
+                               self._address(r, RELEASE), seq, r, self.world, FLAG_STRIDE // 8)
             self._queued = (seq, sig, handle)
             return
         peer = self._peers[0]
         self._data(buf, dtype, r * n, n).copy_(src, non_blocking=True)
-        ops.write(handle, self._address(r, _ARRIVE), seq)
-        ops.wait_at_least(handle, self._address(peer, _ARRIVE), seq)
+        ops.write(handle, self._address(r, ARRIVE), seq)
+        ops.wait_at_least(handle, self._address(peer, ARRIVE), seq)
         if nbytes <= ZERO_COPY_MAX_BYTES:
             torch.add(src, self._device_data(buf, dtype, peer * n, n), out=out)
         else:

@@ -18,7 +18,7 @@ also unlink at exit). By hand: ``rm /dev/shm/hetero_shim_*`` when no run is acti
 Layout (``slot`` = HETERO_SHIM_SHM_SLOT_MB, by default ``default_slot``: 16 MiB for 2 ranks, 8 MiB for more)::
 
     header    per rank, 128 bytes apart (no false sharing): arrive, reduced, sig[0], sig[1], release (int64;
-              release: read by this rank's own GPU kernels only, see hetero_shim.shm_gpu_stream)
+              release: read by this rank's own GPU kernels only, see hetero_shim.collectives.gpu_stream)
     buffer 0  data area (world x slot; rank r's piece of k elements at r*k) | result area (slot)
     buffer 1  the same
 
@@ -50,7 +50,7 @@ fences: ``auto`` falls back to gloo there and ``shm`` refuses.
 
 GPU rank: the segment is registered with CUDA (``cudaHostRegister``), so device<->host copies go
 straight into and out of it at pinned speed; if registration fails, a pinned staging buffer is
-used (a warning says so). By default its all-reduce is stream-ordered (``hetero_shim.shm_gpu_stream``:
+used (a warning says so). By default its all-reduce is stream-ordered (``hetero_shim.collectives.gpu_stream``:
 the flag store and the wait for the peers are queued on the CUDA stream). Otherwise, and for its
 broadcast and all-gather: copies into the segment are waited for (stream synchronize) before the
 flag is published; copies out of it are queued on the current stream and a CUDA event is waited
@@ -76,6 +76,7 @@ import socket
 import sys
 import threading
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -94,7 +95,7 @@ SPIN_YIELD_S = 0.02
 SLEEP_MAX_S = 1e-3
 LIVENESS_EVERY_S = 0.1
 
-_ARRIVE, _REDUCED, _SIG, _RELEASE = 0, 1, 2, 4  # int64 offsets inside a rank's flag group (sig: 2 and 3)
+ARRIVE, _REDUCED, SIG, RELEASE = 0, 1, 2, 4  # int64 offsets inside a rank's flag group (sig: 2 and 3)
 _OPS = {1: "all_reduce", 2: "broadcast", 3: "all_gather"}
 _DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.int32,
            torch.int16, torch.int8, torch.uint8, torch.bool]
@@ -370,8 +371,8 @@ class ShmCollectives:
 
     def _arrive(self, seq: int, op: int, dtype: torch.dtype, nbytes: int) -> int:
         sig = self._signature(op, dtype, nbytes)
-        self._flags[self._flag_index(self.rank, _SIG + (seq & 1))] = sig
-        self._publish(_ARRIVE, seq)
+        self._flags[self._flag_index(self.rank, SIG + (seq & 1))] = sig
+        self._publish(ARRIVE, seq)
         return sig
 
     def _wait(self, which: int, seq: int, ranks, what: str) -> None:
@@ -413,7 +414,7 @@ class ShmCollectives:
             self._fail(f"{self._where(what, seq)}: {ranks} died (the process exited before arriving)")
 
     def _check_signatures(self, seq: int, sig: int, what: str) -> None:
-        flags, stride, which = self._flags, FLAG_STRIDE // 8, _SIG + (seq & 1)
+        flags, stride, which = self._flags, FLAG_STRIDE // 8, SIG + (seq & 1)
         other = [flags[r * stride + which] for r in range(self.world)]
         if other.count(sig) != self.world:
             calls = "; ".join(f"rank {r}: {_describe(v)}" for r, v in enumerate(other))
@@ -437,7 +438,7 @@ class ShmCollectives:
     def _meet(self, seq: int, op: int, dtype: torch.dtype, nbytes: int) -> None:
         """Publish arrival of operation ``seq`` and wait for every rank's (checking they agree)."""
         sig = self._arrive(seq, op, dtype, nbytes)
-        self._wait(_ARRIVE, seq, range(self.world), _OPS[op])
+        self._wait(ARRIVE, seq, range(self.world), _OPS[op])
         self._check_signatures(seq, sig, _OPS[op])
 
     # -- collectives --------------------------------------------------------------------
@@ -564,19 +565,29 @@ def _clear_cuda_error() -> None:
         pass
 
 
-def for_group(cpu_group, ranks: list[int], rank: int, world: int, device: torch.device, *,
-              mode: str | None = None, slot: int | None = None, timeout_s: float | None = None,
-              reducer: bool | None = None, label: str = "", chunked_min_bytes: int = CHUNKED_MIN_BYTES,
-              stream_ops: bool | None = None) -> ShmCollectives | None:
-    """Collective set-up over ``cpu_group`` (gloo): shared-memory collectives for this group, or None (use gloo).
+@dataclass
+class GroupSegment:
+    """What every rank of a group agreed on: its mapped segment and the group's settings."""
+
+    mm: mmap.mmap
+    slot: int
+    timeout_s: float
+    reducers: list[int]
+    peers: dict
+    cuda_ranks: int
+
+
+def open_group(cpu_group, ranks: list[int], rank: int, world: int, device: torch.device, *,
+               mode: str | None = None, slot: int | None = None, timeout_s: float | None = None,
+               reducer: bool | None = None, label: str = "") -> GroupSegment | None:
+    """Collective set-up over ``cpu_group`` (gloo): this group's shared-memory segment, or None (use gloo).
 
     Every rank must call it. ``mode`` (default: HETERO_SHIM_COLLECTIVES) and ``slot``/``timeout_s``
     (default: their settings) are taken from group rank 0 so all ranks decide alike. ``reducer``:
     whether this rank sums chunks of large all-reduces (default: its device is the CPU).
-    ``stream_ops``: the CUDA rank of a group with one CUDA rank queues its all-reduce on its
-    stream (``hetero_shim.shm_gpu_stream``; default: HETERO_SHIM_SHM_STREAM_OPS, on); a local
-    choice, peers see the same protocol. Groups with several CUDA ranks wait on the host.
+    ``collectives.factory.for_group`` chooses the implementation on top of it.
     """
+
     mode = settings.collectives_mode() if mode is None else mode
     info = {"host": host_identity(), "why_not": unsupported_reason(), "pid": os.getpid(), "cuda": device.type == "cuda",
             "start": _start_time(os.getpid()), "reducer": device.type == "cpu" if reducer is None else reducer,
@@ -626,16 +637,7 @@ def for_group(cpu_group, ranks: list[int], rank: int, world: int, device: torch.
     reducers = [r for r, i in enumerate(infos) if i["reducer"]] or list(range(world))
     log.info("hetero_shim: %s collectives through shared memory (%d ranks, %d bytes per rank, segment "
              "%d bytes)", label or "group", world, lead["slot"], size)
-    kind = ShmCollectives
-    if device.type == "cuda" and (settings.shm_stream_ops() if stream_ops is None else stream_ops):
-        gpu_ranks = sum(1 for i in infos if i["cuda"])
-        if gpu_ranks == 1:
-            from hetero_shim.shm_gpu_stream import StreamOrderedShm as kind  # its own choice of form by group size
-        else:  # several GPUs polling each other through host memory was never run: keep what was checked
-            log.info("hetero_shim: %s has %d GPU ranks: they wait on the host in shared-memory collectives "
-                     "(the stream-ordered all-reduce is used with one GPU rank per group)", label or "group", gpu_ranks)
-    return kind(mm, rank=rank, world=world, slot=lead["slot"], reducers=reducers, peers=peers,
-                device=device, timeout_s=lead["timeout"], label=label, chunked_min_bytes=chunked_min_bytes)
+    return GroupSegment(mm, lead["slot"], lead["timeout"], reducers, peers, sum(1 for i in infos if i["cuda"]))
 
 
 def _cannot(mode: str, why: str) -> None:
