@@ -17,6 +17,12 @@ Functions get their ordered parameter names (``*args``/``**kw`` prefixed).
 Definitions nested in module/class-level ``if``/``try`` blocks are found too;
 when a name is bound more than once, the last binding is reported.
 
+A target may carry ``"contains": [regex, ...]``: facts about the symbol's source
+(the compat tripwires of hetero_shim's patches). Each regex is searched
+(``re.MULTILINE``) in the symbol's source segment (the whole ``def``/``class``/
+assignment, decorators excluded), and the manifest records under ``"contains"``
+whether it occurs (``true``/``false``; an undefined symbol records none).
+
 Usage::
 
     python scripts/vllm_symbols.py --version 0.32.0 --source DIR_OR_WHEEL \
@@ -24,7 +30,8 @@ Usage::
     python scripts/vllm_symbols.py --download 0.32.0 --targets targets.json \
         --out tests/data/vllm_symbols/0.32.0.json
 
-``targets.json`` is a list of ``{"module": "vllm.x.y", "name": "Cls.meth"}``.
+``targets.json`` is a list of ``{"module": "vllm.x.y", "name": "Cls.meth"}``, each
+optionally with ``"contains": ["regex", ...]``.
 Only the standard library is used; the wheel is read with ``zipfile``.
 """
 
@@ -34,6 +41,7 @@ import argparse
 import ast
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -115,16 +123,34 @@ def _import_source(node: ast.ImportFrom, module: str, is_pkg: bool) -> str:
     return ".".join(parts + ([node.module] if node.module else []))
 
 
-def describe(tree: ast.Module, qualname: str, module: str, is_pkg: bool) -> dict:
-    """Describe how ``qualname`` is bound in the parsed module."""
+def _lookup(tree: ast.Module, qualname: str) -> ast.AST | None:
+    """The node that binds ``qualname`` (classes walked by the dotted parts), or None."""
     scope: ast.AST = tree
     node: ast.AST | None = None
     parts = qualname.split(".")
     for i, part in enumerate(parts):
         node = _bindings(getattr(scope, "body", [])).get(part)
         if node is None or (i < len(parts) - 1 and not isinstance(node, ast.ClassDef)):
-            return {"defined": False}
+            return None
         scope = node
+    return node
+
+
+def facts(text: str, tree: ast.Module, qualname: str, patterns: list[str]) -> dict[str, bool]:
+    """For each regex, whether it occurs in the source of ``qualname`` ({} if it is not defined)."""
+    node = _lookup(tree, qualname)
+    if node is None:
+        return {}
+    segment = ast.get_source_segment(text, node) or ""
+    return {p: re.search(p, segment, re.MULTILINE) is not None for p in patterns}
+
+
+def describe(tree: ast.Module, qualname: str, module: str, is_pkg: bool) -> dict:
+    """Describe how ``qualname`` is bound in the parsed module."""
+    node = _lookup(tree, qualname)
+    if node is None:
+        return {"defined": False}
+    parts = qualname.split(".")
     in_class = len(parts) > 1
     info: dict = {"defined": True, "lineno": node.lineno}
     if isinstance(node, ast.ClassDef):
@@ -154,17 +180,21 @@ def describe(tree: ast.Module, qualname: str, module: str, is_pkg: bool) -> dict
 def build_manifest(source: Source, targets: list[dict], version: str | None) -> dict:
     modules: dict[str, dict] = {}
     parsed: dict[str, tuple] = {}
+    wanted: dict[tuple[str, str], list[str]] = {}  # (module, name) -> regexes, from every target naming it
     for target in targets:
-        mod, name = target["module"], target["name"]
+        patterns = wanted.setdefault((target["module"], target["name"]), [])
+        patterns += [p for p in target.get("contains", ()) if p not in patterns]
+    for (mod, name), patterns in wanted.items():
         if mod not in modules:
             rel, text, is_pkg = source.module(mod)
             modules[mod] = {"exists": text is not None, "path": rel, "symbols": {}}
             tree = ast.parse(text) if text is not None else None
-            parsed[mod] = (tree, is_pkg)
-        tree, is_pkg = parsed[mod]
-        modules[mod]["symbols"][name] = (
-            describe(tree, name, mod, is_pkg) if tree is not None else {"defined": False}
-        )
+            parsed[mod] = (text, tree, is_pkg)
+        text, tree, is_pkg = parsed[mod]
+        info = describe(tree, name, mod, is_pkg) if tree is not None else {"defined": False}
+        if patterns:
+            info["contains"] = facts(text, tree, name, patterns) if tree is not None else {}
+        modules[mod]["symbols"][name] = info
     if version is None:
         text = source.read("vllm/_version.py") or ""
         for node in ast.parse(text).body:
@@ -198,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     group.add_argument("--source", help="vllm source directory or .whl file")
     group.add_argument("--download", metavar="VERSION",
                        help="pip-download vllm==VERSION into a temp dir and use it")
-    ap.add_argument("--targets", required=True, help='JSON list of {"module","name"}')
+    ap.add_argument("--targets", required=True, help='JSON list of {"module","name"[,"contains"]}')
     ap.add_argument("--out", required=True, help="output JSON manifest path")
     args = ap.parse_args(argv)
 
