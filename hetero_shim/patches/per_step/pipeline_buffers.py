@@ -21,10 +21,27 @@ Remove when: vLLM allocates it outside the warm-up pass (not as of 0.33.0).
 from __future__ import annotations
 
 from hetero_shim import run_state
-from hetero_shim.arguments import argument, with_argument
+from hetero_shim.arguments import Params
+from hetero_shim.registry import Fact, Patch
 
 WHY = "eager CPU workers (0.27+) skip the warm-up pass that allocates a later stage's receive buffer"
-REMOVE_WHEN = "vLLM allocates intermediate_tensors outside _dummy_run (not as of 0.33.0)"
+REMOVE_WHEN = "vLLM allocates intermediate_tensors outside _dummy_run"
+UPSTREAM = "the receive buffer is allocated only by `_dummy_run`; received rows are copied as `v[:num_tokens]`"
+RUNNER = "vllm.v1.worker.gpu_model_runner"
+TARGET = "GPUModelRunner.sync_and_gather_intermediate_tensors"
+SYNC_AND_GATHER = Params(num_tokens=0, intermediate_tensors=1)
+TRIPWIRES = (
+    Fact(RUNNER, TARGET, r"assert self\.intermediate_tensors is not None",
+         "a later stage asserts its receive buffer exists"),
+    Fact(RUNNER, TARGET, r"v\[:num_tokens\]", "received tensors are copied as v[:num_tokens] (the padded count)"),
+)
+
+
+def rows(release: str) -> tuple[Patch, ...]:
+    return (
+        Patch("pipeline receive buffer", RUNNER, TARGET, allocate_receive_buffer, why=WHY, remove_when=REMOVE_WHEN,
+              upstream=UPSTREAM, tripwires=TRIPWIRES, params=SYNC_AND_GATHER, hetero_only=True),
+    )
 
 
 def allocate_receive_buffer(wrapped, instance, args, kwargs):
@@ -34,8 +51,8 @@ def allocate_receive_buffer(wrapped, instance, args, kwargs):
         instance.intermediate_tensors = instance.model.make_empty_intermediate_tensors(
             batch_size=instance.max_num_tokens, dtype=instance.model_config.dtype, device=instance.device
         )
-    num_tokens = argument(args, kwargs, 0, "num_tokens")
-    received = argument(args, kwargs, 1, "intermediate_tensors")
+    num_tokens = SYNC_AND_GATHER.get(args, kwargs, "num_tokens")
+    received = SYNC_AND_GATHER.get(args, kwargs, "intermediate_tensors")
     if received is not None and any(v.shape[0] < num_tokens for _, v in received.items()):
         buffer = instance.intermediate_tensors
         padded = {}
@@ -45,5 +62,5 @@ def allocate_receive_buffer(wrapped, instance, args, kwargs):
             padded[key] = buffer[key][:num_tokens]  # vLLM's copy into the buffer is then a copy onto itself
         from vllm.sequence import IntermediateTensors
 
-        args, kwargs = with_argument(args, kwargs, 1, "intermediate_tensors", IntermediateTensors(padded))
+        args, kwargs = SYNC_AND_GATHER.replace(args, kwargs, "intermediate_tensors", IntermediateTensors(padded))
     return wrapped(*args, **kwargs)

@@ -26,9 +26,30 @@ Remove when: vLLM supports pipeline stages on different devices (not as of 0.33.
 from __future__ import annotations
 
 from hetero_shim import run_state
+from hetero_shim.arguments import NO_PARAMS, Params
+from hetero_shim.registry import Fact, Patch
 
 WHY = "gloo has no CUDA send/recv; vLLM sends CUDA IntermediateTensors over the device group"
-REMOVE_WHEN = "vLLM supports pipeline stages on different kinds of device (not as of 0.33.0)"
+REMOVE_WHEN = "vLLM supports pipeline stages on different kinds of device"
+UPSTREAM = "a stage sends CUDA tensors over its device group and the next stage allocates them on the sender's device"
+PARALLEL_STATE = "vllm.distributed.parallel_state"
+ISEND = Params(tensor_dict=0)
+SENDS_OVER_DEVICE_GROUP = Fact(PARALLEL_STATE, "GroupCoordinator.isend_tensor_dict",
+                               r"comm_group = metadata_group if tensor\.is_cpu else group",
+                               "isend_tensor_dict sends a non-CPU tensor over the device group")
+ALLOCATES_ON_SENDER_DEVICE = Fact(PARALLEL_STATE, "GroupCoordinator.irecv_tensor_dict", r"device=value\.device",
+                                  "irecv_tensor_dict allocates each tensor on the device the sender named")
+
+
+def rows(release: str) -> tuple[Patch, ...]:
+    def row(name, wrapper, tripwire, params=NO_PARAMS):
+        return Patch("pipeline activations", PARALLEL_STATE, name, wrapper, why=WHY, remove_when=REMOVE_WHEN,
+                     upstream=UPSTREAM, tripwires=(tripwire,), params=params, hetero_only=True)
+
+    return (
+        row("GroupCoordinator.isend_tensor_dict", stage_cuda_tensors_on_host, SENDS_OVER_DEVICE_GROUP, ISEND),
+        row("GroupCoordinator.irecv_tensor_dict", received_tensors_to_device, ALLOCATES_ON_SENDER_DEVICE),
+    )
 
 
 def _this_rank_is_cuda(group) -> bool:
@@ -41,8 +62,7 @@ def stage_cuda_tensors_on_host(wrapped, instance, args, kwargs):
         return wrapped(*args, **kwargs)
     import torch
 
-    key = "tensor_dict"
-    tensor_dict = args[0] if args else kwargs[key]
+    tensor_dict = ISEND.get(args, kwargs, "tensor_dict")
     staged = {}
     for name, value in tensor_dict.items():
         if isinstance(value, torch.Tensor) and value.is_cuda:
@@ -51,10 +71,7 @@ def stage_cuda_tensors_on_host(wrapped, instance, args, kwargs):
             value = host
         staged[name] = value
     torch.cuda.current_stream(instance.device).synchronize()
-    if args:
-        args = (staged, *args[1:])
-    else:
-        kwargs[key] = staged
+    args, kwargs = ISEND.replace(args, kwargs, "tensor_dict", staged)
     return wrapped(*args, **kwargs)
 
 

@@ -13,9 +13,21 @@ Remove when: vLLM broadcasts the driver's sampled tokens itself (not as of 0.33.
 from __future__ import annotations
 
 from hetero_shim import run_state, settings
+from hetero_shim.errors import TokensDiverged
+from hetero_shim.registry import Fact, Patch
 
 WHY = "V1 lets each TP rank sample on its own; CUDA and CPU random streams differ"
-REMOVE_WHEN = "vLLM broadcasts the driver rank's sampled tokens (not as of 0.33.0)"
+REMOVE_WHEN = "vLLM broadcasts the driver rank's sampled tokens"
+UPSTREAM = "the V1 sampler keeps each rank's own sample; nothing broadcasts rank 0's ids"
+NO_BROADCAST = Fact("vllm.v1.sample.sampler", "Sampler.forward", r"broadcast|get_tp_group",
+                    "Sampler.forward broadcasts or gathers the sampled ids over the TP group", present=False)
+
+
+def rows(release: str) -> tuple[Patch, ...]:
+    return (
+        Patch("same tokens on every rank", "vllm.v1.sample.sampler", "Sampler.forward", broadcast_rank0_tokens,
+              why=WHY, remove_when=REMOVE_WHEN, upstream=UPSTREAM, tripwires=(NO_BROADCAST,), hetero_only=True),
+    )
 
 
 def broadcast_rank0_tokens(wrapped, instance, args, kwargs):
@@ -24,7 +36,7 @@ def broadcast_rank0_tokens(wrapped, instance, args, kwargs):
         return output
     from vllm.distributed.parallel_state import get_tp_group
 
-    from hetero_shim.comm import HeteroCommunicator, collectives_skipped
+    from hetero_shim.collectives.communicator import HeteroCommunicator, collectives_skipped
 
     group = get_tp_group()
     if group.world_size == 1 or collectives_skipped():
@@ -66,7 +78,7 @@ def _verify(group, own, final) -> None:
     # float32 holds token ids exactly (< 2**24) and every backend gathers it (the CPU SHM one has no int64)
     gathered = group.all_gather(final.to(torch.float32).reshape(1, -1), dim=0)
     if not bool((gathered == gathered[0]).all()):
-        raise RuntimeError(f"hetero_shim: TP ranks hold different sampled token ids after the broadcast: {gathered}")
+        raise TokensDiverged(f"hetero_shim: TP ranks hold different sampled token ids after the broadcast: {gathered}")
     _replaced[0] += int((own.cpu() != final.cpu()).sum())
     _replaced[1] += own.numel()
     log.info("hetero_shim: rank %d verified sampled ids equal on all %d TP ranks; %d of %d own samples replaced "

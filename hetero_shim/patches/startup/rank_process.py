@@ -21,14 +21,41 @@ from __future__ import annotations
 import os
 
 from hetero_shim import affinity, main_guard, run_state, settings, versions
-from hetero_shim.arguments import argument, with_argument
+from hetero_shim.arguments import Params
 from hetero_shim.logs import log
 from hetero_shim.planning import node
 from hetero_shim.planning.plan import format_id_list
+from hetero_shim.registry import Fact, Patch
 
 WHY = "vLLM resolves one platform per node; CPU ranks of a GPU node need the CPU platform"
-REMOVE_WHEN = "vLLM supports per-rank platforms (not as of 0.33.0)"
+REMOVE_WHEN = "vLLM supports per-rank platforms"
+UPSTREAM_PROCESS = "every worker starts with the engine core's environment: no per-rank kind, devices or cores"
+UPSTREAM_PLATFORM = "the platform is found by probing the node's hardware"
+UPSTREAM_PLATFORM_028 = UPSTREAM_PLATFORM + ", but `VLLM_TARGET_DEVICE=cpu` selects the CPU platform outright"
+STALE_PLATFORM = ("from 0.28 `VLLM_TARGET_DEVICE=cpu` in a CPU rank's environment would select the CPU platform "
+                  "without this patch; kept until that is run on a GPU node")
 CPU_PLATFORM = "vllm.platforms.cpu.CpuPlatform"
+MULTIPROC = "vllm.v1.executor.multiproc_executor"
+MAKE_WORKER_PROCESS = Params(local_rank=1, rank=2)  # a staticmethod: (vllm_config, local_rank, rank, ...)
+SAME_ENVIRONMENT = Fact(MULTIPROC, "WorkerProc.make_worker_process", r"environ|\benv\b",
+                        "make_worker_process sets a per-rank environment", present=False)
+PLATFORM_PROBED = Fact("vllm.platforms", "resolve_current_platform_cls_qualname", r"builtin_platform_plugins",
+                       "the platform is resolved by probing vLLM's built-in platform plugins")
+NO_CPU_TARGET = Fact("vllm.platforms", "resolve_current_platform_cls_qualname", r'VLLM_TARGET_DEVICE == "cpu"',
+                     "VLLM_TARGET_DEVICE=cpu selects the CPU platform outright", present=False)
+
+
+def rows(release: str) -> tuple[Patch, ...]:
+    explicit_cpu_target = versions.release_key(release) >= (0, 28, 0)
+    return (
+        Patch("CPU rank process", MULTIPROC, "WorkerProc.make_worker_process", spawn_with_rank_environment,
+              why=WHY, remove_when=REMOVE_WHEN, upstream=UPSTREAM_PROCESS, tripwires=(SAME_ENVIRONMENT,),
+              params=MAKE_WORKER_PROCESS),
+        Patch("CPU rank process", "vllm.platforms", "resolve_current_platform_cls_qualname", cpu_platform_in_cpu_ranks,
+              why=WHY, remove_when=REMOVE_WHEN,
+              upstream=UPSTREAM_PLATFORM_028 if explicit_cpu_target else UPSTREAM_PLATFORM,
+              tripwires=(PLATFORM_PROBED, NO_CPU_TARGET), stale=STALE_PLATFORM if explicit_cpu_target else ""),
+    )
 
 
 def rank_environment(rank: int) -> dict[str, str]:
@@ -47,11 +74,11 @@ def rank_environment(rank: int) -> dict[str, str]:
         # vLLM wraps small CPU helpers in torch.compile (inductor: a C++ build, about a minute at
         # start-up); the CPU rank runs eagerly like the rest of a heterogeneous run.
         env["TORCHDYNAMO_DISABLE"] = "1"
-        if "VLLM_CPU_SGL_KERNEL" not in os.environ and node.has_amx():
+        if not settings.cpu_sgl_kernel_set() and node.has_amx():
             # vLLM's packed AMX GEMM (weight_packed_linear) streams bf16 weights faster than its oneDNN
             # path (84.7 vs 70.0 GB/s at batch 1, 72.4 vs 51.0 at batch 16 on the 16-core H200 host);
             # vLLM leaves it off by default. Other dtypes keep oneDNN (vLLM's own check).
-            env["VLLM_CPU_SGL_KERNEL"] = "1"
+            env[settings.CPU_SGL_KERNEL] = "1"
         cores = plan.cpu_lists[plan.cpu_index(rank)] if plan.cpu_lists else ()
         if cores:
             env.update(OMP_NUM_THREADS=str(len(cores)), OMP_PLACES="{" + ",".join(map(str, cores)) + "}",
@@ -81,12 +108,12 @@ def confine_engine_core() -> None:
 def spawn_with_rank_environment(wrapped, instance, args, kwargs):
     if not run_state.heterogeneous():
         return wrapped(*args, **kwargs)
-    rank = argument(args, kwargs, 2, "rank")
+    rank = MAKE_WORKER_PROCESS.get(args, kwargs, "rank")
     plan = run_state.plan()
     if plan is not None and plan.cpu_first and plan.kind(rank) == "gpu":
         # vLLM gives rank r the local rank r, i.e. cuda:r; with the CPU stages first the GPU ranks
         # are the top ranks, and their devices are 0 .. gpu_ranks-1
-        args, kwargs = with_argument(args, kwargs, 1, "local_rank", plan.gpu_index(rank))
+        args, kwargs = MAKE_WORKER_PROCESS.replace(args, kwargs, "local_rank", plan.gpu_index(rank))
     confine_engine_core()
     unguarded = os.environ.get(settings.UNGUARDED_MAIN) == "1"
     with settings.environ_set(rank_environment(rank)), main_guard.main_hidden(unguarded):

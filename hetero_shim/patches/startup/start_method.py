@@ -17,9 +17,25 @@ from __future__ import annotations
 import multiprocessing
 
 from hetero_shim import run_state
+from hetero_shim.registry import Fact, Patch
 
 WHY = "CPU ranks need a fresh interpreter to take the CPU platform; fork would inherit CUDA state"
-REMOVE_WHEN = "vLLM spawns per-platform workers itself (not as of 0.33.0)"
+REMOVE_WHEN = "vLLM spawns per-platform workers itself"
+UPSTREAM = "one start method for all workers: `VLLM_WORKER_MULTIPROC_METHOD`, default fork (spawn once CUDA is initialized)"
+TRIPWIRES = (
+    Fact("vllm.utils.system_utils", "get_mp_context", r"mp_method = envs\.VLLM_WORKER_MULTIPROC_METHOD\b",
+         "the workers' start method follows VLLM_WORKER_MULTIPROC_METHOD"),
+    Fact("vllm.envs", "environment_variables", r'"VLLM_WORKER_MULTIPROC_METHOD",\s*"fork"',
+         "VLLM_WORKER_MULTIPROC_METHOD defaults to fork"),
+)
+
+
+def rows(release: str) -> tuple[Patch, ...]:
+    return (
+        Patch("start method", "vllm.utils.system_utils", "get_mp_context", spawn_workers, why=WHY,
+              remove_when=REMOVE_WHEN, upstream=UPSTREAM, tripwires=TRIPWIRES,
+              aliases=("vllm.v1.executor.multiproc_executor",), wrap_primary=False),
+    )
 
 
 def spawn_workers(wrapped, instance, args, kwargs):

@@ -18,14 +18,24 @@ import signal
 import time
 
 from hetero_shim import run_state
-from hetero_shim.errors import HeteroShimError
+from hetero_shim.arguments import Params
+from hetero_shim.errors import WorkerDiedAtStartup
+from hetero_shim.registry import Fact, Patch
 
 WHY = "vLLM's start-up error for a dead worker names no rank"
-REMOVE_WHEN = "vLLM names the dead worker in its start-up error (not as of 0.33.0)"
+REMOVE_WHEN = "vLLM names the dead worker in its start-up error"
+UPSTREAM = 'a worker that dies before it is ready gives "See stack trace for root cause", naming no rank'
+WAIT_FOR_READY = Params(unready_proc_handles=0)  # a staticmethod
+NAMES_NO_RANK = Fact("vllm.v1.executor.multiproc_executor", "WorkerProc.wait_for_ready", r"See stack trace for root cause",
+                     "wait_for_ready reports a dead worker without its rank")
 
 
-class WorkerDiedAtStartup(HeteroShimError, RuntimeError):
-    """A worker process of a heterogeneous run ended before it was ready."""
+def rows(release: str) -> tuple[Patch, ...]:
+    return (
+        Patch("worker death at start-up", "vllm.v1.executor.multiproc_executor", "WorkerProc.wait_for_ready",
+              name_dead_rank_at_start, why=WHY, remove_when=REMOVE_WHEN, upstream=UPSTREAM,
+              tripwires=(NAMES_NO_RANK,), params=WAIT_FOR_READY),
+    )
 
 
 def how_it_ended(exitcode: int | None) -> str:
@@ -55,7 +65,7 @@ def describe_dead(handles) -> list[str]:
 def name_dead_rank_at_start(wrapped, instance, args, kwargs):
     if not run_state.heterogeneous():
         return wrapped(*args, **kwargs)
-    handles = list(args[0] if args else kwargs["unready_proc_handles"])
+    handles = list(WAIT_FOR_READY.get(args, kwargs, "unready_proc_handles"))
     try:
         return wrapped(*args, **kwargs)
     except Exception as exc:

@@ -6,15 +6,34 @@ A CPU rank's own copy of the config also gets the CPU device and its KV cache bu
 rank plan (``hetero_shim.planning.kv_budget``).
 Why: vLLM picks one worker class for all ranks, from the one platform of the node.
 Remove when: vLLM selects a worker class per rank (not as of 0.33.0).
+The CPU worker class must exist in every supported release (``tests/unit/test_tables.py``).
 """
 
 from __future__ import annotations
 
 from hetero_shim import run_state
+from hetero_shim.arguments import Params
 from hetero_shim.logs import log
+from hetero_shim.registry import Fact, Patch
 
 WHY = "vLLM uses one worker class for every rank"
-REMOVE_WHEN = "vLLM chooses the worker class per rank (not as of 0.33.0)"
+REMOVE_WHEN = "vLLM chooses the worker class per rank"
+UPSTREAM = "one worker class for all ranks (`parallel_config.worker_cls`, from the node's platform); no per-rank choice"
+CPU_WORKER_CLS = "vllm.v1.worker.cpu_worker.CPUWorker"
+INIT_WORKER = Params(all_kwargs=0)
+ONE_WORKER_CLASS = Fact(
+    "vllm.v1.worker.worker_base", "WorkerWrapperBase.init_worker",
+    r"resolve_obj_by_qualname\(\s*parallel_config\.worker_cls\s*\)",
+    "every worker process builds the one class that parallel_config.worker_cls names",
+)
+
+
+def rows(release: str) -> tuple[Patch, ...]:
+    return (
+        Patch("worker selection", "vllm.v1.worker.worker_base", "WorkerWrapperBase.init_worker",
+              cpu_worker_for_cpu_ranks(CPU_WORKER_CLS), why=WHY, remove_when=REMOVE_WHEN, upstream=UPSTREAM,
+              tripwires=(ONE_WORKER_CLASS,), params=INIT_WORKER),
+    )
 
 
 def cpu_worker_for_cpu_ranks(cpu_worker_cls: str):
@@ -23,7 +42,7 @@ def cpu_worker_for_cpu_ranks(cpu_worker_cls: str):
     def select_worker_class(wrapped, instance, args, kwargs):
         plan = run_state.plan() if run_state.heterogeneous() else None
         if plan is not None:
-            all_kwargs = args[0] if args else kwargs["all_kwargs"]
+            all_kwargs = INIT_WORKER.get(args, kwargs, "all_kwargs")
             worker_kwargs = all_kwargs[instance.rpc_rank]
             rank = worker_kwargs["rank"]
             if plan.kind(rank) == "cpu":
