@@ -7,7 +7,7 @@ the machine hits every statement alike). Each child times its statement itself
 (``time.perf_counter`` around it) and reports the modules the statement imported; the parent
 also times the whole child (interpreter start to exit). The children get this checkout first
 on PYTHONPATH and no HETERO_SHIM_* variables. Prints median and 90th percentile per statement
-and whether issue 4's target holds: enable() (with the package import) under 20 ms, without
+and whether the target holds: enable() (with the package import) under 20 ms, without
 importing vLLM. Exit status 1 only when a child failed.
 
 Modules the interpreter imports before the statement (``site``, ``.pth`` files such as an

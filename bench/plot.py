@@ -3,8 +3,11 @@
     python bench/plot.py results.json [--out-dir DIR]     # default: beside the JSON
 
 Per model: one figure with four panels (decode tokens/s at batch 1 and 16, prefill tokens/s,
-time to first token) and one with peak GPU and host memory, one bar per configuration that
-ran; plus the all-reduce latency per size when the JSON has it. Prints the files written.
+time to first token), one with peak GPU and host memory, one bar per configuration that ran, and
+``<model>_step.png``: the batch-1 decode step of each configuration beside its bound (rows run with
+``--breakdown`` and two pipeline stages: the first stage split by category in the shares of its
+profiled steps, the second stage's work, the rest of the period); plus the all-reduce latency per
+size when the JSON has it. Prints the files written.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ PANELS = (("decode_b1_tok_s", "decode tokens/s, batch 1"), ("decode_b16_tok_s", 
           ("prefill_tok_s", "prefill tokens/s"), ("ttft_ms", "time to first token, ms (lower is better)"))
 MEMORY = (("peak_gpu_gib", "peak GPU GiB"), ("peak_host_rss_gib", "peak host RSS GiB"),
           ("peak_host_anon_gib", "peak host anon GiB"))
+CATEGORIES = ("GEMM", "attention", "norms", "activations", "rotary", "communication", "sampling", "other ops",
+              "python/overhead")
 
 
 def _bars(ax, names: list[str], values: list[float], title: str) -> None:
@@ -35,6 +40,73 @@ def _colour(name: str) -> str:
     if name.startswith("offload"):
         return "tab:blue"
     return "tab:gray"
+
+
+def step_segments(run: dict) -> tuple[str, list[tuple[str, float]]]:
+    """(stages, pieces) of a row's batch-1 decode step, each piece (label, ms): from its breakdown when
+    it has two pipeline stages (the first stage's ms split in the category shares of its profiled
+    1-token steps, the second stage's work, the rest of the period; ``stages`` e.g. "cpu -> gpu"),
+    else the measured step as one piece."""
+    for entry in (run.get("breakdown") or {}).get("runs", []):
+        stages = (entry.get("pipeline") or {}).get("1")
+        if not stages:
+            continue
+        ranks = [r for r in entry["ranks"] if r.get("pp_stage") is not None]
+        first = min(ranks, key=lambda r: r["pp_stage"])
+        last = max(ranks, key=lambda r: r["pp_stage"])
+        ms = ((first.get("profile") or {}).get("1") or {}).get("ms") or {}
+        total = sum(ms.values())
+        pieces = ([(c, stages["stage0_ms"] * ms[c] / total) for c in CATEGORIES if ms.get(c)] if total
+                  else [("first stage", stages["stage0_ms"])])
+        pieces.append(("second stage works", stages["stage1_work_ms"]))
+        rest = stages["period_ms"] - stages["stage0_ms"] - stages["stage1_work_ms"]
+        if rest > 0:
+            pieces.append(("between stages, engine", rest))
+        return f"{first['kind']} -> {last['kind']}", pieces
+    step = run["figures"].get("decode_b1_step_ms")
+    return "", [("step (no breakdown)", step)] if step else []
+
+
+def _step_figure(results: dict, model: str, runs: list[dict], out_dir: Path, plt) -> Path | None:
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    rows = [(r, *step_segments(r)) for r in runs]
+    rows = [row for row in rows if row[2]]
+    if not rows:
+        return None
+    bounds = {b["config"]: b for b in results.get("bound_fractions", []) if b.get("model") == model}
+    labels = [c for c in (*CATEGORIES, "first stage") if any(c == p[0] for row in rows for p in row[2])]
+    cmap = plt.get_cmap("tab10")
+    colour = {label: cmap(i % 10) for i, label in enumerate(labels)}
+    colour.update({"second stage works": "tab:olive", "between stages, engine": "lightgray",
+                   "step (no breakdown)": "darkgray"})
+    labels += [c for c in ("second stage works", "between stages, engine", "step (no breakdown)")
+               if any(c == p[0] for row in rows for p in row[2])]
+    fig, ax = plt.subplots(figsize=(9, 1.6 + 0.8 * len(rows)))
+    for y, (run, stages, pieces) in enumerate(rows):
+        left = 0.0
+        for label, ms in pieces:
+            ax.barh(y, ms, left=left, color=colour[label], edgecolor="white", linewidth=0.5)
+            left += ms
+        ax.annotate(f"{left:.1f} ms", (left, y), xytext=(3, 0), textcoords="offset points", va="center", fontsize=7)
+        bound = bounds.get(run["config"]) or {}
+        tok_s = bound.get("bound_at_split_tok_s") or bound.get("bound_tok_s")
+        if tok_s:
+            ax.plot([1000 / tok_s] * 2, [y - 0.42, y + 0.42], color="black", linewidth=2)
+    handles = [Line2D([], [], color="black", linewidth=2, label="bound (bench/bound.py)")]
+    handles += [Patch(color=colour[label], label=label) for label in labels]
+    ax.set_yticks(range(len(rows)), [f"{r['config']}\n{stages}" if stages else r["config"] for r, stages, _ in rows],
+                  fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("ms per decode step, batch 1")
+    ax.set_title(f"{model}: where a batch-1 decode step goes  {results.get('meta', {}).get('date', '')}", fontsize=10)
+    ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    path = out_dir / f"{model}_step.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def plot(results: dict, out_dir: Path) -> list[Path]:
@@ -68,6 +140,9 @@ def plot(results: dict, out_dir: Path) -> list[Path]:
             fig.savefig(path, dpi=110)
             plt.close(fig)
             written.append(path)
+        step = _step_figure(results, model, runs, out_dir, plt)
+        if step:
+            written.append(step)
     ar = results.get("allreduce") or {}
     if ar.get("rows"):
         fig, ax = plt.subplots(figsize=(5, 3.8))

@@ -4,8 +4,8 @@ with the shim's wrappers installed and with them removed, in alternating blocks.
     python bench/shim_off.py [--model 1b|toy|DIR] [--pairs 12] [--tokens 64] [--batches 1,16] [--out DIR]
 
 Why one engine: between two engine starts of the same stock configuration the H100's decode
-step differed by up to 1.7x (run 9: 1.5-2.5 ms at batch 1), far more than the 1 % the target
-allows, so engine-against-engine comparisons cannot resolve it. Here vLLM runs its engine core
+step differed by up to 1.7x (1B, batch 1: 1.5-2.5 ms), far more than the 1 % the target allows, so
+engine-against-engine comparisons cannot resolve it. Here vLLM runs its engine core
 and its worker in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, TP=1), so every wrapper
 the shim puts on vLLM's per-step path is in this process, where ``hetero_shim.disable()``
 removes them and ``hetero_shim.enable()`` puts them back. The shim is enabled before vLLM is

@@ -8,9 +8,9 @@ tests/integration/pp_trace/sitecustomize.py makes every vLLM worker append one l
 groups the processes into engine runs (processes whose traces overlap in time), pairs stage 0's
 and stage 1's calls in order (both stages run the same steps in the same order), and for steps
 of a given token count reports medians of:
-- ``stage0_ms``: stage 0's call (the GPU stage: its layers, sending the activations);
+- ``stage0_ms``: stage 0's call (the first stage: its layers, sending the activations);
 - ``stage1_wait_ms``: stage 1 inside its call before stage 0 finished (waiting for activations);
-- ``stage1_work_ms``: stage 1 after stage 0 finished (its layers, LM head; the receive's tail);
+- ``stage1_work_ms``: stage 1 after stage 0 finished (its layers, the LM head, sampling; the receive's tail);
 - ``gap_ms``: from stage 1's end to stage 0's next start of a step with tokens (sampling, the engine core, scheduling;
   negative when stage 0 already works on the next micro-batch);
 - ``period_ms``: from one stage-0 start to the next (the step rate).

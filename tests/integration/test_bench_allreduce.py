@@ -37,15 +37,3 @@ def test_shm_gpu_allreduce_dry_run_on_cpu(tmp_path):
     assert len(rows) == 4 * 23 and all(r["ok"] for r in rows)
     assert {r["path"] for r in rows} == {"fused kernel", "no fused", "64 KiB slots", "host waits"}
 
-
-def test_slot_size_benchmark_compares_slots_in_one_run(tmp_path):
-    """bench/slot_size.py (its real use: the GPU machine) here with CPU ranks: each slot size is its own
-    checked group in the same processes, every (size, slot) pair is timed in every round."""
-    out = tmp_path / "slots.json"
-    proc = procs.run_python([str(procs.REPO / "bench" / "slot_size.py"), "--cpu-ranks", "1", "--slots", "1,2",
-                             "--sizes", "64K,3M", "--rounds", "2", "--iters", "3", "--out", str(out)], timeout=240)
-    assert proc.returncode == 0, proc.stdout[-3000:]
-    rows = json.loads(out.read_text())["rows"]
-    assert {(r["bytes"], r["slot_mib"]) for r in rows} == {(b, s) for b in (64 << 10, 3 << 20) for s in (1, 2)}
-    assert all(len(r["round_medians_us"]) == 2 and r["median_us"] > 0 for r in rows)
-    assert proc.stdout.rstrip().splitlines()[-1].startswith("2 CPU")  # the table is printed last
