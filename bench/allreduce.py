@@ -26,7 +26,7 @@ same bits of a random bf16 and fp16 sum, and for 200 back-to-back all-reduces wi
 between, each input computed from the previous result (what a model's layers do; up to 9 MiB, i.e.
 three pieces). Times are rank 0's (the GPU rank with ``--gpu-rank``): median and 90th percentile
 of ``--iters`` calls; GB/s = payload bytes / median.
-The table is printed last; JSON has every row. Issue 4's targets: 8 KiB <= 50 us, 16 MiB >= 20 GB/s.
+The table is printed last; JSON has every row. Targets: 8 KiB <= 50 us, 16 MiB >= 20 GB/s.
 """
 
 from __future__ import annotations

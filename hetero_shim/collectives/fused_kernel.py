@@ -3,8 +3,8 @@
 Why: the stream-ordered all-reduce (``hetero_shim.collectives.gpu_stream``) queued four operations per
 call (copy into the segment, ``cuStreamWriteValue64``, ``cuStreamWaitValue64``, an add reading
 the segment): four host calls of 3-10 us each on the H100 host, and 28-32 us of device time
-for an 8 KiB piece (bench/README.md, profile of run 9): 79 us per 8 KiB all-reduce; issue 4
-wants 50. This kernel does the steps in one launch, with the protocol of
+for an 8 KiB piece (profiled there, 2026-11-24): 79 us per 8 KiB all-reduce, where the target is
+50. This kernel does the steps in one launch, with the protocol of
 ``hetero_shim.collectives.shm``, so the CPU ranks cannot tell:
 
 1. every thread copies its elements of ``src`` (16-byte vectors when aligned) into this rank's
@@ -23,8 +23,8 @@ wants 50. This kernel does the steps in one launch, with the protocol of
 A pending kernel waits on the stream like ``cuStreamWaitValue64``, so the host bookkeeping
 (settling one collective late, releasing the wait after an error) is unchanged. Grid: at most
 ``MAX_BLOCKS`` blocks, all resident at once on any GPU this runs on (a block that spins must not
-keep another block of the same grid from starting). Measured on the H100 (run 11,
-bench/README.md): 8 KiB between 1 GPU and 1 CPU rank 29-43 us against 70-102 us with the four
+keep another block of the same grid from starting). Measured on the H100 (2026-11-24,
+docs/performance.md): 8 KiB between 1 GPU and 1 CPU rank 29-43 us against 70-102 us with the four
 operations, in the same calls.
 
 Compiled at first use with NVRTC (``libnvrtc``, which the CUDA builds of torch install) for this

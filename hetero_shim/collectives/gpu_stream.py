@@ -1,19 +1,19 @@
 """Stream-ordered shared-memory all-reduce for a GPU rank (``StreamOrderedShm``).
 
 Why: with host-side waiting (``ShmCollectives``) a GPU rank's all-reduce of 8 KiB took 100-126 us
-on the H100 (issue 4 wants 50 us): its host thread copies its input into the segment and waits for
+on the H100 (the target is 50 us): its host thread copies its input into the segment and waits for
 the copy (a stream synchronize, behind every kernel queued before), publishes its flag, spins for
 the peers, and only then queues the copy back. Here the host thread only queues work on the
 current stream, in stream order with the kernels around it:
 - by default one kernel (``hetero_shim.collectives.fused_kernel``) for tensors of fp32, bf16 or fp16
   up to ``ZERO_COPY_MAX_BYTES`` (2-rank groups) or below the chunked size (larger groups): it
   copies the input into the segment, publishes the flag, waits for every peer and sums in rank
-  order. H100, run 11: 8 KiB between 1 GPU and 1 CPU rank 29-43 us;
+  order. H100 (2026-11-24): 8 KiB between 1 GPU and 1 CPU rank 29-43 us;
 - in 2-rank groups otherwise (larger tensors, other dtypes, ``HETERO_SHIM_SHM_FUSED_KERNEL=0`` or no
   NVRTC): four operations, a copy into the segment, ``cuStreamWriteValue64`` of the flag (fenced
   behind the copy), ``cuStreamWaitValue64`` for the peer, and an add (up to ``ZERO_COPY_MAX_BYTES``
   reading the peer's piece straight from the mapped segment; larger pieces DMA-copied first).
-  H100, run 9: 8 KiB 79 us against 104 us with host waits. With 1 GPU + 3 CPU ranks that form
+  H100: 8 KiB 79 us against 104 us with host waits. With 1 GPU + 3 CPU ranks that form
   was slower than host waits (113 vs 84 us: one wait and one add per peer), so larger groups
   use host waits for what the kernel does not take.
 

@@ -1,7 +1,7 @@
 """Shared-memory collectives for the ranks of one host: all-reduce (sum), broadcast, all-gather.
 
 Why: in heterogeneous mode a GPU rank and CPU ranks of one node talk over gloo, which costs
-about 330-530 us for an 8 KiB all-reduce and reaches ~1 GB/s at 16 MiB (issue 4 wants 50 us and
+about 330-530 us for an 8 KiB all-reduce and reaches ~1 GB/s at 16 MiB (the targets are 50 us and
 20 GB/s). Ranks of one host can instead meet in one shared-memory segment. ``HeteroCommunicator``
 uses this automatically when every rank of its group is on this host (``for_group``), gloo
 otherwise; ``HETERO_SHIM_COLLECTIVES=auto|shm|gloo`` forces one.
@@ -187,10 +187,11 @@ def default_slot(world: int, free_bytes: int | None) -> int:
     segment would take more than half of /dev/shm's free space (``free_bytes``; None: not known).
 
     Why these sizes: a tensor above the slot goes in slot-sized pieces, and every piece costs the
-    waits of one operation. H100 run 18 (``bench/slot_size.py``, same processes, fp32): 1 GPU + 1
-    CPU rank, 16 MiB all-reduce in 727-777 us with 16 MiB slots, 916-944 with 8, 1171-1214 with 4
-    (64 MiB: 2.9 / 3.5 / 4.5 ms); 1 GPU + 3 CPU ranks, 16 MiB: 8 and 16 MiB alike, 4 MiB 1.1-1.2x
-    slower; 64 MiB: 8 MiB best, 16 MiB 1.1-1.2x slower. 2 MiB tensors: no difference."""
+    waits of one operation. Measured on the H100 (2026-11-24; every slot size its own group in the
+    same processes, fp32; docs/performance.md): 1 GPU + 1 CPU rank, 16 MiB all-reduce in 727-777 us
+    with 16 MiB slots, 916-944 with 8, 1171-1214 with 4 (64 MiB: 2.9 / 3.5 / 4.5 ms); 1 GPU + 3 CPU
+    ranks, 16 MiB: 8 and 16 MiB alike, 4 MiB 1.1-1.2x slower; 64 MiB: 8 MiB best, 16 MiB 1.1-1.2x
+    slower. 2 MiB tensors: no difference."""
     slot = SLOT_BY_GROUP.get(world, SLOT_LARGER_GROUPS)
     while free_bytes is not None and slot > SLOT_MIN and 2 * segment_bytes(world, slot)[1] > free_bytes:
         slot //= 2
