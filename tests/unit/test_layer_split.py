@@ -171,3 +171,29 @@ def test_cpu_first_plan_numbers_devices_and_cores_by_kind():
     text = plan.describe()
     assert "rank 2: GPU  cuda:0" in text and "rank 0: CPU  cores 0-1  stage 0: layers 0-3 (4)  KV cache 1.00 GiB" in text
     assert plan_from_json(plan_to_json(plan)) == plan
+
+
+def test_gpu_layer_costs_reserve_more_for_a_compiled_graph_captured_stage():
+    """3B Llama shapes (bf16) at the harness's 1.5x budget: 5.5 GiB of GPU memory for the stage.
+    Eager, 1 GiB is kept for the CUDA context; compiled with CUDA graphs 1.5 GiB, and the weights
+    on the GPU (LM head + layers) then stay within the weight budget W = 3.68 GiB."""
+    from types import SimpleNamespace
+
+    from hetero_shim.planning.layer_costs import gpu_layer_costs
+
+    hf = SimpleNamespace(hidden_size=3072, num_attention_heads=24, num_key_value_heads=8, head_dim=128,
+                         intermediate_size=8192, vocab_size=128256, max_position_embeddings=0)
+
+    def config(eager: bool):
+        model = SimpleNamespace(dtype="bfloat16", model="/nonexistent", hf_text_config=hf, enforce_eager=eager,
+                                get_num_kv_heads=lambda par: 8, get_head_size=lambda: 128, max_model_len=1024)
+        cache = SimpleNamespace(cache_dtype="auto", kv_cache_memory_bytes=335544320, gpu_memory_utilization=1.0)
+        return SimpleNamespace(model_config=model, cache_config=cache, scheduler_config=SimpleNamespace(
+            max_num_batched_tokens=2048), parallel_config=SimpleNamespace(tensor_parallel_size=1))
+
+    budget = int(5.5 * (1 << 30))
+    eager, compiled = gpu_layer_costs(config(True), budget), gpu_layer_costs(config(False), budget)
+    assert compiled.fixed - eager.fixed == 1 << 29
+    layer = compiled.per_layer_weights
+    assert eager.fits() == 17 and compiled.fits() == 15
+    assert 128256 * 3072 * 2 + 15 * layer <= 3.68 * (1 << 30)
