@@ -49,6 +49,10 @@ if str(REPO) not in sys.path:
 
 GIB = 1 << 30
 DEFAULT_SHAPE = (8192, 16384)
+#: the four matrices of one decoder layer of the 3B Llama shapes (N x K: qkv, o, gate_up, down), read
+#: in this order per layer as the engine does; several layers' worth so that nothing stays in cache
+LAYER_SHAPES = ((5120, 3072), (3072, 3072), (16384, 3072), (3072, 8192))
+LAYER_COPIES = 4
 DEFAULT_BATCHES = (1, 16, 512)
 KERNELS = ("F.linear", "oneDNN", "packed")
 #: what the bound calls "the CPU streams weights at": the best of these at batch 1
@@ -207,6 +211,63 @@ def kernel_fns(weight) -> tuple[dict, dict, list]:
     return fns, missing, cleanup
 
 
+def layer_sequence(opts, gen) -> dict:
+    """Weight streaming through the shapes of a real decoder layer (``LAYER_SHAPES``), several
+    distinct layers in turn as a decode step reads them: per kernel and batch, GB/s over the
+    whole sequence. The engine's GEMMs are these sizes, not the one large matrix above."""
+    import torch
+
+    shapes = [tuple(int(v) for v in part.split("x")) for part in opts.layer_shapes.split(",")]
+    weights = [(torch.randn(n, k, generator=gen) * 0.02).to(torch.bfloat16)
+               for _ in range(opts.layer_copies) for n, k in shapes]
+    total = sum(w.numel() * w.element_size() for w in weights)
+    per_kernel: dict[str, list] = {}
+    cleanups: list = []
+    for w in weights:
+        fns, _, cleanup = kernel_fns(w)
+        cleanups += cleanup
+        for name, fn in fns.items():
+            per_kernel.setdefault(name, []).append((fn, w.shape[1]))
+    out = {"shapes": [list(s) for s in shapes], "copies": opts.layer_copies, "bytes": total, "by_kernel": {}}
+    for name, calls in per_kernel.items():
+        if len(calls) != len(weights):
+            continue
+        rows = {}
+        for m in (1, 16):
+            xs = {k: (torch.randn(m, k, generator=gen) * 0.5).to(torch.bfloat16) for _, k in calls}
+
+            def step():
+                for fn, k in calls:
+                    fn(xs[k])
+
+            t, reps = _median_time(step, opts.min_time)
+            rows[str(m)] = {"ms": round(t * 1e3, 3), "GBps": round(total / t / 1e9, 2), "reps": reps,
+                            "us_per_call": round(t / len(calls) * 1e6, 1)}
+        out["by_kernel"][name] = rows
+    for fn in cleanups:
+        fn()
+    return out
+
+
+def host_facts() -> dict:
+    """What the kernels' speed depends on and the host decides: transparent huge pages, and whether
+    this process may use AMX tiles (Linux grants them per process: arch_prctl ARCH_REQ_XCOMP_PERM)."""
+    facts: dict = {}
+    try:
+        facts["thp"] = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text().strip()
+    except OSError:
+        facts["thp"] = None
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        # SYS_arch_prctl = 158 on x86-64; ARCH_REQ_XCOMP_PERM = 0x1023; XFEATURE_XTILEDATA = 18
+        facts["amx_permission"] = libc.syscall(158, 0x1023, 18) == 0
+    except (OSError, AttributeError):
+        facts["amx_permission"] = None
+    return facts
+
+
 def cpu_worker(opts) -> dict:
     cores = [int(c) for c in opts.cores.split(",")]
     os.sched_setaffinity(0, cores)  # before torch starts its thread pool
@@ -221,7 +282,8 @@ def cpu_worker(opts) -> dict:
     fns, missing, cleanup = kernel_fns(weight)
     out = {"threads": opts.threads, "cores": cores, "torch_threads": torch.get_num_threads(), "kernels_from": source,
            "shape": [n, k], "weight_bytes": weight_bytes, "amx": amx_tiles(),
-           "avx512_bf16": bool(torch.cpu._is_avx512_bf16_supported()), "gemm": {}, "unavailable": missing}
+           "avx512_bf16": bool(torch.cpu._is_avx512_bf16_supported()), "gemm": {}, "unavailable": missing,
+           "host": host_facts()}
     check_x = (torch.randn(4, k, generator=gen) * 0.5).to(torch.bfloat16)
     reference = check_x.float() @ weight.float().t()
     with torch.inference_mode():
@@ -242,6 +304,7 @@ def cpu_worker(opts) -> dict:
         for fn in cleanup:
             fn()
         del weight, fns
+        out["layer"] = layer_sequence(opts, gen) if opts.layer_copies else {}
         read = {}
         for dtype in (torch.float32, torch.bfloat16):
             elems = opts.read_mib * (1 << 20) // torch.tensor([], dtype=dtype).element_size()
@@ -311,6 +374,14 @@ def best_cpu_rate(rates: dict, threads: int | None = None, batch: int = 1) -> tu
         threads = rates.get("plan_threads")
     key = str(threads) if str(threads) in cpu else max(cpu, key=int)
     best = None
+    layer = (cpu[key].get("layer") or {}).get("by_kernel") or {}
+    if layer:  # the engine's own matrix sizes, read in turn as a decode step reads them: the rate that applies
+        for name, rows in layer.items():
+            row = rows.get(str(batch))
+            if name in STREAMING_KERNELS and row and (best is None or row["GBps"] > best[0]):
+                best = (row["GBps"], f"{name}, layer shapes")
+        if best:
+            return best[0] * 1e9, best[1], int(key)
     for name, entry in (cpu[key].get("gemm") or {}).items():
         row = entry.get("by_batch", {}).get(str(batch))
         if name in STREAMING_KERNELS and row and (best is None or row["GBps"] > best[0]):
@@ -473,11 +544,13 @@ def table(result: dict) -> str:
     meta = result.get("meta", {})
     lines.append(f"bound (bench/bound.py), weights {meta.get('shape')} bf16 "
                  f"({meta.get('weight_mib')} MiB); kernels: {meta.get('kernels_from', '?')}")
-    for threads, row in sorted((result.get("cpu") or {}).items(), key=lambda kv: int(kv[0])):
+    rows = sorted((result.get("cpu") or {}).items(), key=lambda kv: int(kv[0]))
+    rows += [(f"{t} (THP_MEM_ALLOC_ENABLE=1)", r) for t, r in (result.get("cpu_thp") or {}).items()]
+    for threads, row in rows:
         if "error" in row:
             lines.append(f"  {threads:>3} threads: {row['error']}")
             continue
-        plan = " (plan: 1 CPU rank)" if int(threads) == result.get("plan_threads") else ""
+        plan = " (plan: 1 CPU rank)" if str(threads).split()[0] == str(result.get("plan_threads")) else ""
         lines.append(f"  {threads:>3} threads{plan}, cores {row.get('cores_text', '')}: read fp32 "
                      f"{row['read']['float32']['GBps']:.1f} GB/s, bf16 {row['read']['bfloat16']['GBps']:.1f} GB/s")
         for name in KERNELS:
@@ -489,6 +562,17 @@ def table(result: dict) -> str:
             for m, r in entry["by_batch"].items():
                 cells.append(f"M={m}: {r['GBps']:.1f} GB/s" + (f" {r['TFLOPs']:.2f} TFLOP/s" if int(m) >= 512 else ""))
             lines.append(f"      {name:<9} " + ", ".join(cells) + f"  (err {entry['max_rel_err']:.1e})")
+        layer = row.get("layer") or {}
+        if layer.get("by_kernel"):
+            shapes = " ".join("x".join(map(str, s)) for s in layer["shapes"])
+            lines.append(f"      layer shapes {shapes}, {layer['copies']} layers in turn:")
+            for name, rows in layer["by_kernel"].items():
+                lines.append(f"        {name:<9} " + ", ".join(
+                    f"M={m}: {r['GBps']:.1f} GB/s ({r['us_per_call']:.0f} us per call)" for m, r in rows.items()))
+        host = row.get("host") or {}
+        if host:
+            lines.append(f"      host: transparent huge pages {host.get('thp')}; AMX tiles granted to this process: "
+                         f"{host.get('amx_permission')}")
     gpu = result.get("gpu")
     if gpu and gpu.get("cuda"):
         lines.append(f"  GPU {gpu['name']}: pinned host->GPU {gpu['h2d_pinned_GBps']:.1f} GB/s, GPU->host "
@@ -520,7 +604,9 @@ def _spawn(args: list[str], env: dict, timeout: float) -> dict:
 
 def measure(threads: list[int] | None = None, kernels: str | None = None, shape: tuple[int, int] = DEFAULT_SHAPE,
             batches=DEFAULT_BATCHES, min_time: float = 0.5, read_mib: int = 1024, gpu: bool = True,
-            h2d_mib: int = 256, hbm_mib: int = 1024, timeout: float = 600) -> dict:
+            h2d_mib: int = 256, hbm_mib: int = 1024, timeout: float = 600,
+            layer_shapes: str = ",".join(f"{n}x{k}" for n, k in LAYER_SHAPES), layer_copies: int = LAYER_COPIES,
+            thp_too: bool = True) -> dict:
     from hetero_shim.planning.plan import format_id_list
 
     plan, every = plan_cores(1)
@@ -536,12 +622,17 @@ def measure(threads: list[int] | None = None, kernels: str | None = None, shape:
         cores = cores_for(n, plan, every)
         args = ["--worker", "cpu", "--threads", str(n), "--cores", ",".join(map(str, cores)),
                 "--shape", f"{shape[0]}x{shape[1]}", "--batches", ",".join(map(str, batches)),
-                "--min-time", str(min_time), "--read-mib", str(read_mib)]
+                "--min-time", str(min_time), "--read-mib", str(read_mib), "--layer-shapes", layer_shapes,
+                "--layer-copies", str(layer_copies)]
         if kernels:
             args += ["--kernels", kernels]
-        row = _spawn(args, env | {"OMP_NUM_THREADS": str(n)}, timeout)
+        row = _spawn(args, env | {"OMP_NUM_THREADS": str(n), "THP_MEM_ALLOC_ENABLE": "0"}, timeout)
         row["cores_text"] = format_id_list(cores)
         result["cpu"][str(n)] = row
+        if thp_too and n == len(plan):  # the same with torch's CPU allocations on transparent huge pages
+            thp = _spawn(args, env | {"OMP_NUM_THREADS": str(n), "THP_MEM_ALLOC_ENABLE": "1"}, timeout)
+            thp["cores_text"] = format_id_list(cores)
+            result["cpu_thp"] = {str(n): thp}
         if "kernels_from" in row:
             result["meta"]["kernels_from"] = row["kernels_from"]
         print(f"   bound: {n} threads measured ({time.monotonic() - started:.0f} s)", file=sys.stderr, flush=True)
@@ -561,9 +652,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", default=",".join(map(str, DEFAULT_BATCHES)), help="tokens per GEMM call")
     parser.add_argument("--min-time", type=float, default=0.5, help="seconds per timed kernel (at least 3 calls)")
     parser.add_argument("--read-mib", type=int, default=1024, help="size of the tensor summed for the read rate")
+    parser.add_argument("--layer-shapes", default=",".join(f"{n}x{k}" for n, k in LAYER_SHAPES),
+                        help="N x K of one decoder layer's matrices, in order (default: 3B Llama)")
+    parser.add_argument("--layer-copies", type=int, default=LAYER_COPIES, help="distinct layers read in turn (0: skip)")
     parser.add_argument("--h2d-mib", type=int, default=256)
     parser.add_argument("--hbm-mib", type=int, default=1024)
     parser.add_argument("--no-gpu", action="store_true", help="skip the CUDA measurements")
+    parser.add_argument("--no-thp", action="store_true", help="skip the plan's thread count again with "
+                        "THP_MEM_ALLOC_ENABLE=1 (torch's CPU allocations on transparent huge pages)")
     parser.add_argument("--model", default=None, help="also print the bound of this model directory (bench.configs)")
     parser.add_argument("--budget-ratio", type=float, default=1.5, help="with --model: model / budget")
     parser.add_argument("--timeout", type=float, default=600, help="seconds per subprocess")
@@ -581,7 +677,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     threads = [int(t) for t in opts.threads.split(",")] if opts.threads else None
     result = measure(threads, opts.kernels, parse_shape(opts.shape), [int(b) for b in opts.batches.split(",")],
-                     opts.min_time, opts.read_mib, not opts.no_gpu, opts.h2d_mib, opts.hbm_mib, opts.timeout)
+                     opts.min_time, opts.read_mib, not opts.no_gpu, opts.h2d_mib, opts.hbm_mib, opts.timeout,
+                     opts.layer_shapes, opts.layer_copies, not opts.no_thp)
     if opts.model:
         from bench import configs
 

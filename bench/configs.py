@@ -196,6 +196,7 @@ CONFIGS = {
     "gpu-shim": "GPU-only TP=1 with hetero_shim.enable() (the shim's cost when heterogeneous mode is off)",
     "offload-uva": "stock vLLM --cpu-offload-gb (UVA backend) at the budget",
     "offload-prefetch": "stock vLLM prefetch offload backend at the budget",
+    "offload-uva-experts": "stock vLLM --cpu-offload-gb (UVA), --cpu-offload-params experts: MoE expert weights only",
     "hetero-tp2": "heterogeneous TP=2",
     "hetero-tp4": "heterogeneous TP=4",
     "hetero-pp2": "heterogeneous pipeline mode (pipeline_parallel_size=2)",
@@ -212,6 +213,7 @@ VARIANTS = {
     "-eager": {"HETERO_SHIM_GPU_STAGE_GRAPHS": "0"},
     "-onednn": {"VLLM_CPU_SGL_KERNEL": "0"},
     "-r2": {"HETERO_SHIM_RESERVE_CORES": "2"},
+    "-nothp": {"THP_MEM_ALLOC_ENABLE": "0"},
     # the pipeline mode as it was before the CPU-first order, GPU-stage graphs and packed GEMM
     "-before": {"HETERO_SHIM_STAGE_ORDER": "gpu-first", "HETERO_SHIM_GPU_STAGE_GRAPHS": "0",
                 "VLLM_CPU_SGL_KERNEL": "0"},
@@ -289,6 +291,20 @@ def plan(name: str, model: ModelInfo, budget: Budget, workload: Workload, gpu: b
         if name == "offload-uva":
             gb = math.ceil(excess * 100) / 100
             engine |= {"offload_backend": "uva", "cpu_offload_gb": gb}
+            place(total - gb)
+        elif name == "offload-uva-experts":
+            # vLLM matches cpu_offload_params against whole name segments of each layer's parameters: "experts"
+            # takes mlp.experts.w13_weight / block_sparse_moe.experts.w2_weight and nothing else
+            shapes: dict[str, list[int]] = {}
+            for f in sorted(Path(model.path).glob("*.safetensors")):
+                shapes.update(_safetensors_shapes(f))
+            experts = sum(math.prod(s) for n, s in shapes.items() if ".experts." in n)
+            experts *= DTYPE_BYTES[model.dtype] / GIB
+            if not experts:
+                out["skip"] = "the model has no expert weights (no .experts. tensors): not a mixture of experts"
+                return out
+            gb = math.ceil(min(excess, experts) * 100) / 100  # all experts and still over: flagged over_budget
+            engine |= {"offload_backend": "uva", "cpu_offload_gb": gb, "cpu_offload_params": ["experts"]}
             place(total - gb)
         else:
             layer = max(model.layer_bytes) / GIB

@@ -37,8 +37,8 @@ PAIRS = (
     ("hetero-tp2", "hetero-tp2-free"), ("hetero-pp2", "hetero-pp2-free"),
     ("hetero-tp2", "cpu-stock-tp2"), ("hetero-tp4", "cpu-stock-tp4"),
     # each of the pipeline mode's choices, measured by turning it off (bench/configs.py VARIANTS)
-    *((f"hetero-pp2{v}", "offload-uva") for v in ("-before", "-gpufirst", "-eager", "-onednn", "-r2")),
-    *(("hetero-pp2", f"hetero-pp2{v}") for v in ("-before", "-gpufirst", "-eager", "-onednn", "-r2")),
+    *((f"hetero-pp2{v}", "offload-uva") for v in ("-before", "-gpufirst", "-eager", "-onednn", "-r2", "-nothp")),
+    *(("hetero-pp2", f"hetero-pp2{v}") for v in ("-before", "-gpufirst", "-eager", "-onednn", "-r2", "-nothp")),
     ("hetero-tp2-onednn", "offload-uva"), ("hetero-tp2", "hetero-tp2-onednn"),
 )
 # what a pair's ratio means, printed beside it

@@ -44,7 +44,8 @@ ALLREDUCE = str(REPO / "bench" / "allreduce.py")
 BOUND = str(REPO / "bench" / "bound.py")
 BREAKDOWN_HOOK = str(REPO / "bench" / "breakdown")
 # bench/bound.py at toy size: a 32 MiB weight and a 256 MiB read, so the step takes seconds here
-TOY_BOUND_ARGS = ["--shape", "2048x8192", "--read-mib", "256", "--min-time", "0.2"]
+TOY_BOUND_ARGS = ["--shape", "2048x8192", "--read-mib", "256", "--min-time", "0.2",
+                  "--layer-shapes", "640x384,384x384,2048x384,384x1024", "--layer-copies", "2"]
 DEFAULT_CONFIGS = "hetero-tp2,offload-uva,gpu,offload-prefetch,hetero-tp4,cpu-stock-tp2"
 # settings of the user's environment that would make a stock configuration non-stock or cost time
 DROP_ENV = ("HETERO_SHIM_ENABLE", "HETERO_SHIM_DEVICE", "HETERO_SHIM_VERIFY_TOKENS")
