@@ -3,7 +3,8 @@
 The CUDA wheel of vLLM has none of the CPU kernels, yet a CPU rank there runs CpuPlatform,
 CPUWorker and the CPU_ATTN backend. This module registers, through ``torch.library``, only
 the ops that are missing (not defined at all, or defined with a CUDA kernel only), so that
-dense decoder models (Llama, OPT; fp32, bf16) run with no native CPU kernel at all.
+dense decoder models (Llama, OPT; fp32, bf16) and unquantized MoE models (Mixtral, Qwen-MoE)
+run with no native CPU kernel at all.
 
 Every function below is the Python body of one op; the docstring names the vLLM 0.26.0 call
 site it serves. Speed is not a goal: the attention loops over requests in plain torch.
@@ -14,6 +15,14 @@ Deliberately NOT provided: ``create_onednn_mm_handler`` / ``onednn_mm`` (0.26.0
 and sgl-kernel ``weight_packed_linear`` only when VLLM_CPU_SGL_KERNEL=1; without them it uses
 ``torch.nn.functional.linear``). ``rms_norm`` / ``fused_add_rms_norm`` are not called on CPU in
 0.26.0 (the ``vllm_c`` IR impl is CUDA-alike only; RMSNorm runs the native torch impl).
+MoE (0.26.0 ``fused_moe/cpu_fused_moe.py``, chosen by ``UnquantizedFusedMoEMethod.
+process_weights_after_loading`` on CpuPlatform): with ``VLLM_CPU_SGL_KERNEL=1`` on an AMX host
+and bf16 weights it calls ``convert_weight_packed`` + ``fused_experts_cpu`` (SGLFusedMOE, whose
+schemas differ between releases: not provided, so that path needs the native kernels); else
+``CPUFusedMOE``: when ``prepack_moe_weight`` exists (and the sizes are multiples of 32) the
+grouped GEMM ``prepack_moe_weight`` + ``cpu_fused_moe`` (same schemas 0.26.0 .. 0.33.0; provided
+below, as a pair), otherwise vLLM's own pure-torch ``torch.ops.vllm.cpu_fused_moe_torch``
+(F.linear per expert, no ``_C`` op). Routing (``select_experts``) is plain torch.
 No vLLM import here: this module must load before vLLM's kernels are looked up.
 """
 
@@ -25,6 +34,8 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+
+from hetero_shim.errors import FallbackSchemaMismatch
 
 logger = logging.getLogger(__name__)
 
@@ -192,6 +203,62 @@ def cpu_attention_with_kv_cache(query, key_cache, value_cache, output, query_sta
         out[start:end] = torch.matmul(probs, v).transpose(0, 1).to(out.dtype)
 
 
+# --- MoE (fused_moe/cpu_fused_moe.py CPUFusedMOE, grouped-GEMM path) ---------------------------
+
+def prepack_moe_weight(weight, packed_weight, isa):
+    """0.26.0: ``CPUFusedMOE.init_moe_grouped_gemm`` -> ``ops.cpu_prepack_moe_weight`` for w13
+    [E, 2I, H] and w2 [E, H, I]. Native: an ISA-specific tiled layout of the same shape. The
+    fallback keeps the plain layout (its ``cpu_fused_moe`` reads that), so the two are a pair."""
+    packed_weight.copy_(weight)
+
+
+def _moe_act(x, act):
+    d = x.shape[-1] // 2
+    if act == "silu":
+        return F.silu(x[..., :d]) * x[..., d:]
+    if act == "gelu":
+        return F.gelu(x[..., :d]) * x[..., d:]
+    if act == "gelu_tanh":
+        return F.gelu(x[..., :d], approximate="tanh") * x[..., d:]
+    if act == "swigluoai":  # interleaved gate/up, as vLLM's _swigluoai_forward_native
+        gate, up = x[..., ::2].clamp(max=7.0), x[..., 1::2].clamp(min=-7.0, max=7.0)
+        return (up + 1) * (gate * torch.sigmoid(gate * 1.702))
+    raise NotImplementedError(f"hetero_shim CPU fallback cpu_fused_moe: activation {act!r} is not supported "
+                              "(silu, gelu, gelu_tanh, swigluoai)")
+
+
+def cpu_fused_moe(output, input, w13, w2, w13_bias, w2_bias, topk_weights, topk_id, skip_weighted, act, isa):
+    """``output = sum_k w[t,k] * (act(x_t @ w13[e].T + b13[e]) @ w2[e].T + b2[e])`` with e = topk_id[t,k].
+
+    0.26.0: ``CPUFusedMOE.forward_grouped_gemm`` -> ``ops.cpu_fused_moe`` (weights from
+    ``prepack_moe_weight`` above). ``skip_weighted``: the router weights were already applied to
+    the input (top-1 only), so the expert outputs are summed unweighted. Expert ids outside
+    [0, E) contribute nothing. Accumulated in fp32; the activation is rounded to the input dtype
+    before the down projection, as the native kernel does.
+    """
+    num_tokens = topk_id.shape[0]
+    num_experts = w13.shape[0]
+    acc = torch.zeros(num_tokens, w2.shape[1], dtype=torch.float32)
+    ids = topk_id.long()
+    weights = topk_weights.float()
+    x = input.reshape(num_tokens, -1)
+    for e in torch.unique(ids).tolist():
+        if e < 0 or e >= num_experts:
+            continue
+        tok, slot = (ids == e).nonzero(as_tuple=True)
+        h = torch.matmul(x[tok].float(), w13[e].float().t())
+        if w13_bias is not None:
+            h += w13_bias[e].float()
+        h = _moe_act(h, act).to(input.dtype).float()
+        y = torch.matmul(h, w2[e].float().t())
+        if w2_bias is not None:
+            y += w2_bias[e].float()
+        if not skip_weighted:
+            y *= weights[tok, slot, None]
+        acc.index_add_(0, tok, y)
+    output.view(num_tokens, -1).copy_(acc)
+
+
 # --- registration -----------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -201,6 +268,9 @@ class OpSpec:
     fn: Callable
     key: str = "CPU"  # dispatch key for a new op; ops without tensor args use CompositeExplicitAutograd
     fake: Callable | None = None  # Meta kernel (shape only), for tracing / torch.compile
+    # ops of one group are installed together or not at all: their data layouts must match
+    # (a native prepack_moe_weight and a fallback cpu_fused_moe would not)
+    group: str | None = None
 
 
 def _no_op(*args, **kwargs):
@@ -230,6 +300,11 @@ OPS: tuple[OpSpec, ...] = (
            "SymInt sliding_window_size, Tensor block_table, float softcap, Tensor scheduler_metadata, Tensor? s_aux, "
            "Tensor? dynamic_causal, float k_scale=1., float v_scale=1., str kv_cache_dtype=\"auto\") -> ()",
            cpu_attention_with_kv_cache, fake=_no_op),
+    OpSpec("prepack_moe_weight", "(Tensor weight, Tensor(a1!) packed_weight, str isa) -> ()", prepack_moe_weight,
+           fake=_no_op, group="moe"),
+    OpSpec("cpu_fused_moe", "(Tensor(a0!) output, Tensor input, Tensor w13, Tensor w2, Tensor? w13_bias, "
+           "Tensor? w2_bias, Tensor topk_weights, Tensor topk_id, bool skip_weighted, str act, str isa) -> ()",
+           cpu_fused_moe, fake=_no_op, group="moe"),
 )
 
 _LIBRARIES: list[torch.library.Library] = []  # registrations live as long as these objects
@@ -241,6 +316,12 @@ def _existing_schema(qualname: str):
         return torch._C._get_schema(qualname, "")
     except RuntimeError:
         return None
+
+
+def _served(qualname: str) -> bool:
+    """Defined with a kernel that serves CPU tensors."""
+    return _existing_schema(qualname) is not None and any(
+        torch._C._dispatch_has_kernel_for_dispatch_key(qualname, k) for k in _SERVING_KEYS)
 
 
 def _arg_types(schema) -> list[str]:
@@ -258,8 +339,11 @@ def install(namespace: str = "_C", only: tuple[str, ...] | None = None) -> list[
     """
     registered: list[str] = []
     fragment = impl = None
+    served = {spec.group for spec in OPS if spec.group and _served(f"{namespace}::{spec.name}")}
     for spec in OPS:
         if only is not None and spec.name not in only:
+            continue
+        if spec.group in served:  # a native member of the group is there: keep the whole group native
             continue
         qualname = f"{namespace}::{spec.name}"
         existing = _existing_schema(qualname)
@@ -271,12 +355,12 @@ def install(namespace: str = "_C", only: tuple[str, ...] | None = None) -> list[
             fragment.impl(spec.name, spec.fn, spec.key)
             if spec.fake is not None:
                 fragment.impl(spec.name, spec.fake, "Meta")
-        elif any(torch._C._dispatch_has_kernel_for_dispatch_key(qualname, k) for k in _SERVING_KEYS):
+        elif _served(qualname):
             continue
         else:
             ours = _parsed_schema(spec)
             if _arg_types(existing) != _arg_types(ours):
-                raise RuntimeError(f"hetero_shim CPU fallback: {qualname} is defined as {existing}, "
+                raise FallbackSchemaMismatch(f"hetero_shim CPU fallback: {qualname} is defined as {existing}, "
                                    f"which does not match the fallback's {ours}; refusing to add a CPU kernel")
             if impl is None:
                 impl = torch.library.Library(namespace, "IMPL")

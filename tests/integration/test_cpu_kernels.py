@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import procs
-from conftest import GENERATE, parse_result
+from conftest import GENERATE, generate, parse_result
 from hetero_shim.cpu_kernels import fallback as fb
 
 DTYPES = {"fp32": (torch.float32, 2e-5), "bf16": (torch.bfloat16, 3e-2)}  # dtype, max abs diff
@@ -100,6 +100,63 @@ def test_greedy_argmax(native):
     logits = torch.randn(9, 32000)  # the native op takes float32 logits only
     a, b = native.greedy_argmax(logits), fb.greedy_argmax(logits)
     assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+
+# --- MoE: the (prepack_moe_weight, cpu_fused_moe) pair ----------------------------------------
+# The native prepack tiles the weights for its ISA; each implementation packs its own copy and
+# the outputs are compared (as vLLM's CPUFusedMOE / CPUUnquantizedExperts call them).
+
+def _moe(ops, dtype, isa, act, bias, top_k, tokens, skip_weighted=False):
+    torch.manual_seed(tokens + top_k)
+    experts, hidden, inter = 8, 128, 64
+    x = torch.randn(tokens, hidden, dtype=dtype)
+    w13 = (torch.randn(experts, 2 * inter, hidden) * 0.1).to(dtype)
+    w2 = (torch.randn(experts, hidden, inter) * 0.1).to(dtype)
+    b13 = (torch.randn(experts, 2 * inter) * 0.1).to(dtype) if bias else None
+    b2 = (torch.randn(experts, hidden) * 0.1).to(dtype) if bias else None
+    weights, ids = torch.topk(torch.softmax(torch.randn(tokens, experts), dim=-1), top_k)
+    packed13, packed2 = torch.empty_like(w13), torch.empty_like(w2)
+    ops.prepack_moe_weight(w13, packed13, isa)
+    ops.prepack_moe_weight(w2, packed2, isa)
+    out = torch.empty_like(x)
+    ops.cpu_fused_moe(out, x, packed13, packed2, b13, b2, weights.float(), ids.to(torch.int32), skip_weighted, act, isa)
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("act", ["silu", "gelu", "gelu_tanh", "swigluoai"])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("top_k,tokens", [(1, 1), (2, 7), (2, 130), (4, 33)])
+def test_cpu_fused_moe(native, dtype, act, bias, top_k, tokens):
+    if not hasattr(native, "cpu_fused_moe"):
+        pytest.skip("no native cpu_fused_moe in this vLLM")
+    dtype, atol = DTYPES[dtype]
+    isa = "amx" if dtype == torch.bfloat16 and torch.cpu._is_amx_tile_supported() else "vec"
+    close(_moe(native, dtype, isa, act, bias, top_k, tokens), _moe(fb, dtype, isa, act, bias, top_k, tokens), atol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cpu_fused_moe_skip_weighted(native, dtype):
+    """Router weight already applied to the input (top-1): the expert output is not weighted again."""
+    if not hasattr(native, "cpu_fused_moe"):
+        pytest.skip("no native cpu_fused_moe in this vLLM")
+    dtype, atol = DTYPES[dtype]
+    got = _moe(fb, dtype, "vec", "silu", False, 1, 9, skip_weighted=True)
+    close(_moe(native, dtype, "vec", "silu", False, 1, 9, skip_weighted=True), got, atol)
+    assert not torch.allclose(got.float(), _moe(fb, dtype, "vec", "silu", False, 1, 9).float())
+
+
+def test_moe_ops_installed_as_a_pair():
+    """A namespace that serves prepack_moe_weight natively keeps cpu_fused_moe native too (the
+    fallback's plain layout would not match the native packed one); without either, both come."""
+    lib = torch.library.Library("hs_test_moe_pair", "DEF")
+    lib.define("prepack_moe_weight(Tensor weight, Tensor(a1!) packed_weight, str isa) -> ()")
+    lib.impl("prepack_moe_weight", lambda w, p, isa: p.copy_(w), "CPU")
+    names = fb.install(namespace="hs_test_moe_pair", only=("prepack_moe_weight", "cpu_fused_moe"))
+    assert names == []
+    names = fb.install(namespace="hs_test_moe_pair_empty", only=("prepack_moe_weight", "cpu_fused_moe"))
+    assert names == ["hs_test_moe_pair_empty::prepack_moe_weight", "hs_test_moe_pair_empty::cpu_fused_moe"]
 
 
 # --- attention: the (reshape_and_cache, attention) pair ---------------------------------------
@@ -212,3 +269,21 @@ def test_generation_without_native_kernels(models, reference, tmp_path, model):
     assert all(set(i["ops"]) == expected and not i["native_loaded"] for i in installs), installs
     result = parse_result(proc.stdout)
     assert result["tokens"] == reference(model)["tokens"]
+
+
+def test_moe_generation_without_native_kernels(tmp_path):
+    """A mixture of experts (tiny Qwen3-MoE: top-2 of 8 experts, QK-norm) with no native kernel loaded:
+    the experts run the fallback prepack_moe_weight + cpu_fused_moe, the stock greedy tokens come out."""
+    from hetero_shim.testing import arch_models
+
+    model = arch_models.get("qwen3_moe")
+    reference = generate(model, "--tp", "1")
+    (tmp_path / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    env = procs.python_env(HS_TEST_CPU_FALLBACK="1")
+    env["PYTHONPATH"] = f"{tmp_path}:{env['PYTHONPATH']}"
+    proc = procs.run([sys.executable, GENERATE, str(model), "--tp", "1"], env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-6000:]
+    installs = [json.loads(line.split(" ", 1)[1]) for line in proc.stdout.splitlines()
+                if line.startswith("HS_FALLBACK ")]
+    assert installs and all({"_C::prepack_moe_weight", "_C::cpu_fused_moe"} <= set(i["ops"]) for i in installs)
+    assert parse_result(proc.stdout)["tokens"] == reference["tokens"]
