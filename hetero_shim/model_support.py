@@ -146,4 +146,4 @@ def check_cpu_ranks_support(vllm_config, *, release: str | None = None, native_k
     found = problems(vllm_config, release, native_kernels)
     if found:
         raise HeteroConfigError(f"heterogeneous mode: {ranks} cannot run this model: " + "; ".join(found)
-                                + ". Run it without device='heterogeneous' (GPU ranks only).")
+                                + ". Otherwise run it on GPU ranks only (without device='heterogeneous').")
