@@ -21,8 +21,7 @@ _lock = _thread.RLock()
 _ledger = None  # registry.Ledger, created when the first table is installed
 #: trigger: the import_trigger waiting for vLLM's import to install the table (None once installed);
 #: activation: the one activate_from_env() left to call enable() on vLLM's import.
-#: interceptor: the plugin's front-end interceptor was in place before the table (disable() puts it back).
-_state: dict = {"table": None, "reason": None, "trigger": None, "activation": None, "interceptor": False}
+_state: dict = {"table": None, "reason": None, "trigger": None, "activation": None}
 
 
 def _log():
@@ -58,9 +57,6 @@ def _install_table(release: str) -> None:
     from hetero_shim.patches import tables
 
     with _lock:
-        plugin = sys.modules.get("hetero_shim.plugin")
-        if plugin is not None and plugin.remove_interceptor():  # the table wraps vLLM's own methods
-            _state["interceptor"] = True
         _get_ledger().install(tables.table(release))
         _state["trigger"] = None
 
@@ -158,9 +154,6 @@ def disable() -> dict:
         if not_restored:
             _log().warning("hetero_shim.disable(): re-wrapped by someone else, left in place: %s", not_restored)
         run_state.exit()
-        if _state["interceptor"]:
-            _state["interceptor"] = False
-            sys.modules["hetero_shim.plugin"].reinstall_interceptor()  # device= can enable the shim again
         return status()
 
 

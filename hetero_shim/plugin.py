@@ -14,9 +14,9 @@ end, engine core, workers) when it first resolves its platform, so the module im
   and ``AsyncEngineArgs.__init__`` (``device=`` of ``LLM``/``EngineArgs``), ``EngineArgs.add_cli_args``
   (adds ``--device {heterogeneous}`` and ``--hetero-gpu-layers``) and ``EngineArgs.from_cli_args``.
   Each costs one dictionary look-up per call and calls vLLM's own method. Only when a call asks for
-  heterogeneous mode does it put vLLM's methods back, call ``hetero_shim.enable()`` (which installs the
-  release's patch table and propagates the shim to the processes vLLM starts) and hand the call to
-  the now patched method. The request is read where vLLM reads it, so ``--device=heterogeneous`` and
+  heterogeneous mode does it call ``hetero_shim.enable()`` (which installs the release's patch table,
+  wrapping these methods, and propagates the shim to the processes vLLM starts) and hand the call
+  to the now patched method. The request is read where vLLM reads it, so ``--device=heterogeneous`` and
   ``--config x.yaml`` work too; nothing looks at ``sys.argv``.
 - **A process of a heterogeneous run** (``HETERO_SHIM_DEVICE`` inherited: engine core, workers; or
   exported by the user): the shim is enabled before vLLM binds its platform, and a CPU rank gets
@@ -148,20 +148,12 @@ def _install_interceptor(module=None) -> None:
         setattr(cls, name, replacement)
 
 
-def remove_interceptor() -> bool:
-    """Put vLLM's own methods back (enable() does this before it installs the patch table).
-    Returns whether an interceptor was installed."""
-    was = bool(_saved)
+def remove_interceptor() -> None:
+    """Put vLLM's own methods back where the interceptor still is (tests)."""
     for (cls, name), original in reversed(list(_saved.items())):
         if vars(cls).get(name) is not original:
             setattr(cls, name, original)
     _saved.clear()
-    return was
-
-
-def reinstall_interceptor() -> None:
-    """After disable(): a later ``device="heterogeneous"`` enables the shim again."""
-    _watch_engine_args()
 
 
 def _asked(value) -> bool:
@@ -169,10 +161,11 @@ def _asked(value) -> bool:
 
 
 def _activate_front_end() -> None:
-    """A call asked for heterogeneous mode: enable the shim. Installing the patch table takes the
-    interceptor out first (``_api._install_table``), so the table wraps vLLM's own methods, and
-    ``disable()`` puts it back. A refusal (unsupported release, bad setting) patches nothing and
-    leaves the interceptor in place: the next request meets the same refusal."""
+    """A call asked for heterogeneous mode: enable the shim. Its patch table wraps these
+    methods, interceptor included (which then only passes calls on: the shim's wrappers have
+    taken the option out, or the shim is enabled), and ``disable()`` restores the interceptor,
+    so a later request enables the shim again. A refusal (unsupported release, bad setting)
+    raises here and patches nothing: the next request meets the same refusal."""
     from hetero_shim import _api
 
     _api.enable()
@@ -180,9 +173,9 @@ def _activate_front_end() -> None:
 
 def _init_interceptor(cls: type, original):
     def __init__(self, *args, **kwargs):
-        if _asked(kwargs.get("device")) or kwargs.get(GPU_LAYERS) is not None:
+        if (_asked(kwargs.get("device")) or kwargs.get(GPU_LAYERS) is not None) and not _shim_enabled():
             _activate_front_end()
-            return cls.__init__(self, *args, **kwargs)  # the patched __init__ reads device=
+            return cls.__init__(self, *args, **kwargs)  # now the shim's wrapper, which reads device=
         return original(self, *args, **kwargs)
 
     return _like(__init__, original)
@@ -203,7 +196,8 @@ def _from_cli_args_interceptor(raw):
     original = raw.__func__ if isinstance(raw, classmethod) else raw
 
     def from_cli_args(cls, args, *rest, **kwargs):
-        if _asked(getattr(args, "device", None)) or getattr(args, GPU_LAYERS, None) is not None:
+        asked = _asked(getattr(args, "device", None)) or getattr(args, GPU_LAYERS, None) is not None
+        if asked and not _shim_enabled():
             try:
                 _activate_front_end()
             except Exception as exc:

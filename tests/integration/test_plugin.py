@@ -263,13 +263,20 @@ FRONT_END = textwrap.dedent(
     del os.environ["HETERO_SHIM_VLLM_TABLE"]
     args = EngineArgs(model=model, device="heterogeneous", tensor_parallel_size=2)
     import hetero_shim, wrapt
+    interceptor = plugin._saved and vars(EngineArgs)["__init__"].__wrapped__
     out["enabled"] = {"wrapped": isinstance(vars(EngineArgs)["__init__"], wrapt.FunctionWrapper),
-                      "interceptor": plugin.interceptor_installed(),
+                      "wraps_interceptor": interceptor is not None and interceptor.__name__ == "__init__"
+                                           and interceptor is not plugin._saved[(EngineArgs, "__init__")],
                       "heterogeneous": hetero_shim.status()["heterogeneous"]}
     hetero_shim.disable()
     init = vars(EngineArgs)["__init__"]
-    out["disabled"] = {"interceptor": plugin.interceptor_installed(), "wrapped": isinstance(init, wrapt.FunctionWrapper),
+    out["disabled"] = {"interceptor_back": init is interceptor, "wrapped": isinstance(init, wrapt.FunctionWrapper),
                        "heterogeneous": hetero_shim.status()["heterogeneous"]}
+    try:  # the interceptor is back: a new request enables the shim again
+        EngineArgs(model=model, device="heterogeneous", tensor_parallel_size=2)
+        out["again"] = hetero_shim.status()["heterogeneous"]
+    finally:
+        hetero_shim.disable()
     print("RESULT " + json.dumps(out), flush=True)
     """
 )
@@ -284,8 +291,9 @@ def test_front_end_interceptor_reads_the_option_where_vllm_does(models, order):
     assert out["refused"] == "UnsupportedVllmVersion" and out["cli_exit"] == 2, out
     assert "hetero_shim: HETERO_SHIM_VLLM_TABLE='9.9.9' names no patch table" in proc.stdout
     assert out["after_refusal"] == {"interceptor": True, "loaded": False}, out
-    assert out["enabled"] == {"wrapped": True, "interceptor": False, "heterogeneous": True}, out
-    assert out["disabled"] == {"interceptor": True, "wrapped": False, "heterogeneous": False}, out
+    assert out["enabled"] == {"wrapped": True, "wraps_interceptor": True, "heterogeneous": True}, out
+    assert out["disabled"] == {"interceptor_back": True, "wrapped": False, "heterogeneous": False}, out
+    assert out["again"] is True, out
 
 
 FILTERED = textwrap.dedent(

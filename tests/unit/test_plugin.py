@@ -117,22 +117,23 @@ def arg_utils(monkeypatch):
     enabled = []
 
     def fake_enable():
-        """What enable() does to these methods: the table wraps vLLM's own ones, device= is read."""
-        if plugin._saved.get((module.EngineArgs, "__init__")) is None:
-            raise AssertionError("enable() ran with no interceptor installed")
+        """What enable() does to these methods: the table wraps what is there (the interceptor),
+        its wrapper takes device= out; the shim counts as enabled from now on."""
         enabled.append(True)
-        plugin.remove_interceptor()
+        monkeypatch.setattr(plugin, "_shim_enabled", lambda: True)
         for cls in (module.EngineArgs, module.AsyncEngineArgs):
-            original = vars(cls)["__init__"]
+            current = vars(cls)["__init__"]
 
-            def init(self, *args, _original=original, **kwargs):
+            def init(self, *args, _current=current, **kwargs):
                 kwargs.pop("device", None)
                 self.heterogeneous = True
-                _original(self, *args, **kwargs)
+                _current(self, *args, **kwargs)
 
+            init.__wrapped__ = current
             cls.__init__ = init
 
     monkeypatch.setattr(_api, "enable", fake_enable)
+    monkeypatch.setattr(plugin, "_shim_enabled", lambda: False)
     monkeypatch.setitem(sys.modules, "vllm.engine.arg_utils", module)
     module.originals, module.enabled = originals, enabled
     return module
@@ -159,9 +160,12 @@ def test_stock_calls_pass_through_and_enable_nothing(arg_utils):
 
 def test_device_kwarg_enables_and_redispatches(arg_utils):
     plugin._install_interceptor(arg_utils)
+    interceptor = vars(arg_utils.AsyncEngineArgs)["__init__"]
     args = arg_utils.AsyncEngineArgs(model="z", device="heterogeneous", tensor_parallel_size=2)
     assert arg_utils.enabled == [True] and args.heterogeneous and args.tensor_parallel_size == 2
-    assert not plugin.interceptor_installed()
+    assert vars(arg_utils.AsyncEngineArgs)["__init__"].__wrapped__ is interceptor  # the table wraps it
+    args = arg_utils.EngineArgs(device="heterogeneous")  # enabled: the interceptor only passes calls on
+    assert arg_utils.enabled == [True] and args.heterogeneous
 
 
 def test_cli_device_enables_and_a_refusal_exits_2_with_one_line(arg_utils, monkeypatch, capsys):
@@ -187,6 +191,8 @@ def test_hetero_gpu_layers_alone_is_a_request(arg_utils):
     plugin._install_interceptor(arg_utils)
     namespace = argparse.Namespace(model="m", device=None, hetero_gpu_layers="3")
     arg_utils.EngineArgs.from_cli_args(namespace)
+    assert arg_utils.enabled == [True]
+    arg_utils.EngineArgs.from_cli_args(namespace)  # enabled now: passed on, not enabled again
     assert arg_utils.enabled == [True]
 
 
