@@ -174,6 +174,7 @@ class Ledger:
                 setattr(entry.parent, entry.attribute, entry.original)
             else:
                 not_restored.append(f"{entry.site}:{entry.patch.name}")
+        self.patches = ()  # nothing is patched now: describe() lists no rows
         self.missing.clear()
         self.waiting_for_mode.clear()
         return not_restored

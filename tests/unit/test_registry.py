@@ -132,3 +132,4 @@ def test_describe_says_what_upstream_lacks(tmp_path):
     row = ledger.describe()[0]
     assert (row["why"], row["upstream"], row["remove_when"]) == ("why", "one class for all", "when")
     ledger.remove_all()
+    assert ledger.describe() == []  # after disable() status() lists nothing as patched
