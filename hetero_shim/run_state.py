@@ -15,25 +15,26 @@ when one of the three variables changed, so per-step wrappers pay three dictiona
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
-from dataclasses import dataclass
-
 from hetero_shim import settings
 
 #: Set by the engine core for each worker process it starts: "gpu" or "cpu".
 RANK_KIND = settings.RANK_KIND
 
 _saved: dict[str, str | None] = {}  # variable -> its value before the shim first set it (None: unset)
-_on_enter: list[Callable[[], None]] = []
+_on_enter: list = []  # callables, run by enter()
 _cached_key: tuple | None = None
 _cached: State | None = None
 
 
-@dataclass(frozen=True)
 class State:
-    heterogeneous: bool
-    rank_kind: str | None  # "gpu", "cpu" or None (not a worker of a heterogeneous run)
-    plan: object | None  # plan.RankPlan, parsed from HETERO_SHIM_PLAN
+    """The run as one snapshot (a plain class: enable() must not import dataclasses)."""
+
+    __slots__ = ("heterogeneous", "rank_kind", "plan")
+
+    def __init__(self, heterogeneous: bool, rank_kind: str | None, plan) -> None:
+        self.heterogeneous = heterogeneous
+        self.rank_kind = rank_kind  # "gpu", "cpu" or None (not a worker of a heterogeneous run)
+        self.plan = plan  # planning.plan.RankPlan, parsed from HETERO_SHIM_PLAN
 
     @property
     def mixed(self) -> bool:
@@ -85,7 +86,7 @@ def owned_variables() -> dict[str, str | None]:
     return dict(_saved)
 
 
-def on_enter(callback: Callable[[], None]) -> None:
+def on_enter(callback) -> None:
     """Call ``callback`` each time this process enters heterogeneous mode (the ledger's held-back patches)."""
     if callback not in _on_enter:
         _on_enter.append(callback)

@@ -13,7 +13,7 @@ Remove when: vLLM grows a device option that places ranks on CPUs itself (none a
 
 from __future__ import annotations
 
-from hetero_shim import main_guard, run_state, settings
+from hetero_shim import main_guard, model_support, run_state, settings
 from hetero_shim.arguments import NO_PARAMS, Params
 from hetero_shim.collectives import sweep as shm_sweep
 from hetero_shim.errors import HeteroConfigError
@@ -138,12 +138,20 @@ def plan_before_config(wrapped, instance, args, kwargs):
     if gpus:
         _settings_for_mixed_ranks(instance, graphs=pp > 1 and tp == 1 and settings.gpu_stage_graphs())
     _forget_own_partition()
+    settings.cpu_kvcache_space_gib()  # vLLM's CPU build parses it inside the config step: a bad value is ours to name
     config = wrapped(*args, **kwargs)  # vLLM's own checks (heads divisible by TP, ...) first
     _check_main_guard()
     split = _pipeline_split(config, kinds, gpu_layers) if pp > 1 else None
     plan = build.build_plan(tp * pp, gpus, split, kv_for=lambda p: _cpu_kv_budgets(config, p), cpu_first=cpu_first)
+    if plan.world_size > plan.gpu_ranks:
+        model_support.check_cpu_ranks_support(config, ranks=_cpu_ranks_text(plan))
     log.info("%s", plan.describe())
     return config
+
+
+def _cpu_ranks_text(plan) -> str:
+    ranks = list(plan.cpu_ranks)
+    return f"CPU rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}"
 
 
 def _cpu_kv_budgets(config, plan) -> KvBudgets:
