@@ -331,6 +331,13 @@ class VllmCpuMetadata:
         name = getattr(context, "name", None)
         if not name or name.lower() != "vllm":
             return []
+        try:
+            return self._alias(context)
+        except Exception:  # noqa: BLE001 - a metadata query must never fail because of the shim
+            return []
+
+    @staticmethod
+    def _alias(context):
         from importlib.machinery import PathFinder
         from importlib.metadata import DistributionFinder
 
