@@ -79,6 +79,10 @@ def rank_environment(rank: int) -> dict[str, str]:
             # path (84.7 vs 70.0 GB/s at batch 1, 72.4 vs 51.0 at batch 16 on the 16-core H200 host);
             # vLLM leaves it off by default. Other dtypes keep oneDNN (vLLM's own check).
             env[settings.CPU_SGL_KERNEL] = "1"
+        if not settings.thp_alloc_set():
+            # A CPU rank streams all its weights every decode step; on transparent huge pages (torch
+            # madvises its large CPU allocations) the walk over them misses the TLB 512x less often.
+            env[settings.THP_ALLOC] = "1"
         cores = plan.cpu_lists[plan.cpu_index(rank)] if plan.cpu_lists else ()
         if cores:
             env.update(OMP_NUM_THREADS=str(len(cores)), OMP_PLACES="{" + ",".join(map(str, cores)) + "}",
