@@ -23,7 +23,6 @@ import os
 from hetero_shim import affinity, main_guard, run_state, settings, versions
 from hetero_shim.arguments import Params
 from hetero_shim.logs import log
-from hetero_shim.planning import node
 from hetero_shim.planning.plan import format_id_list
 from hetero_shim.registry import Fact, Patch
 
@@ -74,11 +73,6 @@ def rank_environment(rank: int) -> dict[str, str]:
         # vLLM wraps small CPU helpers in torch.compile (inductor: a C++ build, about a minute at
         # start-up); the CPU rank runs eagerly like the rest of a heterogeneous run.
         env["TORCHDYNAMO_DISABLE"] = "1"
-        if not settings.cpu_sgl_kernel_set() and node.has_amx():
-            # vLLM's packed AMX GEMM (weight_packed_linear) streams bf16 weights faster than its oneDNN
-            # path (84.7 vs 70.0 GB/s at batch 1, 72.4 vs 51.0 at batch 16 on the 16-core H200 host);
-            # vLLM leaves it off by default. Other dtypes keep oneDNN (vLLM's own check).
-            env[settings.CPU_SGL_KERNEL] = "1"
         if not settings.thp_alloc_set():
             # A CPU rank streams all its weights every decode step; on transparent huge pages (torch
             # madvises its large CPU allocations) the walk over them misses the TLB 512x less often.
