@@ -41,3 +41,11 @@ class TokensDiverged(HeteroShimError, RuntimeError):
 
 class InvalidLayerCost(HeteroShimError, ValueError):
     """The pipeline split was asked to fit layers of no size (a bug in the caller's estimate)."""
+
+
+class ShmCollectiveError(HeteroShimError, RuntimeError):
+    """A shared-memory collective could not complete (a rank exited, never arrived, or called another op)."""
+
+
+class CudaDriverError(HeteroShimError, RuntimeError):
+    """A CUDA driver call of the GPU rank's stream-ordered collectives returned an error code."""

@@ -82,7 +82,7 @@ import torch
 import torch.distributed as dist
 
 from hetero_shim import settings
-from hetero_shim.errors import HeteroConfigError, HeteroShimError
+from hetero_shim.errors import HeteroConfigError, ShmCollectiveError
 from hetero_shim.logs import log
 
 SHM_DIR = "/dev/shm"
@@ -100,10 +100,6 @@ _OPS = {1: "all_reduce", 2: "broadcast", 3: "all_gather"}
 _DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.int32,
            torch.int16, torch.int8, torch.uint8, torch.bool]
 _fence_lock = threading.Lock()
-
-
-class ShmCollectiveError(HeteroShimError, RuntimeError):
-    """A shared-memory collective could not complete (a rank exited, never arrived, or called another op)."""
 
 
 def _fence() -> None:

@@ -20,15 +20,13 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 
+from hetero_shim.errors import CudaDriverError
+
 # CUdevice_attribute (cuda.h): the v2 operations (cuStream*Value64_v2; CUDA 11.7+; since 12.0 the
 # plain names map to them) report at 122; 93 is the legacy v1 API, off unless the driver enables it.
 _V2_ATTRIBUTE, _V1_ATTRIBUTE = 122, 93
 _WAIT_GEQ = 0x0  # CU_STREAM_WAIT_VALUE_GEQ: (int64)(*addr - value) >= 0
 _WRITE_DEFAULT = 0x0  # CU_STREAM_WRITE_VALUE_DEFAULT: a memory fence before the write (earlier copies land first)
-
-
-class CudaDriverError(RuntimeError):
-    """A CUDA driver call returned an error code."""
 
 
 class StreamOps:

@@ -300,7 +300,11 @@ DISABLE_ENDS_THE_MODE = textwrap.dedent(
         del llm
         gc.collect()
         after = hetero_shim.disable()
-        changed = sorted(k for k in set(os.environ) | set(env_before) if os.environ.get(k) != env_before.get(k))
+        # vLLM itself sets variables (LD_PRELOAD, LOCAL_WORLD_SIZE, ...): what matters is that every
+        # variable the shim set, and every HETERO_SHIM_ one, is as it was before enable()
+        owned = set(during["environment_set"]) | {k for k in set(os.environ) | set(env_before)
+                                                  if k.startswith("HETERO_SHIM_")}
+        changed = sorted(k for k in owned if os.environ.get(k) != env_before.get(k))
         print("STOCK ENGINE STARTS", flush=True)
         llm = engine(model, tensor_parallel_size=1)
         children = [p.environ() for p in psutil.Process().children(recursive=True)]
