@@ -45,6 +45,8 @@ NAME = "hetero_shim"
 DEVICE = "HETERO_SHIM_DEVICE"
 HETEROGENEOUS = "heterogeneous"
 RANK_KIND = "HETERO_SHIM_RANK_KIND"
+#: hetero_shim.settings.ENABLE: "0" (or false/no/off) switches the shim off, the plugin included.
+ENABLE = "HETERO_SHIM_ENABLE"
 CPU_PLATFORM = "vllm.platforms.cpu.CpuPlatform"
 ARG_UTILS = "vllm.engine.arg_utils"
 GPU_LAYERS = "hetero_gpu_layers"
@@ -123,10 +125,15 @@ def _watch_engine_args() -> None:
     """Install the interceptor once ``vllm.engine.arg_utils`` has been executed (now if it has).
     Never raises: a failure leaves vLLM stock, as if the plugin were not installed."""
     try:
-        if not _saved and not _shim_enabled():
+        if not _saved and not _shim_enabled() and not _switched_off():
             after_import(ARG_UTILS, _install_interceptor)
     except Exception:  # noqa: BLE001, S110 - nothing here may break a run that did not ask for the shim
         pass
+
+
+def _switched_off() -> bool:
+    """HETERO_SHIM_ENABLE=0: the user turned the shim off; vLLM stays stock (and refuses device=)."""
+    return os.environ.get(ENABLE, "").strip().lower() in ("0", "false", "no", "off")
 
 
 def _install_interceptor(module=None) -> None:

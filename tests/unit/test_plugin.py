@@ -37,7 +37,7 @@ def clean_import_state():
 
 def test_names_agree_with_settings():
     assert plugin.DEVICE == settings.DEVICE and plugin.HETEROGENEOUS == settings.HETEROGENEOUS
-    assert plugin.RANK_KIND == run_state.RANK_KIND
+    assert plugin.RANK_KIND == run_state.RANK_KIND and plugin.ENABLE == settings.ENABLE
 
 
 def _module_file(tmp_path, body: str) -> str:
