@@ -77,9 +77,6 @@ PP_LAYER_PARTITION = "VLLM_PP_LAYER_PARTITION"
 V2_MODEL_RUNNER = "VLLM_USE_V2_MODEL_RUNNER"
 #: vLLM's packed AMX GEMM for bf16 on CPU; a CUDA install's CPU ranks get "1" on AMX hosts unless it is set.
 CPU_SGL_KERNEL = "VLLM_CPU_SGL_KERNEL"
-#: PyTorch's switch for backing its large CPU allocations with transparent huge pages (madvise); a CUDA
-#: install's CPU ranks get "1" unless it is set (their weights are streamed every step).
-THP_ALLOC = "THP_MEM_ALLOC_ENABLE"
 #: vLLM's switch for running the engine core in a process of its own ("0": in this process).
 V1_MULTIPROCESSING = "VLLM_ENABLE_V1_MULTIPROCESSING"
 #: vLLM's start method for its processes ("spawn" or "fork"); read to tell whether the engine core is spawned.
@@ -306,10 +303,6 @@ def cpu_sgl_kernel_set() -> bool:
     """Whether the user set VLLM_CPU_SGL_KERNEL (to anything: then the shim leaves it alone)."""
     return CPU_SGL_KERNEL in os.environ
 
-
-def thp_alloc_set() -> bool:
-    """Whether the user set THP_MEM_ALLOC_ENABLE (to anything: then the shim leaves it alone)."""
-    return THP_ALLOC in os.environ
 
 
 def engine_core_in_process() -> bool:

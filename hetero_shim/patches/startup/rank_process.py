@@ -73,10 +73,6 @@ def rank_environment(rank: int) -> dict[str, str]:
         # vLLM wraps small CPU helpers in torch.compile (inductor: a C++ build, about a minute at
         # start-up); the CPU rank runs eagerly like the rest of a heterogeneous run.
         env["TORCHDYNAMO_DISABLE"] = "1"
-        if not settings.thp_alloc_set():
-            # A CPU rank streams all its weights every decode step; on transparent huge pages (torch
-            # madvises its large CPU allocations) the walk over them misses the TLB 512x less often.
-            env[settings.THP_ALLOC] = "1"
         cores = plan.cpu_lists[plan.cpu_index(rank)] if plan.cpu_lists else ()
         if cores:
             env.update(OMP_NUM_THREADS=str(len(cores)), OMP_PLACES="{" + ",".join(map(str, cores)) + "}",
