@@ -421,8 +421,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="budget = model weights / this (default 1.5: the model is 1.5x the budget)")
     parser.add_argument("--dtype", default=None, help="default: the model's (bf16 for 1b/3b/8b, fp32 for toy)")
     parser.add_argument("--eager", action="store_true",
-                        help="stock configurations without CUDA graphs/compilation (faster start; heterogeneous "
-                             "mode with a GPU rank always runs eager; all-CPU it follows this flag)")
+                        help="every configuration without CUDA graphs/compilation (faster start); without it the GPU "
+                             "stage of pipeline mode runs in CUDA graphs, and CPU ranks next to GPU ranks run eager")
     parser.add_argument("--timeout", type=float, default=None, help="seconds per configuration (default 300 full, "
                         "240 toy)")
     parser.add_argument("--deadline", type=float, default=None,

@@ -26,7 +26,7 @@ def cores_to_reserve(gpu_ranks: int) -> int:
     """Cores kept off the CPU ranks: one for the engine core, and with GPU ranks one for the
     front end (the ``LLM`` or API-server process) and one per GPU rank. Measured on the H100
     (3B, PP=2): engine core 107 %, GPU rank 99 % (both busy-wait between steps) and the ``LLM``
-    process 58 % of a core while the CPU rank worked (bench/results/2026-11-24-h100-run4/aff.txt)."""
+    process 58 % of a core while the CPU rank worked (2026-11-24, e1196bc)."""
     override = settings.reserve_cores()
     if override is not None:
         return override

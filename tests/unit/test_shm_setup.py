@@ -40,7 +40,7 @@ def test_shm_numbers(monkeypatch):
 
 def test_default_slot_by_group_size_and_free_shared_memory():
     mib = 1 << 20
-    assert shm.default_slot(2, None) == 16 * mib  # measured fastest for 1 GPU + 1 CPU rank (H100 run 18)
+    assert shm.default_slot(2, None) == 16 * mib  # measured fastest for 1 GPU + 1 CPU rank (H100, a7ee9fd)
     assert shm.default_slot(4, None) == shm.default_slot(3, None) == 8 * mib
     assert shm.default_slot(2, 100 << 30) == 16 * mib  # plenty free: no change
     # docker's default 64 MiB /dev/shm: halved until the segment takes at most half of it
