@@ -183,7 +183,6 @@ def write_moe(family: str, config: dict, out_dir: Path, dtype: str = "bfloat16",
     fields) to ``out_dir``: norms 1, every other tensor ~ N(0, 0.02) from ``torch.Generator(device)``
     seeded with ``seed`` (default device: CUDA when available), shards of at most 4 GiB + index."""
     import torch
-    from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -191,43 +190,7 @@ def write_moe(family: str, config: dict, out_dir: Path, dtype: str = "bfloat16",
     tokenizer = tiny_models._train_tokenizer(min(config["vocab_size"], 4096))
     cfg = make_config(family, config, tokenizer, dtype)
     cfg.architectures = [MOE_CLASSES[family]]
-    tensors = moe_tensors(family, cfg)
-    shard_of, sizes = [], [0]
-    for _, shape in tensors:
-        nbytes = torch.Size(shape).numel() * torch_dtype.itemsize
-        if sizes[-1] and sizes[-1] + nbytes > tiny_models.SHARD_BYTES:
-            sizes.append(0)
-        sizes[-1] += nbytes
-        shard_of.append(len(sizes) - 1)
-    tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
-    tmp.mkdir(parents=True)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    staging = None
-    weight_map = {}
-    for n in range(len(sizes)):
-        fname = f"model-{n + 1:05d}-of-{len(sizes):05d}.safetensors"
-        shard = {}
-        for (name, shape), where in zip(tensors, shard_of):
-            if where != n:
-                continue
-            if name.endswith("norm.weight"):
-                t = torch.ones(shape, dtype=torch_dtype)
-            else:
-                t = torch.empty(shape, dtype=torch_dtype, device=device).normal_(0.0, 0.02, generator=gen)
-                if t.device.type != "cpu":  # through a pinned buffer: pageable copies run at ~1 GB/s
-                    if staging is None or staging.numel() < t.numel():
-                        staging = torch.empty(t.numel(), dtype=torch_dtype, pin_memory=True)
-                    t = staging[: t.numel()].view(shape).copy_(t).clone()
-            shard[name] = t
-            weight_map[name] = fname
-        save_file(shard, str(tmp / fname), metadata={"format": "pt"})
-        del shard
-    index = {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}
-    (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
-    tokenizer.save_pretrained(tmp)
-    cfg.save_pretrained(tmp)
-    os.replace(tmp, out_dir)
-    return out_dir
+    return tiny_models.write_checkpoint(out_dir, moe_tensors(family, cfg), cfg, tokenizer, torch_dtype, seed, device)
 
 
 def get_moe(family: str, config: dict, dtype: str = "bfloat16", seed: int = 0, cache: Path | None = None) -> Path:

@@ -205,7 +205,6 @@ def write_llama(config: dict, out_dir: Path, dtype: str = "bfloat16", seed: int 
     """
     import torch
     import transformers
-    from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -215,8 +214,18 @@ def write_llama(config: dict, out_dir: Path, dtype: str = "bfloat16", seed: int 
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, torch_dtype=dtype, **config,
     )
-    tensors = llama_tensors(cfg.to_dict())
-    shard_of, sizes = [], [0]  # consecutive tensors, a new shard once SHARD_BYTES would be passed
+    return write_checkpoint(out_dir, llama_tensors(cfg.to_dict()), cfg, tokenizer, torch_dtype, seed, device)
+
+
+def write_checkpoint(out_dir: Path, tensors, cfg, tokenizer, torch_dtype, seed: int, device: str) -> Path:
+    """Write ``tensors`` ((name, shape) pairs) as random safetensors shards of at most SHARD_BYTES
+    (consecutive tensors), their index, ``tokenizer`` and ``cfg`` to ``out_dir``: norm weights 1,
+    every other tensor ~ N(0, 0.02) from ``torch.Generator(device)`` seeded with ``seed``. Written
+    to a temporary directory first and renamed, like build()."""
+    import torch
+    from safetensors.torch import save_file
+
+    shard_of, sizes = [], [0]
     for _, shape in tensors:
         nbytes = torch.Size(shape).numel() * torch_dtype.itemsize
         if sizes[-1] and sizes[-1] + nbytes > SHARD_BYTES:
@@ -245,6 +254,7 @@ def write_llama(config: dict, out_dir: Path, dtype: str = "bfloat16", seed: int 
             shard[name] = t
             weight_map[name] = fname
         save_file(shard, str(tmp / fname), metadata={"format": "pt"})
+        del shard
     index = {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}
     (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
     tokenizer.save_pretrained(tmp)
