@@ -60,6 +60,21 @@ def _terminated(*_) -> None:
     raise Terminated
 
 
+def run_logged(args: list[str], log: Path, timeout: float) -> int | str:
+    """Run ``args`` in its own session with stdout and stderr to ``log``; after ``timeout`` seconds
+    (then the result is "timeout") or its exit, nothing of its session is left. Returns the exit status."""
+    with open(log, "w") as f:
+        proc = subprocess.Popen(args, env=child_env(), stdout=f, stderr=subprocess.STDOUT,
+                                start_new_session=True, cwd=REPO)
+        try:
+            rc: int | str = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+        kill_session(proc.pid)
+        proc.wait()
+    return rc
+
+
 def child_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in DROP_ENV}
     bootstrap = str(REPO / "hetero_shim" / "_bootstrap")
@@ -345,15 +360,7 @@ class Harness:
         else:
             print("   bound (bench/bound.py): starting", flush=True)
             log = self.out / "logs" / "bound.log"
-            with open(log, "w") as f:
-                proc = subprocess.Popen(args, env=child_env(), stdout=f, stderr=subprocess.STDOUT,
-                                        start_new_session=True, cwd=REPO)
-                try:
-                    rc = proc.wait(timeout=min(300, left - 5))
-                except subprocess.TimeoutExpired:
-                    rc = "timeout"
-                kill_session(proc.pid)
-                proc.wait()
+            rc = run_logged(args, log, timeout=min(300, left - 5))
             if out.exists():
                 self.results["bound"] = json.loads(out.read_text())
                 if rc != 0:
@@ -379,15 +386,7 @@ class Harness:
         else:
             print("   all-reduce micro-benchmark: starting", flush=True)
             log = self.out / "logs" / "allreduce.log"
-            with open(log, "w") as f:
-                proc = subprocess.Popen(args, env=child_env(), stdout=f, stderr=subprocess.STDOUT,
-                                        start_new_session=True, cwd=REPO)
-                try:
-                    rc = proc.wait(timeout=min(180, left - 5))
-                except subprocess.TimeoutExpired:
-                    rc = "timeout"
-                kill_session(proc.pid)
-                proc.wait()
+            rc = run_logged(args, log, timeout=min(180, left - 5))
             if rc == 0 and out.exists():
                 self.results["allreduce"] = json.loads(out.read_text())
             else:

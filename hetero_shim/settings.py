@@ -123,30 +123,26 @@ def heterogeneous() -> bool:
     return device_mode() == HETEROGENEOUS
 
 
-def gpu_ranks_override() -> int | None:
-    raw = os.environ.get(GPU_RANKS, "").strip()
+def _whole_number(name: str, minimum: int, problem: str) -> int | None:
+    """Environment variable ``name`` as a whole number >= ``minimum``, None when unset or blank;
+    otherwise one error: ``name=value`` followed by ``problem``."""
+    raw = os.environ.get(name, "").strip()
     if not raw:
         return None
-    try:
-        value = int(raw)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise HeteroConfigError(f"{GPU_RANKS}={raw!r} must be a whole number of GPU ranks, 0 or more")
-    return value
+    if not (raw.isascii() and raw.isdigit()) or int(raw) < minimum:  # isdigit() alone accepts "²"
+        raise HeteroConfigError(f"{name}={raw!r} {problem}")
+    return int(raw)
+
+
+def gpu_ranks_override() -> int | None:
+    return _whole_number(GPU_RANKS, 0, "must be a whole number of GPU ranks, 0 or more")
 
 
 def cpu_kvcache_space_gib() -> int | None:
     """VLLM_CPU_KVCACHE_SPACE in GiB, or None when unset (read in heterogeneous mode only: it is vLLM's)."""
-    raw = os.environ.get(CPU_KVCACHE_SPACE, "").strip()
-    if not raw:
-        return None
-    if not (raw.isascii() and raw.isdigit()) or int(raw) < 1:
-        raise HeteroConfigError(
-            f"{CPU_KVCACHE_SPACE}={raw!r} must be a whole number of GiB, 1 or more (vLLM reads it as an "
-            "integer); for less than 1 GiB leave it unset and give kv_cache_memory_bytes instead"
-        )
-    return int(raw)
+    return _whole_number(CPU_KVCACHE_SPACE, 1, (
+        "must be a whole number of GiB, 1 or more (vLLM reads it as an integer); for less than 1 GiB "
+        "leave it unset and give kv_cache_memory_bytes instead"))
 
 
 def parse_device(value: object) -> str:
@@ -160,25 +156,13 @@ def parse_device(value: object) -> str:
 
 
 def hang_dump_seconds() -> int:
-    raw = os.environ.get(HANG_DUMP, "").strip()
-    if not raw:
-        return 0
-    if not (raw.isascii() and raw.isdigit()):  # str.isdigit() also accepts "²", which int() refuses
-        raise HeteroConfigError(f"{HANG_DUMP}={raw!r} must be a whole number of seconds")
-    return int(raw)
+    return _whole_number(HANG_DUMP, 0, "must be a whole number of seconds") or 0
 
 
 def gloo_timeout_seconds() -> int:
     """Seconds before a gloo collective of a heterogeneous run gives up on a peer."""
-    raw = os.environ.get(GLOO_TIMEOUT, "").strip()
-    if not raw:
-        return GLOO_TIMEOUT_DEFAULT_S
-    if not (raw.isascii() and raw.isdigit()) or int(raw) < 1:
-        raise HeteroConfigError(
-            f"{GLOO_TIMEOUT}={raw!r} must be a whole number of seconds, 1 or more "
-            f"(default {GLOO_TIMEOUT_DEFAULT_S})"
-        )
-    return int(raw)
+    value = _whole_number(GLOO_TIMEOUT, 1, f"must be a whole number of seconds, 1 or more (default {GLOO_TIMEOUT_DEFAULT_S})")
+    return GLOO_TIMEOUT_DEFAULT_S if value is None else value
 
 
 def verify_tokens() -> bool:
@@ -201,12 +185,7 @@ def collectives_mode() -> str:
 
 
 def reserve_cores() -> int | None:
-    raw = os.environ.get(RESERVE_CORES, "").strip()
-    if not raw:
-        return None
-    if not (raw.isascii() and raw.isdigit()):
-        raise HeteroConfigError(f"{RESERVE_CORES}={raw!r} must be a whole number of cores, 0 or more")
-    return int(raw)
+    return _whole_number(RESERVE_CORES, 0, "must be a whole number of cores, 0 or more")
 
 
 def stage_order() -> str:
