@@ -34,6 +34,7 @@ from __future__ import annotations
 import os
 
 from hetero_shim.errors import HeteroConfigError
+from hetero_shim.settings import BATCH_INVARIANT
 
 #: the first release whose CPU platform runs MLA attention (CPU_MLA / AMX_MLA backends)
 CPU_MLA_SINCE = "0.28.0"
@@ -60,10 +61,9 @@ def _installed_release() -> str | None:
 
 def _native_kernels_default() -> bool:
     """vLLM's CPU build has its kernels; a CUDA build has them only from HETERO_SHIM_CPU_KERNELS."""
-    from hetero_shim import versions
-    from hetero_shim.cpu_kernels.native import ENV
+    from hetero_shim import settings, versions
 
-    return versions.is_cpu_build() or bool(os.environ.get(ENV))
+    return versions.is_cpu_build() or bool(os.environ.get(settings.CPU_KERNELS))
 
 
 def _text_config(model_config):
@@ -118,7 +118,7 @@ def problems(vllm_config, release: str, native_kernels: bool) -> list[str]:
     method = getattr(model_config, "quantization", None)
     if method:
         if method in NO_CPU_KERNEL_QUANTIZATION and not (
-                method == "modelopt_fp4" and os.environ.get("VLLM_BATCH_INVARIANT", "0") not in ("", "0")):
+                method == "modelopt_fp4" and os.environ.get(BATCH_INVARIANT, "0") not in ("", "0")):
             found.append(f"{arch} is quantized with {method!r}: {NO_CPU_KERNEL_QUANTIZATION[method]}, "
                          f"so vLLM {release} cannot run it on a CPU rank")
         elif not native_kernels:

