@@ -244,8 +244,6 @@ class _Hook:
 
     # -- wrappers
     def execute_model(self, wrapped, instance, args, kwargs):
-        import time
-
         if self.broken or getattr(self.local, "depth", 0):
             return wrapped(*args, **kwargs)
         step = None
@@ -265,27 +263,18 @@ class _Hook:
         except Exception as exc:  # noqa: BLE001
             self._fail("execute_model (before)", exc)
             return wrapped(*args, **kwargs)
-        self.local.depth = 1
-        start = time.monotonic()
-        try:
-            with marker:
-                return wrapped(*args, **kwargs)
-        finally:
-            end = time.monotonic()
-            self.local.depth = 0
-            try:
-                self._write(".jsonl", {"rank": self.meta.get("rank"), "start": start, "end": end, "tokens": tokens})
-                if self.profiling and step is not None and step >= self.first:
-                    self.walls[step] = {"tokens": tokens, "execute_ms": round((end - start) * 1e3, 4),
-                                        "sample_ms": 0.0, "wall_ms": round((end - start) * 1e3, 4)}
-                    if step == self.first + self.count - 1 and not self.saw_sample:
-                        self.finish()
-            except Exception as exc:  # noqa: BLE001
-                self._fail("execute_model (after)", exc)
+
+        def record(start: float, end: float) -> None:
+            self._write(".jsonl", {"rank": self.meta.get("rank"), "start": start, "end": end, "tokens": tokens})
+            if self.profiling and step is not None and step >= self.first:
+                self.walls[step] = {"tokens": tokens, "execute_ms": round((end - start) * 1e3, 4),
+                                    "sample_ms": 0.0, "wall_ms": round((end - start) * 1e3, 4)}
+                if step == self.first + self.count - 1 and not self.saw_sample:
+                    self.finish()
+
+        return self._timed("execute_model", marker, wrapped, args, kwargs, record)
 
     def sample_tokens(self, wrapped, instance, args, kwargs):
-        import time
-
         if self.broken or getattr(self.local, "depth", 0):
             return wrapped(*args, **kwargs)
         step, self.current = self.current, None
@@ -296,6 +285,23 @@ class _Hook:
         except Exception as exc:  # noqa: BLE001
             self._fail("sample_tokens (before)", exc)
             return wrapped(*args, **kwargs)
+
+        def record(start: float, end: float) -> None:
+            self._write(".sample.ndjson", {"step": step, "start": start, "end": end})
+            if step is not None and step in self.walls:
+                wall = self.walls[step]
+                wall["sample_ms"] = round((end - start) * 1e3, 4)
+                wall["wall_ms"] = round(wall["execute_ms"] + wall["sample_ms"], 4)
+            if self.profiling and step == self.first + self.count - 1:
+                self.finish()
+
+        return self._timed("sample_tokens", marker, wrapped, args, kwargs, record)
+
+    def _timed(self, what: str, marker, wrapped, args, kwargs, record):
+        """Call ``wrapped`` inside ``marker``, not re-entered by nested calls, then ``record(start, end)``;
+        a failing record turns the hook off (``_fail``), never the call."""
+        import time
+
         self.local.depth = 1
         start = time.monotonic()
         try:
@@ -305,15 +311,9 @@ class _Hook:
             end = time.monotonic()
             self.local.depth = 0
             try:
-                self._write(".sample.ndjson", {"step": step, "start": start, "end": end})
-                if step is not None and step in self.walls:
-                    wall = self.walls[step]
-                    wall["sample_ms"] = round((end - start) * 1e3, 4)
-                    wall["wall_ms"] = round(wall["execute_ms"] + wall["sample_ms"], 4)
-                if self.profiling and step == self.first + self.count - 1:
-                    self.finish()
+                record(start, end)
             except Exception as exc:  # noqa: BLE001
-                self._fail("sample_tokens (after)", exc)
+                self._fail(f"{what} (after)", exc)
 
     def comm(self, wrapped, instance, args, kwargs):
         if not self.profiling:
