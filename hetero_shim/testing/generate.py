@@ -1,6 +1,6 @@
 """One offline generation run, printed as a JSON line 'RESULT {...}' (used by the tests).
 
-    python -m hetero_shim.testing.generate MODEL --tp 2 [--device heterogeneous] [--enable]
+    python -m hetero_shim.testing.generate MODEL --tp 2 [--device heterogeneous] [--enable] [--logprobs K]
 """
 
 import argparse
@@ -24,6 +24,8 @@ def main() -> None:
     parser.add_argument("--kv-cache-bytes", type=int, default=64 << 20, help="0: leave kv_cache_memory_bytes unset")
     parser.add_argument("--gpu-memory-utilization", type=float, default=None)
     parser.add_argument("--max-num-batched-tokens", type=int, default=None)
+    parser.add_argument("--logprobs", type=int, default=0,
+                        help="also write the greedy run's top-K candidates per position as 'top' (closeness.py)")
     parser.add_argument("--also-sampled", action="store_true",
                         help="in the same engine, also generate with temperature 0.8 and seed 1234")
     opts = parser.parse_args()
@@ -51,9 +53,13 @@ def main() -> None:
     if opts.backend:
         kwargs["distributed_executor_backend"] = opts.backend
     llm = LLM(model=opts.model, **kwargs)
-    params = SamplingParams(temperature=opts.temperature, seed=opts.seed, max_tokens=opts.max_tokens)
+    params = SamplingParams(temperature=opts.temperature, seed=opts.seed, max_tokens=opts.max_tokens,
+                            logprobs=opts.logprobs or None)
     outs = llm.generate(PROMPTS, params)
     result = {}
+    if opts.logprobs:
+        result["top"] = [[sorted(([t, lp.logprob] for t, lp in step.items()), key=lambda c: -c[1])
+                          for step in o.outputs[0].logprobs] for o in outs]
     if opts.also_sampled:
         sampled = llm.generate(PROMPTS, SamplingParams(temperature=0.8, seed=1234, max_tokens=opts.max_tokens))
         result["sampled_tokens"] = [list(o.outputs[0].token_ids) for o in sampled]

@@ -36,9 +36,11 @@ REPO = HERE.parents[1]
 if str(REPO) not in sys.path:  # hetero_shim and bench from this checkout, also under the plain `pytest` command
     sys.path.insert(0, str(REPO))
 
-from hetero_shim.testing import kv_report, proctree, tiny_models  # noqa: E402
+from hetero_shim.testing import closeness, kv_report, proctree, tiny_models  # noqa: E402
 
 GENERATE = str(REPO / "hetero_shim" / "testing" / "generate.py")
+#: candidates per position every generation run writes, for the near-tie check (Evidence.compare_close)
+TOP_CANDIDATES = 5
 KEEP_ENV = ("HETERO_SHIM_CPU_KERNELS", "HETERO_SHIM_HANG_DUMP", "HETERO_SHIM_VERIFY_TOKENS")
 ROWS = pytest.StashKey[list]()
 OUT = pytest.StashKey[Path]()
@@ -257,7 +259,7 @@ class GpuSession:
         if max_tokens != 32:
             tag += f"-{max_tokens}tok"
         args = [sys.executable, GENERATE, str(model), "--tp", str(tp), "--dtype", dtype, "--max-tokens", str(max_tokens),
-                "--max-num-batched-tokens", "2048", "--also-sampled"]
+                "--max-num-batched-tokens", "2048", "--also-sampled", "--logprobs", str(TOP_CANDIDATES)]
         if hetero:
             args += ["--device", "heterogeneous", "--enable"]
         for key, value in extra.items():
@@ -328,6 +330,17 @@ class Evidence:
         if diverged:
             detail += "; first differing token per prompt: " + " ".join(diverged)
         self.row(name, same == len(pairs) and len(ref[key]) == len(got[key]), detail)
+
+    def compare_close(self, name: str, ref: dict | None, got: dict | None) -> None:
+        """A row: greedy tokens equal, or first differing at a near tie, each run's token among the
+        other's top candidates (closeness.py, as vLLM's check_logprobs_close); the verdicts go to
+        close.json. The strict equality is printed beside it."""
+        if ref is None or got is None:
+            self.row(name, False, "run failed (see log)")
+            return
+        verdicts = closeness.compare(ref, got)
+        self.save("close", [v.__dict__ for v in verdicts])
+        self.row(name, all(v.ok for v in verdicts), closeness.summary(verdicts))
 
     def excerpt(self, name: str, text: str, *patterns: str, limit: int = 40) -> list[str]:
         """Save (and return) the lines of a log that match any of ``patterns`` (regular expressions)."""

@@ -6,7 +6,11 @@ default, puts the CPU stages first and the GPU stage last; ``gpu-first`` the GPU
 
 Per model and order: the automatic split (everything but one layer per CPU stage fits on an
 80 GB GPU, so the plan must say so) and, for models with more layers than stages, an explicit
-hetero_gpu_layers (a third of the layers, rounded up). Seeded sampling is not compared: the last
+hetero_gpu_layers (a third of the layers, rounded up). The greedy tokens must equal GPU-only TP=1's
+up to a near tie (hetero_shim/testing/closeness.py, as vLLM's own tests compare kernels): the CPU
+stage's fp32 kernels round differently from the GPU's, and a random-weight model's nearly flat
+logits turn that into a different token now and then; a token outside the other run's top 5
+fails. Seeded sampling is not compared: the last
 stage samples, and with the GPU stage first that is a CPU rank, whose random stream differs from
 the GPU's (the seeded tokens are kept as information in seeded.json, for both orders).
 """
@@ -31,7 +35,7 @@ def test_pipeline_gives_gpu_only_tokens(gpu, evidence, pipeline_case):
     evidence.row(f"{run}: plan puts the {where} stage on the GPU with split {split}",
                  f"layer split {split} " in plan and f"rank {gpu_rank}: GPU" in plan and "stage 1" in plan,
                  plan.splitlines()[0] if plan else "no plan (run failed)")
-    evidence.compare(f"{run} float32 greedy == GPU TP=1", ref, got)
+    evidence.compare_close(f"{run} float32 greedy == GPU TP=1 up to a near tie", ref, got)
     if ref and got:
         same = sum(a == b for a, b in zip(ref["sampled_tokens"], got["sampled_tokens"]))
         note = (f"seeded T=0.8 ({'GPU' if gpu_rank else 'CPU'} stage samples) {same}/{len(ref['sampled_tokens'])} "

@@ -22,9 +22,11 @@ def test_stock_vllm_refuses_tp2_on_one_numa_node(models):
 
 @pytest.mark.parametrize("name", ["llama", "opt"])
 def test_enable_api_tp2_matches_tp1(models, reference, name):
-    result = generate(models[name], "--tp", "2", "--device", "heterogeneous", "--enable")
+    """With logprobs asked for too (the GPU tests ask for them in every run)."""
+    result = generate(models[name], "--tp", "2", "--device", "heterogeneous", "--enable", "--logprobs", "2")
     assert result["shim"] is True
     assert result["tokens"] == reference(name)["tokens"]
+    assert [[pos[0][0] for pos in top] for top in result["top"]] == result["tokens"]
     assert "rank 0: CPU" in result["plan"] and "rank 1: CPU" in result["plan"]
 
 

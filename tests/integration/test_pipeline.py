@@ -17,7 +17,7 @@ import pytest
 from conftest import GENERATE, generate
 
 from hetero_shim.planning.layer_split import PARTITION_ENV, choose_split, even_partition
-from hetero_shim.testing import tiny_models
+from hetero_shim.testing import closeness, tiny_models
 
 HERE = Path(__file__).resolve().parent
 PP2 = ["--pp", "2", "--device", "heterogeneous", "--enable"]
@@ -53,11 +53,18 @@ def test_pp2_matches_tp1(models, reference):
 
 
 def test_explicit_split_matches_tp1(four_layers):
-    stock = generate(four_layers, "--tp", "1")
-    result = generate(four_layers, *PP2, "--hetero-gpu-layers", "3")
+    """Also the top-3 candidates that the GPU tests' near-tie check reads (closeness.py): written per
+    position, the greedy token first, and equal runs are judged identical."""
+    stock = generate(four_layers, "--tp", "1", "--logprobs", "3")
+    result = generate(four_layers, *PP2, "--hetero-gpu-layers", "3", "--logprobs", "3")
     assert "layer split 3,1 (hetero_gpu_layers=3" in result["plan"]
     assert "stage 0: layers 0-2 (3)" in result["plan"] and "stage 1: layers 3-3 (1)" in result["plan"]
     assert result["tokens"] == stock["tokens"]
+    for run in (stock, result):
+        assert [len(t) for t in run["top"]] == [len(t) for t in run["tokens"]]
+        assert all(pos[0][0] == token and len(pos) >= 3
+                   for tokens, top in zip(run["tokens"], run["top"]) for token, pos in zip(tokens, top))
+    assert closeness.summary(closeness.compare(stock, result)) == f"{len(stock['tokens'])}/{len(stock['tokens'])} identical"
 
 
 def test_configs_and_bad_input_before_any_worker(models, four_layers):
