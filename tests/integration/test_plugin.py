@@ -184,9 +184,11 @@ STOCK = textwrap.dedent(
 )
 
 LIMIT_MS = 5.0
+#: what a stock process loads of hetero_shim: the plugin and the two modules it uses, which import only sys
+PLUGIN_MODULES = ["hetero_shim", "hetero_shim.import_trigger", "hetero_shim.plugin", "hetero_shim.vllm_cpu_metadata"]
 
 
-def test_stock_run_loads_only_the_plugin_module_and_pays_under_5ms_per_process(models, reference, tmp_path):
+def test_stock_run_loads_only_the_plugin_modules_and_pays_under_5ms_per_process(models, reference, tmp_path):
     """A stock TP=2 engine (vLLM's own CPU binding, no device option) with the plugin installed:
     front end, engine core and both workers each load hetero_shim and hetero_shim.plugin and nothing
     else of the shim (no patch table, no wrapt), the front end's status() shows no patch and no
@@ -203,7 +205,7 @@ def test_stock_run_loads_only_the_plugin_module_and_pays_under_5ms_per_process(m
     assert proc.returncode == 0, proc.stdout[-6000:]
     out = parse_result(proc.stdout)
     assert out["tokens"] == reference("llama")["tokens"], out
-    assert out["loaded"] == ["hetero_shim", "hetero_shim.plugin"], out
+    assert out["loaded"] == PLUGIN_MODULES, out
     assert not out["enabled"] and out["patches"] == [] and not out["heterogeneous"] and out["wrapped"] == [], out
     shim_lines = [line for line in proc.stdout.replace(str(models["llama"]), "MODEL").splitlines()  # the cache path says hetero_shim
                   if "hetero_shim" in line and not line.startswith("RESULT ") and "hetero_shim.plugin:" not in line]
@@ -224,7 +226,7 @@ def test_stock_run_loads_only_the_plugin_module_and_pays_under_5ms_per_process(m
     for kind, pids in (("front end", [front]), ("engine core", cores), ("worker", workers), ("helper", helpers)):
         for pid in pids:
             rs = by_pid[pid]
-            assert all(r["loaded"] == ["hetero_shim", "hetero_shim.plugin"] for r in rs), (kind, rs)
+            assert all(r["loaded"] == PLUGIN_MODULES for r in rs), (kind, rs)
             assert all(r.get("result") is None for r in rs if r["event"] == "call"), (kind, rs)  # no platform chosen
             assert {(r["event"], r["group"]) for r in rs} >= {("load", "vllm.platform_plugins"),
                                                              ("call", "vllm.platform_plugins")}, (kind, rs)
@@ -290,7 +292,7 @@ def test_front_end_interceptor_reads_the_option_where_vllm_does(models, order):
     proc = run_plain([sys.executable, "-c", FRONT_END, str(models["llama"]), order], timeout=180)
     out = parse_result(proc.stdout)
     assert out["interceptor"] is True and out["device_choices"] == ["heterogeneous"], out
-    assert out["stock_loaded"] == ["hetero_shim", "hetero_shim.plugin"], out  # stock calls: nothing else loaded
+    assert out["stock_loaded"] == PLUGIN_MODULES, out  # stock calls: nothing else loaded
     assert out["refused"] == "UnsupportedVllmVersion" and out["cli_exit"] == 2, out
     assert "hetero_shim: HETERO_SHIM_VLLM_TABLE='9.9.9' names no patch table" in proc.stdout
     assert out["after_refusal"] == {"interceptor": True, "loaded": False}, out
