@@ -178,12 +178,17 @@ def confine_processes() -> bool:
 COLLECTIVE_MODES = ("auto", "shm", "gloo")
 
 
-def collectives_mode() -> str:
-    raw = os.environ.get(COLLECTIVES, "").strip().lower() or "auto"
-    if raw not in COLLECTIVE_MODES:
-        raise HeteroConfigError(f"{COLLECTIVES}={os.environ[COLLECTIVES]!r} is not supported; use one of "
-                                f"{', '.join(COLLECTIVE_MODES)}")
+def _choice(name: str, choices: tuple[str, ...]) -> str:
+    """Environment variable ``name``, lower-cased, one of ``choices`` ("auto" when unset or blank);
+    otherwise one error naming the choices."""
+    raw = os.environ.get(name, "").strip().lower() or "auto"
+    if raw not in choices:
+        raise HeteroConfigError(f"{name}={os.environ[name]!r} is not supported; use one of {', '.join(choices)}")
     return raw
+
+
+def collectives_mode() -> str:
+    return _choice(COLLECTIVES, COLLECTIVE_MODES)
 
 
 def reserve_cores() -> int | None:
@@ -191,11 +196,7 @@ def reserve_cores() -> int | None:
 
 
 def stage_order() -> str:
-    raw = os.environ.get(STAGE_ORDER, "").strip().lower() or "auto"
-    if raw not in STAGE_ORDERS:
-        raise HeteroConfigError(f"{STAGE_ORDER}={os.environ[STAGE_ORDER]!r} is not supported; use one of "
-                                f"{', '.join(STAGE_ORDERS)}")
-    return raw
+    return _choice(STAGE_ORDER, STAGE_ORDERS)
 
 
 def gpu_stage_graphs() -> bool:

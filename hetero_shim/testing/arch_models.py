@@ -115,16 +115,7 @@ def build(spec: ArchSpec, out_dir: Path) -> Path:
 def get(spec: ArchSpec | str, cache: Path | None = None) -> Path:
     """The model directory for ``spec`` (or a family name), built once and cached like tiny_models.get."""
     spec = NAMED[spec] if isinstance(spec, str) else spec
-    cache = Path(cache or tiny_models.DEFAULT_CACHE)
-    out = cache / spec.key()
-    if not (out / "config.json").exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        try:
-            build(spec, out)
-        except OSError:
-            if not (out / "config.json").exists():  # a concurrent builder did not win either
-                raise
-    return out
+    return tiny_models.cached(cache, spec.key(), lambda out: build(spec, out))
 
 
 # --- MoE checkpoints of any size, written tensor by tensor ----------------------------------
@@ -195,18 +186,9 @@ def write_moe(family: str, config: dict, out_dir: Path, dtype: str = "bfloat16",
 
 def get_moe(family: str, config: dict, dtype: str = "bfloat16", seed: int = 0, cache: Path | None = None) -> Path:
     """The directory of write_moe(family, config, ...), written once and cached (key: all arguments)."""
-    blob = json.dumps({"family": family, "config": config, "dtype": dtype, "seed": seed, "format": SIZED_FORMAT},
-                      sort_keys=True)
-    cache = Path(cache or tiny_models.DEFAULT_CACHE)
-    out = cache / f"{family}-sized-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
-    if not (out / "config.json").exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        try:
-            write_moe(family, config, out, dtype=dtype, seed=seed)
-        except OSError:
-            if not (out / "config.json").exists():
-                raise
-    return out
+    name = tiny_models.sized_name(family, {"family": family, "config": config, "dtype": dtype, "seed": seed},
+                                  SIZED_FORMAT)
+    return tiny_models.cached(cache, name, lambda out: write_moe(family, config, out, dtype=dtype, seed=seed))
 
 
 if __name__ == "__main__":

@@ -145,18 +145,32 @@ def build(spec: ModelSpec, out_dir: Path) -> Path:
     return out_dir
 
 
-def get(spec: ModelSpec = TINY_LLAMA, cache: Path | None = None) -> Path:
-    """The model directory for ``spec``, built once and cached."""
+def cached(cache: Path | None, name: str, write) -> Path:
+    """``cache/name`` (default cache: DEFAULT_CACHE), made by ``write(directory)`` unless it already
+    holds a model. Several processes may race to make it: the loser's OSError is ignored when the
+    winner's model is there."""
     cache = Path(cache or DEFAULT_CACHE)
-    out = cache / spec.key()
+    out = cache / name
     if not (out / "config.json").exists():
         cache.mkdir(parents=True, exist_ok=True)
         try:
-            build(spec, out)
+            write(out)
         except OSError:
-            if not (out / "config.json").exists():  # a concurrent builder did not win either
+            if not (out / "config.json").exists():  # a concurrent writer did not win either
                 raise
     return out
+
+
+def sized_name(prefix: str, key: dict, fmt: int) -> str:
+    """The cache directory name of a written (not built) model: ``prefix``-sized-<hash of key and
+    ``fmt``, the writer's format version>."""
+    blob = json.dumps({**key, "format": fmt}, sort_keys=True)
+    return f"{prefix}-sized-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+
+
+def get(spec: ModelSpec = TINY_LLAMA, cache: Path | None = None) -> Path:
+    """The model directory for ``spec``, built once and cached."""
+    return cached(cache, spec.key(), lambda out: build(spec, out))
 
 
 NAMED = {"llama": TINY_LLAMA, "opt": TINY_OPT, "opt-125m-shape": OPT_125M_SHAPE}
@@ -265,17 +279,8 @@ def write_checkpoint(out_dir: Path, tensors, cfg, tokenizer, torch_dtype, seed: 
 
 def get_llama(config: dict, dtype: str = "bfloat16", seed: int = 0, cache: Path | None = None) -> Path:
     """The directory of write_llama(config, ...), written once and cached (key: config, dtype, seed)."""
-    blob = json.dumps({"config": config, "dtype": dtype, "seed": seed, "format": SIZED_FORMAT}, sort_keys=True)
-    cache = Path(cache or DEFAULT_CACHE)
-    out = cache / f"llama-sized-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
-    if not (out / "config.json").exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        try:
-            write_llama(config, out, dtype=dtype, seed=seed)
-        except OSError:
-            if not (out / "config.json").exists():
-                raise
-    return out
+    name = sized_name("llama", {"config": config, "dtype": dtype, "seed": seed}, SIZED_FORMAT)
+    return cached(cache, name, lambda out: write_llama(config, out, dtype=dtype, seed=seed))
 
 
 if __name__ == "__main__":
