@@ -26,6 +26,8 @@ def main() -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=None)
     parser.add_argument("--logprobs", type=int, default=0,
                         help="also write the greedy run's top-K candidates per position as 'top' (closeness.py)")
+    parser.add_argument("--compiled", action="store_true",
+                        help="leave enforce_eager unset, so vLLM compiles as it would by default")
     parser.add_argument("--also-sampled", action="store_true",
                         help="in the same engine, also generate with temperature 0.8 and seed 1234")
     opts = parser.parse_args()
@@ -37,7 +39,7 @@ def main() -> None:
 
     from hetero_shim.testing.tiny_models import PROMPTS
 
-    kwargs = dict(tensor_parallel_size=opts.tp, enforce_eager=True, dtype=opts.dtype, max_model_len=256)
+    kwargs = dict(tensor_parallel_size=opts.tp, enforce_eager=not opts.compiled, dtype=opts.dtype, max_model_len=256)
     if opts.kv_cache_bytes:
         kwargs["kv_cache_memory_bytes"] = opts.kv_cache_bytes
     if opts.gpu_memory_utilization is not None:

