@@ -249,6 +249,7 @@ class GpuSession:
     GENERATE = GENERATE
     env = staticmethod(run_env)
     run = staticmethod(run)
+    result_line = staticmethod(result_line)
 
     def generate(self, model: Path, tp: int, hetero: bool, dtype: str, folder: Path,
                  extra_env: dict[str, str] | None = None, max_tokens: int = 32, **extra) -> dict | None:

@@ -17,7 +17,6 @@ not visible.
 
 from __future__ import annotations
 
-import json
 import sys
 from importlib import metadata
 
@@ -109,8 +108,7 @@ def test_llm_one_liner_without_launcher(gpu, evidence):
     evidence.save("command", [sys.executable, "-c", code])
     done = gpu.run([sys.executable, "-c", code], evidence.dir / "llm-plugin-tp4.log", gpu.opts.timeout,
                    {"PYTHONPATH": env["PYTHONPATH"]})
-    result = next((line for line in done.text.splitlines() if line.startswith("RESULT ")), None)
-    got = {"tokens": json.loads(result[len("RESULT "):])["tokens"]} if result else None
+    got = gpu.result_line(done.text)
     evidence.excerpt("log_excerpt", done.text, r"hetero_shim rank plan", r"Traceback|Error", limit=40)
     evidence.row("plain LLM(...) TP=4 without the launcher: exits 0, nothing left",
                  done.rc == 0 and done.left == [], f"rc={done.rc} after {done.seconds:.0f} s; left: {done.left}")
