@@ -282,10 +282,12 @@ class GpuSession:
             print(result["plan"], "\n  kernels:", result.get("kernels"), flush=True)
         return result
 
-    def reference(self, model: Path, dtype: str = "float32", tp: int = 1, max_tokens: int = 32) -> dict | None:
-        """Stock GPU-only vLLM (no shim), TP=``tp``: once per model, dtype, TP and length per session."""
-        return self.once(("reference", str(model), dtype, tp, max_tokens), lambda: self.generate(
-            model, tp, False, dtype, self.out / "reference", max_tokens=max_tokens))
+    def reference(self, model: Path, dtype: str = "float32", tp: int = 1, max_tokens: int = 32,
+                  extra_env: dict[str, str] | None = None) -> dict | None:
+        """Stock GPU-only vLLM (no shim), TP=``tp``: once per model, dtype, TP, length and environment per session."""
+        key = ("reference", str(model), dtype, tp, max_tokens, tuple(sorted((extra_env or {}).items())))
+        return self.once(key, lambda: self.generate(model, tp, False, dtype, self.out / "reference",
+                                                    extra_env=extra_env, max_tokens=max_tokens))
 
     def once(self, key, compute):
         if key not in self._once:
