@@ -129,6 +129,37 @@ def problems(vllm_config, release: str, native_kernels: bool) -> list[str]:
     return found
 
 
+def _tp_groups_mix_kinds(plan, tp: int) -> bool:
+    """Whether some tensor-parallel group of ``plan`` (``tp`` consecutive ranks per stage) holds both
+    GPU and CPU ranks."""
+    if tp < 2:
+        return False
+    return any(len({plan.kind(rank) for rank in range(start, start + tp)}) > 1
+               for start in range(0, plan.world_size, tp))
+
+
+def routing_warning(vllm_config, plan, tp: int) -> str | None:
+    """Why a mixture-of-experts run split by tensor parallelism over GPU and CPU ranks may give tokens
+    no single device would (None: nothing to say). Every rank of a TP group computes the router's
+    scores and its top-k on its own, with its own kernels; in stock vLLM the ranks are alike and pick
+    alike, but a GPU and a CPU rank round the scores differently and break ties their own way, so
+    at a (near) tie they may pick different experts for one token and the all-reduce then adds parts
+    of different experts. In fp32 that takes a near tie at fp32 rounding; in 16-bit types scores
+    often tie outright."""
+    experts = _num_experts(_text_config(vllm_config.model_config))
+    if not experts or not _tp_groups_mix_kinds(plan, tp):
+        return None
+    dtype = str(getattr(vllm_config.model_config, "dtype", "")).removeprefix("torch.")
+    if dtype == "float32":
+        return None
+    return (f"{_architecture(vllm_config.model_config)} is a mixture-of-experts model whose experts are split by "
+            f"tensor parallelism over GPU and CPU ranks in {dtype or 'a 16-bit type'}: each rank picks a token's "
+            "experts from router scores it computes and ranks with its own kernels, and where scores tie or nearly "
+            "tie a GPU and a CPU rank can pick different experts, so that token's output adds parts of different "
+            "experts. For the outputs a single device would give, use dtype='float32', or pipeline mode "
+            "(pipeline_parallel_size > 1 with tensor_parallel_size=1), where each layer's experts run on one device")
+
+
 def check_cpu_ranks_support(vllm_config, *, release: str | None = None, native_kernels: bool | None = None,
                             ranks: str = "the CPU ranks") -> None:
     """Raise HeteroConfigError if the model of ``vllm_config`` cannot run on CPU ranks.

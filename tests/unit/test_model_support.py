@@ -130,3 +130,38 @@ def test_text_config_of_a_multimodal_model():
                             use_mla=False, quantization=None)
     cfg = SimpleNamespace(model_config=model, parallel_config=SimpleNamespace(enable_expert_parallel=True))
     assert "Llama4ForConditionalGeneration" in refused(cfg, "0.26.0")
+
+
+# -- routing_warning: MoE experts split by TP over GPU and CPU ranks ---------------------------
+def moe(dtype="torch.bfloat16", arch="Qwen3MoeForCausalLM", **hf):
+    cfg = config(arch, **(hf or {"num_experts": 48}))
+    cfg.model_config.dtype = dtype
+    return cfg
+
+
+def plan(world, gpus, pp=1, cpu_first=False):
+    from hetero_shim.planning.plan import RankPlan
+
+    cpus = world - gpus
+    return RankPlan(world, gpus, tuple((i,) for i in range(cpus)), pp_size=pp, cpu_first=cpu_first)
+
+
+@pytest.mark.parametrize("dtype", ["torch.bfloat16", "torch.float16"])
+def test_moe_tp_over_gpu_and_cpu_ranks_in_16_bits_warns(dtype):
+    from hetero_shim.model_support import routing_warning
+
+    warning = routing_warning(moe(dtype), plan(2, 1), tp=2)
+    assert warning and "Qwen3MoeForCausalLM" in warning and dtype.removeprefix("torch.") in warning
+    assert "dtype='float32'" in warning and "pipeline_parallel_size" in warning
+    assert routing_warning(moe(dtype, "MixtralForCausalLM", num_local_experts=8), plan(4, 1), tp=4)
+
+
+def test_no_routing_warning_in_fp32_dense_or_unmixed_groups():
+    from hetero_shim.model_support import routing_warning
+
+    assert routing_warning(moe("torch.float32"), plan(2, 1), tp=2) is None
+    assert routing_warning(config(), plan(2, 1), tp=2) is None  # dense
+    assert routing_warning(moe(), plan(2, 1, pp=2), tp=1) is None  # pipeline: one device per layer
+    assert routing_warning(moe(), plan(2, 1, pp=2, cpu_first=True), tp=1) is None
+    assert routing_warning(moe(), plan(4, 2, pp=2), tp=2) is None  # TP groups: {0,1} GPU, {2,3} CPU
+    assert routing_warning(moe(), plan(4, 0), tp=4) is None  # all CPU ranks: alike kernels
