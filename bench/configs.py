@@ -213,6 +213,9 @@ VARIANTS = {
     "-eager": {"HETERO_SHIM_GPU_STAGE_GRAPHS": "0"},
     "-onednn": {"VLLM_CPU_SGL_KERNEL": "0"},
     "-r2": {"HETERO_SHIM_RESERVE_CORES": "2"},
+    # more GEMM threads on the CPU ranks, against sharing cores with the engine core and GPU ranks
+    "-r1": {"HETERO_SHIM_RESERVE_CORES": "1"},
+    "-r0": {"HETERO_SHIM_RESERVE_CORES": "0"},
     "-nothp": {"THP_MEM_ALLOC_ENABLE": "0"},
     # the pipeline mode as it was before the CPU-first order, GPU-stage graphs and packed GEMM
     "-before": {"HETERO_SHIM_STAGE_ORDER": "gpu-first", "HETERO_SHIM_GPU_STAGE_GRAPHS": "0",

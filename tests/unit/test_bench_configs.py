@@ -135,3 +135,9 @@ def test_sized_llama_checkpoint_matches_transformers_and_reads_back(tmp_path):
     again = tiny_models.write_llama(cfg, tmp_path / "n", dtype="bfloat16", device="cpu")
     assert torch.equal(load_file(again / "model-00001-of-00001.safetensors")["lm_head.weight"],
                        tensors["lm_head.weight"])  # same seed, same weights
+
+
+def test_reserved_core_variants_stack_with_others():
+    assert configs.split_variants("hetero-pp2-r1") == ("hetero-pp2", {"HETERO_SHIM_RESERVE_CORES": "1"})
+    assert configs.split_variants("hetero-pp2-r0-eager") == (
+        "hetero-pp2", {"HETERO_SHIM_RESERVE_CORES": "0", "HETERO_SHIM_GPU_STAGE_GRAPHS": "0"})
