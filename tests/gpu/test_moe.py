@@ -116,6 +116,12 @@ def test_moe_hetero_tp2_gives_gpu_only_tokens(gpu, evidence, moe_dtype):
     want = "rank 1: CPU" in plan and ("rank 0: CPU" if gpu.opts.cpu_dry_run else "rank 0: GPU") in plan
     evidence.row(f"MoE {moe_dtype} TP=2 plan: rank 0 {'CPU' if gpu.opts.cpu_dry_run else 'GPU'}, rank 1 CPU", want,
                  plan.splitlines()[0] if plan else "no plan (run failed)")
+    # model_support.routing_warning: only where a TP group mixes GPU and CPU ranks in a 16-bit type
+    log = Path(got["run"]["log"]).read_text(errors="replace") if got else ""
+    expect = moe_dtype != "float32" and not gpu.opts.cpu_dry_run
+    warned = "can pick different experts" in log
+    evidence.row(f"MoE {moe_dtype} TP=2: start-up warning on expert choice {'given' if expect else 'absent'}",
+                 bool(got) and warned == expect, f"warned: {warned}")
     if moe_dtype == "float32":  # a near tie may part the runs, as in the dense pipeline test
         evidence.compare_close(f"MoE {moe_dtype} greedy: hetero TP=2 == GPU TP=1 up to a near tie", ref, got)
     else:
