@@ -100,11 +100,11 @@ def moe_dtype(request, gpu):
     dtype = request.param
     if dtype not in gpu.opts.dtypes:
         pytest.skip(f"{dtype} not in --gpu-dtypes {','.join(gpu.opts.dtypes)}")
-    if dtype == "bfloat16":
-        request.applymarker(pytest.mark.xfail(strict=False, reason=(
-            "bf16: the GPU and CPU ranks round their partial sums differently (and the router's top-k can "
-            "then pick other experts), so tokens may part after some tokens")))
     return dtype
+
+
+BF16_PARTS = ("bf16: the GPU and CPU ranks round their partial sums differently (and may pick other experts at "
+              "ties, which the start-up warning says), so tokens may part after some tokens")
 
 
 def test_moe_hetero_tp2_gives_gpu_only_tokens(gpu, evidence, moe_dtype):
@@ -128,6 +128,9 @@ def test_moe_hetero_tp2_gives_gpu_only_tokens(gpu, evidence, moe_dtype):
         evidence.compare(f"MoE {moe_dtype} greedy: hetero TP=2 == GPU TP=1", ref, got)
     if not gpu.opts.skip_sampled:
         evidence.compare(f"MoE {moe_dtype} seeded T=0.8: hetero TP=2 == GPU TP=1", ref, got, "sampled_tokens")
+    failed = [r["check"] for r in evidence.rows if not r["ok"]]
+    if moe_dtype != "float32" and failed and all(" == GPU TP=1" in check for check in failed) and got:
+        pytest.xfail(f"{BF16_PARTS}: {'; '.join(failed)}")  # only the token comparisons may fail in bf16
     evidence.check()
 
 
