@@ -129,16 +129,13 @@ def problems(vllm_config, release: str, native_kernels: bool) -> list[str]:
     return found
 
 
-def _tp_groups_mix_kinds(plan, tp: int) -> bool:
-    """Whether some tensor-parallel group of ``plan`` (``tp`` consecutive ranks per stage) holds both
+def _tp_groups_mix_kinds(plan) -> bool:
+    """Whether some tensor-parallel group of ``plan`` (the ranks of one pipeline stage) holds both
     GPU and CPU ranks."""
-    if tp < 2:
-        return False
-    return any(len({plan.kind(rank) for rank in range(start, start + tp)}) > 1
-               for start in range(0, plan.world_size, tp))
+    return len({(plan.stage(rank), plan.kind(rank)) for rank in range(plan.world_size)}) > plan.pp_size
 
 
-def routing_warning(vllm_config, plan, tp: int) -> str | None:
+def routing_warning(vllm_config, plan) -> str | None:
     """Why a mixture-of-experts run split by tensor parallelism over GPU and CPU ranks may give tokens
     no single device would (None: nothing to say). Every rank of a TP group computes the router's
     scores and its top-k on its own, with its own kernels; in stock vLLM the ranks are alike and pick
@@ -147,7 +144,7 @@ def routing_warning(vllm_config, plan, tp: int) -> str | None:
     of different experts. In fp32 that takes a near tie at fp32 rounding; in 16-bit types scores
     often tie outright."""
     experts = _num_experts(_text_config(vllm_config.model_config))
-    if not experts or not _tp_groups_mix_kinds(plan, tp):
+    if not experts or not _tp_groups_mix_kinds(plan):
         return None
     dtype = str(getattr(vllm_config.model_config, "dtype", "")).removeprefix("torch.")
     if dtype == "float32":

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 
 from hetero_shim.errors import HeteroConfigError
-from hetero_shim.model_support import check_cpu_ranks_support
+from hetero_shim.model_support import check_cpu_ranks_support, routing_warning
 
 RELEASES = ["0.26.0", "0.27.0", "0.27.1", "0.28.0", "0.29.0", "0.30.0", "0.31.0", "0.32.0", "0.33.0"]
 OLD = ["0.26.0", "0.27.0", "0.27.1"]  # monolithic cpu_fused_moe.py, no CPU MLA
@@ -148,20 +148,16 @@ def plan(world, gpus, pp=1, cpu_first=False):
 
 @pytest.mark.parametrize("dtype", ["torch.bfloat16", "torch.float16"])
 def test_moe_tp_over_gpu_and_cpu_ranks_in_16_bits_warns(dtype):
-    from hetero_shim.model_support import routing_warning
-
-    warning = routing_warning(moe(dtype), plan(2, 1), tp=2)
+    warning = routing_warning(moe(dtype), plan(2, 1))
     assert warning and "Qwen3MoeForCausalLM" in warning and dtype.removeprefix("torch.") in warning
     assert "dtype='float32'" in warning and "pipeline_parallel_size" in warning
-    assert routing_warning(moe(dtype, "MixtralForCausalLM", num_local_experts=8), plan(4, 1), tp=4)
+    assert routing_warning(moe(dtype, "MixtralForCausalLM", num_local_experts=8), plan(4, 1))
 
 
 def test_no_routing_warning_in_fp32_dense_or_unmixed_groups():
-    from hetero_shim.model_support import routing_warning
-
-    assert routing_warning(moe("torch.float32"), plan(2, 1), tp=2) is None
-    assert routing_warning(config(), plan(2, 1), tp=2) is None  # dense
-    assert routing_warning(moe(), plan(2, 1, pp=2), tp=1) is None  # pipeline: one device per layer
-    assert routing_warning(moe(), plan(2, 1, pp=2, cpu_first=True), tp=1) is None
-    assert routing_warning(moe(), plan(4, 2, pp=2), tp=2) is None  # TP groups: {0,1} GPU, {2,3} CPU
-    assert routing_warning(moe(), plan(4, 0), tp=4) is None  # all CPU ranks: alike kernels
+    assert routing_warning(moe("torch.float32"), plan(2, 1)) is None
+    assert routing_warning(config(), plan(2, 1)) is None  # dense
+    assert routing_warning(moe(), plan(2, 1, pp=2)) is None  # pipeline: one device per layer
+    assert routing_warning(moe(), plan(2, 1, pp=2, cpu_first=True)) is None
+    assert routing_warning(moe(), plan(4, 2, pp=2)) is None  # TP groups: {0,1} GPU, {2,3} CPU
+    assert routing_warning(moe(), plan(4, 0)) is None  # all CPU ranks: alike kernels

@@ -145,7 +145,7 @@ def plan_before_config(wrapped, instance, args, kwargs):
     plan = build.build_plan(tp * pp, gpus, split, kv_for=lambda p: _cpu_kv_budgets(config, p), cpu_first=cpu_first)
     if plan.world_size > plan.gpu_ranks:
         model_support.check_cpu_ranks_support(config, ranks=_cpu_ranks_text(plan))
-        warning = model_support.routing_warning(config, plan, tp)
+        warning = model_support.routing_warning(config, plan)
         if warning:
             log.warning("hetero_shim: %s", warning)
     log.info("%s", plan.describe())
