@@ -50,7 +50,8 @@ if str(REPO) not in sys.path:
 GIB = 1 << 30
 DEFAULT_SHAPE = (8192, 16384)
 #: the four matrices of one decoder layer of the 3B Llama shapes (N x K: qkv, o, gate_up, down), read
-#: in this order per layer as the engine does; several layers' worth so that nothing stays in cache
+#: in this order per layer as the engine does; several layers' worth so that nothing stays in cache.
+#: The default when no model is named; bench/run.py passes the shapes of the model it runs
 LAYER_SHAPES = ((5120, 3072), (3072, 3072), (16384, 3072), (3072, 8192))
 LAYER_COPIES = 4
 DEFAULT_BATCHES = (1, 16, 512)
@@ -211,8 +212,25 @@ def kernel_fns(weight) -> tuple[dict, dict, list]:
     return fns, missing, cleanup
 
 
+def layer_shapes_of(config: dict) -> tuple[tuple[int, int], ...] | None:
+    """N x K of the four matrices of one decoder layer of a Llama-style model (fused qkv, o,
+    fused gate_up, down), from its ``config.json``; ``None`` when the config lacks a field."""
+    try:
+        hidden, inter = int(config["hidden_size"]), int(config["intermediate_size"])
+        heads = int(config["num_attention_heads"])
+        kv_heads = int(config.get("num_key_value_heads") or heads)
+        head_dim = int(config.get("head_dim") or hidden // heads)
+    except (KeyError, TypeError, ValueError):
+        return None
+    return ((heads + 2 * kv_heads) * head_dim, hidden), (hidden, heads * head_dim), (2 * inter, hidden), (hidden, inter)
+
+
+def format_shapes(shapes) -> str:
+    return ",".join(f"{n}x{k}" for n, k in shapes)
+
+
 def layer_sequence(opts, gen) -> dict:
-    """Weight streaming through the shapes of a real decoder layer (``LAYER_SHAPES``), several
+    """Weight streaming through the shapes of a real decoder layer (``--layer-shapes``), several
     distinct layers in turn as a decode step reads them: per kernel and batch, GB/s over the
     whole sequence. The engine's GEMMs are these sizes, not the one large matrix above."""
     import torch
@@ -379,7 +397,7 @@ def best_cpu_rate(rates: dict, threads: int | None = None, batch: int = 1) -> tu
         for name, rows in layer.items():
             row = rows.get(str(batch))
             if name in STREAMING_KERNELS and row and (best is None or row["GBps"] > best[0]):
-                best = (row["GBps"], f"{name}, layer shapes")
+                best = (row["GBps"], f"{name}, layer shapes of {rates.get('layer_shapes_of') or 'the 3B default'}")
         if best:
             return best[0] * 1e9, best[1], int(key)
     for name, entry in (cpu[key].get("gemm") or {}).items():
@@ -605,7 +623,7 @@ def _spawn(args: list[str], env: dict, timeout: float) -> dict:
 def measure(threads: list[int] | None = None, kernels: str | None = None, shape: tuple[int, int] = DEFAULT_SHAPE,
             batches=DEFAULT_BATCHES, min_time: float = 0.5, read_mib: int = 1024, gpu: bool = True,
             h2d_mib: int = 256, hbm_mib: int = 1024, timeout: float = 600,
-            layer_shapes: str = ",".join(f"{n}x{k}" for n, k in LAYER_SHAPES), layer_copies: int = LAYER_COPIES,
+            layer_shapes: str = format_shapes(LAYER_SHAPES), layer_copies: int = LAYER_COPIES,
             thp_too: bool = True) -> dict:
     from hetero_shim.planning.plan import format_id_list
 
@@ -652,7 +670,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", default=",".join(map(str, DEFAULT_BATCHES)), help="tokens per GEMM call")
     parser.add_argument("--min-time", type=float, default=0.5, help="seconds per timed kernel (at least 3 calls)")
     parser.add_argument("--read-mib", type=int, default=1024, help="size of the tensor summed for the read rate")
-    parser.add_argument("--layer-shapes", default=",".join(f"{n}x{k}" for n, k in LAYER_SHAPES),
+    parser.add_argument("--layer-shapes", default=format_shapes(LAYER_SHAPES),
                         help="N x K of one decoder layer's matrices, in order (default: 3B Llama)")
     parser.add_argument("--layer-copies", type=int, default=LAYER_COPIES, help="distinct layers read in turn (0: skip)")
     parser.add_argument("--h2d-mib", type=int, default=256)

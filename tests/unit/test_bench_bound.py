@@ -204,3 +204,20 @@ def test_helpers():
                                  "  rank 1: GPU  cuda:0  stage 1: layers 11-27 (17)") == 17
     assert bound.plan_gpu_layers("hetero_shim rank plan: 1 GPU rank(s) + 1 CPU rank(s)") is None
     assert breakdown.hook.parse_window("5:3") == (5, 3) and breakdown.hook.parse_window(None) == (22, 8)
+
+
+def test_layer_shapes_follow_the_models_config():
+    llama_3b = {"hidden_size": 3072, "intermediate_size": 8192, "num_attention_heads": 24, "num_key_value_heads": 8,
+                "head_dim": 128}
+    assert bound.layer_shapes_of(llama_3b) == bound.LAYER_SHAPES
+    llama_8b = {"hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32, "num_key_value_heads": 8}
+    assert bound.format_shapes(bound.layer_shapes_of(llama_8b)) == "6144x4096,4096x4096,28672x4096,4096x14336"
+    assert bound.layer_shapes_of({"hidden_size": 64}) is None
+
+
+def test_the_layer_rate_names_the_model_whose_shapes_were_measured():
+    r = rates({"packed": 80.0})
+    r["cpu"]["13"]["layer"] = {"by_kernel": {"packed": {"1": {"GBps": 70.0}}}}
+    assert bound.best_cpu_rate(r)[1] == "packed, layer shapes of the 3B default"
+    r["layer_shapes_of"] = "8b"
+    assert bound.best_cpu_rate(r) == (70.0e9, "packed, layer shapes of 8b", 13)
