@@ -217,6 +217,9 @@ VARIANTS = {
     "-r1": {"HETERO_SHIM_RESERVE_CORES": "1"},
     "-r0": {"HETERO_SHIM_RESERVE_CORES": "0"},
     "-nothp": {"THP_MEM_ALLOC_ENABLE": "0"},
+    # the CPU rank's OpenMP threads: each on its own core; idle threads spinning instead of sleeping
+    "-pin": {"HETERO_SHIM_CPU_THREAD_PLACES": "core"},
+    "-spin": {"HETERO_SHIM_CPU_OMP_WAIT": "active"},
     # the pipeline mode as it was before the CPU-first order, GPU-stage graphs and packed GEMM
     "-before": {"HETERO_SHIM_STAGE_ORDER": "gpu-first", "HETERO_SHIM_GPU_STAGE_GRAPHS": "0",
                 "VLLM_CPU_SGL_KERNEL": "0"},

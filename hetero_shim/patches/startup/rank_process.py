@@ -75,12 +75,26 @@ def rank_environment(rank: int) -> dict[str, str]:
         env["TORCHDYNAMO_DISABLE"] = "1"
         cores = plan.cpu_lists[plan.cpu_index(rank)] if plan.cpu_lists else ()
         if cores:
-            env.update(OMP_NUM_THREADS=str(len(cores)), OMP_PLACES="{" + ",".join(map(str, cores)) + "}",
-                       OMP_PROC_BIND="true")
+            env.update(omp_environment(cores))
             if confine:
                 env[settings.PROCESS_CPUS] = format_id_list(cores)
             log.info("hetero_shim: CPU rank %d bound to cores %s", rank, format_id_list(cores))
     return env
+
+
+def omp_environment(cores) -> dict[str, str]:
+    """OpenMP settings of a CPU rank on ``cores``: by default one place holding them all (threads
+    may move among the rank's cores, as vLLM's generic OpenMP setup does); with
+    HETERO_SHIM_CPU_THREAD_PLACES=core one place per core, thread i on core i (as vLLM's GNU and
+    Intel OpenMP setups pin them); HETERO_SHIM_CPU_OMP_WAIT sets the rank's OMP_WAIT_POLICY."""
+    if settings.cpu_thread_places() == "core":
+        env = {"OMP_PLACES": ",".join("{%d}" % c for c in cores), "OMP_PROC_BIND": "close"}
+    else:
+        env = {"OMP_PLACES": "{" + ",".join(map(str, cores)) + "}", "OMP_PROC_BIND": "true"}
+    wait = settings.cpu_omp_wait()
+    if wait != "auto":
+        env["OMP_WAIT_POLICY"] = wait.upper()
+    return {"OMP_NUM_THREADS": str(len(cores))} | env
 
 
 _engine_core_confined = False
