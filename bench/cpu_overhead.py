@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from hetero_shim.testing import tiny_models  # noqa: E402
-from hetero_shim.testing.proctree import kill_session  # noqa: E402
+from hetero_shim.testing.proctree import SessionTimeout, run_session  # noqa: E402
 
 CHILD = r"""
 import json, sys, time
@@ -57,20 +56,16 @@ def model_dir(layers: int, hidden: int) -> Path:
 
 
 def run(model: Path, eager: bool, tokens: int, timeout: float) -> dict:
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(model), "1" if eager else "0", str(tokens)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        kill_session(proc.pid)
-        out, _ = proc.communicate()
+        result, _ = run_session([sys.executable, "-c", CHILD, str(model), "1" if eager else "0", str(tokens)],
+                                timeout, grace=5)
+    except SessionTimeout:
         raise SystemExit(f"cpu_overhead: the engine did not finish within {timeout:.0f} s") from None
-    finally:
-        kill_session(proc.pid)
+    out = result.stdout
     for line in out.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT "):])
-    raise SystemExit(f"cpu_overhead: the engine failed (exit {proc.returncode}):\n{out[-3000:]}")
+    raise SystemExit(f"cpu_overhead: the engine failed (exit {result.returncode}):\n{out[-3000:]}")
 
 
 def main() -> None:

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from hetero_shim.testing.proctree import kill_session, session_pids, wait_session_gone
+from hetero_shim.testing.proctree import SessionTimeout, kill_session, run_session, session_pids, wait_session_gone
 
 __all__ = ["REPO", "kill_session", "python_env", "run", "run_python", "session_pids", "wait_session_gone"]
 
@@ -28,20 +28,13 @@ def run(args: list[str], env: dict[str, str], timeout: float, cwd: Path | None =
 
     After it returns, asserts that no process of its session is left behind.
     """
-    proc = subprocess.Popen(
-        args, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-    )
     try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        kill_session(proc.pid)
-        out, _ = proc.communicate()
-        raise AssertionError(f"{args} did not finish in {timeout}s; output tail:\n{out[-4000:]}") from None
-    left = wait_session_gone(proc.pid, timeout=30)
+        result, left = run_session(args, timeout, env=env, cwd=cwd)
+    except SessionTimeout as e:
+        raise AssertionError(f"{e}; output tail:\n{e.output[-4000:]}") from None
     if left:
-        kill_session(proc.pid)
-        raise AssertionError(f"{args} left processes behind: {left}\n{out[-4000:]}")
-    return subprocess.CompletedProcess(args, proc.returncode, out, "")
+        raise AssertionError(f"{args} left processes behind: {left}\n{result.stdout[-4000:]}")
+    return result
 
 
 def run_python(args: list[str], timeout: float = 300, **env: str) -> subprocess.CompletedProcess:

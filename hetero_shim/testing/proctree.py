@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -43,3 +44,30 @@ def wait_session_gone(sid: int, timeout: float = 30.0, poll: float = 0.25) -> li
             return []
         time.sleep(poll)
     return session_pids(sid)
+
+
+class SessionTimeout(Exception):
+    """A ``run_session`` child did not finish in time; its session was killed. ``output``: what it printed."""
+
+    def __init__(self, args: list[str], timeout: float, output: str) -> None:
+        super().__init__(f"{args} did not finish in {timeout:.0f} s")
+        self.output = output
+
+
+def run_session(args: list[str], timeout: float, env: dict[str, str] | None = None, cwd: Path | None = None,
+                grace: float = 30.0) -> tuple[subprocess.CompletedProcess, list[int]]:
+    """Run ``args`` to completion in a session of its own, stdout and stderr merged into ``stdout``.
+    On timeout the session is killed and ``SessionTimeout`` raised. Returns the result and the pids
+    of its session still alive ``grace`` seconds after it ended (those are killed before returning)."""
+    proc = subprocess.Popen(args, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_session(proc.pid)
+        out, _ = proc.communicate()
+        raise SessionTimeout(args, timeout, out) from None
+    left = wait_session_gone(proc.pid, timeout=grace)
+    if left:
+        kill_session(proc.pid)
+    return subprocess.CompletedProcess(args, proc.returncode, out, ""), left
