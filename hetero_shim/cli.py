@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _launch(argv: list[str]) -> int:
     if argv and argv[0] in ("-h", "--help"):
-        _run_parser().print_help()
+        _command_parser("run").print_help()
         return 0
     from hetero_shim.__main__ import main as launcher
 
@@ -97,36 +97,37 @@ def _top_parser() -> argparse.ArgumentParser:
                    usage=f"{PROG} {{plan,status,run}} ... | {PROG} --version")
 
 
-def _plan_parser() -> argparse.ArgumentParser:
-    return _parser(f"{PROG} plan", (
+#: each command's help: (description, usage)
+COMMAND_HELP = {
+    "plan": (
         "Print the rank plan of a heterogeneous run of MODEL without starting an engine: GPU or CPU per\n"
         "rank, each CPU rank's cores and KV cache budget, the cores kept free, the pipeline layer split,\n"
         "the GPU memory the GPU ranks take, the CPU kernels the CPU ranks load, and warnings.\n"
         "Arguments after MODEL are vLLM's engine arguments, as `vllm serve` takes them\n"
         "(--tensor-parallel-size 4, --pipeline-parallel-size 2 --hetero-gpu-layers 20, --dtype, ...).\n"
-        "Exit status 2 with one line on stderr when the run would be refused."),
-        usage=f"{PROG} plan MODEL [vLLM engine arguments]")
-
-
-def _status_parser() -> argparse.ArgumentParser:
-    return _parser(f"{PROG} status", (
+        "Exit status 2 with one line on stderr when the run would be refused.",
+        f"{PROG} plan MODEL [vLLM engine arguments]"),
+    "status": (
         "Print the installed vLLM release, the patch table chosen for it, every patch of that table\n"
         "(target, when it applies, why, when it can go), whether vLLM will load hetero_shim's plugins,\n"
-        "and the settings in force. Exit status 2 when no table fits the installed vLLM."),
-        usage=f"{PROG} status")
-
-
-def _run_parser() -> argparse.ArgumentParser:
-    return _parser(f"{PROG} run", (
+        "and the settings in force. Exit status 2 when no table fits the installed vLLM.",
+        f"{PROG} status"),
+    "run": (
         "Run CMD with the shim active in it and in every process it starts (the launcher; same as\n"
         "`python -m hetero_shim CMD`). Not needed for vLLM's own commands once hetero_shim is\n"
-        "installed: `vllm serve MODEL --device heterogeneous` switches the shim on by itself."),
-        usage=f"{PROG} run CMD [ARGS...]   e.g. {PROG} run python my_script.py")
+        "installed: `vllm serve MODEL --device heterogeneous` switches the shim on by itself.",
+        f"{PROG} run CMD [ARGS...]   e.g. {PROG} run python my_script.py"),
+}
+
+
+def _command_parser(command: str) -> argparse.ArgumentParser:
+    description, usage = COMMAND_HELP[command]
+    return _parser(f"{PROG} {command}", description, usage=usage)
 
 
 # -- status ----------------------------------------------------------------------------------------
 def status(argv: list[str]) -> int:
-    parser = _status_parser()
+    parser = _command_parser("status")
     if argv and argv[0] in ("-h", "--help"):
         parser.print_help()
         return 0
@@ -193,7 +194,7 @@ class _OneLineError(Exception):
 
 def plan(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
-        _plan_parser().print_help(sys.stdout if argv else sys.stderr)
+        _command_parser("plan").print_help(sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
     try:
         return _plan(argv)

@@ -40,20 +40,16 @@ def main() -> None:
     from hetero_shim.testing.tiny_models import PROMPTS
 
     kwargs = dict(tensor_parallel_size=opts.tp, enforce_eager=not opts.compiled, dtype=opts.dtype, max_model_len=256)
-    if opts.kv_cache_bytes:
-        kwargs["kv_cache_memory_bytes"] = opts.kv_cache_bytes
-    if opts.gpu_memory_utilization is not None:
-        kwargs["gpu_memory_utilization"] = opts.gpu_memory_utilization
-    if opts.max_num_batched_tokens:
-        kwargs["max_num_batched_tokens"] = opts.max_num_batched_tokens
-    if opts.pp != 1:
-        kwargs["pipeline_parallel_size"] = opts.pp
-    if opts.device:
-        kwargs["device"] = opts.device
-    if opts.hetero_gpu_layers is not None:
-        kwargs["hetero_gpu_layers"] = opts.hetero_gpu_layers
-    if opts.backend:
-        kwargs["distributed_executor_backend"] = opts.backend
+    optional = {  # engine argument: the option's value, passed only when given (0 / 1 / None: left unset)
+        "kv_cache_memory_bytes": opts.kv_cache_bytes or None,
+        "gpu_memory_utilization": opts.gpu_memory_utilization,
+        "max_num_batched_tokens": opts.max_num_batched_tokens or None,
+        "pipeline_parallel_size": opts.pp if opts.pp != 1 else None,
+        "device": opts.device or None,
+        "hetero_gpu_layers": opts.hetero_gpu_layers,
+        "distributed_executor_backend": opts.backend or None,
+    }
+    kwargs |= {name: value for name, value in optional.items() if value is not None}
     llm = LLM(model=opts.model, **kwargs)
     params = SamplingParams(temperature=opts.temperature, seed=opts.seed, max_tokens=opts.max_tokens,
                             logprobs=opts.logprobs or None)
