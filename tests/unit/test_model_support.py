@@ -45,9 +45,18 @@ def test_dense_and_tensor_parallel_moe_pass(release, native):
 @pytest.mark.parametrize("arch,field", [("MixtralForCausalLM", "num_local_experts"),
                                         ("Qwen3MoeForCausalLM", "num_experts"),
                                         ("DeepseekV2ForCausalLM", "n_routed_experts")])
-def test_expert_parallel_refused_as_cpu_moe_ignores_the_expert_map(release, arch, field):
-    msg = refused(config(arch, ep=True, **{field: 8}), release, ranks="CPU rank 1")
-    assert arch in msg and "CPU rank 1" in msg and "enable_expert_parallel" in msg and release in msg
+def test_expert_parallel_of_unquantized_experts_passes(release, arch, field):
+    passes(config(arch, ep=True, **{field: 8}), release)  # patches/per_step/expert_parallel.py maps the ids
+
+
+@pytest.mark.parametrize("release", RELEASES)
+def test_expert_parallel_refused_where_the_id_mapping_does_not_reach(release):
+    msg = refused(config("MixtralForCausalLM", quantization="fp8", ep=True, num_local_experts=8), release,
+                  ranks="CPU rank 1")
+    assert "MixtralForCausalLM" in msg and "'fp8'" in msg and "enable_expert_parallel" in msg and "CPU rank 1" in msg
+    msg = refused(config("Llama4ForConditionalGeneration", ep=True, num_local_experts=16), release)
+    assert "router weights to the experts' input" in msg and "enable_expert_parallel off" in msg
+    passes(config("Llama4ForConditionalGeneration", num_local_experts=16), release)  # TP splits them: fine
 
 
 @pytest.mark.parametrize("release", RELEASES)
@@ -103,11 +112,12 @@ def test_all_problems_in_one_error():
 def test_default_release_is_the_installed_one(monkeypatch):
     from hetero_shim import model_support
 
+    mla = config("DeepseekV3ForCausalLM", use_mla=True, kv_lora_rank=512)  # refused before 0.28.0 only
     monkeypatch.setattr(model_support, "_installed_release", lambda: "0.26.0")
     with pytest.raises(HeteroConfigError, match="0.26.0"):
-        check_cpu_ranks_support(config("MixtralForCausalLM", ep=True, num_local_experts=8), native_kernels=True)
-    monkeypatch.setattr(model_support, "_installed_release", lambda: None)
-    check_cpu_ranks_support(config("MixtralForCausalLM", ep=True, num_local_experts=8), native_kernels=True)
+        check_cpu_ranks_support(mla, native_kernels=True)
+    monkeypatch.setattr(model_support, "_installed_release", lambda: "0.32.0")
+    check_cpu_ranks_support(mla, native_kernels=True)
 
 
 def test_native_kernels_default(monkeypatch):
