@@ -212,19 +212,6 @@ def kernel_fns(weight) -> tuple[dict, dict, list]:
     return fns, missing, cleanup
 
 
-def layer_shapes_of(config: dict) -> tuple[tuple[int, int], ...] | None:
-    """N x K of the four matrices of one decoder layer of a Llama-style model (fused qkv, o,
-    fused gate_up, down), from its ``config.json``; ``None`` when the config lacks a field."""
-    try:
-        hidden, inter = int(config["hidden_size"]), int(config["intermediate_size"])
-        heads = int(config["num_attention_heads"])
-        kv_heads = int(config.get("num_key_value_heads") or heads)
-        head_dim = int(config.get("head_dim") or hidden // heads)
-    except (KeyError, TypeError, ValueError):
-        return None
-    return ((heads + 2 * kv_heads) * head_dim, hidden), (hidden, heads * head_dim), (2 * inter, hidden), (hidden, inter)
-
-
 def format_shapes(shapes) -> str:
     return ",".join(f"{n}x{k}" for n, k in shapes)
 

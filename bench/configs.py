@@ -84,6 +84,8 @@ class ModelInfo:
     embed_bytes: int = 0  # the input embedding, in ``dtype`` (a lookup reads one row of it per token)
     lm_head_bytes: int = 0  # a separate LM head matrix; 0 when it is tied to the embedding
     tied: bool = False  # tie_word_embeddings: the LM head reads the embedding matrix
+    #: N x K of one decoder layer's matrices (fused qkv, o, fused gate_up, down); None if the config lacks a size
+    layer_shapes: tuple[tuple[int, int], ...] | None = None
 
     @property
     def weights_gib(self) -> float:
@@ -95,6 +97,23 @@ def _safetensors_shapes(path: Path) -> dict[str, list[int]]:
         (length,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(length))
     return {name: meta["shape"] for name, meta in header.items() if name != "__metadata__"}
+
+
+def _attention_dims(cfg: dict) -> tuple[int, int, int]:
+    """(attention heads, KV heads, head dim) of a Llama-style config."""
+    heads = cfg["num_attention_heads"]
+    return heads, cfg.get("num_key_value_heads", heads), cfg.get("head_dim") or cfg["hidden_size"] // heads
+
+
+def layer_shapes(cfg: dict) -> tuple[tuple[int, int], ...] | None:
+    """N x K of the four matrices of one decoder layer of a Llama-style config (fused qkv, o, fused
+    gate_up, down), as the engine's GEMMs see them; None when the config lacks a size."""
+    try:
+        heads, kv_heads, head_dim = _attention_dims(cfg)
+        hidden, inter = cfg["hidden_size"], cfg["intermediate_size"]
+    except KeyError:
+        return None
+    return ((heads + 2 * kv_heads) * head_dim, hidden), (hidden, heads * head_dim), (2 * inter, hidden), (hidden, inter)
 
 
 def read_model(path: Path, dtype: str | None = None) -> ModelInfo:
@@ -120,13 +139,12 @@ def read_model(path: Path, dtype: str | None = None) -> ModelInfo:
             embed += n * nbytes
         elif name.startswith("lm_head."):
             head += n * nbytes
-    heads, kv_heads = cfg["num_attention_heads"], cfg.get("num_key_value_heads", cfg["num_attention_heads"])
-    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    heads, kv_heads, head_dim = _attention_dims(cfg)
     return ModelInfo(
         path=str(path), dtype=dtype, params=params, weights_bytes=params * nbytes, layer_bytes=layers,
         kv_bytes_per_token=2 * cfg["num_hidden_layers"] * kv_heads * head_dim * nbytes, heads=heads,
         kv_heads=kv_heads, embed_bytes=embed, lm_head_bytes=head,
-        tied=bool(cfg.get("tie_word_embeddings", False)) and not head,
+        tied=bool(cfg.get("tie_word_embeddings", False)) and not head, layer_shapes=layer_shapes(cfg),
     )
 
 

@@ -276,7 +276,7 @@ class Harness:
                 continue
             if cfg == "bound":
                 if self.results["bound"] is None:
-                    self.run_bound(name, path)
+                    self.run_bound(name)
                 continue
             self.run_config(name, cfg, info, budget)
 
@@ -360,19 +360,17 @@ class Harness:
         result = json.loads(out.read_text()) if keep_partial and out.exists() else {}
         return result | {"error": f"{script}: rc={rc}, see {log}"}
 
-    def run_bound(self, model: str, path: Path) -> None:
+    def run_bound(self, model: str) -> None:
         """The bound, once per run; at full size its layer-shape rates use the shapes of ``model``
         (the model being run when the step comes), which are the GEMMs that model's engine calls."""
         out = self.out / "bound.json"
         args = [sys.executable, BOUND, "--out", str(out)]
-        shapes = None
-        if self.results["meta"]["size"] != "full":
+        toy = self.results["meta"]["size"] != "full"
+        shapes = None if toy else self.model_infos[model][0].layer_shapes
+        if toy:
             args += TOY_BOUND_ARGS
-        else:
-            config = json.loads((path / "config.json").read_text()) if (path / "config.json").exists() else {}
-            shapes = boundmod.layer_shapes_of(config)
-            if shapes:
-                args += ["--layer-shapes", boundmod.format_shapes(shapes)]
+        elif shapes:
+            args += ["--layer-shapes", boundmod.format_shapes(shapes)]
         if not self.gpu:
             args.append("--no-gpu")
         kernels = os.environ.get("HETERO_SHIM_CPU_KERNELS")
@@ -380,7 +378,6 @@ class Harness:
             args += ["--kernels", kernels]
         self.results["bound"] = self.run_step("bound (bench/bound.py)", "bench/bound.py", args, out, 300,
                                               keep_partial=True)
-        toy = self.results["meta"]["size"] != "full"
         self.results["bound"]["layer_shapes_of"] = model if shapes else ("the toy run" if toy else None)
         self.update_bounds()
         b = self.results["bound"]

@@ -209,10 +209,10 @@ def test_helpers():
 def test_layer_shapes_follow_the_models_config():
     llama_3b = {"hidden_size": 3072, "intermediate_size": 8192, "num_attention_heads": 24, "num_key_value_heads": 8,
                 "head_dim": 128}
-    assert bound.layer_shapes_of(llama_3b) == bound.LAYER_SHAPES
+    assert configs.layer_shapes(llama_3b) == bound.LAYER_SHAPES
     llama_8b = {"hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32, "num_key_value_heads": 8}
-    assert bound.format_shapes(bound.layer_shapes_of(llama_8b)) == "6144x4096,4096x4096,28672x4096,4096x14336"
-    assert bound.layer_shapes_of({"hidden_size": 64}) is None
+    assert bound.format_shapes(configs.layer_shapes(llama_8b)) == "6144x4096,4096x4096,28672x4096,4096x14336"
+    assert configs.layer_shapes({"hidden_size": 64}) is None
 
 
 def test_the_layer_rate_names_the_model_whose_shapes_were_measured():
