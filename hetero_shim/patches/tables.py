@@ -14,7 +14,13 @@ from __future__ import annotations
 
 from hetero_shim import versions
 from hetero_shim.errors import UnsupportedVllmVersion
-from hetero_shim.patches.per_step import expert_parallel, pipeline_buffers, pipeline_transfer, sampling_sync
+from hetero_shim.patches.per_step import (
+    cpu_gemm_on_gpu,
+    expert_parallel,
+    pipeline_buffers,
+    pipeline_transfer,
+    sampling_sync,
+)
 from hetero_shim.patches.startup import (
     communicators,
     cpu_rank_kernels,
@@ -45,6 +51,7 @@ CONCERNS = (
     pipeline_transfer,
     pipeline_buffers,
     expert_parallel,
+    cpu_gemm_on_gpu,
 )
 SUPPORTED = versions.SUPPORTED
 

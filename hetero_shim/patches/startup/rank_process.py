@@ -73,6 +73,7 @@ def rank_environment(rank: int) -> dict[str, str]:
         # vLLM wraps small CPU helpers in torch.compile (inductor: a C++ build, about a minute at
         # start-up); the CPU rank runs eagerly like the rest of a heterogeneous run.
         env["TORCHDYNAMO_DISABLE"] = "1"
+        env.update(gpu_for_large_steps(plan, rank))
         cores = plan.cpu_lists[plan.cpu_index(rank)] if plan.cpu_lists else ()
         if cores:
             env.update(omp_environment(cores))
@@ -80,6 +81,19 @@ def rank_environment(rank: int) -> dict[str, str]:
                 env[settings.PROCESS_CPUS] = format_id_list(cores)
             log.info("hetero_shim: CPU rank %d bound to cores %s", rank, format_id_list(cores))
     return env
+
+
+def gpu_for_large_steps(plan, rank: int) -> dict[str, str]:
+    """The GPU a CPU rank's large-token linear layers may use (patches/per_step/cpu_gemm_on_gpu.py):
+    the GPU ranks' devices in turn, named as the engine core's CUDA_VISIBLE_DEVICES names them. The
+    rank starts with its GPUs hidden (above); PyTorch's NVML-based availability check keeps CUDA
+    from initialising while they are, so that the rank can still open that device later."""
+    if plan.gpu_ranks < 1 or settings.cpu_gemm_on_gpu_tokens() is None:
+        return {}
+    index = plan.cpu_index(rank) % plan.gpu_ranks
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    device = visible[index] if index < len(visible) else str(index)
+    return {settings.CPU_RANK_GPU: device, "PYTORCH_NVML_BASED_CUDA_CHECK": "1"}
 
 
 def omp_environment(cores) -> dict[str, str]:

@@ -1,0 +1,172 @@
+"""Large-token steps of a CPU rank: its linear layers run on a GPU of the node, weights streamed.
+
+Targets
+- ``dispatch_cpu_unquantized_gemm`` (``vllm.model_executor.layers.utils``), which picks each
+  unquantized linear layer's CPU GEMM once, at load (``layer.cpu_linear``), and for the packed and
+  oneDNN kernels drops the layer's plain weight. In a CPU rank beside GPU ranks the plain weight is
+  kept, and ``layer.cpu_linear`` becomes a choice per call: fewer tokens than the threshold
+  (``HETERO_SHIM_CPU_GEMM_ON_GPU``, 64 by default) take vLLM's CPU kernel as before; more take the
+  GPU: activations and weight are copied over PCIe (the weight from a page-locked copy), multiplied
+  there, and the result copied back.
+- ``CPUWorker.compile_or_warm_up_model`` (``vllm.v1.worker.cpu_worker``): after it the rank opens its
+  GPU and moves the kept weights to page-locked memory. Not earlier: the GPU ranks measure their memory while the CPU rank
+  warms up, and a CUDA context opened then would be counted against their KV cache.
+Why: a CPU core computes a prompt's tokens ~50x slower than it streams a weight, so for prefill
+the CPU stage is compute-bound (an 8B CPU stage took 1.2 s for 512 tokens on the 16-core H200
+host) while PCIe moves its weights in a fraction of that. Decode steps (a few tokens) stay on the
+CPU, which streams weights faster than PCIe. The rank's GPUs stay hidden from vLLM (its platform
+is the CPU one); the CUDA context costs GPU memory of its own and the kept weights double the
+host memory of layers whose CPU kernel packs its own copy. If the GPU cannot be opened or a GPU
+call fails, the rank logs why and computes on the CPU from then on.
+Remove when: vLLM offloads a CPU worker's large GEMMs itself (not as of 0.33.0).
+"""
+
+from __future__ import annotations
+
+import os
+
+from hetero_shim import run_state, settings, versions
+from hetero_shim.arguments import Params
+from hetero_shim.logs import log
+from hetero_shim.registry import Fact, Patch
+
+WHY = "a CPU rank computes prefill tokens far slower than PCIe can bring its weights to a GPU"
+REMOVE_WHEN = "vLLM runs a CPU worker's large GEMMs on an accelerator of the node"
+UPSTREAM = "each layer's CPU GEMM is chosen once at load; the packed and oneDNN kernels drop the plain weight"
+UTILS = "vllm.model_executor.layers.utils"
+DISPATCH = Params(layer=0)
+TRIPWIRES = (
+    Fact(UTILS, "dispatch_cpu_unquantized_gemm", r"layer\.cpu_linear = ",
+         "the CPU GEMM of a layer is chosen once, as layer.cpu_linear"),
+    Fact(UTILS, "dispatch_cpu_unquantized_gemm", r"cuda", "the CPU GEMM dispatch never uses a GPU", present=False),
+)
+CPU_WORKER = "vllm.v1.worker.cpu_worker"
+WARM_UP_TRIPWIRES = (
+    Fact(CPU_WORKER, "CPUWorker.determine_available_memory", r"warming_up_model",
+         "the CPU worker's warm-up pass runs while the ranks size their memory"),
+)
+
+
+def rows(release: str) -> tuple[Patch, ...]:
+    common = dict(concern="CPU-rank GEMMs on the GPU", why=WHY, remove_when=REMOVE_WHEN, upstream=UPSTREAM,
+                  hetero_only=True)
+    return (
+        Patch(module=UTILS, name="dispatch_cpu_unquantized_gemm", wrapper=keep_gpu_choice, params=DISPATCH,
+              tripwires=TRIPWIRES, **common),
+        Patch(module=CPU_WORKER, name="CPUWorker.compile_or_warm_up_model", wrapper=open_gpu_after_warm_up,
+              tripwires=WARM_UP_TRIPWIRES, **common),
+    )
+
+
+class GpuSide:
+    """This process's GPU for large-token linear layers: opened once, after the warm-up."""
+
+    def __init__(self, min_tokens: int, device_entry: str) -> None:
+        self.min_tokens, self.device_entry = min_tokens, device_entry
+        self.device = None  # torch.device once open
+        self.layers: list[LayerChoice] = []
+        self.used = False
+
+    def open(self) -> None:
+        import torch
+
+        hidden = os.environ.get("CUDA_VISIBLE_DEVICES")
+        os.environ["CUDA_VISIBLE_DEVICES"] = self.device_entry
+        try:
+            torch.cuda.init()
+            if torch.cuda.device_count() < 1:
+                raise RuntimeError("no CUDA device is visible")
+        finally:  # the driver has read it; vLLM's CPU code keeps seeing what it saw
+            if hidden is None:
+                os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+            else:
+                os.environ["CUDA_VISIBLE_DEVICES"] = hidden
+        torch.backends.cuda.matmul.allow_tf32 = False  # float32 stays float32, as on the CPU
+        pinned = 0
+        for layer in self.layers:  # a page-locked copy; where vLLM's kernel packed its own, the plain one goes
+            w = layer.weight
+            layer.weight = torch.empty(w.shape, dtype=w.dtype, pin_memory=True).copy_(w)
+            pinned += w.numel() * w.element_size()
+        self.device = torch.device("cuda", 0)
+        log.info("hetero_shim: CPU rank: linear layers of steps with >= %d tokens run on GPU %s: %d layers, "
+                 "%.2f GiB of weights in page-locked memory (%s=0 keeps them on the CPU)", self.min_tokens,
+                 self.device_entry, len(self.layers), pinned / (1 << 30), settings.CPU_GEMM_ON_GPU)
+
+    def linear(self, x, weight, bias):
+        import torch
+
+        dev = self.device
+        flat = x.reshape(-1, x.shape[-1]).to(dev, non_blocking=True)
+        y = torch.nn.functional.linear(flat, weight.to(dev, non_blocking=True),
+                                       None if bias is None else bias.to(dev, non_blocking=True))
+        out = torch.empty(y.shape, dtype=y.dtype, pin_memory=True)
+        out.copy_(y, non_blocking=True)
+        torch.cuda.current_stream(dev).synchronize()
+        if not self.used:
+            self.used = True
+            log.info("hetero_shim: CPU rank: a step of %d tokens ran its linear layers on GPU %s", flat.shape[0],
+                     self.device_entry)
+        return out.view(*x.shape[:-1], y.shape[-1])
+
+    def fail(self, what: str, exc: BaseException) -> None:
+        self.device = None
+        log.warning("hetero_shim: CPU rank keeps its linear layers on the CPU: %s failed (%s: %s)", what,
+                    type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+
+
+class LayerChoice:
+    """A layer's ``cpu_linear``: vLLM's CPU kernel below the GPU side's token threshold (or while
+    the GPU is not open), the GPU with the kept plain weight from it on."""
+
+    __slots__ = ("cpu", "weight", "side")
+
+    def __init__(self, cpu, weight, side: GpuSide) -> None:
+        self.cpu, self.weight, self.side = cpu, weight, side
+
+    def __call__(self, x, weight, bias):
+        side = self.side
+        if side.device is None or x.numel() < side.min_tokens * x.shape[-1]:
+            return self.cpu(x, weight, bias)
+        try:
+            return side.linear(x, self.weight, bias)
+        except RuntimeError as exc:  # CUDA out of memory, a lost device: the CPU path is still whole
+            side.fail("a linear layer on the GPU", exc)
+            return self.cpu(x, weight, bias)
+
+
+_side: GpuSide | None = None
+
+
+def side() -> GpuSide | None:
+    """This process's GPU side, created on first use when it is a CPU rank that may use a GPU."""
+    global _side
+    if _side is None and run_state.current().cpu_rank and not versions.is_cpu_build():
+        entry = os.environ.get(settings.CPU_RANK_GPU, "").strip()
+        tokens = settings.cpu_gemm_on_gpu_tokens()
+        if entry and tokens is not None:
+            _side = GpuSide(tokens, entry)
+    return _side
+
+
+def keep_gpu_choice(wrapped, instance, args, kwargs):
+    gpu = side()
+    layer = DISPATCH.get(args, kwargs, "layer")
+    weight = getattr(layer, "weight", None)
+    result = wrapped(*args, **kwargs)
+    if (gpu is not None and weight is not None and weight.ndim == 2 and not weight.is_meta
+            and callable(getattr(layer, "cpu_linear", None))):
+        choice = LayerChoice(layer.cpu_linear, weight.detach(), gpu)
+        gpu.layers.append(choice)
+        layer.cpu_linear = choice
+    return result
+
+
+def open_gpu_after_warm_up(wrapped, instance, args, kwargs):
+    result = wrapped(*args, **kwargs)
+    gpu = side()
+    if gpu is not None and gpu.layers and gpu.device is None:
+        try:
+            gpu.open()
+        except Exception as exc:  # noqa: BLE001 - any failure leaves the rank on its CPU kernels
+            gpu.fail(f"opening GPU {gpu.device_entry}", exc)
+    return result

@@ -1,0 +1,127 @@
+"""Large-token linear layers of CPU ranks on the GPU (patches/per_step/cpu_gemm_on_gpu.py): the
+setting, the device a CPU rank is given, and the per-call choice, with a stand-in for the GPU side
+(the GPU path itself runs in tests/gpu/test_pipeline.py)."""
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from hetero_shim import settings  # noqa: E402
+from hetero_shim.errors import HeteroConfigError  # noqa: E402
+from hetero_shim.patches.per_step import cpu_gemm_on_gpu as gg  # noqa: E402
+from hetero_shim.patches.startup import rank_process  # noqa: E402
+from hetero_shim.planning.plan import RankPlan  # noqa: E402
+
+
+@pytest.mark.parametrize("raw, tokens", [(None, 64), ("auto", 64), ("0", None), ("off", None), ("16", 16)])
+def test_threshold_setting(monkeypatch, raw, tokens):
+    if raw is None:
+        monkeypatch.delenv(settings.CPU_GEMM_ON_GPU, raising=False)
+    else:
+        monkeypatch.setenv(settings.CPU_GEMM_ON_GPU, raw)
+    assert settings.cpu_gemm_on_gpu_tokens() == tokens
+
+
+def test_bad_threshold_is_one_clear_error(monkeypatch):
+    monkeypatch.setenv(settings.CPU_GEMM_ON_GPU, "-3")
+    with pytest.raises(HeteroConfigError, match="HETERO_SHIM_CPU_GEMM_ON_GPU='-3'.*auto, 0"):
+        settings.check_environment()
+
+
+def test_cpu_ranks_get_the_gpu_ranks_devices_in_turn(monkeypatch):
+    monkeypatch.delenv(settings.CPU_GEMM_ON_GPU, raising=False)
+    plan = RankPlan(world_size=4, gpu_ranks=2, cpu_first=True)  # ranks 0, 1 CPU; 2, 3 GPU
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,7")
+    assert rank_process.gpu_for_large_steps(plan, 0)[settings.CPU_RANK_GPU] == "5"
+    assert rank_process.gpu_for_large_steps(plan, 1)[settings.CPU_RANK_GPU] == "7"
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    env = rank_process.gpu_for_large_steps(plan, 1)
+    assert env == {settings.CPU_RANK_GPU: "1", "PYTORCH_NVML_BASED_CUDA_CHECK": "1"}
+    assert rank_process.gpu_for_large_steps(RankPlan(world_size=2, gpu_ranks=0), 1) == {}
+    monkeypatch.setenv(settings.CPU_GEMM_ON_GPU, "0")
+    assert rank_process.gpu_for_large_steps(plan, 0) == {}
+
+
+class FakeSide(gg.GpuSide):
+    """The GPU side with the device stood in for: records the calls, computes on the CPU."""
+
+    def __init__(self, min_tokens=4, fail=False):
+        super().__init__(min_tokens, "0")
+        self.device, self.calls, self.broken = "stand-in", [], fail
+
+    def linear(self, x, weight, bias):
+        if self.broken:
+            raise RuntimeError("CUDA out of memory")
+        self.calls.append(x.shape[0])
+        return torch.nn.functional.linear(x, weight, bias)
+
+
+def layer_choice(side):
+    weight = torch.randn(3, 5)
+    cpu_calls = []
+
+    def cpu(x, w, bias):
+        cpu_calls.append(x.shape[0])
+        return torch.nn.functional.linear(x, weight, bias)
+
+    return gg.LayerChoice(cpu, weight, side), weight, cpu_calls
+
+
+def test_tokens_below_the_threshold_stay_on_the_cpu():
+    side = FakeSide(min_tokens=4)
+    choice, weight, cpu_calls = layer_choice(side)
+    removed = torch.empty(0)  # what vLLM leaves as layer.weight after packing
+    for tokens in (1, 3, 4, 9):
+        x = torch.randn(tokens, 5)
+        torch.testing.assert_close(choice(x, removed, None), x @ weight.T)
+    assert cpu_calls == [1, 3] and side.calls == [4, 9]
+
+
+def test_nothing_moves_before_the_gpu_is_open():
+    side = FakeSide(min_tokens=1)
+    side.device = None
+    choice, _, cpu_calls = layer_choice(side)
+    choice(torch.randn(8, 5), None, None)
+    assert cpu_calls == [8] and side.calls == []
+
+
+def test_a_failing_gpu_call_falls_back_to_the_cpu_for_good(caplog):
+    side = FakeSide(min_tokens=1, fail=True)
+    choice, weight, cpu_calls = layer_choice(side)
+    x = torch.randn(6, 5)
+    torch.testing.assert_close(choice(x, None, None), x @ weight.T)
+    assert side.device is None and cpu_calls == [6]
+    assert "keeps its linear layers on the CPU" in caplog.text and "CUDA out of memory" in caplog.text
+    choice(x, None, None)
+    assert cpu_calls == [6, 6]
+
+
+def test_dispatch_keeps_the_plain_weight_the_cpu_kernel_drops(monkeypatch):
+    side = FakeSide(min_tokens=2)
+    monkeypatch.setattr(gg, "_side", side)
+    layer = torch.nn.Linear(5, 3, bias=True)
+    plain = layer.weight.detach().clone()
+
+    def dispatch(layer, remove_weight):  # as vLLM's packed path: its own copy, the plain weight dropped
+        packed = layer.weight.detach().clone()
+        layer.cpu_linear = lambda x, weight, bias: torch.nn.functional.linear(x, packed, bias)
+        layer.weight = torch.nn.Parameter(torch.empty(0), requires_grad=False)
+
+    gg.keep_gpu_choice(dispatch, None, (layer,), {"remove_weight": True})
+    assert isinstance(layer.cpu_linear, gg.LayerChoice) and side.layers == [layer.cpu_linear]
+    x = torch.randn(3, 5)
+    got = layer.cpu_linear(x, layer.weight, layer.bias)
+    torch.testing.assert_close(got, torch.nn.functional.linear(x, plain, layer.bias))
+    assert side.calls == [3]
+
+
+def test_dispatch_untouched_outside_a_cpu_rank(monkeypatch):
+    monkeypatch.setattr(gg, "_side", None)
+    monkeypatch.delenv(settings.RANK_KIND, raising=False)
+    layer = torch.nn.Linear(5, 3)
+
+    def dispatch(layer, remove_weight):
+        layer.cpu_linear = torch.nn.functional.linear
+
+    gg.keep_gpu_choice(dispatch, None, (layer, True), {})
+    assert layer.cpu_linear is torch.nn.functional.linear
