@@ -49,11 +49,11 @@ class FakeSide(gg.GpuSide):
         super().__init__(min_tokens, "0")
         self.device, self.calls, self.broken = "stand-in", [], fail
 
-    def linear(self, x, weight, bias):
+    def linear(self, x, layer, bias):
         if self.broken:
             raise RuntimeError("CUDA out of memory")
         self.calls.append(x.shape[0])
-        return torch.nn.functional.linear(x, weight, bias)
+        return torch.nn.functional.linear(x, layer.weight, bias)
 
 
 def layer_choice(side):
@@ -109,6 +109,7 @@ def test_dispatch_keeps_the_plain_weight_the_cpu_kernel_drops(monkeypatch):
 
     gg.keep_gpu_choice(dispatch, None, (layer,), {"remove_weight": True})
     assert isinstance(layer.cpu_linear, gg.LayerChoice) and side.layers == [layer.cpu_linear]
+    assert layer.cpu_linear.index == 0
     x = torch.randn(3, 5)
     got = layer.cpu_linear(x, layer.weight, layer.bias)
     torch.testing.assert_close(got, torch.nn.functional.linear(x, plain, layer.bias))

@@ -66,6 +66,8 @@ class GpuSide:
         self.device = None  # torch.device once open
         self.layers: list[LayerChoice] = []
         self.used = False
+        self.copy_stream = None
+        self.ahead = None  # (layer index, its weight on the GPU, the event of its copy)
 
     def open(self) -> None:
         import torch
@@ -92,21 +94,49 @@ class GpuSide:
                  "%.2f GiB of weights in page-locked memory (%s=0 keeps them on the CPU)", self.min_tokens,
                  self.device_entry, len(self.layers), pinned / (1 << 30), settings.CPU_GEMM_ON_GPU)
 
-    def linear(self, x, weight, bias):
+    def linear(self, x, layer: LayerChoice, bias):
+        """``x @ layer.weight.T + bias`` on the GPU, as a page-locked CPU tensor. While it runs, the
+        next layer's weight (in load order, which is the order a forward pass calls them) starts
+        its copy on a stream of its own, so that it travels during the CPU's work between the two."""
         import torch
 
         dev = self.device
+        compute = torch.cuda.current_stream(dev)
+        weight = self._weight_on_gpu(layer.index, compute)
         flat = x.reshape(-1, x.shape[-1]).to(dev, non_blocking=True)
-        y = torch.nn.functional.linear(flat, weight.to(dev, non_blocking=True),
-                                       None if bias is None else bias.to(dev, non_blocking=True))
+        y = torch.nn.functional.linear(flat, weight, None if bias is None else bias.to(dev, non_blocking=True))
         out = torch.empty(y.shape, dtype=y.dtype, pin_memory=True)
         out.copy_(y, non_blocking=True)
-        torch.cuda.current_stream(dev).synchronize()
+        self._fetch((layer.index + 1) % len(self.layers))
+        compute.synchronize()
         if not self.used:
             self.used = True
             log.info("hetero_shim: CPU rank: a step of %d tokens ran its linear layers on GPU %s", flat.shape[0],
                      self.device_entry)
         return out.view(*x.shape[:-1], y.shape[-1])
+
+    def _weight_on_gpu(self, index: int, compute):
+        """Layer ``index``'s weight on the GPU: the copy started during the previous call, or one now."""
+        ahead, self.ahead = self.ahead, None
+        if ahead is not None and ahead[0] == index:
+            _, weight, copied = ahead
+            compute.wait_event(copied)
+            weight.record_stream(compute)  # allocated on the copy stream, read on this one
+            return weight
+        return self.layers[index].weight.to(self.device, non_blocking=True)
+
+    def _fetch(self, index: int) -> None:
+        import torch
+
+        if self.copy_stream is None:
+            self.copy_stream = torch.cuda.Stream(self.device)
+        source = self.layers[index].weight
+        with torch.cuda.stream(self.copy_stream):
+            weight = torch.empty(source.shape, dtype=source.dtype, device=self.device)
+            weight.copy_(source, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record()
+        self.ahead = (index, weight, copied)
 
     def fail(self, what: str, exc: BaseException) -> None:
         self.device = None
@@ -118,17 +148,19 @@ class LayerChoice:
     """A layer's ``cpu_linear``: vLLM's CPU kernel below the GPU side's token threshold (or while
     the GPU is not open), the GPU with the kept plain weight from it on."""
 
-    __slots__ = ("cpu", "weight", "side")
+    __slots__ = ("cpu", "weight", "side", "index")
 
     def __init__(self, cpu, weight, side: GpuSide) -> None:
         self.cpu, self.weight, self.side = cpu, weight, side
+        self.index = len(side.layers)
+        side.layers.append(self)
 
     def __call__(self, x, weight, bias):
         side = self.side
         if side.device is None or x.numel() < side.min_tokens * x.shape[-1]:
             return self.cpu(x, weight, bias)
         try:
-            return side.linear(x, self.weight, bias)
+            return side.linear(x, self, bias)
         except RuntimeError as exc:  # CUDA out of memory, a lost device: the CPU path is still whole
             side.fail("a linear layer on the GPU", exc)
             return self.cpu(x, weight, bias)
@@ -155,9 +187,7 @@ def keep_gpu_choice(wrapped, instance, args, kwargs):
     result = wrapped(*args, **kwargs)
     if (gpu is not None and weight is not None and weight.ndim == 2 and not weight.is_meta
             and callable(getattr(layer, "cpu_linear", None))):
-        choice = LayerChoice(layer.cpu_linear, weight.detach(), gpu)
-        gpu.layers.append(choice)
-        layer.cpu_linear = choice
+        layer.cpu_linear = LayerChoice(layer.cpu_linear, weight.detach(), gpu)
     return result
 
 
