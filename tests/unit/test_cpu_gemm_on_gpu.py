@@ -126,3 +126,15 @@ def test_dispatch_untouched_outside_a_cpu_rank(monkeypatch):
 
     gg.keep_gpu_choice(dispatch, None, (layer, True), {})
     assert layer.cpu_linear is torch.nn.functional.linear
+
+
+def test_embedding_tables_keep_vllms_choice(monkeypatch):
+    side = FakeSide()
+    monkeypatch.setattr(gg, "_side", side)
+    table = torch.nn.Linear(5, 3)
+
+    def dispatch(layer, remove_weight):
+        layer.cpu_linear = torch.nn.functional.linear
+
+    gg.keep_gpu_choice(dispatch, None, (table,), {"remove_weight": False})
+    assert table.cpu_linear is torch.nn.functional.linear and side.layers == []

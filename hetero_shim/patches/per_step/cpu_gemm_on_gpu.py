@@ -34,7 +34,7 @@ WHY = "a CPU rank computes prefill tokens far slower than PCIe can bring its wei
 REMOVE_WHEN = "vLLM runs a CPU worker's large GEMMs on an accelerator of the node"
 UPSTREAM = "each layer's CPU GEMM is chosen once at load; the packed and oneDNN kernels drop the plain weight"
 UTILS = "vllm.model_executor.layers.utils"
-DISPATCH = Params(layer=0)
+DISPATCH = Params(layer=0, remove_weight=1)
 TRIPWIRES = (
     Fact(UTILS, "dispatch_cpu_unquantized_gemm", r"layer\.cpu_linear = ",
          "the CPU GEMM of a layer is chosen once, as layer.cpu_linear"),
@@ -185,8 +185,10 @@ def keep_gpu_choice(wrapped, instance, args, kwargs):
     layer = DISPATCH.get(args, kwargs, "layer")
     weight = getattr(layer, "weight", None)
     result = wrapped(*args, **kwargs)
-    if (gpu is not None and weight is not None and weight.ndim == 2 and not weight.is_meta
-            and callable(getattr(layer, "cpu_linear", None))):
+    # linear layers only (vLLM passes remove_weight=True for them): an embedding table kept for its
+    # lookups (or as a tied LM head, run for a few tokens a step) gains nothing from a second copy
+    if (gpu is not None and DISPATCH.get(args, kwargs, "remove_weight") and weight is not None
+            and weight.ndim == 2 and not weight.is_meta and callable(getattr(layer, "cpu_linear", None))):
         layer.cpu_linear = LayerChoice(layer.cpu_linear, weight.detach(), gpu)
     return result
 
