@@ -241,6 +241,7 @@ VARIANTS = {
     # every linear layer of the CPU ranks on the CPU, prefill included (the default moves those of
     # steps with 64 tokens or more to the GPU)
     "-cpugemm": {"HETERO_SHIM_CPU_GEMM_ON_GPU": "0"},
+    "-gpudrv": {"HETERO_SHIM_CPU_RANK_GPU_REVEAL": "driver"},
     # the pipeline mode as it was before the CPU-first order, GPU-stage graphs and packed GEMM
     "-before": {"HETERO_SHIM_STAGE_ORDER": "gpu-first", "HETERO_SHIM_GPU_STAGE_GRAPHS": "0",
                 "VLLM_CPU_SGL_KERNEL": "0"},

@@ -68,6 +68,10 @@ CPU_GEMM_ON_GPU_DEFAULT_TOKENS = 64
 #: Set by the engine core in a CPU rank's environment: the CUDA device (as the engine core's
 #: CUDA_VISIBLE_DEVICES names it) that rank's large-token linear layers may use.
 CPU_RANK_GPU = "HETERO_SHIM_CPU_RANK_GPU"
+#: How a CPU rank gets its GPU for large steps: "late" (default: CUDA_VISIBLE_DEVICES is switched when the
+#: GPU is opened) or "driver" (at the rank's start only the CUDA driver is shown the GPU; Python keeps -1).
+CPU_RANK_GPU_REVEAL = "HETERO_SHIM_CPU_RANK_GPU_REVEAL"
+CPU_RANK_GPU_REVEALS = ("auto", "late", "driver")
 #: The rank plan of a heterogeneous run, as JSON (written by ``planning.build.build_plan`` in the parent).
 PLAN = "HETERO_SHIM_PLAN"
 #: Set in the parent when a script builds its engine outside a ``__main__`` guard: workers are then
@@ -234,6 +238,10 @@ def cpu_gemm_on_gpu_tokens() -> int | None:
     return _whole_number(CPU_GEMM_ON_GPU, 1, "is not understood; use auto, 0 (off) or a whole number of tokens")
 
 
+def cpu_rank_gpu_reveal() -> str:
+    return _choice(CPU_RANK_GPU_REVEAL, CPU_RANK_GPU_REVEALS)
+
+
 def gpu_stage_graphs() -> bool:
     return _flag(GPU_STAGE_GRAPHS, default=True)
 
@@ -351,6 +359,7 @@ def check_environment() -> None:
     cpu_thread_places()
     cpu_omp_wait()
     cpu_gemm_on_gpu_tokens()
+    cpu_rank_gpu_reveal()
     gpu_stage_graphs()
     reserve_cores()
     cpu_kernels_source()

@@ -72,3 +72,23 @@ def test_apply_handed_the_routing_gets_local_ids(monkeypatch):
     monkeypatch.setattr(run_state, "heterogeneous", lambda: False)  # outside heterogeneous mode: untouched
     ep.local_experts_in_apply(apply, None, tuple(args), {})
     assert seen["ids"].tolist() == [[2, 5]]
+
+
+def test_a_tokens_slots_keep_distinct_local_ids():
+    """vLLM 0.26's pure-PyTorch CPU MoE counts a token's experts with scatter (duplicates count once)
+    and then expects one output row per slot: with two of a token's slots on one local id it failed
+    on the GPU machine (8191 rows for 8192 slots). Every token's ids stay distinct, own slots keep
+    their expert, other ranks' slots weigh 0."""
+    gen = torch.Generator().manual_seed(1)
+    experts, top_k, tokens = 8, 4, 200
+    topk_ids = torch.stack([torch.randperm(experts, generator=gen)[:top_k] for _ in range(tokens)]).to(torch.int32)
+    topk_weights = torch.rand(tokens, top_k, generator=gen)
+    expert_map = torch.full((experts,), -1, dtype=torch.int32)
+    expert_map[4:] = torch.arange(4, dtype=torch.int32)  # this rank holds experts 4-7
+    w, ids = ep.to_local(topk_weights, topk_ids, expert_map)
+    assert all(len(set(row)) == top_k for row in ids.tolist())
+    counted = torch.zeros(tokens, 4, dtype=torch.int64).scatter_(1, ids.long(), 1).sum()
+    assert int(counted) == tokens * top_k  # one row per slot, as the MoE's sort expects
+    own = topk_ids >= 4
+    assert torch.equal(ids[own], (topk_ids[own] - 4).to(ids.dtype))
+    assert torch.equal(w[own], topk_weights[own]) and bool((w[~own] == 0).all())

@@ -72,17 +72,22 @@ class GpuSide:
     def open(self) -> None:
         import torch
 
-        hidden = os.environ.get("CUDA_VISIBLE_DEVICES")
-        os.environ["CUDA_VISIBLE_DEVICES"] = self.device_entry
-        try:
+        if _revealed_to_driver:  # the driver saw the GPU from the start; Python's view stays hidden
             torch.cuda.init()
-            if torch.cuda.device_count() < 1:
+            if torch._C._cuda_getDeviceCount() < 1:
                 raise RuntimeError("no CUDA device is visible")
-        finally:  # the driver has read it; vLLM's CPU code keeps seeing what it saw
-            if hidden is None:
-                os.environ.pop("CUDA_VISIBLE_DEVICES", None)
-            else:
-                os.environ["CUDA_VISIBLE_DEVICES"] = hidden
+        else:
+            hidden = os.environ.get("CUDA_VISIBLE_DEVICES")
+            os.environ["CUDA_VISIBLE_DEVICES"] = self.device_entry
+            try:
+                torch.cuda.init()
+                if torch.cuda.device_count() < 1:
+                    raise RuntimeError("no CUDA device is visible")
+            finally:  # the driver has read it; vLLM's CPU code keeps seeing what it saw
+                if hidden is None:
+                    os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+                else:
+                    os.environ["CUDA_VISIBLE_DEVICES"] = hidden
         torch.backends.cuda.matmul.allow_tf32 = False  # float32 stays float32, as on the CPU
         pinned = 0
         for layer in self.layers:  # a page-locked copy; where vLLM's kernel packed its own, the plain one goes
@@ -167,6 +172,22 @@ class LayerChoice:
 
 
 _side: GpuSide | None = None
+_revealed_to_driver = False
+
+
+def reveal_to_driver() -> None:
+    """HETERO_SHIM_CPU_RANK_GPU_REVEAL=driver, at a CPU rank's start: the process's C environment
+    (which the CUDA driver reads when it initialises) names the rank's GPU, while Python's
+    os.environ keeps it hidden from vLLM and PyTorch's NVML-based checks. Then a CUDA
+    initialisation by any code before the GPU is opened sees the GPU instead of none."""
+    global _revealed_to_driver
+    entry = os.environ.get(settings.CPU_RANK_GPU, "").strip()
+    if _revealed_to_driver or not entry or settings.cpu_rank_gpu_reveal() != "driver":
+        return
+    import ctypes
+
+    ctypes.CDLL(None).setenv(b"CUDA_VISIBLE_DEVICES", entry.encode(), 1)
+    _revealed_to_driver = True
 
 
 def side() -> GpuSide | None:

@@ -81,17 +81,40 @@ _announced = False
 
 def to_local(topk_weights, topk_ids, expert_map):
     """Routed (weights, global ids) -> (weights, local ids) of this rank's experts: another rank's
-    expert keeps a valid local id (0) and gets weight 0."""
+    expert gets weight 0 and a local id that no other slot of the same token uses (vLLM's pure-PyTorch
+    CPU MoE, 0.26-0.27.1, counts a token's experts with a scatter that assumes distinct ids; two
+    slots on one id would lose a row and fail with a shape mismatch)."""
     global _announced
+    mine = int((expert_map >= 0).sum())
     if not _announced:
         _announced = True
         from hetero_shim.logs import log
 
-        log.info("hetero_shim: expert parallelism: this CPU rank computes %d of %d experts",
-                 int((expert_map >= 0).sum()), expert_map.numel())
+        log.info("hetero_shim: expert parallelism: this CPU rank computes %d of %d experts", mine, expert_map.numel())
     local = expert_map[topk_ids.long()]
     theirs = local < 0
-    return topk_weights.masked_fill(theirs, 0), local.clamp(min=0).to(topk_ids.dtype)
+    ids = local.clamp(min=0).long()
+    if mine >= ids.shape[-1] and bool(theirs.any()):
+        ids = _distinct_for_theirs(ids.reshape(-1, ids.shape[-1]), theirs.reshape(ids.shape), mine).view(ids.shape)
+    return topk_weights.masked_fill(theirs, 0), ids.to(topk_ids.dtype)
+
+
+def _distinct_for_theirs(ids, theirs, experts: int):
+    """``ids`` [tokens, k] with the slots ``theirs`` given the lowest local ids their token leaves free."""
+    import torch
+
+    tokens, k = ids.shape
+    used = torch.zeros(tokens, experts + 1, dtype=torch.bool)  # the last column takes the slots to fill
+    used.scatter_(1, torch.where(theirs, experts, ids), True)
+    used = used[:, :experts].contiguous()
+    rows = torch.arange(tokens)
+    for j in range(k):
+        fill = theirs[:, j]
+        if bool(fill.any()):
+            free = (~used).to(torch.int8).argmax(dim=1)  # exists: experts >= k
+            ids[:, j] = torch.where(fill, free, ids[:, j])
+            used[rows[fill], free[fill]] = True
+    return ids
 
 
 def remember_expert_map(params: Params):

@@ -144,5 +144,8 @@ def spawn_with_rank_environment(wrapped, instance, args, kwargs):
 
 def cpu_platform_in_cpu_ranks(wrapped, instance, args, kwargs):
     if run_state.current().cpu_rank:
+        from hetero_shim.patches.per_step import cpu_gemm_on_gpu
+
+        cpu_gemm_on_gpu.reveal_to_driver()
         return CPU_PLATFORM
     return wrapped(*args, **kwargs)
