@@ -238,10 +238,8 @@ VARIANTS = {
     # the CPU rank's OpenMP threads: each on its own core; idle threads spinning instead of sleeping
     "-pin": {"HETERO_SHIM_CPU_THREAD_PLACES": "core"},
     "-spin": {"HETERO_SHIM_CPU_OMP_WAIT": "active"},
-    # every linear layer of the CPU ranks on the CPU, prefill included (the default moves those of
-    # steps with 64 tokens or more to the GPU)
-    "-cpugemm": {"HETERO_SHIM_CPU_GEMM_ON_GPU": "0"},
-    "-gpudrv": {"HETERO_SHIM_CPU_RANK_GPU_REVEAL": "driver"},
+    # the CPU ranks' linear layers of steps with 64 tokens or more (prefill) on the GPU (experimental)
+    "-gpugemm": {"HETERO_SHIM_CPU_GEMM_ON_GPU": "on"},
     # the pipeline mode as it was before the CPU-first order, GPU-stage graphs and packed GEMM
     "-before": {"HETERO_SHIM_STAGE_ORDER": "gpu-first", "HETERO_SHIM_GPU_STAGE_GRAPHS": "0",
                 "VLLM_CPU_SGL_KERNEL": "0"},

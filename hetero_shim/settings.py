@@ -61,17 +61,13 @@ CPU_THREAD_PLACE_CHOICES = ("auto", "rank", "core")
 CPU_OMP_WAIT = "HETERO_SHIM_CPU_OMP_WAIT"
 CPU_OMP_WAIT_CHOICES = ("auto", "active", "passive")
 #: Linear layers of a CPU rank beside GPU ranks, in steps of many tokens (prefill), run on a GPU of
-#: the node with the weights streamed from the rank's memory: "auto" (default: from 64 tokens on),
-#: a whole number N >= 1 (from N tokens on) or "0"/"off" (always on the CPU).
+#: the node with the weights streamed from the rank's memory: "0"/"off" (default: always on the CPU),
+#: "on" (from 64 tokens on) or a whole number N >= 1 (from N tokens on). Experimental.
 CPU_GEMM_ON_GPU = "HETERO_SHIM_CPU_GEMM_ON_GPU"
 CPU_GEMM_ON_GPU_DEFAULT_TOKENS = 64
 #: Set by the engine core in a CPU rank's environment: the CUDA device (as the engine core's
 #: CUDA_VISIBLE_DEVICES names it) that rank's large-token linear layers may use.
 CPU_RANK_GPU = "HETERO_SHIM_CPU_RANK_GPU"
-#: How a CPU rank gets its GPU for large steps: "late" (default: CUDA_VISIBLE_DEVICES is switched when the
-#: GPU is opened) or "driver" (at the rank's start only the CUDA driver is shown the GPU; Python keeps -1).
-CPU_RANK_GPU_REVEAL = "HETERO_SHIM_CPU_RANK_GPU_REVEAL"
-CPU_RANK_GPU_REVEALS = ("auto", "late", "driver")
 #: The rank plan of a heterogeneous run, as JSON (written by ``planning.build.build_plan`` in the parent).
 PLAN = "HETERO_SHIM_PLAN"
 #: Set in the parent when a script builds its engine outside a ``__main__`` guard: workers are then
@@ -231,15 +227,11 @@ def cpu_omp_wait() -> str:
 def cpu_gemm_on_gpu_tokens() -> int | None:
     """From how many tokens a CPU rank's linear layers run on the GPU; None: never."""
     raw = os.environ.get(CPU_GEMM_ON_GPU, "").strip().lower()
-    if raw in ("", "auto"):
-        return CPU_GEMM_ON_GPU_DEFAULT_TOKENS
-    if raw in ("0", "off", "false", "no"):
+    if raw in ("", "0", "off", "false", "no"):
         return None
-    return _whole_number(CPU_GEMM_ON_GPU, 1, "is not understood; use auto, 0 (off) or a whole number of tokens")
-
-
-def cpu_rank_gpu_reveal() -> str:
-    return _choice(CPU_RANK_GPU_REVEAL, CPU_RANK_GPU_REVEALS)
+    if raw in ("on", "auto"):
+        return CPU_GEMM_ON_GPU_DEFAULT_TOKENS
+    return _whole_number(CPU_GEMM_ON_GPU, 1, "is not understood; use 0 (off), on (from 64 tokens) or a number of tokens")
 
 
 def gpu_stage_graphs() -> bool:
@@ -359,7 +351,6 @@ def check_environment() -> None:
     cpu_thread_places()
     cpu_omp_wait()
     cpu_gemm_on_gpu_tokens()
-    cpu_rank_gpu_reveal()
     gpu_stage_graphs()
     reserve_cores()
     cpu_kernels_source()

@@ -1,8 +1,10 @@
 """The GPU side of a CPU rank (hetero_shim/patches/per_step/cpu_gemm_on_gpu.py) in a process set up as
-the shim sets up a CPU rank of a CUDA install (CUDA_VISIBLE_DEVICES=-1, PyTorch's NVML-based check):
-vLLM's Triton probe and PyTorch's availability check must leave CUDA uninitialised, the side must
-then open the GPU, and its results must equal the CPU's, layer after layer (with the next weight
-copied ahead), in float32 and bfloat16. Prints the weight rate it streams (information).
+the shim sets up a CPU rank of a CUDA install (CUDA_VISIBLE_DEVICES=-1, PyTorch's NVML-based check,
+the GPU named to the CUDA driver only) and doing what vLLM does in one before the side opens (Triton's
+probe, the accelerator query of torch.distributed.barrier, torch.cuda.Stream replaced by a
+placeholder): vLLM's view must stay "no GPU", the side must then open the GPU, and its results must
+equal the CPU's, layer after layer (the next weight queued ahead), in float32 and bfloat16. Prints
+the weight rate it streams (information).
 
     python -m pytest tests/gpu/test_cpu_gemm_on_gpu.py -q --gpu-out DIR
 """
@@ -15,17 +17,22 @@ import sys
 PROBE = r"""
 import json, os, time
 import torch
-from vllm.triton_utils import HAS_TRITON  # runs Triton's driver probe, as a CPU rank's imports do
-found = {"has_triton": HAS_TRITON, "available_before": torch.cuda.is_available(),
-         "initialized_before": torch.cuda.is_initialized()}
 from hetero_shim.patches.per_step import cpu_gemm_on_gpu as gg
+gg.reveal_to_driver()  # as at a CPU rank's platform resolution
+from vllm.triton_utils import HAS_TRITON  # runs Triton's driver probe, as a CPU rank's imports do
+torch._C._get_accelerator()  # what torch.distributed.barrier asks during vLLM's start-up
+class _Placeholder:  # vLLM's CPU model runner leaves torch.cuda.Stream replaced
+    pass
+torch.cuda.Stream = _Placeholder
+found = {"has_triton": HAS_TRITON, "available_before": torch.cuda.is_available(),
+         "initialized_before": torch.cuda.is_initialized(), "revealed": gg._revealed_to_driver}
 side = gg.GpuSide(1, "0")
 gen = torch.Generator().manual_seed(0)
 for dtype in (torch.float32, torch.bfloat16):
     layers = [gg.LayerChoice(None, torch.randn(n, k, generator=gen).to(dtype), side)
               for n, k in ((3072, 1024), (1024, 3072), (8192, 1024), (1024, 4096))]
 side.open()
-found["device"] = torch.cuda.get_device_name(0)
+found["available_after"] = torch.cuda.is_available()
 worst, seconds, nbytes, calls = {}, 0.0, 0, 0
 for step in range(3):
     for layer in side.layers:
@@ -48,7 +55,7 @@ print("RESULT " + json.dumps(found))
 
 
 def test_gpu_side_opens_late_and_matches_the_cpu(gpu, evidence):
-    env = {"CUDA_VISIBLE_DEVICES": "-1", "PYTORCH_NVML_BASED_CUDA_CHECK": "1"}
+    env = {"CUDA_VISIBLE_DEVICES": "-1", "PYTORCH_NVML_BASED_CUDA_CHECK": "1", "HETERO_SHIM_CPU_RANK_GPU": "0"}
     done = gpu.run([sys.executable, "-c", PROBE], evidence.dir / "probe.log", 300, extra_env=env)
     found = gpu.result_line(done.text)
     evidence.save("result", {"rc": done.rc, "found": found})
@@ -56,14 +63,15 @@ def test_gpu_side_opens_late_and_matches_the_cpu(gpu, evidence):
         print("\n".join(done.text.splitlines()[-25:]), flush=True)
     f = found or {}
     evidence.row("probe ran", found is not None, f"rc {done.rc}")
-    evidence.row("Triton's probe and torch.cuda.is_available() left CUDA uninitialised with the GPUs hidden",
+    evidence.row("vLLM's view stays 'no GPU': Triton off, torch.cuda.is_available() False before and after",
                  f.get("has_triton") is False and f.get("available_before") is False
-                 and f.get("initialized_before") is False, json.dumps({k: f.get(k) for k in (
-                     "has_triton", "available_before", "initialized_before")}))
+                 and f.get("initialized_before") is False and f.get("available_after") is False
+                 and f.get("revealed") is True, json.dumps({k: f.get(k) for k in (
+                     "revealed", "has_triton", "available_before", "initialized_before", "available_after")}))
     errs = f.get("worst_rel_err") or {}
     evidence.row("float32 on the GPU == the CPU's (max rel. error < 1e-5, TF32 off)",
                  errs.get("torch.float32", 1) < 1e-5 and f.get("tf32") is False, json.dumps(errs))
     evidence.row("bfloat16 within bf16 rounding (max rel. error < 2e-2)", errs.get("torch.bfloat16", 1) < 2e-2, "")
-    print(f"-- info: {f.get('device')}: {f.get('calls')} calls streamed weights at {f.get('weight_GBps')} GB/s",
+    print(f"-- info: {f.get('calls')} calls streamed weights at {f.get('weight_GBps')} GB/s",
           flush=True)
     evidence.check()

@@ -2,6 +2,8 @@
 setting, the device a CPU rank is given, and the per-call choice, with a stand-in for the GPU side
 (the GPU path itself runs in tests/gpu/test_pipeline.py)."""
 
+import os
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -13,7 +15,7 @@ from hetero_shim.patches.startup import rank_process  # noqa: E402
 from hetero_shim.planning.plan import RankPlan  # noqa: E402
 
 
-@pytest.mark.parametrize("raw, tokens", [(None, 64), ("auto", 64), ("0", None), ("off", None), ("16", 16)])
+@pytest.mark.parametrize("raw, tokens", [(None, None), ("0", None), ("off", None), ("on", 64), ("1", 1), ("16", 16)])
 def test_threshold_setting(monkeypatch, raw, tokens):
     if raw is None:
         monkeypatch.delenv(settings.CPU_GEMM_ON_GPU, raising=False)
@@ -24,12 +26,12 @@ def test_threshold_setting(monkeypatch, raw, tokens):
 
 def test_bad_threshold_is_one_clear_error(monkeypatch):
     monkeypatch.setenv(settings.CPU_GEMM_ON_GPU, "-3")
-    with pytest.raises(HeteroConfigError, match="HETERO_SHIM_CPU_GEMM_ON_GPU='-3'.*auto, 0"):
+    with pytest.raises(HeteroConfigError, match="HETERO_SHIM_CPU_GEMM_ON_GPU='-3'.*0 .off., on"):
         settings.check_environment()
 
 
 def test_cpu_ranks_get_the_gpu_ranks_devices_in_turn(monkeypatch):
-    monkeypatch.delenv(settings.CPU_GEMM_ON_GPU, raising=False)
+    monkeypatch.setenv(settings.CPU_GEMM_ON_GPU, "on")
     plan = RankPlan(world_size=4, gpu_ranks=2, cpu_first=True)  # ranks 0, 1 CPU; 2, 3 GPU
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,7")
     assert rank_process.gpu_for_large_steps(plan, 0)[settings.CPU_RANK_GPU] == "5"
@@ -38,7 +40,7 @@ def test_cpu_ranks_get_the_gpu_ranks_devices_in_turn(monkeypatch):
     env = rank_process.gpu_for_large_steps(plan, 1)
     assert env == {settings.CPU_RANK_GPU: "1", "PYTORCH_NVML_BASED_CUDA_CHECK": "1"}
     assert rank_process.gpu_for_large_steps(RankPlan(world_size=2, gpu_ranks=0), 1) == {}
-    monkeypatch.setenv(settings.CPU_GEMM_ON_GPU, "0")
+    monkeypatch.delenv(settings.CPU_GEMM_ON_GPU)  # off by default
     assert rank_process.gpu_for_large_steps(plan, 0) == {}
 
 
@@ -138,3 +140,20 @@ def test_embedding_tables_keep_vllms_choice(monkeypatch):
 
     gg.keep_gpu_choice(dispatch, None, (table,), {"remove_weight": False})
     assert table.cpu_linear is torch.nn.functional.linear and side.layers == []
+
+
+def test_the_driver_sees_the_gpu_python_does_not(monkeypatch):
+    """reveal_to_driver changes the C environment (what the CUDA driver reads) and nothing else."""
+    import ctypes
+
+    libc = ctypes.CDLL(None)
+    libc.getenv.restype = ctypes.c_char_p
+    monkeypatch.setattr(gg, "_revealed_to_driver", False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")
+    monkeypatch.delenv(settings.CPU_RANK_GPU, raising=False)
+    gg.reveal_to_driver()  # not a CPU rank given a GPU: nothing changes
+    assert libc.getenv(b"CUDA_VISIBLE_DEVICES") == b"-1" and not gg._revealed_to_driver
+    monkeypatch.setenv(settings.CPU_RANK_GPU, "3")
+    gg.reveal_to_driver()
+    assert libc.getenv(b"CUDA_VISIBLE_DEVICES") == b"3" and gg._revealed_to_driver
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "-1"

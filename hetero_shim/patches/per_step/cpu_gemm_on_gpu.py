@@ -1,23 +1,32 @@
 """Large-token steps of a CPU rank: its linear layers run on a GPU of the node, weights streamed.
+Off by default (``HETERO_SHIM_CPU_GEMM_ON_GPU``): not yet measured end to end on a GPU node.
 
 Targets
 - ``dispatch_cpu_unquantized_gemm`` (``vllm.model_executor.layers.utils``), which picks each
   unquantized linear layer's CPU GEMM once, at load (``layer.cpu_linear``), and for the packed and
   oneDNN kernels drops the layer's plain weight. In a CPU rank beside GPU ranks the plain weight is
-  kept, and ``layer.cpu_linear`` becomes a choice per call: fewer tokens than the threshold
-  (``HETERO_SHIM_CPU_GEMM_ON_GPU``, 64 by default) take vLLM's CPU kernel as before; more take the
-  GPU: activations and weight are copied over PCIe (the weight from a page-locked copy), multiplied
+  kept, and ``layer.cpu_linear`` becomes a choice per call: fewer tokens than the threshold take
+  vLLM's CPU kernel as before; more take the GPU: activations and weight are copied over PCIe (the
+  weight from a page-locked copy, the next layer's copy queued behind the current result), multiplied
   there, and the result copied back.
 - ``CPUWorker.compile_or_warm_up_model`` (``vllm.v1.worker.cpu_worker``): after it the rank opens its
-  GPU and moves the kept weights to page-locked memory. Not earlier: the GPU ranks measure their memory while the CPU rank
-  warms up, and a CUDA context opened then would be counted against their KV cache.
+  GPU and moves the kept weights to page-locked memory. Not earlier: the GPU ranks measure their
+  memory while the CPU rank warms up, and a CUDA context opened then would count against their KV cache.
+How the rank sees its GPU: vLLM's CPU ranks run with ``CUDA_VISIBLE_DEVICES=-1`` (rank_process.py),
+and vLLM's distributed start-up (``torch.distributed.barrier`` asks ``torch._C._get_accelerator``)
+initialises CUDA in every worker, so a GPU hidden then stays hidden for the process's life (seen on
+the H200 machine: "No CUDA GPUs are available" when the rank opened it later). So at the rank's
+start (``reveal_to_driver``) only the C environment, which the CUDA driver reads, names the GPU;
+Python's ``os.environ`` keeps ``-1``, and with ``PYTORCH_NVML_BASED_CUDA_CHECK=1`` PyTorch's and
+Triton's availability checks keep answering "no GPU" to vLLM's CPU code (seen there: Triton off, no
+CUDA context until the GPU is opened). vLLM's CPU model runner replaces ``torch.cuda.Stream`` with
+a placeholder, so the side uses ``torch.cuda.streams`` directly.
 Why: a CPU core computes a prompt's tokens ~50x slower than it streams a weight, so for prefill
-the CPU stage is compute-bound (an 8B CPU stage took 1.2 s for 512 tokens on the 16-core H200
+the CPU stage is compute-bound (an 8B CPU stage took 1.2-1.4 s for 512 tokens on the 16-core H200
 host) while PCIe moves its weights in a fraction of that. Decode steps (a few tokens) stay on the
-CPU, which streams weights faster than PCIe. The rank's GPUs stay hidden from vLLM (its platform
-is the CPU one); the CUDA context costs GPU memory of its own and the kept weights double the
-host memory of layers whose CPU kernel packs its own copy. If the GPU cannot be opened or a GPU
-call fails, the rank logs why and computes on the CPU from then on.
+CPU, which streams weights faster than PCIe. The CUDA context costs GPU memory of its own, and the
+kept weights double the host memory of layers whose CPU kernel packs its own copy. If the GPU
+cannot be opened or a GPU call fails, the rank logs why and computes on the CPU from then on.
 Remove when: vLLM offloads a CPU worker's large GEMMs itself (not as of 0.33.0).
 """
 
@@ -64,30 +73,18 @@ class GpuSide:
     def __init__(self, min_tokens: int, device_entry: str) -> None:
         self.min_tokens, self.device_entry = min_tokens, device_entry
         self.device = None  # torch.device once open
+        self.stream = None  # the side's own CUDA stream, current in this process once open
         self.layers: list[LayerChoice] = []
         self.used = False
-        self.copy_stream = None
-        self.ahead = None  # (layer index, its weight on the GPU, the event of its copy)
+        self.ahead = None  # (layer index, its weight on the GPU): a copy queued behind the last result
 
     def open(self) -> None:
         import torch
+        from torch.cuda import streams
 
-        if _revealed_to_driver:  # the driver saw the GPU from the start; Python's view stays hidden
-            torch.cuda.init()
-            if torch._C._cuda_getDeviceCount() < 1:
-                raise RuntimeError("no CUDA device is visible")
-        else:
-            hidden = os.environ.get("CUDA_VISIBLE_DEVICES")
-            os.environ["CUDA_VISIBLE_DEVICES"] = self.device_entry
-            try:
-                torch.cuda.init()
-                if torch.cuda.device_count() < 1:
-                    raise RuntimeError("no CUDA device is visible")
-            finally:  # the driver has read it; vLLM's CPU code keeps seeing what it saw
-                if hidden is None:
-                    os.environ.pop("CUDA_VISIBLE_DEVICES", None)
-                else:
-                    os.environ["CUDA_VISIBLE_DEVICES"] = hidden
+        torch.cuda.init()
+        if torch._C._cuda_getDeviceCount() < 1:
+            raise RuntimeError("the CUDA driver shows no device")
         torch.backends.cuda.matmul.allow_tf32 = False  # float32 stays float32, as on the CPU
         pinned = 0
         for layer in self.layers:  # a page-locked copy; where vLLM's kernel packed its own, the plain one goes
@@ -95,56 +92,40 @@ class GpuSide:
             layer.weight = torch.empty(w.shape, dtype=w.dtype, pin_memory=True).copy_(w)
             pinned += w.numel() * w.element_size()
         self.device = torch.device("cuda", 0)
+        self.stream = streams.Stream(device=self.device)
+        torch.cuda.set_stream(self.stream)
         log.info("hetero_shim: CPU rank: linear layers of steps with >= %d tokens run on GPU %s: %d layers, "
                  "%.2f GiB of weights in page-locked memory (%s=0 keeps them on the CPU)", self.min_tokens,
                  self.device_entry, len(self.layers), pinned / (1 << 30), settings.CPU_GEMM_ON_GPU)
 
     def linear(self, x, layer: LayerChoice, bias):
-        """``x @ layer.weight.T + bias`` on the GPU, as a page-locked CPU tensor. While it runs, the
-        next layer's weight (in load order, which is the order a forward pass calls them) starts
-        its copy on a stream of its own, so that it travels during the CPU's work between the two."""
+        """``x @ layer.weight.T + bias`` on the GPU, as a page-locked CPU tensor. The next layer's
+        weight (load order is the order a forward pass calls them) is queued behind the result, so
+        that it crosses PCIe while the CPU works between the two layers."""
         import torch
+        from torch.cuda import streams
 
         dev = self.device
-        compute = torch.cuda.current_stream(dev)
-        weight = self._weight_on_gpu(layer.index, compute)
+        ahead, self.ahead = self.ahead, None
+        weight = ahead[1] if ahead is not None and ahead[0] == layer.index else layer.weight.to(dev, non_blocking=True)
         flat = x.reshape(-1, x.shape[-1]).to(dev, non_blocking=True)
         y = torch.nn.functional.linear(flat, weight, None if bias is None else bias.to(dev, non_blocking=True))
         out = torch.empty(y.shape, dtype=y.dtype, pin_memory=True)
         out.copy_(y, non_blocking=True)
-        self._fetch((layer.index + 1) % len(self.layers))
-        compute.synchronize()
+        copied = streams.Event()
+        copied.record(self.stream)
+        following = self.layers[(layer.index + 1) % len(self.layers)]
+        self.ahead = (following.index, following.weight.to(dev, non_blocking=True))
+        copied.synchronize()  # the result is back; the next weight may still be on its way
         if not self.used:
             self.used = True
             log.info("hetero_shim: CPU rank: a step of %d tokens ran its linear layers on GPU %s", flat.shape[0],
                      self.device_entry)
         return out.view(*x.shape[:-1], y.shape[-1])
 
-    def _weight_on_gpu(self, index: int, compute):
-        """Layer ``index``'s weight on the GPU: the copy started during the previous call, or one now."""
-        ahead, self.ahead = self.ahead, None
-        if ahead is not None and ahead[0] == index:
-            _, weight, copied = ahead
-            compute.wait_event(copied)
-            weight.record_stream(compute)  # allocated on the copy stream, read on this one
-            return weight
-        return self.layers[index].weight.to(self.device, non_blocking=True)
-
-    def _fetch(self, index: int) -> None:
-        import torch
-
-        if self.copy_stream is None:
-            self.copy_stream = torch.cuda.Stream(self.device)
-        source = self.layers[index].weight
-        with torch.cuda.stream(self.copy_stream):
-            weight = torch.empty(source.shape, dtype=source.dtype, device=self.device)
-            weight.copy_(source, non_blocking=True)
-            copied = torch.cuda.Event()
-            copied.record()
-        self.ahead = (index, weight, copied)
-
     def fail(self, what: str, exc: BaseException) -> None:
         self.device = None
+        self.ahead = None
         log.warning("hetero_shim: CPU rank keeps its linear layers on the CPU: %s failed (%s: %s)", what,
                     type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
 
@@ -166,7 +147,7 @@ class LayerChoice:
             return self.cpu(x, weight, bias)
         try:
             return side.linear(x, self, bias)
-        except RuntimeError as exc:  # CUDA out of memory, a lost device: the CPU path is still whole
+        except Exception as exc:  # noqa: BLE001 - CUDA out of memory, a lost device: the CPU path is still whole
             side.fail("a linear layer on the GPU", exc)
             return self.cpu(x, weight, bias)
 
@@ -176,13 +157,11 @@ _revealed_to_driver = False
 
 
 def reveal_to_driver() -> None:
-    """HETERO_SHIM_CPU_RANK_GPU_REVEAL=driver, at a CPU rank's start: the process's C environment
-    (which the CUDA driver reads when it initialises) names the rank's GPU, while Python's
-    os.environ keeps it hidden from vLLM and PyTorch's NVML-based checks. Then a CUDA
-    initialisation by any code before the GPU is opened sees the GPU instead of none."""
+    """At a CPU rank's start, when it may use a GPU: the process's C environment, which the CUDA
+    driver reads when it initialises, names that GPU; Python's os.environ keeps it hidden."""
     global _revealed_to_driver
     entry = os.environ.get(settings.CPU_RANK_GPU, "").strip()
-    if _revealed_to_driver or not entry or settings.cpu_rank_gpu_reveal() != "driver":
+    if _revealed_to_driver or not entry:
         return
     import ctypes
 
@@ -196,7 +175,7 @@ def side() -> GpuSide | None:
     if _side is None and run_state.current().cpu_rank and not versions.is_cpu_build():
         entry = os.environ.get(settings.CPU_RANK_GPU, "").strip()
         tokens = settings.cpu_gemm_on_gpu_tokens()
-        if entry and tokens is not None:
+        if entry and tokens is not None and _revealed_to_driver:
             _side = GpuSide(tokens, entry)
     return _side
 

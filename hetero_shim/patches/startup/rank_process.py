@@ -84,10 +84,11 @@ def rank_environment(rank: int) -> dict[str, str]:
 
 
 def gpu_for_large_steps(plan, rank: int) -> dict[str, str]:
-    """The GPU a CPU rank's large-token linear layers may use (patches/per_step/cpu_gemm_on_gpu.py):
-    the GPU ranks' devices in turn, named as the engine core's CUDA_VISIBLE_DEVICES names them. The
-    rank starts with its GPUs hidden (above); PyTorch's NVML-based availability check keeps CUDA
-    from initialising while they are, so that the rank can still open that device later."""
+    """The GPU a CPU rank's large-token linear layers may use (patches/per_step/cpu_gemm_on_gpu.py,
+    off by default): the GPU ranks' devices in turn, named as the engine core's CUDA_VISIBLE_DEVICES
+    names them. The rank still starts with its GPUs hidden from Python (above); at its start only the
+    CUDA driver is shown this one, and PyTorch's NVML-based availability check, which reads Python's
+    environment, keeps telling vLLM's CPU code (and Triton) that there is no GPU."""
     if plan.gpu_ranks < 1 or settings.cpu_gemm_on_gpu_tokens() is None:
         return {}
     index = plan.cpu_index(rank) % plan.gpu_ranks
