@@ -4,7 +4,8 @@ the GPU named to the CUDA driver only) and doing what vLLM does in one before th
 probe, the accelerator query of torch.distributed.barrier, torch.cuda.Stream replaced by a
 placeholder): vLLM's view must stay "no GPU", the side must then open the GPU, and its results must
 equal the CPU's, layer after layer (the next weight queued ahead), in float32 and bfloat16. Prints
-the weight rate it streams (information).
+the weight rate it streams once warm (information; 100-token calls, the CPU's work between calls
+left out).
 
     python -m pytest tests/gpu/test_cpu_gemm_on_gpu.py -q --gpu-out DIR
 """
@@ -30,7 +31,7 @@ side = gg.GpuSide(1, "0")
 gen = torch.Generator().manual_seed(0)
 for dtype in (torch.float32, torch.bfloat16):
     layers = [gg.LayerChoice(None, torch.randn(n, k, generator=gen).to(dtype), side)
-              for n, k in ((3072, 1024), (1024, 3072), (8192, 1024), (1024, 4096))]
+              for n, k in ((3072, 1024), (1024, 3072), (8192, 1024), (1024, 4096), (14336, 4096))]
 side.open()
 found["available_after"] = torch.cuda.is_available()
 worst, seconds, nbytes, calls = {}, 0.0, 0, 0
@@ -40,9 +41,10 @@ for step in range(3):
         bias = torch.randn(layer.weight.shape[0], generator=gen).to(x.dtype)
         start = time.perf_counter()
         got = side.linear(x, layer, bias)
-        seconds += time.perf_counter() - start
-        nbytes += layer.weight.numel() * layer.weight.element_size()
-        calls += 1
+        if step == 2:  # the first passes pay cuBLAS's start and the page-locked allocator's growth
+            seconds += time.perf_counter() - start
+            nbytes += layer.weight.numel() * layer.weight.element_size()
+            calls += 1
         want = torch.nn.functional.linear(x.float(), layer.weight.float(), bias.float())
         err = ((got.float() - want).abs().max() / want.abs().max()).item()
         key = str(x.dtype)
