@@ -14,7 +14,7 @@ from pathlib import Path
 
 import procs
 import pytest
-from conftest import GENERATE, generate
+from conftest import GENERATE, generate, parse_result
 
 from hetero_shim.planning.layer_split import PARTITION_ENV, choose_split, even_partition
 from hetero_shim.testing import closeness, tiny_models
@@ -125,3 +125,19 @@ def test_stages_work_on_different_micro_batches_at_once(models, reference, tmp_p
     # measured here: 17 of 37 steps overlapped; 0 of 20 with the batch queue forced to one batch
     # (PP_TRACE_ONE_BATCH=1 in pp_trace/sitecustomize.py)
     assert overlapped >= 3, f"{overlapped} of {len(first)} steps overlapped"
+
+
+def test_large_step_choice_of_cpu_stages_is_wired_into_vllm(four_layers):
+    """HETERO_SHIM_CPU_GEMM_ON_GPU on the real vLLM: every CPU stage keeps its linear layers' plain
+    weights when vLLM's kernel drops them, opens its side after the warm-up and routes steps of
+    >= 1 token through it; with the CPU stand-in for a GPU (HETERO_SHIM_CPU_RANK_GPU=cpu) the side
+    computes here, so the tokens must be stock TP=1's (identical, or a near tie between kernels)."""
+    stock = generate(four_layers, "--tp", "1", "--logprobs", "3")
+    proc = procs.run_python([GENERATE, str(four_layers), *PP2, "--logprobs", "3"], timeout=300,
+                            HETERO_SHIM_CPU_GEMM_ON_GPU="1", HETERO_SHIM_CPU_RANK_GPU="cpu")
+    assert proc.returncode == 0, proc.stdout[-6000:]
+    opened = [line for line in proc.stdout.splitlines() if "run on the stand-in cpu: 8 layers" in line]
+    used = [line for line in proc.stdout.splitlines() if "ran its linear layers on GPU cpu" in line]
+    assert len(opened) == 2 and len(used) == 2, proc.stdout[-4000:]  # both stages: 2 layers x 4 linear each
+    verdicts = closeness.compare(stock, parse_result(proc.stdout))
+    assert all(v.status in ("identical", "near tie") for v in verdicts), closeness.summary(verdicts)

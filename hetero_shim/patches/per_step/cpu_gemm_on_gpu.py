@@ -67,6 +67,11 @@ def rows(release: str) -> tuple[Patch, ...]:
     )
 
 
+#: HETERO_SHIM_CPU_RANK_GPU=cpu: the side computes on the CPU, through the same per-call choice and the
+#: same kept weights (tests of the wiring on machines without a GPU)
+STAND_IN = "cpu"
+
+
 class GpuSide:
     """This process's GPU for large-token linear layers: opened once, after the warm-up."""
 
@@ -82,6 +87,11 @@ class GpuSide:
         import torch
         from torch.cuda import streams
 
+        if self.device_entry == STAND_IN:
+            self.device = torch.device("cpu")
+            log.info("hetero_shim: CPU rank: linear layers of steps with >= %d tokens run on the stand-in %s: "
+                     "%d layers", self.min_tokens, STAND_IN, len(self.layers))
+            return
         torch.cuda.init()
         if torch._C._cuda_getDeviceCount() < 1:
             raise RuntimeError("the CUDA driver shows no device")
@@ -106,6 +116,9 @@ class GpuSide:
         from torch.cuda import streams
 
         dev = self.device
+        if dev.type == "cpu":  # the stand-in: the same choice, the kept weight, computed here
+            self._first_use(x)
+            return torch.nn.functional.linear(x, layer.weight, bias)
         ahead, self.ahead = self.ahead, None
         weight = ahead[1] if ahead is not None and ahead[0] == layer.index else layer.weight.to(dev, non_blocking=True)
         flat = x.reshape(-1, x.shape[-1]).to(dev, non_blocking=True)
@@ -117,11 +130,14 @@ class GpuSide:
         following = self.layers[(layer.index + 1) % len(self.layers)]
         self.ahead = (following.index, following.weight.to(dev, non_blocking=True))
         copied.synchronize()  # the result is back; the next weight may still be on its way
+        self._first_use(x)
+        return out.view(*x.shape[:-1], y.shape[-1])
+
+    def _first_use(self, x) -> None:
         if not self.used:
             self.used = True
-            log.info("hetero_shim: CPU rank: a step of %d tokens ran its linear layers on GPU %s", flat.shape[0],
-                     self.device_entry)
-        return out.view(*x.shape[:-1], y.shape[-1])
+            log.info("hetero_shim: CPU rank: a step of %d tokens ran its linear layers on GPU %s",
+                     x.numel() // x.shape[-1], self.device_entry)
 
     def fail(self, what: str, exc: BaseException) -> None:
         self.device = None
@@ -161,7 +177,7 @@ def reveal_to_driver() -> None:
     driver reads when it initialises, names that GPU; Python's os.environ keeps it hidden."""
     global _revealed_to_driver
     entry = os.environ.get(settings.CPU_RANK_GPU, "").strip()
-    if _revealed_to_driver or not entry:
+    if _revealed_to_driver or not entry or entry == STAND_IN:
         return
     import ctypes
 
@@ -170,12 +186,14 @@ def reveal_to_driver() -> None:
 
 
 def side() -> GpuSide | None:
-    """This process's GPU side, created on first use when it is a CPU rank that may use a GPU."""
+    """This process's GPU side, created on first use when it is a CPU rank that may use a GPU (one
+    that was revealed to the CUDA driver at its start, or the stand-in)."""
     global _side
-    if _side is None and run_state.current().cpu_rank and not versions.is_cpu_build():
+    if _side is None and run_state.current().cpu_rank:
         entry = os.environ.get(settings.CPU_RANK_GPU, "").strip()
         tokens = settings.cpu_gemm_on_gpu_tokens()
-        if entry and tokens is not None and _revealed_to_driver:
+        usable = entry == STAND_IN or (entry and _revealed_to_driver and not versions.is_cpu_build())
+        if usable and tokens is not None:
             _side = GpuSide(tokens, entry)
     return _side
 
