@@ -119,6 +119,7 @@ class GpuSide:
         if dev.type == "cpu":  # the stand-in: the same choice, the kept weight, computed here
             self._first_use(x)
             return torch.nn.functional.linear(x, layer.weight, bias)
+        torch.cuda.set_stream(self.stream)  # this thread's work goes where the event below is recorded
         ahead, self.ahead = self.ahead, None
         weight = ahead[1] if ahead is not None and ahead[0] == layer.index else layer.weight.to(dev, non_blocking=True)
         flat = x.reshape(-1, x.shape[-1]).to(dev, non_blocking=True)
