@@ -5,6 +5,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -141,3 +142,37 @@ def test_reserved_core_variants_stack_with_others():
     assert configs.split_variants("hetero-pp2-r1") == ("hetero-pp2", {"HETERO_SHIM_RESERVE_CORES": "1"})
     assert configs.split_variants("hetero-pp2-r0-eager") == (
         "hetero-pp2", {"HETERO_SHIM_RESERVE_CORES": "0", "HETERO_SHIM_GPU_STAGE_GRAPHS": "0"})
+
+
+def test_expert_offload_takes_only_expert_weights_up_to_the_excess(tmp_path):
+    """offload-uva-experts on a real (small) Qwen3-MoE checkpoint: --cpu-offload-params selects the
+    experts, and the offloaded size is what exceeds the weight budget, at most all experts."""
+    from hetero_shim.testing import arch_models
+
+    from bench import models as bench_models
+
+    family, preset = bench_models.MOE_PRESETS["moe-mini"]
+    small = dict(preset, vocab_size=8000, hidden_size=512, moe_intermediate_size=256, intermediate_size=1024,
+                 num_attention_heads=8, head_dim=64, num_experts=16)  # ~45 MB: offload sizes are 0.01 GiB steps
+    path = arch_models.get_moe(family, small, cache=tmp_path)
+    m = configs.read_model(path)
+    shapes = {}
+    for f in sorted(Path(path).glob("*.safetensors")):
+        shapes.update(configs._safetensors_shapes(f))
+    experts_gib = sum(int(np.prod(s)) for n, s in shapes.items() if ".experts." in n) * configs.DTYPE_BYTES[m.dtype] / GIB
+    assert 0 < experts_gib < m.weights_bytes / GIB
+    total = m.weights_bytes / GIB
+    kv_gib = configs.kv_cache_bytes(m, FULL) / GIB
+    for weights in (total * 1.1, total * 0.9, (total - experts_gib) * 0.5):  # fits; a little over; far over
+        b = configs.make_budget(m, FULL, gpu_total_gib=80.0, budget_gib=kv_gib + weights)
+        assert b.weights_gib == pytest.approx(weights, abs=1e-4)  # rounded to 4 decimals
+        p = configs.plan("offload-uva-experts", m, b, FULL, gpu=True, eager=False)
+        if total <= b.weights_gib:
+            assert "nothing to offload" in p["skip"]
+            continue
+        assert p["engine"]["cpu_offload_params"] == ["experts"] and p["engine"]["offload_backend"] == "uva"
+        want = min(total - b.weights_gib, experts_gib)
+        assert p["engine"]["cpu_offload_gb"] == pytest.approx(want, abs=0.011)
+        # a little over: offloading part of the experts fits the budget; far over: even without every
+        # expert the rest does not fit, and the run is flagged
+        assert p["over_budget"] == (total - experts_gib > b.weights_gib)
