@@ -227,7 +227,7 @@ def cpu_omp_wait() -> str:
 def cpu_gemm_on_gpu_tokens() -> int | None:
     """From how many tokens a CPU rank's linear layers run on the GPU; None: never."""
     raw = os.environ.get(CPU_GEMM_ON_GPU, "").strip().lower()
-    if raw in ("", "0", "off", "false", "no"):
+    if raw in _FALSE:
         return None
     if raw in ("on", "auto"):
         return CPU_GEMM_ON_GPU_DEFAULT_TOKENS
