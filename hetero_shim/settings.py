@@ -65,6 +65,11 @@ CPU_OMP_WAIT_CHOICES = ("auto", "active", "passive")
 #: "on" (from 64 tokens on) or a whole number N >= 1 (from N tokens on). Experimental.
 CPU_GEMM_ON_GPU = "HETERO_SHIM_CPU_GEMM_ON_GPU"
 CPU_GEMM_ON_GPU_DEFAULT_TOKENS = 64
+#: Steps below that threshold (decode): the share (0 <= share < 1) of each linear layer's output rows
+#: that a CPU rank beside GPU ranks computes on a GPU of the node, its rows' weights streamed over PCIe
+#: while its CPU kernel computes the other rows at the same time. "0" (default): all on the CPU.
+#: Experimental.
+CPU_GEMM_GPU_SHARE = "HETERO_SHIM_CPU_GEMM_GPU_SHARE"
 #: Set by the engine core in a CPU rank's environment: the CUDA device (as the engine core's
 #: CUDA_VISIBLE_DEVICES names it) that rank's large-token linear layers may use.
 CPU_RANK_GPU = "HETERO_SHIM_CPU_RANK_GPU"
@@ -234,6 +239,26 @@ def cpu_gemm_on_gpu_tokens() -> int | None:
     return _whole_number(CPU_GEMM_ON_GPU, 1, "is not understood; use 0 (off), on (from 64 tokens) or a number of tokens")
 
 
+def cpu_gemm_gpu_share() -> float:
+    """The share of a CPU rank's linear-layer rows computed on the GPU in small steps; 0.0: none."""
+    raw = os.environ.get(CPU_GEMM_GPU_SHARE, "").strip()
+    if not raw:
+        return 0.0
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < 1:
+        raise HeteroConfigError(f"{CPU_GEMM_GPU_SHARE}={raw!r} is not a share of rows: use a number from 0 "
+                                "(all on the CPU) to below 1, e.g. 0.4")
+    return value
+
+
+def cpu_rank_uses_gpu() -> bool:
+    """Whether a CPU rank beside GPU ranks may compute some of its linear layers on a GPU."""
+    return cpu_gemm_on_gpu_tokens() is not None or cpu_gemm_gpu_share() > 0
+
+
 def gpu_stage_graphs() -> bool:
     return _flag(GPU_STAGE_GRAPHS, default=True)
 
@@ -351,6 +376,7 @@ def check_environment() -> None:
     cpu_thread_places()
     cpu_omp_wait()
     cpu_gemm_on_gpu_tokens()
+    cpu_gemm_gpu_share()
     gpu_stage_graphs()
     reserve_cores()
     cpu_kernels_source()

@@ -89,7 +89,7 @@ def gpu_for_large_steps(plan, rank: int) -> dict[str, str]:
     names them. The rank still starts with its GPUs hidden from Python (above); at its start only the
     CUDA driver is shown this one, and PyTorch's NVML-based availability check, which reads Python's
     environment, keeps telling vLLM's CPU code (and Triton) that there is no GPU."""
-    if plan.gpu_ranks < 1 or settings.cpu_gemm_on_gpu_tokens() is None:
+    if plan.gpu_ranks < 1 or not settings.cpu_rank_uses_gpu():
         return {}
     index = plan.cpu_index(rank) % plan.gpu_ranks
     visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]

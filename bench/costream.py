@@ -1,0 +1,178 @@
+"""The CPU and PCIe together: how fast a CPU rank could stream its weights if each linear layer's
+output rows were split between its CPU kernel and the node's GPU (the GPU's rows copied over PCIe
+from page-locked memory at every step, the next layer's rows queued behind the current result).
+
+    python bench/costream.py --out FILE.json [--kernels DIR] [--layer-shapes 6144x4096,...]
+        [--copies 3] [--fractions 0,0.2,0.3,0.4,0.5,1] [--threads 13]
+
+One subprocess on the cores the shim's rank plan gives one CPU rank beside one GPU rank (as
+``bench/bound.py`` measures the CPU alone). For each fraction f of each weight's rows given to the
+GPU and batch 1 and 16: the median time of one pass through ``--copies`` decoder layers of the
+given shapes, in GB/s of all weight bytes (f = 0: the CPU alone; f = 1: the GPU alone, PCIe-bound,
+as stock UVA offload). Each split's output is checked against the CPU-only result. The CPU part
+uses vLLM's packed AMX kernel where available (else oneDNN, else ``F.linear``), on its own rows.
+Both sides read the same DRAM, so the sum of the two rates alone is not the bound: this measures it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from bench import bound  # noqa: E402
+
+#: the 8B Llama shapes' decoder layer (qkv, o, gate_up, down)
+DEFAULT_SHAPES = "6144x4096,4096x4096,28672x4096,4096x14336"
+ROW_ALIGN = 64  # the GPU's share is a multiple of this many rows (packed kernels want blocks of 32)
+
+
+def cpu_kernel(weight):
+    """The best of vLLM's CPU kernels for ``weight`` and its name."""
+    fns, _, _ = bound.kernel_fns(weight)
+    for name in ("packed", "oneDNN", "F.linear"):
+        if name in fns:
+            return fns[name], name
+    raise AssertionError("F.linear is always there")
+
+
+class Split:
+    """One weight, rows [0, k) on the GPU (streamed from a page-locked copy), [k, n) on the CPU."""
+
+    def __init__(self, weight, fraction: float, pin: bool) -> None:
+        import torch
+
+        n = weight.shape[0]
+        self.k = min(n, int(round(n * fraction / ROW_ALIGN)) * ROW_ALIGN)
+        self.n, self.in_features = n, weight.shape[1]
+        self.gpu_rows = torch.empty((self.k, weight.shape[1]), dtype=weight.dtype, pin_memory=pin)
+        self.gpu_rows.copy_(weight[: self.k])
+        self.cpu, self.kernel = cpu_kernel(weight[self.k:].contiguous()) if self.k < n else (None, "-")
+
+
+def run_pass(splits, xs, dev, ahead: dict):
+    """One pass: each weight's GPU rows launched first, its CPU rows computed meanwhile, then joined;
+    the next weight's GPU rows queued behind the current result. ``dev`` "cpu": a dry run of the
+    same logic without a GPU (the tests)."""
+    import torch
+    from torch.cuda import streams
+
+    gpu = dev.type == "cuda"
+    outs = []
+    for i, s in enumerate(splits):
+        x, done = xs[s.in_features], None
+        if s.k:
+            w = ahead.pop(i, None)
+            if w is None:
+                w = s.gpu_rows.to(dev, non_blocking=True)
+            y = torch.nn.functional.linear(x.to(dev, non_blocking=True), w)
+            host = torch.empty(y.shape, dtype=y.dtype, pin_memory=gpu)
+            host.copy_(y, non_blocking=True)
+            done = streams.Event() if gpu else None
+            if gpu:
+                done.record(torch.cuda.current_stream())
+            following = (i + 1) % len(splits)
+            if splits[following].k:
+                ahead[following] = splits[following].gpu_rows.to(dev, non_blocking=True)
+        rest = s.cpu(x) if s.cpu is not None else None
+        if done is not None:
+            done.synchronize()
+        if not s.k:
+            outs.append(rest)
+        else:
+            outs.append(host if rest is None else torch.cat((host, rest), dim=1))
+    return outs
+
+
+def worker(opts) -> dict:
+    cores = [int(c) for c in opts.cores.split(",")]
+    os.sched_setaffinity(0, cores)
+    source = bound.load_kernels(opts.kernels)
+    import torch
+    from torch.cuda import streams
+
+    torch.set_num_threads(opts.threads)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    gen = torch.Generator().manual_seed(0)
+    shapes = [tuple(int(v) for v in part.split("x")) for part in opts.layer_shapes.split(",")]
+    weights = [(torch.randn(n, k, generator=gen) * 0.02).to(torch.bfloat16)
+               for _ in range(opts.copies) for n, k in shapes]
+    total = sum(w.numel() * w.element_size() for w in weights)
+    dev = torch.device(opts.device)
+    if dev.type == "cuda":
+        torch.cuda.set_stream(streams.Stream(device=dev))
+    out = {"threads": opts.threads, "cores": cores, "kernels_from": source, "shapes": [list(s) for s in shapes],
+           "copies": opts.copies, "bytes": total, "by_fraction": {}}
+    reference = {}
+    with torch.inference_mode():
+        for fraction in opts.fractions:
+            splits = [Split(w, fraction, pin=dev.type == "cuda") for w in weights]
+            rows = {"kernel": sorted({s.kernel for s in splits}),
+                    "gpu_share": round(sum(s.k * s.in_features * 2 for s in splits) / total, 3)}
+            for m in (1, 16):
+                xs = {k: (torch.randn(m, k, generator=torch.Generator().manual_seed(m)) * 0.5).to(torch.bfloat16)
+                      for _, k in shapes}
+                ahead: dict = {}
+                got = run_pass(splits, xs, dev, ahead)
+                if m not in reference:
+                    reference[m] = [g.float() for g in got]
+                err = max(((g.float() - r).abs().max() / r.abs().max()).item() for g, r in zip(got, reference[m]))
+                t, reps = bound._median_time(lambda: run_pass(splits, xs, dev, ahead), opts.min_time)
+                rows[str(m)] = {"ms": round(t * 1e3, 3), "GBps": round(total / t / 1e9, 2), "reps": reps,
+                                "max_rel_err_vs_first": round(err, 4)}
+            out["by_fraction"][str(fraction)] = rows
+            print(f"costream f={fraction}: {json.dumps(rows)}", file=sys.stderr, flush=True)
+            del splits
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--kernels", default=os.environ.get("HETERO_SHIM_CPU_KERNELS"))
+    ap.add_argument("--layer-shapes", default=DEFAULT_SHAPES)
+    ap.add_argument("--copies", type=int, default=3)
+    ap.add_argument("--fractions", default="0,0.2,0.3,0.4,0.5,1")
+    ap.add_argument("--threads", type=int, default=None, help="default: the plan's cores for one CPU rank")
+    ap.add_argument("--min-time", type=float, default=1.5)
+    ap.add_argument("--device", default="cuda:0", help="cpu: a dry run without a GPU (tests)")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--cores", help=argparse.SUPPRESS)
+    opts = ap.parse_args(argv)
+    opts.fractions = [float(f) for f in str(opts.fractions).split(",")]
+    if opts.worker:
+        result = worker(opts)
+        Path(opts.out).write_text(json.dumps(result, indent=1))
+        return 0
+    plan, every = bound.plan_cores(1)
+    threads = opts.threads or len(plan)
+    cores = bound.cores_for(threads, plan, every)
+    import subprocess
+
+    cmd = [sys.executable, __file__, "--worker", "--out", opts.out, "--layer-shapes", opts.layer_shapes,
+           "--copies", str(opts.copies), "--fractions", ",".join(map(str, opts.fractions)),
+           "--threads", str(threads), "--cores", ",".join(map(str, cores)), "--min-time", str(opts.min_time),
+           "--device", opts.device]
+    if opts.kernels:
+        cmd += ["--kernels", opts.kernels]
+    done = subprocess.run(cmd, check=False)
+    if done.returncode:
+        return done.returncode
+    result = json.loads(Path(opts.out).read_text())
+    print(f"{'GPU share':>10} {'kernel':>10} {'b1 ms':>8} {'b1 GB/s':>8} {'b16 ms':>8} {'b16 GB/s':>9}")
+    for f, row in result["by_fraction"].items():
+        print(f"{row['gpu_share']:>10} {','.join(row['kernel']):>10} {row['1']['ms']:>8} {row['1']['GBps']:>8} "
+              f"{row['16']['ms']:>8} {row['16']['GBps']:>9}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
