@@ -70,6 +70,9 @@ CPU_GEMM_ON_GPU_DEFAULT_TOKENS = 64
 #: while its CPU kernel computes the other rows at the same time. "0" (default): all on the CPU.
 #: Experimental.
 CPU_GEMM_GPU_SHARE = "HETERO_SHIM_CPU_GEMM_GPU_SHARE"
+#: Diagnostics: the first N linear-layer calls that take the GPU are also computed by vLLM's CPU kernel,
+#: and the largest difference of each is logged (the GPU's rows and the CPU's rows apart).
+CPU_GEMM_CHECK = "HETERO_SHIM_CPU_GEMM_CHECK"
 #: Set by the engine core in a CPU rank's environment: the CUDA device (as the engine core's
 #: CUDA_VISIBLE_DEVICES names it) that rank's large-token linear layers may use.
 CPU_RANK_GPU = "HETERO_SHIM_CPU_RANK_GPU"
@@ -254,6 +257,10 @@ def cpu_gemm_gpu_share() -> float:
     return value
 
 
+def cpu_gemm_check_calls() -> int:
+    return _whole_number(CPU_GEMM_CHECK, 0, "must be a whole number of calls (0: no checks)") or 0
+
+
 def cpu_rank_uses_gpu() -> bool:
     """Whether a CPU rank beside GPU ranks may compute some of its linear layers on a GPU."""
     return cpu_gemm_on_gpu_tokens() is not None or cpu_gemm_gpu_share() > 0
@@ -377,6 +384,7 @@ def check_environment() -> None:
     cpu_omp_wait()
     cpu_gemm_on_gpu_tokens()
     cpu_gemm_gpu_share()
+    cpu_gemm_check_calls()
     gpu_stage_graphs()
     reserve_cores()
     cpu_kernels_source()

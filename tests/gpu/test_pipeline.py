@@ -51,7 +51,7 @@ GPU_PATHS = {
     # every step's linear layers of the CPU stage wholly on the GPU
     "whole": {"HETERO_SHIM_CPU_GEMM_ON_GPU": "1"},
     # every step's linear layers split: half the rows on the GPU, the others on the CPU kernel at once
-    "split": {"HETERO_SHIM_CPU_GEMM_GPU_SHARE": "0.5"},
+    "split": {"HETERO_SHIM_CPU_GEMM_GPU_SHARE": "0.5", "HETERO_SHIM_CPU_GEMM_CHECK": "12"},
 }
 
 

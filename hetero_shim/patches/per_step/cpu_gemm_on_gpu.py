@@ -88,6 +88,8 @@ class GpuSide:
         self.layers: list[LayerChoice] = []
         self.used = False
         self.ahead = None  # (layer index, rows, those rows on the GPU): a copy queued behind the last result
+        self.staged = None  # the last call's activations in page-locked memory, on their way to the GPU
+        self.checks_left = settings.cpu_gemm_check_calls()
 
     def open(self) -> None:
         import torch
@@ -136,6 +138,9 @@ class GpuSide:
                 continue
             holder = torch.nn.Module()
             holder.weight = torch.nn.Parameter(layer.weight[rows:].clone(), requires_grad=False)
+            bias = getattr(layer.module, "bias", None)
+            if bias is not None:  # some of vLLM's kernels take the bias the layer had at dispatch, not the call's
+                holder.bias = torch.nn.Parameter(bias.detach()[rows:].clone(), requires_grad=False)
             self.dispatch(holder, True)
             layer.rows, layer.rest = rows, holder
 
@@ -186,7 +191,12 @@ class GpuSide:
             weight = ahead[2][:rows]
         else:
             weight = layer.weight[:rows].to(dev, non_blocking=True)
-        flat = x.reshape(-1, x.shape[-1]).to(dev, non_blocking=True)
+        # x through a page-locked buffer of our own, alive until the result is back: the copy cannot
+        # read memory that the CPU kernel of the other rows allocates and writes in the meantime
+        staged = torch.empty((x.numel() // x.shape[-1], x.shape[-1]), dtype=x.dtype, pin_memory=True)
+        staged.copy_(x.reshape(-1, x.shape[-1]))
+        self.staged = staged
+        flat = staged.to(dev, non_blocking=True)
         gpu_bias = None if bias is None else bias.to(dev, dtype=x.dtype, non_blocking=True)
         y = torch.nn.functional.linear(flat, weight, gpu_bias)
         out = torch.empty(y.shape, dtype=y.dtype, pin_memory=True)
@@ -205,6 +215,18 @@ class GpuSide:
             log.info("hetero_shim: CPU rank: a step of %d tokens ran its linear layers on GPU %s",
                      x.numel() // x.shape[-1], self.device_entry)
 
+    def check(self, layer: LayerChoice, got, want, rows: int) -> None:
+        """HETERO_SHIM_CPU_GEMM_CHECK: log how far a GPU call's result is from vLLM's CPU kernel's."""
+        self.checks_left -= 1
+
+        def rel(a, b) -> float:
+            return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item() if b.numel() else 0.0
+
+        parts = f"GPU rows {rel(got[..., :rows], want[..., :rows]):.2e}, CPU rows {rel(got[..., rows:], want[..., rows:]):.2e}" \
+            if rows else f"all rows {rel(got, want):.2e}"
+        log.info("hetero_shim: CPU rank: check of layer %d (%d rows on the GPU, %d tokens) against the CPU kernel: "
+                 "max rel. difference %s", layer.index, rows or want.shape[-1], got.numel() // got.shape[-1], parts)
+
     def fail(self, what: str, exc: BaseException) -> None:
         self.device = None
         self.ahead = None
@@ -216,10 +238,10 @@ class LayerChoice:
     """A layer's ``cpu_linear``: vLLM's CPU kernel below the GPU side's token threshold (or while
     the GPU is not open), the GPU with the kept plain weight from it on."""
 
-    __slots__ = ("cpu", "weight", "side", "index", "rows", "rest")
+    __slots__ = ("cpu", "weight", "side", "index", "rows", "rest", "module")
 
-    def __init__(self, cpu, weight, side: GpuSide) -> None:
-        self.cpu, self.weight, self.side = cpu, weight, side
+    def __init__(self, cpu, weight, side: GpuSide, module=None) -> None:
+        self.cpu, self.weight, self.side, self.module = cpu, weight, side, module
         self.index = len(side.layers)
         self.rows, self.rest = 0, None  # small steps: rows on the GPU, and the module of the others' CPU kernel
         side.layers.append(self)
@@ -232,10 +254,13 @@ class LayerChoice:
         if not large and not self.rows:
             return self.cpu(x, weight, bias)
         try:
-            return side.linear(x, self, bias) if large else side.split_linear(x, self, bias)
+            got = side.linear(x, self, bias) if large else side.split_linear(x, self, bias)
         except Exception as exc:  # noqa: BLE001 - CUDA out of memory, a lost device: the CPU path is still whole
             side.fail("a linear layer on the GPU", exc)
             return self.cpu(x, weight, bias)
+        if side.checks_left > 0:
+            side.check(self, got, self.cpu(x, weight, bias), 0 if large else self.rows)
+        return got
 
 
 _side: GpuSide | None = None
@@ -279,7 +304,7 @@ def keep_gpu_choice(wrapped, instance, args, kwargs):
     # lookups (or as a tied LM head, run for a few tokens a step) gains nothing from a second copy
     if (gpu is not None and DISPATCH.get(args, kwargs, "remove_weight") and weight is not None
             and weight.ndim == 2 and not weight.is_meta and callable(getattr(layer, "cpu_linear", None))):
-        layer.cpu_linear = LayerChoice(layer.cpu_linear, weight.detach(), gpu)
+        layer.cpu_linear = LayerChoice(layer.cpu_linear, weight.detach(), gpu, module=layer)
     return result
 
 
