@@ -238,13 +238,10 @@ VARIANTS = {
     # the CPU rank's OpenMP threads: each on its own core; idle threads spinning instead of sleeping
     "-pin": {"HETERO_SHIM_CPU_THREAD_PLACES": "core"},
     "-spin": {"HETERO_SHIM_CPU_OMP_WAIT": "active"},
-    # the CPU ranks' linear layers of steps with 64 tokens or more (prefill) on the GPU (experimental)
+    # the CPU ranks' linear layers of steps with 64 tokens or more (prefill) on the GPU (the default in
+    # pipeline mode; in tensor-parallel mode only when asked for), and always on the CPU
     "-gpugemm": {"HETERO_SHIM_CPU_GEMM_ON_GPU": "on"},
-    # smaller steps: that share of each CPU-rank linear layer's rows on the GPU beside the CPU kernel
-    "-split2": {"HETERO_SHIM_CPU_GEMM_GPU_SHARE": "0.2"},
-    "-split3": {"HETERO_SHIM_CPU_GEMM_GPU_SHARE": "0.3"},
-    "-split4": {"HETERO_SHIM_CPU_GEMM_GPU_SHARE": "0.4"},
-    "-split5": {"HETERO_SHIM_CPU_GEMM_GPU_SHARE": "0.5"},
+    "-cpugemm": {"HETERO_SHIM_CPU_GEMM_ON_GPU": "0"},
     # the pipeline mode as it was before the CPU-first order, GPU-stage graphs and packed GEMM
     "-before": {"HETERO_SHIM_STAGE_ORDER": "gpu-first", "HETERO_SHIM_GPU_STAGE_GRAPHS": "0",
                 "VLLM_CPU_SGL_KERNEL": "0"},

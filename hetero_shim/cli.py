@@ -284,7 +284,7 @@ def _capture_warnings() -> list[str]:
 
 
 def _gpu_memory(config) -> str:
-    from hetero_shim import run_state
+    from hetero_shim import run_state, settings
 
     plan = run_state.plan()
     if plan is None or plan.gpu_ranks == 0:
@@ -301,7 +301,8 @@ def _gpu_memory(config) -> str:
     if plan.pp_size > 1:
         from hetero_shim.planning.layer_costs import gpu_layer_costs
 
-        text += f"; GPU stage: {gpu_layer_costs(config, total).describe()}"
+        sharing = -(-len(plan.cpu_ranks) // plan.gpu_ranks) if settings.cpu_gemm_on_gpu_wanted(pipeline=True) else 0
+        text += f"; GPU stage: {gpu_layer_costs(config, total, cpu_ranks_on_gpu=sharing).describe()}"
     return text
 
 

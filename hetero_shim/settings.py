@@ -61,17 +61,13 @@ CPU_THREAD_PLACE_CHOICES = ("auto", "rank", "core")
 CPU_OMP_WAIT = "HETERO_SHIM_CPU_OMP_WAIT"
 CPU_OMP_WAIT_CHOICES = ("auto", "active", "passive")
 #: Linear layers of a CPU rank beside GPU ranks, in steps of many tokens (prefill), run on a GPU of
-#: the node with the weights streamed from the rank's memory: "0"/"off" (default: always on the CPU),
-#: "on" (from 64 tokens on) or a whole number N >= 1 (from N tokens on). Experimental.
+#: the node with the weights streamed from the rank's memory: "auto" (default: from 64 tokens on in
+#: pipeline mode, never in tensor-parallel mode), "0"/"off" (always on the CPU), "on" (from 64 tokens
+#: on, in either mode) or a whole number N >= 1 (from N tokens on, in either mode).
 CPU_GEMM_ON_GPU = "HETERO_SHIM_CPU_GEMM_ON_GPU"
 CPU_GEMM_ON_GPU_DEFAULT_TOKENS = 64
-#: Steps below that threshold (decode): the share (0 <= share < 1) of each linear layer's output rows
-#: that a CPU rank beside GPU ranks computes on a GPU of the node, its rows' weights streamed over PCIe
-#: while its CPU kernel computes the other rows at the same time. "0" (default): all on the CPU.
-#: Experimental.
-CPU_GEMM_GPU_SHARE = "HETERO_SHIM_CPU_GEMM_GPU_SHARE"
 #: Diagnostics: the first N linear-layer calls that take the GPU are also computed by vLLM's CPU kernel,
-#: and the largest difference of each is logged (the GPU's rows and the CPU's rows apart).
+#: and the largest relative difference of each is logged.
 CPU_GEMM_CHECK = "HETERO_SHIM_CPU_GEMM_CHECK"
 #: Set by the engine core in a CPU rank's environment: the CUDA device (as the engine core's
 #: CUDA_VISIBLE_DEVICES names it) that rank's large-token linear layers may use.
@@ -235,35 +231,24 @@ def cpu_omp_wait() -> str:
 def cpu_gemm_on_gpu_tokens() -> int | None:
     """From how many tokens a CPU rank's linear layers run on the GPU; None: never."""
     raw = os.environ.get(CPU_GEMM_ON_GPU, "").strip().lower()
+    if raw in ("", "on", "auto"):
+        return CPU_GEMM_ON_GPU_DEFAULT_TOKENS
     if raw in _FALSE:
         return None
-    if raw in ("on", "auto"):
-        return CPU_GEMM_ON_GPU_DEFAULT_TOKENS
-    return _whole_number(CPU_GEMM_ON_GPU, 1, "is not understood; use 0 (off), on (from 64 tokens) or a number of tokens")
-
-
-def cpu_gemm_gpu_share() -> float:
-    """The share of a CPU rank's linear-layer rows computed on the GPU in small steps; 0.0: none."""
-    raw = os.environ.get(CPU_GEMM_GPU_SHARE, "").strip()
-    if not raw:
-        return 0.0
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value < 1:
-        raise HeteroConfigError(f"{CPU_GEMM_GPU_SHARE}={raw!r} is not a share of rows: use a number from 0 "
-                                "(all on the CPU) to below 1, e.g. 0.4")
-    return value
+    return _whole_number(CPU_GEMM_ON_GPU, 1,
+                         "is not understood; use auto (the default), 0 (off), on (from 64 tokens) or a number of tokens")
 
 
 def cpu_gemm_check_calls() -> int:
     return _whole_number(CPU_GEMM_CHECK, 0, "must be a whole number of calls (0: no checks)") or 0
 
 
-def cpu_rank_uses_gpu() -> bool:
-    """Whether a CPU rank beside GPU ranks may compute some of its linear layers on a GPU."""
-    return cpu_gemm_on_gpu_tokens() is not None or cpu_gemm_gpu_share() > 0
+def cpu_gemm_on_gpu_wanted(pipeline: bool) -> bool:
+    """Whether CPU ranks beside GPU ranks open a GPU for their large steps: as set, or by default
+    ("auto") in pipeline mode only (measured there; tensor-parallel CPU ranks were not)."""
+    if cpu_gemm_on_gpu_tokens() is None:
+        return False
+    return pipeline or os.environ.get(CPU_GEMM_ON_GPU, "").strip().lower() not in ("", "auto")
 
 
 def gpu_stage_graphs() -> bool:
@@ -383,7 +368,6 @@ def check_environment() -> None:
     cpu_thread_places()
     cpu_omp_wait()
     cpu_gemm_on_gpu_tokens()
-    cpu_gemm_gpu_share()
     cpu_gemm_check_calls()
     gpu_stage_graphs()
     reserve_cores()

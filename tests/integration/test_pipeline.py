@@ -127,26 +127,16 @@ def test_stages_work_on_different_micro_batches_at_once(models, reference, tmp_p
     assert overlapped >= 3, f"{overlapped} of {len(first)} steps overlapped"
 
 
-#: the CPU stages' GPU paths, each with the CPU stand-in for the GPU: (settings, the log's words)
-GPU_PATHS = {
-    "whole": ({"HETERO_SHIM_CPU_GEMM_ON_GPU": "1"}, "linear layers of steps with >= 1 tokens run"),
-    "split": ({"HETERO_SHIM_CPU_GEMM_GPU_SHARE": "0.5"}, "0.5 of the rows of smaller steps' linear layers run"),
-}
-
-
-@pytest.mark.parametrize("path", sorted(GPU_PATHS))
-def test_gpu_paths_of_cpu_stages_are_wired_into_vllm(four_layers, path):
-    """HETERO_SHIM_CPU_GEMM_ON_GPU / HETERO_SHIM_CPU_GEMM_GPU_SHARE on the real vLLM: every CPU stage keeps
-    its linear layers' plain weights when vLLM's kernel drops them, opens its side after the warm-up
-    and routes every step through it (wholly, or half the rows beside a CPU kernel that vLLM's own
-    dispatch built for the others); with the CPU stand-in for a GPU (HETERO_SHIM_CPU_RANK_GPU=cpu) the
-    side computes here, so the tokens must be stock TP=1's (identical, or a near tie between kernels)."""
-    settings_, words = GPU_PATHS[path]
+def test_large_step_choice_of_cpu_stages_is_wired_into_vllm(four_layers):
+    """HETERO_SHIM_CPU_GEMM_ON_GPU on the real vLLM: every CPU stage keeps its linear layers' plain
+    weights when vLLM's kernel drops them, opens its side after the warm-up and routes steps of
+    >= 1 token through it; with the CPU stand-in for a GPU (HETERO_SHIM_CPU_RANK_GPU=cpu) the side
+    computes here, so the tokens must be stock TP=1's (identical, or a near tie between kernels)."""
     stock = generate(four_layers, "--tp", "1", "--logprobs", "3")
     proc = procs.run_python([GENERATE, str(four_layers), *PP2, "--logprobs", "3"], timeout=300,
-                            HETERO_SHIM_CPU_RANK_GPU="cpu", **settings_)
+                            HETERO_SHIM_CPU_GEMM_ON_GPU="1", HETERO_SHIM_CPU_RANK_GPU="cpu")
     assert proc.returncode == 0, proc.stdout[-6000:]
-    opened = [line for line in proc.stdout.splitlines() if f"{words} on the stand-in cpu: 8 layers" in line]
+    opened = [line for line in proc.stdout.splitlines() if "run on the stand-in cpu: 8 layers" in line]
     used = [line for line in proc.stdout.splitlines() if "ran its linear layers on GPU cpu" in line]
     assert len(opened) == 2 and len(used) == 2, proc.stdout[-4000:]  # both stages: 2 layers x 4 linear each
     verdicts = closeness.compare(stock, parse_result(proc.stdout))
