@@ -28,8 +28,8 @@ host) while PCIe moves its weights in a fraction of that. Decode steps (a few to
 CPU, which streams weights faster than PCIe. The CUDA context and two weight buffers cost GPU memory
 (0.96 / 1.21 GiB at 3B / 8B shapes on the H200), which the automatic layer split charges to the GPU
 stage (planning/layer_costs.py); the kept weights double the host memory of layers whose CPU kernel
-packs its own copy. If the GPU
-cannot be opened or a GPU call fails, the rank logs why and computes on the CPU from then on.
+packs its own copy. If the GPU cannot be opened or a GPU call fails, the rank logs why and computes
+on the CPU from then on.
 Remove when: vLLM offloads a CPU worker's large GEMMs itself (not as of 0.33.0).
 """
 
@@ -111,6 +111,7 @@ class GpuSide:
         log.info("hetero_shim: CPU rank: linear layers of steps with >= %d tokens run on GPU %s: %d layers, "
                  "%.2f GiB of weights in page-locked memory (%s=0 keeps them on the CPU)", self.min_tokens,
                  self.device_entry, len(self.layers), pinned / (1 << 30), settings.CPU_GEMM_ON_GPU)
+
     def linear(self, x, layer: LayerChoice, bias):
         """``x @ layer.weight.T + bias`` on the GPU, as a page-locked CPU tensor. The next layer's
         weight (load order is the order a forward pass calls them) is queued behind the result, so
