@@ -50,7 +50,7 @@ class Split:
 
         n = weight.shape[0]
         self.k = min(n, int(round(n * fraction / ROW_ALIGN)) * ROW_ALIGN)
-        self.n, self.in_features = n, weight.shape[1]
+        self.in_features = weight.shape[1]
         self.gpu_rows = torch.empty((self.k, weight.shape[1]), dtype=weight.dtype, pin_memory=pin)
         self.gpu_rows.copy_(weight[: self.k])
         self.cpu, self.kernel = cpu_kernel(weight[self.k:].contiguous()) if self.k < n else (None, "-")

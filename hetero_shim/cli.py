@@ -284,7 +284,7 @@ def _capture_warnings() -> list[str]:
 
 
 def _gpu_memory(config) -> str:
-    from hetero_shim import run_state, settings
+    from hetero_shim import run_state
 
     plan = run_state.plan()
     if plan is None or plan.gpu_ranks == 0:
@@ -299,9 +299,9 @@ def _gpu_memory(config) -> str:
     if getattr(cache, "kv_cache_memory_bytes", None):
         text += f"; its KV cache is kv_cache_memory_bytes={cache.kv_cache_memory_bytes / gib:.2f} GiB"
     if plan.pp_size > 1:
-        from hetero_shim.planning.layer_costs import gpu_layer_costs
+        from hetero_shim.planning.layer_costs import cpu_ranks_on_each_gpu, gpu_layer_costs
 
-        sharing = -(-len(plan.cpu_ranks) // plan.gpu_ranks) if settings.cpu_gemm_on_gpu_wanted(pipeline=True) else 0
+        sharing = cpu_ranks_on_each_gpu(len(plan.cpu_ranks), plan.gpu_ranks)
         text += f"; GPU stage: {gpu_layer_costs(config, total, cpu_ranks_on_gpu=sharing).describe()}"
     return text
 

@@ -228,9 +228,13 @@ def cpu_omp_wait() -> str:
     return _choice(CPU_OMP_WAIT, CPU_OMP_WAIT_CHOICES)
 
 
+def _cpu_gemm_on_gpu_raw() -> str:
+    return os.environ.get(CPU_GEMM_ON_GPU, "").strip().lower()
+
+
 def cpu_gemm_on_gpu_tokens() -> int | None:
     """From how many tokens a CPU rank's linear layers run on the GPU; None: never."""
-    raw = os.environ.get(CPU_GEMM_ON_GPU, "").strip().lower()
+    raw = _cpu_gemm_on_gpu_raw()
     if raw in ("", "on", "auto"):
         return CPU_GEMM_ON_GPU_DEFAULT_TOKENS
     if raw in _FALSE:
@@ -248,7 +252,7 @@ def cpu_gemm_on_gpu_wanted(pipeline: bool) -> bool:
     ("auto") in pipeline mode only (measured there; tensor-parallel CPU ranks were not)."""
     if cpu_gemm_on_gpu_tokens() is None:
         return False
-    return pipeline or os.environ.get(CPU_GEMM_ON_GPU, "").strip().lower() not in ("", "auto")
+    return pipeline or _cpu_gemm_on_gpu_raw() not in ("", "auto")
 
 
 def gpu_stage_graphs() -> bool:

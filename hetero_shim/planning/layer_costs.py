@@ -26,6 +26,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from hetero_shim import settings
 from hetero_shim.planning.layer_split import GIB
 
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
@@ -95,6 +96,12 @@ def cpu_rank_gpu_bytes(hf, elem: int) -> int:
     h = hf.hidden_size
     inter = getattr(hf, "intermediate_size", None) or getattr(hf, "ffn_dim", None) or 4 * h
     return CPU_RANK_CONTEXT + 2 * (2 * h * inter * elem)
+
+
+def cpu_ranks_on_each_gpu(cpu_ranks: int, gpu_ranks: int) -> int:
+    """How many of a pipeline's CPU ranks open each GPU for their large steps (shared in turn; 0 when
+    HETERO_SHIM_CPU_GEMM_ON_GPU keeps them on the CPU)."""
+    return -(-cpu_ranks // gpu_ranks) if settings.cpu_gemm_on_gpu_wanted(pipeline=True) else 0
 
 
 def gpu_layer_costs(vllm_config, total_gpu_memory: int, cpu_ranks_on_gpu: int = 0) -> GpuLayerCosts:

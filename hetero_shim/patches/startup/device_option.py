@@ -213,10 +213,9 @@ def _pipeline_split(config, kinds: tuple[str, ...], gpu_layers: int | None) -> l
     if "gpu" in kinds and "cpu" in kinds and user is None:
         from vllm.platforms import current_platform
 
-        from hetero_shim.planning.layer_costs import gpu_layer_costs
+        from hetero_shim.planning.layer_costs import cpu_ranks_on_each_gpu, gpu_layer_costs
 
-        gpu_stages, cpu_stages = kinds.count("gpu"), kinds.count("cpu")
-        sharing = -(-cpu_stages // gpu_stages) if settings.cpu_gemm_on_gpu_wanted(pipeline=True) else 0
+        sharing = cpu_ranks_on_each_gpu(kinds.count("cpu"), kinds.count("gpu"))
         costs = gpu_layer_costs(config, current_platform.get_device_total_memory(0), cpu_ranks_on_gpu=sharing)
         detail = costs.describe()
         # an explicit count is refused only when its weights alone cannot fit; the KV reserve is an estimate
