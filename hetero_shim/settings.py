@@ -66,6 +66,11 @@ CPU_OMP_WAIT_CHOICES = ("auto", "active", "passive")
 #: on, in either mode) or a whole number N >= 1 (from N tokens on, in either mode).
 CPU_GEMM_ON_GPU = "HETERO_SHIM_CPU_GEMM_ON_GPU"
 CPU_GEMM_ON_GPU_DEFAULT_TOKENS = 64
+#: Those layers' weights cross to the GPU in pieces of at most this many MiB (rows of the weight),
+#: through two GPU buffers of that size: the GPU memory the side holds for weights is twice it.
+#: "0": whole weights (two buffers of the largest weight).
+CPU_GEMM_CHUNK_MIB = "HETERO_SHIM_CPU_GEMM_CHUNK_MIB"
+CPU_GEMM_CHUNK_MIB_DEFAULT = 32
 #: Diagnostics: the first N linear-layer calls that take the GPU are also computed by vLLM's CPU kernel,
 #: and the largest relative difference of each is logged.
 CPU_GEMM_CHECK = "HETERO_SHIM_CPU_GEMM_CHECK"
@@ -241,6 +246,13 @@ def cpu_gemm_on_gpu_tokens() -> int | None:
         return None
     return _whole_number(CPU_GEMM_ON_GPU, 1,
                          "is not understood; use auto (the default), 0 (off), on (from 64 tokens) or a number of tokens")
+
+
+def cpu_gemm_chunk_bytes() -> int | None:
+    """Bytes of weight per piece streamed to the GPU; None: whole weights."""
+    mib = _whole_number(CPU_GEMM_CHUNK_MIB, 0, "must be a whole number of MiB (0: whole weights)")
+    mib = CPU_GEMM_CHUNK_MIB_DEFAULT if mib is None else mib
+    return mib << 20 if mib else None
 
 
 def cpu_gemm_check_calls() -> int:

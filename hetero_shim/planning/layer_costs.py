@@ -13,9 +13,11 @@ weights). An estimate, deliberately on the safe side:
   activations of ``max_num_batched_tokens``. Measured on the GPU machine (3B, bf16): a compiled,
   graph-captured engine peaked at 2.8 GiB beyond its weights and KV cache, stock offload alike;
 - CPU stages that run their large steps' linear layers on this GPU (``HETERO_SHIM_CPU_GEMM_ON_GPU``):
-  per CPU rank a CUDA context and two layers' largest weight (the one in use and the next on its way),
-  ``cpu_rank_gpu_bytes``. Measured on the GPU machine (bf16, 1 CPU stage): the engine's peak rose by
-  0.96 GiB (3B shapes) and 1.21 GiB (8B) when the CPU stage opened the GPU; the estimate gives 0.94 and 1.19.
+  per CPU rank a CUDA context and two buffers for pieces of weight (the one in use and the next on its
+  way; ``HETERO_SHIM_CPU_GEMM_CHUNK_MIB`` each, or the largest weight), ``cpu_rank_gpu_bytes``.
+  Measured on the GPU machine (bf16, 1 CPU stage, buffers of the largest weight): the engine's peak
+  rose by 0.96 GiB (3B shapes) and 1.21 GiB (8B) when the CPU stage opened the GPU, i.e. 0.77 GiB
+  besides the buffers at both sizes.
 """
 
 from __future__ import annotations
@@ -86,16 +88,20 @@ def config_numels(hf) -> tuple[int, int]:
     return attn + 3 * h * inter + 4 * h, hf.vocab_size * h + getattr(hf, "max_position_embeddings", 0) * h
 
 
-#: a CPU rank's CUDA context, cuBLAS and allocator slack on the GPU it streams its large steps to
-CPU_RANK_CONTEXT = 3 * GIB // 4
+#: a CPU rank's CUDA context, cuBLAS, activations and allocator slack on the GPU it streams its large
+#: steps to (measured: 0.77 GiB besides the weight buffers, 3B and 8B shapes, 2048-token steps)
+CPU_RANK_CONTEXT = 790 << 20
 
 
 def cpu_rank_gpu_bytes(hf, elem: int) -> int:
     """GPU memory one CPU rank holds while it runs its large steps' linear layers there: its context
-    and two copies of its largest linear weight (a gated MLP's fused gate and up projection)."""
+    and two buffers for pieces of weight, each the chunk size or, when smaller or chunks are off, its
+    largest linear weight (a gated MLP's fused gate and up projection)."""
     h = hf.hidden_size
     inter = getattr(hf, "intermediate_size", None) or getattr(hf, "ffn_dim", None) or 4 * h
-    return CPU_RANK_CONTEXT + 2 * (2 * h * inter * elem)
+    largest = 2 * h * inter * elem
+    chunk = settings.cpu_gemm_chunk_bytes()
+    return CPU_RANK_CONTEXT + 2 * (largest if chunk is None else min(chunk, largest))
 
 
 def cpu_ranks_on_each_gpu(cpu_ranks: int, gpu_ranks: int) -> int:

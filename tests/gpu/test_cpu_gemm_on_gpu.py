@@ -3,7 +3,8 @@ the shim sets up a CPU rank of a CUDA install (CUDA_VISIBLE_DEVICES=-1, PyTorch'
 the GPU named to the CUDA driver only) and doing what vLLM does in one before the side opens (Triton's
 probe, the accelerator query of torch.distributed.barrier, torch.cuda.Stream replaced by a
 placeholder): vLLM's view must stay "no GPU", the side must then open the GPU, and its results must
-equal the CPU's, layer after layer (the next weight queued ahead), in float32 and bfloat16. Prints
+equal the CPU's, layer after layer (the next weight queued ahead; weights larger than
+HETERO_SHIM_CPU_GEMM_CHUNK_MIB cross in pieces), and in reverse order, in float32 and bfloat16. Prints
 the weight rate it streams once warm (information; 100-token calls, the CPU's work between calls
 left out).
 
@@ -35,8 +36,8 @@ for dtype in (torch.float32, torch.bfloat16):
 side.open()
 found["available_after"] = torch.cuda.is_available()
 worst, seconds, nbytes, calls = {}, 0.0, 0, 0
-for step in range(3):
-    for layer in side.layers:
+for step in range(4):  # the last pass in reverse: no layer finds its first piece queued ahead
+    for layer in (side.layers if step < 3 else side.layers[::-1]):
         x = torch.randn(100, layer.weight.shape[1], generator=gen).to(layer.weight.dtype)
         bias = torch.randn(layer.weight.shape[0], generator=gen).to(x.dtype)
         start = time.perf_counter()

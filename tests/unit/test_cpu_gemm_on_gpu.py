@@ -60,9 +60,10 @@ def test_by_default_pipeline_cpu_stages_use_the_gpu_tensor_parallel_ranks_do_not
     assert rank_process.gpu_for_large_steps(tensor_parallel, 1)[settings.CPU_RANK_GPU] == "0"
 
 
-def test_the_gpu_budget_pays_for_cpu_ranks_streaming_there():
-    """Each CPU rank that opens the GPU is charged its context and two of its largest weights, which is
-    what the engine's peak grew by on the H200 (0.96 GiB at 3B shapes, 1.21 GiB at 8B)."""
+def test_the_gpu_budget_pays_for_cpu_ranks_streaming_there(monkeypatch):
+    """Each CPU rank that opens the GPU is charged its context and two weight buffers. With whole
+    weights (chunks off) that is what the engine's peak grew by on the H200 (0.96 GiB at 3B shapes,
+    1.21 GiB at 8B); with the default 32 MiB pieces the buffers are 64 MiB at either size."""
     from types import SimpleNamespace
 
     from hetero_shim.planning import layer_costs
@@ -70,8 +71,37 @@ def test_the_gpu_budget_pays_for_cpu_ranks_streaming_there():
     gib = 1 << 30
     three_b = SimpleNamespace(hidden_size=3072, intermediate_size=8192)
     eight_b = SimpleNamespace(hidden_size=4096, intermediate_size=14336)
-    assert abs(layer_costs.cpu_rank_gpu_bytes(three_b, 2) / gib - 0.94) < 0.01
-    assert abs(layer_costs.cpu_rank_gpu_bytes(eight_b, 2) / gib - 1.19) < 0.01
+    monkeypatch.setenv(settings.CPU_GEMM_CHUNK_MIB, "0")
+    assert abs(layer_costs.cpu_rank_gpu_bytes(three_b, 2) / gib - 0.96) < 0.01
+    assert abs(layer_costs.cpu_rank_gpu_bytes(eight_b, 2) / gib - 1.21) < 0.01
+    monkeypatch.delenv(settings.CPU_GEMM_CHUNK_MIB)
+    for shapes in (three_b, eight_b):
+        assert layer_costs.cpu_rank_gpu_bytes(shapes, 2) == layer_costs.CPU_RANK_CONTEXT + (64 << 20)
+    tiny = SimpleNamespace(hidden_size=64, intermediate_size=128)  # weights below a piece: whole weights
+    assert layer_costs.cpu_rank_gpu_bytes(tiny, 4) == layer_costs.CPU_RANK_CONTEXT + 2 * (2 * 64 * 128 * 4)
+    monkeypatch.setenv(settings.CPU_GEMM_CHUNK_MIB, "lots")
+    with pytest.raises(HeteroConfigError, match="HETERO_SHIM_CPU_GEMM_CHUNK_MIB"):
+        layer_costs.cpu_rank_gpu_bytes(tiny, 4)
+
+
+def test_weights_are_cut_into_pieces_of_whole_rows():
+    """Pieces cover every row once, in order, each at most the chunk (but at least one row); the slot
+    size is the largest piece."""
+
+    class Layer:
+        def __init__(self, n, k):
+            self.weight = torch.empty(n, k, dtype=torch.bfloat16)
+
+    layers = [Layer(1000, 64), Layer(7, 64), Layer(3, 100_000)]
+    size = gg.cut_into_pieces(layers, 128 * 64 * 2)  # 128 rows of the first two
+    assert layers[0].pieces[0] == (0, 128) and layers[0].pieces[-1] == (896, 1000) and len(layers[0].pieces) == 8
+    assert layers[1].pieces == [(0, 7)]
+    assert layers[2].pieces == [(0, 1), (1, 2), (2, 3)]  # a row larger than the chunk: one row a piece
+    assert size == 100_000 * 2
+    for layer in layers:
+        rows = [r for first, end in layer.pieces for r in range(first, end)]
+        assert rows == list(range(layer.weight.shape[0]))
+    assert gg.cut_into_pieces(layers, None) == 3 * 100_000 * 2 and layers[0].pieces == [(0, 1000)]
 
 
 class FakeSide(gg.GpuSide):

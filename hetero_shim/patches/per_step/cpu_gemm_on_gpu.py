@@ -84,7 +84,11 @@ class GpuSide:
         self.stream = None  # the side's own CUDA stream, current in this process once open
         self.layers: list[LayerChoice] = []
         self.used = False
-        self.ahead = None  # (layer index, its weight on the GPU): a copy queued behind the last result
+        self.chunk_bytes = settings.cpu_gemm_chunk_bytes()
+        self.slots: list[Slot] = []  # two GPU buffers for pieces of weight, once open
+        self.turn = 0  # the slot the next piece goes to
+        self.copies = None  # the CUDA stream the pieces cross on
+        self.ahead: Slot | None = None  # the next layer's first piece, queued behind the last result
         self.checks_left = settings.cpu_gemm_check_calls()
 
     def open(self) -> None:
@@ -107,15 +111,20 @@ class GpuSide:
             pinned += w.numel() * w.element_size()
         self.device = torch.device("cuda", 0)
         self.stream = streams.Stream(device=self.device)
+        self.copies = streams.Stream(device=self.device)
         torch.cuda.set_stream(self.stream)
+        size = cut_into_pieces(self.layers, self.chunk_bytes)
+        self.slots = [Slot(torch.empty(size, dtype=torch.uint8, device=self.device)) for _ in range(2)]
         log.info("hetero_shim: CPU rank: linear layers of steps with >= %d tokens run on GPU %s: %d layers, "
-                 "%.2f GiB of weights in page-locked memory (%s=0 keeps them on the CPU)", self.min_tokens,
-                 self.device_entry, len(self.layers), pinned / (1 << 30), settings.CPU_GEMM_ON_GPU)
+                 "%.2f GiB of weights in page-locked memory, streamed in pieces of up to %.0f MiB through two "
+                 "GPU buffers (%s=0 keeps them on the CPU)", self.min_tokens, self.device_entry, len(self.layers),
+                 pinned / (1 << 30), size / (1 << 20), settings.CPU_GEMM_ON_GPU)
 
     def linear(self, x, layer: LayerChoice, bias):
-        """``x @ layer.weight.T + bias`` on the GPU, as a page-locked CPU tensor. The next layer's
-        weight (load order is the order a forward pass calls them) is queued behind the result, so
-        that it crosses PCIe while the CPU works between the two layers."""
+        """``x @ layer.weight.T + bias`` on the GPU, as a page-locked CPU tensor. The weight crosses
+        in pieces of rows, each piece's copy queued on a copy stream while the GPU multiplies the one
+        before; after the last piece the next layer's first piece (load order is the order a forward
+        pass calls them) is queued, so that it crosses PCIe while the CPU works between the layers."""
         import torch
         from torch.cuda import streams
 
@@ -123,27 +132,81 @@ class GpuSide:
         if dev.type == "cpu":  # the stand-in: the same choice, the kept weight, computed here
             self._first_use(x)
             return torch.nn.functional.linear(x, layer.weight, bias)
-        torch.cuda.set_stream(self.stream)  # this thread's work goes where the event below is recorded
-        ahead, self.ahead = self.ahead, None
-        weight = ahead[1] if ahead is not None and ahead[0] == layer.index else layer.weight.to(dev, non_blocking=True)
+        torch.cuda.set_stream(self.stream)  # this thread's work goes where the events below are recorded
         flat = x.reshape(-1, x.shape[-1]).to(dev, non_blocking=True)
         gpu_bias = None if bias is None else bias.to(dev, dtype=x.dtype, non_blocking=True)
-        y = torch.nn.functional.linear(flat, weight, gpu_bias)
+        ahead, self.ahead = self.ahead, None
+        slot = ahead if ahead is not None and ahead.key == (layer.index, 0) else self._stage(layer, 0)
+        pieces = layer.pieces
+        y = None if len(pieces) == 1 else torch.empty((flat.shape[0], layer.weight.shape[0]), dtype=x.dtype,
+                                                      device=dev)
+        for i, (first, end) in enumerate(pieces):
+            nxt = (layer, i + 1) if i + 1 < len(pieces) else (self.layers[(layer.index + 1) % len(self.layers)], 0)
+            queued = self._stage(*nxt)  # the other slot, once the GEMM that last read it is done
+            self.stream.wait_event(slot.ready)
+            part = torch.nn.functional.linear(flat, slot.view, None if gpu_bias is None else gpu_bias[first:end])
+            if y is None:
+                y = part
+            else:
+                y[:, first:end].copy_(part)
+            slot.free.record(self.stream)
+            slot = queued
+        self.ahead = slot
         out = torch.empty(y.shape, dtype=y.dtype, pin_memory=True)
         out.copy_(y, non_blocking=True)
         copied = streams.Event()
         copied.record(self.stream)
-        following = self.layers[(layer.index + 1) % len(self.layers)]
-        self.ahead = (following.index, following.weight.to(dev, non_blocking=True))
-        copied.synchronize()  # the result is back; the next weight may still be on its way
+        copied.synchronize()  # the result is back; the next piece may still be on its way
         self._first_use(x)
         return out.view(*x.shape[:-1], y.shape[-1])
+
+    def _stage(self, layer: LayerChoice, piece: int) -> Slot:
+        """Queue the copy of ``layer``'s piece ``piece`` into the next slot, on the copy stream, behind
+        the last GEMM that read that slot."""
+        import torch
+
+        slot = self.slots[self.turn]
+        self.turn ^= 1
+        first, end = layer.pieces[piece]
+        w = layer.weight
+        rows = w[first:end]
+        slot.view = slot.buffer[:rows.numel() * rows.element_size()].view(w.dtype).view(rows.shape)
+        self.copies.wait_event(slot.free)
+        torch.cuda.set_stream(self.copies)
+        try:
+            slot.view.copy_(rows, non_blocking=True)
+            slot.ready.record(self.copies)
+        finally:
+            torch.cuda.set_stream(self.stream)
+        slot.key = (layer.index, piece)
+        return slot
 
     def _first_use(self, x) -> None:
         if not self.used:
             self.used = True
-            log.info("hetero_shim: CPU rank: a step of %d tokens ran its linear layers on GPU %s",
-                     x.numel() // x.shape[-1], self.device_entry)
+            log.info("hetero_shim: CPU rank: a step of %d tokens ran its linear layers on GPU %s%s",
+                     x.numel() // x.shape[-1], self.device_entry, self._memory_held())
+
+    def _memory_held(self) -> str:
+        """The GPU memory this process holds, for the log: what nvidia-smi reports for it (context
+        included) and what PyTorch's allocator reserved."""
+        if self.device is None or self.device.type != "cuda":
+            return ""
+        import subprocess
+
+        import torch
+
+        text = f"; PyTorch's allocator holds {torch.cuda.memory_reserved(self.device) / (1 << 30):.2f} GiB"
+        try:
+            query = ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"]
+            smi = subprocess.run(query, capture_output=True, text=True, timeout=10).stdout
+        except (OSError, subprocess.SubprocessError):
+            return text
+        mine = [line.split(",")[1].strip() for line in smi.splitlines()
+                if line.split(",")[0].strip() == str(os.getpid()) and "," in line]
+        if mine and mine[0].isdigit():
+            text += f", the process {int(mine[0]) / 1024:.2f} GiB (nvidia-smi)"
+        return text
 
     def check(self, layer: LayerChoice, got, want) -> None:
         """HETERO_SHIM_CPU_GEMM_CHECK: log how far a GPU call's result is from vLLM's CPU kernel's."""
@@ -163,11 +226,12 @@ class LayerChoice:
     """A layer's ``cpu_linear``: vLLM's CPU kernel below the GPU side's token threshold (or while
     the GPU is not open), the GPU with the kept plain weight from it on."""
 
-    __slots__ = ("cpu", "weight", "side", "index")
+    __slots__ = ("cpu", "weight", "side", "index", "pieces")
 
     def __init__(self, cpu, weight, side: GpuSide) -> None:
         self.cpu, self.weight, self.side = cpu, weight, side
         self.index = len(side.layers)
+        self.pieces: list[tuple[int, int]] = [(0, weight.shape[0])]  # rows [first, end) streamed at once
         side.layers.append(self)
 
     def __call__(self, x, weight, bias):
@@ -182,6 +246,30 @@ class LayerChoice:
         if side.checks_left > 0:
             side.check(self, got, self.cpu(x, weight, bias))
         return got
+
+
+class Slot:
+    """A GPU buffer for a piece of weight: which piece it holds, and events for when its copy is done
+    and when the last GEMM that read it is done."""
+
+    def __init__(self, buffer) -> None:
+        from torch.cuda import streams
+
+        self.buffer, self.view, self.key = buffer, None, None
+        self.ready, self.free = streams.Event(), streams.Event()
+
+
+def cut_into_pieces(layers: list, chunk_bytes: int | None) -> int:
+    """Set each layer's ``pieces`` (row ranges of at most ``chunk_bytes``, at least one row; the
+    whole weight when None) and return the bytes a slot needs for the largest piece."""
+    largest = 0
+    for layer in layers:
+        n, k = layer.weight.shape
+        row = k * layer.weight.element_size()
+        rows = n if chunk_bytes is None else max(1, min(n, chunk_bytes // row))
+        layer.pieces = [(first, min(first + rows, n)) for first in range(0, n, rows)]
+        largest = max(largest, rows * row)
+    return largest
 
 
 _side: GpuSide | None = None
