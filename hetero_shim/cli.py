@@ -301,8 +301,10 @@ def _gpu_memory(config) -> str:
     if plan.pp_size > 1:
         from hetero_shim.planning.layer_costs import cpu_ranks_on_each_gpu, gpu_layer_costs
 
-        sharing = cpu_ranks_on_each_gpu(len(plan.cpu_ranks), plan.gpu_ranks)
-        text += f"; GPU stage: {gpu_layer_costs(config, total, cpu_ranks_on_gpu=sharing).describe()}"
+        tp = plan.world_size // plan.pp_size
+        own, served = cpu_ranks_on_each_gpu(tuple(plan.kind(stage * tp) for stage in range(plan.pp_size)))
+        costs = gpu_layer_costs(config, total, cpu_ranks_on_gpu=own, served_on_gpu=served)
+        text += f"; GPU stage: {costs.describe()}"
     return text
 
 

@@ -71,6 +71,15 @@ CPU_GEMM_ON_GPU_DEFAULT_TOKENS = 64
 #: "0": whole weights (two buffers of the largest weight).
 CPU_GEMM_CHUNK_MIB = "HETERO_SHIM_CPU_GEMM_CHUNK_MIB"
 CPU_GEMM_CHUNK_MIB_DEFAULT = 32
+#: Who computes those layers: "auto" (default: the next pipeline stage's GPU rank, where a CPU stage
+#: is followed by a GPU stage; otherwise the CPU rank opens a GPU itself) or "own" (the CPU rank opens
+#: a GPU itself, with a CUDA context of its own).
+CPU_GEMM_VIA = "HETERO_SHIM_CPU_GEMM_VIA"
+CPU_GEMM_VIA_CHOICES = ("auto", "own")
+#: Seconds a CPU rank waits for the next stage's rank to answer one linear layer (and that rank for
+#: the CPU rank's next request or step) before the CPU rank computes on its own from then on.
+CPU_GEMM_SERVED_TIMEOUT = "HETERO_SHIM_CPU_GEMM_SERVED_TIMEOUT"
+CPU_GEMM_SERVED_TIMEOUT_DEFAULT_S = 60
 #: Diagnostics: the first N linear-layer calls that take the GPU are also computed by vLLM's CPU kernel,
 #: and the largest relative difference of each is logged.
 CPU_GEMM_CHECK = "HETERO_SHIM_CPU_GEMM_CHECK"
@@ -253,6 +262,16 @@ def cpu_gemm_chunk_bytes() -> int | None:
     mib = _whole_number(CPU_GEMM_CHUNK_MIB, 0, "must be a whole number of MiB (0: whole weights)")
     mib = CPU_GEMM_CHUNK_MIB_DEFAULT if mib is None else mib
     return mib << 20 if mib else None
+
+
+def cpu_gemm_via() -> str:
+    return _choice(CPU_GEMM_VIA, CPU_GEMM_VIA_CHOICES)
+
+
+def cpu_gemm_served_timeout() -> int:
+    value = _whole_number(CPU_GEMM_SERVED_TIMEOUT, 1, "must be a whole number of seconds, 1 or more "
+                          f"(default {CPU_GEMM_SERVED_TIMEOUT_DEFAULT_S})")
+    return CPU_GEMM_SERVED_TIMEOUT_DEFAULT_S if value is None else value
 
 
 def cpu_gemm_check_calls() -> int:

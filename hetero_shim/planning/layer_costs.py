@@ -12,8 +12,11 @@ weights). An estimate, deliberately on the safe side:
   when the stage compiles and captures CUDA graphs: their workspaces and memory pools), plus
   activations of ``max_num_batched_tokens``. Measured on the GPU machine (3B, bf16): a compiled,
   graph-captured engine peaked at 2.8 GiB beyond its weights and KV cache, stock offload alike;
-- CPU stages that run their large steps' linear layers on this GPU (``HETERO_SHIM_CPU_GEMM_ON_GPU``):
-  per CPU rank a CUDA context and two buffers for pieces of weight (the one in use and the next on its
+- a CPU stage followed by this GPU stage, whose large steps' linear layers this stage's rank computes
+  (``HETERO_SHIM_CPU_GEMM_ON_GPU``, collectives/gemm_channel.py): two weight buffers, a step's
+  input and output pieces, slack, ``served_gpu_bytes`` (0.2 GiB at 3B and 8B shapes, 2048 tokens);
+- other CPU stages that run their large steps' linear layers on this GPU themselves
+  (``HETERO_SHIM_CPU_GEMM_VIA=own``): per CPU rank a CUDA context and two buffers for pieces of weight (the one in use and the next on its
   way; ``HETERO_SHIM_CPU_GEMM_CHUNK_MIB`` each, or the largest weight), ``cpu_rank_gpu_bytes``.
   Measured on the GPU machine (bf16, 1 CPU stage, buffers of the largest weight): the engine's peak
   rose by 0.96 GiB (3B shapes) and 1.21 GiB (8B) when the CPU stage opened the GPU, i.e. 0.77 GiB
@@ -104,14 +107,41 @@ def cpu_rank_gpu_bytes(hf, elem: int) -> int:
     return CPU_RANK_CONTEXT + 2 * (largest if chunk is None else min(chunk, largest))
 
 
-def cpu_ranks_on_each_gpu(cpu_ranks: int, gpu_ranks: int) -> int:
-    """How many of a pipeline's CPU ranks open each GPU for their large steps (shared in turn; 0 when
-    HETERO_SHIM_CPU_GEMM_ON_GPU keeps them on the CPU)."""
-    return -(-cpu_ranks // gpu_ranks) if settings.cpu_gemm_on_gpu_wanted(pipeline=True) else 0
+#: a GPU rank's allocator slack for computing the previous CPU stage's large steps
+SERVED_SLACK = 64 << 20
 
 
-def gpu_layer_costs(vllm_config, total_gpu_memory: int, cpu_ranks_on_gpu: int = 0) -> GpuLayerCosts:
-    """``cpu_ranks_on_gpu``: CPU ranks that open this GPU for their large steps (charged to its budget)."""
+def served_gpu_bytes(hf, elem: int, max_tokens: int) -> int:
+    """GPU memory a GPU rank holds while it computes the previous CPU stage's large steps
+    (collectives/gemm_channel.py): two weight buffers, a step's input at its widest (the MLP's down
+    projection) and two pieces of output, and allocator slack. No context: the rank has one."""
+    h = hf.hidden_size
+    inter = getattr(hf, "intermediate_size", None) or getattr(hf, "ffn_dim", None) or 4 * h
+    largest = 2 * h * inter * elem
+    chunk = settings.cpu_gemm_chunk_bytes()
+    slot = largest if chunk is None else min(chunk, largest)
+    piece_out = max_tokens * min(2 * inter * elem, slot // h)
+    return SERVED_SLACK + 2 * slot + max_tokens * inter * elem + 2 * piece_out
+
+
+def cpu_ranks_on_each_gpu(kinds: tuple[str, ...]) -> tuple[int, int]:
+    """For a pipeline of stage kinds ("gpu"/"cpu"): (CPU ranks that open each GPU themselves for their
+    large steps, shared in turn; CPU ranks whose large steps each GPU rank computes: a CPU stage
+    followed by a GPU stage is served by that stage's ranks). (0, 0) when HETERO_SHIM_CPU_GEMM_ON_GPU
+    keeps them on the CPU."""
+    if not settings.cpu_gemm_on_gpu_wanted(pipeline=True) or "gpu" not in kinds:
+        return 0, 0
+    served = 0
+    if settings.cpu_gemm_via() != "own":
+        served = sum(1 for s, kind in enumerate(kinds[:-1]) if kind == "cpu" and kinds[s + 1] == "gpu")
+    own = kinds.count("cpu") - served
+    return -(-own // kinds.count("gpu")), min(served, 1)
+
+
+def gpu_layer_costs(vllm_config, total_gpu_memory: int, cpu_ranks_on_gpu: int = 0,
+                    served_on_gpu: int = 0) -> GpuLayerCosts:
+    """``cpu_ranks_on_gpu``: CPU ranks that open this GPU for their large steps; ``served_on_gpu``:
+    CPU ranks whose large steps this GPU's rank computes (both charged to its budget)."""
     model, cache, par, sched = (vllm_config.model_config, vllm_config.cache_config, vllm_config.parallel_config,
                                 vllm_config.scheduler_config)
     elem = _itemsize(model.dtype)
@@ -140,6 +170,10 @@ def gpu_layer_costs(vllm_config, total_gpu_memory: int, cpu_ranks_on_gpu: int = 
         streaming = cpu_ranks_on_gpu * cpu_rank_gpu_bytes(hf, elem)
         fixed += streaming
         how += f"; {cpu_ranks_on_gpu} CPU rank(s) computing large steps here {streaming / GIB:.2f} GiB"
+    if served_on_gpu:
+        serving = served_on_gpu * served_gpu_bytes(hf, elem, sched.max_num_batched_tokens)
+        fixed += serving
+        how += f"; the previous CPU stage's large steps computed here {serving / GIB:.2f} GiB"
     budget = int(cache.gpu_memory_utilization * total_gpu_memory)
     return GpuLayerCosts(budget, fixed, layer * elem // tp, per_layer_kv, how)
 

@@ -33,7 +33,7 @@ gen = torch.Generator().manual_seed(0)
 for dtype in (torch.float32, torch.bfloat16):
     layers = [gg.LayerChoice(None, torch.randn(n, k, generator=gen).to(dtype), side)
               for n, k in ((3072, 1024), (1024, 3072), (8192, 1024), (1024, 4096), (14336, 4096))]
-side.open()
+side.open(512)
 found["available_after"] = torch.cuda.is_available()
 worst, seconds, nbytes, calls = {}, 0.0, 0, 0
 for step in range(4):  # the last pass in reverse: no layer finds its first piece queued ahead

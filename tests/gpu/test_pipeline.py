@@ -17,6 +17,8 @@ the GPU's (the seeded tokens are kept as information in seeded.json, for both or
 
 from __future__ import annotations
 
+import pytest
+
 from hetero_shim.testing import tiny_models
 
 
@@ -45,18 +47,33 @@ def test_pipeline_gives_gpu_only_tokens(gpu, evidence, pipeline_case):
     evidence.check()
 
 
-def test_cpu_stage_linear_layers_on_the_gpu_give_gpu_only_tokens(gpu, evidence):
-    """HETERO_SHIM_CPU_GEMM_ON_GPU=1: every step's linear layers of the CPU stage run on the GPU
-    (weights streamed from the CPU rank's page-locked copy); tokens as GPU TP=1's, up to a near tie.
+@pytest.mark.parametrize("via", ["next-stage", "own"])
+def test_cpu_stage_linear_layers_on_the_gpu_give_gpu_only_tokens(gpu, evidence, via):
+    """HETERO_SHIM_CPU_GEMM_ON_GPU=1: every step's linear layers of the CPU stage run on the GPU; tokens
+    as GPU TP=1's, up to a near tie. ``next-stage`` (the default): the GPU stage's rank computes them
+    from the CPU rank's shared memory while it waits for the activations; ``own``
+    (HETERO_SHIM_CPU_GEMM_VIA=own): the CPU rank opens the GPU itself, weights page-locked there.
     (The other pipeline tests run with the default: the CPU stage's prefill steps of 64 tokens or more.)"""
     model = tiny_models.get(tiny_models.NAMED["llama"])
     ref = gpu.reference(model, "float32", tp=1)
-    got = gpu.generate(model, 1, True, "float32", evidence.dir, extra_env={"HETERO_SHIM_CPU_GEMM_ON_GPU": "1"},
-                       pp=gpu.opts.pp)
+    env = {"HETERO_SHIM_CPU_GEMM_ON_GPU": "1"} | ({"HETERO_SHIM_CPU_GEMM_VIA": "own"} if via == "own" else {})
+    got = gpu.generate(model, 1, True, "float32", evidence.dir, extra_env=env, pp=gpu.opts.pp)
     evidence.save("result", {"reference": ref, "hetero": got})
     log = open(got["run"]["log"]).read() if got else ""
-    opened = [line for line in log.splitlines() if " on GPU " in line and "page-locked" in line]
-    evidence.row("the CPU rank opened its GPU after the warm-up", bool(opened), opened[0] if opened else "no such line")
-    evidence.row("a step ran its linear layers on the GPU", "ran its linear layers on GPU" in log, "")
-    evidence.compare_close("llama PP float32 greedy, CPU stage's linear layers on the GPU == GPU TP=1", ref, got)
+    if via == "own":
+        opened = [line for line in log.splitlines() if " on GPU " in line and "page-locked" in line]
+        evidence.row("the CPU rank opened its GPU after the warm-up", bool(opened),
+                     opened[0] if opened else "no such line")
+    else:
+        opened = [line for line in log.splitlines() if "are computed by the next stage's rank" in line]
+        serving = [line for line in log.splitlines() if "registered with CUDA" in line and "rank serving" in line]
+        evidence.row("the CPU rank put its weights in shared memory; the GPU rank registered them with CUDA",
+                     bool(opened) and bool(serving), " | ".join((opened + serving)[:2])[:400] or "no such lines")
+        evidence.row("the CPU rank opened no GPU", " page-locked memory" not in log, "")
+    ran = f"ran its linear layers on GPU {via if via != 'own' else ''}"
+    evidence.row(f"a step ran its linear layers on GPU {via}", ran in log, "")
+    fell_back = "computes on the CPU from now on" in log or "keeps its linear layers" in log
+    evidence.row("no fallback to the CPU", not fell_back, "")
+    evidence.compare_close(f"llama PP float32 greedy, CPU stage's linear layers on the GPU ({via}) == GPU TP=1",
+                           ref, got)
     evidence.check()

@@ -10,6 +10,7 @@ batch queue).
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import procs
@@ -141,3 +142,25 @@ def test_large_step_choice_of_cpu_stages_is_wired_into_vllm(four_layers):
     assert len(opened) == 2 and len(used) == 2, proc.stdout[-4000:]  # both stages: 2 layers x 4 linear each
     verdicts = closeness.compare(stock, parse_result(proc.stdout))
     assert all(v.status in ("identical", "near tie") for v in verdicts), closeness.summary(verdicts)
+
+
+def test_next_stage_computes_the_cpu_stages_large_steps(four_layers):
+    """The channel of collectives/gemm_channel.py on the real vLLM: with HETERO_SHIM_CPU_RANK_GPU=next-stage
+    (what a CPU stage followed by a GPU stage gets; here the second stage's CPU rank stands in for the
+    GPU rank and computes on its CPU) the first stage puts its weights in shared memory and every step
+    of >= 1 token is computed by the second stage's rank while it waits for the activations. The tokens
+    must be stock TP=1's (identical, or a near tie between kernels); nothing is left in /dev/shm."""
+    stock = generate(four_layers, "--tp", "1", "--logprobs", "3")
+    before = set(os.listdir("/dev/shm"))
+    proc = procs.run_python([GENERATE, str(four_layers), *PP2, "--logprobs", "3"], timeout=300,
+                            HETERO_SHIM_CPU_GEMM_ON_GPU="1", HETERO_SHIM_CPU_RANK_GPU="next-stage")
+    assert proc.returncode == 0, proc.stdout[-6000:]
+    out = proc.stdout.splitlines()
+    opened = [line for line in out if "are computed by the next stage's rank: 8 layers" in line]
+    serving = [line for line in out if "rank serving the linear layers of large steps of the CPU stage" in line]
+    used = [line for line in out if "ran its linear layers on GPU next-stage" in line]
+    assert len(opened) == 1 and len(serving) == 1 and len(used) == 1, proc.stdout[-4000:]
+    assert not [line for line in out if "computes on the CPU from now on" in line or "stops computing" in line]
+    verdicts = closeness.compare(stock, parse_result(proc.stdout))
+    assert all(v.status in ("identical", "near tie") for v in verdicts), closeness.summary(verdicts)
+    assert not [n for n in set(os.listdir("/dev/shm")) - before if "_gemm_" in n]

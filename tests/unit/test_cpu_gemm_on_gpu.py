@@ -10,6 +10,7 @@ torch = pytest.importorskip("torch")
 
 from hetero_shim import settings  # noqa: E402
 from hetero_shim.errors import HeteroConfigError  # noqa: E402
+from hetero_shim.collectives import weight_stream  # noqa: E402
 from hetero_shim.patches.per_step import cpu_gemm_on_gpu as gg  # noqa: E402
 from hetero_shim.patches.startup import rank_process  # noqa: E402
 from hetero_shim.planning.plan import RankPlan  # noqa: E402
@@ -54,7 +55,11 @@ def test_by_default_pipeline_cpu_stages_use_the_gpu_tensor_parallel_ranks_do_not
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     pipeline = RankPlan(world_size=2, gpu_ranks=1, cpu_first=True, pp_size=2, layers=(12, 20))
     tensor_parallel = RankPlan(world_size=2, gpu_ranks=1)
+    # the CPU stage is followed by the GPU stage: that stage's rank computes, no GPU in the CPU rank
+    assert rank_process.gpu_for_large_steps(pipeline, 0) == {settings.CPU_RANK_GPU: "next-stage"}
+    monkeypatch.setenv(settings.CPU_GEMM_VIA, "own")
     assert rank_process.gpu_for_large_steps(pipeline, 0)[settings.CPU_RANK_GPU] == "0"
+    monkeypatch.delenv(settings.CPU_GEMM_VIA)
     assert rank_process.gpu_for_large_steps(tensor_parallel, 1) == {}
     monkeypatch.setenv(settings.CPU_GEMM_ON_GPU, "on")  # asked for: tensor-parallel CPU ranks too
     assert rank_process.gpu_for_large_steps(tensor_parallel, 1)[settings.CPU_RANK_GPU] == "0"
@@ -93,7 +98,7 @@ def test_weights_are_cut_into_pieces_of_whole_rows():
             self.weight = torch.empty(n, k, dtype=torch.bfloat16)
 
     layers = [Layer(1000, 64), Layer(7, 64), Layer(3, 100_000)]
-    size = gg.cut_into_pieces(layers, 128 * 64 * 2)  # 128 rows of the first two
+    size = weight_stream.cut_into_pieces(layers, 128 * 64 * 2)  # 128 rows of the first two
     assert layers[0].pieces[0] == (0, 128) and layers[0].pieces[-1] == (896, 1000) and len(layers[0].pieces) == 8
     assert layers[1].pieces == [(0, 7)]
     assert layers[2].pieces == [(0, 1), (1, 2), (2, 3)]  # a row larger than the chunk: one row a piece
@@ -101,7 +106,7 @@ def test_weights_are_cut_into_pieces_of_whole_rows():
     for layer in layers:
         rows = [r for first, end in layer.pieces for r in range(first, end)]
         assert rows == list(range(layer.weight.shape[0]))
-    assert gg.cut_into_pieces(layers, None) == 3 * 100_000 * 2 and layers[0].pieces == [(0, 1000)]
+    assert weight_stream.cut_into_pieces(layers, None) == 3 * 100_000 * 2 and layers[0].pieces == [(0, 1000)]
 
 
 class FakeSide(gg.GpuSide):

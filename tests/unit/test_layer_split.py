@@ -201,3 +201,23 @@ def test_gpu_layer_costs_reserve_more_for_a_compiled_graph_captured_stage():
     streaming = gpu_layer_costs(config(False), budget, cpu_ranks_on_gpu=1)
     assert streaming.fixed - compiled.fixed == (790 << 20) + 2 * (32 << 20)
     assert streaming.fits() == 10 and "1 CPU rank(s) computing large steps here 0.83 GiB" in streaming.describe()
+    # served by this stage's rank instead (the default where a CPU stage precedes the GPU stage): no context
+    served = gpu_layer_costs(config(False), budget, served_on_gpu=1)
+    assert abs((served.fixed - compiled.fixed) / (1 << 30) - 0.198) < 0.005
+    assert served.fits() == 14 and "the previous CPU stage's large steps computed here 0.20 GiB" in served.describe()
+
+
+def test_who_computes_a_cpu_stages_large_steps(monkeypatch):
+    from hetero_shim import settings
+    from hetero_shim.planning.layer_costs import cpu_ranks_on_each_gpu
+
+    monkeypatch.delenv(settings.CPU_GEMM_ON_GPU, raising=False)
+    monkeypatch.delenv(settings.CPU_GEMM_VIA, raising=False)
+    assert cpu_ranks_on_each_gpu(("cpu", "gpu")) == (0, 1)  # the default plan: the GPU rank serves
+    assert cpu_ranks_on_each_gpu(("gpu", "cpu")) == (1, 0)  # nobody after the CPU stage: it opens the GPU
+    assert cpu_ranks_on_each_gpu(("cpu", "cpu", "gpu")) == (1, 1)
+    assert cpu_ranks_on_each_gpu(("cpu", "cpu")) == (0, 0)
+    monkeypatch.setenv(settings.CPU_GEMM_VIA, "own")
+    assert cpu_ranks_on_each_gpu(("cpu", "gpu")) == (1, 0)
+    monkeypatch.setenv(settings.CPU_GEMM_ON_GPU, "0")
+    assert cpu_ranks_on_each_gpu(("cpu", "gpu")) == (0, 0)

@@ -38,6 +38,7 @@ from __future__ import annotations
 import os
 
 from hetero_shim import run_state, settings, versions
+from hetero_shim.collectives import gemm_channel
 from hetero_shim.arguments import Params
 from hetero_shim.logs import log
 from hetero_shim.registry import Fact, Patch
@@ -80,20 +81,16 @@ class GpuSide:
 
     def __init__(self, min_tokens: int, device_entry: str) -> None:
         self.min_tokens, self.device_entry = min_tokens, device_entry
-        self.device = None  # torch.device once open
-        self.stream = None  # the side's own CUDA stream, current in this process once open
+        self.device = None  # where the large steps go once open (None: vLLM's CPU kernel)
         self.layers: list[LayerChoice] = []
         self.used = False
-        self.chunk_bytes = settings.cpu_gemm_chunk_bytes()
-        self.slots: list[Slot] = []  # two GPU buffers for pieces of weight, once open
-        self.turn = 0  # the slot the next piece goes to
-        self.copies = None  # the CUDA stream the pieces cross on
-        self.ahead: Slot | None = None  # the next layer's first piece, queued behind the last result
+        self.streamer = None  # weight_stream.WeightStreamer, once open on a GPU
         self.checks_left = settings.cpu_gemm_check_calls()
 
-    def open(self) -> None:
+    def open(self, max_tokens: int) -> None:
         import torch
-        from torch.cuda import streams
+
+        from hetero_shim.collectives import weight_stream
 
         if self.device_entry == STAND_IN:
             self.device = torch.device("cpu")
@@ -109,22 +106,18 @@ class GpuSide:
             w = layer.weight
             layer.weight = torch.empty(w.shape, dtype=w.dtype, pin_memory=True).copy_(w)
             pinned += w.numel() * w.element_size()
-        self.device = torch.device("cuda", 0)
-        self.stream = streams.Stream(device=self.device)
-        self.copies = streams.Stream(device=self.device)
-        torch.cuda.set_stream(self.stream)
-        size = cut_into_pieces(self.layers, self.chunk_bytes)
-        self.slots = [Slot(torch.empty(size, dtype=torch.uint8, device=self.device)) for _ in range(2)]
+        device = torch.device("cuda", 0)
+        size = weight_stream.cut_into_pieces(self.layers, settings.cpu_gemm_chunk_bytes())
+        self.streamer = weight_stream.WeightStreamer(device, self.layers, size)
+        torch.cuda.set_stream(self.streamer.stream)
+        self.device = device
         log.info("hetero_shim: CPU rank: linear layers of steps with >= %d tokens run on GPU %s: %d layers, "
                  "%.2f GiB of weights in page-locked memory, streamed in pieces of up to %.0f MiB through two "
                  "GPU buffers (%s=0 keeps them on the CPU)", self.min_tokens, self.device_entry, len(self.layers),
                  pinned / (1 << 30), size / (1 << 20), settings.CPU_GEMM_ON_GPU)
 
     def linear(self, x, layer: LayerChoice, bias):
-        """``x @ layer.weight.T + bias`` on the GPU, as a page-locked CPU tensor. The weight crosses
-        in pieces of rows, each piece's copy queued on a copy stream while the GPU multiplies the one
-        before; after the last piece the next layer's first piece (load order is the order a forward
-        pass calls them) is queued, so that it crosses PCIe while the CPU works between the layers."""
+        """``x @ layer.weight.T + bias`` on the GPU (weight_stream), as a page-locked CPU tensor."""
         import torch
         from torch.cuda import streams
 
@@ -132,54 +125,30 @@ class GpuSide:
         if dev.type == "cpu":  # the stand-in: the same choice, the kept weight, computed here
             self._first_use(x)
             return torch.nn.functional.linear(x, layer.weight, bias)
-        torch.cuda.set_stream(self.stream)  # this thread's work goes where the events below are recorded
+        streamer = self.streamer
+        torch.cuda.set_stream(streamer.stream)  # this thread's work goes where the events below are recorded
         flat = x.reshape(-1, x.shape[-1]).to(dev, non_blocking=True)
         gpu_bias = None if bias is None else bias.to(dev, dtype=x.dtype, non_blocking=True)
-        ahead, self.ahead = self.ahead, None
-        slot = ahead if ahead is not None and ahead.key == (layer.index, 0) else self._stage(layer, 0)
         pieces = layer.pieces
         y = None if len(pieces) == 1 else torch.empty((flat.shape[0], layer.weight.shape[0]), dtype=x.dtype,
                                                       device=dev)
-        for i, (first, end) in enumerate(pieces):
-            nxt = (layer, i + 1) if i + 1 < len(pieces) else (self.layers[(layer.index + 1) % len(self.layers)], 0)
-            queued = self._stage(*nxt)  # the other slot, once the GEMM that last read it is done
-            self.stream.wait_event(slot.ready)
-            part = torch.nn.functional.linear(flat, slot.view, None if gpu_bias is None else gpu_bias[first:end])
+        whole = []
+
+        def emit(first, end, part):
             if y is None:
-                y = part
+                whole.append(part)
             else:
                 y[:, first:end].copy_(part)
-            slot.free.record(self.stream)
-            slot = queued
-        self.ahead = slot
+
+        streamer.multiply(flat, layer, gpu_bias, emit)
+        y = whole[0] if y is None else y
         out = torch.empty(y.shape, dtype=y.dtype, pin_memory=True)
         out.copy_(y, non_blocking=True)
         copied = streams.Event()
-        copied.record(self.stream)
+        copied.record(streamer.stream)
         copied.synchronize()  # the result is back; the next piece may still be on its way
         self._first_use(x)
         return out.view(*x.shape[:-1], y.shape[-1])
-
-    def _stage(self, layer: LayerChoice, piece: int) -> Slot:
-        """Queue the copy of ``layer``'s piece ``piece`` into the next slot, on the copy stream, behind
-        the last GEMM that read that slot."""
-        import torch
-
-        slot = self.slots[self.turn]
-        self.turn ^= 1
-        first, end = layer.pieces[piece]
-        w = layer.weight
-        rows = w[first:end]
-        slot.view = slot.buffer[:rows.numel() * rows.element_size()].view(w.dtype).view(rows.shape)
-        self.copies.wait_event(slot.free)
-        torch.cuda.set_stream(self.copies)
-        try:
-            slot.view.copy_(rows, non_blocking=True)
-            slot.ready.record(self.copies)
-        finally:
-            torch.cuda.set_stream(self.stream)
-        slot.key = (layer.index, piece)
-        return slot
 
     def _first_use(self, x) -> None:
         if not self.used:
@@ -190,7 +159,7 @@ class GpuSide:
     def _memory_held(self) -> str:
         """The GPU memory this process holds, for the log: what nvidia-smi reports for it (context
         included) and what PyTorch's allocator reserved."""
-        if self.device is None or self.device.type != "cuda":
+        if getattr(self.device, "type", None) != "cuda":
             return ""
         import subprocess
 
@@ -217,9 +186,39 @@ class GpuSide:
 
     def fail(self, what: str, exc: BaseException) -> None:
         self.device = None
-        self.ahead = None
+        if self.streamer is not None:
+            self.streamer.forget()
         log.warning("hetero_shim: CPU rank keeps its linear layers on the CPU: %s failed (%s: %s)", what,
                     type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+
+
+class ServedSide(GpuSide):
+    """Large-token linear layers computed by the next pipeline stage's GPU rank
+    (collectives/gemm_channel.py): no CUDA context in this process."""
+
+    def __init__(self, min_tokens: int, rank: int) -> None:
+        super().__init__(min_tokens, gemm_channel.NEXT_STAGE)
+        self.rank, self.client = rank, None
+
+    def open(self, max_tokens: int) -> None:
+        from hetero_shim.collectives import weight_stream
+
+        weight_stream.cut_into_pieces(self.layers, settings.cpu_gemm_chunk_bytes())
+        self.client = gemm_channel.open_client(self.layers, max_tokens, self.rank)
+        self.device = gemm_channel.NEXT_STAGE
+        log.info("hetero_shim: CPU rank %d: linear layers of steps with >= %d tokens are computed by the next "
+                 "stage's rank: %d layers, %.2f GiB of weights in shared memory (%s=0 keeps them on the CPU)",
+                 self.rank, self.min_tokens, len(self.layers), self.client.size / (1 << 30), settings.CPU_GEMM_ON_GPU)
+
+    def linear(self, x, layer: LayerChoice, bias):
+        out = self.client.linear(x, layer.index, bias)
+        self._first_use(x)
+        return out
+
+    def fail(self, what: str, exc: BaseException) -> None:
+        super().fail(what, exc)
+        if self.client is not None:
+            self.client.fail(what)
 
 
 class LayerChoice:
@@ -248,30 +247,6 @@ class LayerChoice:
         return got
 
 
-class Slot:
-    """A GPU buffer for a piece of weight: which piece it holds, and events for when its copy is done
-    and when the last GEMM that read it is done."""
-
-    def __init__(self, buffer) -> None:
-        from torch.cuda import streams
-
-        self.buffer, self.view, self.key = buffer, None, None
-        self.ready, self.free = streams.Event(), streams.Event()
-
-
-def cut_into_pieces(layers: list, chunk_bytes: int | None) -> int:
-    """Set each layer's ``pieces`` (row ranges of at most ``chunk_bytes``, at least one row; the
-    whole weight when None) and return the bytes a slot needs for the largest piece."""
-    largest = 0
-    for layer in layers:
-        n, k = layer.weight.shape
-        row = k * layer.weight.element_size()
-        rows = n if chunk_bytes is None else max(1, min(n, chunk_bytes // row))
-        layer.pieces = [(first, min(first + rows, n)) for first in range(0, n, rows)]
-        largest = max(largest, rows * row)
-    return largest
-
-
 _side: GpuSide | None = None
 _revealed_to_driver = False
 
@@ -281,7 +256,7 @@ def reveal_to_driver() -> None:
     driver reads when it initialises, names that GPU; Python's os.environ keeps it hidden."""
     global _revealed_to_driver
     entry = os.environ.get(settings.CPU_RANK_GPU, "").strip()
-    if _revealed_to_driver or not entry or entry == STAND_IN:
+    if _revealed_to_driver or not entry or entry in (STAND_IN, gemm_channel.NEXT_STAGE):
         return
     import ctypes
 
@@ -296,8 +271,16 @@ def side() -> GpuSide | None:
     if _side is None and run_state.current().cpu_rank:
         entry = os.environ.get(settings.CPU_RANK_GPU, "").strip()
         tokens = settings.cpu_gemm_on_gpu_tokens()
-        usable = entry == STAND_IN or (entry and _revealed_to_driver and not versions.is_cpu_build())
-        if usable and tokens is not None:
+        if tokens is None:
+            return None
+        if entry == gemm_channel.NEXT_STAGE:
+            import torch.distributed as dist
+
+            rank = dist.get_rank()
+            plan = run_state.plan()
+            if plan is not None and rank + plan.world_size // plan.pp_size < plan.world_size:
+                _side = ServedSide(tokens, rank)
+        elif entry == STAND_IN or (entry and _revealed_to_driver and not versions.is_cpu_build()):
             _side = GpuSide(tokens, entry)
     return _side
 
@@ -320,7 +303,7 @@ def open_gpu_after_warm_up(wrapped, instance, args, kwargs):
     gpu = side()
     if gpu is not None and gpu.layers and gpu.device is None:
         try:
-            gpu.open()
+            gpu.open(instance.vllm_config.scheduler_config.max_num_batched_tokens)
         except Exception as exc:  # noqa: BLE001 - any failure leaves the rank on its CPU kernels
             gpu.fail(f"opening GPU {gpu.device_entry}", exc)
     return result

@@ -15,6 +15,8 @@ rank. So, with GPU and CPU ranks in the world:
 - a receiving CUDA rank (a GPU stage after a GPU stage) gets host tensors and copies them to
   its device after the receive completes (one more post-processing step, after vLLM's own).
 CPU-only worlds (no GPU ranks) and GPU-only worlds are left alone: vLLM's own paths serve them.
+A GPU rank whose previous stage is a CPU stage computes that stage's large linear layers while it
+waits for its activations (``collectives/gemm_channel.py``); both sides count the steps here.
 Only the last stage samples; the other stages get the sampled tokens from the scheduler
 (``CachedRequestData.new_token_ids``, filled because heterogeneous mode with GPU ranks turns
 async scheduling off), so no other tensor crosses between stages.
@@ -25,8 +27,11 @@ Remove when: vLLM supports pipeline stages on different devices (not as of 0.33.
 
 from __future__ import annotations
 
-from hetero_shim import run_state
+import os
+
+from hetero_shim import run_state, settings
 from hetero_shim.arguments import NO_PARAMS, Params
+from hetero_shim.collectives import gemm_channel
 from hetero_shim.registry import Fact, Patch
 
 WHY = "gloo has no CUDA send/recv; vLLM sends CUDA IntermediateTensors over the device group"
@@ -52,12 +57,32 @@ def rows(release: str) -> tuple[Patch, ...]:
     )
 
 
+_serve_mode: list = []  # [None | "gpu" | "stand-in"], decided at the first receive
+
+
+def _serving() -> str | None:
+    """Whether this rank may compute the previous stage's large linear layers: "gpu" (a GPU rank,
+    HETERO_SHIM_CPU_GEMM_ON_GPU and _VIA as by default), "stand-in" (a CPU rank told to stand in,
+    tests on machines without a GPU) or None."""
+    if not _serve_mode:
+        state = run_state.current()
+        mode = None
+        if state.plan is not None and state.plan.pp_size > 1:
+            if state.cpu_rank:
+                mode = "stand-in" if os.environ.get(settings.CPU_RANK_GPU) == gemm_channel.NEXT_STAGE else None
+            elif settings.cpu_gemm_on_gpu_wanted(pipeline=True) and settings.cpu_gemm_via() != "own":
+                mode = "gpu"
+        _serve_mode.append(mode)
+    return _serve_mode[0]
+
+
 def _this_rank_is_cuda(group) -> bool:
     return getattr(getattr(group, "device", None), "type", None) == "cuda"
 
 
 def stage_cuda_tensors_on_host(wrapped, instance, args, kwargs):
     """isend_tensor_dict: CUDA tensors are sent as pinned host copies."""
+    gemm_channel.before_send()
     if not (run_state.current().mixed and _this_rank_is_cuda(instance)):
         return wrapped(*args, **kwargs)
     import torch
@@ -76,7 +101,14 @@ def stage_cuda_tensors_on_host(wrapped, instance, args, kwargs):
 
 
 def received_tensors_to_device(wrapped, instance, args, kwargs):
-    """irecv_tensor_dict on a CUDA rank: host tensors from the previous stage move to this device."""
+    """irecv_tensor_dict on a CUDA rank: host tensors from the previous stage move to this device.
+    Before the wait, this rank computes the previous (CPU) stage's large linear layers, if it asks."""
+    serve = _serving()
+    if serve is not None:
+        import torch
+
+        device = instance.device if _this_rank_is_cuda(instance) else torch.device("cpu")
+        gemm_channel.before_receive(run_state.plan(), instance.rank, device, stand_in=serve == "stand-in")
     result = wrapped(*args, **kwargs)
     if not (run_state.current().mixed and _this_rank_is_cuda(instance)):
         return result

@@ -215,8 +215,9 @@ def _pipeline_split(config, kinds: tuple[str, ...], gpu_layers: int | None) -> l
 
         from hetero_shim.planning.layer_costs import cpu_ranks_on_each_gpu, gpu_layer_costs
 
-        sharing = cpu_ranks_on_each_gpu(kinds.count("cpu"), kinds.count("gpu"))
-        costs = gpu_layer_costs(config, current_platform.get_device_total_memory(0), cpu_ranks_on_gpu=sharing)
+        own, served = cpu_ranks_on_each_gpu(kinds)
+        costs = gpu_layer_costs(config, current_platform.get_device_total_memory(0), cpu_ranks_on_gpu=own,
+                                served_on_gpu=served)
         detail = costs.describe()
         # an explicit count is refused only when its weights alone cannot fit; the KV reserve is an estimate
         fits = costs.fits(with_kv=gpu_layers is None)

@@ -22,6 +22,7 @@ import os
 
 from hetero_shim import affinity, main_guard, run_state, settings, versions
 from hetero_shim.arguments import Params
+from hetero_shim.collectives import gemm_channel
 from hetero_shim.logs import log
 from hetero_shim.planning.plan import format_id_list
 from hetero_shim.registry import Fact, Patch
@@ -85,12 +86,15 @@ def rank_environment(rank: int) -> dict[str, str]:
 
 def gpu_for_large_steps(plan, rank: int) -> dict[str, str]:
     """The GPU a CPU rank's large-token linear layers may use (patches/per_step/cpu_gemm_on_gpu.py; by
-    default in pipeline mode only): the GPU ranks' devices in turn, named as the engine core's
+    default in pipeline mode only): the next stage's GPU rank computes them where the CPU rank's stage
+    is followed by a GPU stage (collectives/gemm_channel.py); otherwise the GPU ranks' devices in turn, named as the engine core's
     CUDA_VISIBLE_DEVICES names them. The rank still starts with its GPUs hidden from Python (above); at its start only the
     CUDA driver is shown this one, and PyTorch's NVML-based availability check, which reads Python's
     environment, keeps telling vLLM's CPU code (and Triton) that there is no GPU."""
     if plan.gpu_ranks < 1 or not settings.cpu_gemm_on_gpu_wanted(pipeline=plan.pp_size > 1):
         return {}
+    if settings.cpu_gemm_via() != "own" and gemm_channel.server_rank(plan, rank) is not None:
+        return {settings.CPU_RANK_GPU: gemm_channel.NEXT_STAGE}  # no GPU in this process at all
     index = plan.cpu_index(rank) % plan.gpu_ranks
     visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
     device = visible[index] if index < len(visible) else str(index)

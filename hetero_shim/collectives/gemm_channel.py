@@ -1,0 +1,446 @@
+"""A CPU pipeline stage's large linear layers computed by the next stage's GPU rank.
+
+Why: a CPU rank that opened a GPU itself for its prefill steps held a CUDA context there (0.77 GiB
+on the H200 besides its weight buffers), which the layer split must charge to the GPU stage: 2-5
+fewer layers on the GPU, every decode step slower. The next stage's GPU rank has a context already,
+and while the CPU stage computes a step it only waits for that step's activations. So the CPU rank
+(the *client*) puts its linear weights in shared memory, and for each large-token call writes the
+input there and waits; the GPU rank (the *server*), inside its wait for the CPU stage's activations,
+streams the weights to its GPU (weight_stream) and writes the result back.
+
+Segment: a ``memfd`` of the CPU rank (anonymous shared memory, so /dev/shm's size does not limit
+it; its pages are reserved with ``posix_fallocate`` for a clean error when memory is short), found
+by the GPU rank through a small file ``/dev/shm/hetero_shim_<uid>_gemm_<engine core pid>_<cpu rank>``
+holding "pid fd size" (both ranks are children of the engine core), which the GPU rank removes once
+it opened ``/proc/<pid>/fd/<fd>``; the CPU rank removes it at exit if no GPU rank came. The GPU rank
+registers the whole segment with CUDA (``cudaHostRegister``), so weights cross at pinned speed.
+
+Layout::
+
+    header   4 KiB: int64 words, each on its own 64-byte line (MAGIC .. SERVER_PID below)
+    table    1 MiB: JSON: per layer the weight's offset, shape, dtype and row pieces; the regions
+    x        max_num_batched_tokens x the largest input width: a request's activations
+    bias     the largest output width: a request's bias
+    y        max_num_batched_tokens x the largest output width: the result, piece after piece
+             (piece [first, end) of output columns as a contiguous [tokens, end - first] block)
+    weights  each layer's weight, 4 KiB aligned
+
+Protocol: the client writes x (and bias), LAYER, TOKENS, BIAS, then REQUEST = n; the server
+computes and writes y, then ANSWER = n (after its stream is synchronised). Pipeline steps are
+matched by count: the client publishes SENDS = its pipeline sends so far before each send; a GPU
+rank at its k-th receive serves requests until SENDS >= k, then receives as vLLM would. Memory
+ordering: x86-64 TSO, as in ``shm.py`` (data written, then the 8-byte aligned flag stored;
+readers load the flag first).
+
+Failures never change a result: the client falls back to vLLM's CPU kernel (``STATE`` FAILED, the
+server stops serving) when the server reports a failure, when no answer came within
+``HETERO_SHIM_CPU_GEMM_SERVED_TIMEOUT`` seconds (default 60), or when the server process is gone;
+the server stops serving (the CPU rank then computes on its own) when the client is gone or idle
+that long inside one wait.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import time
+
+from hetero_shim import settings
+from hetero_shim.logs import log
+
+#: HETERO_SHIM_CPU_RANK_GPU of a CPU rank whose large steps the next stage's rank computes
+NEXT_STAGE = "next-stage"
+HEADER_BYTES = 4096
+TABLE_BYTES = 1 << 20
+ALIGN = 4096
+LINE = 8  # int64 words per 64-byte line
+MAGIC_VALUE = 0x6873676D6D  # "hsgmm"
+MAGIC, REQUEST, ANSWER, SENDS, STATE, LAYER, TOKENS, BIAS, CLIENT_PID, SERVER_PID = (i * LINE for i in range(10))
+OPEN, FAILED = 0, 1
+DTYPES = ("float32", "bfloat16", "float16")
+
+_sends = 0  # this process's pipeline sends so far (a CPU stage's rank)
+_receives = 0  # this process's pipeline receives so far (the next stage's rank)
+_client: GemmClient | None = None
+_server: GemmServer | None = None
+_server_gone = False  # stop looking for a client after a failure
+
+
+def path_for(client_rank: int) -> str:
+    return f"/dev/shm/hetero_shim_{os.getuid()}_gemm_{os.getppid()}_{client_rank}"
+
+
+def server_rank(plan, rank: int) -> int | None:
+    """The rank that computes ``rank``'s large steps: the next stage's rank of the same TP index, if
+    ``rank`` is a CPU rank of a pipeline and that rank is a GPU rank."""
+    if plan is None or plan.pp_size < 2 or plan.kind(rank) != "cpu":
+        return None
+    tp = plan.world_size // plan.pp_size
+    nxt = rank + tp
+    return nxt if nxt < plan.world_size and plan.kind(nxt) == "gpu" else None
+
+
+def client_rank(plan, rank: int, stand_in: bool = False) -> int | None:
+    """The CPU rank whose large steps ``rank`` computes (the previous stage's rank of the same TP
+    index), if any; ``stand_in``: a CPU rank serves too (tests on machines without a GPU)."""
+    if plan is None or plan.pp_size < 2:
+        return None
+    tp = plan.world_size // plan.pp_size
+    prev = rank - tp
+    if prev < 0 or plan.kind(prev) != "cpu" or (plan.kind(rank) != "gpu" and not stand_in):
+        return None
+    return prev
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (an exited process not yet reaped by its parent counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+    except (OSError, IndexError):
+        return True
+
+
+def _timeout() -> float:
+    return float(settings.cpu_gemm_served_timeout())
+
+
+class _Segment:
+    """The mapped segment: header words, regions as torch views."""
+
+    def __init__(self, mm: mmap.mmap, table: dict) -> None:
+        import torch
+
+        self.mm, self.table = mm, table
+        self.words = memoryview(mm)[:HEADER_BYTES].cast("q")
+        self.bytes = torch.frombuffer(mm, dtype=torch.uint8)
+
+    def region(self, name: str, nbytes: int, dtype):
+        off, size = self.table[name]
+        if nbytes > size:
+            raise RuntimeError(f"{name}: {nbytes} bytes asked, the segment holds {size}")
+        return self.bytes[off:off + nbytes].view(dtype)
+
+
+def _layout(layers: list, max_tokens: int) -> tuple[dict, int]:
+    def up(n: int) -> int:
+        return -(-n // ALIGN) * ALIGN
+
+    elem = max(layer.weight.element_size() for layer in layers)
+    widest_in = max(layer.weight.shape[1] for layer in layers)
+    widest_out = max(layer.weight.shape[0] for layer in layers)
+    table: dict = {}
+    at = HEADER_BYTES + TABLE_BYTES
+    for name, size in (("x", max_tokens * widest_in * elem), ("bias", widest_out * elem),
+                       ("y", max_tokens * widest_out * elem)):
+        table[name] = (at, size)
+        at += up(size)
+    entries = []
+    for layer in layers:
+        w = layer.weight
+        entries.append({"offset": at, "shape": list(w.shape), "dtype": str(w.dtype).removeprefix("torch."),
+                        "pieces": [list(p) for p in layer.pieces]})
+        at += up(w.numel() * w.element_size())
+    table["layers"] = entries
+    table["max_tokens"] = max_tokens
+    return table, at
+
+
+class GemmClient:
+    """The CPU rank's side: the segment with its weights; :meth:`linear` asks the server."""
+
+    def __init__(self, layers: list, max_tokens: int, rank: int) -> None:
+        """``layers``: objects with ``weight`` (a CPU tensor) and ``pieces``; each ``weight`` is
+        replaced by its copy in the segment."""
+        table, size = _layout(layers, max_tokens)
+        fd = os.memfd_create("hetero_shim_gemm")
+        try:
+            os.ftruncate(fd, size)
+            os.posix_fallocate(fd, 0, size)
+            mm = mmap.mmap(fd, size)
+        except OSError as exc:
+            os.close(fd)
+            raise RuntimeError(f"could not reserve {size / (1 << 30):.2f} GiB of shared memory for the weights "
+                               f"({exc})") from None
+        self.fd, self.size, self.rank = fd, size, rank
+        seg = self.seg = _Segment(mm, table)
+        for layer, entry in zip(layers, table["layers"]):
+            w = layer.weight
+            view = seg.bytes[entry["offset"]:entry["offset"] + w.numel() * w.element_size()].view(w.dtype)
+            layer.weight = view.view(w.shape).copy_(w)
+        text = json.dumps(table).encode()
+        if len(text) > TABLE_BYTES:
+            raise RuntimeError(f"the layer table takes {len(text)} bytes, more than {TABLE_BYTES}")
+        mm[HEADER_BYTES:HEADER_BYTES + len(text)] = text
+        w = seg.words
+        w[SENDS], w[STATE], w[CLIENT_PID], w[REQUEST], w[ANSWER] = _sends, OPEN, os.getpid(), 0, 0
+        w[MAGIC] = MAGIC_VALUE
+        self.path = path_for(rank)
+        tmp = f"{self.path}.{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.write(f"{os.getpid()} {fd} {size} {len(text)}")
+        os.replace(tmp, self.path)
+        self.requests = 0
+        self.failed: str | None = None
+
+    def note_send(self, sends: int) -> None:
+        self.seg.words[SENDS] = sends
+
+    def linear(self, x, index: int, bias):
+        """``x @ weight[index].T + bias`` computed by the server; raises RuntimeError when it cannot
+        (the caller then computes on the CPU from now on)."""
+        import torch
+
+        w = self.seg.words
+        if w[STATE] != OPEN:
+            raise RuntimeError("the next stage's rank stopped computing for this rank")
+        entry = self.seg.table["layers"][index]
+        n, k = entry["shape"]
+        dtype = getattr(torch, entry["dtype"])
+        elem = torch.empty((), dtype=dtype).element_size()
+        flat = x.reshape(-1, k)
+        m = flat.shape[0]
+        self.seg.region("x", m * k * elem, dtype).view(m, k).copy_(flat)
+        if bias is not None:
+            self.seg.region("bias", n * elem, dtype).copy_(bias)
+        w[LAYER], w[TOKENS], w[BIAS] = index, m, int(bias is not None)
+        self.requests += 1
+        w[REQUEST] = self.requests
+        self._wait(self.requests)
+        y = self.seg.region("y", m * n * elem, dtype)
+        parts = [y[m * first:m * end].view(m, end - first) for first, end in entry["pieces"]]
+        out = parts[0].clone() if len(parts) == 1 else torch.cat(parts, dim=1)
+        return out.view(*x.shape[:-1], n)
+
+    def _wait(self, request: int) -> None:
+        w = self.seg.words
+        start = last_check = time.monotonic()
+        limit = _timeout()
+        spins = 0
+        while w[ANSWER] != request:
+            if w[STATE] != OPEN:
+                raise RuntimeError("the next stage's rank failed to compute a linear layer (its log says why)")
+            spins += 1
+            if spins > 2000:
+                time.sleep(0.00005)
+            else:
+                os.sched_yield()
+            now = time.monotonic()
+            if now - last_check > 0.5:
+                last_check = now
+                server = w[SERVER_PID]
+                if server and not _alive(server):
+                    self.fail("the next stage's rank is gone")
+                    raise RuntimeError("the next stage's rank is gone")
+                if not server and not os.path.exists(self.path):
+                    self.fail("the next stage's rank could not open this rank's weights")
+                    raise RuntimeError("the next stage's rank could not open this rank's weights (its log says why)")
+                if now - start > limit:
+                    self.fail(f"no answer within {limit:.0f} s")
+                    raise RuntimeError(f"the next stage's rank did not answer within {limit:.0f} s "
+                                       f"({settings.CPU_GEMM_SERVED_TIMEOUT})")
+
+    def fail(self, why: str) -> None:
+        self.failed = why
+        self.seg.words[STATE] = FAILED
+
+    def close(self) -> None:
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
+class GemmServer:
+    """The next stage's side: the client's segment, mapped and registered with CUDA; serves requests
+    while this rank waits for the client's pipeline send."""
+
+    def __init__(self, path: str, device) -> None:
+        import torch
+
+        from hetero_shim.collectives import weight_stream
+
+        with open(path) as f:
+            pid, fd, size, table_len = (int(v) for v in f.read().split())
+        handle = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDWR)
+        try:
+            mm = mmap.mmap(handle, size)
+        finally:
+            os.close(handle)
+        table = json.loads(bytes(mm[HEADER_BYTES:HEADER_BYTES + table_len]))
+        seg = self.seg = _Segment(mm, table)
+        if seg.words[MAGIC] != MAGIC_VALUE:
+            raise RuntimeError(f"{path} does not name a hetero_shim GEMM segment")
+        self.device, self.client_pid, self.registered = device, pid, False
+        self.layers = [_ServedLayer(i, seg, entry) for i, entry in enumerate(table["layers"])]
+        self.answered = seg.words[ANSWER]  # a request the client made before this server existed is pending
+        self.streamer = None
+        if device.type == "cuda":
+            cudart = torch.cuda.cudart()
+            err = cudart.cudaHostRegister(seg.bytes.data_ptr(), size, 0)
+            if err != cudart.cudaError.success:
+                from hetero_shim.collectives.shm import _clear_cuda_error
+
+                _clear_cuda_error()
+                seg.words[STATE] = FAILED
+                raise RuntimeError(f"cudaHostRegister of {size / (1 << 30):.2f} GiB failed ({err})")
+            self.registered = True
+            slot = max(layer.weight.shape[1] * layer.weight.element_size() * (end - first)
+                       for layer in self.layers for first, end in layer.pieces)
+            self.streamer = weight_stream.WeightStreamer(device, self.layers, slot)
+        seg.words[SERVER_PID] = os.getpid()
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        log.info("hetero_shim: rank serving the linear layers of large steps of the CPU stage (pid %d) on %s: "
+                 "%d layers, %.2f GiB of shared memory%s", pid, device, len(self.layers), size / (1 << 30),
+                 " registered with CUDA" if self.registered else "")
+
+    def serve_until(self, sends: int) -> bool:
+        """Serve requests until the client published ``sends`` pipeline sends. False: the channel is
+        closed (failed, client gone or idle too long); the caller then stops using this server."""
+        w = self.seg.words
+        limit = _timeout()
+        idle_since = last_check = time.monotonic()
+        spins = 0
+        while w[SENDS] < sends:
+            if w[STATE] != OPEN:
+                return False
+            request = w[REQUEST]
+            if request != self.answered:
+                if not self._serve(request):
+                    return False
+                idle_since, spins = time.monotonic(), 0
+                continue
+            spins += 1
+            if spins > 2000:
+                time.sleep(0.00005)
+            else:
+                os.sched_yield()
+            now = time.monotonic()
+            if now - last_check > 0.5:
+                last_check = now
+                if not _alive(self.client_pid):
+                    return False
+                if now - idle_since > limit:
+                    log.warning("hetero_shim: the CPU stage sent neither a request nor its step within %.0f s; "
+                                "this rank stops computing its linear layers", limit)
+                    w[STATE] = FAILED
+                    return False
+        return True
+
+    def _serve(self, request: int) -> bool:
+        import torch
+
+        w = self.seg.words
+        try:
+            layer = self.layers[w[LAYER]]
+            m, with_bias = w[TOKENS], w[BIAS]
+            n, k = layer.weight.shape
+            dtype = layer.weight.dtype
+            elem = layer.weight.element_size()
+            x = self.seg.region("x", m * k * elem, dtype).view(m, k)
+            bias = self.seg.region("bias", n * elem, dtype) if with_bias else None
+            y = self.seg.region("y", m * n * elem, dtype)
+            if self.streamer is None:  # the stand-in: this rank's own CPU
+                for first, end in layer.pieces:
+                    part = torch.nn.functional.linear(x, layer.weight[first:end],
+                                                      None if bias is None else bias[first:end])
+                    y[m * first:m * end].view(m, end - first).copy_(part)
+            else:
+                self._on_gpu(layer, x, bias, y, m)
+        except Exception as exc:  # noqa: BLE001 - the client computes on the CPU instead
+            log.warning("hetero_shim: computing the CPU stage's linear layer failed (%s: %s); it computes on the CPU "
+                        "from now on", type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+            w[STATE] = FAILED
+            if self.streamer is not None:
+                self.streamer.forget()
+            return False
+        self.answered = request
+        w[ANSWER] = request
+        return True
+
+    def _on_gpu(self, layer, x, bias, y, m: int) -> None:
+        import torch
+
+        streamer, dev = self.streamer, self.device
+        before = torch.cuda.current_stream(dev)
+        torch.cuda.set_stream(streamer.stream)
+        try:
+            flat = x.to(dev, non_blocking=True)
+            gpu_bias = None if bias is None else bias.to(dev, non_blocking=True)
+
+            def emit(first, end, part):
+                y[m * first:m * end].view(m, end - first).copy_(part, non_blocking=True)
+
+            streamer.multiply(flat, layer, gpu_bias, emit)
+            streamer.stream.synchronize()
+        finally:
+            torch.cuda.set_stream(before)
+
+
+class _ServedLayer:
+    """A layer as the server sees it: its weight in the segment and its pieces."""
+
+    __slots__ = ("index", "weight", "pieces")
+
+    def __init__(self, index: int, seg: _Segment, entry: dict) -> None:
+        import torch
+
+        n, k = entry["shape"]
+        dtype = getattr(torch, entry["dtype"])
+        nbytes = n * k * torch.empty((), dtype=dtype).element_size()
+        self.index = index
+        self.weight = seg.bytes[entry["offset"]:entry["offset"] + nbytes].view(dtype).view(n, k)
+        self.pieces = [tuple(p) for p in entry["pieces"]]
+
+
+# -- the pipeline hooks (patches/per_step/pipeline_transfer.py) -------------------------------------------
+def open_client(layers: list, max_tokens: int, rank: int) -> GemmClient:
+    global _client
+    _client = GemmClient(layers, max_tokens, rank)
+    import atexit
+
+    atexit.register(_client.close)
+    return _client
+
+
+def before_send() -> None:
+    """A CPU stage's rank is about to send a step's activations."""
+    global _sends
+    _sends += 1
+    if _client is not None:
+        _client.note_send(_sends)
+
+
+def before_receive(plan, rank: int, device, stand_in: bool) -> None:
+    """The next stage's rank is about to wait for a step's activations: serve its client meanwhile."""
+    global _receives, _server, _server_gone
+    _receives += 1
+    if _server_gone:
+        return
+    if _server is None:
+        client = client_rank(plan, rank, stand_in)
+        if client is None:
+            _server_gone = True
+            return
+        path = path_for(client)
+        if not os.path.exists(path):
+            return  # the CPU rank has not opened its side (or keeps its layers on the CPU)
+        try:
+            _server = GemmServer(path, device)
+        except Exception as exc:  # noqa: BLE001 - the client sees the file gone and computes on the CPU
+            log.warning("hetero_shim: cannot compute the CPU stage's linear layers here: %s: %s",
+                        type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+            _server_gone = True
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            return
+    if not _server.serve_until(_receives):
+        _server_gone = True

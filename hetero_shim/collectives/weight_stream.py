@@ -1,0 +1,99 @@
+"""Linear layers computed on a GPU whose weights stay in host memory: each weight crosses PCIe in
+pieces of whole rows through two GPU buffers, a piece's copy queued on a copy stream while the GPU
+multiplies the piece before, and after a layer's last piece the next layer's first (load order is
+the order a forward pass calls them), so that it crosses while the host works between the layers.
+
+Used by a CPU pipeline stage's large steps (``patches/per_step/cpu_gemm_on_gpu.py``): in the CPU
+rank's own process (weights page-locked there), or in the next stage's GPU rank, which reads the
+weights from the CPU rank's shared memory (``collectives/gemm_channel.py``).
+
+The GPU memory held is the two buffers (``HETERO_SHIM_CPU_GEMM_CHUNK_MIB`` each, or the largest
+weight) and each call's activations. Results equal one ``torch.nn.functional.linear`` of the whole
+weight up to the GEMM's own rounding: each output column is one dot product over the same inputs.
+"""
+
+from __future__ import annotations
+
+
+def cut_into_pieces(layers: list, chunk_bytes: int | None) -> int:
+    """Set each layer's ``pieces`` (row ranges of at most ``chunk_bytes``, at least one row; the
+    whole weight when None) and return the bytes a buffer needs for the largest piece."""
+    largest = 0
+    for layer in layers:
+        n, k = layer.weight.shape
+        row = k * layer.weight.element_size()
+        rows = n if chunk_bytes is None else max(1, min(n, chunk_bytes // row))
+        layer.pieces = [(first, min(first + rows, n)) for first in range(0, n, rows)]
+        largest = max(largest, rows * row)
+    return largest
+
+
+class Slot:
+    """A GPU buffer for a piece of weight: which piece it holds, and events for when its copy is done
+    and when the last GEMM that read it is done."""
+
+    def __init__(self, buffer) -> None:
+        from torch.cuda import streams
+
+        self.buffer, self.view, self.key = buffer, None, None
+        self.ready, self.free = streams.Event(), streams.Event()
+
+
+class WeightStreamer:
+    """Two buffers on ``device`` and the streams that fill and read them, for ``layers`` (objects with
+    ``weight``: a host tensor, page-locked or registered with CUDA; ``pieces``; ``index``: the
+    position in ``layers``). Call :meth:`multiply` with this streamer's ``stream`` current."""
+
+    def __init__(self, device, layers: list, slot_bytes: int) -> None:
+        import torch
+        from torch.cuda import streams
+
+        self.device, self.layers = device, layers
+        self.stream = streams.Stream(device=device)
+        self.copies = streams.Stream(device=device)
+        self.slots = [Slot(torch.empty(slot_bytes, dtype=torch.uint8, device=device)) for _ in range(2)]
+        self.turn = 0  # the slot the next piece goes to
+        self.ahead: Slot | None = None  # the next layer's first piece, queued behind the last result
+
+    def multiply(self, flat, layer, bias, emit) -> None:
+        """``flat @ layer.weight.T + bias`` piece by piece (``flat``, ``bias`` on the device):
+        ``emit(first, end, part)`` for each piece of output columns, in order, on ``self.stream``."""
+        import torch
+
+        ahead, self.ahead = self.ahead, None
+        slot = ahead if ahead is not None and ahead.key == (layer.index, 0) else self._stage(layer, 0)
+        pieces = layer.pieces
+        for i, (first, end) in enumerate(pieces):
+            following = self.layers[(layer.index + 1) % len(self.layers)]
+            queued = self._stage(layer, i + 1) if i + 1 < len(pieces) else self._stage(following, 0)
+            self.stream.wait_event(slot.ready)
+            part = torch.nn.functional.linear(flat, slot.view, None if bias is None else bias[first:end])
+            emit(first, end, part)
+            slot.free.record(self.stream)
+            slot = queued
+        self.ahead = slot
+
+    def forget(self) -> None:
+        """The next call finds nothing queued (after a failure, or when the weights were replaced)."""
+        self.ahead = None
+
+    def _stage(self, layer, piece: int) -> Slot:
+        """Queue the copy of ``layer``'s piece ``piece`` into the next slot, on the copy stream, behind
+        the last GEMM that read that slot."""
+        import torch
+
+        slot = self.slots[self.turn]
+        self.turn ^= 1
+        first, end = layer.pieces[piece]
+        w = layer.weight
+        rows = w[first:end]
+        slot.view = slot.buffer[:rows.numel() * rows.element_size()].view(w.dtype).view(rows.shape)
+        self.copies.wait_event(slot.free)
+        torch.cuda.set_stream(self.copies)
+        try:
+            slot.view.copy_(rows, non_blocking=True)
+            slot.ready.record(self.copies)
+        finally:
+            torch.cuda.set_stream(self.stream)
+        slot.key = (layer.index, piece)
+        return slot

@@ -1,0 +1,126 @@
+"""The channel through which the next pipeline stage's rank computes a CPU stage's large linear layers
+(hetero_shim/collectives/gemm_channel.py): who serves whom, and the protocol between two real
+processes (the server standing in on the CPU, as on machines without a GPU)."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import time
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from hetero_shim.collectives import gemm_channel as gc  # noqa: E402
+from hetero_shim.collectives import weight_stream  # noqa: E402
+from hetero_shim.planning.plan import RankPlan  # noqa: E402
+
+SHAPES = ((96, 32), (40, 96), (7, 32))  # (out, in); a 1 KiB chunk cuts the first two into pieces
+STEPS = 3
+
+
+def test_the_next_stages_gpu_rank_serves_a_cpu_stage():
+    cpu_first = RankPlan(world_size=2, gpu_ranks=1, cpu_first=True, pp_size=2, layers=(12, 20))
+    assert gc.server_rank(cpu_first, 0) == 1 and gc.client_rank(cpu_first, 1) == 0
+    assert gc.server_rank(cpu_first, 1) is None and gc.client_rank(cpu_first, 0) is None
+    gpu_first = RankPlan(world_size=2, gpu_ranks=1, pp_size=2, layers=(20, 12))
+    assert gc.server_rank(gpu_first, 1) is None and gc.client_rank(gpu_first, 1) is None
+    # TP=2 per stage: each CPU rank is served by the GPU rank of its TP index
+    wide = RankPlan(world_size=4, gpu_ranks=2, cpu_first=True, pp_size=2, layers=(12, 20))
+    assert [gc.server_rank(wide, r) for r in range(4)] == [2, 3, None, None]
+    assert [gc.client_rank(wide, r) for r in range(4)] == [None, None, 0, 1]
+    all_cpu = RankPlan(world_size=2, gpu_ranks=0, pp_size=2, layers=(1, 1))
+    assert gc.client_rank(all_cpu, 1) is None and gc.client_rank(all_cpu, 1, stand_in=True) == 0
+    assert gc.server_rank(RankPlan(world_size=2, gpu_ranks=1), 1) is None  # tensor parallelism: nobody
+
+
+class _Layer:
+    def __init__(self, weight):
+        self.weight = weight
+
+
+def _weights():
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randn(n, k, generator=gen) for n, k in SHAPES]
+
+
+def _client(queue, kill_server_after: int | None):
+    gen = torch.Generator().manual_seed(1)
+    layers = [_Layer(w) for w in _weights()]
+    weight_stream.cut_into_pieces(layers, 1024)
+    client = gc.open_client(layers, max_tokens=16, rank=0)
+    worst, failure = 0.0, None
+    try:
+        for step in range(STEPS):
+            for index, w in enumerate(_weights()):
+                if kill_server_after is not None and step * len(SHAPES) + index == kill_server_after:
+                    queue.put(("kill", None))
+                    time.sleep(0.2)
+                x = torch.randn(2, 5, w.shape[1], generator=gen)
+                bias = torch.randn(w.shape[0], generator=gen) if index != 1 else None
+                got = client.linear(x, index, bias)
+                want = torch.nn.functional.linear(x, w, bias)
+                assert got.shape == want.shape
+                worst = max(worst, ((got - want).abs().max() / want.abs().max()).item())
+            gc.before_send()
+    except RuntimeError as exc:
+        failure = str(exc)
+    queue.put(("done", {"worst": worst, "failure": failure, "requests": client.requests,
+                        "file_left": os.path.exists(client.path)}))
+
+
+def _server(queue):
+    plan = RankPlan(world_size=2, gpu_ranks=0, pp_size=2, layers=(1, 1))
+    path = gc.path_for(0)
+    deadline = time.monotonic() + 30
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    for _ in range(STEPS):
+        gc.before_receive(plan, 1, torch.device("cpu"), stand_in=True)
+    queue.put(("served", gc._server.answered if gc._server else None))
+
+
+def _run(kill_server_after=None):
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    client = ctx.Process(target=_client, args=(queue, kill_server_after))
+    server = ctx.Process(target=_server, args=(queue,))
+    client.start()
+    server.start()
+    got = {}
+    try:
+        while "done" not in got or ("served" not in got and "kill" not in got):
+            kind, value = queue.get(timeout=60)
+            got[kind] = value
+            if kind == "kill":
+                server.kill()
+    finally:
+        client.join(30)
+        server.join(30)
+        for p in (client, server):
+            if p.is_alive():
+                p.kill()
+    return got
+
+
+def test_a_cpu_stage_gets_its_layers_computed_by_the_next_stage():
+    """Every piece of every layer, with and without bias, over three steps, equals F.linear; the
+    server returns after each step's send; nothing is left in /dev/shm."""
+    got = _run()
+    done = got["done"]
+    assert done["failure"] is None
+    assert done["worst"] < 1e-6  # float32, each piece one GEMM of its rows
+    assert done["requests"] == STEPS * len(SHAPES) and got["served"] == STEPS * len(SHAPES)
+    assert not done["file_left"]
+
+
+def test_a_lost_server_is_noticed_and_the_client_says_so():
+    """The server process killed mid-step: the client's next call fails within a second (the caller
+    then computes on the CPU), instead of waiting for its timeout."""
+    start = time.monotonic()
+    got = _run(kill_server_after=4)
+    done = got["done"]
+    assert done["failure"] and "gone" in done["failure"]
+    assert done["requests"] == 5
+    assert time.monotonic() - start < 30
