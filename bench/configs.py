@@ -242,6 +242,8 @@ VARIANTS = {
     # pipeline mode; in tensor-parallel mode only when asked for), and always on the CPU
     "-gpugemm": {"HETERO_SHIM_CPU_GEMM_ON_GPU": "on"},
     "-cpugemm": {"HETERO_SHIM_CPU_GEMM_ON_GPU": "0"},
+    # those steps computed by the CPU rank's own CUDA context instead of the next stage's GPU rank
+    "-own": {"HETERO_SHIM_CPU_GEMM_VIA": "own"},
     # the pipeline mode as it was before the CPU-first order, GPU-stage graphs and packed GEMM
     "-before": {"HETERO_SHIM_STAGE_ORDER": "gpu-first", "HETERO_SHIM_GPU_STAGE_GRAPHS": "0",
                 "VLLM_CPU_SGL_KERNEL": "0"},
