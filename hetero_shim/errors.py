@@ -49,3 +49,7 @@ class ShmCollectiveError(HeteroShimError, RuntimeError):
 
 class CudaDriverError(HeteroShimError, RuntimeError):
     """A CUDA driver call of the GPU rank's stream-ordered collectives returned an error code."""
+
+
+class ExpertChoiceMismatch(HeteroShimError, RuntimeError):
+    """A rank of a TP group routed another shape of tokens than TP rank 0, whose expert choice it was to use."""

@@ -149,19 +149,24 @@ def routing_warning(vllm_config, plan) -> str | None:
     alike, but a GPU and a CPU rank round the scores differently and break ties their own way, so
     at a (near) tie they may pick different experts for one token and the all-reduce then adds parts
     of different experts. In fp32 that takes a near tie at fp32 rounding; in 16-bit types scores
-    often tie outright."""
+    often tie outright. By default every rank uses TP rank 0's choice (patches/per_step/expert_choice.py),
+    and there is nothing to say; only ``HETERO_SHIM_EXPERT_CHOICE=off`` leaves each rank its own."""
+    from hetero_shim import settings
+
     experts = _num_experts(_text_config(vllm_config.model_config))
-    if not experts or not _tp_groups_mix_kinds(plan):
+    if not experts or not _tp_groups_mix_kinds(plan) or settings.expert_choice() != "off":
         return None
     dtype = str(getattr(vllm_config.model_config, "dtype", "")).removeprefix("torch.")
     if dtype == "float32":
         return None
     return (f"{_architecture(vllm_config.model_config)} is a mixture-of-experts model whose experts are split "
-            f"over GPU and CPU ranks (tensor or expert parallelism) in {dtype or 'a 16-bit type'}: each rank picks "
-            "a token's experts from router scores it computes and ranks with its own kernels, and where scores tie "
-            "or nearly tie a GPU and a CPU rank can pick different experts, so that token's output adds parts of "
-            "different experts. For the outputs a single device would give, use dtype='float32', or pipeline mode "
-            "(pipeline_parallel_size > 1 with tensor_parallel_size=1), where each layer's experts run on one device")
+            f"over GPU and CPU ranks (tensor or expert parallelism) in {dtype or 'a 16-bit type'}, and "
+            f"{settings.EXPERT_CHOICE}=off: each rank picks a token's experts from router scores it computes and "
+            "ranks with its own kernels, and where scores tie or nearly tie a GPU and a CPU rank can pick different "
+            "experts, so that token's output adds parts of different experts. Unset it (default auto: every rank "
+            "uses TP rank 0's choice) for the experts a single device would pick, or use dtype='float32' or "
+            "pipeline mode (pipeline_parallel_size > 1 with tensor_parallel_size=1), where each layer's experts "
+            "run on one device")
 
 
 def check_cpu_ranks_support(vllm_config, *, release: str | None = None, native_kernels: bool | None = None,

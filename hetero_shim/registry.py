@@ -5,8 +5,10 @@ wrapt wrapper ``(wrapped, instance, args, kwargs)``. A post-import hook applies 
 the module is imported, or at once if it already is. Modules that bound the target with
 ``from module import name`` are listed as ``aliases`` and wrapped too. Every wrap is
 recorded with the original it replaced (first original wins) so :func:`remove_all`
-restores each one by identity, in reverse order. A ``hetero_only`` patch (a target vLLM calls
-every step) waits until the process is in heterogeneous mode (:meth:`Ledger.mode_entered`).
+restores each one by identity, in reverse order. Two concerns may wrap one target: the row
+installed first (the earlier in the table) is the inner wrapper; one concern never wraps a target
+twice. A ``hetero_only`` patch (a target vLLM calls every step) waits until the process is in
+heterogeneous mode (:meth:`Ledger.mode_entered`).
 
 Each row also says why it exists, what upstream lacks, when it can go and which facts about
 upstream's source (:class:`Fact`, the compat tripwires) must still hold for it to be needed.
@@ -144,9 +146,9 @@ class Ledger:
     def _apply(self, patch: Patch, module) -> None:
         import wrapt
 
-        key = (module.__name__, patch.name)
+        key = (module.__name__, patch.name, patch.concern)
         if key in self.applied:
-            return  # never double wrap
+            return  # one concern never wraps a target twice
         try:
             parent, attribute, original = wrapt.resolve_path(module, patch.name)
         except (AttributeError, wrapt.PathResolutionError):
@@ -156,12 +158,21 @@ class Ledger:
                 log.warning("hetero_shim: %s; skipped", message)
                 return
             raise PatchTargetMissing(message + "; the patch table does not match this release") from None
-        ours = next((e for e in self.applied.values() if e.handle is original), None)
-        if ours is not None:  # an alias imported after the primary was wrapped holds our wrapper
-            self.applied[key] = _Applied(patch, module.__name__, parent, attribute, ours.original, original)
+        ours = self._wrapper_of(patch.concern, original)
+        if ours is not None:  # an alias imported after the primary was wrapped holds our wrapper(s)
+            self.applied[key] = _Applied(patch, module.__name__, parent, attribute, ours.original, ours.handle)
             return
         handle = wrapt.wrap_function_wrapper(parent, attribute, patch.wrapper)
         self.applied[key] = _Applied(patch, module.__name__, parent, attribute, original, handle)
+
+    def _wrapper_of(self, concern: str, obj) -> _Applied | None:
+        """The entry of ``concern``'s wrapper within ``obj`` when ``obj`` is one of our wrappers (those of
+        several concerns on one target are nested: each entry's original is the next one inside)."""
+        while True:
+            entry = next((e for e in self.applied.values() if e.handle is obj), None)
+            if entry is None or entry.patch.concern == concern:
+                return entry
+            obj = entry.original
 
     # -- undoing --------------------------------------------------------------------
     def remove_all(self) -> list[str]:
@@ -181,13 +192,14 @@ class Ledger:
 
     # -- queries ----------------------------------------------------------------------
     def original(self, site: str, name: str):
-        entry = self.applied.get((site, name))
+        """vLLM's own ``name`` in ``site`` (under every concern's wrapper), or None if it is not wrapped."""
+        entry = next((e for (s, n, _), e in self.applied.items() if s == site and n == name), None)
         return entry.original if entry else None
 
     def describe(self) -> list[dict]:
         rows = []
         for patch in self.patches:
-            applied = [s for s in patch.sites() if (s, patch.name) in self.applied]
+            applied = [s for s in patch.sites() if (s, patch.name, patch.concern) in self.applied]
             rows.append(
                 {
                     "concern": patch.concern,

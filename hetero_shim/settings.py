@@ -25,6 +25,12 @@ FORCE_TABLE = "HETERO_SHIM_VLLM_TABLE"
 HANG_DUMP = "HETERO_SHIM_HANG_DUMP"
 #: Debugging: after each sampling step, check every TP rank holds rank 0's token ids (costs a collective).
 VERIFY_TOKENS = "HETERO_SHIM_VERIFY_TOKENS"
+#: Mixture-of-experts models: which experts the ranks of a TP group compute for a token (each rank routes
+#: with its own kernels; patches/per_step/expert_choice.py): "auto" (default: every rank uses TP rank 0's
+#: choice where the group mixes GPU and CPU ranks), "rank0" (so in every heterogeneous TP group of more
+#: than one rank, all-CPU ones included) or "off" (each rank its own choice).
+EXPERT_CHOICE = "HETERO_SHIM_EXPERT_CHOICE"
+EXPERT_CHOICES = ("auto", "rank0", "off")
 #: How the ranks of a GPU+CPU group meet: "auto" (shared memory when all ranks are on this host,
 #: else gloo), "shm" (shared memory or a clear error), "gloo".
 COLLECTIVES = "HETERO_SHIM_COLLECTIVES"
@@ -234,6 +240,10 @@ def stage_order() -> str:
     return _choice(STAGE_ORDER, STAGE_ORDERS)
 
 
+def expert_choice() -> str:
+    return _choice(EXPERT_CHOICE, EXPERT_CHOICES)
+
+
 def cpu_thread_places() -> str:
     return _choice(CPU_THREAD_PLACES, CPU_THREAD_PLACE_CHOICES)
 
@@ -400,6 +410,7 @@ def check_environment() -> None:
     shm_stream_ops()
     shm_fused_kernel()
     stage_order()
+    expert_choice()
     cpu_thread_places()
     cpu_omp_wait()
     cpu_gemm_on_gpu_tokens()

@@ -16,6 +16,7 @@ from hetero_shim import versions
 from hetero_shim.errors import UnsupportedVllmVersion
 from hetero_shim.patches.per_step import (
     cpu_gemm_on_gpu,
+    expert_choice,
     expert_parallel,
     pipeline_buffers,
     pipeline_transfer,
@@ -35,7 +36,9 @@ from hetero_shim.patches.startup import (
 )
 from hetero_shim.registry import Patch
 
-#: The concern modules, in the order their rows are installed.
+#: The concern modules, in the order their rows are installed (where two wrap one target, the earlier
+#: is the inner wrapper: expert_choice before expert_parallel, whose CPU-routing wrapper maps the ids
+#: that expert_choice made rank 0's).
 CONCERNS = (
     kv_cache_agreement,
     device_option,
@@ -50,6 +53,7 @@ CONCERNS = (
     sampling_sync,
     pipeline_transfer,
     pipeline_buffers,
+    expert_choice,
     expert_parallel,
     cpu_gemm_on_gpu,
 )

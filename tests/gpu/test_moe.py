@@ -3,15 +3,21 @@ hetero_shim.testing.arch_models.write_moe: 16 layers of 48 experts, top-4, hidde
 QK-norm, 16 query / 4 KV heads of 64; 1.32 B params, 4.9 GiB fp32, 2.5 GiB bf16) against GPU-only vLLM
 TP=1 on the same weights, 8 prompts x 32 tokens greedy:
 
-* heterogeneous TP=2 (1 GPU + 1 CPU rank; every expert split by tensor parallelism), per --gpu-dtypes
-  (fp32 must match up to a near tie, both sides with fp32 Triton dots: FP32_ENV; bf16 may part after
-  some tokens, as for dense models), seeded T=0.8 too;
+* heterogeneous TP=2 (1 GPU + 1 CPU rank; every expert split by tensor parallelism), per --gpu-dtypes:
+  both ranks log that they use TP rank 0's expert choice (patches/per_step/expert_choice.py) and no
+  start-up warning on expert choice is given; greedy tokens must match up to a near tie (closeness.py),
+  in fp32 with both sides on fp32 Triton dots (FP32_ENV); bf16's exact equality, greedy and seeded
+  T=0.8, may fail as for dense bf16 models (tests/gpu/conftest.py BF16_XFAIL: rounding of the partial
+  sums), fp32's seeded T=0.8 must be equal;
 * ``enable_expert_parallel=True`` with TP=2 (the GPU rank would hold experts 0-23, the CPU rank 24-47):
   vLLM's CPU MoE ignores the expert map (hetero_shim/model_support.py), so the run must either be refused
   before any worker starts with an error naming enable_expert_parallel, or give GPU TP=1's tokens; a crash,
   a hang or other tokens fail;
 * pipeline mode PP=2, CPU stage first: the automatic split and hetero_gpu_layers=8 (8 layers, with their
-  experts, on the CPU stage).
+  experts, on the CPU stage);
+* a Mixtral-shaped model (MIXTRAL_CONFIG: 8 layers of 8 experts, top-2, hidden 1024, experts of 3584,
+  8 query / 2 KV heads: 0.74 B params, 2.8 GiB fp32), fp32: heterogeneous TP=2 and PP=2 (automatic split)
+  == GPU-only TP=1 up to a near tie.
 
     python -m pytest tests/gpu/test_moe.py -q --gpu-out DIR [--gpu-dtypes float32,bfloat16]
 
@@ -27,6 +33,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -36,6 +43,11 @@ MOE_CONFIG = dict(vocab_size=32000, hidden_size=1024, intermediate_size=3072, mo
                   num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=4, head_dim=64, num_experts=48,
                   num_experts_per_tok=4, decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True,
                   max_position_embeddings=4096, rope_theta=1000000.0, tie_word_embeddings=False)
+#: Mixtral's layout (block_sparse_moe, w1/w2/w3, no QK-norm, top-2 of 8) at a size that loads in seconds
+MIXTRAL_CONFIG = dict(vocab_size=32000, hidden_size=1024, intermediate_size=3584, num_hidden_layers=8,
+                      num_attention_heads=8, num_key_value_heads=2, head_dim=128, num_local_experts=8,
+                      num_experts_per_tok=2, max_position_embeddings=4096, rope_theta=1000000.0,
+                      tie_word_embeddings=False)
 MAX_TOKENS = 32
 TIMEOUT = 480  # seconds per engine run: a 4.9 GiB fp32 checkpoint is read twice (GPU and CPU rank)
 #: fp32 runs on both sides: vLLM's Triton fused-MoE kernel calls ``tl.dot`` on fp32 inputs without a
@@ -46,12 +58,13 @@ FP32_ENV = {"TRITON_F32_DEFAULT": "ieee"}
 pytestmark = pytest.mark.cpu_dry_run
 
 
-def moe_model(gpu, dtype: str) -> Path:
+def moe_model(gpu, dtype: str, family: str = "qwen3_moe") -> Path:
     from hetero_shim.testing import arch_models
 
     if gpu.opts.cpu_dry_run:
-        return arch_models.get(arch_models.ArchSpec("qwen3_moe", dtype=dtype))
-    return gpu.once(("moe-model", dtype), lambda: arch_models.get_moe("qwen3_moe", MOE_CONFIG, dtype=dtype))
+        return arch_models.get(arch_models.ArchSpec(family, dtype=dtype))
+    config = MOE_CONFIG if family == "qwen3_moe" else MIXTRAL_CONFIG
+    return gpu.once(("moe-model", family, dtype), lambda: arch_models.get_moe(family, config, dtype=dtype))
 
 
 def timeout(gpu) -> float:
@@ -83,9 +96,10 @@ def _env(dtype: str) -> dict[str, str] | None:
     return FP32_ENV if dtype == "float32" else None
 
 
-def generate(gpu, model, tp, dtype, folder, **extra):
+def generate(gpu, model, tp, dtype, folder, extra_env=None, **extra):
     """Heterogeneous generate.py run (8 prompts x 32 tokens greedy, then seeded T=0.8)."""
-    return _longer_time_limit(gpu, lambda: gpu.generate(model, tp, True, dtype, folder, extra_env=_env(dtype),
+    env = {**(_env(dtype) or {}), **(extra_env or {})} or None
+    return _longer_time_limit(gpu, lambda: gpu.generate(model, tp, True, dtype, folder, extra_env=env,
                                                         max_tokens=MAX_TOKENS, **extra))
 
 
@@ -103,34 +117,44 @@ def moe_dtype(request, gpu):
     return dtype
 
 
-BF16_PARTS = ("bf16: the GPU and CPU ranks round their partial sums differently (and may pick other experts at "
-              "ties, which the start-up warning says), so tokens may part after some tokens")
+BF16_PARTS = ("bf16: the GPU and CPU ranks round their partial sums differently, so tokens may part after some "
+              "tokens, as for dense bf16 models (conftest.BF16_XFAIL)")
+#: the line each rank that uses TP rank 0's expert choice logs (patches/per_step/expert_choice.py), up to the rank
+EXPERT_CHOICE_LINE = ("hetero_shim: MoE expert choice: every rank of TP group [0, 1] ({kinds}) uses rank 0's "
+                      "({setting}); ")
 
 
 def test_moe_hetero_tp2_gives_gpu_only_tokens(gpu, evidence, moe_dtype):
     model = moe_model(gpu, moe_dtype)
     ref = reference(gpu, model, moe_dtype)
-    got = generate(gpu, model, 2, moe_dtype, evidence.dir)
+    # every rank on the CPU: auto would leave the group to its own choices; rank0 runs the same exchange
+    dry_env = {"HETERO_SHIM_EXPERT_CHOICE": "rank0"} if gpu.opts.cpu_dry_run else None
+    got = generate(gpu, model, 2, moe_dtype, evidence.dir, extra_env=dry_env)
     evidence.save("result", {"reference": ref, "hetero": got})
     plan = (got or {}).get("plan") or ""
     want = "rank 1: CPU" in plan and ("rank 0: CPU" if gpu.opts.cpu_dry_run else "rank 0: GPU") in plan
     evidence.row(f"MoE {moe_dtype} TP=2 plan: rank 0 {'CPU' if gpu.opts.cpu_dry_run else 'GPU'}, rank 1 CPU", want,
                  plan.splitlines()[0] if plan else "no plan (run failed)")
-    # model_support.routing_warning: only where a TP group mixes GPU and CPU ranks in a 16-bit type
     log = Path(got["run"]["log"]).read_text(errors="replace") if got else ""
-    expect = moe_dtype != "float32" and not gpu.opts.cpu_dry_run
-    warned = "can pick different experts" in log
-    evidence.row(f"MoE {moe_dtype} TP=2: start-up warning on expert choice {'given' if expect else 'absent'}",
-                 bool(got) and warned == expect, f"warned: {warned}")
-    if moe_dtype == "float32":  # a near tie may part the runs, as in the dense pipeline test
-        evidence.compare_close(f"MoE {moe_dtype} greedy: hetero TP=2 == GPU TP=1 up to a near tie", ref, got)
-    else:
+    line = EXPERT_CHOICE_LINE.format(kinds="CPU, CPU" if gpu.opts.cpu_dry_run else "GPU, CPU",
+                                     setting=f"HETERO_SHIM_EXPERT_CHOICE={'rank0' if gpu.opts.cpu_dry_run else 'auto'}")
+    ranks = sorted(re.findall(re.escape(line) + r"this is TP rank (\d+)", log))
+    evidence.row(f"MoE {moe_dtype} TP=2: both ranks use TP rank 0's expert choice (log)", ranks == ["0", "1"],
+                 f"logged by TP ranks {ranks}")
+    # model_support.routing_warning: given only with HETERO_SHIM_EXPERT_CHOICE=off
+    warned = "mixture-of-experts model whose experts are split" in log
+    evidence.row(f"MoE {moe_dtype} TP=2: no start-up warning on expert choice", bool(got) and not warned,
+                 f"warned: {warned}")
+    # a near tie may part the runs, as in the dense pipeline test; exact equality is checked beside it in
+    # bf16, which dense bf16 runs may miss too (conftest.BF16_XFAIL)
+    evidence.compare_close(f"MoE {moe_dtype} greedy: hetero TP=2 == GPU TP=1 up to a near tie", ref, got)
+    if moe_dtype != "float32":
         evidence.compare(f"MoE {moe_dtype} greedy: hetero TP=2 == GPU TP=1", ref, got)
     if not gpu.opts.skip_sampled:
         evidence.compare(f"MoE {moe_dtype} seeded T=0.8: hetero TP=2 == GPU TP=1", ref, got, "sampled_tokens")
     failed = [r["check"] for r in evidence.rows if not r["ok"]]
-    if moe_dtype != "float32" and failed and all(" == GPU TP=1" in check for check in failed) and got:
-        pytest.xfail(f"{BF16_PARTS}: {'; '.join(failed)}")  # only the token comparisons may fail in bf16
+    if moe_dtype != "float32" and failed and all(check.endswith(" == GPU TP=1") for check in failed) and got:
+        pytest.xfail(f"{BF16_PARTS}: {'; '.join(failed)}")  # only exact token equality may fail in bf16
     evidence.check()
 
 
@@ -187,6 +211,22 @@ def test_moe_pipeline_cpu_stage_runs_its_experts(gpu, evidence, label, gpu_layer
         want = f"CPU stage first with {cpu_layers} of {layers} layers (split {split}), GPU stage last"
     evidence.row(f"MoE PP=2 ({label}): {want}", ok, plan.splitlines()[0] if plan else "no plan (run failed)")
     evidence.compare_close(f"MoE PP=2 ({label}) fp32 greedy == GPU TP=1 up to a near tie", ref, got)
+    evidence.check()
+
+
+@pytest.mark.parametrize("layout", ["tp2", "pp2"])
+def test_mixtral_shapes_give_gpu_only_tokens(gpu, evidence, layout):
+    model = moe_model(gpu, "float32", family="mixtral")
+    ref = reference(gpu, model, "float32")
+    tp, extra = (2, {}) if layout == "tp2" else (1, {"pp": 2})
+    got = generate(gpu, model, tp, "float32", evidence.dir, **extra)
+    evidence.save("result", {"reference": ref, "hetero": got})
+    plan = (got or {}).get("plan") or ""
+    kinds = ("rank 0: CPU", "rank 1: CPU") if gpu.opts.cpu_dry_run else (
+        ("rank 0: GPU", "rank 1: CPU") if layout == "tp2" else ("rank 0: CPU", "rank 1: GPU"))
+    evidence.row(f"Mixtral fp32 {layout.upper()}: plan {', '.join(kinds)}", all(k in plan for k in kinds),
+                 plan.splitlines()[0] if plan else "no plan (run failed)")
+    evidence.compare_close(f"Mixtral fp32 {layout.upper()} greedy == GPU TP=1 up to a near tie", ref, got)
     evidence.check()
 
 

@@ -157,14 +157,33 @@ def plan(world, gpus, pp=1, cpu_first=False):
 
 
 @pytest.mark.parametrize("dtype", ["torch.bfloat16", "torch.float16"])
-def test_moe_tp_over_gpu_and_cpu_ranks_in_16_bits_warns(dtype):
+def test_moe_tp_over_gpu_and_cpu_ranks_in_16_bits_warns_with_expert_choice_off(dtype, monkeypatch):
+    monkeypatch.setenv("HETERO_SHIM_EXPERT_CHOICE", "off")
     warning = routing_warning(moe(dtype), plan(2, 1))
     assert warning and "Qwen3MoeForCausalLM" in warning and dtype.removeprefix("torch.") in warning
+    assert "HETERO_SHIM_EXPERT_CHOICE=off" in warning
     assert "dtype='float32'" in warning and "pipeline_parallel_size" in warning
     assert routing_warning(moe(dtype, "MixtralForCausalLM", num_local_experts=8), plan(4, 1))
 
 
-def test_no_routing_warning_in_fp32_dense_or_unmixed_groups():
+@pytest.mark.parametrize("choice", ["", "auto", "rank0", "AUTO"])
+@pytest.mark.parametrize("dtype", ["torch.bfloat16", "torch.float16", "torch.float32"])
+def test_no_routing_warning_while_every_rank_uses_rank0s_experts(dtype, choice, monkeypatch):
+    monkeypatch.setenv("HETERO_SHIM_EXPERT_CHOICE", choice)
+    assert routing_warning(moe(dtype), plan(2, 1)) is None
+    assert routing_warning(moe(dtype, "MixtralForCausalLM", num_local_experts=8), plan(4, 1)) is None
+
+
+def test_bad_expert_choice_is_named(monkeypatch):
+    from hetero_shim.errors import HeteroConfigError
+
+    monkeypatch.setenv("HETERO_SHIM_EXPERT_CHOICE", "gpu")
+    with pytest.raises(HeteroConfigError, match="HETERO_SHIM_EXPERT_CHOICE='gpu'.*auto, rank0, off"):
+        routing_warning(moe(), plan(2, 1))
+
+
+def test_no_routing_warning_in_fp32_dense_or_unmixed_groups(monkeypatch):
+    monkeypatch.setenv("HETERO_SHIM_EXPERT_CHOICE", "off")
     assert routing_warning(moe("torch.float32"), plan(2, 1)) is None
     assert routing_warning(config(), plan(2, 1)) is None  # dense
     assert routing_warning(moe(), plan(2, 1, pp=2)) is None  # pipeline: one device per layer

@@ -133,3 +133,30 @@ def test_describe_says_what_upstream_lacks(tmp_path):
     assert (row["why"], row["upstream"], row["remove_when"]) == ("why", "one class for all", "when")
     ledger.remove_all()
     assert ledger.describe() == []  # after disable() status() lists nothing as patched
+
+
+def times_ten(wrapped, instance, args, kwargs):
+    return wrapped(*args, **kwargs) * 10
+
+
+@pytest.mark.parametrize("imported_first", [False, True])
+def test_two_concerns_wrap_one_target_in_table_order(tmp_path, imported_first):
+    """expert_choice and expert_parallel both wrap vLLM 0.26's CPU routing function: the row installed
+    first is the inner wrapper, each concern wraps once, and undo restores vLLM's function."""
+    target, alias = make_modules(tmp_path)
+    if imported_first:
+        importlib.import_module(target)
+    rows = (Patch("inner", target, "func", plus_one, "why", "when", aliases=(alias,)),
+            Patch("outer", target, "func", times_ten, "why", "when", aliases=(alias,)))
+    ledger = Ledger()
+    ledger.install(rows)
+    ledger.install(rows)  # a second enable(): neither concern wraps twice
+    mod = importlib.import_module(target)
+    alias_mod = importlib.import_module(alias)  # imported after both wrapped the primary: holds the outer wrapper
+    assert mod.func(1) == 20 and alias_mod.func(1) == 20  # (1 + 1) * 10: plus_one runs first, inside
+    assert not isinstance(mod.func.__wrapped__.__wrapped__, wrapt.FunctionWrapper)
+    original = ledger.original(target, "func")
+    assert not isinstance(original, wrapt.FunctionWrapper) and original(1) == 1
+    assert [row["applied_in"] for row in ledger.describe()] == [[target, alias], [target, alias]]
+    assert ledger.remove_all() == []
+    assert mod.func is original and alias_mod.func is original and mod.func(1) == 1
