@@ -108,6 +108,29 @@ def _timeout() -> float:
     return float(settings.cpu_gemm_served_timeout())
 
 
+class _Waiter:
+    """How both sides wait for the other: spin with sched_yield (a few ms), then sleep 50 us a turn;
+    :meth:`due` says when 0.5 s passed since the last check of the peer."""
+
+    def __init__(self) -> None:
+        self.spins = 0
+        self.checked = time.monotonic()
+
+    def pause(self) -> None:
+        self.spins += 1
+        if self.spins > 2000:
+            time.sleep(0.00005)
+        else:
+            os.sched_yield()
+
+    def due(self) -> bool:
+        now = time.monotonic()
+        if now - self.checked > 0.5:
+            self.checked = now
+            return True
+        return False
+
+
 class _Segment:
     """The mapped segment: header words, regions as torch views."""
 
@@ -217,20 +240,15 @@ class GemmClient:
 
     def _wait(self, request: int) -> None:
         w = self.seg.words
-        start = last_check = time.monotonic()
+        start = time.monotonic()
         limit = _timeout()
-        spins = 0
+        waiter = _Waiter()
         while w[ANSWER] != request:
             if w[STATE] != OPEN:
                 raise RuntimeError("the next stage's rank failed to compute a linear layer (its log says why)")
-            spins += 1
-            if spins > 2000:
-                time.sleep(0.00005)
-            else:
-                os.sched_yield()
-            now = time.monotonic()
-            if now - last_check > 0.5:
-                last_check = now
+            waiter.pause()
+            if waiter.due():
+                now = time.monotonic()
                 server = w[SERVER_PID]
                 if server and not _alive(server):
                     self.fail("the next stage's rank is gone")
@@ -305,8 +323,8 @@ class GemmServer:
         closed (failed, client gone or idle too long); the caller then stops using this server."""
         w = self.seg.words
         limit = _timeout()
-        idle_since = last_check = time.monotonic()
-        spins = 0
+        idle_since = time.monotonic()
+        waiter = _Waiter()
         while w[SENDS] < sends:
             if w[STATE] != OPEN:
                 return False
@@ -314,16 +332,11 @@ class GemmServer:
             if request != self.answered:
                 if not self._serve(request):
                     return False
-                idle_since, spins = time.monotonic(), 0
+                idle_since, waiter.spins = time.monotonic(), 0
                 continue
-            spins += 1
-            if spins > 2000:
-                time.sleep(0.00005)
-            else:
-                os.sched_yield()
-            now = time.monotonic()
-            if now - last_check > 0.5:
-                last_check = now
+            waiter.pause()
+            if waiter.due():
+                now = time.monotonic()
                 if not _alive(self.client_pid):
                     return False
                 if now - idle_since > limit:
