@@ -10,9 +10,10 @@ streams the weights to its GPU (weight_stream) and writes the result back.
 
 Segment: a ``memfd`` of the CPU rank (anonymous shared memory, so /dev/shm's size does not limit
 it; its pages are reserved with ``posix_fallocate`` for a clean error when memory is short), found
-by the GPU rank through a small file ``/dev/shm/hetero_shim_<uid>_gemm_<engine core pid>_<cpu rank>``
-holding "pid fd size" (both ranks are children of the engine core), which the GPU rank removes once
-it opened ``/proc/<pid>/fd/<fd>``; the CPU rank removes it at exit if no GPU rank came. The GPU rank
+by the GPU rank through a small file ``/dev/shm/hetero_shim_<uid>_<cpu rank pid>_gemm_<engine core
+pid>_<cpu rank>`` holding "pid fd size" (both ranks are children of the engine core), which the GPU
+rank removes once it opened ``/proc/<pid>/fd/<fd>``; the CPU rank removes it at exit if no GPU rank
+came, and ``collectives.sweep`` removes one whose CPU rank was killed. The GPU rank
 registers the whole segment with CUDA (``cudaHostRegister``), so weights cross at pinned speed.
 
 Layout::
@@ -67,8 +68,19 @@ _server: GemmServer | None = None
 _server_gone = False  # stop looking for a client after a failure
 
 
-def path_for(client_rank: int) -> str:
-    return f"/dev/shm/hetero_shim_{os.getuid()}_gemm_{os.getppid()}_{client_rank}"
+def path_for(client_rank: int, client_pid: int | None = None) -> str:
+    """The file that names a client's segment: ``hetero_shim_<uid>_<client pid>_gemm_<engine core pid>_<rank>``
+    (the creator's pid where ``collectives.sweep`` looks for it: a file whose creator died is swept)."""
+    pid = os.getpid() if client_pid is None else client_pid
+    return f"/dev/shm/hetero_shim_{os.getuid()}_{pid}_gemm_{os.getppid()}_{client_rank}"
+
+
+def find_client(client_rank: int) -> str | None:
+    """The file of ``client_rank``'s segment (a child of the same engine core), if it exists."""
+    import glob
+
+    found = glob.glob(f"/dev/shm/hetero_shim_{os.getuid()}_*_gemm_{os.getppid()}_{client_rank}")
+    return found[0] if found else None
 
 
 def server_rank(plan, rank: int) -> int | None:
@@ -441,8 +453,8 @@ def before_receive(plan, rank: int, device, stand_in: bool) -> None:
         if client is None:
             _server_gone = True
             return
-        path = path_for(client)
-        if not os.path.exists(path):
+        path = find_client(client)
+        if path is None:
             return  # the CPU rank has not opened its side (or keeps its layers on the CPU)
         try:
             _server = GemmServer(path, device)

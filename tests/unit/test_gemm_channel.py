@@ -72,9 +72,8 @@ def _client(queue, kill_server_after: int | None):
 
 def _server(queue):
     plan = RankPlan(world_size=2, gpu_ranks=0, pp_size=2, layers=(1, 1))
-    path = gc.path_for(0)
     deadline = time.monotonic() + 30
-    while not os.path.exists(path) and time.monotonic() < deadline:
+    while gc.find_client(0) is None and time.monotonic() < deadline:
         time.sleep(0.01)
     for _ in range(STEPS):
         gc.before_receive(plan, 1, torch.device("cpu"), stand_in=True)
@@ -124,3 +123,27 @@ def test_a_lost_server_is_noticed_and_the_client_says_so():
     assert done["failure"] and "gone" in done["failure"]
     assert done["requests"] == 5
     assert time.monotonic() - start < 30
+
+
+def test_a_name_file_left_by_a_killed_cpu_rank_is_swept():
+    """The file naming a segment carries its creator's pid where collectives.sweep looks: once that
+    process is gone, the sweep at the next run's planning removes it."""
+    import subprocess
+
+    from hetero_shim.collectives import sweep
+
+    proc = subprocess.Popen(["true"])  # a pid that has exited
+    proc.wait()
+    path = gc.path_for(0, client_pid=proc.pid)
+    with open(path, "w") as f:
+        f.write("1 2 3 4")
+    try:
+        assert path in [str(p) for p in sweep.orphans()]
+        live = gc.path_for(0)  # this process: alive, so kept
+        with open(live, "w") as f:
+            f.write("1 2 3 4")
+        assert live not in [str(p) for p in sweep.orphans()]
+    finally:
+        for name in (path, gc.path_for(0)):
+            if os.path.exists(name):
+                os.unlink(name)
