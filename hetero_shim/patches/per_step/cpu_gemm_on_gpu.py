@@ -1,19 +1,24 @@
 """Large-token steps of a CPU rank: its linear layers run on a GPU of the node, weights streamed.
 ``HETERO_SHIM_CPU_GEMM_ON_GPU``: by default for the CPU stages of pipeline mode (measured there on
-the H200: prefill 0.22x -> 0.92x of stock offload at 3B shapes), not for tensor-parallel CPU ranks.
+the H200: prefill 0.26x -> 1.31x of stock offload at 8B shapes, 0.22x -> 0.65x at 3B), not for
+tensor-parallel CPU ranks.
 
 Targets
 - ``dispatch_cpu_unquantized_gemm`` (``vllm.model_executor.layers.utils``), which picks each
   unquantized linear layer's CPU GEMM once, at load (``layer.cpu_linear``), and for the packed and
   oneDNN kernels drops the layer's plain weight. In a CPU rank beside GPU ranks the plain weight is
   kept, and ``layer.cpu_linear`` becomes a choice per call: fewer tokens than the threshold take
-  vLLM's CPU kernel as before; more take the GPU: activations and weight are copied over PCIe (the
-  weight from a page-locked copy, the next layer's copy queued behind the current result), multiplied
-  there, and the result copied back.
+  vLLM's CPU kernel as before; more take a GPU, the weight streamed over PCIe in pieces
+  (collectives/weight_stream.py). Where the CPU rank's stage is followed by a GPU stage, that stage's
+  GPU rank computes them from the kept weights in shared memory while it waits for this stage's
+  activations (``ServedSide``, collectives/gemm_channel.py: no CUDA context in this process);
+  otherwise, or with ``HETERO_SHIM_CPU_GEMM_VIA=own``, this process opens the GPU itself
+  (``GpuSide``, the weights page-locked here).
 - ``CPUWorker.compile_or_warm_up_model`` (``vllm.v1.worker.cpu_worker``): after it the rank opens its
-  GPU and moves the kept weights to page-locked memory. Not earlier: the GPU ranks measure their
-  memory while the CPU rank warms up, and a CUDA context opened then would count against their KV cache.
-How the rank sees its GPU: vLLM's CPU ranks run with ``CUDA_VISIBLE_DEVICES=-1`` (rank_process.py),
+  side: the kept weights go to shared memory, or (own GPU) page-locked memory. Not earlier: the GPU
+  ranks measure their memory while the CPU rank warms up, and a CUDA context opened then would count
+  against their KV cache.
+How the rank sees its own GPU: vLLM's CPU ranks run with ``CUDA_VISIBLE_DEVICES=-1`` (rank_process.py),
 and vLLM's distributed start-up (``torch.distributed.barrier`` asks ``torch._C._get_accelerator``)
 initialises CUDA in every worker, so a GPU hidden then stays hidden for the process's life (seen on
 the H200 machine: "No CUDA GPUs are available" when the rank opened it later). So at the rank's
@@ -25,11 +30,12 @@ a placeholder, so the side uses ``torch.cuda.streams`` directly.
 Why: a CPU core computes a prompt's tokens ~50x slower than it streams a weight, so for prefill
 the CPU stage is compute-bound (an 8B CPU stage took 1.2-1.4 s for 512 tokens on the 16-core H200
 host) while PCIe moves its weights in a fraction of that. Decode steps (a few tokens) stay on the
-CPU, which streams weights faster than PCIe. The CUDA context and two weight buffers cost GPU memory
-(0.96 / 1.21 GiB at 3B / 8B shapes on the H200), which the automatic layer split charges to the GPU
-stage (planning/layer_costs.py); the kept weights double the host memory of layers whose CPU kernel
-packs its own copy. If the GPU cannot be opened or a GPU call fails, the rank logs why and computes
-on the CPU from then on.
+CPU, which streams weights faster than PCIe. The GPU memory this takes (the GPU rank's buffers and
+activations, 0.2 GiB at 3B / 8B shapes; with its own GPU, this rank's CUDA context and buffers, 0.77
+GiB besides the buffers on the H200) is charged to the GPU stage by the automatic layer split
+(planning/layer_costs.py); the kept weights double the host memory of layers whose CPU kernel packs
+its own copy. If the GPU side cannot be used or a call fails, the rank logs why and computes on the
+CPU from then on.
 Remove when: vLLM offloads a CPU worker's large GEMMs itself (not as of 0.33.0).
 """
 
@@ -38,8 +44,8 @@ from __future__ import annotations
 import os
 
 from hetero_shim import run_state, settings, versions
-from hetero_shim.collectives import gemm_channel
 from hetero_shim.arguments import Params
+from hetero_shim.collectives import gemm_channel
 from hetero_shim.logs import log
 from hetero_shim.registry import Fact, Patch
 
