@@ -86,10 +86,11 @@ def rank_environment(rank: int) -> dict[str, str]:
 
 def gpu_for_large_steps(plan, rank: int) -> dict[str, str]:
     """The GPU a CPU rank's large-token linear layers may use (patches/per_step/cpu_gemm_on_gpu.py; by
-    default in pipeline mode only): the next stage's GPU rank computes them where the CPU rank's stage
-    is followed by a GPU stage (collectives/gemm_channel.py); otherwise the GPU ranks' devices in turn, named as the engine core's
-    CUDA_VISIBLE_DEVICES names them. The rank still starts with its GPUs hidden from Python (above); at its start only the
-    CUDA driver is shown this one, and PyTorch's NVML-based availability check, which reads Python's
+    default in pipeline mode only): the next stage's GPU rank computes them where the CPU rank's
+    stage is followed by a GPU stage (collectives/gemm_channel.py; this rank opens no GPU).
+    Otherwise the GPU ranks' devices in turn, named as the engine core's CUDA_VISIBLE_DEVICES names
+    them. The rank still starts with its GPUs hidden from Python (above); at its start only the CUDA
+    driver is shown this one, and PyTorch's NVML-based availability check, which reads Python's
     environment, keeps telling vLLM's CPU code (and Triton) that there is no GPU."""
     if plan.gpu_ranks < 1 or not settings.cpu_gemm_on_gpu_wanted(pipeline=plan.pp_size > 1):
         return {}
