@@ -16,8 +16,9 @@ weights). An estimate, deliberately on the safe side:
   (``HETERO_SHIM_CPU_GEMM_ON_GPU``, collectives/gemm_channel.py): two weight buffers, a step's
   input and output pieces, slack, ``served_gpu_bytes`` (0.2 GiB at 3B and 8B shapes, 2048 tokens);
 - other CPU stages that run their large steps' linear layers on this GPU themselves
-  (``HETERO_SHIM_CPU_GEMM_VIA=own``): per CPU rank a CUDA context and two buffers for pieces of weight (the one in use and the next on its
-  way; ``HETERO_SHIM_CPU_GEMM_CHUNK_MIB`` each, or the largest weight), ``cpu_rank_gpu_bytes``.
+  (``HETERO_SHIM_CPU_GEMM_VIA=own``): per CPU rank a CUDA context and two buffers for pieces of
+  weight (the one in use and the next on its way; ``HETERO_SHIM_CPU_GEMM_CHUNK_MIB`` each, or the
+  largest weight), ``cpu_rank_gpu_bytes``.
   Measured on the GPU machine (bf16, 1 CPU stage, buffers of the largest weight): the engine's peak
   rose by 0.96 GiB (3B shapes) and 1.21 GiB (8B) when the CPU stage opened the GPU, i.e. 0.77 GiB
   besides the buffers at both sizes.
@@ -96,15 +97,20 @@ def config_numels(hf) -> tuple[int, int]:
 CPU_RANK_CONTEXT = 790 << 20
 
 
-def cpu_rank_gpu_bytes(hf, elem: int) -> int:
-    """GPU memory one CPU rank holds while it runs its large steps' linear layers there: its context
-    and two buffers for pieces of weight, each the chunk size or, when smaller or chunks are off, its
-    largest linear weight (a gated MLP's fused gate and up projection)."""
+def _weight_slot(hf, elem: int) -> tuple[int, int, int]:
+    """(hidden size, MLP width, bytes of one weight buffer): the chunk size or, when smaller or chunks
+    are off, the largest linear weight (a gated MLP's fused gate and up projection)."""
     h = hf.hidden_size
     inter = getattr(hf, "intermediate_size", None) or getattr(hf, "ffn_dim", None) or 4 * h
     largest = 2 * h * inter * elem
     chunk = settings.cpu_gemm_chunk_bytes()
-    return CPU_RANK_CONTEXT + 2 * (largest if chunk is None else min(chunk, largest))
+    return h, inter, largest if chunk is None else min(chunk, largest)
+
+
+def cpu_rank_gpu_bytes(hf, elem: int) -> int:
+    """GPU memory one CPU rank holds while it runs its large steps' linear layers there: its context
+    and two weight buffers."""
+    return CPU_RANK_CONTEXT + 2 * _weight_slot(hf, elem)[2]
 
 
 #: a GPU rank's allocator slack for computing the previous CPU stage's large steps
@@ -115,11 +121,7 @@ def served_gpu_bytes(hf, elem: int, max_tokens: int) -> int:
     """GPU memory a GPU rank holds while it computes the previous CPU stage's large steps
     (collectives/gemm_channel.py): two weight buffers, a step's input at its widest (the MLP's down
     projection) and two pieces of output, and allocator slack. No context: the rank has one."""
-    h = hf.hidden_size
-    inter = getattr(hf, "intermediate_size", None) or getattr(hf, "ffn_dim", None) or 4 * h
-    largest = 2 * h * inter * elem
-    chunk = settings.cpu_gemm_chunk_bytes()
-    slot = largest if chunk is None else min(chunk, largest)
+    h, inter, slot = _weight_slot(hf, elem)
     piece_out = max_tokens * min(2 * inter * elem, slot // h)
     return SERVED_SLACK + 2 * slot + max_tokens * inter * elem + 2 * piece_out
 
