@@ -107,13 +107,22 @@ def client_rank(plan, rank: int, stand_in: bool = False) -> int | None:
 
 def _alive(pid: int) -> bool:
     """Whether ``pid`` runs (an exited process not yet reaped by its parent counts as gone)."""
+    from hetero_shim.collectives.shm import _start_time
+
+    return _start_time(pid) is not None
+
+
+def _remove(path: str) -> None:
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[0] not in ("Z", "X")
+        os.unlink(path)
     except FileNotFoundError:
-        return False
-    except (OSError, IndexError):
-        return True
+        pass
+
+
+def _piece(y, tokens: int, first: int, end: int):
+    """Output columns [first, end) of a result in the y region: each piece is one contiguous
+    [tokens, end - first] block, the pieces in order."""
+    return y[tokens * first:tokens * end].view(tokens, end - first)
 
 
 def _timeout() -> float:
@@ -235,7 +244,7 @@ class GemmClient:
         entry = self.seg.table["layers"][index]
         n, k = entry["shape"]
         dtype = getattr(torch, entry["dtype"])
-        elem = torch.empty((), dtype=dtype).element_size()
+        elem = dtype.itemsize
         flat = x.reshape(-1, k)
         m = flat.shape[0]
         self.seg.region("x", m * k * elem, dtype).view(m, k).copy_(flat)
@@ -246,7 +255,7 @@ class GemmClient:
         w[REQUEST] = self.requests
         self._wait(self.requests)
         y = self.seg.region("y", m * n * elem, dtype)
-        parts = [y[m * first:m * end].view(m, end - first) for first, end in entry["pieces"]]
+        parts = [_piece(y, m, first, end) for first, end in entry["pieces"]]
         out = parts[0].clone() if len(parts) == 1 else torch.cat(parts, dim=1)
         return out.view(*x.shape[:-1], n)
 
@@ -278,10 +287,7 @@ class GemmClient:
         self.seg.words[STATE] = FAILED
 
     def close(self) -> None:
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+        _remove(self.path)
 
 
 class GemmServer:
@@ -322,10 +328,7 @@ class GemmServer:
                        for layer in self.layers for first, end in layer.pieces)
             self.streamer = weight_stream.WeightStreamer(device, self.layers, slot)
         seg.words[SERVER_PID] = os.getpid()
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
+        _remove(path)
         log.info("hetero_shim: rank serving the linear layers of large steps of the CPU stage (pid %d) on %s: "
                  "%d layers, %.2f GiB of shared memory%s", pid, device, len(self.layers), size / (1 << 30),
                  " registered with CUDA" if self.registered else "")
@@ -375,7 +378,7 @@ class GemmServer:
                 for first, end in layer.pieces:
                     part = torch.nn.functional.linear(x, layer.weight[first:end],
                                                       None if bias is None else bias[first:end])
-                    y[m * first:m * end].view(m, end - first).copy_(part)
+                    _piece(y, m, first, end).copy_(part)
             else:
                 self._on_gpu(layer, x, bias, y, m)
         except Exception as exc:  # noqa: BLE001 - the client computes on the CPU instead
@@ -400,7 +403,7 @@ class GemmServer:
             gpu_bias = None if bias is None else bias.to(dev, non_blocking=True)
 
             def emit(first, end, part):
-                y[m * first:m * end].view(m, end - first).copy_(part, non_blocking=True)
+                _piece(y, m, first, end).copy_(part, non_blocking=True)
 
             streamer.multiply(flat, layer, gpu_bias, emit)
             streamer.stream.synchronize()
@@ -418,7 +421,7 @@ class _ServedLayer:
 
         n, k = entry["shape"]
         dtype = getattr(torch, entry["dtype"])
-        nbytes = n * k * torch.empty((), dtype=dtype).element_size()
+        nbytes = n * k * dtype.itemsize
         self.index = index
         self.weight = seg.bytes[entry["offset"]:entry["offset"] + nbytes].view(dtype).view(n, k)
         self.pieces = [tuple(p) for p in entry["pieces"]]
@@ -462,10 +465,7 @@ def before_receive(plan, rank: int, device, stand_in: bool) -> None:
             log.warning("hetero_shim: cannot compute the CPU stage's linear layers here: %s: %s",
                         type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
             _server_gone = True
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
+            _remove(path)
             return
     if not _server.serve_until(_receives):
         _server_gone = True
