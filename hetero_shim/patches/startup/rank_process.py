@@ -71,9 +71,12 @@ def rank_environment(rank: int) -> dict[str, str]:
         # "-1", not "": vLLM keeps Triton on when CUDA_VISIBLE_DEVICES is empty (it reads that as
         # Ray's transient state) and would run the sampler's Triton kernels on a CPU rank.
         env["CUDA_VISIBLE_DEVICES"] = "-1"
-        # vLLM wraps small CPU helpers in torch.compile (inductor: a C++ build, about a minute at
-        # start-up); the CPU rank runs eagerly like the rest of a heterogeneous run.
-        env["TORCHDYNAMO_DISABLE"] = "1"
+        if cpu_rank_compiles(plan):  # as vLLM's CPU platform sets them for its compiled model
+            env.update({"TORCHINDUCTOR_COMPILE_THREADS": "1", "TORCHINDUCTOR_CPP_DYNAMIC_THREADS": "1"})
+        else:
+            # vLLM wraps small CPU helpers in torch.compile (inductor: a C++ build, about a minute at
+            # start-up); the CPU rank runs eagerly like the rest of a heterogeneous run.
+            env["TORCHDYNAMO_DISABLE"] = "1"
         env.update(gpu_for_large_steps(plan, rank))
         cores = plan.cpu_lists[plan.cpu_index(rank)] if plan.cpu_lists else ()
         if cores:
@@ -82,6 +85,12 @@ def rank_environment(rank: int) -> dict[str, str]:
                 env[settings.PROCESS_CPUS] = format_id_list(cores)
             log.info("hetero_shim: CPU rank %d bound to cores %s", rank, format_id_list(cores))
     return env
+
+
+def cpu_rank_compiles(plan) -> bool:
+    """HETERO_SHIM_CPU_RANK_COMPILE where it applies: pipeline stages of one rank each, whose forward
+    holds no collective (measured there only; worker_selection.py also leaves MoE models eager)."""
+    return settings.cpu_rank_compile() and plan is not None and plan.pp_size > 1 and plan.world_size == plan.pp_size
 
 
 def gpu_for_large_steps(plan, rank: int) -> dict[str, str]:

