@@ -72,7 +72,10 @@ def rank_environment(rank: int) -> dict[str, str]:
         # Ray's transient state) and would run the sampler's Triton kernels on a CPU rank.
         env["CUDA_VISIBLE_DEVICES"] = "-1"
         if cpu_rank_compiles(plan):  # as vLLM's CPU platform sets them for its compiled model
-            env.update({"TORCHINDUCTOR_COMPILE_THREADS": "1", "TORCHINDUCTOR_CPP_DYNAMIC_THREADS": "1"})
+            env.update({"TORCHINDUCTOR_COMPILE_THREADS": "1", "TORCHINDUCTOR_CPP_DYNAMIC_THREADS": "1",
+                        # vLLM 0.26's ahead-of-time path failed there (H200: "uname_result_base.__new__()
+                        # takes 6 positional arguments but 7 were given" in dynamo's frame compile)
+                        "VLLM_USE_AOT_COMPILE": "0"})
         else:
             # vLLM wraps small CPU helpers in torch.compile (inductor: a C++ build, about a minute at
             # start-up); the CPU rank runs eagerly like the rest of a heterogeneous run.
