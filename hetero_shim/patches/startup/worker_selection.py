@@ -92,6 +92,9 @@ def _compilation(config, plan, rank: int) -> None:
     if cpu_rank_compiles(plan) and not num_experts(config.model_config):
         cc.mode = CompilationMode.DYNAMO_TRACE_ONCE
         cc.backend = "inductor"
+        # vLLM's native op forms, as its CPU platform compiles (an eager engine's config says "all": the
+        # CPU forms, which query the platform in Python, where dynamo fails on H200 with vLLM 0.26)
+        cc.custom_ops = ["none" if op == "all" else op for op in cc.custom_ops]
         cc.inductor_compile_config.update({"dce": True, "size_asserts": False, "nan_asserts": False,
                                            "epilogue_fusion": True, "cpp.dynamic_threads": True})
         log.info("hetero_shim: CPU rank %d compiles its model (dynamo, inductor; %s)", rank,
