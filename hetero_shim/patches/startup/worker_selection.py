@@ -89,7 +89,8 @@ def _compilation(config, plan, rank: int) -> None:
     cc.max_cudagraph_capture_size = 0
     cc.compile_sizes = []
     cc.ir_enable_torch_wrap = False
-    if cpu_rank_compiles(plan) and not num_experts(config.model_config):
+    compiles = cpu_rank_compiles(plan)
+    if compiles and not num_experts(config.model_config):
         cc.mode = CompilationMode.DYNAMO_TRACE_ONCE
         cc.backend = "inductor"
         # vLLM's native op forms, as its CPU platform compiles (an eager engine's config says "all": the
@@ -100,7 +101,7 @@ def _compilation(config, plan, rank: int) -> None:
         log.info("hetero_shim: CPU rank %d compiles its model (dynamo, inductor; %s)", rank,
                  settings.CPU_RANK_COMPILE)
         return
-    if cpu_rank_compiles(plan):  # its environment left dynamo on for the compile
+    if compiles:  # its environment left dynamo on for the compile
         import torch._dynamo
 
         torch._dynamo.config.disable = True
