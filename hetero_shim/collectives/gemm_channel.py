@@ -21,6 +21,8 @@ Layout::
     header   4 KiB: int64 words, each on its own 64-byte line (MAGIC .. SERVER_PID below)
     table    1 MiB: JSON: per layer the weight's offset, shape, dtype and row pieces; the regions
     x        max_num_batched_tokens x the largest input width: a request's activations
+    act      twice that: a pipeline step's activations handed to the server (stage_handover.py)
+    meta     64 KiB: that step's tensor layout, pickled
     bias     the largest output width: a request's bias
     y        max_num_batched_tokens x the largest output width: the result, piece after piece
              (piece [first, end) of output columns as a contiguous [tokens, end - first] block)
@@ -57,7 +59,10 @@ TABLE_BYTES = 1 << 20
 ALIGN = 4096
 LINE = 8  # int64 words per 64-byte line
 MAGIC_VALUE = 0x6873676D6D  # "hsgmm"
-MAGIC, REQUEST, ANSWER, SENDS, STATE, LAYER, TOKENS, BIAS, CLIENT_PID, SERVER_PID = (i * LINE for i in range(10))
+MAGIC, REQUEST, ANSWER, SENDS, STATE, LAYER, TOKENS, BIAS, CLIENT_PID, SERVER_PID, TAKEN, META_LEN, MODES = (
+    i * LINE for i in range(13))
+RING = LINE  # MODES: the hand-over mode of step k in word MODES + k % RING (stage_handover.py)
+META_BYTES = 64 << 10
 OPEN, FAILED = 0, 1
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -178,8 +183,8 @@ def _layout(layers: list, max_tokens: int) -> tuple[dict, int]:
     widest_out = max(layer.weight.shape[0] for layer in layers)
     table: dict = {}
     at = HEADER_BYTES + TABLE_BYTES
-    for name, size in (("x", max_tokens * widest_in * elem), ("bias", widest_out * elem),
-                       ("y", max_tokens * widest_out * elem)):
+    for name, size in (("x", max_tokens * widest_in * elem), ("act", 2 * max_tokens * widest_in * elem),
+                       ("meta", META_BYTES), ("bias", widest_out * elem), ("y", max_tokens * widest_out * elem)):
         table[name] = (at, size)
         at += up(size)
     entries = []
@@ -230,8 +235,14 @@ class GemmClient:
         self.requests = 0
         self.failed: str | None = None
 
-    def note_send(self, sends: int) -> None:
-        self.seg.words[SENDS] = sends
+    def wait_taken(self, step: int) -> None:
+        """Until the server copied out the activations of pipeline step ``step`` (stage_handover.py)."""
+        w = self.seg.words
+        waiter = _Waiter()
+        while w[TAKEN] < step:
+            waiter.pause()
+            if waiter.due() and not _alive(w[SERVER_PID]):
+                raise RuntimeError("the next stage's rank is gone")
 
     def linear(self, x, index: int, bias):
         """``x @ weight[index].T + bias`` computed by the server; raises RuntimeError when it cannot
@@ -313,6 +324,7 @@ class GemmServer:
         self.device, self.client_pid, self.registered = device, pid, False
         self.layers = [_ServedLayer(i, seg, entry) for i, entry in enumerate(table["layers"])]
         self.answered = seg.words[ANSWER]  # a request the client made before this server existed is pending
+        self.serving = True  # False once computing a layer failed or the client went idle: waits only
         self.streamer = None
         if device.type == "cuda":
             cudart = torch.cuda.cudart()
@@ -327,6 +339,7 @@ class GemmServer:
             slot = max(layer.weight.shape[1] * layer.weight.element_size() * (end - first)
                        for layer in self.layers for first, end in layer.pieces)
             self.streamer = weight_stream.WeightStreamer(device, self.layers, slot)
+        seg.words[TAKEN] = _receives - 1  # steps received before this server existed came over gloo
         seg.words[SERVER_PID] = os.getpid()
         _remove(path)
         log.info("hetero_shim: rank serving the linear layers of large steps of the CPU stage (pid %d) on %s: "
@@ -334,31 +347,29 @@ class GemmServer:
                  " registered with CUDA" if self.registered else "")
 
     def serve_until(self, sends: int) -> bool:
-        """Serve requests until the client published ``sends`` pipeline sends. False: the channel is
-        closed (failed, client gone or idle too long); the caller then stops using this server."""
+        """Serve requests (while :attr:`serving`) until the client published ``sends`` pipeline
+        sends. False: the client is gone."""
         w = self.seg.words
         limit = _timeout()
         idle_since = time.monotonic()
         waiter = _Waiter()
         while w[SENDS] < sends:
-            if w[STATE] != OPEN:
-                return False
+            if self.serving and w[STATE] != OPEN:
+                self.serving = False
             request = w[REQUEST]
-            if request != self.answered:
-                if not self._serve(request):
-                    return False
+            if self.serving and request != self.answered:
+                self.serving = self._serve(request)
                 idle_since, waiter.spins = time.monotonic(), 0
                 continue
             waiter.pause()
             if waiter.due():
-                now = time.monotonic()
                 if not _alive(self.client_pid):
                     return False
-                if now - idle_since > limit:
+                if self.serving and time.monotonic() - idle_since > limit:
                     log.warning("hetero_shim: the CPU stage sent neither a request nor its step within %.0f s; "
                                 "this rank stops computing its linear layers", limit)
                     w[STATE] = FAILED
-                    return False
+                    self.serving = False
         return True
 
     def _serve(self, request: int) -> bool:
@@ -437,28 +448,33 @@ def open_client(layers: list, max_tokens: int, rank: int) -> GemmClient:
     return _client
 
 
-def before_send() -> None:
-    """A CPU stage's rank is about to send a step's activations."""
+def before_send(tensor_dict: dict, all_gather: bool) -> bool:
+    """A CPU stage's rank is about to send a step's activations. True: they were handed to the next
+    stage's rank through the segment (stage_handover.py), so vLLM's send is skipped."""
     global _sends
     _sends += 1
-    if _client is not None:
-        _client.note_send(_sends)
+    if _client is None:
+        return False
+    from hetero_shim.collectives import stage_handover
+
+    return stage_handover.send(_client, _sends, tensor_dict, all_gather)
 
 
-def before_receive(plan, rank: int, device, stand_in: bool) -> None:
-    """The next stage's rank is about to wait for a step's activations: serve its client meanwhile."""
+def before_receive(plan, rank: int, device, stand_in: bool) -> dict | None:
+    """The next stage's rank is about to wait for a step's activations: serve its client meanwhile.
+    Returns the step's tensors when they came through the segment, else None (vLLM receives them)."""
     global _receives, _server, _server_gone
     _receives += 1
     if _server_gone:
-        return
+        return None
     if _server is None:
         client = client_rank(plan, rank, stand_in)
         if client is None:
             _server_gone = True
-            return
+            return None
         path = find_client(client)
         if path is None:
-            return  # the CPU rank has not opened its side (or keeps its layers on the CPU)
+            return None  # the CPU rank has not opened its side (or keeps its layers on the CPU)
         try:
             _server = GemmServer(path, device)
         except Exception as exc:  # noqa: BLE001 - the client sees the file gone and computes on the CPU
@@ -466,6 +482,10 @@ def before_receive(plan, rank: int, device, stand_in: bool) -> None:
                         type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
             _server_gone = True
             _remove(path)
-            return
+            return None
     if not _server.serve_until(_receives):
-        _server_gone = True
+        _server_gone = True  # the client is gone: vLLM's receive reports it
+        return None
+    from hetero_shim.collectives import stage_handover
+
+    return stage_handover.receive(_server, _receives, device)

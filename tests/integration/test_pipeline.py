@@ -148,8 +148,8 @@ def test_next_stage_computes_the_cpu_stages_large_steps(four_layers):
     """The channel of collectives/gemm_channel.py on the real vLLM: with HETERO_SHIM_CPU_RANK_GPU=next-stage
     (what a CPU stage followed by a GPU stage gets; here the second stage's CPU rank stands in for the
     GPU rank and computes on its CPU) the first stage puts its weights in shared memory and every step
-    of >= 1 token is computed by the second stage's rank while it waits for the activations. The tokens
-    must be stock TP=1's (identical, or a near tie between kernels); nothing is left in /dev/shm."""
+    of >= 1 token is computed by the second stage's rank while it waits for the activations, which
+    it then takes from that shared memory (collectives/stage_handover.py). The tokens must be stock TP=1's (identical, or a near tie between kernels); nothing is left in /dev/shm."""
     stock = generate(four_layers, "--tp", "1", "--logprobs", "3")
     before = set(os.listdir("/dev/shm"))
     proc = procs.run_python([GENERATE, str(four_layers), *PP2, "--logprobs", "3"], timeout=300,
@@ -159,7 +159,8 @@ def test_next_stage_computes_the_cpu_stages_large_steps(four_layers):
     opened = [line for line in out if "are computed by the next stage's rank: 8 layers" in line]
     serving = [line for line in out if "rank serving the linear layers of large steps of the CPU stage" in line]
     used = [line for line in out if "ran its linear layers on GPU next-stage" in line]
-    assert len(opened) == 1 and len(serving) == 1 and len(used) == 1, proc.stdout[-4000:]
+    handed = [line for line in out if "takes the CPU stage's activations from their shared memory" in line]
+    assert len(opened) == 1 and len(serving) == 1 and len(used) == 1 and len(handed) == 1, proc.stdout[-4000:]
     assert not [line for line in out if "computes on the CPU from now on" in line or "stops computing" in line]
     verdicts = closeness.compare(stock, parse_result(proc.stdout))
     assert all(v.status in ("identical", "near tie") for v in verdicts), closeness.summary(verdicts)

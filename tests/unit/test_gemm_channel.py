@@ -50,7 +50,7 @@ def _client(queue, kill_server_after: int | None):
     layers = [_Layer(w) for w in _weights()]
     weight_stream.cut_into_pieces(layers, 1024)
     client = gc.open_client(layers, max_tokens=16, rank=0)
-    worst, failure = 0.0, None
+    worst, failure, handed = 0.0, None, []
     try:
         for step in range(STEPS):
             for index, w in enumerate(_weights()):
@@ -63,11 +63,18 @@ def _client(queue, kill_server_after: int | None):
                 want = torch.nn.functional.linear(x, w, bias)
                 assert got.shape == want.shape
                 worst = max(worst, ((got - want).abs().max() / want.abs().max()).item())
-            gc.before_send()
+            handed.append(gc.before_send(_activations(step), all_gather=False))
     except RuntimeError as exc:
         failure = str(exc)
-    queue.put(("done", {"worst": worst, "failure": failure, "requests": client.requests,
+    queue.put(("done", {"worst": worst, "failure": failure, "requests": client.requests, "handed": handed,
                         "file_left": os.path.exists(client.path)}))
+
+
+def _activations(step: int) -> dict:
+    """A step's intermediate tensors as a CPU stage sends them (bf16 like a real run, plus a plain value)."""
+    gen = torch.Generator().manual_seed(100 + step)
+    return {"hidden_states": torch.randn(step + 1, 24, generator=gen).to(torch.bfloat16),
+            "residual": torch.randn(step + 1, 24, generator=gen), "aux": step}
 
 
 def _server(queue):
@@ -75,9 +82,15 @@ def _server(queue):
     deadline = time.monotonic() + 30
     while gc.find_client(0) is None and time.monotonic() < deadline:
         time.sleep(0.01)
-    for _ in range(STEPS):
-        gc.before_receive(plan, 1, torch.device("cpu"), stand_in=True)
+    received = []
+    for step in range(STEPS):
+        got = gc.before_receive(plan, 1, torch.device("cpu"), stand_in=True)
+        want = _activations(step)
+        received.append(None if got is None else (
+            got.keys() == want.keys() and got["aux"] == step
+            and all(torch.equal(got[k], want[k]) and got[k].dtype == want[k].dtype for k in ("hidden_states", "residual"))))
     queue.put(("served", gc._server.answered if gc._server else None))
+    queue.put(("received", received))
 
 
 def _run(kill_server_after=None):
@@ -89,7 +102,7 @@ def _run(kill_server_after=None):
     server.start()
     got = {}
     try:
-        while "done" not in got or ("served" not in got and "kill" not in got):
+        while "done" not in got or ("received" not in got and "kill" not in got):
             kind, value = queue.get(timeout=60)
             got[kind] = value
             if kind == "kill":
@@ -105,12 +118,16 @@ def _run(kill_server_after=None):
 
 def test_a_cpu_stage_gets_its_layers_computed_by_the_next_stage():
     """Every piece of every layer, with and without bias, over three steps, equals F.linear; the
-    server returns after each step's send; nothing is left in /dev/shm."""
+    server returns after each step's send; the steps' activations arrive whole through the segment
+    once the server is there (the first may precede it: then it goes over gloo, both sides agree);
+    nothing is left in /dev/shm."""
     got = _run()
     done = got["done"]
     assert done["failure"] is None
     assert done["worst"] < 1e-6  # float32, each piece one GEMM of its rows
     assert done["requests"] == STEPS * len(SHAPES) and got["served"] == STEPS * len(SHAPES)
+    assert [r is not None for r in got["received"]] == done["handed"]
+    assert all(r for r in got["received"] if r is not None) and done["handed"][1:] == [True] * (STEPS - 1)
     assert not done["file_left"]
 
 

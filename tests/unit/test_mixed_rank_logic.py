@@ -1,6 +1,7 @@
 """Mixed GPU+CPU logic that needs no vLLM: per-rank spawn environment, KV spec agreement."""
 
 import dataclasses
+import shutil
 import types
 
 import pytest
@@ -8,7 +9,7 @@ import pytest
 from hetero_shim import affinity, run_state, settings, versions
 from hetero_shim.errors import HeteroConfigError
 from hetero_shim.patches.startup import kv_cache_agreement, rank_process
-from hetero_shim.planning.plan import Cpu, RankPlan, plan_to_json
+from hetero_shim.planning.plan import Cpu, RankPlan, plan_from_json, plan_to_json
 
 
 @pytest.fixture
@@ -151,19 +152,51 @@ def test_eager_only_where_graphs_cannot_hold_the_collectives(monkeypatch, graphs
     assert args.enforce_eager is eager_after and args.async_scheduling is False
 
 
-def test_cpu_rank_compiles_only_where_asked_and_in_scope(monkeypatch):
+def _engine_config(mode, experts=0):
+    hf = types.SimpleNamespace(num_local_experts=experts) if experts else types.SimpleNamespace()
+    return types.SimpleNamespace(model_config=types.SimpleNamespace(hf_text_config=hf),
+                                 compilation_config=types.SimpleNamespace(mode=mode))
+
+
+def test_cpu_rank_compiles_as_the_engine_does_in_scope(monkeypatch):
+    """By default the CPU rank of a pipeline compiles when the engine compiles and a C++ compiler is
+    there; never outside one-rank pipeline stages or for MoE models; 1/0 force it on/off."""
+    from vllm.config import CompilationMode
+
     monkeypatch.setattr(versions, "is_cpu_build", lambda: False)
     monkeypatch.setattr(affinity.node, "allowed_cpus", lambda: [Cpu(0, i, i) for i in range(7)])
+    monkeypatch.setattr(shutil, "which", lambda name: f"/usr/bin/{name}")
     monkeypatch.setenv(settings.DEVICE, settings.HETEROGENEOUS)
     monkeypatch.setenv(settings.CPU_GEMM_ON_GPU, "0")
+    monkeypatch.delenv(settings.CPU_RANK_COMPILE, raising=False)
+    monkeypatch.delenv("CXX", raising=False)
     pipeline = RankPlan(world_size=2, gpu_ranks=1, cpu_lists=((2, 3, 4),), reserved=(0, 1), pp_size=2)
     tensor_parallel = RankPlan(world_size=2, gpu_ranks=1, cpu_lists=((2, 3, 4),), reserved=(0, 1))
-    monkeypatch.setenv(settings.PLAN, plan_to_json(pipeline))
-    pp_rank = 0 if pipeline.kind(0) == "cpu" else 1
-    assert not rank_process.cpu_rank_compiles(pipeline)  # off by default: eager, dynamo off in the rank
-    assert rank_process.rank_environment(pp_rank)["TORCHDYNAMO_DISABLE"] == "1"
+    compiles, eager = _engine_config(CompilationMode.VLLM_COMPILE), _engine_config(CompilationMode.NONE)
+    reason = rank_process.cpu_compile_reason
+    assert "the engine compiles" in reason(compiles, pipeline) and "g++" in reason(compiles, pipeline)
+    assert reason(eager, pipeline) == "" and reason(compiles, tensor_parallel) == ""
+    assert reason(_engine_config(CompilationMode.VLLM_COMPILE, experts=8), pipeline) == ""
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    assert reason(compiles, pipeline) == ""  # no C++ compiler for inductor: eager
     monkeypatch.setenv(settings.CPU_RANK_COMPILE, "1")
-    assert rank_process.cpu_rank_compiles(pipeline) and not rank_process.cpu_rank_compiles(tensor_parallel)
+    assert reason(eager, pipeline) == "HETERO_SHIM_CPU_RANK_COMPILE=1" and reason(eager, tensor_parallel) == ""
+    monkeypatch.setenv(settings.CPU_RANK_COMPILE, "0")
+    assert reason(compiles, pipeline) == ""
+    monkeypatch.setattr(versions, "is_cpu_build", lambda: True)
+    monkeypatch.setenv(settings.CPU_RANK_COMPILE, "1")
+    assert reason(compiles, pipeline) == ""  # the CPU build: vLLM's CPU platform decides, as stock
+
+    # the rank's environment follows the plan's decision
+    monkeypatch.setattr(versions, "is_cpu_build", lambda: False)
+    pp_rank = 0 if pipeline.kind(0) == "cpu" else 1
+    monkeypatch.setenv(settings.PLAN, plan_to_json(pipeline))
+    assert not rank_process.cpu_rank_compiles(pipeline)
+    assert rank_process.rank_environment(pp_rank)["TORCHDYNAMO_DISABLE"] == "1"
+    compiled = dataclasses.replace(pipeline, cpu_compile="HETERO_SHIM_CPU_RANK_COMPILE=1")
+    assert plan_from_json(plan_to_json(compiled)) == compiled
+    monkeypatch.setenv(settings.PLAN, plan_to_json(compiled))
+    assert rank_process.cpu_rank_compiles(compiled)
     env = rank_process.rank_environment(pp_rank)
     assert "TORCHDYNAMO_DISABLE" not in env and env["TORCHINDUCTOR_COMPILE_THREADS"] == "1"
     monkeypatch.setenv(settings.CPU_RANK_COMPILE, "maybe")

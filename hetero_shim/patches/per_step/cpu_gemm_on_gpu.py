@@ -336,25 +336,29 @@ def opaque(choice: LayerChoice):
     return cpu_linear
 
 
-_op_defined = False
+_op_library = None  # the torch.library.Library that holds hetero_shim::cpu_linear, once defined
 
 
 def _define_cpu_linear_op() -> None:
-    global _op_defined
-    if _op_defined:
+    """Defined through ``torch.library.Library`` (as vLLM registers its own ops), not the
+    ``custom_op`` decorator, whose Python wrapper costs several microseconds more a call (56 calls
+    a step at 3B)."""
+    global _op_library
+    if _op_library is not None:
         return
     import torch
 
-    @torch.library.custom_op("hetero_shim::cpu_linear", mutates_args=(),
-                             schema="(Tensor x, Tensor weight, Tensor? bias, int index) -> Tensor")
     def cpu_linear(x, weight, bias, index):
         return _side.layers[index](x, weight, bias)  # a new tensor on every path
 
-    @cpu_linear.register_fake
-    def _(x, weight, bias, index):
+    def fake(x, weight, bias, index):
         return x.new_empty((*x.shape[:-1], _side.layers[index].weight.shape[0]))
 
-    _op_defined = True
+    lib = torch.library.Library("hetero_shim", "FRAGMENT")
+    lib.define("cpu_linear(Tensor x, Tensor weight, Tensor? bias, int index) -> Tensor")
+    lib.impl("cpu_linear", cpu_linear, "CPU")
+    torch.library.register_fake("hetero_shim::cpu_linear", fake, lib=lib)
+    _op_library = lib
 
 
 def open_gpu_after_warm_up(wrapped, instance, args, kwargs):

@@ -16,7 +16,8 @@ rank. So, with GPU and CPU ranks in the world:
   its device after the receive completes (one more post-processing step, after vLLM's own).
 CPU-only worlds (no GPU ranks) and GPU-only worlds are left alone: vLLM's own paths serve them.
 A GPU rank whose previous stage is a CPU stage computes that stage's large linear layers while it
-waits for its activations (``collectives/gemm_channel.py``); both sides count the steps here.
+waits for its activations (``collectives/gemm_channel.py``), and takes those activations from the
+segment they share (``collectives/stage_handover.py``); both sides count the steps here.
 Only the last stage samples; the other stages get the sampled tokens from the scheduler
 (``CachedRequestData.new_token_ids``, filled because heterogeneous mode with GPU ranks turns
 async scheduling off), so no other tensor crosses between stages.
@@ -38,7 +39,7 @@ WHY = "gloo has no CUDA send/recv; vLLM sends CUDA IntermediateTensors over the 
 REMOVE_WHEN = "vLLM supports pipeline stages on different kinds of device"
 UPSTREAM = "a stage sends CUDA tensors over its device group and the next stage allocates them on the sender's device"
 PARALLEL_STATE = "vllm.distributed.parallel_state"
-ISEND = Params(tensor_dict=0)
+ISEND = Params(tensor_dict=0, dst=1, all_gather_group=2)
 SENDS_OVER_DEVICE_GROUP = Fact(PARALLEL_STATE, "GroupCoordinator.isend_tensor_dict",
                                r"comm_group = metadata_group if tensor\.is_cpu else group",
                                "isend_tensor_dict sends a non-CPU tensor over the device group")
@@ -81,13 +82,18 @@ def _this_rank_is_cuda(group) -> bool:
 
 
 def stage_cuda_tensors_on_host(wrapped, instance, args, kwargs):
-    """isend_tensor_dict: CUDA tensors are sent as pinned host copies."""
-    gemm_channel.before_send()
+    """isend_tensor_dict: CUDA tensors are sent as pinned host copies. A CPU stage's rank whose
+    next stage's rank computes its large steps hands its activations over through their shared
+    segment instead (collectives/stage_handover.py)."""
+    tensor_dict = ISEND.get(args, kwargs, "tensor_dict")
+    group = ISEND.get(args, kwargs, "all_gather_group", None)
+    all_gather = ISEND.get(args, kwargs, "dst", None) is not None or getattr(group, "world_size", 1) > 1
+    if gemm_channel.before_send(tensor_dict, all_gather):
+        return []  # no handles: the next stage's rank has the step already
     if not (run_state.current().mixed and _this_rank_is_cuda(instance)):
         return wrapped(*args, **kwargs)
     import torch
 
-    tensor_dict = ISEND.get(args, kwargs, "tensor_dict")
     staged = {}
     for name, value in tensor_dict.items():
         if isinstance(value, torch.Tensor) and value.is_cuda:
@@ -108,7 +114,9 @@ def received_tensors_to_device(wrapped, instance, args, kwargs):
         import torch
 
         device = instance.device if _this_rank_is_cuda(instance) else torch.device("cpu")
-        gemm_channel.before_receive(run_state.plan(), instance.rank, device, stand_in=serve == "stand-in")
+        handed = gemm_channel.before_receive(run_state.plan(), instance.rank, device, stand_in=serve == "stand-in")
+        if handed is not None:  # through the shared segment, already on this rank's device
+            return handed, [], []
     result = wrapped(*args, **kwargs)
     if not (run_state.current().mixed and _this_rank_is_cuda(instance)):
         return result

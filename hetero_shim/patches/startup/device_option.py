@@ -142,7 +142,10 @@ def plan_before_config(wrapped, instance, args, kwargs):
     config = wrapped(*args, **kwargs)  # vLLM's own checks (heads divisible by TP, ...) first
     _check_main_guard()
     split = _pipeline_split(config, kinds, gpu_layers) if pp > 1 else None
-    plan = build.build_plan(tp * pp, gpus, split, kv_for=lambda p: _cpu_kv_budgets(config, p), cpu_first=cpu_first)
+    from hetero_shim.patches.startup import rank_process
+
+    plan = build.build_plan(tp * pp, gpus, split, kv_for=lambda p: _cpu_kv_budgets(config, p), cpu_first=cpu_first,
+                            cpu_compile=lambda p: rank_process.cpu_compile_reason(config, p))
     if plan.world_size > plan.gpu_ranks:
         model_support.check_cpu_ranks_support(config, ranks=_cpu_ranks_text(plan))
         warning = model_support.routing_warning(config, plan)

