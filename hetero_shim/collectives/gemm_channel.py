@@ -236,13 +236,19 @@ class GemmClient:
         self.failed: str | None = None
 
     def wait_taken(self, step: int) -> None:
-        """Until the server copied out the activations of pipeline step ``step`` (stage_handover.py)."""
+        """Until the server copied out the activations of pipeline step ``step`` (stage_handover.py);
+        as long as a gloo send may wait for its receiver (HETERO_SHIM_GLOO_TIMEOUT_S) at most."""
         w = self.seg.words
         waiter = _Waiter()
+        start, limit = time.monotonic(), settings.gloo_timeout_seconds()
         while w[TAKEN] < step:
             waiter.pause()
-            if waiter.due() and not _alive(w[SERVER_PID]):
-                raise RuntimeError("the next stage's rank is gone")
+            if waiter.due():
+                if not _alive(w[SERVER_PID]):
+                    raise RuntimeError("the next stage's rank is gone")
+                if time.monotonic() - start > limit:
+                    raise RuntimeError(f"the next stage's rank took no step's activations within {limit} s "
+                                       f"({settings.GLOO_TIMEOUT})")
 
     def linear(self, x, index: int, bias):
         """``x @ weight[index].T + bias`` computed by the server; raises RuntimeError when it cannot
@@ -348,10 +354,11 @@ class GemmServer:
 
     def serve_until(self, sends: int) -> bool:
         """Serve requests (while :attr:`serving`) until the client published ``sends`` pipeline
-        sends. False: the client is gone."""
+        sends, as long as a gloo receive may wait (HETERO_SHIM_GLOO_TIMEOUT_S) at most. False: the
+        client is gone."""
         w = self.seg.words
-        limit = _timeout()
-        idle_since = time.monotonic()
+        limit, patience = _timeout(), settings.gloo_timeout_seconds()
+        idle_since = start = time.monotonic()
         waiter = _Waiter()
         while w[SENDS] < sends:
             if self.serving and w[STATE] != OPEN:
@@ -365,6 +372,9 @@ class GemmServer:
             if waiter.due():
                 if not _alive(self.client_pid):
                     return False
+                if time.monotonic() - start > patience:
+                    raise RuntimeError(f"the CPU stage's rank (pid {self.client_pid}) sent no step within {patience} s "
+                                       f"({settings.GLOO_TIMEOUT})")
                 if self.serving and time.monotonic() - idle_since > limit:
                     log.warning("hetero_shim: the CPU stage sent neither a request nor its step within %.0f s; "
                                 "this rank stops computing its linear layers", limit)

@@ -164,3 +164,22 @@ def test_a_name_file_left_by_a_killed_cpu_rank_is_swept():
         for name in (path, gc.path_for(0)):
             if os.path.exists(name):
                 os.unlink(name)
+
+
+def test_a_stalled_peer_fails_the_step_within_the_gloo_timeout(monkeypatch):
+    """Both waits of the hand-over are bounded as a gloo send or receive would be: a peer that is
+    alive but sends (or takes) nothing fails the step after HETERO_SHIM_GLOO_TIMEOUT_S, naming it."""
+    monkeypatch.setenv("HETERO_SHIM_GLOO_TIMEOUT_S", "1")
+    layers = [_Layer(w) for w in _weights()]
+    weight_stream.cut_into_pieces(layers, 1024)
+    client = gc.GemmClient(layers, max_tokens=4, rank=7)
+    try:
+        server = gc.GemmServer(client.path, torch.device("cpu"))
+        start = time.monotonic()
+        with pytest.raises(RuntimeError, match=r"sent no step within 1 s \(HETERO_SHIM_GLOO_TIMEOUT_S\)"):
+            server.serve_until(client.seg.words[gc.SENDS] + 1)
+        with pytest.raises(RuntimeError, match=r"took no step's activations within 1 s"):
+            client.wait_taken(client.seg.words[gc.TAKEN] + 1)
+        assert time.monotonic() - start < 10
+    finally:
+        client.close()
