@@ -26,6 +26,8 @@ COLUMNS = (
     ("GPU GiB", "peak_gpu_gib", "{:.2f}"), ("host RSS GiB", "peak_host_rss_gib", "{:.2f}"),
     ("host anon GiB", "peak_host_anon_gib", "{:.2f}"), ("GPU weights GiB", "gpu_weights_gib", "{:.2f}"),
 )
+#: the pipeline mode's variants whose ratios the report gives (bench/configs.py VARIANTS)
+PP_VARIANTS = ("-before", "-gpufirst", "-eager", "-onednn", "-r2", "-nothp", "-eagercpu")
 # (heterogeneous or candidate config, baseline config): the comparisons printed when both ran
 PAIRS = (
     ("hetero-tp2", "offload-uva"), ("hetero-tp4", "offload-uva"),
@@ -37,8 +39,8 @@ PAIRS = (
     ("hetero-tp2", "hetero-tp2-free"), ("hetero-pp2", "hetero-pp2-free"),
     ("hetero-tp2", "cpu-stock-tp2"), ("hetero-tp4", "cpu-stock-tp4"),
     # each of the pipeline mode's choices, measured by turning it off (bench/configs.py VARIANTS)
-    *((f"hetero-pp2{v}", "offload-uva") for v in ("-before", "-gpufirst", "-eager", "-onednn", "-r2", "-nothp")),
-    *(("hetero-pp2", f"hetero-pp2{v}") for v in ("-before", "-gpufirst", "-eager", "-onednn", "-r2", "-nothp")),
+    *((f"hetero-pp2{v}", "offload-uva") for v in PP_VARIANTS),
+    *(("hetero-pp2", f"hetero-pp2{v}") for v in PP_VARIANTS),
     ("hetero-tp2-onednn", "offload-uva"), ("hetero-tp2", "hetero-tp2-onednn"),
 )
 # what a pair's ratio means, printed beside it
