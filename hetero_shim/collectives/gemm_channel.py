@@ -66,11 +66,6 @@ META_BYTES = 64 << 10
 OPEN, FAILED = 0, 1
 DTYPES = ("float32", "bfloat16", "float16")
 
-_sends = 0  # this process's pipeline sends so far (a CPU stage's rank)
-_receives = 0  # this process's pipeline receives so far (the next stage's rank)
-_client: GemmClient | None = None
-_server: GemmServer | None = None
-_server_gone = False  # stop looking for a client after a failure
 
 
 def path_for(client_rank: int, client_pid: int | None = None) -> str:
@@ -117,7 +112,7 @@ def _alive(pid: int) -> bool:
     return _start_time(pid) is not None
 
 
-def _remove(path: str) -> None:
+def remove_file(path: str) -> None:
     try:
         os.unlink(path)
     except FileNotFoundError:
@@ -201,9 +196,9 @@ def _layout(layers: list, max_tokens: int) -> tuple[dict, int]:
 class GemmClient:
     """The CPU rank's side: the segment with its weights; :meth:`linear` asks the server."""
 
-    def __init__(self, layers: list, max_tokens: int, rank: int) -> None:
+    def __init__(self, layers: list, max_tokens: int, rank: int, sends: int = 0) -> None:
         """``layers``: objects with ``weight`` (a CPU tensor) and ``pieces``; each ``weight`` is
-        replaced by its copy in the segment."""
+        replaced by its copy in the segment. ``sends``: this rank's pipeline sends so far."""
         table, size = _layout(layers, max_tokens)
         fd = os.memfd_create("hetero_shim_gemm")
         try:
@@ -225,7 +220,7 @@ class GemmClient:
             raise RuntimeError(f"the layer table takes {len(text)} bytes, more than {TABLE_BYTES}")
         mm[HEADER_BYTES:HEADER_BYTES + len(text)] = text
         w = seg.words
-        w[SENDS], w[STATE], w[CLIENT_PID], w[REQUEST], w[ANSWER] = _sends, OPEN, os.getpid(), 0, 0
+        w[SENDS], w[STATE], w[CLIENT_PID], w[REQUEST], w[ANSWER] = sends, OPEN, os.getpid(), 0, 0
         w[MAGIC] = MAGIC_VALUE
         self.path = path_for(rank)
         tmp = f"{self.path}.{os.getpid()}"
@@ -304,14 +299,15 @@ class GemmClient:
         self.seg.words[STATE] = FAILED
 
     def close(self) -> None:
-        _remove(self.path)
+        remove_file(self.path)
 
 
 class GemmServer:
     """The next stage's side: the client's segment, mapped and registered with CUDA; serves requests
     while this rank waits for the client's pipeline send."""
 
-    def __init__(self, path: str, device) -> None:
+    def __init__(self, path: str, device, receives: int = 1) -> None:
+        """``receives``: this rank's pipeline receives so far, the one it is in included."""
         import torch
 
         from hetero_shim.collectives import weight_stream
@@ -345,9 +341,9 @@ class GemmServer:
             slot = max(layer.weight.shape[1] * layer.weight.element_size() * (end - first)
                        for layer in self.layers for first, end in layer.pieces)
             self.streamer = weight_stream.WeightStreamer(device, self.layers, slot)
-        seg.words[TAKEN] = _receives - 1  # steps received before this server existed came over gloo
+        seg.words[TAKEN] = receives - 1  # steps received before this server existed came over gloo
         seg.words[SERVER_PID] = os.getpid()
-        _remove(path)
+        remove_file(path)
         log.info("hetero_shim: rank serving the linear layers of large steps of the CPU stage (pid %d) on %s: "
                  "%d layers, %.2f GiB of shared memory%s", pid, device, len(self.layers), size / (1 << 30),
                  " registered with CUDA" if self.registered else "")
@@ -446,56 +442,3 @@ class _ServedLayer:
         self.index = index
         self.weight = seg.bytes[entry["offset"]:entry["offset"] + nbytes].view(dtype).view(n, k)
         self.pieces = [tuple(p) for p in entry["pieces"]]
-
-
-# -- the pipeline hooks (patches/per_step/pipeline_transfer.py) -------------------------------------------
-def open_client(layers: list, max_tokens: int, rank: int) -> GemmClient:
-    global _client
-    _client = GemmClient(layers, max_tokens, rank)
-    import atexit
-
-    atexit.register(_client.close)
-    return _client
-
-
-def before_send(tensor_dict: dict, all_gather: bool) -> bool:
-    """A CPU stage's rank is about to send a step's activations. True: they were handed to the next
-    stage's rank through the segment (stage_handover.py), so vLLM's send is skipped."""
-    global _sends
-    _sends += 1
-    if _client is None:
-        return False
-    from hetero_shim.collectives import stage_handover
-
-    return stage_handover.send(_client, _sends, tensor_dict, all_gather)
-
-
-def before_receive(plan, rank: int, device, stand_in: bool) -> dict | None:
-    """The next stage's rank is about to wait for a step's activations: serve its client meanwhile.
-    Returns the step's tensors when they came through the segment, else None (vLLM receives them)."""
-    global _receives, _server, _server_gone
-    _receives += 1
-    if _server_gone:
-        return None
-    if _server is None:
-        client = client_rank(plan, rank, stand_in)
-        if client is None:
-            _server_gone = True
-            return None
-        path = find_client(client)
-        if path is None:
-            return None  # the CPU rank has not opened its side (or keeps its layers on the CPU)
-        try:
-            _server = GemmServer(path, device)
-        except Exception as exc:  # noqa: BLE001 - the client sees the file gone and computes on the CPU
-            log.warning("hetero_shim: cannot compute the CPU stage's linear layers here: %s: %s",
-                        type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
-            _server_gone = True
-            _remove(path)
-            return None
-    if not _server.serve_until(_receives):
-        _server_gone = True  # the client is gone: vLLM's receive reports it
-        return None
-    from hetero_shim.collectives import stage_handover
-
-    return stage_handover.receive(_server, _receives, device)

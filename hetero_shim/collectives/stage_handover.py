@@ -1,4 +1,10 @@
-"""A CPU stage's activations handed to the next (GPU) stage through the GEMM channel's segment.
+"""The pipeline's side of the GEMM channel: this process's end of it, counted by pipeline step,
+and a CPU stage's activations handed to the next (GPU) stage through the channel's segment.
+
+``patches/per_step/pipeline_transfer.py`` calls :func:`before_send` before each pipeline send and
+:func:`before_receive` before each receive; ``patches/per_step/cpu_gemm_on_gpu.py`` opens the
+client end (:func:`open_client`). The next stage's rank opens the server end at its first receive
+after the client's segment appeared, and serves its linear layers while it waits.
 
 Why: vLLM sends a stage's ``IntermediateTensors`` with ``isend_tensor_dict``: the pickled metadata
 and then each tensor over gloo. Gloo delivers a message only once the receiver has posted its
@@ -28,6 +34,60 @@ from hetero_shim.logs import log
 SHM, GLOO = 1, 2
 ALIGN = 64
 _announced = False
+_sends = 0  # this process's pipeline sends so far (a CPU stage's rank)
+_receives = 0  # this process's pipeline receives so far (the next stage's rank)
+_client: ch.GemmClient | None = None
+_server: ch.GemmServer | None = None
+_server_gone = False  # stop looking for a client after a failure
+
+
+def open_client(layers: list, max_tokens: int, rank: int) -> ch.GemmClient:
+    """The CPU rank's end: its linear weights moved into a new segment (gemm_channel.GemmClient)."""
+    global _client
+    _client = ch.GemmClient(layers, max_tokens, rank, sends=_sends)
+    import atexit
+
+    atexit.register(_client.close)
+    return _client
+
+
+def before_send(tensor_dict: dict, all_gather: bool) -> bool:
+    """A CPU stage's rank is about to send a step's activations. True: they were handed to the next
+    stage's rank through the segment, so vLLM's send is skipped."""
+    global _sends
+    _sends += 1
+    if _client is None:
+        return False
+    return send(_client, _sends, tensor_dict, all_gather)
+
+
+def before_receive(plan, rank: int, device, stand_in: bool) -> dict | None:
+    """The next stage's rank is about to wait for a step's activations: serve its client meanwhile.
+    Returns the step's tensors when they came through the segment, else None (vLLM receives them)."""
+    global _receives, _server, _server_gone
+    _receives += 1
+    if _server_gone:
+        return None
+    if _server is None:
+        client = ch.client_rank(plan, rank, stand_in)
+        if client is None:
+            _server_gone = True
+            return None
+        path = ch.find_client(client)
+        if path is None:
+            return None  # the CPU rank has not opened its side (or keeps its layers on the CPU)
+        try:
+            _server = ch.GemmServer(path, device, receives=_receives)
+        except Exception as exc:  # noqa: BLE001 - the client sees the file gone and computes on the CPU
+            log.warning("hetero_shim: cannot compute the CPU stage's linear layers here: %s: %s",
+                        type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+            _server_gone = True
+            ch.remove_file(path)
+            return None
+    if not _server.serve_until(_receives):
+        _server_gone = True  # the client is gone: vLLM's receive reports it
+        return None
+    return receive(_server, _receives, device)
 
 
 def send(client: ch.GemmClient, k: int, tensor_dict: dict, all_gather: bool) -> bool:

@@ -1,6 +1,7 @@
 """The channel through which the next pipeline stage's rank computes a CPU stage's large linear layers
-(hetero_shim/collectives/gemm_channel.py): who serves whom, and the protocol between two real
-processes (the server standing in on the CPU, as on machines without a GPU)."""
+and takes its activations (hetero_shim/collectives/gemm_channel.py, stage_handover.py): who serves
+whom, and the protocol between two real processes (the server standing in on the CPU, as on machines
+without a GPU)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from hetero_shim.collectives import gemm_channel as gc  # noqa: E402
+from hetero_shim.collectives import stage_handover as sh  # noqa: E402
 from hetero_shim.collectives import weight_stream  # noqa: E402
 from hetero_shim.planning.plan import RankPlan  # noqa: E402
 
@@ -49,7 +51,7 @@ def _client(queue, kill_server_after: int | None):
     gen = torch.Generator().manual_seed(1)
     layers = [_Layer(w) for w in _weights()]
     weight_stream.cut_into_pieces(layers, 1024)
-    client = gc.open_client(layers, max_tokens=16, rank=0)
+    client = sh.open_client(layers, max_tokens=16, rank=0)
     worst, failure, handed = 0.0, None, []
     try:
         for step in range(STEPS):
@@ -63,7 +65,7 @@ def _client(queue, kill_server_after: int | None):
                 want = torch.nn.functional.linear(x, w, bias)
                 assert got.shape == want.shape
                 worst = max(worst, ((got - want).abs().max() / want.abs().max()).item())
-            handed.append(gc.before_send(_activations(step), all_gather=False))
+            handed.append(sh.before_send(_activations(step), all_gather=False))
     except RuntimeError as exc:
         failure = str(exc)
     queue.put(("done", {"worst": worst, "failure": failure, "requests": client.requests, "handed": handed,
@@ -84,12 +86,12 @@ def _server(queue):
         time.sleep(0.01)
     received = []
     for step in range(STEPS):
-        got = gc.before_receive(plan, 1, torch.device("cpu"), stand_in=True)
+        got = sh.before_receive(plan, 1, torch.device("cpu"), stand_in=True)
         want = _activations(step)
         received.append(None if got is None else (
             got.keys() == want.keys() and got["aux"] == step
             and all(torch.equal(got[k], want[k]) and got[k].dtype == want[k].dtype for k in ("hidden_states", "residual"))))
-    queue.put(("served", gc._server.answered if gc._server else None))
+    queue.put(("served", sh._server.answered if sh._server else None))
     queue.put(("received", received))
 
 

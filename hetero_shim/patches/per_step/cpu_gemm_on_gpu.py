@@ -47,7 +47,7 @@ import os
 
 from hetero_shim import run_state, settings, versions
 from hetero_shim.arguments import Params
-from hetero_shim.collectives import gemm_channel
+from hetero_shim.collectives import gemm_channel, stage_handover
 from hetero_shim.logs import log
 from hetero_shim.registry import Fact, Patch
 
@@ -212,7 +212,7 @@ class ServedSide(GpuSide):
         from hetero_shim.collectives import weight_stream
 
         weight_stream.cut_into_pieces(self.layers, settings.cpu_gemm_chunk_bytes())
-        self.client = gemm_channel.open_client(self.layers, max_tokens, self.rank)
+        self.client = stage_handover.open_client(self.layers, max_tokens, self.rank)
         self.device = gemm_channel.NEXT_STAGE
         log.info("hetero_shim: CPU rank %d: linear layers of steps with >= %d tokens are computed by the next "
                  "stage's rank: %d layers, %.2f GiB of weights in shared memory (%s=0 keeps them on the CPU)",

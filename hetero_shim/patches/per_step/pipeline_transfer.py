@@ -32,7 +32,7 @@ import os
 
 from hetero_shim import run_state, settings
 from hetero_shim.arguments import NO_PARAMS, Params
-from hetero_shim.collectives import gemm_channel
+from hetero_shim.collectives import gemm_channel, stage_handover
 from hetero_shim.registry import Fact, Patch
 
 WHY = "gloo has no CUDA send/recv; vLLM sends CUDA IntermediateTensors over the device group"
@@ -88,7 +88,7 @@ def stage_cuda_tensors_on_host(wrapped, instance, args, kwargs):
     tensor_dict = ISEND.get(args, kwargs, "tensor_dict")
     group = ISEND.get(args, kwargs, "all_gather_group", None)
     all_gather = ISEND.get(args, kwargs, "dst", None) is not None or getattr(group, "world_size", 1) > 1
-    if gemm_channel.before_send(tensor_dict, all_gather):
+    if stage_handover.before_send(tensor_dict, all_gather):
         return []  # no handles: the next stage's rank has the step already
     if not (run_state.current().mixed and _this_rank_is_cuda(instance)):
         return wrapped(*args, **kwargs)
@@ -114,7 +114,7 @@ def received_tensors_to_device(wrapped, instance, args, kwargs):
         import torch
 
         device = instance.device if _this_rank_is_cuda(instance) else torch.device("cpu")
-        handed = gemm_channel.before_receive(run_state.plan(), instance.rank, device, stand_in=serve == "stand-in")
+        handed = stage_handover.before_receive(run_state.plan(), instance.rank, device, stand_in=serve == "stand-in")
         if handed is not None:  # through the shared segment, already on this rank's device
             return handed, [], []
     result = wrapped(*args, **kwargs)
