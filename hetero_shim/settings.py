@@ -59,6 +59,9 @@ GPU_STAGE_GRAPHS = "HETERO_SHIM_GPU_STAGE_GRAPHS"
 #: inductor's C++ kernels) when the engine compiles (no enforce_eager) and a C++ compiler is on the
 #: host, else runs it eagerly; "1" always compiles in that scope; "0" always runs eagerly.
 CPU_RANK_COMPILE = "HETERO_SHIM_CPU_RANK_COMPILE"
+#: Pipeline mode: micro-batches the engine core keeps in flight: "auto" (default) vLLM's own
+#: (pipeline_parallel_size), or a whole number N >= 1 (at most N; 1: one batch at a time).
+PIPELINE_BATCHES = "HETERO_SHIM_PIPELINE_BATCHES"
 #: Cores kept off the CPU ranks for the engine core, the front end and the GPU-rank processes
 #: (default: 2 + one per GPU rank with GPU ranks, else 1).
 RESERVE_CORES = "HETERO_SHIM_RESERVE_CORES"
@@ -317,6 +320,13 @@ def cpu_rank_compile() -> str:
     raise HeteroConfigError(f"{CPU_RANK_COMPILE}={os.environ[CPU_RANK_COMPILE]!r} is not understood; use auto, 1 or 0")
 
 
+def pipeline_batches() -> int | None:
+    """HETERO_SHIM_PIPELINE_BATCHES as a number, None for "auto" (vLLM's own batch queue)."""
+    if os.environ.get(PIPELINE_BATCHES, "").strip().lower() == "auto":
+        return None
+    return _whole_number(PIPELINE_BATCHES, 1, "must be auto or a whole number of micro-batches, 1 or more")
+
+
 def shm_stream_ops() -> bool:
     return _flag(SHM_STREAM_OPS, default=True)
 
@@ -434,6 +444,7 @@ def check_environment() -> None:
     cpu_gemm_check_calls()
     gpu_stage_graphs()
     cpu_rank_compile()
+    pipeline_batches()
     reserve_cores()
     cpu_kernels_source()
     kernel_cache_dir()

@@ -103,16 +103,15 @@ def test_gpu_layers_need_heterogeneous_mode(models):
     assert "hetero_gpu_layers='1' needs device='heterogeneous' and pipeline_parallel_size > 1" in proc.stdout
 
 
-def test_stages_work_on_different_micro_batches_at_once(models, reference, tmp_path):
-    """Tiny Llama, PP=2: TP=1's tokens. A token budget of 16 splits the 8 prompts into several micro-batches. Both stages run the
-    same sequence of steps; step i+1 starting on stage 0 before step i ended on stage 1 means the
-    engine had two micro-batches in flight (vLLM's PP batch queue). Without it (one batch at a
-    time) the engine dispatches step i+1 only after stage 1 returned step i."""
+def _traced_pp2(model: Path, tmp_path: Path, **env: str) -> tuple[dict, list[dict], list[dict], int]:
+    """PP=2 with a token budget of 16 (the 8 prompts take several micro-batches), each worker's steps
+    traced: (result, stage 0's steps, stage 1's steps, how many of stage 0's steps started before
+    stage 1 ended the previous one, i.e. with two micro-batches in flight)."""
     trace = tmp_path / "trace"
     trace.mkdir()
-    result = generate(models["llama"], *PP2, "--max-num-batched-tokens", "16", PP_TRACE_DIR=str(trace),
-                      PYTHONPATH=f"{procs.REPO}:{HERE / 'pp_trace'}")
-    check_pp2_even_split(result, reference("llama"))
+    proc = procs.run_python([GENERATE, str(model), *PP2, "--max-num-batched-tokens", "16"], timeout=300,
+                            PP_TRACE_DIR=str(trace), PYTHONPATH=f"{procs.REPO}:{HERE / 'pp_trace'}", **env)
+    assert proc.returncode == 0, proc.stdout[-6000:]
     steps: dict[int, list[dict]] = {}
     for path in trace.glob("*.jsonl"):
         for line in path.read_text().splitlines():
@@ -123,9 +122,31 @@ def test_stages_work_on_different_micro_batches_at_once(models, reference, tmp_p
     assert [s["tokens"] for s in first] == [s["tokens"] for s in last]  # the same steps, in the same order
     overlapped = sum(1 for i in range(len(first) - 1)
                      if first[i + 1]["tokens"] and last[i]["tokens"] and first[i + 1]["start"] < last[i]["end"])
+    result = parse_result(proc.stdout)
+    result["stdout"] = proc.stdout
+    return result, first, last, overlapped
+
+
+def test_stages_work_on_different_micro_batches_at_once(models, reference, tmp_path):
+    """Tiny Llama, PP=2: TP=1's tokens. Both stages run the same sequence of steps; step i+1 starting
+    on stage 0 before step i ended on stage 1 means the engine had two micro-batches in flight (vLLM's
+    PP batch queue). Without it (one batch at a time) the engine dispatches step i+1 only after stage 1
+    returned step i."""
+    result, first, _, overlapped = _traced_pp2(models["llama"], tmp_path)
+    check_pp2_even_split(result, reference("llama"))
     # measured here: 17 of 37 steps overlapped; 0 of 20 with the batch queue forced to one batch
     # (PP_TRACE_ONE_BATCH=1 in pp_trace/sitecustomize.py)
     assert overlapped >= 3, f"{overlapped} of {len(first)} steps overlapped"
+
+
+def test_one_micro_batch_at_a_time_when_asked(models, reference, tmp_path):
+    """HETERO_SHIM_PIPELINE_BATCHES=1 on the real vLLM: the engine core keeps one batch in flight
+    through vLLM's own batch-queue step, so no step of stage 0 starts before stage 1 ended the
+    previous one, and the tokens stay TP=1's."""
+    result, first, _, overlapped = _traced_pp2(models["llama"], tmp_path, HETERO_SHIM_PIPELINE_BATCHES="1")
+    check_pp2_even_split(result, reference("llama"))
+    assert "keeps at most 1 micro-batch(es) in flight instead of 2" in result["stdout"], result["stdout"][-3000:]
+    assert overlapped == 0 and len(first) >= 3, f"{overlapped} of {len(first)} steps overlapped"
 
 
 def test_large_step_choice_of_cpu_stages_is_wired_into_vllm(four_layers):
