@@ -366,12 +366,13 @@ class GemmServer:
                 continue
             waiter.pause()
             if waiter.due():
+                now = time.monotonic()
                 if not _alive(self.client_pid):
                     return False
-                if time.monotonic() - start > patience:
+                if now - start > patience:
                     raise RuntimeError(f"the CPU stage's rank (pid {self.client_pid}) sent no step within {patience} s "
                                        f"({settings.GLOO_TIMEOUT})")
-                if self.serving and time.monotonic() - idle_since > limit:
+                if self.serving and now - idle_since > limit:
                     log.warning("hetero_shim: the CPU stage sent neither a request nor its step within %.0f s; "
                                 "this rank stops computing its linear layers", limit)
                     w[STATE] = FAILED

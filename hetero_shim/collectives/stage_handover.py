@@ -26,6 +26,7 @@ its receives so far when it attaches, so the client never waits for a step recei
 
 from __future__ import annotations
 
+import math
 import pickle
 
 from hetero_shim.collectives import gemm_channel as ch
@@ -51,14 +52,15 @@ def open_client(layers: list, max_tokens: int, rank: int) -> ch.GemmClient:
     return _client
 
 
-def before_send(tensor_dict: dict, all_gather: bool) -> bool:
+def before_send(tensor_dict: dict, vllm_only: bool) -> bool:
     """A CPU stage's rank is about to send a step's activations. True: they were handed to the next
-    stage's rank through the segment, so vLLM's send is skipped."""
+    stage's rank through the segment, so vLLM's send is skipped. ``vllm_only``: the send takes a path
+    the hand-over does not copy (an explicit destination, a tensor-parallel all-gather of slices)."""
     global _sends
     _sends += 1
     if _client is None:
         return False
-    return send(_client, _sends, tensor_dict, all_gather)
+    return send(_client, _sends, tensor_dict, vllm_only)
 
 
 def before_receive(plan, rank: int, device, stand_in: bool) -> dict | None:
@@ -90,11 +92,11 @@ def before_receive(plan, rank: int, device, stand_in: bool) -> dict | None:
     return receive(_server, _receives, device)
 
 
-def send(client: ch.GemmClient, k: int, tensor_dict: dict, all_gather: bool) -> bool:
+def send(client: ch.GemmClient, k: int, tensor_dict: dict, vllm_only: bool) -> bool:
     """The client's k-th send. True: handed over through the segment (vLLM's send is skipped);
     False: the step goes over gloo as vLLM sends it."""
     w = client.seg.words
-    layout = None if all_gather or not w[ch.SERVER_PID] else _layout(client.seg, tensor_dict)
+    layout = None if vllm_only or not w[ch.SERVER_PID] else _placement(client.seg, tensor_dict)
     if layout is None:
         w[ch.MODES + k % ch.RING] = GLOO
         w[ch.SENDS] = k
@@ -114,7 +116,7 @@ def send(client: ch.GemmClient, k: int, tensor_dict: dict, all_gather: bool) -> 
     return True
 
 
-def _layout(seg, tensor_dict: dict) -> tuple[bytes, list] | None:
+def _placement(seg, tensor_dict: dict) -> tuple[bytes, list] | None:
     """(pickled layout, [(tensor, offset in act)]) of a dict of CPU tensors that fits the segment."""
     import torch
 
@@ -139,6 +141,7 @@ def _layout(seg, tensor_dict: dict) -> tuple[bytes, list] | None:
 def receive(server: ch.GemmServer, k: int, device) -> dict | None:
     """The server's k-th receive, once the client published it: the step's tensors on ``device``,
     or None when it comes over gloo (vLLM then receives it)."""
+    global _announced
     import torch
 
     w = server.seg.words
@@ -156,15 +159,11 @@ def receive(server: ch.GemmServer, k: int, device) -> dict | None:
             continue
         dtype_name, shape, offset = rest
         dtype = getattr(torch, dtype_name)
-        numel = 1
-        for d in shape:
-            numel *= d
-        view = act[start + offset:start + offset + numel * dtype.itemsize].view(dtype).view(shape)
+        view = act[start + offset:start + offset + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
         tensors[key] = view.to(device, non_blocking=True) if device.type == "cuda" else view.clone()
     if device.type == "cuda":
         torch.cuda.current_stream(device).synchronize()  # copied out before the client may write again
     w[ch.TAKEN] = k
-    global _announced
     if not _announced:
         _announced = True
         log.info("hetero_shim: this rank takes the CPU stage's activations from their shared memory (step %d: %s)",

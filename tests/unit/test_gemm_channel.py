@@ -65,7 +65,7 @@ def _client(queue, kill_server_after: int | None):
                 want = torch.nn.functional.linear(x, w, bias)
                 assert got.shape == want.shape
                 worst = max(worst, ((got - want).abs().max() / want.abs().max()).item())
-            handed.append(sh.before_send(_activations(step), all_gather=False))
+            handed.append(sh.before_send(_activations(step), vllm_only=False))
     except RuntimeError as exc:
         failure = str(exc)
     queue.put(("done", {"worst": worst, "failure": failure, "requests": client.requests, "handed": handed,

@@ -87,8 +87,8 @@ def stage_cuda_tensors_on_host(wrapped, instance, args, kwargs):
     segment instead (collectives/stage_handover.py)."""
     tensor_dict = ISEND.get(args, kwargs, "tensor_dict")
     group = ISEND.get(args, kwargs, "all_gather_group", None)
-    all_gather = ISEND.get(args, kwargs, "dst", None) is not None or getattr(group, "world_size", 1) > 1
-    if stage_handover.before_send(tensor_dict, all_gather):
+    vllm_only = ISEND.get(args, kwargs, "dst", None) is not None or getattr(group, "world_size", 1) > 1
+    if stage_handover.before_send(tensor_dict, vllm_only):
         return []  # no handles: the next stage's rank has the step already
     if not (run_state.current().mixed and _this_rank_is_cuda(instance)):
         return wrapped(*args, **kwargs)

@@ -18,6 +18,7 @@ from hetero_shim.arguments import NO_PARAMS, Params
 from hetero_shim.collectives import sweep as shm_sweep
 from hetero_shim.errors import HeteroConfigError
 from hetero_shim.logs import log
+from hetero_shim.patches.startup import rank_process
 from hetero_shim.planning import build, kv_budget, layer_split
 from hetero_shim.planning.kv_budget import KvBudgets
 from hetero_shim.registry import Fact, Patch
@@ -142,8 +143,6 @@ def plan_before_config(wrapped, instance, args, kwargs):
     config = wrapped(*args, **kwargs)  # vLLM's own checks (heads divisible by TP, ...) first
     _check_main_guard()
     split = _pipeline_split(config, kinds, gpu_layers) if pp > 1 else None
-    from hetero_shim.patches.startup import rank_process
-
     plan = build.build_plan(tp * pp, gpus, split, kv_for=lambda p: _cpu_kv_budgets(config, p), cpu_first=cpu_first,
                             cpu_compile=lambda p: rank_process.cpu_compile_reason(config, p))
     if plan.world_size > plan.gpu_ranks:
