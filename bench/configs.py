@@ -248,8 +248,10 @@ VARIANTS = {
     # when the engine compiles; forced on, and off (eager CPU stage beside a compiled GPU stage)
     "-compiled": {"HETERO_SHIM_CPU_RANK_COMPILE": "1"},
     "-eagercpu": {"HETERO_SHIM_CPU_RANK_COMPILE": "0"},
-    # one micro-batch in flight instead of vLLM's pipeline_parallel_size (no split batches)
+    # micro-batches in flight: one (the default beside GPU stages is one per CPU stage), and two
+    # (vLLM's own for two stages: a batch may be split between them)
     "-onebatch": {"HETERO_SHIM_PIPELINE_BATCHES": "1"},
+    "-twobatches": {"HETERO_SHIM_PIPELINE_BATCHES": "2"},
     # the pipeline mode as it was before the CPU-first order, GPU-stage graphs and packed GEMM
     "-before": {"HETERO_SHIM_STAGE_ORDER": "gpu-first", "HETERO_SHIM_GPU_STAGE_GRAPHS": "0",
                 "VLLM_CPU_SGL_KERNEL": "0"},

@@ -27,7 +27,7 @@ COLUMNS = (
     ("host anon GiB", "peak_host_anon_gib", "{:.2f}"), ("GPU weights GiB", "gpu_weights_gib", "{:.2f}"),
 )
 #: the pipeline mode's variants whose ratios the report gives (bench/configs.py VARIANTS)
-PP_VARIANTS = ("-before", "-gpufirst", "-eager", "-onednn", "-r2", "-nothp", "-eagercpu", "-onebatch")
+PP_VARIANTS = ("-before", "-gpufirst", "-eager", "-onednn", "-r2", "-nothp", "-eagercpu", "-onebatch", "-twobatches")
 # (heterogeneous or candidate config, baseline config): the comparisons printed when both ran
 PAIRS = (
     ("hetero-tp2", "offload-uva"), ("hetero-tp4", "offload-uva"),

@@ -15,7 +15,14 @@ from hetero_shim import run_state, settings
 from hetero_shim.planning import node
 from hetero_shim.planning.kv_budget import KvBudgets
 from hetero_shim.planning.layer_split import LayerSplit
-from hetero_shim.planning.plan import RankPlan, count_gpu_ranks, parse_bind_list, partition_cpus, plan_to_json
+from hetero_shim.planning.plan import (
+    RankPlan,
+    batches_in_flight,
+    count_gpu_ranks,
+    parse_bind_list,
+    partition_cpus,
+    plan_to_json,
+)
 
 
 def gpu_ranks_for(world_size: int, gpus_on_node: int) -> int:
@@ -59,5 +66,8 @@ def build_plan(world_size: int, gpus_on_node: int, split: LayerSplit | None = No
         plan = replace(plan, kv_budgets=kv.per_rank, kv_source=kv.source, notes=plan.notes + kv.notes)
     if cpu_compile is not None and cpu_ranks:
         plan = replace(plan, cpu_compile=cpu_compile(plan))
+    batches, why = batches_in_flight(plan, settings.pipeline_batches())
+    if batches:
+        plan = replace(plan, batches=batches, batches_source=why)
     run_state.publish_plan(plan_to_json(plan))
     return plan

@@ -38,6 +38,8 @@ class RankPlan:
     kv_source: str = ""  # where the CPU ranks' KV budgets came from
     cpu_first: bool = False  # pipeline mode: CPU stages first, GPU stages last (the GPU ranks are the top ranks)
     cpu_compile: str = ""  # CPU ranks beside GPU ranks: why they compile their model ("": they run eagerly)
+    batches: int = 0  # pipeline mode: micro-batches the engine core keeps in flight (0: vLLM's own, pp_size)
+    batches_source: str = ""  # where that number came from
 
     @property
     def cpu_ranks(self) -> range:
@@ -60,6 +62,10 @@ class RankPlan:
 
     def stage(self, rank: int) -> int:
         return rank // (self.world_size // self.pp_size)
+
+    def stage_kind(self, stage: int) -> str:
+        """'gpu' or 'cpu': a pipeline stage's ranks are all of one kind (layer_split.stage_kinds)."""
+        return self.kind(stage * (self.world_size // self.pp_size))
 
     def describe(self) -> str:
         lines = [f"hetero_shim rank plan: {self.gpu_ranks} GPU rank(s) + {len(self.cpu_ranks)} CPU rank(s)"]
@@ -84,6 +90,8 @@ class RankPlan:
             lines.append(f"  CPU ranks' KV cache: {self.kv_source}")
         if self.cpu_compile:
             lines.append(f"  CPU ranks compile their model: {self.cpu_compile}")
+        if self.batches:
+            lines.append(f"  micro-batches in flight: {self.batches} ({self.batches_source})")
         lines.extend(f"  note: {n}" for n in self.notes)
         return "\n".join(lines)
 
@@ -231,7 +239,8 @@ def plan_to_json(plan: RankPlan) -> str:
         {"world_size": plan.world_size, "gpu_ranks": plan.gpu_ranks, "cpu_lists": plan.cpu_lists,
          "reserved": plan.reserved, "notes": plan.notes, "pp_size": plan.pp_size, "layers": plan.layers,
          "split_source": plan.split_source, "kv_budgets": plan.kv_budgets, "kv_source": plan.kv_source,
-         "cpu_first": plan.cpu_first, "cpu_compile": plan.cpu_compile}
+         "cpu_first": plan.cpu_first, "cpu_compile": plan.cpu_compile, "batches": plan.batches,
+         "batches_source": plan.batches_source}
     )
 
 
@@ -252,4 +261,25 @@ def plan_from_json(text: str) -> RankPlan:
         kv_source=data.get("kv_source", ""),
         cpu_compile=data.get("cpu_compile", ""),
         cpu_first=data.get("cpu_first", False),
+        batches=data.get("batches", 0),
+        batches_source=data.get("batches_source", ""),
     )
+
+
+def batches_in_flight(plan: RankPlan, wanted: int | None) -> tuple[int, str]:
+    """How many micro-batches a pipeline keeps in flight, and why (0: vLLM's own, ``pp_size``).
+
+    ``wanted``: ``HETERO_SHIM_PIPELINE_BATCHES`` (None: auto). vLLM keeps one micro-batch per stage
+    in flight, which pays where the stages take equally long. A CPU stage streams its weights once
+    per micro-batch and takes far longer than a GPU stage, so beside GPU stages auto keeps one
+    micro-batch per CPU stage: a batch is then never split into micro-batches that each cost the
+    CPU stage a full weight stream, and each CPU stage still has its own micro-batch."""
+    if plan.pp_size < 2:
+        return 0, ""
+    if wanted is not None:
+        return min(wanted, plan.pp_size), "HETERO_SHIM_PIPELINE_BATCHES"
+    kinds = [plan.stage_kind(s) for s in range(plan.pp_size)]
+    cpu = kinds.count("cpu")
+    if 0 < cpu < plan.pp_size:
+        return cpu, "automatic: one per CPU stage, beside GPU stages"
+    return 0, ""

@@ -37,6 +37,11 @@ def test_pipeline_gives_gpu_only_tokens(gpu, evidence, pipeline_case):
     evidence.row(f"{run}: plan puts the {where} stage on the GPU with split {split}",
                  f"layer split {split} " in plan and f"rank {gpu_rank}: GPU" in plan and "stage 1" in plan,
                  plan.splitlines()[0] if plan else "no plan (run failed)")
+    log = open(got["run"]["log"]).read() if got else ""
+    kept = f"keeps at most {pp - 1} micro-batch(es) in flight instead of {pp}"
+    evidence.row(f"{run}: the engine keeps one micro-batch per CPU stage in flight ({pp - 1})",
+                 f"micro-batches in flight: {pp - 1} (automatic" in plan and kept in log,
+                 next((line[-160:] for line in log.splitlines() if "micro-batch(es) in flight" in line), "no such line"))
     evidence.compare_close(f"{run} float32 greedy == GPU TP=1 up to a near tie", ref, got)
     if ref and got:
         same = sum(a == b for a, b in zip(ref["sampled_tokens"], got["sampled_tokens"]))

@@ -6,17 +6,18 @@ work on another micro-batch. With a CPU stage far slower than the GPU stage, tha
 most the GPU stage's time (1.3 ms of a 30 ms 3B step on the H200), while a batch that vLLM's
 scheduler happens to split into two micro-batches costs the CPU stage one weight stream per
 micro-batch: on the H200 16 sequences in micro-batches of 2 + 14 and 3 + 13 tokens took 50-56 ms
-per round of 16 tokens, one 16-token micro-batch 24.7 ms (3B, 2ff2247). ``N`` keeps at most N
-batches in flight (1: one at a time, each step holding every running sequence); the default
-``auto`` leaves vLLM's queue as it is. Only in heterogeneous mode; vLLM's own
-``step_with_batch_queue`` still runs every step (a queue of one: schedule, then wait for it).
+per round of 16 tokens, one 16-token micro-batch 24.7 ms (3B, 2ff2247). The rank plan says how
+many batches to keep (``planning.plan.batches_in_flight``: by default one per CPU stage when GPU and
+CPU stages mix, else vLLM's own; ``HETERO_SHIM_PIPELINE_BATCHES=N`` at most N); this patch cuts the
+queue to it. vLLM's own ``step_with_batch_queue`` still runs every step (a queue of one: schedule,
+then wait for it).
 Why: vLLM sizes the queue for stages of equal speed.
 Remove when: vLLM lets the user size the pipeline's batch queue (not as of 0.33.0).
 """
 
 from __future__ import annotations
 
-from hetero_shim import run_state, settings
+from hetero_shim import run_state
 from hetero_shim.logs import log
 from hetero_shim.registry import Fact, Patch
 
@@ -41,14 +42,15 @@ def rows(release: str) -> tuple[Patch, ...]:
 
 def limit_batches_in_flight(wrapped, instance, args, kwargs):
     result = wrapped(*args, **kwargs)
-    wanted = settings.pipeline_batches()
+    state = run_state.current()
+    wanted = state.plan.batches if state.heterogeneous and state.plan is not None else 0
     queue = getattr(instance, "batch_queue", None)
-    if wanted is None or queue is None or not run_state.heterogeneous() or instance.batch_queue_size <= wanted:
+    if not wanted or queue is None or instance.batch_queue_size <= wanted:
         return result
     from collections import deque
 
     log.info("hetero_shim: the engine keeps at most %d micro-batch(es) in flight instead of %d (%s)", wanted,
-             instance.batch_queue_size, settings.PIPELINE_BATCHES)
+             instance.batch_queue_size, state.plan.batches_source)
     instance.batch_queue_size = wanted
     instance.batch_queue = deque(maxlen=wanted)
     return result
