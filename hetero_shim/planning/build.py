@@ -14,10 +14,9 @@ from dataclasses import replace
 from hetero_shim import run_state, settings
 from hetero_shim.planning import node
 from hetero_shim.planning.kv_budget import KvBudgets
-from hetero_shim.planning.layer_split import LayerSplit
+from hetero_shim.planning.layer_split import LayerSplit, stage_kinds
 from hetero_shim.planning.plan import (
     RankPlan,
-    batches_in_flight,
     count_gpu_ranks,
     parse_bind_list,
     partition_cpus,
@@ -38,6 +37,25 @@ def cores_to_reserve(gpu_ranks: int) -> int:
     if override is not None:
         return override
     return 2 + gpu_ranks if gpu_ranks else 1
+
+
+def batches_in_flight(plan: RankPlan, wanted: int | None) -> tuple[int, str]:
+    """How many micro-batches a pipeline keeps in flight, and why (0: vLLM's own, ``pp_size``).
+
+    ``wanted``: ``HETERO_SHIM_PIPELINE_BATCHES`` (None: auto). vLLM keeps one micro-batch per stage
+    in flight, which pays where the stages take equally long. A CPU stage streams its weights once
+    per micro-batch and takes far longer than a GPU stage, so beside GPU stages auto keeps one
+    micro-batch per CPU stage: a batch is then never split into micro-batches that each cost the
+    CPU stage a full weight stream, and each CPU stage still has its own micro-batch."""
+    if plan.pp_size < 2:
+        return 0, ""
+    if wanted is not None:
+        return min(wanted, plan.pp_size), "HETERO_SHIM_PIPELINE_BATCHES"
+    kinds = stage_kinds(plan.pp_size, plan.world_size // plan.pp_size, plan.gpu_ranks, plan.cpu_first)
+    cpu = kinds.count("cpu")
+    if 0 < cpu < plan.pp_size:
+        return cpu, "automatic: one per CPU stage, beside GPU stages"
+    return 0, ""
 
 
 def build_plan(world_size: int, gpus_on_node: int, split: LayerSplit | None = None,

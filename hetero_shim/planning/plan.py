@@ -63,10 +63,6 @@ class RankPlan:
     def stage(self, rank: int) -> int:
         return rank // (self.world_size // self.pp_size)
 
-    def stage_kind(self, stage: int) -> str:
-        """'gpu' or 'cpu': a pipeline stage's ranks are all of one kind (layer_split.stage_kinds)."""
-        return self.kind(stage * (self.world_size // self.pp_size))
-
     def describe(self) -> str:
         lines = [f"hetero_shim rank plan: {self.gpu_ranks} GPU rank(s) + {len(self.cpu_ranks)} CPU rank(s)"]
         if self.pp_size > 1:
@@ -265,21 +261,3 @@ def plan_from_json(text: str) -> RankPlan:
         batches_source=data.get("batches_source", ""),
     )
 
-
-def batches_in_flight(plan: RankPlan, wanted: int | None) -> tuple[int, str]:
-    """How many micro-batches a pipeline keeps in flight, and why (0: vLLM's own, ``pp_size``).
-
-    ``wanted``: ``HETERO_SHIM_PIPELINE_BATCHES`` (None: auto). vLLM keeps one micro-batch per stage
-    in flight, which pays where the stages take equally long. A CPU stage streams its weights once
-    per micro-batch and takes far longer than a GPU stage, so beside GPU stages auto keeps one
-    micro-batch per CPU stage: a batch is then never split into micro-batches that each cost the
-    CPU stage a full weight stream, and each CPU stage still has its own micro-batch."""
-    if plan.pp_size < 2:
-        return 0, ""
-    if wanted is not None:
-        return min(wanted, plan.pp_size), "HETERO_SHIM_PIPELINE_BATCHES"
-    kinds = [plan.stage_kind(s) for s in range(plan.pp_size)]
-    cpu = kinds.count("cpu")
-    if 0 < cpu < plan.pp_size:
-        return cpu, "automatic: one per CPU stage, beside GPU stages"
-    return 0, ""

@@ -1,4 +1,4 @@
-"""Micro-batches in flight: the rank plan's choice (planning.plan.batches_in_flight, the setting
+"""Micro-batches in flight: the rank plan's choice (planning.build.batches_in_flight, the setting
 HETERO_SHIM_PIPELINE_BATCHES) and the engine core's batch queue after vLLM built it
 (hetero_shim/patches/startup/pipeline_batches.py; the real engine: tests/integration/test_pipeline.py)."""
 
@@ -12,7 +12,8 @@ import pytest
 from hetero_shim import settings
 from hetero_shim.errors import HeteroConfigError
 from hetero_shim.patches.startup import pipeline_batches
-from hetero_shim.planning.plan import RankPlan, batches_in_flight, plan_from_json, plan_to_json
+from hetero_shim.planning.build import batches_in_flight
+from hetero_shim.planning.plan import RankPlan, plan_from_json, plan_to_json
 
 
 def _pipeline(pp: int, tp: int, gpu_ranks: int, cpu_first: bool = True) -> RankPlan:

@@ -7,7 +7,7 @@ most the GPU stage's time (1.3 ms of a 30 ms 3B step on the H200), while a batch
 scheduler happens to split into two micro-batches costs the CPU stage one weight stream per
 micro-batch: on the H200 16 sequences in micro-batches of 2 + 14 and 3 + 13 tokens took 50-56 ms
 per round of 16 tokens, one 16-token micro-batch 24.7 ms (3B, 2ff2247). The rank plan says how
-many batches to keep (``planning.plan.batches_in_flight``: by default one per CPU stage when GPU and
+many batches to keep (``planning.build.batches_in_flight``: by default one per CPU stage when GPU and
 CPU stages mix, else vLLM's own; ``HETERO_SHIM_PIPELINE_BATCHES=N`` at most N); this patch cuts the
 queue to it. vLLM's own ``step_with_batch_queue`` still runs every step (a queue of one: schedule,
 then wait for it).
