@@ -170,7 +170,10 @@ def classify(plan: dict, outcome: dict) -> tuple[str, str | None]:
     if outcome["interrupted"]:
         return "interrupted", f"the harness was stopped; measured so far: {sorted(k for k in v if k != 'plan')}"
     if outcome["timed_out"]:
-        return "timeout", f"no result within the time limit; measured so far: {sorted(k for k in v if k != 'plan')}"
+        so_far = sorted(k for k in v if k != "plan")
+        if outcome.get("cut_by_deadline"):
+            return "deadline", f"stopped when --deadline ran out; measured so far: {so_far}"
+        return "timeout", f"no result within --timeout; measured so far: {so_far}"
     if "error" in v:
         kind = v["error"].split(":", 1)[0]
         if v.get("phase") == "start" and kind in REFUSALS:
@@ -302,8 +305,10 @@ class Harness:
             trace_dir = self.breakdown_dir(model, cfg)
             extra_env = {"BENCH_BREAKDOWN_DIR": str(trace_dir),
                          "PYTHONPATH": os.pathsep.join([BREAKDOWN_HOOK, child_env()["PYTHONPATH"]])}
-        print(f"   {model} {cfg}: starting (limit {min(self.opts.timeout, left - 5):.0f} s)", flush=True)
-        outcome = run_engine(spec, log, min(self.opts.timeout, left - 5), self.gpu, self.opts.exit_grace, extra_env)
+        limit = min(self.opts.timeout, left - 5)
+        print(f"   {model} {cfg}: starting (limit {limit:.0f} s)", flush=True)
+        outcome = run_engine(spec, log, limit, self.gpu, self.opts.exit_grace, extra_env)
+        outcome["cut_by_deadline"] = limit < self.opts.timeout
         status, reason = classify(plan, outcome)
         v = outcome["values"]
         row |= {"status": status, "reason": reason, "figures": figures(outcome), "wall_s": outcome["wall_s"],
