@@ -167,10 +167,10 @@ def classify(plan: dict, outcome: dict) -> tuple[str, str | None]:
     v = outcome["values"]
     if v.get("done"):
         return "ok", None
+    so_far = sorted(k for k in v if k != "plan")
     if outcome["interrupted"]:
-        return "interrupted", f"the harness was stopped; measured so far: {sorted(k for k in v if k != 'plan')}"
+        return "interrupted", f"the harness was stopped; measured so far: {so_far}"
     if outcome["timed_out"]:
-        so_far = sorted(k for k in v if k != "plan")
         if outcome.get("cut_by_deadline"):
             return "deadline", f"stopped when --deadline ran out; measured so far: {so_far}"
         return "timeout", f"no result within --timeout; measured so far: {so_far}"
