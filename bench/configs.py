@@ -234,6 +234,8 @@ VARIANTS = {
     # more GEMM threads on the CPU ranks, against sharing cores with the engine core and GPU ranks
     "-r1": {"HETERO_SHIM_RESERVE_CORES": "1"},
     "-r0": {"HETERO_SHIM_RESERVE_CORES": "0"},
+    # the CPU ranks' threads on the reserved cores too, the processes waiting for them asleep
+    "-share": {"HETERO_SHIM_SHARE_CORES": "1"},
     "-nothp": {"THP_MEM_ALLOC_ENABLE": "0"},
     # the CPU rank's OpenMP threads: each on its own core; idle threads spinning instead of sleeping
     "-pin": {"HETERO_SHIM_CPU_THREAD_PLACES": "core"},

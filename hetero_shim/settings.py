@@ -65,6 +65,10 @@ PIPELINE_BATCHES = "HETERO_SHIM_PIPELINE_BATCHES"
 #: Cores kept off the CPU ranks for the engine core, the front end and the GPU-rank processes
 #: (default: 2 + one per GPU rank with GPU ranks, else 1).
 RESERVE_CORES = "HETERO_SHIM_RESERVE_CORES"
+#: Pipeline mode with GPU and CPU stages: "1" the CPU ranks' threads run on the reserved cores too,
+#: and the processes that wait for them (engine core, GPU ranks, the workers' message queues) sleep
+#: instead of spinning; "0" (default) the reserved cores stay theirs alone.
+SHARE_CORES = "HETERO_SHIM_SHARE_CORES"
 #: OpenMP places of a CPU rank beside GPU ranks (vLLM's CUDA build, where the shim binds them):
 #: "auto"/"rank" (default) one place holding all the rank's cores, threads may move among them;
 #: "core" one place per core with close binding, each thread kept on its own core.
@@ -242,6 +246,10 @@ def collectives_mode() -> str:
 
 def reserve_cores() -> int | None:
     return _whole_number(RESERVE_CORES, 0, "must be a whole number of cores, 0 or more")
+
+
+def share_cores() -> bool:
+    return _flag(SHARE_CORES, default=False)
 
 
 def stage_order() -> str:
@@ -446,6 +454,7 @@ def check_environment() -> None:
     cpu_rank_compile()
     pipeline_batches()
     reserve_cores()
+    share_cores()
     cpu_kernels_source()
     kernel_cache_dir()
     rank_kind()

@@ -18,7 +18,7 @@ registers the whole segment with CUDA (``cudaHostRegister``), so weights cross a
 
 Layout::
 
-    header   4 KiB: int64 words, each on its own 64-byte line (MAGIC .. SERVER_PID below)
+    header   4 KiB: int64 words, each on its own 64-byte line (MAGIC .. BELL below)
     table    1 MiB: JSON: per layer the weight's offset, shape, dtype and row pieces; the regions
     x        max_num_batched_tokens x the largest input width: a request's activations
     act      twice that: a pipeline step's activations handed to the server (stage_handover.py)
@@ -31,7 +31,10 @@ Layout::
 Protocol: the client writes x (and bias), LAYER, TOKENS, BIAS, then REQUEST = n; the server
 computes and writes y, then ANSWER = n (after its stream is synchronised). Pipeline steps are
 matched by count: the client publishes SENDS = its pipeline sends so far before each send; a GPU
-rank at its k-th receive serves requests until SENDS >= k, then receives as vLLM would. Memory
+rank at its k-th receive serves requests until SENDS >= k, then receives as vLLM would. The client
+rings BELL (collectives/doorbell.py) after each REQUEST, SENDS or STATE it publishes, and the server
+sleeps on it between them: by default after ~2000 ``sched_yield`` turns, at once where the plan
+shares the reserved cores with the CPU ranks (a poller there would displace one of their threads). Memory
 ordering: x86-64 TSO, as in ``shm.py`` (data written, then the 8-byte aligned flag stored;
 readers load the flag first).
 
@@ -50,6 +53,7 @@ import os
 import time
 
 from hetero_shim import settings
+from hetero_shim.collectives.doorbell import Doorbell
 from hetero_shim.logs import log
 
 #: HETERO_SHIM_CPU_RANK_GPU of a CPU rank whose large steps the next stage's rank computes
@@ -59,10 +63,11 @@ TABLE_BYTES = 1 << 20
 ALIGN = 4096
 LINE = 8  # int64 words per 64-byte line
 MAGIC_VALUE = 0x6873676D6D  # "hsgmm"
-MAGIC, REQUEST, ANSWER, SENDS, STATE, LAYER, TOKENS, BIAS, CLIENT_PID, SERVER_PID, TAKEN, META_LEN, MODES = (
-    i * LINE for i in range(13))
+MAGIC, REQUEST, ANSWER, SENDS, STATE, LAYER, TOKENS, BIAS, CLIENT_PID, SERVER_PID, TAKEN, META_LEN, MODES, BELL = (
+    i * LINE for i in range(14))
 RING = LINE  # MODES: the hand-over mode of step k in word MODES + k % RING (stage_handover.py)
 META_BYTES = 64 << 10
+BELL_WAIT_S = 0.1  # longest sleep on the bell: the peer's liveness is checked between sleeps
 OPEN, FAILED = 0, 1
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -130,19 +135,22 @@ def _timeout() -> float:
 
 
 class _Waiter:
-    """How both sides wait for the other: spin with sched_yield (a few ms), then sleep 50 us a turn;
-    :meth:`due` says when 0.5 s passed since the last check of the peer."""
+    """How both sides wait for the other: spin with sched_yield (``spins`` turns, a few ms), then
+    sleep: on the bell until it moves past ``seen`` (the server), else 50 us a turn; :meth:`due`
+    says when 0.5 s passed since the last check of the peer."""
 
-    def __init__(self) -> None:
-        self.spins = 0
+    def __init__(self, bell: Doorbell | None = None, spins: int = 2000) -> None:
+        self.spins, self.spin_limit, self.bell = 0, spins, bell
         self.checked = time.monotonic()
 
-    def pause(self) -> None:
+    def pause(self, seen: int | None = None) -> None:
         self.spins += 1
-        if self.spins > 2000:
-            time.sleep(0.00005)
-        else:
+        if self.spins <= self.spin_limit:
             os.sched_yield()
+        elif self.bell is not None and seen is not None:
+            self.bell.wait(seen, BELL_WAIT_S)
+        else:
+            time.sleep(0.00005)
 
     def due(self) -> bool:
         now = time.monotonic()
@@ -161,6 +169,7 @@ class _Segment:
         self.mm, self.table = mm, table
         self.words = memoryview(mm)[:HEADER_BYTES].cast("q")
         self.bytes = torch.frombuffer(mm, dtype=torch.uint8)
+        self.bell = Doorbell(mm, BELL * 8)
 
     def region(self, name: str, nbytes: int, dtype):
         off, size = self.table[name]
@@ -265,6 +274,7 @@ class GemmClient:
         w[LAYER], w[TOKENS], w[BIAS] = index, m, int(bias is not None)
         self.requests += 1
         w[REQUEST] = self.requests
+        self.seg.bell.ring()
         self._wait(self.requests)
         y = self.seg.region("y", m * n * elem, dtype)
         parts = [_piece(y, m, first, end) for first, end in entry["pieces"]]
@@ -297,6 +307,12 @@ class GemmClient:
     def fail(self, why: str) -> None:
         self.failed = why
         self.seg.words[STATE] = FAILED
+        self.seg.bell.ring()
+
+    def publish_sends(self, k: int) -> None:
+        """This rank's k-th pipeline send is published (its mode and activations written before)."""
+        self.seg.words[SENDS] = k
+        self.seg.bell.ring()
 
     def close(self) -> None:
         remove_file(self.path)
@@ -306,8 +322,9 @@ class GemmServer:
     """The next stage's side: the client's segment, mapped and registered with CUDA; serves requests
     while this rank waits for the client's pipeline send."""
 
-    def __init__(self, path: str, device, receives: int = 1) -> None:
-        """``receives``: this rank's pipeline receives so far, the one it is in included."""
+    def __init__(self, path: str, device, receives: int = 1, sleep_at_once: bool = False) -> None:
+        """``receives``: this rank's pipeline receives so far, the one it is in included;
+        ``sleep_at_once``: wait on the bell without spinning first (cores shared with the CPU ranks)."""
         import torch
 
         from hetero_shim.collectives import weight_stream
@@ -328,6 +345,7 @@ class GemmServer:
         self.answered = seg.words[ANSWER]  # a request the client made before this server existed is pending
         self.serving = True  # False once computing a layer failed or the client went idle: waits only
         self.streamer = None
+        self.spins = 0 if sleep_at_once else 2000
         if device.type == "cuda":
             cudart = torch.cuda.cudart()
             err = cudart.cudaHostRegister(seg.bytes.data_ptr(), size, 0)
@@ -352,11 +370,14 @@ class GemmServer:
         """Serve requests (while :attr:`serving`) until the client published ``sends`` pipeline
         sends, as long as a gloo receive may wait (HETERO_SHIM_GLOO_TIMEOUT_S) at most. False: the
         client is gone."""
-        w = self.seg.words
+        w, bell = self.seg.words, self.seg.bell
         limit, patience = _timeout(), settings.gloo_timeout_seconds()
         idle_since = start = time.monotonic()
-        waiter = _Waiter()
-        while w[SENDS] < sends:
+        waiter = _Waiter(bell, self.spins)
+        while True:
+            seen = bell.count  # before the checks: a ring after them wakes the sleep below
+            if w[SENDS] >= sends:
+                break
             if self.serving and w[STATE] != OPEN:
                 self.serving = False
             request = w[REQUEST]
@@ -364,7 +385,7 @@ class GemmServer:
                 self.serving = self._serve(request)
                 idle_since, waiter.spins = time.monotonic(), 0
                 continue
-            waiter.pause()
+            waiter.pause(seen)
             if waiter.due():
                 now = time.monotonic()
                 if not _alive(self.client_pid):

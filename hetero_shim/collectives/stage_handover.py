@@ -79,7 +79,7 @@ def before_receive(plan, rank: int, device, stand_in: bool) -> dict | None:
         if path is None:
             return None  # the CPU rank has not opened its side (or keeps its layers on the CPU)
         try:
-            _server = ch.GemmServer(path, device, receives=_receives)
+            _server = ch.GemmServer(path, device, receives=_receives, sleep_at_once=bool(plan.shared_cores))
         except Exception as exc:  # noqa: BLE001 - the client sees the file gone and computes on the CPU
             log.warning("hetero_shim: cannot compute the CPU stage's linear layers here: %s: %s",
                         type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
@@ -99,7 +99,7 @@ def send(client: ch.GemmClient, k: int, tensor_dict: dict, vllm_only: bool) -> b
     layout = None if vllm_only or not w[ch.SERVER_PID] else _placement(client.seg, tensor_dict)
     if layout is None:
         w[ch.MODES + k % ch.RING] = GLOO
-        w[ch.SENDS] = k
+        client.publish_sends(k)
         return False
     meta, placed = layout
     client.wait_taken(k - 1)
@@ -112,7 +112,7 @@ def send(client: ch.GemmClient, k: int, tensor_dict: dict, vllm_only: bool) -> b
     client.seg.mm[m_start:m_start + len(meta)] = meta
     w[ch.META_LEN] = len(meta)
     w[ch.MODES + k % ch.RING] = SHM
-    w[ch.SENDS] = k
+    client.publish_sends(k)
     return True
 
 

@@ -20,6 +20,7 @@ from hetero_shim.planning.plan import (
     count_gpu_ranks,
     parse_bind_list,
     partition_cpus,
+    share_reserved,
     plan_to_json,
 )
 
@@ -73,12 +74,16 @@ def build_plan(world_size: int, gpus_on_node: int, split: LayerSplit | None = No
     reserved: list[int] = []
     if lists is None and bind.strip() == "nobind":
         lists = []
-    elif lists is None:  # automatic: own cores per CPU rank, cores kept for the other processes
-        lists, reserved, notes = partition_cpus(node.one_per_core(allowed), cpu_ranks, reserve=cores_to_reserve(gpu_ranks))
+    shared: list[int] = []
+    if lists is None:  # automatic: own cores per CPU rank, cores kept for the other processes
+        cores = node.one_per_core(allowed)
+        lists, reserved, notes = partition_cpus(cores, cpu_ranks, reserve=cores_to_reserve(gpu_ranks))
+        if split is not None and 0 < gpu_ranks < world_size and reserved and settings.share_cores():
+            lists, shared = share_reserved(lists, reserved, cores)
     pipeline = {} if split is None else dict(
         pp_size=len(split.partition), layers=split.partition, split_source=split.source)
     plan = RankPlan(world_size, gpu_ranks, tuple(tuple(x) for x in lists), tuple(reserved), tuple(notes), **pipeline,
-                    cpu_first=cpu_first and 0 < gpu_ranks < world_size)
+                    cpu_first=cpu_first and 0 < gpu_ranks < world_size, shared_cores=tuple(shared))
     if kv_for is not None and cpu_ranks:
         kv = kv_for(plan)
         plan = replace(plan, kv_budgets=kv.per_rank, kv_source=kv.source, notes=plan.notes + kv.notes)

@@ -40,6 +40,7 @@ class RankPlan:
     cpu_compile: str = ""  # CPU ranks beside GPU ranks: why they compile their model ("": they run eagerly)
     batches: int = 0  # pipeline mode: micro-batches the engine core keeps in flight (0: vLLM's own, pp_size)
     batches_source: str = ""  # where that number came from
+    shared_cores: tuple[int, ...] = ()  # reserved cores the CPU ranks' threads also run on (HETERO_SHIM_SHARE_CORES)
 
     @property
     def cpu_ranks(self) -> range:
@@ -81,7 +82,9 @@ class RankPlan:
                 line += f"  KV cache {self.kv_budgets[self.cpu_index(rank)] / (1 << 30):.2f} GiB"
             lines.append(line)
         if self.reserved:
-            lines.append(f"  reserved cores: {format_id_list(self.reserved)}")
+            shared = (f", shared with the CPU ranks' threads: {format_id_list(self.shared_cores)} (the processes "
+                      "waiting for them sleep)") if self.shared_cores else ""
+            lines.append(f"  reserved cores: {format_id_list(self.reserved)}{shared}")
         if self.kv_source:
             lines.append(f"  CPU ranks' KV cache: {self.kv_source}")
         if self.cpu_compile:
@@ -228,6 +231,21 @@ def partition_cpus(cpus: Sequence[Cpu], cpu_ranks: int, reserve: int) -> tuple[l
     return lists, sorted(reserved), notes
 
 
+def share_reserved(lists: list[list[int]], reserved: list[int], cpus: Sequence[Cpu]) -> tuple[list[list[int]], list[int]]:
+    """The CPU ranks' cores with the reserved cores added (each to the rank with the fewest cores on
+    its NUMA node; a core of a node without CPU ranks stays out), and the cores so shared."""
+    node_of = {c.id: c.node for c in cpus}
+    lists = [list(cores) for cores in lists]
+    shared: list[int] = []
+    for core in reserved:
+        ranks = [i for i, cores in enumerate(lists) if any(node_of.get(c) == node_of.get(core) for c in cores)]
+        if not ranks:
+            continue
+        lists[min(ranks, key=lambda i: (len(lists[i]), i))].append(core)
+        shared.append(core)
+    return [sorted(cores) for cores in lists], sorted(shared)
+
+
 def plan_to_json(plan: RankPlan) -> str:
     import json
 
@@ -236,7 +254,7 @@ def plan_to_json(plan: RankPlan) -> str:
          "reserved": plan.reserved, "notes": plan.notes, "pp_size": plan.pp_size, "layers": plan.layers,
          "split_source": plan.split_source, "kv_budgets": plan.kv_budgets, "kv_source": plan.kv_source,
          "cpu_first": plan.cpu_first, "cpu_compile": plan.cpu_compile, "batches": plan.batches,
-         "batches_source": plan.batches_source}
+         "batches_source": plan.batches_source, "shared_cores": plan.shared_cores}
     )
 
 
@@ -259,5 +277,6 @@ def plan_from_json(text: str) -> RankPlan:
         cpu_first=data.get("cpu_first", False),
         batches=data.get("batches", 0),
         batches_source=data.get("batches_source", ""),
+        shared_cores=tuple(data.get("shared_cores", ())),
     )
 

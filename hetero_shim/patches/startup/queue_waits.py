@@ -1,0 +1,53 @@
+"""Readers of vLLM's shared-memory message queues sleep instead of spinning, where the CPU ranks'
+threads run on every core (``HETERO_SHIM_SHARE_CORES``).
+
+Targets ``SpinCondition.__init__`` (``vllm.distributed.device_communicators.shm_broadcast``), the
+wait of a ``MessageQueue`` reader: for ``busy_loop_s`` (1 s) after its last read it spins with
+``sched_yield``, then sleeps on a zmq socket that the writer pings on every write. The engine core
+reads its workers' replies and each worker reads the engine core's broadcasts through such
+queues, so in a pipeline whose CPU stage takes tens of milliseconds a step, the engine core spins
+through all of them (measured: 107 % of a core on the H100) on a core the plan reserves for it.
+Where the plan gives the reserved cores to the CPU ranks' threads as well, a spinning reader
+would displace one of those threads and every parallel region of the rank would wait for it;
+this patch sets ``busy_loop_s`` of every reader in the run's processes to 0, so each wait sleeps
+until the writer's ping (a few tens of microseconds to wake, once per message).
+Why: vLLM sizes its readers' spin for GPU workers that answer within a millisecond.
+Remove when: vLLM lets the user choose the readers' spin time (not as of 0.32.0).
+"""
+
+from __future__ import annotations
+
+from hetero_shim import run_state
+from hetero_shim.registry import Fact, Patch
+
+WHY = "vLLM's message-queue readers spin for a second after each read, on cores a CPU rank may share"
+REMOVE_WHEN = "vLLM lets the user choose how long its message-queue readers spin"
+UPSTREAM = "SpinCondition readers spin with sched_yield for busy_loop_s = 1 s after a read, not configurable"
+SHM_BROADCAST = "vllm.distributed.device_communicators.shm_broadcast"
+TRIPWIRES = (
+    Fact(SHM_BROADCAST, "SpinCondition.__init__", r"busy_loop_s: float = 1\b",
+         "a reader spins for one second after each read by default"),
+    Fact(SHM_BROADCAST, "SpinCondition.wait", r"self\.last_read \+ self\.busy_loop_s",
+         "the reader's wait spins while the last read is less than busy_loop_s ago, then polls its socket"),
+)
+
+
+#: the releases whose wheels were checked for the target (no 0.33.0 wheel could be fetched since)
+CHECKED = ("0.26.0", "0.27.0", "0.27.1", "0.28.0", "0.29.0", "0.30.0", "0.31.0", "0.32.0")
+
+
+def rows(release: str) -> tuple[Patch, ...]:
+    if release not in CHECKED:
+        return ()
+    return (
+        Patch("message-queue waits", SHM_BROADCAST, "SpinCondition.__init__", sleeping_reader, why=WHY,
+              remove_when=REMOVE_WHEN, upstream=UPSTREAM, tripwires=TRIPWIRES),
+    )
+
+
+def sleeping_reader(wrapped, instance, args, kwargs):
+    result = wrapped(*args, **kwargs)
+    plan = run_state.plan() if run_state.heterogeneous() else None
+    if plan is not None and plan.shared_cores and getattr(instance, "is_reader", False):
+        instance.busy_loop_s = 0
+    return result
