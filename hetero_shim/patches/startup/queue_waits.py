@@ -8,9 +8,12 @@ reads its workers' replies and each worker reads the engine core's broadcasts th
 queues, so in a pipeline whose CPU stage takes tens of milliseconds a step, the engine core spins
 through all of them (measured: 107 % of a core on the H100) on a core the plan reserves for it.
 Where the plan gives the reserved cores to the CPU ranks' threads as well, a spinning reader
-would displace one of those threads and every parallel region of the rank would wait for it;
-this patch sets ``busy_loop_s`` of every reader in the run's processes to 0, so each wait sleeps
-until the writer's ping (a few tens of microseconds to wake, once per message).
+would displace one of those threads and every parallel region of the rank would wait for it.
+This patch gives each reader of such a run its own wait: sleep on the writer's ping, at most 1 ms
+at a time. Not ``busy_loop_s = 0`` (vLLM's idle mode for every wait): with two readers on one
+queue (a pipeline's two ranks reading the engine core's broadcasts) pings got lost and a wait
+ran into vLLM's 5-60 s poll timeout (reproduced on this repository's CI machine; a 3B pipeline on
+the H200 made no progress for minutes that way); a lost ping costs 1 ms here.
 Why: vLLM sizes its readers' spin for GPU workers that answer within a millisecond.
 Remove when: vLLM lets the user choose the readers' spin time (not as of 0.32.0).
 """
@@ -29,7 +32,12 @@ TRIPWIRES = (
          "a reader spins for one second after each read by default"),
     Fact(SHM_BROADCAST, "SpinCondition.wait", r"self\.last_read \+ self\.busy_loop_s",
          "the reader's wait spins while the last read is less than busy_loop_s ago, then polls its socket"),
+    Fact(SHM_BROADCAST, "SpinCondition.wait", r"self\.poller\.poll\(timeout=timeout_ms\)",
+         "the reader sleeps on self.poller, which holds its notify and cancel sockets"),
+    Fact(SHM_BROADCAST, "SpinCondition.wait", r"self\.local_notify_socket\.recv\(flags=zmq\.NOBLOCK, copy=False\)",
+         "a ping is taken off self.local_notify_socket without blocking"),
 )
+NAP_MS = 1  # longest sleep of a reader's wait: a lost ping costs at most this
 
 
 #: the releases whose wheels were checked for the target (no 0.33.0 wheel could be fetched since)
@@ -49,5 +57,18 @@ def sleeping_reader(wrapped, instance, args, kwargs):
     result = wrapped(*args, **kwargs)
     plan = run_state.plan() if run_state.heterogeneous() else None
     if plan is not None and plan.shared_cores and getattr(instance, "is_reader", False):
-        instance.busy_loop_s = 0
+        import types
+
+        instance.wait = types.MethodType(napping_wait, instance)
     return result
+
+
+def napping_wait(self, timeout_ms: int | None = None) -> None:
+    """A reader's wait: sleep until the writer's ping (taken off the socket) or a cancel, at most
+    ``NAP_MS``; the caller checks the queue again either way."""
+    import zmq
+
+    nap = NAP_MS if timeout_ms is None else max(0, min(NAP_MS, timeout_ms))
+    events = dict(self.poller.poll(timeout=nap))
+    if self.local_notify_socket in events and self.read_cancel_socket not in events:
+        self.local_notify_socket.recv(flags=zmq.NOBLOCK, copy=False)
