@@ -43,7 +43,8 @@ def _syscall():
 
 
 def _low32(value: int) -> int:
-    """The low 32 bits of a counter as the signed int the futex word holds."""
+    """The low 32 bits of a counter as the signed int the futex word holds (every argument goes
+    to the variadic ``syscall`` as a full C long)."""
     return ctypes.c_int32(value & 0xFFFFFFFF).value
 
 
@@ -63,7 +64,8 @@ class Doorbell:
         """Count one more and wake every sleeper (the ringer is the only writer)."""
         self._word.value += 1
         if self.futex:
-            _syscall()(_SYS_FUTEX, self._address, _FUTEX_WAKE, _WAKE_ALL, None, None, 0)
+            _syscall()(ctypes.c_long(_SYS_FUTEX), self._address, ctypes.c_long(_FUTEX_WAKE), ctypes.c_long(_WAKE_ALL),
+                       None, None, ctypes.c_long(0))
 
     def wait(self, seen: int, timeout_s: float) -> None:
         """Sleep until the count differs from ``seen`` (the value read before checking the
@@ -74,12 +76,9 @@ class Doorbell:
             return
         whole = int(timeout_s)
         limit = _Timespec(whole, int((timeout_s - whole) * 1e9))
-        if _syscall()(_SYS_FUTEX, self._address, _FUTEX_WAIT, _low32(seen), ctypes.byref(limit), None, 0) == -1:
+        if _syscall()(ctypes.c_long(_SYS_FUTEX), self._address, ctypes.c_long(_FUTEX_WAIT), ctypes.c_long(_low32(seen)),
+                       ctypes.byref(limit), None, ctypes.c_long(0)) == -1:
             err = ctypes.get_errno()
             if err not in (errno.EAGAIN, errno.ETIMEDOUT, errno.EINTR):  # the count moved, timed out, a signal
                 self.futex = False  # refused (seccomp, an old kernel): nap from now on
                 time.sleep(_FALLBACK_NAP_S)
-
-    def release(self) -> None:
-        """Drop the view into the buffer, so that the mapping can be closed."""
-        self._word = None

@@ -345,7 +345,7 @@ class GemmServer:
         self.answered = seg.words[ANSWER]  # a request the client made before this server existed is pending
         self.serving = True  # False once computing a layer failed or the client went idle: waits only
         self.streamer = None
-        self.spins = 0 if sleep_at_once else 2000
+        self.spin_turns = 0 if sleep_at_once else 2000
         if device.type == "cuda":
             cudart = torch.cuda.cudart()
             err = cudart.cudaHostRegister(seg.bytes.data_ptr(), size, 0)
@@ -373,7 +373,7 @@ class GemmServer:
         w, bell = self.seg.words, self.seg.bell
         limit, patience = _timeout(), settings.gloo_timeout_seconds()
         idle_since = start = time.monotonic()
-        waiter = _Waiter(bell, self.spins)
+        waiter = _Waiter(bell, self.spin_turns)
         while True:
             seen = bell.count  # before the checks: a ring after them wakes the sleep below
             if w[SENDS] >= sends:
