@@ -15,6 +15,7 @@ from hetero_shim.planning.plan import (
     partition_cpus,
     plan_from_json,
     plan_to_json,
+    share_reserved,
 )
 
 
@@ -126,3 +127,15 @@ def test_bind_list_parser_accepts_what_format_writes(groups):
             parse_bind_list(text, len(groups), range(64))
     else:
         assert parse_bind_list(text, len(groups), range(64)) == [sorted(set(g)) for g in groups]
+
+
+def test_reserved_cores_go_to_the_rank_with_fewest_cores_on_their_node():
+    host = cpus({0: 8, 1: 8})
+    lists, shared = share_reserved([[0, 1, 2], [3, 4], [8, 9, 10]], [5, 6, 15], host)
+    assert shared == [5, 6, 15]
+    assert lists == [[0, 1, 2, 6], [3, 4, 5], [8, 9, 10, 15]]
+
+
+def test_a_reserved_core_of_a_node_without_cpu_ranks_stays_out():
+    lists, shared = share_reserved([[0, 1]], [2, 9], cpus({0: 4, 1: 8}))
+    assert lists == [[0, 1, 2]] and shared == [2]

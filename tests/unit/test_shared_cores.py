@@ -1,5 +1,5 @@
-"""Sharing the reserved cores with the CPU ranks (HETERO_SHIM_SHARE_CORES): the plan's core lists,
-and the doorbell a GPU rank sleeps on while the CPU stage works."""
+"""Sharing the reserved cores with the CPU ranks (HETERO_SHIM_SHARE_CORES): the plan it builds, and
+the doorbell a GPU rank sleeps on while the CPU stage works."""
 
 import mmap
 import os
@@ -11,28 +11,7 @@ from hetero_shim import settings
 from hetero_shim.collectives.doorbell import Doorbell
 from hetero_shim.planning import build
 from hetero_shim.planning.layer_split import LayerSplit
-from hetero_shim.planning.plan import Cpu, plan_from_json, plan_to_json, share_reserved
-
-
-def cpus(nodes: dict[int, int]) -> list[Cpu]:
-    out, next_id = [], 0
-    for node, count in nodes.items():
-        for _ in range(count):
-            out.append(Cpu(node=node, id=next_id, core=next_id))
-            next_id += 1
-    return out
-
-
-def test_reserved_cores_go_to_the_rank_with_fewest_cores_on_their_node():
-    host = cpus({0: 8, 1: 8})
-    lists, shared = share_reserved([[0, 1, 2], [3, 4], [8, 9, 10]], [5, 6, 15], host)
-    assert shared == [5, 6, 15]
-    assert lists == [[0, 1, 2, 6], [3, 4, 5], [8, 9, 10, 15]]
-
-
-def test_a_reserved_core_of_a_node_without_cpu_ranks_stays_out():
-    lists, shared = share_reserved([[0, 1]], [2, 9], cpus({0: 4, 1: 8}))
-    assert lists == [[0, 1, 2]] and shared == [2]
+from hetero_shim.planning.plan import Cpu, plan_from_json, plan_to_json
 
 
 @pytest.fixture
