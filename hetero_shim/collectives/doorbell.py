@@ -25,7 +25,7 @@ import time
 _SYS_FUTEX = {"x86_64": 202, "aarch64": 98}.get(platform.machine())
 _FUTEX_WAIT, _FUTEX_WAKE = 0, 1  # shared (not FUTEX_PRIVATE_FLAG): the word is in another process too
 _WAKE_ALL = 0x7FFFFFFF
-_FALLBACK_NAP_S = 50e-6
+NAP_S = 50e-6  # the sleep of a wait without futex (and of gemm_channel's waits without a bell)
 
 
 class _Timespec(ctypes.Structure):
@@ -72,7 +72,7 @@ class Doorbell:
         condition), at most ``timeout_s``; returns at once if it already differs. Spurious
         returns are possible: the caller checks its condition again."""
         if not self.futex:
-            time.sleep(_FALLBACK_NAP_S)
+            time.sleep(NAP_S)
             return
         whole = int(timeout_s)
         limit = _Timespec(whole, int((timeout_s - whole) * 1e9))
@@ -81,4 +81,4 @@ class Doorbell:
             err = ctypes.get_errno()
             if err not in (errno.EAGAIN, errno.ETIMEDOUT, errno.EINTR):  # the count moved, timed out, a signal
                 self.futex = False  # refused (seccomp, an old kernel): nap from now on
-                time.sleep(_FALLBACK_NAP_S)
+                time.sleep(NAP_S)

@@ -53,7 +53,7 @@ import os
 import time
 
 from hetero_shim import settings
-from hetero_shim.collectives.doorbell import Doorbell
+from hetero_shim.collectives.doorbell import NAP_S, Doorbell
 from hetero_shim.logs import log
 
 #: HETERO_SHIM_CPU_RANK_GPU of a CPU rank whose large steps the next stage's rank computes
@@ -150,7 +150,7 @@ class _Waiter:
         elif self.bell is not None and seen is not None:
             self.bell.wait(seen, BELL_WAIT_S)
         else:
-            time.sleep(0.00005)
+            time.sleep(NAP_S)
 
     def due(self) -> bool:
         now = time.monotonic()

@@ -20,8 +20,8 @@ from hetero_shim.planning.plan import (
     count_gpu_ranks,
     parse_bind_list,
     partition_cpus,
-    share_reserved,
     plan_to_json,
+    share_reserved,
 )
 
 

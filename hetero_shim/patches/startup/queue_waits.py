@@ -20,7 +20,7 @@ Remove when: vLLM lets the user choose the readers' spin time (not as of 0.32.0)
 
 from __future__ import annotations
 
-from hetero_shim import run_state
+from hetero_shim import run_state, versions
 from hetero_shim.registry import Fact, Patch
 
 WHY = "vLLM's message-queue readers spin for a second after each read, on cores a CPU rank may share"
@@ -40,12 +40,12 @@ TRIPWIRES = (
 NAP_MS = 1  # longest sleep of a reader's wait: a lost ping costs at most this
 
 
-#: the releases whose wheels were checked for the target (no 0.33.0 wheel could be fetched since)
-CHECKED = ("0.26.0", "0.27.0", "0.27.1", "0.28.0", "0.29.0", "0.30.0", "0.31.0", "0.32.0")
+#: the last release whose source was checked for the target (no 0.33.0 wheel could be fetched since)
+LAST_CHECKED = (0, 32, 0)
 
 
 def rows(release: str) -> tuple[Patch, ...]:
-    if release not in CHECKED:
+    if versions.release_key(release) > LAST_CHECKED:
         return ()
     return (
         Patch("message-queue waits", SHM_BROADCAST, "SpinCondition.__init__", sleeping_reader, why=WHY,
@@ -55,8 +55,9 @@ def rows(release: str) -> tuple[Patch, ...]:
 
 def sleeping_reader(wrapped, instance, args, kwargs):
     result = wrapped(*args, **kwargs)
-    plan = run_state.plan() if run_state.heterogeneous() else None
-    if plan is not None and plan.shared_cores and getattr(instance, "is_reader", False):
+    state = run_state.current()
+    shared = state.heterogeneous and state.plan is not None and state.plan.shared_cores
+    if shared and getattr(instance, "is_reader", False):
         import types
 
         instance.wait = types.MethodType(napping_wait, instance)
