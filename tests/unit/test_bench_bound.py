@@ -221,3 +221,18 @@ def test_the_layer_rate_names_the_model_whose_shapes_were_measured():
     assert bound.best_cpu_rate(r)[1] == "packed, layer shapes of the 3B default"
     r["layer_shapes_of"] = "8b"
     assert bound.best_cpu_rate(r) == (70.0e9, "packed, layer shapes of 8b", 13)
+
+
+def test_a_bound_recheck_is_reported_against_the_bound_steps_rate_at_the_same_threads():
+    first = rates({"packed": 91.5})
+    first["cpu"]["16"] = {"gemm": {"packed": {"by_batch": {"1": {"GBps": 150.0}}}}}
+    now = {"plan_threads": 13, "cpu": {"13": {"gemm": {"packed": {"by_batch": {"1": {"GBps": 67.0}}}}}}}
+    entry = {"after": "3b hetero-pp2", "date": "2026-12-03 19:58:10 UTC", "rates": now}
+    line = report.recheck_line(entry, first)
+    assert line == ("bound re-check after 3b hetero-pp2 (19:58): 13 threads, packed: 67.0 GB/s; "
+                    "the bound step 91.5 GB/s (0.73x)")
+    failed = {"after": None, "date": entry["date"], "error": "rc=1"}
+    lines = report.bound_lines({"bound": {"error": "rc=1"}, "bound_rechecks": [entry, failed]}, [])
+    assert lines[-2:] == ["bound re-check after 3b hetero-pp2 (19:58): 13 threads, packed: 67.0 GB/s",
+                          "bound re-check after the bound step (19:58): rc=1"]
+    assert report.recheck_line({**entry, "rates": {"cpu": {}}}, first).endswith("no CPU rate measured")
