@@ -399,7 +399,7 @@ class Harness:
 
     def recheck_bound(self, model: str) -> None:
         """A later ``bound`` in --configs: the CPU side's streaming rate again (the plan's threads only,
-        no GPU, no huge-page pass), to tell a run slower than its bound from a host whose rate moved
+        batch 1 only, no GPU, no huge-page pass), to tell a run slower than its bound from a host whose rate moved
         since the bound step. The fractions stay against the bound step; the re-checks are listed under
         ``bound_rechecks``."""
         first = self.results["bound"]
@@ -407,7 +407,7 @@ class Harness:
         out = self.out / f"bound-recheck-{n}.json"
         args, _ = self.bound_args(model, out)
         threads = first.get("plan_threads") or len(boundmod.plan_cores(1)[0])
-        args += ["--no-gpu", "--no-thp", "--threads", str(threads)]
+        args += ["--no-gpu", "--no-thp", "--threads", str(threads), "--batches", "1"]  # the rate it reports
         result = self.run_step(f"bound re-check {n} (bench/bound.py)", "bench/bound.py", args, out, 120)
         after = self.results["runs"][-1] if self.results["runs"] else None
         entry = {"after": f"{after['model']} {after['config']}" if after else None,
