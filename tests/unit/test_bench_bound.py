@@ -236,3 +236,33 @@ def test_a_bound_recheck_is_reported_against_the_bound_steps_rate_at_the_same_th
     assert lines[-2:] == ["bound re-check after 3b hetero-pp2 (19:58): 13 threads, packed: 67.0 GB/s",
                           "bound re-check after the bound step (19:58): rc=1"]
     assert report.recheck_line({**entry, "rates": {"cpu": {}}}, first).endswith("no CPU rate measured")
+
+
+def test_layer_copies_for_adds_the_cpu_stage_of_the_default_pipeline():
+    m = llama(28, 0.1875, 0.73, tied=True)  # ~3B Llama shapes
+    b = configs.make_budget(m, FULL, gpu_total_gib=139.0, budget_ratio=1.5)
+    parts = bound.model_bytes(m)
+    cpu_layers = 28 - bound.pipeline_split(parts, b.weights_gib * GIB, cpu_first=True)
+    assert 0 < cpu_layers < 28
+    copies = bound.layer_copies_for(m, b)
+    assert copies == tuple(sorted({*bound.LAYER_COPIES, cpu_layers}))
+    assert max(copies) == cpu_layers  # the count the bound's rate is taken at
+    assert bound.layer_copies_for(m, SimpleNamespace(weights_gib=None)) == bound.LAYER_COPIES
+
+
+def test_the_bound_uses_the_largest_layer_count_and_the_table_lists_every_count():
+    def layer(copies: int, gbps: float) -> dict:
+        return {"shapes": [[5120, 3072]], "copies": copies, "bytes": copies * 31_457_280,
+                "by_kernel": {"packed": {"1": {"GBps": gbps, "us_per_call": 300.0}}}}
+
+    r = rates({"packed": 90.0})
+    r["cpu"]["13"]["gemm"]["packed"]["max_rel_err"] = 0.001
+    r["cpu"]["16"] = {"error": "not measured here"}
+    small, large = layer(4, 91.5), layer(14, 68.0)
+    row = r["cpu"]["13"] | {"layer": large, "layer_by_copies": {"4": small, "14": large},
+                            "read": {"float32": {"GBps": 87.0}, "bfloat16": {"GBps": 86.0}}}
+    r["cpu"]["13"] = row
+    assert bound.best_cpu_rate(r)[0] == 68.0e9
+    text = bound.table(r | {"meta": {}, "gpu": None})
+    assert "4 layers in turn (0.13 GB)" in text and "14 layers in turn (0.44 GB)" in text
+    assert "M=1: 91.5 GB/s" in text and "M=1: 68.0 GB/s" in text
