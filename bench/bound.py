@@ -57,6 +57,9 @@ LAYER_SHAPES = ((5120, 3072), (3072, 3072), (16384, 3072), (3072, 8192))
 #: times a 300 MiB last-level cache, which keeps part of a cyclic set even when the set is larger
 #: than it; bench/run.py adds the count the engine's CPU stage holds, the rate the bound uses
 LAYER_COPIES = (4,)
+#: microseconds of single-threaded work before each call in the gapped pass: about what a 3B decode
+#: step runs between two GEMMs of its CPU stage (9 ms of other work over 56 GEMMs, H200)
+LAYER_GAP_US = 150.0
 DEFAULT_BATCHES = (1, 16, 512)
 KERNELS = ("F.linear", "oneDNN", "packed")
 #: what the bound calls "the CPU streams weights at": the best of these at batch 1
@@ -253,10 +256,39 @@ def layer_sequence(opts, gen, copies: int) -> dict:
             t, reps = _median_time(step, opts.min_time)
             rows[str(m)] = {"ms": round(t * 1e3, 3), "GBps": round(total / t / 1e9, 2), "reps": reps,
                             "us_per_call": round(t / len(calls) * 1e6, 1)}
+        if opts.layer_gap_us and copies == max(opts.layer_copies):
+            rows["1 gapped"] = gapped_sequence(calls, total, opts.layer_gap_us, opts.min_time, gen)
         out["by_kernel"][name] = rows
     for fn in cleanups:
         fn()
     return out
+
+
+def gapped_sequence(calls, total: int, gap_us: float, min_time: float, gen) -> dict:
+    """The layer sequence at batch 1 with ``gap_us`` of single-threaded work on the calling thread
+    before every call (a decode step runs norms, attention and Python between its GEMMs, and the
+    kernel's threads wait meanwhile): GB/s over the calls' own time, which then includes waking the
+    threads that waited. Against the back-to-back rate this is the cost of the hand-over alone."""
+    import torch
+
+    xs = {k: (torch.randn(1, k, generator=gen) * 0.5).to(torch.bfloat16) for _, k in calls}
+    gap = gap_us / 1e6
+    sums: list[float] = []
+    spent = 0.0
+    while len(sums) < 3 or (spent < min_time and len(sums) < 50):
+        inside = 0.0
+        for fn, k in calls:
+            until = time.perf_counter() + gap
+            while time.perf_counter() < until:  # busy, as the engine's own thread is between GEMMs
+                pass
+            start = time.perf_counter()
+            fn(xs[k])
+            inside += time.perf_counter() - start
+        sums.append(inside)
+        spent += inside + gap * len(calls)
+    t = statistics.median(sums[1:] if len(sums) > 3 else sums)
+    return {"gap_us": gap_us, "ms": round(t * 1e3, 3), "GBps": round(total / t / 1e9, 2), "reps": len(sums),
+            "us_per_call": round(t / len(calls) * 1e6, 1)}
 
 
 def layer_sequences(opts, gen) -> tuple[dict, dict]:
@@ -638,7 +670,7 @@ def measure(threads: list[int] | None = None, kernels: str | None = None, shape:
             batches=DEFAULT_BATCHES, min_time: float = 0.5, read_mib: int = 1024, gpu: bool = True,
             h2d_mib: int = 256, hbm_mib: int = 1024, timeout: float = 600,
             layer_shapes: str = format_shapes(LAYER_SHAPES), layer_copies=LAYER_COPIES,
-            thp_too: bool = True) -> dict:
+            thp_too: bool = True, layer_gap_us: float = LAYER_GAP_US) -> dict:
     from hetero_shim.planning.plan import format_id_list
 
     plan, every = plan_cores(1)
@@ -655,7 +687,7 @@ def measure(threads: list[int] | None = None, kernels: str | None = None, shape:
         args = ["--worker", "cpu", "--threads", str(n), "--cores", ",".join(map(str, cores)),
                 "--shape", f"{shape[0]}x{shape[1]}", "--batches", ",".join(map(str, batches)),
                 "--min-time", str(min_time), "--read-mib", str(read_mib), "--layer-shapes", layer_shapes,
-                "--layer-copies", ",".join(map(str, layer_copies))]
+                "--layer-copies", ",".join(map(str, layer_copies)), "--layer-gap-us", str(layer_gap_us)]
         if kernels:
             args += ["--kernels", kernels]
         row = _spawn(args, env | {"OMP_NUM_THREADS": str(n), "THP_MEM_ALLOC_ENABLE": "0"}, timeout)
@@ -689,6 +721,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layer-copies", default=",".join(map(str, LAYER_COPIES)),
                         help="comma list: distinct layers read in turn, one measurement each; the largest is the "
                         "bound's rate (0: skip)")
+    parser.add_argument("--layer-gap-us", type=float, default=LAYER_GAP_US,
+                        help="also time the largest layer count at batch 1 with this much single-threaded work "
+                        "before every call (0: skip)")
     parser.add_argument("--h2d-mib", type=int, default=256)
     parser.add_argument("--hbm-mib", type=int, default=1024)
     parser.add_argument("--no-gpu", action="store_true", help="skip the CUDA measurements")
@@ -713,7 +748,7 @@ def main(argv: list[str] | None = None) -> int:
     threads = [int(t) for t in opts.threads.split(",")] if opts.threads else None
     result = measure(threads, opts.kernels, parse_shape(opts.shape), [int(b) for b in opts.batches.split(",")],
                      opts.min_time, opts.read_mib, not opts.no_gpu, opts.h2d_mib, opts.hbm_mib, opts.timeout,
-                     opts.layer_shapes, opts.layer_copies, not opts.no_thp)
+                     opts.layer_shapes, opts.layer_copies, not opts.no_thp, opts.layer_gap_us)
     if opts.model:
         from bench import configs
 

@@ -409,7 +409,8 @@ class Harness:
         out = self.out / f"bound-recheck-{n}.json"
         args, _ = self.bound_args(model, out)
         threads = first.get("plan_threads") or len(boundmod.plan_cores(1)[0])
-        args += ["--no-gpu", "--no-thp", "--threads", str(threads), "--batches", "1"]  # the rate it reports
+        args += ["--no-gpu", "--no-thp", "--threads", str(threads), "--batches", "1",  # the rate it reports
+                 "--layer-gap-us", "0"]
         result = self.run_step(f"bound re-check {n} (bench/bound.py)", "bench/bound.py", args, out, 120)
         after = self.results["runs"][-1] if self.results["runs"] else None
         entry = {"after": f"{after['model']} {after['config']}" if after else None,

@@ -266,3 +266,23 @@ def test_the_bound_uses_the_largest_layer_count_and_the_table_lists_every_count(
     text = bound.table(r | {"meta": {}, "gpu": None})
     assert "4 layers in turn (0.13 GB)" in text and "14 layers in turn (0.44 GB)" in text
     assert "M=1: 91.5 GB/s" in text and "M=1: 68.0 GB/s" in text
+
+
+def test_gapped_sequence_times_the_calls_only_not_the_work_between_them():
+    import time
+
+    seen = []
+
+    def gemm(x):  # 1 ms per call
+        seen.append(tuple(x.shape))
+        until = time.perf_counter() + 1e-3
+        while time.perf_counter() < until:
+            pass
+
+    import torch
+
+    calls = [(gemm, 64), (gemm, 32)]
+    out = bound.gapped_sequence(calls, total=2_000_000, gap_us=2000.0, min_time=0.0, gen=torch.Generator())
+    assert out["reps"] == 3 and seen[:2] == [(1, 64), (1, 32)]
+    assert 1.0 <= out["us_per_call"] / 1000 < 2.9  # the 2 ms gaps are not in the calls' time (3 ms if they were)
+    assert out["GBps"] == pytest.approx(2_000_000 / (out["ms"] / 1e3) / 1e9, rel=0.01)
