@@ -115,7 +115,47 @@ def bound_fractions(results: dict) -> list[dict]:
         if at_split and split != b.get("gpu_layers"):  # the run's own split differs from the budget's
             row |= {"gpu_layers": split, "bound_at_split_tok_s": at_split,
                     "fraction_at_split": round(measured / at_split, 4)}
+        gemm = cpu_stage_gemm(r, (results.get("models") or {}).get(r["model"]) or {}, results.get("bound") or {})
+        if gemm:
+            row["cpu_stage_gemm"] = gemm
         out.append(row)
+    return out
+
+
+def cpu_stage_gemm(run: dict, model: dict, rates: dict) -> dict | None:
+    """The CPU stage's GEMM in the engine (a pipeline row run with --breakdown): its profiled ms per
+    1-token step, the bytes of the layers the plan gave it (layers of equal size: the model's weights
+    less its embedding and LM head, per layer), the rate that makes, and that rate against the bound
+    step's CPU rate (``rates``: bench/bound.py's JSON) at the rank's thread count, or the nearest
+    count measured above it. None when the row has no such profile or plan."""
+    import re
+
+    found = re.search(r"rank \d+: CPU .*?stage (\d+): layers \d+-\d+ \((\d+)\)", run.get("hetero_plan") or "")
+    stages = re.search(r"(\d+) pipeline stages", run.get("hetero_plan") or "")
+    layers = model.get("layers")
+    if not found or not stages or not layers:
+        return None
+    stage, cpu_layers = int(found.group(1)), int(found.group(2))
+    ms, threads = None, None
+    for engine_run in (run.get("breakdown") or {}).get("runs") or []:
+        for rank in engine_run.get("ranks") or []:
+            if rank.get("kind") == "cpu" and rank.get("pp_stage") == stage:
+                ms = (((rank.get("profile") or {}).get("1") or {}).get("ms") or {}).get("GEMM")
+                threads = rank.get("torch_threads")
+    if not ms:
+        return None
+    gib = float(1 << 30)
+    per_layer = (model["weights_gib"] - model.get("embed_gib", 0) - model.get("lm_head_gib", 0)) / layers * gib
+    nbytes = cpu_layers * per_layer
+    if stage == int(stages.group(1)) - 1:  # a last CPU stage computes the LM head too
+        nbytes += (model.get("lm_head_gib") or (model.get("embed_gib", 0) if model.get("tied") else 0)) * gib
+    out = {"ms": round(ms, 3), "gb": round(nbytes / 1e9, 3), "GBps": round(nbytes / ms / 1e6, 2)}
+    measured = sorted(int(t) for t, row in (rates.get("cpu") or {}).items() if "error" not in row)
+    at = next((t for t in measured if threads and t >= threads), measured[-1] if measured else None)
+    best = boundmod.best_cpu_rate(rates, threads=at) if at else None
+    if best:
+        out |= {"bound_GBps": round(best[0] / 1e9, 2), "bound_threads": best[2],
+                "of_bound": round(nbytes / ms / 1e6 / (best[0] / 1e9), 3)}
     return out
 
 
@@ -265,6 +305,12 @@ def bound_lines(results: dict, fractions: list[dict]) -> list[str]:
                      f"{_frac(f['fraction_at_split'])})") if "fraction_at_split" in f else ""
             lines.append(f"  {f['model']} {f['config']}: {f['decode_b1_tok_s']:.1f} of {f['bound_tok_s']:.1f} tok/s "
                          f"= {_frac(f['fraction'])}{split}")
+            g = f.get("cpu_stage_gemm")
+            if g:
+                of = (f", {_frac(g['of_bound'])} of the bound step's {g['bound_GBps']:.1f} at {g['bound_threads']} "
+                      "threads") if "of_bound" in g else ""
+                lines.append(f"    its CPU stage's GEMM: {g['ms']:.1f} ms per 1-token step for {g['gb']:.2f} GB = "
+                             f"{g['GBps']:.1f} GB/s{of}")
     return lines
 
 

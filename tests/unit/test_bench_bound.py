@@ -286,3 +286,27 @@ def test_gapped_sequence_times_the_calls_only_not_the_work_between_them():
     assert out["reps"] == 3 and seen[:2] == [(1, 64), (1, 32)]
     assert 1.0 <= out["us_per_call"] / 1000 < 2.9  # the 2 ms gaps are not in the calls' time (3 ms if they were)
     assert out["GBps"] == pytest.approx(2_000_000 / (out["ms"] / 1e3) / 1e9, rel=0.01)
+
+
+def test_cpu_stage_gemm_rate_from_the_breakdown_and_the_plan():
+    plan = ("hetero_shim rank plan: 1 GPU rank(s) + 1 CPU rank(s), 2 pipeline stages; layer split 14,14\n"
+            "  rank 0: CPU  cores 0-12  stage 0: layers 0-13 (14)  KV cache 0.31 GiB\n"
+            "  rank 1: GPU  cuda:0  stage 1: layers 14-27 (14)\n")
+    ranks = [{"kind": "cpu", "pp_stage": 0, "torch_threads": 13, "profile": {"1": {"ms": {"GEMM": 40.0}}}},
+             {"kind": "gpu", "pp_stage": 1, "torch_threads": 1, "profile": {"1": {"ms": {"GEMM": 0.2}}}}]
+    run = {"hetero_plan": plan, "breakdown": {"runs": [{"ranks": []}, {"ranks": ranks}]}}
+    model = {"layers": 28, "weights_gib": 5.75, "embed_gib": 0.75, "lm_head_gib": 0.0, "tied": True}
+    r = rates({"packed": 80.0})
+    r["cpu"]["13"]["layer"] = {"by_kernel": {"packed": {"1": {"GBps": 75.0}}}}
+    g = report.cpu_stage_gemm(run, model, r)
+    nbytes = 14 * (5.0 / 28) * GIB  # the CPU stage's 14 layers; the embedding is a lookup
+    assert g["gb"] == pytest.approx(nbytes / 1e9, abs=1e-3)
+    assert g["GBps"] == pytest.approx(nbytes / 0.040 / 1e9, abs=0.01)
+    assert (g["bound_GBps"], g["bound_threads"]) == (75.0, 13)
+    assert g["of_bound"] == pytest.approx(g["GBps"] / 75.0, abs=1e-3)
+    # a CPU stage that is the last one computes the LM head (the tied embedding) too
+    last = {**run, "hetero_plan": plan.replace("rank 0: CPU  cores 0-12  stage 0: layers 0-13",
+                                               "rank 0: CPU  cores 0-12  stage 1: layers 14-27")}
+    last["breakdown"]["runs"][1]["ranks"][0] = {**ranks[0], "pp_stage": 1}
+    assert report.cpu_stage_gemm(last, model, r)["gb"] == pytest.approx((nbytes + 0.75 * GIB) / 1e9, abs=1e-3)
+    assert report.cpu_stage_gemm({"hetero_plan": plan}, model, r) is None  # no breakdown
