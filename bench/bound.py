@@ -53,9 +53,9 @@ DEFAULT_SHAPE = (8192, 16384)
 #: in this order per layer as the engine does. The default when no model is named; bench/run.py
 #: passes the shapes of the model it runs
 LAYER_SHAPES = ((5120, 3072), (3072, 3072), (16384, 3072), (3072, 8192))
-#: distinct layers read in turn, one measurement per count. Four 3B layers are 0.8 GB, under three
-#: times a 300 MiB last-level cache, which keeps part of a cyclic set even when the set is larger
-#: than it; bench/run.py adds the count the engine's CPU stage holds, the rate the bound uses
+#: distinct layers read in turn, one measurement per count. Four 3B layers are 0.8 GB, near the
+#: 300 MiB last-level cache of the GPU machine's hosts; bench/run.py adds the count the engine's CPU
+#: stage holds (2-5 GB), whose rate the bound uses
 LAYER_COPIES = (4,)
 #: microseconds of single-threaded work before each call in the gapped pass: about what a 3B decode
 #: step runs between two GEMMs of its CPU stage (9 ms of other work over 56 GEMMs, H200)
