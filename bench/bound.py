@@ -587,13 +587,18 @@ def bound_of_config(bounds: dict, config: str) -> dict | None:
     return bounds.get(base)
 
 
-def plan_gpu_layers(plan_text: str | None) -> int | None:
-    """Layers of the GPU stage(s) in a pipeline run's rank plan (hetero_shim's ``describe()``:
-    "rank 1: GPU  cuda:0  stage 1: layers 13-27 (15)"), or None."""
+def plan_stage_layers(plan_text: str | None, kind: str) -> dict[int, int]:
+    """{stage: layers} of the ``kind`` ("GPU" or "CPU") stages in a pipeline run's rank plan
+    (hetero_shim's ``describe()``: "rank 1: GPU  cuda:0  stage 1: layers 13-27 (15)")."""
     import re
 
-    stages = {int(m.group(1)): int(m.group(2)) for m in re.finditer(
-        r"rank \d+: GPU .*?stage (\d+): layers \d+-\d+ \((\d+)\)", plan_text or "")}
+    return {int(m.group(1)): int(m.group(2)) for m in re.finditer(
+        rf"rank \d+: {kind} .*?stage (\d+): layers \d+-\d+ \((\d+)\)", plan_text or "")}
+
+
+def plan_gpu_layers(plan_text: str | None) -> int | None:
+    """Layers of the GPU stage(s) in a pipeline run's rank plan, or None."""
+    stages = plan_stage_layers(plan_text, "GPU")
     return sum(stages.values()) if stages else None
 
 

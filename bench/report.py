@@ -130,12 +130,13 @@ def cpu_stage_gemm(run: dict, model: dict, rates: dict) -> dict | None:
     count measured above it. None when the row has no such profile or plan."""
     import re
 
-    found = re.search(r"rank \d+: CPU .*?stage (\d+): layers \d+-\d+ \((\d+)\)", run.get("hetero_plan") or "")
+    cpu_stages = boundmod.plan_stage_layers(run.get("hetero_plan"), "CPU")
     stages = re.search(r"(\d+) pipeline stages", run.get("hetero_plan") or "")
     layers = model.get("layers")
-    if not found or not stages or not layers:
+    if not cpu_stages or not stages or not layers:
         return None
-    stage, cpu_layers = int(found.group(1)), int(found.group(2))
+    stage = min(cpu_stages)
+    cpu_layers = cpu_stages[stage]
     ms, threads = None, None
     for engine_run in (run.get("breakdown") or {}).get("runs") or []:
         for rank in engine_run.get("ranks") or []:
