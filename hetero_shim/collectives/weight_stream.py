@@ -15,17 +15,32 @@ weight up to the GEMM's own rounding: each output column is one dot product over
 from __future__ import annotations
 
 
+def row_pieces(n: int, row_bytes: int, chunk_bytes: int | None) -> list[tuple[int, int]]:
+    """Rows [0, n) as ranges of at most ``chunk_bytes`` (at least one row; all of them when None)."""
+    rows = n if chunk_bytes is None else max(1, min(n, chunk_bytes // row_bytes))
+    return [(first, min(first + rows, n)) for first in range(0, n, rows)]
+
+
 def cut_into_pieces(layers: list, chunk_bytes: int | None) -> int:
-    """Set each layer's ``pieces`` (row ranges of at most ``chunk_bytes``, at least one row; the
-    whole weight when None) and return the bytes a buffer needs for the largest piece."""
+    """Set each layer's ``pieces`` (row_pieces) and return the bytes a buffer needs for the largest piece."""
     largest = 0
     for layer in layers:
         n, k = layer.weight.shape
         row = k * layer.weight.element_size()
-        rows = n if chunk_bytes is None else max(1, min(n, chunk_bytes // row))
-        layer.pieces = [(first, min(first + rows, n)) for first in range(0, n, rows)]
-        largest = max(largest, rows * row)
+        layer.pieces = row_pieces(n, row, chunk_bytes)
+        largest = max(largest, max(end - first for first, end in layer.pieces) * row)
     return largest
+
+
+#: a split's rows are whole blocks of this many (vLLM's packed CPU kernel packs 16 or 32 rows a block)
+SPLIT_ROW_BLOCK = 64
+
+
+def split_rows(n: int, pct: int) -> int:
+    """The leading rows of an ``n``-row layer that the next stage's rank computes in small steps: ``pct``
+    percent, rounded down to whole blocks; 0 when either side would get less than a block."""
+    rows = n * pct // 100 // SPLIT_ROW_BLOCK * SPLIT_ROW_BLOCK
+    return rows if rows >= SPLIT_ROW_BLOCK and n - rows >= SPLIT_ROW_BLOCK else 0
 
 
 class Slot:
@@ -42,13 +57,20 @@ class Slot:
 class WeightStreamer:
     """Two buffers on ``device`` and the streams that fill and read them, for ``layers`` (objects with
     ``weight``: a host tensor, page-locked or registered with CUDA; ``pieces``; ``index``: the
-    position in ``layers``). Call :meth:`multiply` with this streamer's ``stream`` current."""
+    position in ``layers``). Call :meth:`multiply` with this streamer's ``stream`` current.
+    ``rings``: the sizes of consecutive groups of ``layers``, each called in its own order (after a
+    group's last layer its first is queued); default one group."""
 
-    def __init__(self, device, layers: list, slot_bytes: int) -> None:
+    def __init__(self, device, layers: list, slot_bytes: int, rings: tuple[int, ...] | None = None) -> None:
         import torch
         from torch.cuda import streams
 
         self.device, self.layers = device, layers
+        self.following: list[int] = []
+        start = 0
+        for size in rings or (len(layers),):
+            self.following += [start + (i + 1) % size for i in range(size)]
+            start += size
         self.stream = streams.Stream(device=device)
         self.copies = streams.Stream(device=device)
         self.slots = [Slot(torch.empty(slot_bytes, dtype=torch.uint8, device=device)) for _ in range(2)]
@@ -64,7 +86,7 @@ class WeightStreamer:
         slot = ahead if ahead is not None and ahead.key == (layer.index, 0) else self._stage(layer, 0)
         pieces = layer.pieces
         for i, (first, end) in enumerate(pieces):
-            following = self.layers[(layer.index + 1) % len(self.layers)]
+            following = self.layers[self.following[layer.index]]
             queued = self._stage(layer, i + 1) if i + 1 < len(pieces) else self._stage(following, 0)
             self.stream.wait_event(slot.ready)
             part = torch.nn.functional.linear(flat, slot.view, None if bias is None else bias[first:end])

@@ -121,8 +121,9 @@ SERVED_SLACK = 16 << 20
 
 def served_gpu_bytes(hf, elem: int, max_tokens: int) -> int:
     """GPU memory a GPU rank holds while it computes the previous CPU stage's large steps
-    (collectives/gemm_channel.py): two weight buffers, a step's input at its widest (the MLP's down
-    projection) and two pieces of output, and allocator slack. No context: the rank has one."""
+    (collectives/gemm_channel.py): two weight buffers (which small steps' splits share), a step's
+    input at its widest (the MLP's down projection) and two pieces of output, and allocator slack. No
+    context: the rank has one."""
     h, inter, slot = _weight_slot(hf, elem)
     piece_out = max_tokens * min(2 * inter * elem, slot // h)
     return SERVED_SLACK + 2 * slot + max_tokens * inter * elem + 2 * piece_out

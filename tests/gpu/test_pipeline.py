@@ -42,6 +42,10 @@ def test_pipeline_gives_gpu_only_tokens(gpu, evidence, pipeline_case):
     evidence.row(f"{run}: the engine keeps one micro-batch per CPU stage in flight ({pp - 1})",
                  f"micro-batches in flight: {pp - 1} (automatic" in plan and kept in log,
                  next((line[-160:] for line in log.splitlines() if "micro-batch(es) in flight" in line), "no such line"))
+    if gpu_rank != 0:  # a CPU stage followed by the GPU stage: its small steps split with the GPU rank by default
+        split_line = [line for line in log.splitlines() if "split its linear layers with the next stage's rank" in line]
+        evidence.row(f"{run}: decode steps split the CPU stage's linear layers with the GPU rank", bool(split_line),
+                     split_line[0][-160:] if split_line else "no such line")
     evidence.compare_close(f"{run} float32 greedy == GPU TP=1 up to a near tie", ref, got)
     if ref and got:
         same = sum(a == b for a, b in zip(ref["sampled_tokens"], got["sampled_tokens"]))
@@ -105,6 +109,8 @@ def test_compiled_cpu_stage_gives_gpu_only_tokens(gpu, evidence):
     op = "each linear layer's choice is a custom op" in log
     evidence.row("its linear layers' choice is the custom op", op, "")
     evidence.row("a step ran its linear layers on GPU next-stage", "ran its linear layers on GPU next-stage" in log, "")
+    evidence.row("decode steps split their linear layers with the GPU rank (the default share)",
+                 "split its linear layers with the next stage's rank" in log, "")
     evidence.row("the GPU rank took the CPU stage's activations from their shared memory",
                  "takes the CPU stage's activations from their shared memory" in log, "")
     evidence.compare_close("llama PP float32 greedy, compiled engine and CPU stage == GPU TP=1", ref, got)

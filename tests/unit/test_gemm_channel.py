@@ -19,6 +19,7 @@ from hetero_shim.collectives import weight_stream  # noqa: E402
 from hetero_shim.planning.plan import RankPlan  # noqa: E402
 
 SHAPES = ((96, 32), (40, 96), (7, 32))  # (out, in); a 1 KiB chunk cuts the first two into pieces
+SPLIT = (40, 8, 0)  # leading rows the server computes in a split request (its pieces cut by the same chunk)
 STEPS = 3
 
 
@@ -51,6 +52,10 @@ def _client(queue, kill_server_after: int | None):
     gen = torch.Generator().manual_seed(1)
     layers = [_Layer(w) for w in _weights()]
     weight_stream.cut_into_pieces(layers, 1024)
+    split = SPLIT if kill_server_after is None else (0,) * len(SHAPES)
+    for layer, rows in zip(layers, split):
+        layer.split_rows = rows
+        layer.split_pieces = weight_stream.row_pieces(rows, layer.weight.shape[1] * 4, 1024) if rows else []
     client = sh.open_client(layers, max_tokens=16, rank=0)
     worst, failure, handed = 0.0, None, []
     try:
@@ -65,6 +70,17 @@ def _client(queue, kill_server_after: int | None):
                 want = torch.nn.functional.linear(x, w, bias)
                 assert got.shape == want.shape
                 worst = max(worst, ((got - want).abs().max() / want.abs().max()).item())
+                rows = split[index]
+                if rows:  # a small step's split: the leading rows asked for, the answer awaited later
+                    m, n = x.numel() // w.shape[1], w.shape[0]
+                    y = client.seg.region("y", m * n * 4, torch.float32)
+                    y.fill_(float("nan"))
+                    client.start(x, index, None if bias is None else bias[:rows], split=True)
+                    got = client.finish(x, index, split=True)
+                    want = want[..., :rows]
+                    assert got.shape == want.shape
+                    assert bool(y[m * rows:].isnan().all()), "the server computed rows that were not asked for"
+                    worst = max(worst, ((got - want).abs().max() / want.abs().max()).item())
             handed.append(sh.before_send(_activations(step), vllm_only=False))
     except RuntimeError as exc:
         failure = str(exc)
@@ -127,7 +143,8 @@ def test_a_cpu_stage_gets_its_layers_computed_by_the_next_stage():
     done = got["done"]
     assert done["failure"] is None
     assert done["worst"] < 1e-6  # float32, each piece one GEMM of its rows
-    assert done["requests"] == STEPS * len(SHAPES) and got["served"] == STEPS * len(SHAPES)
+    requests = STEPS * (len(SHAPES) + sum(1 for rows in SPLIT if rows))  # each layer whole, and split
+    assert done["requests"] == requests and got["served"] == requests
     assert [r is not None for r in got["received"]] == done["handed"]
     assert all(r for r in got["received"] if r is not None) and done["handed"][1:] == [True] * (STEPS - 1)
     assert not done["file_left"]

@@ -31,8 +31,13 @@ CUDA context until the GPU is opened). vLLM's CPU model runner replaces ``torch.
 a placeholder, so the side uses ``torch.cuda.streams`` directly.
 Why: a CPU core computes a prompt's tokens ~50x slower than it streams a weight, so for prefill
 the CPU stage is compute-bound (an 8B CPU stage took 1.2-1.4 s for 512 tokens on the 16-core H200
-host) while PCIe moves its weights in a fraction of that. Decode steps (a few tokens) stay on the
-CPU, which streams weights faster than PCIe. The GPU memory this takes (the GPU rank's buffers and
+host) while PCIe moves its weights in a fraction of that. Decode steps (a few tokens) are bound by
+how fast weights are read: the CPU streams them faster than PCIe (77-88 GB/s against 55 on the
+H200 host), but both together faster still, so where the next stage's GPU rank serves this rank,
+small steps split each linear layer (``HETERO_SHIM_CPU_GEMM_SPLIT``, ``split_rows``): that rank
+computes the leading rows, their weights crossing PCIe (the next layer's queued behind each answer),
+while this rank computes the others with vLLM's CPU kernel for those rows (chosen by vLLM's own
+dispatch; the whole layer's kernel becomes the two, so the host holds no third copy). The GPU memory this takes (the GPU rank's buffers and
 activations, 0.2 GiB at 3B / 8B shapes; with its own GPU, this rank's CUDA context and buffers, 0.77
 GiB besides the buffers on the H200) is charged to the GPU stage by the automatic layer split
 (planning/layer_costs.py); the kept weights double the host memory of layers whose CPU kernel packs
@@ -94,6 +99,8 @@ class GpuSide:
         self.used = False
         self.streamer = None  # weight_stream.WeightStreamer, once open on a GPU
         self.checks_left = settings.cpu_gemm_check_calls()
+        self.dispatch = None  # vLLM's dispatch_cpu_unquantized_gemm, unwrapped: CPU kernels for row ranges
+        self.split_used = False
 
     def open(self, max_tokens: int) -> None:
         import torch
@@ -212,16 +219,43 @@ class ServedSide(GpuSide):
         from hetero_shim.collectives import weight_stream
 
         weight_stream.cut_into_pieces(self.layers, settings.cpu_gemm_chunk_bytes())
+        pct = settings.cpu_gemm_split_pct() if self.dispatch is not None else 0
+        chunk = settings.cpu_gemm_chunk_bytes()
+        for layer in self.layers:
+            layer.split_rows = weight_stream.split_rows(layer.weight.shape[0], pct)
+            row = layer.weight.shape[1] * layer.weight.element_size()
+            layer.split_pieces = weight_stream.row_pieces(layer.split_rows, row, chunk) if layer.split_rows else []
         self.client = stage_handover.open_client(self.layers, max_tokens, self.rank)
+        split = [layer for layer in self.layers if layer.split_rows]
+        for layer in split:  # after the weights moved to shared memory: the kernels' plain rows are views of it
+            layer.split_kernels(self.dispatch)
         self.device = gemm_channel.NEXT_STAGE
         log.info("hetero_shim: CPU rank %d: linear layers of steps with >= %d tokens are computed by the next "
                  "stage's rank: %d layers, %.2f GiB of weights in shared memory (%s=0 keeps them on the CPU)",
                  self.rank, self.min_tokens, len(self.layers), self.client.size / (1 << 30), settings.CPU_GEMM_ON_GPU)
+        if split:
+            log.info("hetero_shim: CPU rank %d: in smaller steps the next stage's rank computes the leading %d %% of "
+                     "the rows of %d layers, their weights streamed, while this rank computes the others (%s=0 keeps "
+                     "them all here)", self.rank, pct, len(split), settings.CPU_GEMM_SPLIT)
 
     def linear(self, x, layer: LayerChoice, bias):
         out = self.client.linear(x, layer.index, bias)
         self._first_use(x)
         return out
+
+    def split(self, x, layer: LayerChoice, bias):
+        """A small step of ``layer``: its leading rows by the next stage's rank, the others here, at once."""
+        import torch
+
+        rows = layer.split_rows
+        self.client.start(x, layer.index, None if bias is None else bias[:rows], split=True)
+        tail = layer.tail(x, None if bias is None else bias[rows:])
+        head = self.client.finish(x, layer.index, split=True)
+        if not self.split_used:
+            self.split_used = True
+            log.info("hetero_shim: CPU rank: a step of %d tokens split its linear layers with the next stage's rank",
+                     x.numel() // x.shape[-1])
+        return torch.cat((head, tail), dim=-1)
 
     def fail(self, what: str, exc: BaseException) -> None:
         super().fail(what, exc)
@@ -233,18 +267,43 @@ class LayerChoice:
     """A layer's ``cpu_linear``: vLLM's CPU kernel below the GPU side's token threshold (or while
     the GPU is not open), the GPU with the kept plain weight from it on."""
 
-    __slots__ = ("cpu", "weight", "side", "index", "pieces")
+    __slots__ = ("cpu", "weight", "side", "index", "pieces", "split_rows", "split_pieces", "tail")
 
     def __init__(self, cpu, weight, side: GpuSide) -> None:
         self.cpu, self.weight, self.side = cpu, weight, side
         self.index = len(side.layers)
         self.pieces: list[tuple[int, int]] = [(0, weight.shape[0])]  # rows [first, end) streamed at once
+        self.split_rows = 0  # small steps: rows [0, split_rows) computed by the next stage's rank
+        self.split_pieces: list[tuple[int, int]] = []  # those rows as they are streamed
+        self.tail = None  # small steps: vLLM's CPU kernel for the other rows, (x, bias) -> y
         side.layers.append(self)
+
+    def split_kernels(self, dispatch) -> None:
+        """vLLM's CPU kernels for rows [0, split_rows) and the rest, chosen by ``dispatch`` as for a
+        layer of those rows; the whole layer's kernel becomes the two (vLLM's copy of it is freed)."""
+        import torch
+
+        rows = self.split_rows
+        head, tail = _row_kernel(dispatch, self.weight[:rows]), _row_kernel(dispatch, self.weight[rows:])
+
+        def whole(x, weight, bias):
+            return torch.cat((head(x, None if bias is None else bias[:rows]),
+                              tail(x, None if bias is None else bias[rows:])), dim=-1)
+
+        self.cpu, self.tail = whole, tail
 
     def __call__(self, x, weight, bias):
         side = self.side
-        if side.device is None or x.numel() < side.min_tokens * x.shape[-1]:
+        if side.device is None:
             return self.cpu(x, weight, bias)
+        if x.numel() < side.min_tokens * x.shape[-1]:
+            if self.tail is None:
+                return self.cpu(x, weight, bias)
+            try:
+                return side.split(x, self, bias)
+            except Exception as exc:  # noqa: BLE001 - as below: the CPU path is still whole
+                side.fail("the leading rows of a linear layer on the next stage's rank", exc)
+                return self.cpu(x, weight, bias)
         try:
             got = side.linear(x, self, bias)
         except Exception as exc:  # noqa: BLE001 - CUDA out of memory, a lost device: the CPU path is still whole
@@ -253,6 +312,16 @@ class LayerChoice:
         if side.checks_left > 0:
             side.check(self, got, self.cpu(x, weight, bias))
         return got
+
+
+def _row_kernel(dispatch, weight):
+    """vLLM's CPU kernel for a layer of the rows ``weight`` (a view, whole rows), (x, bias) -> y."""
+    import torch
+
+    holder = torch.nn.Module()
+    holder.weight = torch.nn.Parameter(weight, requires_grad=False)
+    dispatch(holder, True)  # packs its own copy where its kernel does, and then drops the plain rows
+    return lambda x, bias: holder.cpu_linear(x, holder.weight, bias)
 
 
 _side: GpuSide | None = None
@@ -295,6 +364,8 @@ def side() -> GpuSide | None:
 
 def keep_gpu_choice(wrapped, instance, args, kwargs):
     gpu = side()
+    if gpu is not None and gpu.dispatch is None:
+        gpu.dispatch = wrapped
     layer = DISPATCH.get(args, kwargs, "layer")
     weight = getattr(layer, "weight", None)
     result = wrapped(*args, **kwargs)
