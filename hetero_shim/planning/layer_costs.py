@@ -13,12 +13,13 @@ weights). An estimate, deliberately on the safe side:
   activations of ``max_num_batched_tokens``. Measured on the GPU machine (3B, bf16): a compiled,
   graph-captured engine peaked at 2.8 GiB beyond its weights and KV cache, stock offload alike;
 - a CPU stage followed by this GPU stage, whose large steps' linear layers this stage's rank computes
-  (``HETERO_SHIM_CPU_GEMM_ON_GPU``, collectives/gemm_channel.py): two weight buffers, a step's
-  input and output pieces, slack, ``served_gpu_bytes`` (0.15-0.16 GiB at 3B and 8B shapes, 2048 tokens);
+  (``HETERO_SHIM_CPU_GEMM_ON_GPU``, collectives/gemm_channel.py): its weight buffers, a step's input
+  and output pieces, slack, ``served_gpu_bytes`` (0.15-0.16 GiB at 3B and 8B shapes, 2048 tokens, the
+  default two buffers);
 - other CPU stages that run their large steps' linear layers on this GPU themselves
-  (``HETERO_SHIM_CPU_GEMM_VIA=own``): per CPU rank a CUDA context and two buffers for pieces of
-  weight (the one in use and the next on its way; ``HETERO_SHIM_CPU_GEMM_CHUNK_MIB`` each, or the
-  largest weight), ``cpu_rank_gpu_bytes``.
+  (``HETERO_SHIM_CPU_GEMM_VIA=own``): per CPU rank a CUDA context and buffers for pieces of
+  weight (the one in use and ``HETERO_SHIM_CPU_GEMM_AHEAD`` on their way; ``HETERO_SHIM_CPU_GEMM_CHUNK_MIB``
+  each, or the largest weight), ``cpu_rank_gpu_bytes``.
   Measured on the GPU machine (bf16, 1 CPU stage, buffers of the largest weight): the engine's peak
   rose by 0.96 GiB (3B shapes) and 1.21 GiB (8B) when the CPU stage opened the GPU, i.e. 0.77 GiB
   besides the buffers at both sizes.
@@ -107,10 +108,15 @@ def _weight_slot(hf, elem: int) -> tuple[int, int, int]:
     return h, inter, largest if chunk is None else min(chunk, largest)
 
 
+def weight_buffers() -> int:
+    """GPU buffers a weight stream holds: the pieces copied ahead and the one in use."""
+    return settings.cpu_gemm_ahead() + 1
+
+
 def cpu_rank_gpu_bytes(hf, elem: int) -> int:
     """GPU memory one CPU rank holds while it runs its large steps' linear layers there: its context
-    and two weight buffers."""
-    return CPU_RANK_CONTEXT + 2 * _weight_slot(hf, elem)[2]
+    and its weight buffers."""
+    return CPU_RANK_CONTEXT + weight_buffers() * _weight_slot(hf, elem)[2]
 
 
 #: a GPU rank's allocator slack for computing the previous CPU stage's large steps. Measured on the
@@ -121,12 +127,12 @@ SERVED_SLACK = 16 << 20
 
 def served_gpu_bytes(hf, elem: int, max_tokens: int) -> int:
     """GPU memory a GPU rank holds while it computes the previous CPU stage's large steps
-    (collectives/gemm_channel.py): two weight buffers (which small steps' splits share), a step's
+    (collectives/gemm_channel.py): its weight buffers (which small steps' splits share), a step's
     input at its widest (the MLP's down projection) and two pieces of output, and allocator slack. No
     context: the rank has one."""
     h, inter, slot = _weight_slot(hf, elem)
     piece_out = max_tokens * min(2 * inter * elem, slot // h)
-    return SERVED_SLACK + 2 * slot + max_tokens * inter * elem + 2 * piece_out
+    return SERVED_SLACK + weight_buffers() * slot + max_tokens * inter * elem + 2 * piece_out
 
 
 def cpu_ranks_on_each_gpu(kinds: tuple[str, ...]) -> tuple[int, int]:

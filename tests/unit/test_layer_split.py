@@ -173,38 +173,56 @@ def test_cpu_first_plan_numbers_devices_and_cores_by_kind():
     assert plan_from_json(plan_to_json(plan)) == plan
 
 
-def test_gpu_layer_costs_reserve_more_for_a_compiled_graph_captured_stage():
-    """3B Llama shapes (bf16) at the harness's 1.5x budget: 5.5 GiB of GPU memory for the stage.
-    Eager, 1 GiB is kept for the CUDA context; compiled with CUDA graphs 1.5 GiB, and the weights
-    on the GPU (LM head + layers) then stay within the weight budget W = 3.68 GiB."""
+def llama_3b_config(eager: bool):
+    """A duck-typed vLLM config of 3B Llama shapes (bf16), as gpu_layer_costs reads it."""
     from types import SimpleNamespace
-
-    from hetero_shim.planning.layer_costs import gpu_layer_costs
 
     hf = SimpleNamespace(hidden_size=3072, num_attention_heads=24, num_key_value_heads=8, head_dim=128,
                          intermediate_size=8192, vocab_size=128256, max_position_embeddings=0)
+    model = SimpleNamespace(dtype="bfloat16", model="/nonexistent", hf_text_config=hf, enforce_eager=eager,
+                            get_num_kv_heads=lambda par: 8, get_head_size=lambda: 128, max_model_len=1024)
+    cache = SimpleNamespace(cache_dtype="auto", kv_cache_memory_bytes=335544320, gpu_memory_utilization=1.0)
+    return SimpleNamespace(model_config=model, cache_config=cache, scheduler_config=SimpleNamespace(
+        max_num_batched_tokens=2048), parallel_config=SimpleNamespace(tensor_parallel_size=1))
 
-    def config(eager: bool):
-        model = SimpleNamespace(dtype="bfloat16", model="/nonexistent", hf_text_config=hf, enforce_eager=eager,
-                                get_num_kv_heads=lambda par: 8, get_head_size=lambda: 128, max_model_len=1024)
-        cache = SimpleNamespace(cache_dtype="auto", kv_cache_memory_bytes=335544320, gpu_memory_utilization=1.0)
-        return SimpleNamespace(model_config=model, cache_config=cache, scheduler_config=SimpleNamespace(
-            max_num_batched_tokens=2048), parallel_config=SimpleNamespace(tensor_parallel_size=1))
 
-    budget = int(5.5 * (1 << 30))
-    eager, compiled = gpu_layer_costs(config(True), budget), gpu_layer_costs(config(False), budget)
+BUDGET_3B = int(5.5 * (1 << 30))  # the harness's 1.5x budget at 3B shapes: GPU memory for the stage
+
+
+def test_gpu_layer_costs_reserve_more_for_a_compiled_graph_captured_stage(monkeypatch):
+    """3B Llama shapes (bf16) at the harness's 1.5x budget: 5.5 GiB of GPU memory for the stage.
+    Eager, 1 GiB is kept for the CUDA context; compiled with CUDA graphs 1.5 GiB, and the weights
+    on the GPU (LM head + layers) then stay within the weight budget W = 3.68 GiB."""
+    from hetero_shim import settings
+    from hetero_shim.planning.layer_costs import gpu_layer_costs
+
+    monkeypatch.delenv(settings.CPU_GEMM_AHEAD, raising=False)
+    eager, compiled = gpu_layer_costs(llama_3b_config(True), BUDGET_3B), gpu_layer_costs(llama_3b_config(False), BUDGET_3B)
     assert compiled.fixed - eager.fixed == 1 << 29
     layer = compiled.per_layer_weights
     assert eager.fits() == 17 and compiled.fits() == 15
     assert 128256 * 3072 * 2 + 15 * layer <= 3.68 * (1 << 30)
     # a CPU stage that computes its prefill on this GPU is charged its context and two 32 MiB weight buffers
-    streaming = gpu_layer_costs(config(False), budget, cpu_ranks_on_gpu=1)
+    streaming = gpu_layer_costs(llama_3b_config(False), BUDGET_3B, cpu_ranks_on_gpu=1)
     assert streaming.fixed - compiled.fixed == (790 << 20) + 2 * (32 << 20)
     assert streaming.fits() == 10 and "1 CPU rank(s) computing large steps here 0.83 GiB" in streaming.describe()
     # served by this stage's rank instead (the default where a CPU stage precedes the GPU stage): no context
-    served = gpu_layer_costs(config(False), budget, served_on_gpu=1)
+    served = gpu_layer_costs(llama_3b_config(False), BUDGET_3B, served_on_gpu=1)
     assert abs((served.fixed - compiled.fixed) / (1 << 30) - 0.151) < 0.005
     assert served.fits() == 14 and "the previous CPU stage's large steps computed here 0.15 GiB" in served.describe()
+
+
+def test_pieces_copied_ahead_are_charged_a_buffer_each(monkeypatch):
+    from hetero_shim import settings
+    from hetero_shim.planning.layer_costs import gpu_layer_costs
+
+    def fixed(ahead: str, **where) -> int:
+        monkeypatch.setenv(settings.CPU_GEMM_AHEAD, ahead)
+        return gpu_layer_costs(llama_3b_config(False), BUDGET_3B, **where).fixed
+
+    # four 32 MiB buffers instead of two, for a CPU rank's own stream and for the served one
+    assert fixed("3", cpu_ranks_on_gpu=1) - fixed("1", cpu_ranks_on_gpu=1) == 2 * (32 << 20)
+    assert fixed("3", served_on_gpu=1) - fixed("1", served_on_gpu=1) == 2 * (32 << 20)
 
 
 def test_who_computes_a_cpu_stages_large_steps(monkeypatch):

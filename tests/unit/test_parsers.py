@@ -161,10 +161,12 @@ def test_check_environment_names_the_bad_setting(values):
 ARG = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=12)
 
 
-@given(st.one_of(st.just([]), st.lists(ARG, min_size=1, max_size=5)))
+@given(st.one_of(st.just([]), st.lists(ARG, min_size=1, max_size=5),
+                st.lists(st.sampled_from(["-h", "--help", "--version", "-V", "python", "--", "-"]), min_size=1, max_size=3)))
 def test_launcher_command_line(argv):
-    """python -m hetero_shim ARGV: usage for nothing/-h, 127 for an unknown command, otherwise
-    exec of exactly the given command and arguments (python meaning the launcher's interpreter)."""
+    """python -m hetero_shim ARGV: usage for nothing/-h, the version for --version/-V, 127 for an
+    unknown command, otherwise exec of exactly the given command and arguments (python meaning the
+    launcher's interpreter)."""
     import sys
 
     from hetero_shim import __main__ as launcher
@@ -178,7 +180,7 @@ def test_launcher_command_line(argv):
             code = launcher.main(list(argv))
     finally:
         os.execvp = real_exec
-    if not argv or argv[0] in ("-h", "--help"):
+    if not argv or argv[0] in ("-h", "--help", "--version", "-V"):
         assert code == (2 if not argv else 0) and not calls
     elif calls:
         (file, args), = calls

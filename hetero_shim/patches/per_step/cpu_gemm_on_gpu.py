@@ -123,7 +123,7 @@ class GpuSide:
             pinned += w.numel() * w.element_size()
         device = torch.device("cuda", 0)
         size = weight_stream.cut_into_pieces(self.layers, settings.cpu_gemm_chunk_bytes())
-        self.streamer = weight_stream.WeightStreamer(device, self.layers, size)
+        self.streamer = weight_stream.WeightStreamer(device, self.layers, size, ahead=settings.cpu_gemm_ahead())
         torch.cuda.set_stream(self.streamer.stream)
         self.device = device
         log.info("hetero_shim: CPU rank: linear layers of steps with >= %d tokens run on GPU %s: %d layers, "
