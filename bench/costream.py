@@ -3,7 +3,7 @@ output rows were split between its CPU kernel and the node's GPU (the GPU's rows
 from page-locked memory at every step, the next layer's rows queued behind the current result).
 
     python bench/costream.py --out FILE.json [--kernels DIR] [--layer-shapes 6144x4096,...]
-        [--copies 3] [--fractions 0,0.2,0.3,0.4,0.5,1] [--threads 13]
+        [--copies 3] [--fractions 0,0.2,0.3,0.4,0.5,1] [--threads 13] [--ahead 1,3 [--chunk-mib 32]]
 
 One subprocess on the cores the shim's rank plan gives one CPU rank beside one GPU rank (as
 ``bench/bound.py`` measures the CPU alone). For each fraction f of each weight's rows given to the
@@ -12,6 +12,9 @@ given shapes, in GB/s of all weight bytes (f = 0: the CPU alone; f = 1: the GPU 
 as stock UVA offload). Each split's output is checked against the CPU-only result. The CPU part
 uses vLLM's packed AMX kernel where available (else oneDNN, else ``F.linear``), on its own rows.
 Both sides read the same DRAM, so the sum of the two rates alone is not the bound: this measures it.
+``--ahead``: each fraction again with the GPU rows streamed as the engine streams them
+(``collectives/weight_stream.py``: pieces of ``--chunk-mib``, that many pieces copied ahead, one
+ring in call order); its output must equal the first way's bit for bit.
 """
 
 from __future__ import annotations
@@ -54,12 +57,28 @@ class Split:
         self.gpu_rows = torch.empty((self.k, weight.shape[1]), dtype=weight.dtype, pin_memory=pin)
         self.gpu_rows.copy_(weight[: self.k])
         self.cpu, self.kernel = cpu_kernel(weight[self.k:].contiguous()) if self.k < n else (None, "-")
+        self.layer = None  # as weight_stream streams the GPU rows (streamer_for)
 
 
-def run_pass(splits, xs, dev, ahead: dict):
+def streamer_for(splits, dev, ahead: int, chunk_bytes: int | None):
+    """A weight_stream.WeightStreamer over the GPU rows of ``splits``, in their order."""
+    from types import SimpleNamespace
+
+    from hetero_shim.collectives import weight_stream
+
+    layers = []
+    for s in splits:
+        s.layer = SimpleNamespace(weight=s.gpu_rows, index=len(layers)) if s.k else None
+        layers += [s.layer] if s.k else []
+    slot = weight_stream.cut_into_pieces(layers, chunk_bytes)
+    return weight_stream.WeightStreamer(dev, layers, slot, None, ahead)
+
+
+def run_pass(splits, xs, dev, ahead: dict, streamer=None):
     """One pass: each weight's GPU rows launched first, its CPU rows computed meanwhile, then joined;
-    the next weight's GPU rows queued behind the current result. ``dev`` "cpu": a dry run of the
-    same logic without a GPU (the tests)."""
+    the next weight's GPU rows queued behind the current result, or with ``streamer`` (streamer_for,
+    its stream current) as it queues them. ``dev`` "cpu": a dry run of the same logic without a GPU
+    (the tests)."""
     import torch
     from torch.cuda import streams
 
@@ -67,18 +86,23 @@ def run_pass(splits, xs, dev, ahead: dict):
     outs = []
     for i, s in enumerate(splits):
         x, done = xs[s.in_features], None
-        if s.k:
+        if s.k and streamer is not None:
+            y = torch.empty((x.shape[0], s.k), dtype=x.dtype, device=dev)
+            streamer.multiply(x.to(dev, non_blocking=True), s.layer, None,
+                              lambda first, end, part, y=y: y[:, first:end].copy_(part))
+        elif s.k:
             w = ahead.pop(i, None)
             if w is None:
                 w = s.gpu_rows.to(dev, non_blocking=True)
             y = torch.nn.functional.linear(x.to(dev, non_blocking=True), w)
+        if s.k:
             host = torch.empty(y.shape, dtype=y.dtype, pin_memory=gpu)
             host.copy_(y, non_blocking=True)
             done = streams.Event() if gpu else None
             if gpu:
                 done.record(torch.cuda.current_stream())
             following = (i + 1) % len(splits)
-            if splits[following].k:
+            if splits[following].k and streamer is None:
                 ahead[following] = splits[following].gpu_rows.to(dev, non_blocking=True)
         rest = s.cpu(x) if s.cpu is not None else None
         if done is not None:
@@ -126,12 +150,40 @@ def worker(opts) -> dict:
                 t, reps = bound._median_time(lambda: run_pass(splits, xs, dev, ahead), opts.min_time)
                 rows[str(m)] = {"ms": round(t * 1e3, 3), "GBps": round(total / t / 1e9, 2), "reps": reps,
                                 "max_rel_err_vs_first": round(err, 4)}
+                first = None
+                for a in opts.ahead if fraction > 0 else ():
+                    row, out_a = streamed_rows(splits, xs, dev, a, opts.chunk_mib << 20, got, first, total, opts.min_time)
+                    rows.setdefault("ahead", {})[f"{a}/{m}"] = row
+                    first = out_a if first is None else first
             out["by_fraction"][str(fraction)] = rows
             print(f"costream f={fraction}: {json.dumps(rows)}", file=sys.stderr, flush=True)
             del splits
             if dev.type == "cuda":
                 torch.cuda.synchronize()
     return out
+
+
+def streamed_rows(splits, xs, dev, ahead: int, chunk_bytes: int, plain, first, total: int, min_time: float):
+    """The pass with the GPU rows streamed by weight_stream (``ahead`` pieces ahead): its time, its
+    largest difference from ``plain`` (the plain pass: other GEMM shapes, so rounding may differ),
+    and whether its output equals ``first`` (the first ``--ahead`` value's: the same GEMMs) bit for
+    bit. Returns (row, output)."""
+    import torch
+
+    streamer = streamer_for(splits, dev, ahead, chunk_bytes)
+    before = torch.cuda.current_stream()
+    torch.cuda.set_stream(streamer.stream)
+    try:
+        got = run_pass(splits, xs, dev, {}, streamer)
+        t, reps = bound._median_time(lambda: run_pass(splits, xs, dev, {}, streamer), min_time)
+    finally:
+        torch.cuda.synchronize()
+        torch.cuda.set_stream(before)
+    err = max(((g.float() - r.float()).abs().max() / r.float().abs().max()).item() for g, r in zip(got, plain))
+    same = first is None or all(torch.equal(g, e) for g, e in zip(got, first))
+    return {"ms": round(t * 1e3, 3), "GBps": round(total / t / 1e9, 2), "reps": reps,
+            "max_rel_err_vs_plain": round(err, 4), "equal_to_first_ahead": same,
+            "buffers": len(streamer.slots), "pieces": sum(len(layer.pieces) for layer in streamer.layers)}, got
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,10 +196,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="default: the plan's cores for one CPU rank")
     ap.add_argument("--min-time", type=float, default=1.5)
     ap.add_argument("--device", default="cuda:0", help="cpu: a dry run without a GPU (tests)")
+    ap.add_argument("--ahead", default="", help="e.g. 1,3: also stream the GPU rows as the engine does, "
+                    "that many pieces ahead (GPU only)")
+    ap.add_argument("--chunk-mib", type=int, default=32, help="with --ahead: MiB per piece")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--cores", help=argparse.SUPPRESS)
     opts = ap.parse_args(argv)
     opts.fractions = [float(f) for f in str(opts.fractions).split(",")]
+    opts.ahead = [int(a) for a in str(opts.ahead).split(",") if a.strip()]
+    if opts.ahead and opts.device == "cpu":
+        ap.error("--ahead streams to a GPU: leave it out with --device cpu")
     if opts.worker:
         result = worker(opts)
         Path(opts.out).write_text(json.dumps(result, indent=1))
@@ -160,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     cmd = [sys.executable, __file__, "--worker", "--out", opts.out, "--layer-shapes", opts.layer_shapes,
            "--copies", str(opts.copies), "--fractions", ",".join(map(str, opts.fractions)),
            "--threads", str(threads), "--cores", ",".join(map(str, cores)), "--min-time", str(opts.min_time),
-           "--device", opts.device]
+           "--device", opts.device, "--ahead", ",".join(map(str, opts.ahead)), "--chunk-mib", str(opts.chunk_mib)]
     if opts.kernels:
         cmd += ["--kernels", opts.kernels]
     done = subprocess.run(cmd, check=False)
@@ -171,6 +229,12 @@ def main(argv: list[str] | None = None) -> int:
     for f, row in result["by_fraction"].items():
         print(f"{row['gpu_share']:>10} {','.join(row['kernel']):>10} {row['1']['ms']:>8} {row['1']['GBps']:>8} "
               f"{row['16']['ms']:>8} {row['16']['GBps']:>9}")
+        for a in opts.ahead:
+            b1, b16 = row.get("ahead", {}).get(f"{a}/1"), row.get("ahead", {}).get(f"{a}/16")
+            if b1 and b16:
+                print(f"{'':>10} {f'ahead {a}':>10} {b1['ms']:>8} {b1['GBps']:>8} {b16['ms']:>8} {b16['GBps']:>9}"
+                      f"  same as ahead {opts.ahead[0]}: {b1['equal_to_first_ahead'] and b16['equal_to_first_ahead']}; "
+                      f"vs plain {max(b1['max_rel_err_vs_plain'], b16['max_rel_err_vs_plain'])}")
     return 0
 
 
