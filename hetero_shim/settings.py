@@ -202,6 +202,14 @@ def _whole_number(name: str, minimum: int, problem: str) -> int | None:
     return int(raw)
 
 
+def _whole_number_up_to(name: str, minimum: int, maximum: int, problem: str, above: str) -> int | None:
+    """``_whole_number``, and above ``maximum`` one error: ``name=value is above maximum:`` ``above``."""
+    value = _whole_number(name, minimum, problem)
+    if value is not None and value > maximum:
+        raise HeteroConfigError(f"{name}={value} is above {maximum}: {above}")
+    return value
+
+
 def gpu_ranks_override() -> int | None:
     return _whole_number(GPU_RANKS, 0, "must be a whole number of GPU ranks, 0 or more")
 
@@ -305,11 +313,9 @@ def cpu_gemm_chunk_bytes() -> int | None:
 
 def cpu_gemm_ahead() -> int:
     """HETERO_SHIM_CPU_GEMM_AHEAD: pieces of weight queued ahead of the one being multiplied."""
-    value = _whole_number(CPU_GEMM_AHEAD, 1, f"must be a whole number of pieces, 1 to {CPU_GEMM_AHEAD_MAX} "
-                          f"(default {CPU_GEMM_AHEAD_DEFAULT})")
-    if value is not None and value > CPU_GEMM_AHEAD_MAX:
-        raise HeteroConfigError(f"{CPU_GEMM_AHEAD}={value} is above {CPU_GEMM_AHEAD_MAX}: each piece ahead holds a "
-                                f"GPU buffer of {CPU_GEMM_CHUNK_MIB} MiB; use 1 to {CPU_GEMM_AHEAD_MAX}")
+    value = _whole_number_up_to(CPU_GEMM_AHEAD, 1, CPU_GEMM_AHEAD_MAX, f"must be a whole number of pieces, 1 to "
+                                f"{CPU_GEMM_AHEAD_MAX} (default {CPU_GEMM_AHEAD_DEFAULT})",
+                                f"each piece ahead holds a GPU buffer of {CPU_GEMM_CHUNK_MIB} MiB; use 1 to {CPU_GEMM_AHEAD_MAX}")
     return CPU_GEMM_AHEAD_DEFAULT if value is None else value
 
 
@@ -319,11 +325,10 @@ def cpu_gemm_via() -> str:
 
 def cpu_gemm_split_pct() -> int:
     """HETERO_SHIM_CPU_GEMM_SPLIT: the GPU rank's share of a small step's rows, in percent (0: none)."""
-    value = _whole_number(CPU_GEMM_SPLIT, 0, f"must be a whole percentage of rows, 0 (off) to {CPU_GEMM_SPLIT_MAX_PCT} "
-                          f"(default {CPU_GEMM_SPLIT_DEFAULT_PCT})")
-    if value is not None and value > CPU_GEMM_SPLIT_MAX_PCT:
-        raise HeteroConfigError(f"{CPU_GEMM_SPLIT}={value} is above {CPU_GEMM_SPLIT_MAX_PCT}: the CPU rank keeps at "
-                                f"least {100 - CPU_GEMM_SPLIT_MAX_PCT} % of the rows (0 turns the split off)")
+    value = _whole_number_up_to(CPU_GEMM_SPLIT, 0, CPU_GEMM_SPLIT_MAX_PCT, f"must be a whole percentage of rows, 0 (off) "
+                                f"to {CPU_GEMM_SPLIT_MAX_PCT} (default {CPU_GEMM_SPLIT_DEFAULT_PCT})",
+                                f"the CPU rank keeps at least {100 - CPU_GEMM_SPLIT_MAX_PCT} % of the rows (0 turns the "
+                                "split off)")
     return CPU_GEMM_SPLIT_DEFAULT_PCT if value is None else value
 
 
