@@ -12,6 +12,9 @@ given shapes, in GB/s of all weight bytes (f = 0: the CPU alone; f = 1: the GPU 
 as stock UVA offload). Each split's output is checked against the CPU-only result. The CPU part
 uses vLLM's packed AMX kernel where available (else oneDNN, else ``F.linear``), on its own rows.
 Both sides read the same DRAM, so the sum of the two rates alone is not the bound: this measures it.
+``--together``: first, whether the two slow each other on this host: pinned host-to-GPU copies of
+512 MiB alone, the CPU kernel's pass over every weight alone, then both at once (the copies from a
+thread), each rate over the same window.
 ``--ahead``: each fraction again with the GPU rows streamed as the engine streams them
 (``collectives/weight_stream.py``: pieces of ``--chunk-mib``, that many pieces copied ahead, one
 ring in call order); its output must equal the first way's bit for bit.
@@ -114,6 +117,54 @@ def run_pass(splits, xs, dev, ahead: dict, streamer=None):
     return outs
 
 
+def together(weights, dev, min_time: float) -> dict:
+    """GB/s of pinned host-to-GPU copies and of the CPU kernel's pass over ``weights`` (batch 1), each
+    alone and both at once."""
+    import threading
+    import time
+
+    import torch
+    from torch.cuda import streams
+
+    host = torch.empty(512 << 20, dtype=torch.uint8, pin_memory=True)
+    target, side = torch.empty_like(host, device=dev), streams.Stream(device=dev)
+    kernels = [cpu_kernel(w)[0] for w in weights]
+    xs = {w.shape[1]: torch.randn(1, w.shape[1]).to(w.dtype) for w in weights}
+    total = sum(w.numel() * w.element_size() for w in weights)
+
+    def copy_once() -> None:
+        with torch.cuda.stream(side):
+            target.copy_(host, non_blocking=True)
+        side.synchronize()
+
+    def cpu_pass() -> None:
+        for fn, w in zip(kernels, weights):
+            fn(xs[w.shape[1]])
+
+    copy_s, _ = bound._median_time(copy_once, min_time)
+    cpu_s, _ = bound._median_time(cpu_pass, min_time)
+    copies, stop = [0], threading.Event()
+
+    def copy_loop() -> None:
+        while not stop.is_set():
+            copy_once()
+            copies[0] += 1
+
+    thread = threading.Thread(target=copy_loop)
+    passes, start = 0, time.perf_counter()
+    thread.start()
+    while time.perf_counter() - start < max(min_time, 2 * cpu_s):
+        cpu_pass()
+        passes += 1
+    stop.set()
+    thread.join()
+    window = time.perf_counter() - start
+    h2d, cpu = copies[0] * host.numel() / window / 1e9, passes * total / window / 1e9
+    return {"h2d_alone_GBps": round(host.numel() / copy_s / 1e9, 2), "cpu_alone_GBps": round(total / cpu_s / 1e9, 2),
+            "h2d_together_GBps": round(h2d, 2), "cpu_together_GBps": round(cpu, 2),
+            "sum_together_GBps": round(h2d + cpu, 2), "window_s": round(window, 3)}
+
+
 def worker(opts) -> dict:
     cores = [int(c) for c in opts.cores.split(",")]
     os.sched_setaffinity(0, cores)
@@ -134,6 +185,10 @@ def worker(opts) -> dict:
     out = {"threads": opts.threads, "cores": cores, "kernels_from": source, "shapes": [list(s) for s in shapes],
            "copies": opts.copies, "bytes": total, "by_fraction": {}}
     reference = {}
+    if opts.together:
+        with torch.inference_mode():
+            out["together"] = together(weights, dev, opts.min_time)
+        print(f"costream together: {json.dumps(out['together'])}", file=sys.stderr, flush=True)
     with torch.inference_mode():
         for fraction in opts.fractions:
             splits = [Split(w, fraction, pin=dev.type == "cuda") for w in weights]
@@ -199,13 +254,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ahead", default="", help="e.g. 1,3: also stream the GPU rows as the engine does, "
                     "that many pieces ahead (GPU only)")
     ap.add_argument("--chunk-mib", type=int, default=32, help="with --ahead: MiB per piece")
+    ap.add_argument("--together", action="store_true", help="first: copies and the CPU kernel alone and at once (GPU only)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--cores", help=argparse.SUPPRESS)
     opts = ap.parse_args(argv)
     opts.fractions = [float(f) for f in str(opts.fractions).split(",")]
     opts.ahead = [int(a) for a in str(opts.ahead).split(",") if a.strip()]
-    if opts.ahead and opts.device == "cpu":
-        ap.error("--ahead streams to a GPU: leave it out with --device cpu")
+    if (opts.ahead or opts.together) and opts.device == "cpu":
+        ap.error("--ahead and --together copy to a GPU: leave them out with --device cpu")
     if opts.worker:
         result = worker(opts)
         Path(opts.out).write_text(json.dumps(result, indent=1))
@@ -219,12 +275,17 @@ def main(argv: list[str] | None = None) -> int:
            "--copies", str(opts.copies), "--fractions", ",".join(map(str, opts.fractions)),
            "--threads", str(threads), "--cores", ",".join(map(str, cores)), "--min-time", str(opts.min_time),
            "--device", opts.device, "--ahead", ",".join(map(str, opts.ahead)), "--chunk-mib", str(opts.chunk_mib)]
+    cmd += ["--together"] if opts.together else []
     if opts.kernels:
         cmd += ["--kernels", opts.kernels]
     done = subprocess.run(cmd, check=False)
     if done.returncode:
         return done.returncode
     result = json.loads(Path(opts.out).read_text())
+    if "together" in result:
+        t = result["together"]
+        print(f"alone: host->GPU {t['h2d_alone_GBps']} GB/s, CPU kernel {t['cpu_alone_GBps']} GB/s; at once: "
+              f"{t['h2d_together_GBps']} + {t['cpu_together_GBps']} = {t['sum_together_GBps']} GB/s")
     print(f"{'GPU share':>10} {'kernel':>10} {'b1 ms':>8} {'b1 GB/s':>8} {'b16 ms':>8} {'b16 GB/s':>9}")
     for f, row in result["by_fraction"].items():
         print(f"{row['gpu_share']:>10} {','.join(row['kernel']):>10} {row['1']['ms']:>8} {row['1']['GBps']:>8} "
