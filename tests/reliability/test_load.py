@@ -2,9 +2,9 @@
 rank killed while requests are in flight; through hetero_shim.testing.load_check, the runner the
 GPU tests use at realistic size (tests/gpu/test_faults.py).
 
-Load: 64 concurrent clients x 4 requests (the engine runs 8 at once, the rest queue) (completions and chat, streamed and not, prompts of
-several lengths, max_tokens 4..48 with ignore_eos, greedy / seeded T=0.8 / unseeded T=1.0):
-every request completes, every greedy text equals the same request sent alone before the
+Load: 64 concurrent clients x 4 requests (completions and chat, streamed and not, prompts of
+several lengths, max_tokens 4..48 with ignore_eos, greedy / seeded T=0.8 / unseeded T=1.0; the
+engine runs 8 at once, the rest queue): every request completes, every greedy text equals the same request sent alone before the
 load, host memory of the whole server tree is recorded at start and end.
 Kill: what stock vLLM 0.32 does when a worker dies under `vllm serve` (measured with
 ``fault_check.py --phase serve --stock``): requests in flight fail (500 or an error chunk),

@@ -95,25 +95,24 @@ def run_calls(monkeypatch, ahead, order, first, rings=None):
     streamer = weight_stream.WeightStreamer("cpu", layers, slot, rings, ahead)
     gpu.current = streamer.stream
     results = []
-    for call, index in enumerate(order):
+    for index in order:
         layer = layers[index]
         x = torch.randn(3, 16)
         parts = []
         streamer.multiply(x, layer, None, lambda a, b, part: parts.append((a, b, part)))
         results.append((x, layer, parts, len(streamer.queued)))
     gpu.drain(streamer.copies if first == "copy" else streamer.stream)
-    streamer.copies_queued = gpu.copies
     for x, layer, parts, _ in results:
         assert [(a, b) for a, b, _ in parts] == layer.pieces
         got = torch.cat([p for _, _, p in parts], dim=1)
         torch.testing.assert_close(got, REAL_LINEAR(x, layer.weight))
-    return streamer, results
+    return streamer, results, gpu.copies
 
 
 @pytest.mark.parametrize("first", ["copy", "gemm"])
 @pytest.mark.parametrize("ahead", [1, 2, 3, 5])
 def test_results_equal_whole_weight_linear_in_call_order(monkeypatch, ahead, first):
-    streamer, results = run_calls(monkeypatch, ahead, [0, 1, 2, 3] * 3, first)
+    streamer, results, _ = run_calls(monkeypatch, ahead, [0, 1, 2, 3] * 3, first)
     assert len(streamer.slots) == ahead + 1
     assert all(queued == ahead for *_, queued in results)  # each call leaves `ahead` pieces on their way
 
@@ -128,14 +127,14 @@ def test_out_of_order_calls_and_rings_start_over_and_stay_right(monkeypatch, ahe
 
 def test_a_ring_with_fewer_pieces_than_ahead_queues_each_piece_once(monkeypatch):
     # layer 3 alone is a ring of one piece: its next piece is itself, queued once however far ahead
-    streamer, results = run_calls(monkeypatch, 5, [3, 3, 3, 0, 1, 2], "copy", rings=(3, 1))
+    _, results, _ = run_calls(monkeypatch, 5, [3, 3, 3, 0, 1, 2], "copy", rings=(3, 1))
     assert results[0][3] == 1 and results[3][3] == 5
 
 
 def test_calls_in_order_copy_each_piece_once(monkeypatch):
-    streamer, _ = run_calls(monkeypatch, 3, [0, 1, 2, 3] * 2, "gemm")
+    streamer, _, copies = run_calls(monkeypatch, 3, [0, 1, 2, 3] * 2, "gemm")
     pieces = sum(len(layer.pieces) for layer in streamer.layers)  # 10: 3 + 2 + 4 + 1
-    assert streamer.copies_queued == 2 * pieces + 3  # the two rounds, and three pieces of the next on their way
+    assert copies == 2 * pieces + 3  # the two rounds, and three pieces of the next on their way
 
 
 @pytest.mark.parametrize("raw, ahead", [(None, 1), ("", 1), ("1", 1), ("4", 4), ("8", 8)])
