@@ -250,7 +250,9 @@ VARIANTS = {
     # and other shares of the rows for that rank than the default
     "-nosplit": {"HETERO_SHIM_CPU_GEMM_SPLIT": "0"},
     "-split30": {"HETERO_SHIM_CPU_GEMM_SPLIT": "30"},
+    "-split40": {"HETERO_SHIM_CPU_GEMM_SPLIT": "40"},
     "-split50": {"HETERO_SHIM_CPU_GEMM_SPLIT": "50"},
+    "-split60": {"HETERO_SHIM_CPU_GEMM_SPLIT": "60"},
     # three pieces of weight copied to the GPU ahead of the one multiplied instead of one (four
     # buffers instead of two, charged to the GPU stage's split)
     "-ahead3": {"HETERO_SHIM_CPU_GEMM_AHEAD": "3"},

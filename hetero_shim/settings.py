@@ -103,9 +103,9 @@ CPU_GEMM_VIA_CHOICES = ("auto", "own")
 #: Small steps (decode, below the token threshold above) of a CPU stage whose large steps the next
 #: stage's GPU rank computes: the percentage of each linear layer's output rows that GPU rank computes,
 #: their weights streamed over PCIe while the CPU rank computes the other rows from its own memory, so
-#: both the host's memory channels and PCIe carry weights. Whole number, 0 (off) to 90; default 40.
+#: both the host's memory channels and PCIe carry weights. Whole number, 0 (off) to 90; default 50.
 CPU_GEMM_SPLIT = "HETERO_SHIM_CPU_GEMM_SPLIT"
-CPU_GEMM_SPLIT_DEFAULT_PCT = 40
+CPU_GEMM_SPLIT_DEFAULT_PCT = 50
 CPU_GEMM_SPLIT_MAX_PCT = 90
 #: Seconds a CPU rank waits for the next stage's rank to answer one linear layer (and that rank for
 #: the CPU rank's next request or step) before the CPU rank computes on its own from then on.
