@@ -472,16 +472,34 @@ def pipeline_split(parts: dict, weights_budget_bytes: float, cpu_first: bool = F
     return fit
 
 
+def cpu_stage_layers(model, budget) -> int | None:
+    """Decoder layers the CPU stage of the shim's default pipeline (CPU stage first) holds for
+    ``model`` at ``budget`` in this bound's reckoning, or None without a weight budget."""
+    parts = model_bytes(model)
+    weights = getattr(budget, "weights_gib", None)
+    if weights is None:
+        return None
+    return len(parts["layers"]) - pipeline_split(parts, weights * GIB, cpu_first=True)
+
+
 def layer_copies_for(model, budget) -> tuple[int, ...]:
     """The layer counts the bound step reads in turn for ``model`` at ``budget``: the default ones
     and the decoder layers the CPU stage of the shim's default pipeline (CPU stage first) holds,
     so that the rate the bound uses streams as many bytes per step as that stage does."""
-    parts = model_bytes(model)
-    weights = getattr(budget, "weights_gib", None)
-    if weights is None:
+    cpu_layers = cpu_stage_layers(model, budget)
+    if cpu_layers is None:
         return LAYER_COPIES
-    cpu_layers = len(parts["layers"]) - pipeline_split(parts, weights * GIB, cpu_first=True)
     return tuple(sorted(set(LAYER_COPIES) | ({cpu_layers} if cpu_layers > 0 else set())))
+
+
+def best_split_pass(rates: dict) -> tuple[float, str] | None:
+    """(bytes/s, share) of the fastest batch-1 pass of ``bench/costream.py`` that ``bench/run.py``'s
+    bound step ran over the CPU stage's layers (``rates['split_pass']``), GPU shares above 0 only;
+    None when it did not run."""
+    passes = ((rates.get("split_pass") or {}).get("by_fraction") or {}).items()
+    best = max(((row["1"]["GBps"], share) for share, row in passes
+                if float(share) > 0 and (row.get("1") or {}).get("GBps")), default=None)
+    return (best[0] * 1e9, best[1]) if best else None
 
 
 def bound_for(model, budget, rates: dict, tp_sizes=(2, 4), prefetch_layers: int | None = None) -> dict:
@@ -500,8 +518,11 @@ def bound_for(model, budget, rates: dict, tp_sizes=(2, 4), prefetch_layers: int 
       after the other for one token: CPU bytes / best CPU kernel rate + GPU bytes / HBM. Where the
       CPU stage comes first, the GPU rank computes part of each of its layers in small steps
       (``HETERO_SHIM_CPU_GEMM_SPLIT``), streaming those rows over PCIe at once: the CPU stage's bytes
-      at the CPU rate plus the pinned host->GPU rate (the best split; the two assumed not to slow
-      each other); ``hetero-pp2-nosplit``: at the CPU rate alone.
+      at the CPU rate plus the pinned host->GPU rate (the best split, the two assumed not to slow
+      each other), or, where the bound step also ran the split's pass over the CPU stage's layers
+      (``rates['split_pass']``, bench/costream.py), at the fastest such pass if that is lower: both
+      streams read the host's memory, and on the GPU machine the CPU kernel's reads gave way to the
+      copies; ``hetero-pp2-nosplit``: at the CPU rate alone.
     - ``hetero-tpN``: every matrix split N ways, 1/N on the GPU rank, (N-1)/N on the CPU ranks
       (which share the plan's cores: the rate at the plan's thread count); ranks run at once:
       the larger of the two times.
@@ -551,19 +572,27 @@ def bound_for(model, budget, rates: dict, tp_sizes=(2, 4), prefetch_layers: int 
                                              f"{prefetch_layers} layers copied ahead, overlapping the compute")
     if cpu_best:
         rate = cpu_best[0]
+        measured = best_split_pass(rates)
+        together = min(rate + h2d, measured[0]) if measured else rate + h2d
+        if measured:
+            out["rates"]["split_pass_GBps"] = round(measured[0] / 1e9, 2)
+            out["rates"]["split_pass_share"] = measured[1]
 
         def pipeline(gpu_layers: int, cpu_first: bool, split: bool = True) -> dict:
             tail = parts["lm_head"] + parts["other"]
             split = split and cpu_first
-            stream = rate + h2d if split else rate
+            stream = together if split else rate
             if cpu_first:  # CPU: embedding lookup + leading layers; GPU: the rest + final norm + LM head
                 gpu_bytes = sum(layers[len(layers) - gpu_layers:]) + tail
                 cpu_bytes = sum(layers[:len(layers) - gpu_layers])
             else:
                 gpu_bytes = sum(layers[:gpu_layers])
                 cpu_bytes = sum(layers[gpu_layers:]) + tail
-            how = (f"{rate / 1e9:.1f} GB/s ({cpu_best[1]}) + PCIe {h2d / 1e9:.1f} GB/s, split" if split
-                   else f"{rate / 1e9:.1f} GB/s ({cpu_best[1]})")
+            how = f"{rate / 1e9:.1f} GB/s ({cpu_best[1]})"
+            if split and together < rate + h2d:
+                how = f"{together / 1e9:.1f} GB/s, the split's fastest pass measured (GPU share {measured[1]})"
+            elif split:
+                how += f" + PCIe {h2d / 1e9:.1f} GB/s, split"
             entry = _entry(cpu_bytes, gpu_bytes, 0, cpu_bytes / stream + gpu_bytes / hbm,
                            f"{'CPU stage first' if cpu_first else 'GPU stage first'}: {gpu_layers} of {len(layers)} "
                            f"layers on the GPU; CPU stage {cpu_bytes / GIB:.2f} GiB at {how}")

@@ -42,6 +42,9 @@ from hetero_shim.testing import proctree  # noqa: E402
 ENGINE = str(REPO / "bench" / "engine.py")
 ALLREDUCE = str(REPO / "bench" / "allreduce.py")
 BOUND = str(REPO / "bench" / "bound.py")
+COSTREAM = str(REPO / "bench" / "costream.py")
+#: the GPU rank's shares of the rows that the bound step's split passes try (bench/costream.py)
+SPLIT_PASS_SHARES = "0.4,0.5,0.6"
 BREAKDOWN_HOOK = str(REPO / "bench" / "breakdown")
 # bench/bound.py at toy size: a 32 MiB weight and a 256 MiB read, so the step takes seconds here
 TOY_BOUND_ARGS = ["--shape", "2048x8192", "--read-mib", "256", "--min-time", "0.2",
@@ -393,11 +396,35 @@ class Harness:
         self.results["bound"] = self.run_step("bound (bench/bound.py)", "bench/bound.py", args, out, 300,
                                               keep_partial=True)
         self.results["bound"]["layer_shapes_of"] = shapes_of
+        if self.gpu and shapes_of == model and self.results["bound"].get("cpu"):
+            self.results["bound"]["split_pass"] = self.run_split_pass(model)
         self.update_bounds()
         b = self.results["bound"]
         print(f"-- bound: {b['error'] if 'error' in b else 'ok'}", flush=True)
         if b.get("cpu"):
             print(boundmod.table(b), flush=True)
+
+    def run_split_pass(self, model: str) -> dict:
+        """The decode split's pass over as many layers of ``model``'s shapes as the default pipeline's CPU
+        stage holds, without an engine (bench/costream.py, batch 1 and 16, SPLIT_PASS_SHARES): what the
+        CPU kernel and PCIe stream together on this host, for the bound of the split pipeline."""
+        info, budget = self.model_infos[model]
+        layers = boundmod.cpu_stage_layers(info, budget)
+        if not layers or layers <= 0:
+            return {"error": "no CPU stage at this budget"}
+        out = self.out / "bound-split.json"
+        args = [sys.executable, COSTREAM, "--out", str(out), "--layer-shapes", boundmod.format_shapes(info.layer_shapes),
+                "--copies", str(layers), "--fractions", SPLIT_PASS_SHARES, "--min-time", "0.5"]
+        kernels = os.environ.get("HETERO_SHIM_CPU_KERNELS")
+        if kernels:
+            args += ["--kernels", kernels]
+        result = self.run_step("the split's pass (bench/costream.py)", "bench/costream.py", args, out, 150)
+        if "error" not in result:
+            best = boundmod.best_split_pass({"split_pass": result})
+            print(f"   the split's pass over {layers} layers: " + ", ".join(
+                f"share {f}: {r['1']['GBps']} / {r['16']['GBps']} GB/s (b1 / b16)" for f, r in result["by_fraction"].items())
+                + (f"; the bound uses {best[0] / 1e9:.1f} GB/s" if best else ""), flush=True)
+        return result
 
     def recheck_bound(self, model: str) -> None:
         """A later ``bound`` in --configs: the CPU side's streaming rate again (the plan's threads only,
