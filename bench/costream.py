@@ -161,8 +161,8 @@ def together(weights, dev, min_time: float) -> dict:
     thread = threading.Thread(target=copy_loop)
     passes, start = 0, time.perf_counter()
     thread.start()
-    while time.perf_counter() - start < max(2 * min_time, 2.0, 2 * cpu_s):  # the copier's last batch runs
-        # past the window alone: 2 GiB, ~40 ms
+    # at least 2 s: the copier's last batch (2 GiB, ~40 ms) runs past the window alone
+    while time.perf_counter() - start < max(2 * min_time, 2.0, 2 * cpu_s):
         cpu_pass()
         passes += 1
     stop.set()
