@@ -501,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument("--breakdown", action="store_true",
                         help="run every engine with bench/breakdown/'s hook (BENCH_BREAKDOWN_DIR="
-                             "OUT/breakdown/<model>-<config>/; BENCH_BREAKDOWN_PROFILE=K:N picks the profiled steps): "
+                             "OUT/breakdown/<model>-<config>/; BENCH_BREAKDOWN_PROFILE=K:N,T@K:N picks the profiled steps): "
                              "per-step times and a per-rank step breakdown, added to each row")
     opts = parser.parse_args(argv)
     names = [c.strip() for c in opts.configs.split(",") if c.strip()]

@@ -9,13 +9,16 @@ gpu_worker``; ``CPUWorker`` inherits them, and is wrapped too if it ever overrid
 - every ``execute_model`` call: ``{"rank", "start", "end", "tokens"}`` (time.monotonic) to
   DIR/<pid>.jsonl, the format of tests/integration/pp_trace (``bench/step_trace.py DIR`` reads it);
   every ``sample_tokens`` call to DIR/<pid>.sample.ndjson;
-- for steps K .. K+N-1, counted over ``execute_model`` calls with scheduled tokens
-  (BENCH_BREAKDOWN_PROFILE="K:N", default "22:8": batch-1 decode steps of the harness's full
-  workload), ``torch.profiler`` (CPU; CUDA too on GPU ranks unless BENCH_BREAKDOWN_CUDA=0) with
+- for profile windows (BENCH_BREAKDOWN_PROFILE, comma-separated, taken in turn): "K:N", steps
+  K .. K+N-1 counted over ``execute_model`` calls with scheduled tokens; "T@K:N", the same counted
+  over the calls with exactly T tokens (default "22:8,16@4:8": batch-1 decode steps of the
+  harness's full workload, then batch-16 decode steps of its first repetition),
+  ``torch.profiler`` (CPU; CUDA too on GPU ranks unless BENCH_BREAKDOWN_CUDA=0) with
   one marker per call; each op's self time goes to the category of its nearest categorised
   ancestor (itself included: the copies inside an all-reduce count as communication, the mm
   inside aten::linear as GEMM); ops under ``sample_tokens`` without a category of their own are
-  sampling; the rest "other ops". Written to DIR/<pid>.worker.json when the window closes.
+  sampling; the rest "other ops". Written to DIR/<pid>.worker.json when each window closes (the
+  windows' steps together; ``top_ops`` of the first window, every window's under ``windows``).
   ``python/overhead`` (computed by bench/breakdown.py) = step wall - every op's self time.
 Collectives are marked (``comm::<method>``) by wrapping vLLM's ``GroupCoordinator`` and device
 communicators (and the shim's ``HeteroCommunicator``) while the profiler runs.
@@ -32,7 +35,7 @@ import re
 ENV_DIR = "BENCH_BREAKDOWN_DIR"
 ENV_PROFILE = "BENCH_BREAKDOWN_PROFILE"
 ENV_CUDA = "BENCH_BREAKDOWN_CUDA"
-DEFAULT_PROFILE = "22:8"
+DEFAULT_PROFILE = "22:8,16@4:8"
 MARKER = "bench_step::"
 COMM_PREFIX = "comm::"
 
@@ -112,9 +115,14 @@ def summarize(events, walls: dict[int, dict], top: int = 25) -> dict:
                                        round(calls / n, 2)} for k, (c, ms, calls) in ops]}
 
 
-def parse_window(text: str | None) -> tuple[int, int]:
-    first, _, count = (text or DEFAULT_PROFILE).partition(":")
-    return int(first), int(count or 8)
+def parse_windows(text: str | None) -> list[tuple[int | None, int, int]]:
+    """(tokens or None for any count, first, count) of each window of BENCH_BREAKDOWN_PROFILE."""
+    windows = []
+    for spec in (text or DEFAULT_PROFILE).split(","):
+        tokens, _, window = spec.strip().rpartition("@")
+        first, _, count = window.partition(":")
+        windows.append((int(tokens) if tokens else None, int(first), int(count or 8)))
+    return windows
 
 
 class _Hook:
@@ -125,14 +133,17 @@ class _Hook:
 
         self.dir = directory
         self.pid = os.getpid()
-        self.first, self.count = parse_window(os.environ.get(ENV_PROFILE))
+        self.windows = parse_windows(os.environ.get(ENV_PROFILE))
+        self.window = 0  # the window being waited for or profiled; len(windows): all done
+        self.seen = 0  # steps that match the current window so far
+        self.selected: list[int] = []  # its profiled steps (global step numbers)
+        self.summaries: list[dict] = []
         self.cuda = os.environ.get(ENV_CUDA, "1") != "0"
         self.steps = 0  # execute_model calls with tokens so far
         self.current: int | None = None  # the step of the last execute_model (None: no tokens)
         self.saw_sample = False
         self.prof = None
         self.profiling = False
-        self.done = False
         self.broken = False
         self.walls: dict[int, dict] = {}
         self.meta: dict = {}
@@ -180,7 +191,7 @@ class _Hook:
         device = str(getattr(worker, "device", "?"))
         meta = {"pid": self.pid, "ppid": os.getppid(), "rank": getattr(worker, "rank", None),
                 "local_rank": getattr(worker, "local_rank", None), "device": device,
-                "worker_class": type(worker).__name__, "window": [self.first, self.count],
+                "worker_class": type(worker).__name__, "windows": [list(w) for w in self.windows],
                 "kind": os.environ.get("HETERO_SHIM_RANK_KIND") or ("gpu" if "cuda" in device else "cpu")}
         try:
             from vllm.distributed.parallel_state import get_pp_group, get_tp_group
@@ -225,18 +236,45 @@ class _Hook:
         if not self.profiling:
             return
         self.profiling = False
-        self.done = True
         t0 = time.monotonic()
         self.prof.stop()
         summary = summarize(self.prof.events(), self.walls)
         summary["analysis_s"] = round(time.monotonic() - t0, 3)
-        self.prof = None
-        self._dump({"profile": summary})
+        summary["window"] = list(self.windows[self.window])
+        self.prof, self.walls, self.selected, self.seen = None, {}, [], 0
+        self.window += 1
+        self.summaries.append(summary)
+        first = self.summaries[0]
+        self._dump({"profile": {"steps": [step for one in self.summaries for step in one["steps"]],
+                                "top_ops": first["top_ops"], "analysis_s": round(sum(
+                                    one["analysis_s"] for one in self.summaries), 3),
+                                "windows": [{k: v for k, v in one.items() if k != "steps"} for one in self.summaries]}})
+
+    def window_full(self) -> bool:
+        return self.profiling and len(self.selected) == self.windows[self.window][2]
+
+    def last_profiled(self, step: int | None) -> bool:
+        """``step`` is the current window's last step."""
+        return self.window_full() and step == self.selected[-1]
+
+    def select(self, step: int, tokens: int) -> None:
+        """Count ``step`` for the current window and start profiling or select it when it is due."""
+        if self.window >= len(self.windows):
+            return
+        want, first, count = self.windows[self.window]
+        if want is not None and tokens != want:
+            return
+        index = self.seen
+        self.seen += 1
+        if index == first and not self.profiling:
+            self.start()
+        if self.profiling and first <= index < first + count:
+            self.selected.append(step)
 
     def marker(self, kind: str, step: int | None):
         import contextlib
 
-        if not self.profiling or step is None or not (self.first <= step < self.first + self.count):
+        if not self.profiling or step is None or step not in self.selected:
             return contextlib.nullcontext()
         import torch
 
@@ -254,10 +292,9 @@ class _Hook:
             if tokens:
                 step = self.steps
                 self.steps += 1
-                if self.profiling and step >= self.first + self.count:
+                if self.window_full():
                     self.finish()  # the last profiled step had no sample_tokens call after it
-                if step == self.first and not self.done:
-                    self.start()
+                self.select(step, tokens)
             self.current = step
             marker = self.marker("execute", step)
         except Exception as exc:  # noqa: BLE001
@@ -266,10 +303,10 @@ class _Hook:
 
         def record(start: float, end: float) -> None:
             self._write(".jsonl", {"rank": self.meta.get("rank"), "start": start, "end": end, "tokens": tokens})
-            if self.profiling and step is not None and step >= self.first:
+            if self.profiling and step is not None and step in self.selected:
                 self.walls[step] = {"tokens": tokens, "execute_ms": round((end - start) * 1e3, 4),
                                     "sample_ms": 0.0, "wall_ms": round((end - start) * 1e3, 4)}
-                if step == self.first + self.count - 1 and not self.saw_sample:
+                if self.last_profiled(step) and not self.saw_sample:
                     self.finish()
 
         return self._timed("execute_model", marker, wrapped, args, kwargs, record)
@@ -292,7 +329,7 @@ class _Hook:
                 wall = self.walls[step]
                 wall["sample_ms"] = round((end - start) * 1e3, 4)
                 wall["wall_ms"] = round(wall["execute_ms"] + wall["sample_ms"], 4)
-            if self.profiling and step == self.first + self.count - 1:
+            if self.last_profiled(step):
                 self.finish()
 
         return self._timed("sample_tokens", marker, wrapped, args, kwargs, record)

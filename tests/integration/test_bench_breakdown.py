@@ -48,7 +48,8 @@ def test_bound_step_and_breakdown_in_one_harness_run(tmp_path):
     for r in ranks:
         assert r["error"] is None and r["profile"], r
         steps = sum(p["steps"] for p in r["profile"].values())
-        assert steps == 8  # the default window: 8 steps with tokens
+        assert steps == 16  # the default windows: 8 steps with tokens, then 8 batch-16 decode steps
+        assert r["profile"]["16"]["steps"] >= 8, r["profile"]
         for tokens, p in r["profile"].items():
             assert p["ms"]["GEMM"] > 0 and p["ms"]["communication"] > 0, (tokens, p)
             assert p["ms"]["python/overhead"] >= 0 and abs(sum(p["share"].values()) - 1) < 0.01, p

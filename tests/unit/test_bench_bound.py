@@ -211,7 +211,39 @@ def test_helpers():
     assert bound.plan_gpu_layers("... layer split 11,17 (automatic)\n  rank 0: CPU  cores 0-12  stage 0: layers 0-10 (11)\n"
                                  "  rank 1: GPU  cuda:0  stage 1: layers 11-27 (17)") == 17
     assert bound.plan_gpu_layers("hetero_shim rank plan: 1 GPU rank(s) + 1 CPU rank(s)") is None
-    assert breakdown.hook.parse_window("5:3") == (5, 3) and breakdown.hook.parse_window(None) == (22, 8)
+    assert breakdown.hook.parse_windows("5:3") == [(None, 5, 3)]
+    assert breakdown.hook.parse_windows(None) == [(None, 22, 8), (16, 4, 8)]
+    assert breakdown.hook.parse_windows("1:2, 16@4:8") == [(None, 1, 2), (16, 4, 8)]
+
+
+def test_profile_windows_select_their_steps_in_turn(tmp_path):
+    """The breakdown hook's windows (BENCH_BREAKDOWN_PROFILE): "K:N" counts every step with tokens,
+    "T@K:N" only steps of T tokens; one window at a time, the next counted from when the last closed."""
+    h = breakdown.hook._Hook(str(tmp_path))
+    h.windows = breakdown.hook.parse_windows("2:2,16@1:2")
+    closed, started = [], []
+
+    def start():
+        started.append(h.steps - 1)
+        h.profiling = True
+
+    def finish():  # the real one stops torch.profiler and summarises: here only the bookkeeping
+        closed.append(list(h.selected))
+        h.profiling, h.selected, h.seen, h.window = False, [], 0, h.window + 1
+
+    h.start = start
+    for tokens in (5, 1, 1, 1, 16, 3, 16, 16, 16, 16):
+        step = h.steps
+        h.steps += 1
+        if h.window_full():
+            finish()
+        h.select(step, tokens)
+        if h.last_profiled(step):
+            finish()
+    # window 1: the 3rd and 4th steps with tokens; window 2: the 2nd and 3rd 16-token steps after it
+    assert closed == [[2, 3], [6, 7]] and started == [2, 6] and h.window == 2
+    h.select(10, 16)  # every window done: nothing more is selected
+    assert not h.profiling and h.selected == []
 
 
 def test_layer_shapes_follow_the_models_config():
