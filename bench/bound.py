@@ -573,7 +573,8 @@ def bound_for(model, budget, rates: dict, tp_sizes=(2, 4), prefetch_layers: int 
     if cpu_best:
         rate = cpu_best[0]
         measured = best_split_pass(rates)
-        together = min(rate + h2d, measured[0]) if measured else rate + h2d
+        capped = measured is not None and measured[0] < rate + h2d  # the streams slow each other
+        together = measured[0] if capped else rate + h2d
         if measured:
             out["rates"]["split_pass_GBps"] = round(measured[0] / 1e9, 2)
             out["rates"]["split_pass_share"] = measured[1]
@@ -589,7 +590,7 @@ def bound_for(model, budget, rates: dict, tp_sizes=(2, 4), prefetch_layers: int 
                 gpu_bytes = sum(layers[:gpu_layers])
                 cpu_bytes = sum(layers[gpu_layers:]) + tail
             how = f"{rate / 1e9:.1f} GB/s ({cpu_best[1]})"
-            if split and together < rate + h2d:
+            if split and capped:
                 how = f"{together / 1e9:.1f} GB/s, the split's fastest pass measured (GPU share {measured[1]})"
             elif split:
                 how += f" + PCIe {h2d / 1e9:.1f} GB/s, split"

