@@ -253,6 +253,7 @@ VARIANTS = {
     "-split40": {"HETERO_SHIM_CPU_GEMM_SPLIT": "40"},
     "-split50": {"HETERO_SHIM_CPU_GEMM_SPLIT": "50"},
     "-split60": {"HETERO_SHIM_CPU_GEMM_SPLIT": "60"},
+    "-split70": {"HETERO_SHIM_CPU_GEMM_SPLIT": "70"},
     # three pieces of weight copied to the GPU ahead of the one multiplied instead of one (four
     # buffers instead of two, charged to the GPU stage's split)
     "-ahead3": {"HETERO_SHIM_CPU_GEMM_AHEAD": "3"},

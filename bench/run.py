@@ -44,7 +44,7 @@ ALLREDUCE = str(REPO / "bench" / "allreduce.py")
 BOUND = str(REPO / "bench" / "bound.py")
 COSTREAM = str(REPO / "bench" / "costream.py")
 #: the GPU rank's shares of the rows that the bound step's split passes try (bench/costream.py)
-SPLIT_PASS_SHARES = "0.4,0.5,0.6"
+SPLIT_PASS_SHARES = "0.4,0.5,0.6,0.7"
 BREAKDOWN_HOOK = str(REPO / "bench" / "breakdown")
 # bench/bound.py at toy size: a 32 MiB weight and a 256 MiB read, so the step takes seconds here
 TOY_BOUND_ARGS = ["--shape", "2048x8192", "--read-mib", "256", "--min-time", "0.2",
