@@ -289,8 +289,10 @@ class GemmClient:
         w[REQUEST] = self.requests
         self.seg.bell.ring()
 
-    def finish(self, x, index: int, split: bool = False):
-        """The answer to the last :meth:`start`: ``[*x.shape[:-1], rows]``, a new tensor."""
+    def finish(self, x, index: int, split: bool = False, tail=None):
+        """The answer to the last :meth:`start`: ``[*x.shape[:-1], rows]``, a new tensor. ``tail``
+        (a split's other rows, computed here) is joined after the answer in the same copy out of
+        shared memory: ``[*x.shape[:-1], rows + tail's]``."""
         import torch
 
         self._wait(self.requests)
@@ -304,6 +306,9 @@ class GemmClient:
             pieces = entry["pieces"]
         y = self.seg.region("y", m * n * dtype.itemsize, dtype)
         parts = [_piece(y, m, first, end) for first, end in pieces]
+        if tail is not None:
+            parts.append(tail.reshape(m, -1))
+            n += parts[-1].shape[1]
         out = parts[0].clone() if len(parts) == 1 else torch.cat(parts, dim=1)
         return out.view(*x.shape[:-1], n)
 

@@ -81,6 +81,13 @@ def _client(queue, kill_server_after: int | None):
                     assert got.shape == want.shape
                     assert bool(y[m * rows:].isnan().all()), "the server computed rows that were not asked for"
                     worst = max(worst, ((got - want).abs().max() / want.abs().max()).item())
+                    # the split as a CPU rank runs it: the other rows computed here, joined after the answer
+                    client.start(x, index, None if bias is None else bias[:rows], split=True)
+                    tail = torch.nn.functional.linear(x, w[rows:], None if bias is None else bias[rows:])
+                    got = client.finish(x, index, split=True, tail=tail)
+                    want = torch.nn.functional.linear(x, w, bias)
+                    assert got.shape == want.shape and bool((got[..., rows:] == tail).all())
+                    worst = max(worst, ((got - want).abs().max() / want.abs().max()).item())
             handed.append(sh.before_send(_activations(step), vllm_only=False))
     except RuntimeError as exc:
         failure = str(exc)
@@ -143,7 +150,7 @@ def test_a_cpu_stage_gets_its_layers_computed_by_the_next_stage():
     done = got["done"]
     assert done["failure"] is None
     assert done["worst"] < 1e-6  # float32, each piece one GEMM of its rows
-    requests = STEPS * (len(SHAPES) + sum(1 for rows in SPLIT if rows))  # each layer whole, and split
+    requests = STEPS * (len(SHAPES) + 2 * sum(1 for rows in SPLIT if rows))  # whole, split, split and tail
     assert done["requests"] == requests and got["served"] == requests
     assert [r is not None for r in got["received"]] == done["handed"]
     assert all(r for r in got["received"] if r is not None) and done["handed"][1:] == [True] * (STEPS - 1)

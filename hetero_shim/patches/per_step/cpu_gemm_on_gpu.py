@@ -244,18 +244,17 @@ class ServedSide(GpuSide):
         return out
 
     def split(self, x, layer: LayerChoice, bias):
-        """A small step of ``layer``: its leading rows by the next stage's rank, the others here, at once."""
-        import torch
-
+        """A small step of ``layer``: its leading rows by the next stage's rank, the others here, at once;
+        the two joined in one copy."""
         rows = layer.split_rows
         self.client.start(x, layer.index, None if bias is None else bias[:rows], split=True)
         tail = layer.tail(x, None if bias is None else bias[rows:])
-        head = self.client.finish(x, layer.index, split=True)
+        out = self.client.finish(x, layer.index, split=True, tail=tail)
         if not self.split_used:
             self.split_used = True
             log.info("hetero_shim: CPU rank: a step of %d tokens split its linear layers with the next stage's rank",
                      x.numel() // x.shape[-1])
-        return torch.cat((head, tail), dim=-1)
+        return out
 
     def fail(self, what: str, exc: BaseException) -> None:
         super().fail(what, exc)
