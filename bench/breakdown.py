@@ -5,7 +5,7 @@
 
 DIR holds what bench/breakdown/sitecustomize.py wrote in every vLLM process: per worker the
 wall time of every ``execute_model`` / ``sample_tokens`` call and, for the profiled steps, ms per
-category (GEMM, attention, norms, activations, rotary, communication, sampling, other ops) and
+category (GEMM, attention, norms, activations, rotary, communication, GPU hand-off, sampling, other ops) and
 ``python/overhead`` = step wall - every op's self time; per engine core the time inside each
 ``step`` call and between calls. Processes are grouped into engine runs by the engine core's pid
 (workers are its children; a TP=1 stock engine runs its worker inside the engine core). For
@@ -215,7 +215,8 @@ def text(summary: dict, tokens: set[int] | None = None) -> str:
             if (tokens is None and row["steps"] < 3) or (tokens is not None and int(t) not in tokens):
                 continue
             lines.append(f"  pipeline {t} tok x {row['steps']}: stage0 {row['stage0_ms']} ms, stage1 waits "
-                         f"{row['stage1_wait_ms']} ms, works {row['stage1_work_ms']} ms, period {row['period_ms']} ms")
+                         f"{row['stage1_wait_ms']} ms, works {row['stage1_work_ms']} ms, period {row['period_ms']} ms"
+                         f" (p90 {row.get('period_p90_ms')})")
     return "\n".join(lines)
 
 

@@ -21,8 +21,8 @@ PANELS = (("decode_b1_tok_s", "decode tokens/s, batch 1"), ("decode_b16_tok_s", 
           ("prefill_tok_s", "prefill tokens/s"), ("ttft_ms", "time to first token, ms (lower is better)"))
 MEMORY = (("peak_gpu_gib", "peak GPU GiB"), ("peak_host_rss_gib", "peak host RSS GiB"),
           ("peak_host_anon_gib", "peak host anon GiB"))
-CATEGORIES = ("GEMM", "attention", "norms", "activations", "rotary", "communication", "sampling", "other ops",
-              "python/overhead")
+CATEGORIES = ("GEMM", "attention", "norms", "activations", "rotary", "communication", "GPU hand-off", "sampling",
+              "other ops", "python/overhead")
 
 
 def _bars(ax, names: list[str], values: list[float], title: str) -> None:

@@ -13,7 +13,8 @@ of a given token count reports medians of:
 - ``stage1_work_ms``: stage 1 after stage 0 finished (its layers, the LM head, sampling; the receive's tail);
 - ``gap_ms``: from stage 1's end to stage 0's next start of a step with tokens (sampling, the engine core, scheduling;
   negative when stage 0 already works on the next micro-batch);
-- ``period_ms``: from one stage-0 start to the next (the step rate).
+- ``period_ms``: from one stage-0 start to the next (the step rate); also ``period_p90_ms``, its 90th
+  percentile: a decode rate follows the periods' mean, which a slow tail moves and the median does not.
 For pipeline runs (two stages); a TP run's two ranks run each step at the same time. Stdlib only.
 """
 
@@ -65,8 +66,17 @@ def pipeline_breakdown(first: list[dict], last: list[dict]) -> dict[int, dict]:
         if i + 1 < len(first):
             row["gap_ms"].append((first[i + 1]["start"] - b["end"]) * 1e3)
             row["period_ms"].append((first[i + 1]["start"] - a["start"]) * 1e3)
-    return {tokens: {"steps": len(v["stage0_ms"]), **{k: _median(x) for k, x in v.items()}}
+    return {tokens: {"steps": len(v["stage0_ms"]), **{k: _median(x) for k, x in v.items()},
+                     "period_p90_ms": _p90(v["period_ms"])}
             for tokens, v in sorted(by_tokens.items())}
+
+
+def _p90(values: list[float]) -> float | None:
+    """The 90th percentile (nearest rank), None for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return round(ordered[min(len(ordered) - 1, -(-9 * len(ordered) // 10) - 1)], 2)
 
 
 def main() -> int:
@@ -88,7 +98,7 @@ def main() -> int:
             if tokens in wanted:
                 print(f"  {tokens:>5} tokens x {row['steps']:>3} steps: stage0 {row['stage0_ms']} ms, stage1 waits "
                       f"{row['stage1_wait_ms']} ms, works {row['stage1_work_ms']} ms, gap {row['gap_ms']} ms, "
-                      f"period {row['period_ms']} ms")
+                      f"period {row['period_ms']} ms (p90 {row['period_p90_ms']})")
     if opts.json:
         opts.json.write_text(json.dumps(out, indent=1))
     return 0

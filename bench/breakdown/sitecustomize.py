@@ -17,7 +17,9 @@ gpu_worker``; ``CPUWorker`` inherits them, and is wrapped too if it ever overrid
   one marker per call; each op's self time goes to the category of its nearest categorised
   ancestor (itself included: the copies inside an all-reduce count as communication, the mm
   inside aten::linear as GEMM); ops under ``sample_tokens`` without a category of their own are
-  sampling; the rest "other ops". Written to DIR/<pid>.worker.json when each window closes (the
+  sampling; "GPU hand-off" is the shim's ``hetero_shim::cpu_linear`` (a CPU stage's linear layer)
+  less its CPU kernel: waiting for the rows the next stage's GPU rank computes, and the activations'
+  copies through shared memory; the rest "other ops". Written to DIR/<pid>.worker.json when each window closes (the
   windows' steps together; ``top_ops`` of the first window, every window's under ``windows``).
   ``python/overhead`` (computed by bench/breakdown.py) = step wall - every op's self time.
 Collectives are marked (``comm::<method>``) by wrapping vLLM's ``GroupCoordinator`` and device
@@ -41,6 +43,8 @@ COMM_PREFIX = "comm::"
 
 #: (category, pattern on the lower-cased op name); the first match wins
 CATEGORIES = (
+    # a CPU stage's linear layer as the shim routes it: its CPU kernel below it stays GEMM
+    ("GPU hand-off", re.compile(r"^hetero_shim::cpu_linear$")),
     # (aten::broadcast_tensors and the like are shape ops, not collectives)
     ("communication", re.compile(r"^comm::|^c10d::|^(?!aten::).*(all_reduce|allreduce|all_gather|allgather"
                                  r"|reduce_scatter|broadcast|gloo|nccl|barrier|shm_|_shm)"
@@ -53,8 +57,8 @@ CATEGORIES = (
     ("rotary", re.compile(r"rotary|(^|[:_])rope")),
     ("sampling", re.compile(r"sampl|top_?k|top_?p|argmax|multinomial|logprob")),
 )
-ORDER = ("GEMM", "attention", "norms", "activations", "rotary", "communication", "sampling", "other ops",
-         "python/overhead")
+ORDER = ("GEMM", "attention", "norms", "activations", "rotary", "communication", "GPU hand-off", "sampling",
+         "other ops", "python/overhead")
 
 
 def categorize(name: str) -> str | None:

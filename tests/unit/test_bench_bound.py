@@ -162,6 +162,7 @@ def test_report_gives_each_row_its_fraction_of_the_bound_and_the_runs_own_split(
     ("_C::shm_all_gather", "communication"),
     ("comm::HeteroCommunicator.broadcast", "communication"),
     ("aten::argmax", "sampling"), ("aten::multinomial", "sampling"),
+    ("hetero_shim::cpu_linear", "GPU hand-off"),
     ("aten::copy_", None), ("aten::add_", None), ("aten::embedding", None), ("aten::broadcast_tensors", None),
     ("aten::slice", None), ("aten::addcmul_", None),
 ])
