@@ -26,6 +26,8 @@ HERE = Path(__file__).resolve().parent
 if str(HERE.parent) not in sys.path:
     sys.path.insert(0, str(HERE.parent))
 
+from bench import step_trace  # noqa: E402
+
 
 def _hook_module():
     """bench/breakdown/sitecustomize.py as a plain module (its categories; nothing is installed)."""
@@ -152,13 +154,11 @@ def core_summary(calls: list[dict]) -> dict | None:
            "inside_median_ms": _median(inside), "inside_executed_median_ms": _median(executed),
            "between_median_ms": _median(gaps)}
     if gaps:
-        out["between_p90_ms"] = round(gaps[int(0.9 * (len(gaps) - 1))], 3)
+        out["between_p90_ms"] = round(step_trace.p90(gaps), 3)
     return out
 
 
 def summarize(trace_dir: Path) -> dict:
-    from bench import step_trace
-
     runs = []
     for index, run in enumerate(load(trace_dir)):
         entry = {"run": index, "core_pid": run["core_pid"], "core": core_summary(run["core"]), "ranks": []}

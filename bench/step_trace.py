@@ -67,16 +67,15 @@ def pipeline_breakdown(first: list[dict], last: list[dict]) -> dict[int, dict]:
             row["gap_ms"].append((first[i + 1]["start"] - b["end"]) * 1e3)
             row["period_ms"].append((first[i + 1]["start"] - a["start"]) * 1e3)
     return {tokens: {"steps": len(v["stage0_ms"]), **{k: _median(x) for k, x in v.items()},
-                     "period_p90_ms": _p90(v["period_ms"])}
+                     "period_p90_ms": None if not v["period_ms"] else round(p90(v["period_ms"]), 2)}
             for tokens, v in sorted(by_tokens.items())}
 
 
-def _p90(values: list[float]) -> float | None:
-    """The 90th percentile (nearest rank), None for no values."""
-    if not values:
-        return None
+def p90(values: list[float]) -> float:
+    """The 90th percentile of ``values`` (not empty) as the bench's tools take it: the sorted value at
+    index int(0.9 * (n - 1))."""
     ordered = sorted(values)
-    return round(ordered[min(len(ordered) - 1, -(-9 * len(ordered) // 10) - 1)], 2)
+    return ordered[int(0.9 * (len(ordered) - 1))]
 
 
 def main() -> int:

@@ -27,11 +27,11 @@ def test_pipeline_breakdown_medians_and_the_periods_tail():
     assert row["steps"] == 20
     assert row["stage0_ms"] == 25.0 and row["stage1_work_ms"] == 2.0 and row["gap_ms"] == 3.0
     assert row["period_ms"] == 30.0  # the last step has no next start: 19 periods, the 90 ms one not among them
-    assert row["period_p90_ms"] == 70.0  # the 18th of 19
+    assert row["period_p90_ms"] == 60.0  # index int(0.9 * 18) = 16 of the 19 sorted
 
 
-def test_p90_is_the_nearest_rank():
-    assert step_trace._p90([]) is None
-    assert step_trace._p90([5.0]) == 5.0
-    assert step_trace._p90([float(v) for v in range(1, 11)]) == 9.0
-    assert step_trace._p90([float(v) for v in range(1, 21)]) == 18.0
+def test_p90_takes_the_sorted_value_at_index_int_09_n_minus_1():
+    assert step_trace.p90([5.0]) == 5.0
+    assert step_trace.p90([float(v) for v in range(10, 0, -1)]) == 9.0
+    assert step_trace.p90([float(v) for v in range(1, 21)]) == 18.0
+    assert step_trace.pipeline_breakdown([], []) == {}
