@@ -17,12 +17,16 @@ import json
 import sys
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from bench.breakdown import ORDER as CATEGORIES  # noqa: E402  the step breakdown's categories, in its order
+
 PANELS = (("decode_b1_tok_s", "decode tokens/s, batch 1"), ("decode_b16_tok_s", "decode tokens/s, batch 16"),
           ("prefill_tok_s", "prefill tokens/s"), ("ttft_ms", "time to first token, ms (lower is better)"))
 MEMORY = (("peak_gpu_gib", "peak GPU GiB"), ("peak_host_rss_gib", "peak host RSS GiB"),
           ("peak_host_anon_gib", "peak host anon GiB"))
-CATEGORIES = ("GEMM", "attention", "norms", "activations", "rotary", "communication", "GPU hand-off", "sampling",
-              "other ops", "python/overhead")
 
 
 def _bars(ax, names: list[str], values: list[float], title: str) -> None:
