@@ -13,7 +13,9 @@ produces exactly max_tokens tokens (checked). Prefix caching is off in the spec.
   minus wall time with max_tokens=1 (the prefill and first token cancel) = N decode steps;
   tokens/s = B / median step time (repeated up to 3 times while a repetition is cheap; a sample
   where the N+1-token run was not slower than the 1-token run is measured again, up to 5 times,
-  and counted in decode_bB_discarded).
+  and counted in decode_bB_discarded). Each batch size first runs one unmeasured N+1-token pass:
+  it warms that batch's shapes and holds the steps that bench/breakdown/'s default windows profile
+  (whose profiler start and write-out would otherwise slow one of the measured samples).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ def measure(w: dict, prompts, timed) -> None:
     emit(prefill_tok_s=w["prefill_batch"] * w["prefill_prompt"] / t)
     n = w["decode_tokens"]
     for batch in batches:
+        timed(prompts(batch, w["decode_prompt"]), n + 1)  # unmeasured: warm-up and profiled steps
         steps = []  # seconds per decode step: 3 samples unless they take over 15 s (one run to run
         spent, discarded = 0.0, 0  # spread of 10-20 % was seen on the H100 with one sample of the slow configurations)
         while len(steps) < 3 and (not steps or spent < 15.0):

@@ -11,8 +11,8 @@ gpu_worker``; ``CPUWorker`` inherits them, and is wrapped too if it ever overrid
   every ``sample_tokens`` call to DIR/<pid>.sample.ndjson;
 - for profile windows (BENCH_BREAKDOWN_PROFILE, comma-separated, taken in turn): "K:N", steps
   K .. K+N-1 counted over ``execute_model`` calls with scheduled tokens; "T@K:N", the same counted
-  over the calls with exactly T tokens (default "22:8,16@4:8": batch-1 decode steps of the
-  harness's full workload, then batch-16 decode steps of its first repetition),
+  over the calls with exactly T tokens (default "22:8,16@4:8": in the harness's full workload,
+  batch-1 then batch-16 decode steps of bench/engine.py's unmeasured pass at each batch size),
   ``torch.profiler`` (CPU; CUDA too on GPU ranks unless BENCH_BREAKDOWN_CUDA=0) with
   one marker per call; each op's self time goes to the category of its nearest categorised
   ancestor (itself included: the copies inside an all-reduce count as communication, the mm
