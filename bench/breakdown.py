@@ -10,7 +10,8 @@ category (GEMM, attention, norms, activations, rotary, communication, GPU hand-o
 ``step`` call and between calls. Processes are grouped into engine runs by the engine core's pid
 (workers are its children; a TP=1 stock engine runs its worker inside the engine core). For
 two-stage pipeline runs the stage trace of bench/step_trace.py is added (``stage1_wait_ms``:
-the CPU stage waiting for the GPU stage's activations). Stdlib only.
+the CPU stage waiting for the GPU stage's activations), and where a CPU stage's requests to the
+next stage's GPU rank were timed, what its wait for them is made of (bench/channel.py). Stdlib only.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ HERE = Path(__file__).resolve().parent
 if str(HERE.parent) not in sys.path:
     sys.path.insert(0, str(HERE.parent))
 
-from bench import step_trace  # noqa: E402
+from bench import channel, step_trace  # noqa: E402
 
 
 def _hook_module():
@@ -160,6 +161,7 @@ def core_summary(calls: list[dict]) -> dict | None:
 
 def summarize(trace_dir: Path) -> dict:
     runs = []
+    timings = channel.load(trace_dir)
     for index, run in enumerate(load(trace_dir)):
         entry = {"run": index, "core_pid": run["core_pid"], "core": core_summary(run["core"]), "ranks": []}
         for w in run["workers"]:
@@ -179,6 +181,11 @@ def summarize(trace_dir: Path) -> dict:
                     w["meta"].get("tp_rank", 0) == 0 for s in w["steps"]]
             entry["pipeline"] = {str(k): v for k, v in step_trace.pipeline_breakdown(
                 sorted(first, key=lambda s: s["start"]), sorted(last, key=lambda s: s["start"])).items()}
+        pids = {w["meta"].get("pid") for w in run["workers"]}
+        mine = [t for t in timings if t.get("pid") in pids]
+        entry["channel"] = [{"tp_rank": c.get("tp_rank"),
+                             "tokens": {str(k): v for k, v in channel.summarize(c["records"], s["records"]).items()}}
+                            for c, s in channel.pairs(mine)]
         runs.append(entry)
     return {"dir": str(trace_dir), "runs": runs}
 
@@ -217,6 +224,9 @@ def text(summary: dict, tokens: set[int] | None = None) -> str:
             lines.append(f"  pipeline {t} tok x {row['steps']}: stage0 {row['stage0_ms']} ms, stage1 waits "
                          f"{row['stage1_wait_ms']} ms, works {row['stage1_work_ms']} ms, period {row['period_ms']} ms"
                          f" (p90 {row.get('period_p90_ms')})")
+        for pair in run.get("channel") or []:
+            rows = {int(t): v for t, v in pair["tokens"].items() if tokens is None or int(t) in tokens}
+            lines += channel.text(rows)
     return "\n".join(lines)
 
 

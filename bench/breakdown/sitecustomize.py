@@ -22,6 +22,8 @@ gpu_worker``; ``CPUWorker`` inherits them, and is wrapped too if it ever overrid
   copies through shared memory; the rest "other ops". Written to DIR/<pid>.worker.json when each window closes (the
   windows' steps together; ``top_ops`` of the first window, every window's under ``windows``).
   ``python/overhead`` (computed by bench/breakdown.py) = step wall - every op's self time.
+A CPU stage's requests to the next stage's GPU rank are timed on both sides in other steps, without
+the profiler (``hsbench_channel.py`` beside this file: DIR/<pid>.channel.json).
 Collectives are marked (``comm::<method>``) by wrapping vLLM's ``GroupCoordinator`` and device
 communicators (and the shim's ``HeteroCommunicator``) while the profiler runs.
 In the engine core process, every ``EngineCore.step`` / ``step_with_batch_queue`` call:
@@ -153,6 +155,7 @@ class _Hook:
         self.meta: dict = {}
         self.local = threading.local()
         self._files: dict[str, object] = {}
+        self.channel = None  # hsbench_channel.ChannelTimer, once installed
 
     # -- files
     def _write(self, suffix: str, record: dict) -> None:
@@ -212,6 +215,8 @@ class _Hook:
         except Exception:  # noqa: BLE001
             pass
         self.meta = meta
+        if self.channel is not None:
+            self.channel.meta = {k: meta.get(k) for k in ("pid", "ppid", "rank", "kind", "tp_rank", "pp_stage")}
         self._dump({"profile": None})
 
     # -- the profiler window
@@ -300,12 +305,16 @@ class _Hook:
                     self.finish()  # the last profiled step had no sample_tokens call after it
                 self.select(step, tokens)
             self.current = step
+            if self.channel is not None:
+                self.channel.begin_step(step, tokens)
             marker = self.marker("execute", step)
         except Exception as exc:  # noqa: BLE001
             self._fail("execute_model (before)", exc)
             return wrapped(*args, **kwargs)
 
         def record(start: float, end: float) -> None:
+            if self.channel is not None:
+                self.channel.end_step()
             self._write(".jsonl", {"rank": self.meta.get("rank"), "start": start, "end": end, "tokens": tokens})
             if self.profiling and step is not None and step in self.selected:
                 self.walls[step] = {"tokens": tokens, "execute_ms": round((end - start) * 1e3, 4),
@@ -446,6 +455,12 @@ def _install(directory: str) -> None:
                 hook._fail(f"wrapping {what}", exc)
         return apply
 
+    import hsbench_channel  # beside this file, first on sys.path
+
+    hook.channel = hsbench_channel.ChannelTimer(
+        parse_windows(os.environ.get(hsbench_channel.ENV_WINDOWS) or hsbench_channel.DEFAULT_WINDOWS),
+        os.path.join(directory, f"{os.getpid()}.channel.json"))
+    hsbench_channel.install(hook.channel, wrapt.register_post_import_hook, guarded)
     wrapt.register_post_import_hook(guarded(workers, "Worker"), "vllm.v1.worker.gpu_worker")
     wrapt.register_post_import_hook(guarded(cpu_workers, "CPUWorker"), "vllm.v1.worker.cpu_worker")
     wrapt.register_post_import_hook(guarded(core, "EngineCore"), "vllm.v1.engine.core")

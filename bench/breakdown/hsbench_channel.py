@@ -1,0 +1,101 @@
+"""Benchmark hook, part of bench/breakdown/ (not shim code): a CPU stage's requests to the next
+stage's GPU rank (``hetero_shim/collectives/gemm_channel.py``), timed on both sides without the
+profiler, whose own cost per op would hide what is measured.
+
+Steps are chosen as the profile windows are (``BENCH_BREAKDOWN_CHANNEL``, same syntax; default
+"34:8,16@16:8": in the harness's full workload, batch-1 then batch-16 decode steps of
+bench/engine.py's unmeasured passes, after the profiled ones). In those steps every call below is
+one record ``[what, request, step, tokens, t0, t1]`` (``time.monotonic``: one clock for every
+process of the host):
+- the CPU rank: "start" (its exit: the request published), "wait" (for the answer), "finish"
+  (its exit: the rows joined);
+- the GPU rank: "serve" (the request picked up .. answered), "queue" (``WeightStreamer.multiply``:
+  queuing the piece copies and GEMMs, no request number).
+Written to DIR/<pid>.channel.json when each window closes; bench/channel.py reads them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+ENV_WINDOWS = "BENCH_BREAKDOWN_CHANNEL"
+DEFAULT_WINDOWS = "34:8,16@16:8"
+
+
+class ChannelTimer:
+    """Which steps are timed, and the records; ``windows``: (tokens or None, first, count) each."""
+
+    def __init__(self, windows: list[tuple[int | None, int, int]], path: str) -> None:
+        self.windows, self.path = windows, path
+        self.window = 0  # the window being waited for or timed
+        self.seen = 0  # steps that match it so far
+        self.taken: list[int] = []  # its timed steps
+        self.active = False  # the current step is timed
+        self.step: int | None = None
+        self.tokens = 0
+        self.records: list[list] = []
+        self.meta: dict = {}
+
+    def begin_step(self, step: int | None, tokens: int) -> None:
+        self.active, self.step, self.tokens = False, step, tokens
+        if step is None or self.window >= len(self.windows):
+            return
+        want, first, count = self.windows[self.window]
+        if want is not None and tokens != want:
+            return
+        index = self.seen
+        self.seen += 1
+        if first <= index < first + count:
+            self.active = True
+            self.taken.append(step)
+
+    def end_step(self) -> None:
+        """After the step: write the records when it closed the window."""
+        was, self.active = self.active, False
+        if not was or len(self.taken) < self.windows[self.window][2]:
+            return
+        self.window, self.seen, self.taken = self.window + 1, 0, []
+        if self.records:
+            os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+            tmp = f"{self.path}.tmp"
+            with open(tmp, "w") as f:
+                json.dump({**self.meta, "windows": [list(w) for w in self.windows[:self.window]],
+                           "records": self.records}, f)
+            os.replace(tmp, self.path)
+
+    def wrapper(self, what: str, request_of):
+        """A wrapt wrapper that records ``what`` (``request_of(instance, args)``: its request number)
+        while a step is timed, and costs one attribute check otherwise."""
+
+        def timed(wrapped, instance, args, kwargs):
+            if not self.active:
+                return wrapped(*args, **kwargs)
+            t0 = time.monotonic()
+            try:
+                return wrapped(*args, **kwargs)
+            finally:
+                t1 = time.monotonic()
+                self.records.append([what, request_of(instance, args), self.step, self.tokens, t0, t1])
+
+        return timed
+
+
+def install(timer: ChannelTimer, register, guarded) -> None:
+    """Wrap the channel's calls once their modules are imported (``register``: wrapt's post-import
+    hook; ``guarded``: the hook's error guard)."""
+    import wrapt
+
+    def channel(module) -> None:
+        client, server = module.GemmClient, module.GemmServer
+        wrapt.wrap_function_wrapper(client, "start", timer.wrapper("start", lambda c, a: c.requests))
+        wrapt.wrap_function_wrapper(client, "_wait", timer.wrapper("wait", lambda c, a: a[0]))
+        wrapt.wrap_function_wrapper(client, "finish", timer.wrapper("finish", lambda c, a: c.requests))
+        wrapt.wrap_function_wrapper(server, "_serve", timer.wrapper("serve", lambda s, a: a[0]))
+
+    def stream(module) -> None:
+        wrapt.wrap_function_wrapper(module.WeightStreamer, "multiply", timer.wrapper("queue", lambda s, a: None))
+
+    register(guarded(channel, "GemmClient/GemmServer"), "hetero_shim.collectives.gemm_channel")
+    register(guarded(stream, "WeightStreamer"), "hetero_shim.collectives.weight_stream")

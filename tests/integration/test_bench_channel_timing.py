@@ -1,0 +1,42 @@
+"""The bench hook's request timings on the real vLLM CPU build: PP=2 with the second stage's CPU rank
+standing in for the GPU rank that computes the first stage's split decode steps
+(HETERO_SHIM_CPU_RANK_GPU=next-stage), run with bench/breakdown/ first on PYTHONPATH. Both ranks
+write their timed requests, and bench/breakdown.py cuts the CPU rank's wait into the server's
+phases (bench/channel.py)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import procs
+from conftest import GENERATE
+
+from hetero_shim.testing import tiny_models
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from bench import breakdown  # noqa: E402
+
+
+def test_the_channels_requests_are_timed_on_both_sides(tmp_path):
+    model = tiny_models.get(tiny_models.ModelSpec(num_layers=4))
+    trace = tmp_path / "trace"
+    path = os.pathsep.join(p for p in (str(ROOT / "bench" / "breakdown"), str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    proc = procs.run_python([GENERATE, str(model), "--pp", "2", "--device", "heterogeneous", "--enable"],
+                            timeout=300, PYTHONPATH=path, BENCH_BREAKDOWN_DIR=str(trace),
+                            BENCH_BREAKDOWN_PROFILE="1000:1", BENCH_BREAKDOWN_CHANNEL="8@1:3",
+                            HETERO_SHIM_CPU_GEMM_ON_GPU="9", HETERO_SHIM_CPU_RANK_GPU="next-stage",
+                            HETERO_SHIM_CPU_GEMM_SPLIT="50")
+    assert proc.returncode == 0, proc.stdout[-6000:]
+    assert len(list(trace.glob("*.channel.json"))) == 2, sorted(p.name for p in trace.iterdir())
+    summary = breakdown.summarize(trace)
+    [run] = [r for r in summary["runs"] if r.get("channel")]
+    [pair] = run["channel"]
+    row = pair["tokens"]["8"]  # decode steps of the 8 prompts: the first stage's 2 layers x 4 linear layers
+    assert row["steps"] == 3 and row["requests_per_step"] == 8
+    assert set(row["wait_in_ms"]) == {"pick-up", "serve", "notice"}
+    assert abs(sum(row["wait_in_ms"].values()) - row["wait_ms"]) < 1e-2
+    assert "channel 8 tok x 3 steps" in breakdown.text(summary), breakdown.text(summary)
