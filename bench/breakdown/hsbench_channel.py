@@ -25,13 +25,12 @@ DEFAULT_WINDOWS = "34:8,16@16:8"
 
 
 class ChannelTimer:
-    """Which steps are timed, and the records; ``windows``: (tokens or None, first, count) each."""
+    """Which steps are timed, and the records; ``counter``: sitecustomize.WindowCounter over the
+    windows (this module imports nothing of the hook's)."""
 
-    def __init__(self, windows: list[tuple[int | None, int, int]], path: str) -> None:
-        self.windows, self.path = windows, path
-        self.window = 0  # the window being waited for or timed
-        self.seen = 0  # steps that match it so far
-        self.taken: list[int] = []  # its timed steps
+    def __init__(self, counter, path: str) -> None:
+        self.counter, self.path = counter, path
+        self.taken: list[int] = []  # the current window's timed steps
         self.active = False  # the current step is timed
         self.step: int | None = None
         self.tokens = 0
@@ -40,13 +39,10 @@ class ChannelTimer:
 
     def begin_step(self, step: int | None, tokens: int) -> None:
         self.active, self.step, self.tokens = False, step, tokens
-        if step is None or self.window >= len(self.windows):
+        index = None if step is None else self.counter.count(tokens)
+        if index is None:
             return
-        want, first, count = self.windows[self.window]
-        if want is not None and tokens != want:
-            return
-        index = self.seen
-        self.seen += 1
+        _, first, count = self.counter.current()
         if first <= index < first + count:
             self.active = True
             self.taken.append(step)
@@ -54,14 +50,15 @@ class ChannelTimer:
     def end_step(self) -> None:
         """After the step: write the records when it closed the window."""
         was, self.active = self.active, False
-        if not was or len(self.taken) < self.windows[self.window][2]:
+        if not was or len(self.taken) < self.counter.current()[2]:
             return
-        self.window, self.seen, self.taken = self.window + 1, 0, []
+        self.counter.advance()
+        self.taken = []
         if self.records:
             os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
             tmp = f"{self.path}.tmp"
             with open(tmp, "w") as f:
-                json.dump({**self.meta, "windows": [list(w) for w in self.windows[:self.window]],
+                json.dump({**self.meta, "windows": [list(w) for w in self.counter.windows[:self.counter.window]],
                            "records": self.records}, f)
             os.replace(tmp, self.path)
 

@@ -131,6 +131,30 @@ def parse_windows(text: str | None) -> list[tuple[int | None, int, int]]:
     return windows
 
 
+class WindowCounter:
+    """Steps counted against ``windows`` ((tokens or None, first, count) each, parse_windows) taken
+    in turn: :meth:`count` gives a step's index among the current window's steps, or None where the
+    step does not count (other tokens, or every window done); :meth:`advance` moves to the next."""
+
+    def __init__(self, windows: list[tuple[int | None, int, int]]) -> None:
+        self.windows, self.window, self.seen = windows, 0, 0
+
+    def current(self) -> tuple[int | None, int, int]:
+        return self.windows[self.window]
+
+    def count(self, tokens: int) -> int | None:
+        if self.window >= len(self.windows):
+            return None
+        want = self.windows[self.window][0]
+        if want is not None and tokens != want:
+            return None
+        self.seen += 1
+        return self.seen - 1
+
+    def advance(self) -> None:
+        self.window, self.seen = self.window + 1, 0
+
+
 class _Hook:
     """Per-process state of the hook (one worker per process; engine-core records too)."""
 
@@ -139,9 +163,8 @@ class _Hook:
 
         self.dir = directory
         self.pid = os.getpid()
-        self.windows = parse_windows(os.environ.get(ENV_PROFILE))
-        self.window = 0  # the window being waited for or profiled; len(windows): all done
-        self.seen = 0  # steps that match the current window so far
+        self.counter = WindowCounter(parse_windows(os.environ.get(ENV_PROFILE)))  # the profiled steps
+        self.windows = self.counter.windows
         self.selected: list[int] = []  # its profiled steps (global step numbers)
         self.summaries: list[dict] = []
         self.cuda = os.environ.get(ENV_CUDA, "1") != "0"
@@ -249,9 +272,9 @@ class _Hook:
         self.prof.stop()
         summary = summarize(self.prof.events(), self.walls)
         summary["analysis_s"] = round(time.monotonic() - t0, 3)
-        summary["window"] = list(self.windows[self.window])
-        self.prof, self.walls, self.selected, self.seen = None, {}, [], 0
-        self.window += 1
+        summary["window"] = list(self.counter.current())
+        self.prof, self.walls, self.selected = None, {}, []
+        self.counter.advance()
         self.summaries.append(summary)
         first = self.summaries[0]
         self._dump({"profile": {"steps": [step for one in self.summaries for step in one["steps"]],
@@ -260,7 +283,7 @@ class _Hook:
                                 "windows": [{k: v for k, v in one.items() if k != "steps"} for one in self.summaries]}})
 
     def window_full(self) -> bool:
-        return self.profiling and len(self.selected) == self.windows[self.window][2]
+        return self.profiling and len(self.selected) == self.counter.current()[2]
 
     def last_profiled(self, step: int | None) -> bool:
         """``step`` is the current window's last step."""
@@ -268,13 +291,10 @@ class _Hook:
 
     def select(self, step: int, tokens: int) -> None:
         """Count ``step`` for the current window and start profiling or select it when it is due."""
-        if self.window >= len(self.windows):
+        index = self.counter.count(tokens)
+        if index is None:
             return
-        want, first, count = self.windows[self.window]
-        if want is not None and tokens != want:
-            return
-        index = self.seen
-        self.seen += 1
+        _, first, count = self.counter.current()
         if index == first and not self.profiling:
             self.start()
         if self.profiling and first <= index < first + count:
@@ -458,7 +478,7 @@ def _install(directory: str) -> None:
     import hsbench_channel  # beside this file, first on sys.path
 
     hook.channel = hsbench_channel.ChannelTimer(
-        parse_windows(os.environ.get(hsbench_channel.ENV_WINDOWS) or hsbench_channel.DEFAULT_WINDOWS),
+        WindowCounter(parse_windows(os.environ.get(hsbench_channel.ENV_WINDOWS) or hsbench_channel.DEFAULT_WINDOWS)),
         os.path.join(directory, f"{os.getpid()}.channel.json"))
     hsbench_channel.install(hook.channel, wrapt.register_post_import_hook, guarded)
     wrapt.register_post_import_hook(guarded(workers, "Worker"), "vllm.v1.worker.gpu_worker")

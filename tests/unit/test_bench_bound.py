@@ -221,7 +221,7 @@ def test_profile_windows_select_their_steps_in_turn(tmp_path):
     """The breakdown hook's windows (BENCH_BREAKDOWN_PROFILE): "K:N" counts every step with tokens,
     "T@K:N" only steps of T tokens; one window at a time, the next counted from when the last closed."""
     h = breakdown.hook._Hook(str(tmp_path))
-    h.windows = breakdown.hook.parse_windows("2:2,16@1:2")
+    h.counter = breakdown.hook.WindowCounter(breakdown.hook.parse_windows("2:2,16@1:2"))
     closed, started = [], []
 
     def start():
@@ -230,7 +230,8 @@ def test_profile_windows_select_their_steps_in_turn(tmp_path):
 
     def finish():  # the real one stops torch.profiler and summarises: here only the bookkeeping
         closed.append(list(h.selected))
-        h.profiling, h.selected, h.seen, h.window = False, [], 0, h.window + 1
+        h.profiling, h.selected = False, []
+        h.counter.advance()
 
     h.start = start
     for tokens in (5, 1, 1, 1, 16, 3, 16, 16, 16, 16):
@@ -242,7 +243,7 @@ def test_profile_windows_select_their_steps_in_turn(tmp_path):
         if h.last_profiled(step):
             finish()
     # window 1: the 3rd and 4th steps with tokens; window 2: the 2nd and 3rd 16-token steps after it
-    assert closed == [[2, 3], [6, 7]] and started == [2, 6] and h.window == 2
+    assert closed == [[2, 3], [6, 7]] and started == [2, 6] and h.counter.window == 2
     h.select(10, 16)  # every window done: nothing more is selected
     assert not h.profiling and h.selected == []
 

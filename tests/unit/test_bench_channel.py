@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT))
 
 import hsbench_channel  # noqa: E402
 
-from bench import channel  # noqa: E402
+from bench import breakdown, channel  # noqa: E402
 from hetero_shim.collectives import gemm_channel as gc  # noqa: E402
 from hetero_shim.collectives import weight_stream  # noqa: E402
 
@@ -68,7 +68,7 @@ def test_the_timed_steps_of_the_real_channel_are_written(tmp_path):
         pass
 
     module = type("module", (), {"GemmClient": Client, "GemmServer": Server})
-    timer = hsbench_channel.ChannelTimer([(None, 1, 2)], str(tmp_path / "1.channel.json"))
+    timer = hsbench_channel.ChannelTimer(breakdown.hook.WindowCounter([(None, 1, 2)]), str(tmp_path / "1.channel.json"))
     installed = []
     hsbench_channel.install(timer, lambda fn, name: installed.append(name) or (fn(module) if "gemm" in name else None),
                             lambda fn, what: fn)
