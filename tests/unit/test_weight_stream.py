@@ -156,3 +156,26 @@ def test_bad_ahead_is_one_clear_error(monkeypatch, raw):
     monkeypatch.setenv(settings.CPU_GEMM_AHEAD, raw)
     with pytest.raises(HeteroConfigError, match="HETERO_SHIM_CPU_GEMM_AHEAD=.*1 to 8"):
         settings.cpu_gemm_ahead()
+
+
+LLAMA_3B = [(5120, 3072 * 2), (3072, 3072 * 2), (16384, 3072 * 2), (3072, 8192 * 2)]  # qkv, o, gate_up, down
+
+
+def test_every_layer_split_by_default():
+    assert weight_stream.split_plan(LLAMA_3B, 50) == [2560, 1536, 8192, 1536]
+    assert weight_stream.split_plan(LLAMA_3B, 0, large_only=True) == [0, 0, 0, 0]
+    assert weight_stream.split_rows(100, 50) == 0  # either side would get less than a block
+
+
+def test_large_only_keeps_the_gpu_ranks_share_of_all_the_bytes():
+    plan = weight_stream.split_plan(LLAMA_3B * 2, 50, large_only=True)
+    assert plan[:4] == plan[4:] and plan[0] == plan[1] == 0  # qkv and o whole on the CPU
+    gate_up, down = plan[2], plan[3]
+    assert gate_up % 64 == 0 and down % 64 == 0
+    total = sum(n * row for n, row in LLAMA_3B)
+    served = gate_up * 3072 * 2 + down * 8192 * 2
+    assert 0.49 <= served / total <= 0.5  # 2/3 of gate_up's and down's rows, rounded down to blocks
+    assert gate_up == 10880 and down == 2048
+    # a share above the most the CPU may give away is capped at it
+    capped = weight_stream.split_plan(LLAMA_3B, 80, large_only=True, max_pct=90)
+    assert capped[2] == 16384 * 90 // 100 // 64 * 64 and capped[3] == 3072 * 90 // 100 // 64 * 64

@@ -34,7 +34,8 @@ the CPU stage is compute-bound (an 8B CPU stage took 1.2-1.4 s for 512 tokens on
 host) while PCIe moves its weights in a fraction of that. Decode steps (a few tokens) are bound by
 how fast weights are read: the CPU streams them faster than PCIe (77-88 GB/s against 55 on the
 H200 host), but both together faster still, so where the next stage's GPU rank serves this rank,
-small steps split each linear layer (``HETERO_SHIM_CPU_GEMM_SPLIT``, ``split_rows``): that rank
+small steps split each linear layer (``HETERO_SHIM_CPU_GEMM_SPLIT``, ``split_plan``; with
+``HETERO_SHIM_CPU_GEMM_SPLIT_LAYERS=large`` only the large ones, at a larger share): that rank
 computes the leading rows, their weights crossing PCIe (the next layer's queued behind each answer),
 while this rank computes the others with vLLM's CPU kernel for those rows (chosen by vLLM's own
 dispatch; the whole layer's kernel becomes the two, so the host holds no third copy). The GPU memory this takes (the GPU rank's buffers and
@@ -220,11 +221,13 @@ class ServedSide(GpuSide):
 
         weight_stream.cut_into_pieces(self.layers, settings.cpu_gemm_chunk_bytes())
         pct = settings.cpu_gemm_split_pct() if self.dispatch is not None else 0
+        large_only = settings.cpu_gemm_split_large_only()
         chunk = settings.cpu_gemm_chunk_bytes()
-        for layer in self.layers:
-            layer.split_rows = weight_stream.split_rows(layer.weight.shape[0], pct)
-            row = layer.weight.shape[1] * layer.weight.element_size()
-            layer.split_pieces = weight_stream.row_pieces(layer.split_rows, row, chunk) if layer.split_rows else []
+        shapes = [(layer.weight.shape[0], layer.weight.shape[1] * layer.weight.element_size()) for layer in self.layers]
+        plan = weight_stream.split_plan(shapes, pct, large_only, settings.CPU_GEMM_SPLIT_MAX_PCT)
+        for layer, rows, (_, row) in zip(self.layers, plan, shapes):
+            layer.split_rows = rows
+            layer.split_pieces = weight_stream.row_pieces(rows, row, chunk) if rows else []
         self.client = stage_handover.open_client(self.layers, max_tokens, self.rank)
         split = [layer for layer in self.layers if layer.split_rows]
         for layer in split:  # after the weights moved to shared memory: the kernels' plain rows are views of it
@@ -233,10 +236,18 @@ class ServedSide(GpuSide):
         log.info("hetero_shim: CPU rank %d: linear layers of steps with >= %d tokens are computed by the next "
                  "stage's rank: %d layers, %.2f GiB of weights in shared memory (%s=0 keeps them on the CPU)",
                  self.rank, self.min_tokens, len(self.layers), self.client.size / (1 << 30), settings.CPU_GEMM_ON_GPU)
-        if split:
+        if split and not large_only:
             log.info("hetero_shim: CPU rank %d: in smaller steps the next stage's rank computes the leading %d %% of "
                      "the rows of %d layers, their weights streamed, while this rank computes the others (%s=0 keeps "
                      "them all here)", self.rank, pct, len(split), settings.CPU_GEMM_SPLIT)
+        elif split:
+            rows = sum(layer.split_rows * layer.weight.shape[1] for layer in split)
+            log.info("hetero_shim: CPU rank %d: in smaller steps the next stage's rank computes the leading %.0f %% of "
+                     "the rows of the %d large layers (%s=large; %.0f %% of all the layers' weights), their weights "
+                     "streamed, while this rank computes the others and the %d other layers", self.rank,
+                     100 * rows / sum(layer.weight.numel() for layer in split), len(split),
+                     settings.CPU_GEMM_SPLIT_LAYERS,
+                     100 * rows / sum(layer.weight.numel() for layer in self.layers), len(self.layers) - len(split))
 
     def linear(self, x, layer: LayerChoice, bias):
         out = self.client.linear(x, layer.index, bias)
