@@ -26,9 +26,10 @@ RUNNER = ["-m", "hetero_shim.testing.load_check"]
 def test_load_then_cpu_rank_killed_while_serving(models, tmp_path):
     # The kill must land while the engine still generates, though the client reads up to seconds
     # behind it on 2 cores: 480 tokens each (the model's 512-token context) and at most 8 sequences
-    # at once, so most of the 32 requests still wait in the engine at the hit.
+    # at once, so most of the 96 requests still wait in the engine at the hit (32 were seen all
+    # finished by the engine before the hit on a busy 2-core machine).
     proc = procs.run([sys.executable, *RUNNER, str(models["llama"]), "--clients", "64", "--per-client", "4",
-                      "--then-kill", "cpu", "--max-tokens", "480",
+                      "--then-kill", "cpu", "--requests", "96", "--max-tokens", "480",
                       "--engine", '{"max_model_len": 512, "max_num_seqs": 8}',
                       "--workdir", str(tmp_path)], procs.python_env(), timeout=420)
     line = next((l for l in proc.stdout.splitlines() if l.startswith("LOAD_RESULT ")), None)
