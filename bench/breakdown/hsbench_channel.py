@@ -30,30 +30,27 @@ class ChannelTimer:
 
     def __init__(self, counter, path: str) -> None:
         self.counter, self.path = counter, path
-        self.taken: list[int] = []  # the current window's timed steps
         self.active = False  # the current step is timed
+        self.closes = False  # ... and is its window's last
         self.step: int | None = None
         self.tokens = 0
         self.records: list[list] = []
         self.meta: dict = {}
 
     def begin_step(self, step: int | None, tokens: int) -> None:
-        self.active, self.step, self.tokens = False, step, tokens
+        self.active, self.closes, self.step, self.tokens = False, False, step, tokens
         index = None if step is None else self.counter.count(tokens)
         if index is None:
             return
         _, first, count = self.counter.current()
-        if first <= index < first + count:
-            self.active = True
-            self.taken.append(step)
+        self.active, self.closes = first <= index < first + count, index == first + count - 1
 
     def end_step(self) -> None:
         """After the step: write the records when it closed the window."""
-        was, self.active = self.active, False
-        if not was or len(self.taken) < self.counter.current()[2]:
+        closes, self.active, self.closes = self.closes, False, False
+        if not closes:
             return
         self.counter.advance()
-        self.taken = []
         if self.records:
             os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
             tmp = f"{self.path}.tmp"

@@ -164,7 +164,6 @@ class _Hook:
         self.dir = directory
         self.pid = os.getpid()
         self.counter = WindowCounter(parse_windows(os.environ.get(ENV_PROFILE)))  # the profiled steps
-        self.windows = self.counter.windows
         self.selected: list[int] = []  # its profiled steps (global step numbers)
         self.summaries: list[dict] = []
         self.cuda = os.environ.get(ENV_CUDA, "1") != "0"
@@ -221,7 +220,7 @@ class _Hook:
         device = str(getattr(worker, "device", "?"))
         meta = {"pid": self.pid, "ppid": os.getppid(), "rank": getattr(worker, "rank", None),
                 "local_rank": getattr(worker, "local_rank", None), "device": device,
-                "worker_class": type(worker).__name__, "windows": [list(w) for w in self.windows],
+                "worker_class": type(worker).__name__, "windows": [list(w) for w in self.counter.windows],
                 "kind": os.environ.get("HETERO_SHIM_RANK_KIND") or ("gpu" if "cuda" in device else "cpu")}
         try:
             from vllm.distributed.parallel_state import get_pp_group, get_tp_group

@@ -219,10 +219,10 @@ class ServedSide(GpuSide):
     def open(self, max_tokens: int) -> None:
         from hetero_shim.collectives import weight_stream
 
-        weight_stream.cut_into_pieces(self.layers, settings.cpu_gemm_chunk_bytes())
+        chunk = settings.cpu_gemm_chunk_bytes()
+        weight_stream.cut_into_pieces(self.layers, chunk)
         pct = settings.cpu_gemm_split_pct() if self.dispatch is not None else 0
         large_only = settings.cpu_gemm_split_large_only()
-        chunk = settings.cpu_gemm_chunk_bytes()
         shapes = [(layer.weight.shape[0], layer.weight.shape[1] * layer.weight.element_size()) for layer in self.layers]
         plan = weight_stream.split_plan(shapes, pct, large_only, settings.CPU_GEMM_SPLIT_MAX_PCT)
         for layer, rows, (_, row) in zip(self.layers, plan, shapes):
