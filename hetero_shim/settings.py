@@ -112,6 +112,10 @@ CPU_GEMM_SPLIT_MAX_PCT = 90
 #: HETERO_SHIM_CPU_GEMM_SPLIT percent of the stage's weight: half the requests a step at Llama's shapes.
 CPU_GEMM_SPLIT_LAYERS = "HETERO_SHIM_CPU_GEMM_SPLIT_LAYERS"
 SPLIT_LAYER_CHOICES = ("auto", "all", "large")
+#: "1": once a small step's first split request came, the next stage's rank queues the step's other
+#: split requests on its stream at once, each waiting on the stream for the CPU rank's go
+#: (collectives/gemm_queue.py), so its host is off each request's path. Default 0.
+CPU_GEMM_QUEUE_STEP = "HETERO_SHIM_CPU_GEMM_QUEUE_STEP"
 #: Seconds a CPU rank waits for the next stage's rank to answer one linear layer (and that rank for
 #: the CPU rank's next request or step) before the CPU rank computes on its own from then on.
 CPU_GEMM_SERVED_TIMEOUT = "HETERO_SHIM_CPU_GEMM_SERVED_TIMEOUT"
@@ -342,6 +346,11 @@ def cpu_gemm_split_large_only() -> bool:
     return _choice(CPU_GEMM_SPLIT_LAYERS, SPLIT_LAYER_CHOICES) == "large"
 
 
+def cpu_gemm_queue_step() -> bool:
+    """HETERO_SHIM_CPU_GEMM_QUEUE_STEP: the next stage's rank queues a small step's split requests at once."""
+    return _flag(CPU_GEMM_QUEUE_STEP, default=False)
+
+
 def cpu_gemm_served_timeout() -> int:
     value = _whole_number(CPU_GEMM_SERVED_TIMEOUT, 1, "must be a whole number of seconds, 1 or more "
                           f"(default {CPU_GEMM_SERVED_TIMEOUT_DEFAULT_S})")
@@ -501,6 +510,7 @@ def check_environment() -> None:
     cpu_gemm_chunk_bytes()
     cpu_gemm_split_pct()
     cpu_gemm_split_large_only()
+    cpu_gemm_queue_step()
     cpu_gemm_served_timeout()
     cpu_gemm_check_calls()
     gpu_stage_graphs()

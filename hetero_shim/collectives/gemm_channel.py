@@ -18,8 +18,9 @@ registers the whole segment with CUDA (``cudaHostRegister``), so weights cross a
 
 Layout::
 
-    header   4 KiB: int64 words, each on its own 64-byte line (MAGIC .. BELL below)
+    header   4 KiB: int64 words, each on its own 64-byte line (MAGIC .. DONE below)
     table    1 MiB: JSON: per layer the weight's offset, shape, dtype and row pieces; the regions
+    expect   four int64 words per layer: a request the server queued ahead (gemm_queue.py)
     x        max_num_batched_tokens x the largest input width: a request's activations
     act      twice that: a pipeline step's activations handed to the server (stage_handover.py)
     meta     64 KiB: that step's tensor layout, pickled
@@ -34,7 +35,9 @@ layer; otherwise for its first ``split`` rows (the table's, ``ROWS`` of them, in
 which a small step's split asks for: the client computes the other rows meanwhile (``start`` ...
 ``finish``), and the server streams those leading rows through the same two buffers, as a ring of
 layers of their own, the next layer's queued behind each answer, so that PCIe carries the next
-layer's rows while the CPU computes this one's. Pipeline steps are
+layer's rows while the CPU computes this one's. With ``HETERO_SHIM_CPU_GEMM_QUEUE_STEP=1`` the
+server queues a step's further split requests before they come; those go through GO and DONE
+instead of REQUEST and ANSWER (gemm_queue.py). Pipeline steps are
 matched by count: the client publishes SENDS = its pipeline sends so far before each send; a GPU
 rank at its k-th receive serves requests until SENDS >= k, then receives as vLLM would. The client
 rings BELL (collectives/doorbell.py) after each REQUEST, SENDS or STATE it publishes, and the server
@@ -58,6 +61,7 @@ import os
 import time
 
 from hetero_shim import settings
+from hetero_shim.collectives import gemm_queue
 from hetero_shim.collectives.doorbell import NAP_S, Doorbell
 from hetero_shim.logs import log
 
@@ -68,8 +72,8 @@ TABLE_BYTES = 1 << 20
 ALIGN = 4096
 LINE = 8  # int64 words per 64-byte line
 MAGIC_VALUE = 0x6873676D6D  # "hsgmm"
-MAGIC, REQUEST, ANSWER, SENDS, STATE, LAYER, TOKENS, BIAS, CLIENT_PID, SERVER_PID, TAKEN, META_LEN, MODES, BELL, ROWS = (
-    i * LINE for i in range(15))
+MAGIC, REQUEST, ANSWER, SENDS, STATE, LAYER, TOKENS, BIAS, CLIENT_PID, SERVER_PID, TAKEN, META_LEN, MODES, BELL, ROWS, \
+    GO, DONE = (i * LINE for i in range(17))
 RING = LINE  # MODES: the hand-over mode of step k in word MODES + k % RING (stage_handover.py)
 META_BYTES = 64 << 10
 BELL_WAIT_S = 0.1  # longest sleep on the bell: the peer's liveness is checked between sleeps
@@ -173,6 +177,8 @@ class _Segment:
 
         self.mm, self.table = mm, table
         self.words = memoryview(mm)[:HEADER_BYTES].cast("q")
+        off, size = table["expect"]
+        self.expect = memoryview(mm)[off:off + size].cast("q")
         self.bytes = torch.frombuffer(mm, dtype=torch.uint8)
         self.bell = Doorbell(mm, BELL * 8)
 
@@ -192,7 +198,8 @@ def _layout(layers: list, max_tokens: int) -> tuple[dict, int]:
     widest_out = max(layer.weight.shape[0] for layer in layers)
     table: dict = {}
     at = HEADER_BYTES + TABLE_BYTES
-    for name, size in (("x", max_tokens * widest_in * elem), ("act", 2 * max_tokens * widest_in * elem),
+    for name, size in (("expect", gemm_queue.region_bytes(len(layers))),
+                       ("x", max_tokens * widest_in * elem), ("act", 2 * max_tokens * widest_in * elem),
                        ("meta", META_BYTES), ("bias", widest_out * elem), ("y", max_tokens * widest_out * elem)):
         table[name] = (at, size)
         at += up(size)
@@ -243,6 +250,8 @@ class GemmClient:
             f.write(f"{os.getpid()} {fd} {size} {len(text)}")
         os.replace(tmp, self.path)
         self.requests = 0
+        self.sends = sends  # pipeline sends published: the step being computed is the next
+        self.queued = False  # the last request went through GO (queued by the server), not REQUEST
         self.failed: str | None = None
 
     def wait_taken(self, step: int) -> None:
@@ -281,11 +290,16 @@ class GemmClient:
         elem = dtype.itemsize
         flat = x.reshape(-1, k)
         m = flat.shape[0]
+        self.queued = split and gemm_queue.matches(self.seg.expect, index, self.requests + 1, self.sends + 1, m,
+                                                   bias is not None)
         self.seg.region("x", m * k * elem, dtype).view(m, k).copy_(flat)
         if bias is not None:
             self.seg.region("bias", (rows or n) * elem, dtype).copy_(bias)
-        w[LAYER], w[TOKENS], w[BIAS], w[ROWS] = index, m, int(bias is not None), rows
         self.requests += 1
+        if self.queued:  # the server's stream waits for this word; its host is not woken
+            w[GO] = self.requests
+            return
+        w[LAYER], w[TOKENS], w[BIAS], w[ROWS] = index, m, int(bias is not None), rows
         w[REQUEST] = self.requests
         self.seg.bell.ring()
 
@@ -295,7 +309,7 @@ class GemmClient:
         shared memory: ``[*x.shape[:-1], rows + tail's]``."""
         import torch
 
-        self._wait(self.requests)
+        self._wait(self.requests, DONE if self.queued else ANSWER)
         entry = self.seg.table["layers"][index]
         n, k = entry["shape"]
         dtype = getattr(torch, entry["dtype"])
@@ -312,12 +326,14 @@ class GemmClient:
         out = parts[0].clone() if len(parts) == 1 else torch.cat(parts, dim=1)
         return out.view(*x.shape[:-1], n)
 
-    def _wait(self, request: int) -> None:
+    def _wait(self, request: int, word: int = ANSWER) -> None:
+        """Until ``word`` (ANSWER, or DONE for a queued request) reaches ``request``; STATE is read
+        after it (a server that stopped releases its queued requests after setting it)."""
         w = self.seg.words
         start = time.monotonic()
         limit = _timeout()
         waiter = _Waiter()
-        while w[ANSWER] != request:
+        while w[word] < request or w[STATE] != OPEN:
             if w[STATE] != OPEN:
                 raise RuntimeError("the next stage's rank failed to compute a linear layer (its log says why)")
             waiter.pause()
@@ -342,6 +358,7 @@ class GemmClient:
 
     def publish_sends(self, k: int) -> None:
         """This rank's k-th pipeline send is published (its mode and activations written before)."""
+        self.sends = k
         self.seg.words[SENDS] = k
         self.seg.bell.ring()
 
@@ -396,6 +413,8 @@ class GemmServer:
                        for layer in streamed for first, end in layer.pieces)
             rings = (len(self.layers), len(self.heads)) if self.heads else None
             self.streamer = weight_stream.WeightStreamer(device, streamed, slot, rings, settings.cpu_gemm_ahead())
+        self.step = receives  # the pipeline step being served
+        self.ahead = self._step_queue() if self.heads and settings.cpu_gemm_queue_step() else None
         seg.words[TAKEN] = receives - 1  # steps received before this server existed came over gloo
         seg.words[SERVER_PID] = os.getpid()
         remove_file(path)
@@ -403,6 +422,29 @@ class GemmServer:
                  "%d layers, %.2f GiB of shared memory%s%s", pid, device, len(self.layers), size / (1 << 30),
                  " registered with CUDA" if self.registered else "",
                  f"; and the leading rows of {len(self.heads)} layers in its small steps" if self.heads else "")
+
+    def _step_queue(self):
+        """gemm_queue.StepQueue on this server's stream (the stand-in: a thread), or None (logged)
+        where the GPU lacks stream memory operations."""
+        from hetero_shim.collectives import stream_ops
+
+        seg = self.seg
+        if self.streamer is None:
+            def failed(exc):  # on the thread: the host loop sees STATE and releases the rest
+                _log_failure(exc)
+                seg.words[STATE] = FAILED
+
+            sequence = gemm_queue.ThreadQueue(seg.words, failed)
+        else:
+            import torch
+
+            ops, why = stream_ops.load(torch.cuda.current_device() if self.device.index is None else self.device.index)
+            if ops is None:
+                log.info("hetero_shim: small steps' split requests are served as they come (%s)", why)
+                return None
+            sequence = gemm_queue.StreamQueue(ops, self.streamer.stream, ops.device_pointer(seg.bytes.data_ptr()))
+        return gemm_queue.StepQueue(sequence, sorted(self.heads), self._compute_head, seg.words, seg.expect, GO, DONE,
+                                    STATE, FAILED)
 
     def serve_until(self, sends: int) -> bool:
         """Serve requests (while :attr:`serving`) until the client published ``sends`` pipeline
@@ -412,12 +454,16 @@ class GemmServer:
         limit, patience = _timeout(), settings.gloo_timeout_seconds()
         idle_since = start = time.monotonic()
         waiter = _Waiter(bell, self.spin_turns)
+        self.step = sends
         while True:
             seen = bell.count  # before the checks: a ring after them wakes the sleep below
             if w[SENDS] >= sends:
+                if self.ahead is not None and self.ahead.pending():
+                    self.ahead.release("a small step ended before the requests queued for it came")
                 break
             if self.serving and w[STATE] != OPEN:
                 self.serving = False
+                self._release()
             request = w[REQUEST]
             if self.serving and request != self.answered:
                 self.serving = self._serve(request)
@@ -427,6 +473,7 @@ class GemmServer:
             if waiter.due():
                 now = time.monotonic()
                 if not _alive(self.client_pid):
+                    self._release()
                     return False
                 if now - start > patience:
                     raise RuntimeError(f"the CPU stage's rank (pid {self.client_pid}) sent no step within {patience} s "
@@ -436,38 +483,63 @@ class GemmServer:
                                 "this rank stops computing its linear layers", limit)
                     w[STATE] = FAILED
                     self.serving = False
+                    self._release()
         return True
 
     def _serve(self, request: int) -> bool:
+        """Answer request ``request``; a split one first publishes the step's following requests, which
+        are queued after the answer (gemm_queue.py)."""
+        w, ahead = self.seg.words, self.ahead
+        try:
+            if ahead is not None and ahead.pending():
+                ahead.release(f"request {request} came as the server had queued others for it (the CPU stage's "
+                              f"split layers were not called in load order)")
+            split, index, m, with_bias = w[ROWS] != 0, w[LAYER], w[TOKENS], bool(w[BIAS])
+            self._compute(self.heads[index] if split else self.layers[index], m, with_bias)
+            chain = ahead.publish(index, request, self.step, m, with_bias) if ahead is not None and split else []
+            if self.streamer is not None:
+                self.streamer.stream.synchronize()
+            self.answered = request
+            w[ANSWER] = request
+            if chain:
+                ahead.queue(chain, m)
+        except Exception as exc:  # noqa: BLE001 - the client computes on the CPU instead
+            self._failed(exc)
+            return False
+        return True
+
+    def _failed(self, exc: BaseException) -> None:
+        _log_failure(exc)
+        self.seg.words[STATE] = FAILED
+        self._release()
+        if self.streamer is not None:
+            self.streamer.forget()
+
+    def _release(self) -> None:
+        """After STATE became FAILED or the client went: queued requests run and are waited for."""
+        if self.ahead is not None:
+            self.ahead.release(None)
+
+    def _compute_head(self, index: int, m: int, with_bias: bool) -> None:
+        self._compute(self.heads[index], m, with_bias)
+
+    def _compute(self, layer, m: int, with_bias: bool) -> None:
+        """``x @ layer.weight.T (+ bias)`` of the segment's regions into y: queued on the streamer's
+        stream (not waited for), or on the stand-in computed here."""
         import torch
 
-        w = self.seg.words
-        try:
-            layer = self.heads[w[LAYER]] if w[ROWS] else self.layers[w[LAYER]]
-            m, with_bias = w[TOKENS], w[BIAS]
-            n, k = layer.weight.shape
-            dtype = layer.weight.dtype
-            elem = layer.weight.element_size()
-            x = self.seg.region("x", m * k * elem, dtype).view(m, k)
-            bias = self.seg.region("bias", n * elem, dtype) if with_bias else None
-            y = self.seg.region("y", m * n * elem, dtype)
-            if self.streamer is None:  # the stand-in: this rank's own CPU
-                for first, end in layer.pieces:
-                    part = torch.nn.functional.linear(x, layer.weight[first:end],
-                                                      None if bias is None else bias[first:end])
-                    _piece(y, m, first, end).copy_(part)
-            else:
-                self._on_gpu(layer, x, bias, y, m)
-        except Exception as exc:  # noqa: BLE001 - the client computes on the CPU instead
-            log.warning("hetero_shim: computing the CPU stage's linear layer failed (%s: %s); it computes on the CPU "
-                        "from now on", type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
-            w[STATE] = FAILED
-            if self.streamer is not None:
-                self.streamer.forget()
-            return False
-        self.answered = request
-        w[ANSWER] = request
-        return True
+        n, k = layer.weight.shape
+        dtype = layer.weight.dtype
+        elem = layer.weight.element_size()
+        x = self.seg.region("x", m * k * elem, dtype).view(m, k)
+        bias = self.seg.region("bias", n * elem, dtype) if with_bias else None
+        y = self.seg.region("y", m * n * elem, dtype)
+        if self.streamer is None:  # the stand-in: this rank's own CPU
+            for first, end in layer.pieces:
+                part = torch.nn.functional.linear(x, layer.weight[first:end], None if bias is None else bias[first:end])
+                _piece(y, m, first, end).copy_(part)
+        else:
+            self._on_gpu(layer, x, bias, y, m)
 
     def _on_gpu(self, layer, x, bias, y, m: int) -> None:
         import torch
@@ -483,9 +555,13 @@ class GemmServer:
                 _piece(y, m, first, end).copy_(part, non_blocking=True)
 
             streamer.multiply(flat, layer, gpu_bias, emit)
-            streamer.stream.synchronize()
         finally:
             torch.cuda.set_stream(before)
+
+
+def _log_failure(exc: BaseException) -> None:
+    log.warning("hetero_shim: computing the CPU stage's linear layer failed (%s: %s); it computes on the CPU "
+                "from now on", type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
 
 
 class _ServedLayer:

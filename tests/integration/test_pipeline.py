@@ -214,6 +214,27 @@ def test_small_steps_split_each_layer_with_the_next_stage(four_layers):
     assert not [n for n in set(os.listdir("/dev/shm")) - before if "_gemm_" in n]
 
 
+def test_small_steps_split_requests_can_be_queued_before_they_come(four_layers):
+    """HETERO_SHIM_CPU_GEMM_QUEUE_STEP=1 on the real vLLM: the next stage's rank (the CPU stand-in, its
+    queue a thread) queues each decode step's 7 split requests after the first as soon as the first
+    came; the CPU stage's later requests go through that queue in every step (no release: the
+    requests come in the predicted order), and the tokens are stock TP=1's."""
+    stock = generate(four_layers, "--tp", "1", "--logprobs", "3")
+    before = set(os.listdir("/dev/shm"))
+    proc = procs.run_python([GENERATE, str(four_layers), *PP2, "--logprobs", "3"], timeout=300,
+                            HETERO_SHIM_CPU_GEMM_ON_GPU="9", HETERO_SHIM_CPU_RANK_GPU="next-stage",
+                            HETERO_SHIM_CPU_GEMM_SPLIT="50", HETERO_SHIM_CPU_GEMM_QUEUE_STEP="1")
+    assert proc.returncode == 0, proc.stdout[-6000:]
+    out = proc.stdout.splitlines()
+    queued = [line for line in out if "split requests are queued before they come (7 after a step's first)" in line]
+    assert len(queued) == 1, proc.stdout[-4000:]
+    assert not [line for line in out if "serves each request as it comes" in line or "from now on" in line
+                or "stops computing" in line or "keeps its linear layers on the CPU" in line], proc.stdout[-4000:]
+    verdicts = closeness.compare(stock, parse_result(proc.stdout))
+    assert all(v.status in ("identical", "near tie") for v in verdicts), closeness.summary(verdicts)
+    assert not [n for n in set(os.listdir("/dev/shm")) - before if "_gemm_" in n]
+
+
 def test_small_steps_can_split_only_the_large_layers(four_layers):
     """HETERO_SHIM_CPU_GEMM_SPLIT_LAYERS=large on the real vLLM: the tiny Llama's o_proj (a quarter of
     gate_up's weight) stays whole on the CPU in decode steps; qkv, gate_up and down (at least half

@@ -55,6 +55,19 @@ def test_a_stand_in_server_has_one_serving_phase():
     assert sum(row["wait_in_ms"].values()) == pytest.approx(row["wait_ms"])
 
 
+def test_a_request_queued_before_it_came_is_one_phase():
+    """No serve record for a request of a step the server timed: the server queued it (its host not
+    involved); its whole wait is "queued". A request of a step the server did not time is left out."""
+    client = [_rec("start", 1, 0, 0, 1), _rec("wait", 1, 0, 1, 5), _rec("finish", 1, 0, 5, 5)]
+    server = [_rec("serve", 1, 0, 2, 4)]
+    client += [_rec("start", 2, 0, 6, 7), _rec("wait", 2, 0, 8, 10), _rec("finish", 2, 0, 10, 11)]
+    client += [_rec("start", 3, 1, 20, 21), _rec("wait", 3, 1, 22, 30), _rec("finish", 3, 1, 30, 31)]
+    row = channel.summarize(client, server)[1]
+    assert row["steps"] == 1 and row["requests_per_step"] == 2
+    assert row["wait_in_ms"]["queued"] == pytest.approx(2e3) and row["median_us"]["queued"] == pytest.approx(3e6)
+    assert sum(row["wait_in_ms"].values()) == pytest.approx(row["wait_ms"])
+
+
 class _Layer:
     def __init__(self, weight):
         self.weight = weight

@@ -209,3 +209,89 @@ def test_a_stalled_peer_fails_the_step_within_the_gloo_timeout(monkeypatch):
         assert time.monotonic() - start < 10
     finally:
         client.close()
+
+
+QSHAPES = ((96, 32), (40, 96), (64, 40), (32, 64))  # four split layers, called in this order by a step
+QSPLIT = (40, 8, 16, 16)
+FULL = (0, 1, 2, 3)
+
+
+def _queued_client(queue, orders):
+    gen = torch.Generator().manual_seed(2)
+    weights = [torch.randn(n, k, generator=gen) for n, k in QSHAPES]
+    layers = [_Layer(w.clone()) for w in weights]
+    weight_stream.cut_into_pieces(layers, 1024)
+    for layer, rows in zip(layers, QSPLIT):
+        layer.split_rows = rows
+        layer.split_pieces = weight_stream.row_pieces(rows, layer.weight.shape[1] * 4, 1024)
+    client = sh.open_client(layers, max_tokens=16, rank=0)
+    worst, queued, failure = 0.0, [], None
+    try:
+        for step, order in enumerate(orders):
+            flags = []
+            for index in order:
+                w, rows = weights[index], QSPLIT[index]
+                x = torch.randn(3, w.shape[1], generator=gen)
+                bias = torch.randn(w.shape[0], generator=gen) if index % 2 == 0 else None
+                client.start(x, index, None if bias is None else bias[:rows], split=True)
+                flags.append(client.queued)
+                tail = torch.nn.functional.linear(x, w[rows:], None if bias is None else bias[rows:])
+                got = client.finish(x, index, split=True, tail=tail)
+                want = torch.nn.functional.linear(x, w, bias)
+                worst = max(worst, ((got - want).abs().max() / want.abs().max()).item())
+            queued.append(flags)
+            sh.before_send(_activations(step), vllm_only=False)
+    except RuntimeError as exc:
+        failure = str(exc)
+    queue.put(("done", {"worst": worst, "queued": queued, "failure": failure}))
+
+
+def _queued_server(queue, steps):
+    plan = RankPlan(world_size=2, gpu_ranks=0, pp_size=2, layers=(1, 1))
+    deadline = time.monotonic() + 30
+    while gc.find_client(0) is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    for _ in range(steps):
+        sh.before_receive(plan, 1, torch.device("cpu"), stand_in=True)
+    ahead = sh._server.ahead
+    queue.put(("served", {"queued": ahead.queued, "on": ahead.on}))
+
+
+def _run_queued(orders):
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_queued_client, args=(queue, orders)),
+             ctx.Process(target=_queued_server, args=(queue, len(orders)))]
+    for p in procs:
+        p.start()
+    got = {}
+    try:
+        while len(got) < 2:
+            kind, value = queue.get(timeout=60)
+            got[kind] = value
+    finally:
+        for p in procs:
+            p.join(30)
+            if p.is_alive():
+                p.kill()
+    return got
+
+
+@pytest.mark.parametrize("odd_step, why", [((0, 2, 1, 3), "out of order"), ((0, 1), "ends early")])
+def test_a_steps_split_requests_are_queued_before_they_come(monkeypatch, odd_step, why):
+    """HETERO_SHIM_CPU_GEMM_QUEUE_STEP=1: from the second step on, every split request after a step's
+    first goes through the server's queue (GO/DONE), and each result equals F.linear. A step whose
+    requests are not the predicted ones (another order; fewer than queued) still gets exact results,
+    and from then on every request is served as it comes."""
+    monkeypatch.setenv("HETERO_SHIM_CPU_GEMM_QUEUE_STEP", "1")
+    orders = [FULL, FULL, FULL, odd_step, FULL]
+    got = _run_queued(orders)
+    done = got["done"]
+    assert done["failure"] is None
+    assert done["worst"] < 1e-6
+    assert done["queued"][0] == [False] * 4  # no layer's bias seen yet
+    assert done["queued"][1] == done["queued"][2] == [False, True, True, True]
+    assert not any(done["queued"][3][1:]) if why == "out of order" else done["queued"][3] == [False, True]
+    assert done["queued"][4] == [False] * 4
+    assert got["served"]["on"] is False
+    assert got["served"]["queued"] == 3 * 3
