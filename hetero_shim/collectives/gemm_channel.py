@@ -457,13 +457,13 @@ class GemmServer:
         self.step = sends
         while True:
             seen = bell.count  # before the checks: a ring after them wakes the sleep below
+            if self.serving and w[STATE] != OPEN:
+                self.serving = False
+                self._release()
             if w[SENDS] >= sends:
                 if self.ahead is not None and self.ahead.pending():
                     self.ahead.release("a small step ended before the requests queued for it came")
                 break
-            if self.serving and w[STATE] != OPEN:
-                self.serving = False
-                self._release()
             request = w[REQUEST]
             if self.serving and request != self.answered:
                 self.serving = self._serve(request)

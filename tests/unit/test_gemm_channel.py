@@ -295,3 +295,56 @@ def test_a_steps_split_requests_are_queued_before_they_come(monkeypatch, odd_ste
     assert done["queued"][4] == [False] * 4
     assert got["served"]["on"] is False
     assert got["served"]["queued"] == 3 * 3
+
+
+def test_a_queued_request_that_fails_is_not_taken_for_an_answer(monkeypatch):
+    """The server's queue fails computing a queued request (its thread, as on the stand-in): the
+    client's wait for it ends with the failure (its caller then computes on the CPU), not with the
+    rows left in shared memory; the server stops serving and its queue is released."""
+    import threading
+
+    monkeypatch.setenv("HETERO_SHIM_CPU_GEMM_QUEUE_STEP", "1")
+    gen = torch.Generator().manual_seed(3)
+    weights = [torch.randn(n, k, generator=gen) for n, k in QSHAPES]
+    layers = [_Layer(w.clone()) for w in weights]
+    weight_stream.cut_into_pieces(layers, 1024)
+    for layer, rows in zip(layers, QSPLIT):
+        layer.split_rows = rows
+        layer.split_pieces = weight_stream.row_pieces(rows, layer.weight.shape[1] * 4, 1024)
+    client = gc.GemmClient(layers, max_tokens=4, rank=9)
+    server = gc.GemmServer(client.path, torch.device("cpu"))
+    computed = []
+    real = server._compute_head
+
+    def compute_head(index, m, with_bias):
+        computed.append(index)
+        if len(computed) == 2:
+            raise RuntimeError("injected")
+        real(index, m, with_bias)
+
+    server.ahead.compute = compute_head
+    outcomes = []
+    try:
+        for step in (1, 2):
+            serving = threading.Thread(target=server.serve_until, args=(step,))
+            serving.start()
+            for index in FULL:
+                x = torch.randn(2, weights[index].shape[1], generator=gen)
+                try:
+                    client.start(x, index, None, split=True)
+                    queued = client.queued
+                    got = client.finish(x, index, split=True)
+                    outcomes.append((step, index, queued, bool(torch.allclose(
+                        got, torch.nn.functional.linear(x, weights[index][:QSPLIT[index]]), atol=1e-5))))
+                except RuntimeError as exc:
+                    outcomes.append((step, index, client.queued, str(exc)))
+            client.publish_sends(step)
+            serving.join(10)
+            assert not serving.is_alive()
+    finally:
+        client.close()
+    assert [o[:3] for o in outcomes[:4]] == [(1, i, False) for i in FULL] and all(o[3] is True for o in outcomes[:4])
+    assert outcomes[4] == (2, 0, False, True) and outcomes[5] == (2, 1, True, True)
+    assert outcomes[6][:3] == (2, 2, True) and "failed to compute" in outcomes[6][3]
+    assert "stopped computing" in outcomes[7][3]  # the client's next call: nothing more asked of the server
+    assert not server.serving and not server.ahead.on
