@@ -50,6 +50,7 @@ def requests(client: list, server: list) -> list[dict]:
     serves = _by_request(server, "serve")
     served_steps = {r[2] for r in serves.values()}
     queues = sorted((r for r in server if r[0] == "queue"), key=lambda r: r[4])
+    aheads = [r for r in server if r[0] == "ahead"]
     out = []
     for key, start in sorted(starts.items(), key=lambda kv: kv[1][4]):
         wait, finish, serve = waits.get(key), finishes.get(key), serves.get(key)
@@ -62,8 +63,10 @@ def requests(client: list, server: list) -> list[dict]:
                         "wait": (wait[4], wait[5]), "joined": finish[5] if finish else wait[5],
                         "phases": {"queued": (start[5], wait[5])}})
             continue
-        inside = [q for q in queues if serve[4] <= q[4] and q[5] <= serve[5]]
-        published, picked, answered = start[5], serve[4], serve[5]
+        # a serve that queued the step's later requests answered before it queued them
+        answered = min([a[4] for a in aheads if serve[4] <= a[4] <= serve[5]] + [serve[5]])
+        inside = [q for q in queues if serve[4] <= q[4] and q[5] <= answered]
+        published, picked = start[5], serve[4]
         if inside:
             first, last = inside[0][4], inside[-1][5]
             phases = {"pick-up": (published, picked), "prepare": (picked, first), "queue": (first, last),

@@ -10,7 +10,9 @@ process of the host):
 - the CPU rank: "start" (its exit: the request published), "wait" (for the answer), "finish"
   (its exit: the rows joined);
 - the GPU rank: "serve" (the request picked up .. answered), "queue" (``WeightStreamer.multiply``:
-  queuing the piece copies and GEMMs, no request number).
+  queuing the piece copies and GEMMs, no request number), and with ``HETERO_SHIM_CPU_GEMM_QUEUE_STEP``
+  "ahead" (``StepQueue.queue``, inside a "serve" after its answer: the step's later requests queued;
+  the first one's number).
 Written to DIR/<pid>.channel.json when each window closes; bench/channel.py reads them.
 """
 
@@ -91,5 +93,10 @@ def install(timer: ChannelTimer, register, guarded) -> None:
     def stream(module) -> None:
         wrapt.wrap_function_wrapper(module.WeightStreamer, "multiply", timer.wrapper("queue", lambda s, a: None))
 
+    def ahead(module) -> None:
+        wrapt.wrap_function_wrapper(module.StepQueue, "queue",
+                                    timer.wrapper("ahead", lambda s, a: a[0][0][1] if a[0] else None))
+
     register(guarded(channel, "GemmClient/GemmServer"), "hetero_shim.collectives.gemm_channel")
+    register(guarded(ahead, "StepQueue"), "hetero_shim.collectives.gemm_queue")
     register(guarded(stream, "WeightStreamer"), "hetero_shim.collectives.weight_stream")

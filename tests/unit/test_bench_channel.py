@@ -21,6 +21,7 @@ import hsbench_channel  # noqa: E402
 
 from bench import breakdown, channel  # noqa: E402
 from hetero_shim.collectives import gemm_channel as gc  # noqa: E402
+from hetero_shim.collectives import gemm_queue  # noqa: E402
 from hetero_shim.collectives import weight_stream  # noqa: E402
 
 
@@ -57,14 +58,17 @@ def test_a_stand_in_server_has_one_serving_phase():
 
 def test_a_request_queued_before_it_came_is_one_phase():
     """No serve record for a request of a step the server timed: the server queued it (its host not
-    involved); its whole wait is "queued". A request of a step the server did not time is left out."""
+    involved); its whole wait is "queued". The serve that queued it answered when it began queuing.
+    A request of a step the server did not time is left out."""
+    # request 1: answered at 3.5, then the serve queued the step's later requests until 9
     client = [_rec("start", 1, 0, 0, 1), _rec("wait", 1, 0, 1, 5), _rec("finish", 1, 0, 5, 5)]
-    server = [_rec("serve", 1, 0, 2, 4)]
+    server = [_rec("serve", 1, 0, 2, 9), _rec("ahead", 2, 0, 3.5, 9)]
     client += [_rec("start", 2, 0, 6, 7), _rec("wait", 2, 0, 8, 10), _rec("finish", 2, 0, 10, 11)]
     client += [_rec("start", 3, 1, 20, 21), _rec("wait", 3, 1, 22, 30), _rec("finish", 3, 1, 30, 31)]
     row = channel.summarize(client, server)[1]
     assert row["steps"] == 1 and row["requests_per_step"] == 2
     assert row["wait_in_ms"]["queued"] == pytest.approx(2e3) and row["median_us"]["queued"] == pytest.approx(3e6)
+    assert row["wait_in_ms"]["serve"] == pytest.approx(1.5e3) and row["wait_in_ms"]["notice"] == pytest.approx(1.5e3)
     assert sum(row["wait_in_ms"].values()) == pytest.approx(row["wait_ms"])
 
 
@@ -80,12 +84,16 @@ def test_the_timed_steps_of_the_real_channel_are_written(tmp_path):
     class Server(gc.GemmServer):
         pass
 
-    module = type("module", (), {"GemmClient": Client, "GemmServer": Server})
+    class Queue(gemm_queue.StepQueue):
+        pass
+
+    module = type("module", (), {"GemmClient": Client, "GemmServer": Server, "StepQueue": Queue})
     timer = hsbench_channel.ChannelTimer(breakdown.hook.WindowCounter([(None, 1, 2)]), str(tmp_path / "1.channel.json"))
     installed = []
     hsbench_channel.install(timer, lambda fn, name: installed.append(name) or (fn(module) if "gemm" in name else None),
                             lambda fn, what: fn)
-    assert installed == ["hetero_shim.collectives.gemm_channel", "hetero_shim.collectives.weight_stream"]
+    assert installed == ["hetero_shim.collectives.gemm_channel", "hetero_shim.collectives.gemm_queue",
+                         "hetero_shim.collectives.weight_stream"]
 
     layers = [_Layer(torch.randn(64, 32)), _Layer(torch.randn(128, 64))]
     weight_stream.cut_into_pieces(layers, None)
