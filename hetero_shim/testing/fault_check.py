@@ -7,7 +7,7 @@ Phases
             starts (after --at-log matches a log line, default "Starting to load model").
             Pass: ``LLM()`` raises, the log names the dead rank, nothing of the run is left.
 - generate: offline generation of --requests long requests; the victim is killed --delay s
-            after generation started. Pass: generate() raises (EngineDeadError) and the log
+            after generation started (or after --at-log matches a log line). Pass: generate() raises (EngineDeadError) and the log
             says which worker died, within --limit s; nothing is left.
 - serve:    the OpenAI api_server under ``python -m hetero_shim``; --requests requests (half
             streamed) are in flight when the victim is killed. Pass: every in-flight request
@@ -16,8 +16,10 @@ Phases
 
 The victim is a worker process of the run's session whose /proc/<pid>/environ has
 HETERO_SHIM_RANK_KIND=<victim> (highest rank for cpu, lowest for gpu; --rank picks one),
-its rank read from the process title (VLLM::Worker_TP<n>). --signal STOP freezes it instead
-(alive but silent); see docs/guarantees.md for what vLLM does then. --report-timeouts
+its rank read from the process title (VLLM::Worker_TP<n>; with pipeline stages, passed as
+--engine '{"pipeline_parallel_size": 2}', Worker_PP<p>[_TP<n>] is rank p x --tp + n).
+--signal STOP freezes it instead (alive but silent); see docs/guarantees.md for what vLLM does
+then. --report-timeouts
 (generate) reads the timeout of every gloo group on every rank through collective_rpc and
 checks it equals --gloo-timeout (HETERO_SHIM_GLOO_TIMEOUT_S) or the shim's default.
 --stock runs vLLM without the shim (TP ranks are then picked by title only; on a CPU host
@@ -48,7 +50,8 @@ from hetero_shim.testing.proctree import kill_session, session_pids, wait_sessio
 
 REPO = Path(__file__).resolve().parents[2]  # the folder holding the hetero_shim package, put on the runs' PYTHONPATH
 RANK_KIND = "HETERO_SHIM_RANK_KIND"
-TITLE_RANK = re.compile(r"Worker(?:_PP\d+)?_TP(\d+)")
+STARTUP_AT_LOG = r"Starting to load model"
+TITLE_RANK = re.compile(r"Worker_(?:PP(\d+))?_?(?:TP(\d+))?")  # Worker_TP1, Worker_PP1, Worker_PP1_TP0
 DEFAULT_ENGINE = {"enforce_eager": True, "dtype": "float32", "max_model_len": 256, "kv_cache_memory_bytes": 64 << 20}
 
 OFFLINE = textwrap.dedent(
@@ -136,18 +139,20 @@ def tree_memory(sid: int) -> dict:
             "pss_mib": round(sum(r["pss_mib"] for r in rows), 1), "per_process": rows}
 
 
-def ranks(sid: int) -> list[dict]:
-    """Worker processes of the session: pid, TP rank (from the title) and kind (from the environment)."""
+def ranks(sid: int, tp: int = 1) -> list[dict]:
+    """Worker processes of the session: pid, rank (from the title: pipeline stage x ``tp`` + TP rank)
+    and kind (from the environment)."""
     found = []
     for pid in session_pids(sid):
         match = TITLE_RANK.search(cmdline(pid))
-        if match:
-            found.append({"pid": pid, "rank": int(match.group(1)), "kind": environ(pid).get(RANK_KIND)})
+        if match and (match.group(1) or match.group(2)):
+            rank = int(match.group(1) or 0) * tp + int(match.group(2) or 0)
+            found.append({"pid": pid, "rank": rank, "kind": environ(pid).get(RANK_KIND)})
     return sorted(found, key=lambda r: r["rank"])
 
 
-def pick_victim(sid: int, kind: str, rank: int | None, stock: bool) -> dict | None:
-    candidates = [r for r in ranks(sid) if stock or r["kind"] == kind]
+def pick_victim(sid: int, kind: str, rank: int | None, stock: bool, tp: int = 1) -> dict | None:
+    candidates = [r for r in ranks(sid, tp) if stock or r["kind"] == kind]
     if rank is not None:
         candidates = [r for r in candidates if r["rank"] == rank]
     if not candidates:
@@ -223,14 +228,19 @@ def run_offline(opts, workdir: Path) -> dict:
     result: dict = {"phase": opts.phase, "log": str(log)}
     try:
         if opts.phase == "startup":
-            pattern = re.compile(opts.at_log)
-            wait_for(lambda: pattern.search(log.read_text(errors="replace")), opts.start_timeout, proc, log, f"log line {opts.at_log!r}")
+            at_log = opts.at_log or STARTUP_AT_LOG
+            pattern = re.compile(at_log)
+            wait_for(lambda: pattern.search(log.read_text(errors="replace")), opts.start_timeout, proc, log, f"log line {at_log!r}")
         else:
             wait_for(lambda: "GENERATING" in log.read_text(), opts.start_timeout, proc, log, "generation")
+            if opts.at_log:
+                pattern = re.compile(opts.at_log)
+                wait_for(lambda: pattern.search(log.read_text(errors="replace")), opts.start_timeout, proc, log,
+                         f"log line {opts.at_log!r}")
             time.sleep(opts.delay)
-        victim = wait_for(lambda: pick_victim(proc.pid, opts.victim, opts.rank, opts.stock), 60, proc, log, f"a {opts.victim} rank")
+        victim = wait_for(lambda: pick_victim(proc.pid, opts.victim, opts.rank, opts.stock, opts.tp), 60, proc, log, f"a {opts.victim} rank")
         result["victim"] = victim
-        result["ranks"] = ranks(proc.pid)
+        result["ranks"] = ranks(proc.pid, opts.tp)
         os.kill(victim["pid"], getattr(signal, "SIG" + opts.signal))
         hit = time.monotonic()
         try:
@@ -337,10 +347,10 @@ def kill_while_serving(opts, proc: subprocess.Popen, port: int, log: Path) -> di
     # the victim is found before the requests start, so only --delay lies between the first chunk and
     # the hit; whether the engine still generates then is up to the caller (fewer sequences at once
     # than requests: the rest wait in the engine)
-    victim = pick_victim(proc.pid, opts.victim, opts.rank, opts.stock)
+    victim = pick_victim(proc.pid, opts.victim, opts.rank, opts.stock, opts.tp)
     if victim is None:
-        raise RuntimeError(f"no {opts.victim} rank found among {ranks(proc.pid)}")
-    result["victim"], result["ranks"] = victim, ranks(proc.pid)
+        raise RuntimeError(f"no {opts.victim} rank found among {ranks(proc.pid, opts.tp)}")
+    result["victim"], result["ranks"] = victim, ranks(proc.pid, opts.tp)
     for t in threads:
         t.start()
     started.wait(timeout=opts.start_timeout)  # generation has begun: the first streamed chunk arrived
@@ -421,7 +431,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("model")
     parser.add_argument("--phase", choices=("startup", "generate", "serve"), required=True)
     parser.add_argument("--victim", choices=("cpu", "gpu"), default="cpu")
-    parser.add_argument("--rank", type=int, default=None, help="TP rank to hit (default: highest CPU / lowest GPU rank)")
+    parser.add_argument("--rank", type=int, default=None, help="rank to hit (default: highest CPU / lowest GPU rank)")
     parser.add_argument("--tp", type=int, default=2)
     parser.add_argument("--signal", choices=("KILL", "STOP", "TERM"), default="KILL")
     parser.add_argument("--engine", default="{}", help="JSON of engine options over the defaults, e.g. '{\"dtype\": \"bfloat16\"}'")
@@ -429,7 +439,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--max-tokens", type=int, default=200)
     parser.add_argument("--delay", type=float, default=1.0,
                         help="seconds between the start of generation (serve: the first streamed chunk) and the hit")
-    parser.add_argument("--at-log", default=r"Starting to load model", help="startup: hit when a log line matches")
+    parser.add_argument("--at-log", default=None, help=f"startup: hit when a log line matches (default {STARTUP_AT_LOG!r}); "
+                        "generate: hit --delay s after a log line matches (default: after generation started)")
     parser.add_argument("--limit", type=float, default=30.0, help="seconds the run may take to fail after the hit")
     parser.add_argument("--start-timeout", type=float, default=600.0)
     parser.add_argument("--gloo-timeout", type=int, default=None, help="sets HETERO_SHIM_GLOO_TIMEOUT_S for the run")

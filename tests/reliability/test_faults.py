@@ -13,16 +13,18 @@ SIGKILL) and the engine raises EngineDeadError. A worker that dies during start-
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import procs
+import pytest
 
 RUNNER = ["-m", "hetero_shim.testing.fault_check"]
 
 
-def fault_check(model, tmp_path, *args: str) -> tuple[str, dict]:
+def fault_check(model, tmp_path, *args: str, **env: str) -> tuple[str, dict]:
     proc = procs.run([sys.executable, *RUNNER, str(model), "--workdir", str(tmp_path), *args],
-                     procs.python_env(), timeout=360)
+                     procs.python_env(**env), timeout=360)
     line = next((l for l in proc.stdout.splitlines() if l.startswith("FAULT_RESULT ")), None)
     assert line, proc.stdout[-4000:]
     return proc.stdout, json.loads(line[len("FAULT_RESULT "):])
@@ -55,3 +57,25 @@ def test_cpu_rank_killed_during_startup(models, tmp_path):
     assert result["exit_code"] == 3 and result["seconds_to_exit"] < 30, result
     assert not result["left_after_exit"]
     assert any("CPU rank 1" in line and "SIGKILL" in line for line in result["named"]), result["named"]
+
+
+@pytest.mark.parametrize("rank, side", [(0, "the CPU stage's rank"), (1, "the rank that serves it")])
+def test_pipeline_rank_killed_while_requests_are_queued(models, tmp_path, rank, side):
+    """PP=2 with the first stage's decode steps split with the second stage's rank (its CPU rank
+    standing in for a GPU rank) and their requests queued ahead (HETERO_SHIM_CPU_GEMM_QUEUE_STEP=1):
+    either rank killed just after the queue started. generate() raises within 30 s, the executor
+    names the worker, no process and no segment is left (the server releases its queue when its
+    client is gone; the client notices a gone server within a second and computes on its own)."""
+    before = set(os.listdir("/dev/shm"))
+    out, result = fault_check(models["llama"], tmp_path, "--phase", "generate", "--tp", "1", "--rank", str(rank),
+                              "--engine", json.dumps({"pipeline_parallel_size": 2}), "--requests", "4",
+                              "--at-log", "queued before they come", "--delay", "0.05",
+                              HETERO_SHIM_CPU_GEMM_ON_GPU="9", HETERO_SHIM_CPU_RANK_GPU="next-stage",
+                              HETERO_SHIM_CPU_GEMM_QUEUE_STEP="1")
+    print(out[out.index("phase generate"):] if "phase generate" in out else out[-2000:])
+    assert result["victim"]["rank"] == rank, result
+    assert result["failure"] and result["failure"].startswith("RAISED") and result["exit_code"] == 3, out[-4000:]
+    assert result["seconds_to_exit"] < 30 and not result["left_after_exit"], result
+    assert any(f"VllmWorker-{rank} died unexpectedly" in line for line in result["named"]), result["named"]
+    assert all(result["checks"].values()), result["checks"]
+    assert not [n for n in set(os.listdir("/dev/shm")) - before if n.startswith("hetero_shim_")]
