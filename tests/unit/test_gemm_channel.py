@@ -216,14 +216,20 @@ QSPLIT = (40, 8, 16, 16)
 FULL = (0, 1, 2, 3)
 
 
-def _queued_client(queue, orders):
-    gen = torch.Generator().manual_seed(2)
+def _split_layers(seed: int) -> tuple[torch.Generator, list, list]:
+    """(the generator, the QSHAPES weights, layers of copies of them split at QSPLIT in 1 KiB pieces)."""
+    gen = torch.Generator().manual_seed(seed)
     weights = [torch.randn(n, k, generator=gen) for n, k in QSHAPES]
     layers = [_Layer(w.clone()) for w in weights]
     weight_stream.cut_into_pieces(layers, 1024)
     for layer, rows in zip(layers, QSPLIT):
         layer.split_rows = rows
         layer.split_pieces = weight_stream.row_pieces(rows, layer.weight.shape[1] * 4, 1024)
+    return gen, weights, layers
+
+
+def _queued_client(queue, orders):
+    gen, weights, layers = _split_layers(2)
     client = sh.open_client(layers, max_tokens=16, rank=0)
     worst, queued, failure = 0.0, [], None
     try:
@@ -304,13 +310,7 @@ def test_a_queued_request_that_fails_is_not_taken_for_an_answer(monkeypatch):
     import threading
 
     monkeypatch.setenv("HETERO_SHIM_CPU_GEMM_QUEUE_STEP", "1")
-    gen = torch.Generator().manual_seed(3)
-    weights = [torch.randn(n, k, generator=gen) for n, k in QSHAPES]
-    layers = [_Layer(w.clone()) for w in weights]
-    weight_stream.cut_into_pieces(layers, 1024)
-    for layer, rows in zip(layers, QSPLIT):
-        layer.split_rows = rows
-        layer.split_pieces = weight_stream.row_pieces(rows, layer.weight.shape[1] * 4, 1024)
+    gen, weights, layers = _split_layers(3)
     client = gc.GemmClient(layers, max_tokens=4, rank=9)
     server = gc.GemmServer(client.path, torch.device("cpu"))
     computed = []
