@@ -77,8 +77,11 @@ class StreamQueue:
     def write(self, word: int, value: int) -> None:
         self.ops.write(self.stream.cuda_stream, self.base + 8 * word, value)
 
-    def drain(self) -> None:
-        self.stream.synchronize()
+    def drain(self, meanwhile) -> None:
+        """Until everything queued ran, calling ``meanwhile`` between looks."""
+        while not self.stream.query():
+            meanwhile()
+            time.sleep(NAP_S)
 
 
 class ThreadQueue:
@@ -98,10 +101,11 @@ class ThreadQueue:
     def write(self, word: int, value: int) -> None:
         self.jobs.put(("write", word, value))
 
-    def drain(self) -> None:
+    def drain(self, meanwhile) -> None:
         done = threading.Event()
         self.jobs.put(("mark", done, None))
-        done.wait()
+        while not done.wait(0.001):
+            meanwhile()
 
     def _loop(self) -> None:
         words = self.words
@@ -182,10 +186,15 @@ class StepQueue:
         for at in range(0, len(self.expect), ENTRY):
             self.expect[at] = 0
         if self.pending():
+            # stored again while draining: a client that matched an entry just before it was cleared
+            # (possible only when this server failed: STATE says so) may store its GO after this one
             self.words[self.go] = RELEASED
-            self.sequence.drain()
+            self.sequence.drain(self._keep_released)
         if why:
             log.warning("hetero_shim: %s; the next stage's rank serves each request as it comes from now on", why)
+
+    def _keep_released(self) -> None:
+        self.words[self.go] = RELEASED
 
     def release_at_exit(self) -> None:
         """At exit: no stream may still wait for a go that will not come."""
