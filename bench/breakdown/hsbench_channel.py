@@ -1,5 +1,5 @@
 """Benchmark hook, part of bench/breakdown/ (not shim code): a CPU stage's requests to the next
-stage's GPU rank (``hetero_shim/collectives/gemm_channel.py``), timed on both sides without the
+stage's GPU rank (``hetero_shim/collectives/gemm_channel.py``, ``gemm_server.py``), timed on both sides without the
 profiler, whose own cost per op would hide what is measured.
 
 Steps are chosen as the profile windows are (``BENCH_BREAKDOWN_CHANNEL``, same syntax; default
@@ -84,11 +84,13 @@ def install(timer: ChannelTimer, register, guarded) -> None:
     import wrapt
 
     def channel(module) -> None:
-        client, server = module.GemmClient, module.GemmServer
+        client = module.GemmClient
         wrapt.wrap_function_wrapper(client, "start", timer.wrapper("start", lambda c, a: c.requests))
         wrapt.wrap_function_wrapper(client, "_wait", timer.wrapper("wait", lambda c, a: a[0]))
         wrapt.wrap_function_wrapper(client, "finish", timer.wrapper("finish", lambda c, a: c.requests))
-        wrapt.wrap_function_wrapper(server, "_serve", timer.wrapper("serve", lambda s, a: a[0]))
+
+    def server(module) -> None:
+        wrapt.wrap_function_wrapper(module.GemmServer, "_serve", timer.wrapper("serve", lambda s, a: a[0]))
 
     def stream(module) -> None:
         wrapt.wrap_function_wrapper(module.WeightStreamer, "multiply", timer.wrapper("queue", lambda s, a: None))
@@ -97,6 +99,7 @@ def install(timer: ChannelTimer, register, guarded) -> None:
         wrapt.wrap_function_wrapper(module.StepQueue, "queue",
                                     timer.wrapper("ahead", lambda s, a: a[0][0][1] if a[0] else None))
 
-    register(guarded(channel, "GemmClient/GemmServer"), "hetero_shim.collectives.gemm_channel")
+    register(guarded(channel, "GemmClient"), "hetero_shim.collectives.gemm_channel")
+    register(guarded(server, "GemmServer"), "hetero_shim.collectives.gemm_server")
     register(guarded(ahead, "StepQueue"), "hetero_shim.collectives.gemm_queue")
     register(guarded(stream, "WeightStreamer"), "hetero_shim.collectives.weight_stream")

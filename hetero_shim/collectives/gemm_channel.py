@@ -4,9 +4,10 @@ Why: a CPU rank that opened a GPU itself for its prefill steps held a CUDA conte
 on the H200 besides its weight buffers), which the layer split must charge to the GPU stage: 2-5
 fewer layers on the GPU, every decode step slower. The next stage's GPU rank has a context already,
 and while the CPU stage computes a step it only waits for that step's activations. So the CPU rank
-(the *client*) puts its linear weights in shared memory, and for each large-token call writes the
-input there and waits; the GPU rank (the *server*), inside its wait for the CPU stage's activations,
-streams the weights to its GPU (weight_stream) and writes the result back.
+(the *client*, this module) puts its linear weights in shared memory, and for each large-token call
+writes the input there and waits; the GPU rank (the *server*, gemm_server.py), inside its wait for
+the CPU stage's activations, streams the weights to its GPU (weight_stream) and writes the result
+back.
 
 Segment: a ``memfd`` of the CPU rank (anonymous shared memory, so /dev/shm's size does not limit
 it; its pages are reserved with ``posix_fallocate`` for a clean error when memory is short), found
@@ -63,7 +64,6 @@ import time
 from hetero_shim import settings
 from hetero_shim.collectives import gemm_queue
 from hetero_shim.collectives.doorbell import NAP_S, Doorbell
-from hetero_shim.logs import log
 
 #: HETERO_SHIM_CPU_RANK_GPU of a CPU rank whose large steps the next stage's rank computes
 NEXT_STAGE = "next-stage"
@@ -119,7 +119,7 @@ def client_rank(plan, rank: int, stand_in: bool = False) -> int | None:
     return prev
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     """Whether ``pid`` runs (an exited process not yet reaped by its parent counts as gone)."""
     from hetero_shim.collectives.shm import _start_time
 
@@ -133,17 +133,18 @@ def remove_file(path: str) -> None:
         pass
 
 
-def _piece(y, tokens: int, first: int, end: int):
+def piece(y, tokens: int, first: int, end: int):
     """Output columns [first, end) of a result in the y region: each piece is one contiguous
     [tokens, end - first] block, the pieces in order."""
     return y[tokens * first:tokens * end].view(tokens, end - first)
 
 
-def _timeout() -> float:
+def answer_timeout() -> float:
+    """HETERO_SHIM_CPU_GEMM_SERVED_TIMEOUT in seconds."""
     return float(settings.cpu_gemm_served_timeout())
 
 
-class _Waiter:
+class Waiter:
     """How both sides wait for the other: spin with sched_yield (``spins`` turns, a few ms), then
     sleep: on the bell until it moves past ``seen`` (the server), else 50 us a turn; :meth:`due`
     says when 0.5 s passed since the last check of the peer."""
@@ -169,7 +170,7 @@ class _Waiter:
         return False
 
 
-class _Segment:
+class Segment:
     """The mapped segment: header words, regions as torch views."""
 
     def __init__(self, mm: mmap.mmap, table: dict) -> None:
@@ -232,7 +233,7 @@ class GemmClient:
             raise RuntimeError(f"could not reserve {size / (1 << 30):.2f} GiB of shared memory for the weights "
                                f"({exc})") from None
         self.fd, self.size, self.rank = fd, size, rank
-        seg = self.seg = _Segment(mm, table)
+        seg = self.seg = Segment(mm, table)
         for layer, entry in zip(layers, table["layers"]):
             w = layer.weight
             view = seg.bytes[entry["offset"]:entry["offset"] + w.numel() * w.element_size()].view(w.dtype)
@@ -258,12 +259,12 @@ class GemmClient:
         """Until the server copied out the activations of pipeline step ``step`` (stage_handover.py);
         as long as a gloo send may wait for its receiver (HETERO_SHIM_GLOO_TIMEOUT_S) at most."""
         w = self.seg.words
-        waiter = _Waiter()
+        waiter = Waiter()
         start, limit = time.monotonic(), settings.gloo_timeout_seconds()
         while w[TAKEN] < step:
             waiter.pause()
             if waiter.due():
-                if not _alive(w[SERVER_PID]):
+                if not alive(w[SERVER_PID]):
                     raise RuntimeError("the next stage's rank is gone")
                 if time.monotonic() - start > limit:
                     raise RuntimeError(f"the next stage's rank took no step's activations within {limit} s "
@@ -319,7 +320,7 @@ class GemmClient:
         else:
             pieces = entry["pieces"]
         y = self.seg.region("y", m * n * dtype.itemsize, dtype)
-        parts = [_piece(y, m, first, end) for first, end in pieces]
+        parts = [piece(y, m, first, end) for first, end in pieces]
         if tail is not None:
             parts.append(tail.reshape(m, -1))
             n += parts[-1].shape[1]
@@ -331,8 +332,8 @@ class GemmClient:
         after it (a server that stopped releases its queued requests after setting it)."""
         w = self.seg.words
         start = time.monotonic()
-        limit = _timeout()
-        waiter = _Waiter()
+        limit = answer_timeout()
+        waiter = Waiter()
         while w[word] < request or w[STATE] != OPEN:
             if w[STATE] != OPEN:
                 raise RuntimeError("the next stage's rank failed to compute a linear layer (its log says why)")
@@ -340,7 +341,7 @@ class GemmClient:
             if waiter.due():
                 now = time.monotonic()
                 server = w[SERVER_PID]
-                if server and not _alive(server):
+                if server and not alive(server):
                     self.fail("the next stage's rank is gone")
                     raise RuntimeError("the next stage's rank is gone")
                 if not server and not os.path.exists(self.path) and not w[SERVER_PID]:  # took the file, never came
@@ -364,220 +365,3 @@ class GemmClient:
 
     def close(self) -> None:
         remove_file(self.path)
-
-
-class GemmServer:
-    """The next stage's side: the client's segment, mapped and registered with CUDA; serves requests
-    while this rank waits for the client's pipeline send."""
-
-    def __init__(self, path: str, device, receives: int = 1, sleep_at_once: bool = False) -> None:
-        """``receives``: this rank's pipeline receives so far, the one it is in included;
-        ``sleep_at_once``: wait on the bell without spinning first (cores shared with the CPU ranks)."""
-        import torch
-
-        from hetero_shim.collectives import weight_stream
-
-        with open(path) as f:
-            pid, fd, size, table_len = (int(v) for v in f.read().split())
-        handle = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDWR)
-        try:
-            mm = mmap.mmap(handle, size)
-        finally:
-            os.close(handle)
-        table = json.loads(bytes(mm[HEADER_BYTES:HEADER_BYTES + table_len]))
-        seg = self.seg = _Segment(mm, table)
-        if seg.words[MAGIC] != MAGIC_VALUE:
-            raise RuntimeError(f"{path} does not name a hetero_shim GEMM segment")
-        self.device, self.client_pid, self.registered = device, pid, False
-        self.layers = [_ServedLayer(i, seg, entry) for i, entry in enumerate(table["layers"])]
-        # each layer's leading rows, for small steps' splits: after the layers, a ring of their own
-        split = [i for i, entry in enumerate(table["layers"]) if entry.get("split")]
-        self.heads = {i: _ServedLayer(len(self.layers) + j, seg, table["layers"][i], split=True)
-                      for j, i in enumerate(split)}
-        self.answered = seg.words[ANSWER]  # a request the client made before this server existed is pending
-        self.serving = True  # False once computing a layer failed or the client went idle: waits only
-        self.streamer = None
-        self.spin_turns = 0 if sleep_at_once else 2000
-        if device.type == "cuda":
-            cudart = torch.cuda.cudart()
-            err = cudart.cudaHostRegister(seg.bytes.data_ptr(), size, 0)
-            if err != cudart.cudaError.success:
-                from hetero_shim.collectives.shm import _clear_cuda_error
-
-                _clear_cuda_error()
-                seg.words[STATE] = FAILED
-                raise RuntimeError(f"cudaHostRegister of {size / (1 << 30):.2f} GiB failed ({err})")
-            self.registered = True
-            streamed = self.layers + list(self.heads.values())
-            slot = max(layer.weight.shape[1] * layer.weight.element_size() * (end - first)
-                       for layer in streamed for first, end in layer.pieces)
-            rings = (len(self.layers), len(self.heads)) if self.heads else None
-            self.streamer = weight_stream.WeightStreamer(device, streamed, slot, rings, settings.cpu_gemm_ahead())
-        self.step = receives  # the pipeline step being served
-        self.ahead = self._step_queue() if self.heads and settings.cpu_gemm_queue_step() else None
-        seg.words[TAKEN] = receives - 1  # steps received before this server existed came over gloo
-        seg.words[SERVER_PID] = os.getpid()
-        remove_file(path)
-        log.info("hetero_shim: rank serving the linear layers of large steps of the CPU stage (pid %d) on %s: "
-                 "%d layers, %.2f GiB of shared memory%s%s", pid, device, len(self.layers), size / (1 << 30),
-                 " registered with CUDA" if self.registered else "",
-                 f"; and the leading rows of {len(self.heads)} layers in its small steps" if self.heads else "")
-
-    def _step_queue(self):
-        """gemm_queue.StepQueue on this server's stream (the stand-in: a thread), or None (logged)
-        where the GPU lacks stream memory operations."""
-        from hetero_shim.collectives import stream_ops
-
-        seg = self.seg
-        if self.streamer is None:
-            def failed(exc):  # on the thread: the host loop sees STATE and releases the rest
-                _log_failure(exc)
-                seg.words[STATE] = FAILED
-
-            sequence = gemm_queue.ThreadQueue(seg.words, failed)
-        else:
-            import torch
-
-            ops, why = stream_ops.load(torch.cuda.current_device() if self.device.index is None else self.device.index)
-            if ops is None:
-                log.info("hetero_shim: small steps' split requests are served as they come (%s)", why)
-                return None
-            sequence = gemm_queue.StreamQueue(ops, self.streamer.stream, ops.device_pointer(seg.bytes.data_ptr()))
-        return gemm_queue.StepQueue(sequence, sorted(self.heads), self._compute_head, seg.words, seg.expect, GO, DONE,
-                                    STATE, FAILED)
-
-    def serve_until(self, sends: int) -> bool:
-        """Serve requests (while :attr:`serving`) until the client published ``sends`` pipeline
-        sends, as long as a gloo receive may wait (HETERO_SHIM_GLOO_TIMEOUT_S) at most. False: the
-        client is gone."""
-        w, bell = self.seg.words, self.seg.bell
-        limit, patience = _timeout(), settings.gloo_timeout_seconds()
-        idle_since = start = time.monotonic()
-        waiter = _Waiter(bell, self.spin_turns)
-        self.step = sends
-        while True:
-            seen = bell.count  # before the checks: a ring after them wakes the sleep below
-            if self.serving and w[STATE] != OPEN:
-                self.serving = False
-                self._release()
-            if w[SENDS] >= sends:
-                if self.ahead is not None and self.ahead.pending():
-                    self.ahead.release("a small step ended before the requests queued for it came")
-                break
-            request = w[REQUEST]
-            if self.serving and request != self.answered:
-                self.serving = self._serve(request)
-                idle_since, waiter.spins = time.monotonic(), 0
-                continue
-            waiter.pause(seen)
-            if waiter.due():
-                now = time.monotonic()
-                if not _alive(self.client_pid):
-                    self._release()
-                    return False
-                if now - start > patience:
-                    raise RuntimeError(f"the CPU stage's rank (pid {self.client_pid}) sent no step within {patience} s "
-                                       f"({settings.GLOO_TIMEOUT})")
-                if self.serving and now - idle_since > limit:
-                    log.warning("hetero_shim: the CPU stage sent neither a request nor its step within %.0f s; "
-                                "this rank stops computing its linear layers", limit)
-                    w[STATE] = FAILED
-                    self.serving = False
-                    self._release()
-        return True
-
-    def _serve(self, request: int) -> bool:
-        """Answer request ``request``; a split one first publishes the step's following requests, which
-        are queued after the answer (gemm_queue.py)."""
-        w, ahead = self.seg.words, self.ahead
-        try:
-            if ahead is not None and ahead.pending():
-                ahead.release(f"request {request} came as the server had queued others for it (the CPU stage's "
-                              f"split layers were not called in load order)")
-            split, index, m, with_bias = w[ROWS] != 0, w[LAYER], w[TOKENS], bool(w[BIAS])
-            self._compute(self.heads[index] if split else self.layers[index], m, with_bias)
-            chain = ahead.publish(index, request, self.step, m, with_bias) if ahead is not None and split else []
-            if self.streamer is not None:
-                self.streamer.stream.synchronize()
-            self.answered = request
-            w[ANSWER] = request
-            if chain:
-                ahead.queue(chain, m)
-        except Exception as exc:  # noqa: BLE001 - the client computes on the CPU instead
-            self._failed(exc)
-            return False
-        return True
-
-    def _failed(self, exc: BaseException) -> None:
-        _log_failure(exc)
-        self.seg.words[STATE] = FAILED
-        self._release()
-        if self.streamer is not None:
-            self.streamer.forget()
-
-    def _release(self) -> None:
-        """After STATE became FAILED or the client went: queued requests run and are waited for."""
-        if self.ahead is not None:
-            self.ahead.release(None)
-
-    def _compute_head(self, index: int, m: int, with_bias: bool) -> None:
-        self._compute(self.heads[index], m, with_bias)
-
-    def _compute(self, layer, m: int, with_bias: bool) -> None:
-        """``x @ layer.weight.T (+ bias)`` of the segment's regions into y: queued on the streamer's
-        stream (not waited for), or on the stand-in computed here."""
-        import torch
-
-        n, k = layer.weight.shape
-        dtype = layer.weight.dtype
-        elem = layer.weight.element_size()
-        x = self.seg.region("x", m * k * elem, dtype).view(m, k)
-        bias = self.seg.region("bias", n * elem, dtype) if with_bias else None
-        y = self.seg.region("y", m * n * elem, dtype)
-        if self.streamer is None:  # the stand-in: this rank's own CPU
-            for first, end in layer.pieces:
-                part = torch.nn.functional.linear(x, layer.weight[first:end], None if bias is None else bias[first:end])
-                _piece(y, m, first, end).copy_(part)
-        else:
-            self._on_gpu(layer, x, bias, y, m)
-
-    def _on_gpu(self, layer, x, bias, y, m: int) -> None:
-        import torch
-
-        streamer, dev = self.streamer, self.device
-        before = torch.cuda.current_stream(dev)
-        torch.cuda.set_stream(streamer.stream)
-        try:
-            flat = x.to(dev, non_blocking=True)
-            gpu_bias = None if bias is None else bias.to(dev, non_blocking=True)
-
-            def emit(first, end, part):
-                _piece(y, m, first, end).copy_(part, non_blocking=True)
-
-            streamer.multiply(flat, layer, gpu_bias, emit)
-        finally:
-            torch.cuda.set_stream(before)
-
-
-def _log_failure(exc: BaseException) -> None:
-    log.warning("hetero_shim: computing the CPU stage's linear layer failed (%s: %s); it computes on the CPU "
-                "from now on", type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
-
-
-class _ServedLayer:
-    """A layer as the server sees it: its weight in the segment and its pieces; with ``split``, only
-    its leading rows, in their pieces."""
-
-    __slots__ = ("index", "weight", "pieces")
-
-    def __init__(self, index: int, seg: _Segment, entry: dict, split: bool = False) -> None:
-        import torch
-
-        n, k = entry["shape"]
-        dtype = getattr(torch, entry["dtype"])
-        nbytes = n * k * dtype.itemsize
-        self.index = index
-        self.weight = seg.bytes[entry["offset"]:entry["offset"] + nbytes].view(dtype).view(n, k)
-        self.pieces = [tuple(p) for p in entry["pieces"]]
-        if split:
-            self.weight, self.pieces = self.weight[:entry["split"]], [tuple(p) for p in entry["split_pieces"]]

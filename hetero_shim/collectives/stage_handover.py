@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 import pickle
 
-from hetero_shim.collectives import gemm_channel as ch
+from hetero_shim.collectives import gemm_channel as ch, gemm_server
 from hetero_shim.logs import log
 
 SHM, GLOO = 1, 2
@@ -38,7 +38,7 @@ _announced = False
 _sends = 0  # this process's pipeline sends so far (a CPU stage's rank)
 _receives = 0  # this process's pipeline receives so far (the next stage's rank)
 _client: ch.GemmClient | None = None
-_server: ch.GemmServer | None = None
+_server: gemm_server.GemmServer | None = None
 _server_gone = False  # stop looking for a client after a failure
 
 
@@ -79,7 +79,7 @@ def before_receive(plan, rank: int, device, stand_in: bool) -> dict | None:
         if path is None:
             return None  # the CPU rank has not opened its side (or keeps its layers on the CPU)
         try:
-            _server = ch.GemmServer(path, device, receives=_receives, sleep_at_once=bool(plan.shared_cores))
+            _server = gemm_server.GemmServer(path, device, receives=_receives, sleep_at_once=bool(plan.shared_cores))
         except Exception as exc:  # noqa: BLE001 - the client sees the file gone and computes on the CPU
             log.warning("hetero_shim: cannot compute the CPU stage's linear layers here: %s: %s",
                         type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
@@ -138,7 +138,7 @@ def _placement(seg, tensor_dict: dict) -> tuple[bytes, list] | None:
     return meta, placed
 
 
-def receive(server: ch.GemmServer, k: int, device) -> dict | None:
+def receive(server: gemm_server.GemmServer, k: int, device) -> dict | None:
     """The server's k-th receive, once the client published it: the step's tensors on ``device``,
     or None when it comes over gloo (vLLM then receives it)."""
     global _announced

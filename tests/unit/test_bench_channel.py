@@ -21,7 +21,7 @@ import hsbench_channel  # noqa: E402
 
 from bench import breakdown, channel  # noqa: E402
 from hetero_shim.collectives import gemm_channel as gc  # noqa: E402
-from hetero_shim.collectives import gemm_queue  # noqa: E402
+from hetero_shim.collectives import gemm_queue, gemm_server  # noqa: E402
 from hetero_shim.collectives import weight_stream  # noqa: E402
 
 
@@ -81,7 +81,7 @@ def test_the_timed_steps_of_the_real_channel_are_written(tmp_path):
     class Client(gc.GemmClient):
         pass
 
-    class Server(gc.GemmServer):
+    class Server(gemm_server.GemmServer):
         pass
 
     class Queue(gemm_queue.StepQueue):
@@ -92,8 +92,8 @@ def test_the_timed_steps_of_the_real_channel_are_written(tmp_path):
     installed = []
     hsbench_channel.install(timer, lambda fn, name: installed.append(name) or (fn(module) if "gemm" in name else None),
                             lambda fn, what: fn)
-    assert installed == ["hetero_shim.collectives.gemm_channel", "hetero_shim.collectives.gemm_queue",
-                         "hetero_shim.collectives.weight_stream"]
+    assert installed == ["hetero_shim.collectives.gemm_channel", "hetero_shim.collectives.gemm_server",
+                         "hetero_shim.collectives.gemm_queue", "hetero_shim.collectives.weight_stream"]
 
     layers = [_Layer(torch.randn(64, 32)), _Layer(torch.randn(128, 64))]
     weight_stream.cut_into_pieces(layers, None)

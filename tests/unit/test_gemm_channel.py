@@ -1,5 +1,5 @@
 """The channel through which the next pipeline stage's rank computes a CPU stage's large linear layers
-and takes its activations (hetero_shim/collectives/gemm_channel.py, stage_handover.py): who serves
+and takes its activations (hetero_shim/collectives/gemm_channel.py, gemm_server.py, stage_handover.py): who serves
 whom, and the protocol between two real processes (the server standing in on the CPU, as on machines
 without a GPU)."""
 
@@ -14,6 +14,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from hetero_shim.collectives import gemm_channel as gc  # noqa: E402
+from hetero_shim.collectives import gemm_server  # noqa: E402
 from hetero_shim.collectives import stage_handover as sh  # noqa: E402
 from hetero_shim.collectives import weight_stream  # noqa: E402
 from hetero_shim.planning.plan import RankPlan  # noqa: E402
@@ -200,7 +201,7 @@ def test_a_stalled_peer_fails_the_step_within_the_gloo_timeout(monkeypatch):
     weight_stream.cut_into_pieces(layers, 1024)
     client = gc.GemmClient(layers, max_tokens=4, rank=7)
     try:
-        server = gc.GemmServer(client.path, torch.device("cpu"))
+        server = gemm_server.GemmServer(client.path, torch.device("cpu"))
         start = time.monotonic()
         with pytest.raises(RuntimeError, match=r"sent no step within 1 s \(HETERO_SHIM_GLOO_TIMEOUT_S\)"):
             server.serve_until(client.seg.words[gc.SENDS] + 1)
@@ -312,7 +313,7 @@ def test_a_queued_request_that_fails_is_not_taken_for_an_answer(monkeypatch):
     monkeypatch.setenv("HETERO_SHIM_CPU_GEMM_QUEUE_STEP", "1")
     gen, weights, layers = _split_layers(3)
     client = gc.GemmClient(layers, max_tokens=4, rank=9)
-    server = gc.GemmServer(client.path, torch.device("cpu"))
+    server = gemm_server.GemmServer(client.path, torch.device("cpu"))
     computed = []
     real = server._compute_head
 
