@@ -1,5 +1,5 @@
 """A small step's split requests queued by the next stage's rank before they come
-(``HETERO_SHIM_CPU_GEMM_QUEUE_STEP=1``; the server and client of ``gemm_channel``).
+(``HETERO_SHIM_CPU_GEMM_QUEUE_STEP=1``; used by ``gemm_server`` and ``gemm_channel``'s client).
 
 Why: in a small (decode) step the CPU rank asks the next stage's GPU rank for the leading rows of
 each split layer, computes the other rows meanwhile, and waits for the answer. Measured on the H200
@@ -28,7 +28,9 @@ words per layer of the table: request number, step, tokens, bias):
   the segment, and nobody reads their results), wait until they ran, and from then on serve each
   request as it comes (logged once). A server that stops serving (a failure, the client gone or
   idle) sets ``STATE`` FAILED before releasing, and the client checks ``STATE`` after ``DONE``, so a
-  released request's result is never taken for an answer.
+  released request's result is never taken for an answer; while it waits for the released requests
+  it stores ``RELEASED`` again between looks, since a client that matched an entry just before the
+  release may store its ``GO`` after it.
 
 On a GPU the waits and writes are CUDA stream memory operations (``stream_ops``) on the weight
 streamer's stream; the stand-in server (a CPU rank, tests without a GPU) runs the same sequence on a
