@@ -120,6 +120,8 @@ class GemmServer:
             if self.serving and request != self.answered:
                 self.serving = self._serve(request)
                 idle_since, waiter.spins = time.monotonic(), 0
+                if self.ahead is not None and self.ahead.pending():
+                    waiter.spins = waiter.spin_limit  # the step's requests are queued: sleep until it ends
                 continue
             waiter.pause(seen)
             if waiter.due():
