@@ -82,7 +82,7 @@ class GemmServer:
 
         seg = self.seg
         if self.streamer is None:
-            def failed(exc):  # on the thread: the host loop sees ch.STATE and releases the rest
+            def failed(exc):  # on the thread: the host loop sees STATE and releases the rest
                 _log_failure(exc)
                 seg.words[ch.STATE] = ch.FAILED
 
@@ -95,8 +95,8 @@ class GemmServer:
                 log.info("hetero_shim: small steps' split requests are served as they come (%s)", why)
                 return None
             sequence = gemm_queue.StreamQueue(ops, self.streamer.stream, ops.device_pointer(seg.bytes.data_ptr()))
-        return gemm_queue.StepQueue(sequence, sorted(self.heads), self._compute_head, seg.words, seg.expect, ch.GO, ch.DONE,
-                                    ch.STATE, ch.FAILED)
+        return gemm_queue.StepQueue(sequence, sorted(self.heads), self._compute_head, seg.words, seg.expect, ch.GO,
+                                    ch.DONE, ch.STATE, ch.FAILED)
 
     def serve_until(self, sends: int) -> bool:
         """Serve requests (while :attr:`serving`) until the client published ``sends`` pipeline
@@ -170,7 +170,7 @@ class GemmServer:
             self.streamer.forget()
 
     def _release(self) -> None:
-        """After ch.STATE became ch.FAILED or the client went: queued requests run and are waited for."""
+        """After STATE became FAILED or the client went: queued requests run and are waited for."""
         if self.ahead is not None:
             self.ahead.release(None)
 

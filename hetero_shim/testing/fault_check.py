@@ -7,8 +7,9 @@ Phases
             starts (after --at-log matches a log line, default "Starting to load model").
             Pass: ``LLM()`` raises, the log names the dead rank, nothing of the run is left.
 - generate: offline generation of --requests long requests; the victim is killed --delay s
-            after generation started (or after --at-log matches a log line). Pass: generate() raises (EngineDeadError) and the log
-            says which worker died, within --limit s; nothing is left.
+            after generation started (or after --at-log matches a log line). Pass: generate()
+            raises (EngineDeadError) and the log says which worker died, within --limit s;
+            nothing is left.
 - serve:    the OpenAI api_server under ``python -m hetero_shim``; --requests requests (half
             streamed) are in flight when the victim is killed. Pass: every in-flight request
             ends with an error (none hangs), /health answers 503 or the server is gone, the
@@ -230,7 +231,8 @@ def run_offline(opts, workdir: Path) -> dict:
         if opts.phase == "startup":
             at_log = opts.at_log or STARTUP_AT_LOG
             pattern = re.compile(at_log)
-            wait_for(lambda: pattern.search(log.read_text(errors="replace")), opts.start_timeout, proc, log, f"log line {at_log!r}")
+            wait_for(lambda: pattern.search(log.read_text(errors="replace")), opts.start_timeout, proc, log,
+                     f"log line {at_log!r}")
         else:
             wait_for(lambda: "GENERATING" in log.read_text(), opts.start_timeout, proc, log, "generation")
             if opts.at_log:
@@ -238,7 +240,8 @@ def run_offline(opts, workdir: Path) -> dict:
                 wait_for(lambda: pattern.search(log.read_text(errors="replace")), opts.start_timeout, proc, log,
                          f"log line {opts.at_log!r}")
             time.sleep(opts.delay)
-        victim = wait_for(lambda: pick_victim(proc.pid, opts.victim, opts.rank, opts.stock, opts.tp), 60, proc, log, f"a {opts.victim} rank")
+        victim = wait_for(lambda: pick_victim(proc.pid, opts.victim, opts.rank, opts.stock, opts.tp), 60, proc, log,
+                          f"a {opts.victim} rank")
         result["victim"] = victim
         result["ranks"] = ranks(proc.pid, opts.tp)
         os.kill(victim["pid"], getattr(signal, "SIG" + opts.signal))
@@ -439,7 +442,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--max-tokens", type=int, default=200)
     parser.add_argument("--delay", type=float, default=1.0,
                         help="seconds between the start of generation (serve: the first streamed chunk) and the hit")
-    parser.add_argument("--at-log", default=None, help=f"startup: hit when a log line matches (default {STARTUP_AT_LOG!r}); "
+    parser.add_argument("--at-log", default=None,
+                        help=f"startup: hit when a log line matches (default {STARTUP_AT_LOG!r}); "
                         "generate: hit --delay s after a log line matches (default: after generation started)")
     parser.add_argument("--limit", type=float, default=30.0, help="seconds the run may take to fail after the hit")
     parser.add_argument("--start-timeout", type=float, default=600.0)
