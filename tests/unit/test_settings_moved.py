@@ -11,6 +11,7 @@ from hetero_shim import errors, settings
     (settings.CPU_GEMM_SPLIT, "95", "is above 90: the CPU rank keeps at least 10 %"),
     (settings.CPU_GEMM_SPLIT_LAYERS, "small", "use one of auto, all, large"),
     (settings.CPU_GEMM_CHUNK_MIB, "-1", "whole number of MiB"),
+    (settings.CPU_GEMM_QUEUE_STEP, "maybe", "is not understood; use 1 or 0"),
 ])
 def test_bad_value_fails_check_environment_in_one_line(monkeypatch, name, value, says):
     monkeypatch.setenv(name, value)
