@@ -58,25 +58,31 @@ def requests(client: list, server: list) -> list[dict]:
             continue
         if serve is None and start[2] not in served_steps:  # the server did not time this step
             continue
+        published = start[5]
         if serve is None:  # queued by the server before it came
-            out.append({"step": start[2], "request": key, "tokens": start[3], "published": start[5],
-                        "wait": (wait[4], wait[5]), "joined": finish[5] if finish else wait[5],
-                        "phases": {"queued": (start[5], wait[5])}})
-            continue
-        # a serve that queued the step's later requests answered before it queued them
-        answered = min([a[4] for a in aheads if serve[4] <= a[4] <= serve[5]] + [serve[5]])
-        inside = [q for q in queues if serve[4] <= q[4] and q[5] <= answered]
-        published, picked = start[5], serve[4]
-        if inside:
-            first, last = inside[0][4], inside[-1][5]
-            phases = {"pick-up": (published, picked), "prepare": (picked, first), "queue": (first, last),
-                      "GPU": (last, answered)}
+            phases = {"queued": (published, wait[5])}
         else:
-            phases = {"pick-up": (published, picked), "serve": (picked, answered)}
-        phases["notice"] = (answered, wait[5])
+            phases = _served_phases(published, wait, serve, queues, aheads)
         out.append({"step": start[2], "request": key, "tokens": start[3], "published": published,
                     "wait": (wait[4], wait[5]), "joined": finish[5] if finish else wait[5], "phases": phases})
     return out
+
+
+def _served_phases(published: float, wait: list, serve: list, queues: list, aheads: list) -> dict:
+    """The phases of a request the server picked up: pick-up, then prepare, queue and GPU (or one
+    "serve" without ``queue`` records), then notice."""
+    picked = serve[4]
+    # a serve that queued the step's later requests answered before it queued them
+    answered = min([a[4] for a in aheads if picked <= a[4] <= serve[5]] + [serve[5]])
+    inside = [q for q in queues if picked <= q[4] and q[5] <= answered]
+    if inside:
+        first, last = inside[0][4], inside[-1][5]
+        phases = {"pick-up": (published, picked), "prepare": (picked, first), "queue": (first, last),
+                  "GPU": (last, answered)}
+    else:
+        phases = {"pick-up": (published, picked), "serve": (picked, answered)}
+    phases["notice"] = (answered, wait[5])
+    return phases
 
 
 def _overlap(a: tuple[float, float], b: tuple[float, float]) -> float:
