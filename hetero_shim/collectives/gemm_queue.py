@@ -44,9 +44,9 @@ import queue
 import threading
 import time
 
+from hetero_shim.collectives.stream_ops import RELEASED  # GO after a release: every queued wait passes
 from hetero_shim.logs import log
 
-RELEASED = 1 << 62  # GO after a release: every queued wait passes
 ENTRY = 4  # int64 words per layer in the expect region
 NAP_S = 20e-6
 
@@ -171,7 +171,7 @@ class StepQueue:
         seq = self.sequence
         for index, q in chain:
             seq.wait_at_least(self.go, q)
-            seq.run(lambda index=index: self.compute(index, tokens, self.bias[index]))
+            seq.run(lambda index=index, bias=self.bias[index]: self.compute(index, tokens, bias))
             seq.write(self.done, q)
             self.last = q
         if chain and not self.queued:

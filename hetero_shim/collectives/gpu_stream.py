@@ -54,7 +54,7 @@ from hetero_shim import settings
 from hetero_shim.logs import log
 from hetero_shim.collectives.shm import ARRIVE, RELEASE, SIG, FLAG_STRIDE, ShmCollectives
 
-RELEASED = 1 << 62  # written into awaited flags after an error: every pending stream wait passes
+RELEASED = cuda_stream_ops.RELEASED  # written into awaited flags after an error: every pending stream wait passes
 # 2-rank groups: up to this the GPU reads the peer's piece over PCIe (fused kernel or add); above: DMA copy first
 ZERO_COPY_MAX_BYTES = 256 << 10
 

@@ -27,6 +27,8 @@ from hetero_shim.errors import CudaDriverError
 _V2_ATTRIBUTE, _V1_ATTRIBUTE = 122, 93
 _WAIT_GEQ = 0x0  # CU_STREAM_WAIT_VALUE_GEQ: (int64)(*addr - value) >= 0
 _WRITE_DEFAULT = 0x0  # CU_STREAM_WRITE_VALUE_DEFAULT: a memory fence before the write (earlier copies land first)
+#: stored into an awaited word to let every pending wait pass (after an error, at close or on a release)
+RELEASED = 1 << 62
 
 
 class StreamOps:
