@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench import bound as boundmod  # noqa: E402
+from bench import bound_model  # noqa: E402
 from bench import breakdown  # noqa: E402
 
 FIGURES = ("start_s", "ttft_ms", "prefill_tok_s", "decode_b1_tok_s", "decode_b16_tok_s", "peak_gpu_gib",
@@ -104,13 +104,13 @@ def bound_fractions(results: dict) -> list[dict]:
     for r in results.get("runs", []):
         if r["status"] != "ok" or not r["config"].startswith(("hetero-", "offload-")):
             continue
-        b = boundmod.bound_of_config((results.get("bounds") or {}).get(r["model"]) or {}, r["config"])
+        b = bound_model.bound_of_config((results.get("bounds") or {}).get(r["model"]) or {}, r["config"])
         measured = r.get("figures", {}).get("decode_b1_tok_s")
         if not b or not b.get("tok_s") or not measured:
             continue
         row = {"model": r["model"], "config": r["config"], "decode_b1_tok_s": round(measured, 3),
                "bound_tok_s": b["tok_s"], "fraction": round(measured / b["tok_s"], 4)}
-        split = boundmod.plan_gpu_layers(r.get("hetero_plan"))
+        split = bound_model.plan_gpu_layers(r.get("hetero_plan"))
         at_split = (b.get("tok_s_by_gpu_layers") or {}).get(str(split))
         if at_split and split != b.get("gpu_layers"):  # the run's own split differs from the budget's
             row |= {"gpu_layers": split, "bound_at_split_tok_s": at_split,
@@ -130,7 +130,7 @@ def cpu_stage_gemm(run: dict, model: dict, rates: dict) -> dict | None:
     count measured above it. None when the row has no such profile or plan."""
     import re
 
-    cpu_stages = boundmod.plan_stage_layers(run.get("hetero_plan"), "CPU")
+    cpu_stages = bound_model.plan_stage_layers(run.get("hetero_plan"), "CPU")
     stages = re.search(r"(\d+) pipeline stages", run.get("hetero_plan") or "")
     layers = model.get("layers")
     if not cpu_stages or not stages or not layers:
@@ -153,7 +153,7 @@ def cpu_stage_gemm(run: dict, model: dict, rates: dict) -> dict | None:
     out = {"ms": round(ms, 3), "gb": round(nbytes / 1e9, 3), "GBps": round(nbytes / ms / 1e6, 2)}
     measured = sorted(int(t) for t, row in (rates.get("cpu") or {}).items() if "error" not in row)
     at = next((t for t in measured if threads and t >= threads), measured[-1] if measured else None)
-    best = boundmod.best_cpu_rate(rates, threads=at) if at else None
+    best = bound_model.best_cpu_rate(rates, threads=at) if at else None
     if best:
         out |= {"bound_GBps": round(best[0] / 1e9, 2), "bound_threads": best[2],
                 "of_bound": round(nbytes / ms / 1e6 / (best[0] / 1e9), 3)}
@@ -166,10 +166,10 @@ def recheck_line(entry: dict, first: dict) -> str:
     where = f"bound re-check after {entry['after'] or 'the bound step'} ({entry['date'][11:16]})"
     if "error" in entry:
         return f"{where}: {entry['error']}"
-    now = boundmod.best_cpu_rate(entry["rates"])
+    now = bound_model.best_cpu_rate(entry["rates"])
     if not now:
         return f"{where}: no CPU rate measured"
-    then = boundmod.best_cpu_rate(first or {}, now[2])
+    then = bound_model.best_cpu_rate(first or {}, now[2])
     line = f"{where}: {now[2]} threads, {now[1].split(',')[0]}: {now[0] / 1e9:.1f} GB/s"
     if then:
         line += f"; the bound step {then[0] / 1e9:.1f} GB/s ({now[0] / then[0]:.2f}x)"
@@ -291,13 +291,13 @@ def bound_lines(results: dict, fractions: list[dict]) -> list[str]:
     if rates.get("error"):
         lines.append(f"bound: {rates['error']}")
     if rates.get("cpu"):
-        lines.append(boundmod.table(rates))
+        lines.append(bound_model.table(rates))
     bounds = results.get("bounds") or {}
     if bounds:
         lines.append("bound per model at its budget (ideal decode step at batch 1: bytes read per token / "
                      "measured rate; collectives and attention left out)")
         for name, b in bounds.items():
-            lines.extend(boundmod.bounds_table(name, b))
+            lines.extend(bound_model.bounds_table(name, b))
     lines.extend(recheck_line(entry, rates) for entry in results.get("bound_rechecks") or [])
     if fractions:
         lines.append("measured decode b1 as a fraction of its bound")

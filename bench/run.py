@@ -35,7 +35,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from bench import bound as boundmod  # noqa: E402
-from bench import breakdown, configs, models, monitor, report  # noqa: E402
+from bench import bound_model, breakdown, configs, models, monitor, report  # noqa: E402
 from hetero_shim.planning import node  # noqa: E402
 from hetero_shim.testing import proctree  # noqa: E402
 
@@ -350,7 +350,7 @@ class Harness:
             for name, (info, budget) in self.model_infos.items():
                 pre = configs.plan("offload-prefetch", info, budget, self.workload, gpu=self.gpu is not None,
                                    eager=self.opts.eager)
-                self.results["bounds"][name] = boundmod.bound_for(info, budget, rates,
+                self.results["bounds"][name] = bound_model.bound_for(info, budget, rates,
                                                                   prefetch_layers=pre.get("prefetch_layers_offloaded"))
         self.save()
 
@@ -405,14 +405,14 @@ class Harness:
         b = self.results["bound"]
         print(f"-- bound: {b['error'] if 'error' in b else 'ok'}", flush=True)
         if b.get("cpu"):
-            print(boundmod.table(b), flush=True)
+            print(bound_model.table(b), flush=True)
 
     def run_split_pass(self, model: str) -> dict:
         """The decode split's pass over as many layers of ``model``'s shapes as the default pipeline's CPU
         stage holds, without an engine (bench/costream.py, batch 1 and 16, SPLIT_PASS_SHARES): what the
         CPU kernel and PCIe stream together on this host, for the bound of the split pipeline."""
         info, budget = self.model_infos[model]
-        layers = boundmod.cpu_stage_layers(info, budget)
+        layers = bound_model.cpu_stage_layers(info, budget)
         if layers is None or layers <= 0:
             return {"error": "no CPU stage at this budget"}
         out = self.out / "bound-split.json"
@@ -420,7 +420,7 @@ class Harness:
                 "--copies", str(layers), "--fractions", SPLIT_PASS_SHARES, "--min-time", "0.5"] + self.kernel_args()
         result = self.run_step("the split's pass (bench/costream.py)", "bench/costream.py", args, out, 150)
         if "error" not in result:
-            best = boundmod.best_split_pass({"split_pass": result})
+            best = bound_model.best_split_pass({"split_pass": result})
             print(f"   the split's pass over {layers} layers: " + ", ".join(
                 f"share {f}: {r['1']['GBps']} / {r['16']['GBps']} GB/s (b1 / b16)" for f, r in result["by_fraction"].items())
                 + (f"; the bound uses {best[0] / 1e9:.1f} GB/s" if best else ""), flush=True)

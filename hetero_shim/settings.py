@@ -419,7 +419,7 @@ def shm_timeout_seconds() -> float:
 
 def shm_slot_bytes() -> int | None:
     """HETERO_SHIM_SHM_SLOT_MB in bytes (a multiple of 4 KiB, at least 4 KiB), or None when it is unset:
-    then ``collectives.shm.default_slot`` sizes the slot by group size and /dev/shm's free space."""
+    then ``collectives.shm_segment.default_slot`` sizes the slot by group size and /dev/shm's free space."""
     if not os.environ.get(SHM_SLOT_MB, "").strip():
         return None
     mib = _positive_number(SHM_SLOT_MB, 0.0)

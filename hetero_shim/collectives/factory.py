@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from hetero_shim import settings
-from hetero_shim.collectives import shm
+from hetero_shim.collectives import shm, shm_segment
 from hetero_shim.logs import log
 
 
@@ -22,10 +22,10 @@ def for_group(cpu_group, ranks: list[int], rank: int, world: int, device: torch.
     ``stream_ops``: the CUDA rank of a group with one CUDA rank queues its all-reduce on its
     stream (``gpu_stream``; default: HETERO_SHIM_SHM_STREAM_OPS, on); a local choice, peers see
     the same protocol. Groups with several CUDA ranks wait on the host. The other arguments:
-    ``shm.open_group``.
+    ``shm_segment.open_group``.
     """
-    group = shm.open_group(cpu_group, ranks, rank, world, device, mode=mode, slot=slot, timeout_s=timeout_s,
-                           reducer=reducer, label=label)
+    group = shm_segment.open_group(cpu_group, ranks, rank, world, device, mode=mode, slot=slot,
+                                   timeout_s=timeout_s, reducer=reducer, label=label)
     if group is None:
         return None
     kind = shm.ShmCollectives

@@ -121,7 +121,7 @@ def client_rank(plan, rank: int, stand_in: bool = False) -> int | None:
 
 def alive(pid: int) -> bool:
     """Whether ``pid`` runs (an exited process not yet reaped by its parent counts as gone)."""
-    from hetero_shim.collectives.shm import _start_time
+    from hetero_shim.collectives.shm_segment import _start_time
 
     return _start_time(pid) is not None
 

@@ -54,7 +54,7 @@ class GemmServer:
             cudart = torch.cuda.cudart()
             err = cudart.cudaHostRegister(seg.bytes.data_ptr(), size, 0)
             if err != cudart.cudaError.success:
-                from hetero_shim.collectives.shm import _clear_cuda_error
+                from hetero_shim.collectives.shm_segment import _clear_cuda_error
 
                 _clear_cuda_error()
                 seg.words[ch.STATE] = ch.FAILED

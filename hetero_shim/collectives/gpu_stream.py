@@ -52,7 +52,8 @@ import torch
 from hetero_shim.collectives import fused_kernel as cuda_fused_allreduce, stream_ops as cuda_stream_ops
 from hetero_shim import settings
 from hetero_shim.logs import log
-from hetero_shim.collectives.shm import ARRIVE, RELEASE, SIG, FLAG_STRIDE, ShmCollectives
+from hetero_shim.collectives.shm import ARRIVE, RELEASE, SIG, ShmCollectives
+from hetero_shim.collectives.shm_segment import FLAG_STRIDE
 
 RELEASED = cuda_stream_ops.RELEASED  # written into awaited flags after an error: every pending stream wait passes
 # 2-rank groups: up to this the GPU reads the peer's piece over PCIe (fused kernel or add); above: DMA copy first

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from hetero_shim.collectives import factory, shm
+from hetero_shim.collectives import factory, shm, shm_segment
 from hetero_shim.errors import HeteroConfigError
 
 SLOT = 16 << 10  # small slots: pieces and chunked reductions are exercised at small sizes
@@ -68,9 +68,9 @@ def same_on_every_rank(t: torch.Tensor, group) -> bool:
 
 def check_other_host(rank: int, world: int) -> None:
     """A rank that reports another host: ``auto`` falls back to gloo everywhere, ``shm`` is refused everywhere."""
-    real = shm.host_identity
+    real = shm_segment.host_identity
     if rank == world - 1:
-        shm.host_identity = lambda: "elsewhere/0"
+        shm_segment.host_identity = lambda: "elsewhere/0"
     try:
         assert factory.for_group(dist.group.WORLD, list(range(world)), rank, world, torch.device("cpu"), mode="auto") is None
         try:
@@ -79,7 +79,7 @@ def check_other_host(rank: int, world: int) -> None:
         except HeteroConfigError as e:
             assert "HETERO_SHIM_COLLECTIVES=shm, but shared-memory collectives cannot be used: ranks are on 2 hosts" in str(e), e
     finally:
-        shm.host_identity = real
+        shm_segment.host_identity = real
 
 
 def check_exact(rank: int, world: int) -> None:
@@ -149,7 +149,7 @@ def check_exact(rank: int, world: int) -> None:
     comm.close()
     other.close()
     with open("/proc/self/maps") as f:
-        mapped = [line for line in f if shm.PREFIX in line]
+        mapped = [line for line in f if shm_segment.PREFIX in line]
     assert not mapped, f"segments still mapped after close(): {mapped}"
 
 

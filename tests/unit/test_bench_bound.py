@@ -1,4 +1,4 @@
-"""The bound's arithmetic (bench/bound.py) with made-up rates, the step breakdown's op categories
+"""The bound's arithmetic (bench/bound_model.py) with made-up rates, the step breakdown's op categories
 and aggregation (bench/breakdown/sitecustomize.py, bench/breakdown.py) on made-up profiler events."""
 
 import math
@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from bench import bound, breakdown, configs, report  # noqa: E402
+from bench import bound, bound_model, breakdown, configs, report  # noqa: E402
 
 GIB = configs.GIB
 FULL = configs.WORKLOADS["full"]
@@ -38,16 +38,16 @@ def rates(cpu: dict[str, float], threads: int = 13, every: int = 16, h2d: float 
 def test_best_cpu_rate_is_the_fastest_kernel_at_batch_1_at_the_plans_threads():
     r = rates({"F.linear": 68.6, "oneDNN": 70.0, "packed": 84.7})
     r["cpu"]["16"] = {"gemm": {"oneDNN": {"by_batch": {"1": {"GBps": 99.0}}}}}
-    assert bound.best_cpu_rate(r) == (84.7e9, "packed", 13)
-    assert bound.best_cpu_rate(r, threads=16) == (99.0e9, "oneDNN", 16)
-    assert bound.best_cpu_rate(r, batch=16) == (84.7e9 / 2, "packed", 13)
-    assert bound.best_cpu_rate({"cpu": {}}) is None
+    assert bound_model.best_cpu_rate(r) == (84.7e9, "packed", 13)
+    assert bound_model.best_cpu_rate(r, threads=16) == (99.0e9, "oneDNN", 16)
+    assert bound_model.best_cpu_rate(r, batch=16) == (84.7e9 / 2, "packed", 13)
+    assert bound_model.best_cpu_rate({"cpu": {}}) is None
 
 
 def test_model_bytes_embedding_reads_nothing_and_a_tied_lm_head_reads_the_embedding():
-    tied = bound.model_bytes(llama(28, 0.1875, 0.73, tied=True))
+    tied = bound_model.model_bytes(llama(28, 0.1875, 0.73, tied=True))
     assert tied["lm_head"] == tied["embed"] == int(0.73 * GIB) and tied["lm_head_stored"] == 0
-    untied = bound.model_bytes(llama(32, 0.4375, 0.98, tied=False))
+    untied = bound_model.model_bytes(llama(32, 0.4375, 0.98, tied=False))
     assert untied["lm_head"] == untied["lm_head_stored"] == untied["embed"]
     assert untied["other"] == 4096  # the final norm
 
@@ -55,8 +55,8 @@ def test_model_bytes_embedding_reads_nothing_and_a_tied_lm_head_reads_the_embedd
 def test_offload_and_pipeline_bounds_at_the_budget():
     m = llama(28, 0.1875, 0.73, tied=True)  # ~3B Llama shapes
     b = configs.make_budget(m, FULL, gpu_total_gib=139.0, budget_ratio=1.5)
-    out = bound.bound_for(m, b, rates({"F.linear": 68.6, "oneDNN": 70.0, "packed": 84.7}), prefetch_layers=14)
-    parts = bound.model_bytes(m)
+    out = bound_model.bound_for(m, b, rates({"F.linear": 68.6, "oneDNN": 70.0, "packed": 84.7}), prefetch_layers=14)
+    parts = bound_model.model_bytes(m)
     matrices = sum(parts["layers"]) + parts["lm_head"] + parts["other"]
     assert out["read_per_token_gib"] == pytest.approx(matrices / GIB, abs=1e-4)
 
@@ -100,7 +100,8 @@ def test_offload_and_pipeline_bounds_at_the_budget():
     ns = out["hetero-pp2-nosplit"]
     assert ns["step_ms"] == pytest.approx((cpu_cf / 84.7e9 + gpu_cf / 4000e9) * 1e3, abs=1e-3)
     assert "split" in cf["how"] and "split" not in ns["how"]
-    assert bound.bound_of_config(out, "hetero-pp2-nosplit") is ns and bound.bound_of_config(out, "hetero-pp2") is cf
+    assert bound_model.bound_of_config(out, "hetero-pp2-nosplit") is ns
+    assert bound_model.bound_of_config(out, "hetero-pp2") is cf
 
     # TP=2: half of every matrix on each side, ranks at once
     tp2 = out["hetero-tp2"]
@@ -115,18 +116,18 @@ def test_offload_and_pipeline_bounds_at_the_budget():
 def test_without_a_gpu_every_byte_is_read_by_the_cpu_and_offload_has_no_bound():
     m = llama(2, 0.001, 0.0005, tied=False)
     b = configs.make_budget(m, configs.WORKLOADS["toy"], gpu_total_gib=None)
-    out = bound.bound_for(m, b, rates({"oneDNN": 50.0}, threads=1, every=2, h2d=None))
+    out = bound_model.bound_for(m, b, rates({"oneDNN": 50.0}, threads=1, every=2, h2d=None))
     assert "offload-uva" not in out
     matrices = sum(m.layer_bytes) + m.lm_head_bytes + 4096
     assert out["hetero-tp2"]["step_ms"] == pytest.approx(matrices / 50e9 * 1e3, abs=1e-3)
     assert "2 threads" in out["hetero-tp2"]["how"]  # all cores: every rank is a CPU rank
-    assert bound.bound_of_config(out, "hetero-tp2-free") is out["hetero-tp2"]
+    assert bound_model.bound_of_config(out, "hetero-tp2-free") is out["hetero-tp2"]
 
 
 def test_report_gives_each_row_its_fraction_of_the_bound_and_the_runs_own_split():
     m = llama(28, 0.1875, 0.73, tied=True)
     b = configs.make_budget(m, FULL, gpu_total_gib=139.0, budget_ratio=1.5)
-    bounds = bound.bound_for(m, b, rates({"oneDNN": 70.0}))
+    bounds = bound_model.bound_for(m, b, rates({"oneDNN": 70.0}))
     g = bounds["hetero-pp2"]["gpu_layers"]
     runs = [
         {"model": "3b", "config": "offload-uva", "status": "ok", "figures": {"decode_b1_tok_s": 19.2}},
@@ -209,9 +210,10 @@ def test_helpers():
     with pytest.raises(ValueError):
         bound.cores_for(9, [0], list(range(8)))
     assert bound.parse_shape("8192x16384") == (8192, 16384)
-    assert bound.plan_gpu_layers("... layer split 11,17 (automatic)\n  rank 0: CPU  cores 0-12  stage 0: layers 0-10 (11)\n"
-                                 "  rank 1: GPU  cuda:0  stage 1: layers 11-27 (17)") == 17
-    assert bound.plan_gpu_layers("hetero_shim rank plan: 1 GPU rank(s) + 1 CPU rank(s)") is None
+    assert bound_model.plan_gpu_layers("... layer split 11,17 (automatic)\n"
+                                       "  rank 0: CPU  cores 0-12  stage 0: layers 0-10 (11)\n"
+                                       "  rank 1: GPU  cuda:0  stage 1: layers 11-27 (17)") == 17
+    assert bound_model.plan_gpu_layers("hetero_shim rank plan: 1 GPU rank(s) + 1 CPU rank(s)") is None
     assert breakdown.hook.parse_windows("5:3") == [(None, 5, 3)]
     assert breakdown.hook.parse_windows(None) == [(None, 22, 8), (16, 4, 8)]
     assert breakdown.hook.parse_windows("1:2, 16@4:8") == [(None, 1, 2), (16, 4, 8)]
@@ -260,9 +262,9 @@ def test_layer_shapes_follow_the_models_config():
 def test_the_layer_rate_names_the_model_whose_shapes_were_measured():
     r = rates({"packed": 80.0})
     r["cpu"]["13"]["layer"] = {"by_kernel": {"packed": {"1": {"GBps": 70.0}}}}
-    assert bound.best_cpu_rate(r)[1] == "packed, layer shapes of the 3B default"
+    assert bound_model.best_cpu_rate(r)[1] == "packed, layer shapes of the 3B default"
     r["layer_shapes_of"] = "8b"
-    assert bound.best_cpu_rate(r) == (70.0e9, "packed, layer shapes of 8b", 13)
+    assert bound_model.best_cpu_rate(r) == (70.0e9, "packed, layer shapes of 8b", 13)
 
 
 def test_a_bound_recheck_is_reported_against_the_bound_steps_rate_at_the_same_threads():
@@ -283,8 +285,8 @@ def test_a_bound_recheck_is_reported_against_the_bound_steps_rate_at_the_same_th
 def test_layer_copies_for_adds_the_cpu_stage_of_the_default_pipeline():
     m = llama(28, 0.1875, 0.73, tied=True)  # ~3B Llama shapes
     b = configs.make_budget(m, FULL, gpu_total_gib=139.0, budget_ratio=1.5)
-    parts = bound.model_bytes(m)
-    cpu_layers = 28 - bound.pipeline_split(parts, b.weights_gib * GIB, cpu_first=True)
+    parts = bound_model.model_bytes(m)
+    cpu_layers = 28 - bound_model.pipeline_split(parts, b.weights_gib * GIB, cpu_first=True)
     assert 0 < cpu_layers < 28
     copies = bound.layer_copies_for(m, b)
     assert copies == tuple(sorted({*bound.LAYER_COPIES, cpu_layers}))
@@ -304,8 +306,8 @@ def test_the_bound_uses_the_largest_layer_count_and_the_table_lists_every_count(
     row = r["cpu"]["13"] | {"layer": large, "layer_by_copies": {"4": small, "14": large},
                             "read": {"float32": {"GBps": 87.0}, "bfloat16": {"GBps": 86.0}}}
     r["cpu"]["13"] = row
-    assert bound.best_cpu_rate(r)[0] == 68.0e9
-    text = bound.table(r | {"meta": {}, "gpu": None})
+    assert bound_model.best_cpu_rate(r)[0] == 68.0e9
+    text = bound_model.table(r | {"meta": {}, "gpu": None})
     assert "4 layers in turn (0.13 GB)" in text and "14 layers in turn (0.44 GB)" in text
     assert "M=1: 91.5 GB/s" in text and "M=1: 68.0 GB/s" in text
 
@@ -360,19 +362,20 @@ def test_a_measured_split_pass_below_the_sum_of_the_rates_bounds_the_split_pipel
     m = llama(28, 0.1875, 0.73, tied=True)
     b = configs.make_budget(m, FULL, gpu_total_gib=139.0, budget_ratio=1.5)
     r = rates({"packed": 76.0})
-    plain = bound.bound_for(m, b, r)
+    plain = bound_model.bound_for(m, b, r)
     r["split_pass"] = {"by_fraction": {"0.0": {"1": {"GBps": 76.0}}, "0.4": {"1": {"GBps": 80.0}},
                                        "0.5": {"1": {"GBps": 82.6}, "16": {"GBps": 76.6}}, "0.6": {"1": {}}}}
-    assert bound.best_split_pass(r) == (82.6e9, "0.5")
-    out = bound.bound_for(m, b, r)
+    assert bound_model.best_split_pass(r) == (82.6e9, "0.5")
+    out = bound_model.bound_for(m, b, r)
     cf, g = out["hetero-pp2"], out["hetero-pp2"]["gpu_layers"]
     cpu_bytes = (28 - g) * int(0.1875 * GIB)
-    gpu_bytes = g * int(0.1875 * GIB) + bound.model_bytes(m)["lm_head"] + 4096
+    gpu_bytes = g * int(0.1875 * GIB) + bound_model.model_bytes(m)["lm_head"] + 4096
     assert cf["step_ms"] == pytest.approx((cpu_bytes / 82.6e9 + gpu_bytes / 4000e9) * 1e3, abs=1e-3)
     assert "fastest pass" in cf["how"] and out["rates"]["split_pass_GBps"] == 82.6
     assert cf["step_ms"] > plain["hetero-pp2"]["step_ms"]  # 82.6 < 76 + 55 GB/s
     assert out["hetero-pp2-nosplit"] == plain["hetero-pp2-nosplit"]  # the CPU alone: unchanged
     # a pass faster than the sum (not seen) leaves the sum
     r["split_pass"]["by_fraction"]["0.5"]["1"]["GBps"] = 200.0
-    assert bound.bound_for(m, b, r)["hetero-pp2"]["step_ms"] == plain["hetero-pp2"]["step_ms"]
-    assert bound.best_split_pass({}) is None and bound.best_split_pass({"split_pass": {"error": "x"}}) is None
+    assert bound_model.bound_for(m, b, r)["hetero-pp2"]["step_ms"] == plain["hetero-pp2"]["step_ms"]
+    assert bound_model.best_split_pass({}) is None
+    assert bound_model.best_split_pass({"split_pass": {"error": "x"}}) is None

@@ -10,6 +10,7 @@ from hetero_shim import settings
 from hetero_shim.errors import HeteroConfigError
 
 shm = pytest.importorskip("hetero_shim.collectives.shm")
+shm_segment = pytest.importorskip("hetero_shim.collectives.shm_segment")
 factory = pytest.importorskip("hetero_shim.collectives.factory")
 
 
@@ -28,7 +29,7 @@ def test_shm_numbers(monkeypatch):
     monkeypatch.delenv(settings.SHM_TIMEOUT, raising=False)
     monkeypatch.delenv(settings.SHM_SLOT_MB, raising=False)
     assert settings.shm_timeout_seconds() == 300.0
-    assert settings.shm_slot_bytes() is None  # unset: collectives.shm.default_slot decides per group
+    assert settings.shm_slot_bytes() is None  # unset: collectives.shm_segment.default_slot decides per group
     monkeypatch.setenv(settings.SHM_SLOT_MB, "4")
     assert settings.shm_slot_bytes() == 4 << 20
     monkeypatch.setenv(settings.SHM_SLOT_MB, "0.001")
@@ -40,29 +41,30 @@ def test_shm_numbers(monkeypatch):
 
 def test_default_slot_by_group_size_and_free_shared_memory():
     mib = 1 << 20
-    assert shm.default_slot(2, None) == 16 * mib  # measured fastest for 1 GPU + 1 CPU rank (H100, a7ee9fd)
-    assert shm.default_slot(4, None) == shm.default_slot(3, None) == 8 * mib
-    assert shm.default_slot(2, 100 << 30) == 16 * mib  # plenty free: no change
+    assert shm_segment.default_slot(2, None) == 16 * mib  # measured fastest for 1 GPU + 1 CPU rank (H100, a7ee9fd)
+    assert shm_segment.default_slot(4, None) == shm_segment.default_slot(3, None) == 8 * mib
+    assert shm_segment.default_slot(2, 100 << 30) == 16 * mib  # plenty free: no change
     # docker's default 64 MiB /dev/shm: halved until the segment takes at most half of it
-    assert shm.default_slot(2, 64 * mib) == 4 * mib and shm.segment_bytes(2, 4 * mib)[1] <= 32 * mib
-    assert shm.default_slot(4, 64 * mib) == 2 * mib
-    assert shm.default_slot(2, 0) == shm.SLOT_MIN  # never below the minimum (creating it then fails cleanly)
+    assert shm_segment.default_slot(2, 64 * mib) == 4 * mib and shm_segment.segment_bytes(2, 4 * mib)[1] <= 32 * mib
+    assert shm_segment.default_slot(4, 64 * mib) == 2 * mib
+    # never below the minimum (creating it then fails cleanly)
+    assert shm_segment.default_slot(2, 0) == shm_segment.SLOT_MIN
 
 
 def test_smaller_default_slot_is_warned_by_group_rank_0_only(monkeypatch, caplog):
     monkeypatch.delenv(settings.SHM_SLOT_MB, raising=False)
-    monkeypatch.setattr(shm, "_shm_free_bytes", lambda: 64 << 20)
-    shm.log.addHandler(caplog.handler)  # directly: vLLM's logging set-up may stop propagation to the root
+    monkeypatch.setattr(shm_segment, "_shm_free_bytes", lambda: 64 << 20)
+    shm_segment.log.addHandler(caplog.handler)  # directly: vLLM's logging set-up may stop propagation to the root
     try:
-        assert shm.configured_slot(2, 1, "tp:0") == 4 << 20
+        assert shm_segment.configured_slot(2, 1, "tp:0") == 4 << 20
         assert not caplog.records  # only the rank whose choice is taken says it
-        assert shm.configured_slot(2, 0, "tp:0") == 4 << 20
+        assert shm_segment.configured_slot(2, 0, "tp:0") == 4 << 20
     finally:
-        shm.log.removeHandler(caplog.handler)
+        shm_segment.log.removeHandler(caplog.handler)
     assert "has 64 MiB free, so shared-memory collectives use 4 MiB slots instead of 16" in caplog.text
     assert "--shm-size" in caplog.text and "HETERO_SHIM_SHM_SLOT_MB" in caplog.text
     monkeypatch.setenv(settings.SHM_SLOT_MB, "2")  # the setting wins over the default
-    assert shm.configured_slot(2, 0) == 2 << 20
+    assert shm_segment.configured_slot(2, 0) == 2 << 20
 
 
 def test_stream_ops_setting(monkeypatch):
@@ -92,17 +94,17 @@ def test_stream_ops_load_without_a_cuda_driver_says_why_not():
 def test_stale_segment_of_a_dead_creator_is_swept(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    stale = f"{shm.PREFIX}{os.getuid()}_{dead.pid}_test"
-    live = f"{shm.PREFIX}{os.getuid()}_{os.getpid()}_test"
+    stale = f"{shm_segment.PREFIX}{os.getuid()}_{dead.pid}_test"
+    live = f"{shm_segment.PREFIX}{os.getuid()}_{os.getpid()}_test"
     for name in (stale, live):
-        open(os.path.join(shm.SHM_DIR, name), "w").close()
+        open(os.path.join(shm_segment.SHM_DIR, name), "w").close()
     try:
-        removed = shm.sweep_stale_segments()
-        assert stale in removed and not os.path.exists(os.path.join(shm.SHM_DIR, stale))
-        assert os.path.exists(os.path.join(shm.SHM_DIR, live))  # its creator (this process) is alive
+        removed = shm_segment.sweep_stale_segments()
+        assert stale in removed and not os.path.exists(os.path.join(shm_segment.SHM_DIR, stale))
+        assert os.path.exists(os.path.join(shm_segment.SHM_DIR, live))  # its creator (this process) is alive
     finally:
         for name in (stale, live):
-            shm._unlink(name)
+            shm_segment._unlink(name)
 
 
 def test_chunks_cover_the_tensor_once():
@@ -115,8 +117,8 @@ def test_chunks_cover_the_tensor_once():
 
 
 def test_segment_layout_fits_the_flags():
-    header, total = shm.segment_bytes(4, 4096)
-    assert header >= 4 * shm.FLAG_STRIDE and header % 4096 == 0
+    header, total = shm_segment.segment_bytes(4, 4096)
+    assert header >= 4 * shm_segment.FLAG_STRIDE and header % 4096 == 0
     assert total == header + 2 * 5 * 4096
 
 
@@ -130,7 +132,7 @@ def test_stream_ordered_bookkeeping_waits_for_and_releases_only_the_peer(monkeyp
 
     from hetero_shim.collectives.gpu_stream import RELEASED, StreamOrderedShm
 
-    _, size = shm.segment_bytes(2, 4096)
+    _, size = shm_segment.segment_bytes(2, 4096)
     mm = mmap.mmap(-1, size)
     comm = StreamOrderedShm(mm, rank=0, world=2, slot=4096, reducers=[1], peers={1: (None, None)},
                             device=torch.device("cpu"), timeout_s=5.0)
@@ -174,7 +176,7 @@ def test_stream_ordered_bookkeeping_in_a_larger_group_touches_no_peer_flag(monke
 
     from hetero_shim.collectives.gpu_stream import RELEASED, StreamOrderedShm
 
-    _, size = shm.segment_bytes(4, 1 << 20)
+    _, size = shm_segment.segment_bytes(4, 1 << 20)
     comm = StreamOrderedShm(mmap.mmap(-1, size), rank=1, world=4, slot=1 << 20, reducers=[0, 2, 3],
                             peers={q: (None, None) for q in (0, 2, 3)}, device=torch.device("cpu"), timeout_s=5.0)
     assert comm._fused_max == shm.CHUNKED_MIN_BYTES - 1  # larger tensors take the chunked sums
@@ -207,8 +209,8 @@ def test_stream_ordered_form_only_with_one_gpu_rank_per_group(monkeypatch, other
             return
         out[0], out[1] = obj, dict(obj, cuda=other_device == "cuda", reducer=other_device == "cpu")
 
-    monkeypatch.setattr(shm.dist, "all_gather_object", all_gather_object)
-    monkeypatch.setattr(shm.dist, "broadcast_object_list", lambda objs, src=0, group=None: None)
+    monkeypatch.setattr(shm_segment.dist, "all_gather_object", all_gather_object)
+    monkeypatch.setattr(shm_segment.dist, "broadcast_object_list", lambda objs, src=0, group=None: None)
     monkeypatch.setattr(shm.ShmCollectives, "_register_cuda", lambda self: None)  # no CUDA here
     comm = factory.for_group(None, [0, 1], 0, 2, torch.device("cuda"), mode="shm", stream_ops=True)
     try:
