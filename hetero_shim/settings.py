@@ -114,7 +114,8 @@ CPU_GEMM_SPLIT_LAYERS = "HETERO_SHIM_CPU_GEMM_SPLIT_LAYERS"
 SPLIT_LAYER_CHOICES = ("auto", "all", "large")
 #: "1": once a small step's first split request came, the next stage's rank queues the step's other
 #: split requests on its stream at once, each waiting on the stream for the CPU rank's go
-#: (collectives/gemm_queue.py), so its host is off each request's path. Default 0.
+#: (collectives/gemm_queue.py), so its host is off each request's path. Default 1; 0: each request is
+#: picked up, queued and synchronised as it comes.
 CPU_GEMM_QUEUE_STEP = "HETERO_SHIM_CPU_GEMM_QUEUE_STEP"
 #: Seconds a CPU rank waits for the next stage's rank to answer one linear layer (and that rank for
 #: the CPU rank's next request or step) before the CPU rank computes on its own from then on.
@@ -348,7 +349,7 @@ def cpu_gemm_split_large_only() -> bool:
 
 def cpu_gemm_queue_step() -> bool:
     """HETERO_SHIM_CPU_GEMM_QUEUE_STEP: the next stage's rank queues a small step's split requests at once."""
-    return _flag(CPU_GEMM_QUEUE_STEP, default=False)
+    return _flag(CPU_GEMM_QUEUE_STEP, default=True)
 
 
 def cpu_gemm_served_timeout() -> int:

@@ -77,7 +77,9 @@ class _Layer:
         self.weight = weight
 
 
-def test_the_timed_steps_of_the_real_channel_are_written(tmp_path):
+def test_the_timed_steps_of_the_real_channel_are_written(tmp_path, monkeypatch):
+    # requests served one at a time as they come; the queue's phases: test_gemm_channel's queue tests
+    monkeypatch.setenv("HETERO_SHIM_CPU_GEMM_QUEUE_STEP", "0")
     class Client(gc.GemmClient):
         pass
 
