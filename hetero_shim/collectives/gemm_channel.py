@@ -36,8 +36,8 @@ layer; otherwise for its first ``split`` rows (the table's, ``ROWS`` of them, in
 which a small step's split asks for: the client computes the other rows meanwhile (``start`` ...
 ``finish``), and the server streams those leading rows through the same two buffers, as a ring of
 layers of their own, the next layer's queued behind each answer, so that PCIe carries the next
-layer's rows while the CPU computes this one's. With ``HETERO_SHIM_CPU_GEMM_QUEUE_STEP=1`` the
-server queues a step's further split requests before they come; those go through GO and DONE
+layer's rows while the CPU computes this one's. With ``HETERO_SHIM_CPU_GEMM_QUEUE_STEP`` (default 1)
+the server queues a step's further split requests before they come; those go through GO and DONE
 instead of REQUEST and ANSWER (gemm_queue.py). Pipeline steps are
 matched by count: the client publishes SENDS = its pipeline sends so far before each send; a GPU
 rank at its k-th receive serves requests until SENDS >= k, then receives as vLLM would. The client

@@ -1,5 +1,5 @@
 """A small step's split requests queued by the next stage's rank before they come
-(``HETERO_SHIM_CPU_GEMM_QUEUE_STEP=1``; used by ``gemm_server`` and ``gemm_channel``'s client).
+(``HETERO_SHIM_CPU_GEMM_QUEUE_STEP``, default 1; used by ``gemm_server`` and ``gemm_channel``'s client).
 
 Why: in a small (decode) step the CPU rank asks the next stage's GPU rank for the leading rows of
 each split layer, computes the other rows meanwhile, and waits for the answer. Measured on the H200

@@ -2,7 +2,7 @@
 the CPU rank's side): the CPU rank's segment mapped and registered with CUDA, and its requests
 served while this rank waits for the CPU stage's activations, on its GPU (weights streamed by
 ``weight_stream``) or, standing in on a CPU rank (tests without a GPU), on its own CPU. With
-``HETERO_SHIM_CPU_GEMM_QUEUE_STEP=1`` a small step's split requests are queued ahead
+``HETERO_SHIM_CPU_GEMM_QUEUE_STEP`` (default 1) a small step's split requests are queued ahead
 (``gemm_queue``). Remove when: vLLM offloads a CPU worker's large GEMMs itself (not as of 0.33.0).
 """
 
