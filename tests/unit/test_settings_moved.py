@@ -53,3 +53,10 @@ def test_every_error_is_a_hetero_shim_error_and_keeps_its_builtin_base():
     for cls in (errors.WorkerDiedAtStartup, errors.KernelMismatch, errors.TokensDiverged,
                 errors.FallbackSchemaMismatch, errors.InvalidLayerCost):
         assert issubclass(cls, errors.HeteroShimError)
+
+
+def test_a_small_steps_split_requests_are_queued_ahead_unless_turned_off(monkeypatch):
+    monkeypatch.delenv(settings.CPU_GEMM_QUEUE_STEP, raising=False)
+    assert settings.cpu_gemm_queue_step()
+    monkeypatch.setenv(settings.CPU_GEMM_QUEUE_STEP, "0")
+    assert not settings.cpu_gemm_queue_step()
