@@ -121,9 +121,9 @@ def client_rank(plan, rank: int, stand_in: bool = False) -> int | None:
 
 def alive(pid: int) -> bool:
     """Whether ``pid`` runs (an exited process not yet reaped by its parent counts as gone)."""
-    from hetero_shim.collectives.shm_segment import _start_time
+    from hetero_shim.collectives.shm_segment import process_start_time
 
-    return _start_time(pid) is not None
+    return process_start_time(pid) is not None
 
 
 def remove_file(path: str) -> None:

@@ -54,9 +54,9 @@ class GemmServer:
             cudart = torch.cuda.cudart()
             err = cudart.cudaHostRegister(seg.bytes.data_ptr(), size, 0)
             if err != cudart.cudaError.success:
-                from hetero_shim.collectives.shm_segment import _clear_cuda_error
+                from hetero_shim.collectives.shm_segment import clear_cuda_error
 
-                _clear_cuda_error()
+                clear_cuda_error()
                 seg.words[ch.STATE] = ch.FAILED
                 raise RuntimeError(f"cudaHostRegister of {size / (1 << 30):.2f} GiB failed ({err})")
             self.registered = True

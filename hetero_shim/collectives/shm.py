@@ -70,7 +70,7 @@ import time
 import torch
 
 from hetero_shim import settings
-from hetero_shim.collectives.shm_segment import FLAG_STRIDE, _clear_cuda_error, _start_time, segment_bytes
+from hetero_shim.collectives.shm_segment import FLAG_STRIDE, clear_cuda_error, process_start_time, segment_bytes
 from hetero_shim.errors import ShmCollectiveError
 from hetero_shim.logs import log
 
@@ -127,7 +127,7 @@ class ShmCollectives:
                 return
         except Exception as e:  # no usable CUDA runtime binding: same fallback
             err = e
-        _clear_cuda_error()
+        clear_cuda_error()
         log.warning("hetero_shim: cudaHostRegister of the shared-memory segment failed (%s); the GPU "
                     "rank copies through a pinned staging buffer instead", err)
 
@@ -264,7 +264,7 @@ class ShmCollectives:
         dead = []
         for r in pending:
             pid, started = self.peers.get(r, (None, None))
-            if pid is not None and started is not None and _start_time(pid) != started:
+            if pid is not None and started is not None and process_start_time(pid) != started:
                 dead.append(f"{r} (pid {pid})")
         if dead:
             ranks = "group rank" + ("s " if len(dead) > 1 else " ") + ", ".join(dead)

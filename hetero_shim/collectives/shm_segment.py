@@ -63,7 +63,7 @@ def host_identity() -> str:
     return f"{socket.gethostname()}/{boot}"
 
 
-def _start_time(pid: int) -> str | None:
+def process_start_time(pid: int) -> str | None:
     """The process's start time from /proc (None if it does not exist or is a zombie)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -88,7 +88,7 @@ def sweep_stale_segments() -> list[str]:
             pid = int(entry[len(mine):].split("_")[0])
         except ValueError:
             continue
-        if _start_time(pid) is None:
+        if process_start_time(pid) is None:
             _unlink(entry)
             removed.append(entry)
     return removed
@@ -167,7 +167,7 @@ def _map(name: str, size: int, create: bool) -> mmap.mmap:
         os.close(fd)
 
 
-def _clear_cuda_error() -> None:
+def clear_cuda_error() -> None:
     """Reset CUDA's last-error state after a failed cudaHostRegister (else a later kernel check reports it)."""
     import ctypes
 
@@ -205,7 +205,7 @@ def open_group(cpu_group, ranks: list[int], rank: int, world: int, device: torch
 
     mode = settings.collectives_mode() if mode is None else mode
     info = {"host": host_identity(), "why_not": unsupported_reason(), "pid": os.getpid(), "cuda": device.type == "cuda",
-            "start": _start_time(os.getpid()), "reducer": device.type == "cpu" if reducer is None else reducer,
+            "start": process_start_time(os.getpid()), "reducer": device.type == "cpu" if reducer is None else reducer,
             "mode": mode, "slot": configured_slot(world, rank, label) if slot is None else slot,
             "timeout": settings.shm_timeout_seconds() if timeout_s is None else timeout_s}
     infos: list = [None] * world
@@ -247,7 +247,7 @@ def open_group(cpu_group, ranks: list[int], rank: int, world: int, device: torch
             mm.close()
         return _cannot(lead["mode"], "; ".join(problems))
     # a peer whose process this rank cannot see as it reported itself (another pid namespace) gets no liveness check
-    peers = {r: (i["pid"], i["start"]) if i["start"] and _start_time(i["pid"]) == i["start"] else (None, None)
+    peers = {r: (i["pid"], i["start"]) if i["start"] and process_start_time(i["pid"]) == i["start"] else (None, None)
              for r, i in enumerate(infos) if r != rank}
     reducers = [r for r, i in enumerate(infos) if i["reducer"]] or list(range(world))
     log.info("hetero_shim: %s collectives through shared memory (%d ranks, %d bytes per rank, segment "
