@@ -61,10 +61,12 @@ def batches_in_flight(plan: RankPlan, wanted: int | None) -> tuple[int, str]:
 
 def build_plan(world_size: int, gpus_on_node: int, split: LayerSplit | None = None,
                kv_for: Callable[[RankPlan], KvBudgets] | None = None, cpu_first: bool = False,
-               cpu_compile: Callable[[RankPlan], str] | None = None) -> RankPlan:
+               cpu_compile: Callable[[RankPlan], str] | None = None,
+               cpu_gemm: Callable[[RankPlan], str] | None = None) -> RankPlan:
     """Make the rank plan for this node and publish it to child processes (``split``: pipeline mode;
     ``kv_for``: the CPU ranks' KV budgets for the plan's cores; ``cpu_compile``: why its CPU ranks
-    compile their model, "" if they do not)."""
+    compile their model, "" if they do not; ``cpu_gemm``: where their linear layers' large steps
+    go, "" if they stay on the CPU)."""
     gpu_ranks = gpu_ranks_for(world_size, gpus_on_node)
     cpu_ranks = world_size - gpu_ranks
     allowed = node.allowed_cpus()
@@ -89,6 +91,8 @@ def build_plan(world_size: int, gpus_on_node: int, split: LayerSplit | None = No
         plan = replace(plan, kv_budgets=kv.per_rank, kv_source=kv.source, notes=plan.notes + kv.notes)
     if cpu_compile is not None and cpu_ranks:
         plan = replace(plan, cpu_compile=cpu_compile(plan))
+    if cpu_gemm is not None and cpu_ranks:
+        plan = replace(plan, cpu_gemm=cpu_gemm(plan))
     batches, why = batches_in_flight(plan, settings.pipeline_batches())
     if batches:
         plan = replace(plan, batches=batches, batches_source=why)

@@ -38,6 +38,7 @@ class RankPlan:
     kv_source: str = ""  # where the CPU ranks' KV budgets came from
     cpu_first: bool = False  # pipeline mode: CPU stages first, GPU stages last (the GPU ranks are the top ranks)
     cpu_compile: str = ""  # CPU ranks beside GPU ranks: why they compile their model ("": they run eagerly)
+    cpu_gemm: str = ""  # CPU ranks beside GPU ranks: where their linear layers' large steps go ("": here)
     batches: int = 0  # pipeline mode: micro-batches the engine core keeps in flight (0: vLLM's own, pp_size)
     batches_source: str = ""  # where that number came from
     shared_cores: tuple[int, ...] = ()  # reserved cores the CPU ranks' threads also run on (HETERO_SHIM_SHARE_CORES)
@@ -89,6 +90,8 @@ class RankPlan:
             lines.append(f"  CPU ranks' KV cache: {self.kv_source}")
         if self.cpu_compile:
             lines.append(f"  CPU ranks compile their model: {self.cpu_compile}")
+        if self.cpu_gemm:
+            lines.append(f"  CPU ranks' linear layers: {self.cpu_gemm}")
         if self.batches:
             lines.append(f"  micro-batches in flight: {self.batches} ({self.batches_source})")
         lines.extend(f"  note: {n}" for n in self.notes)
@@ -253,7 +256,8 @@ def plan_to_json(plan: RankPlan) -> str:
         {"world_size": plan.world_size, "gpu_ranks": plan.gpu_ranks, "cpu_lists": plan.cpu_lists,
          "reserved": plan.reserved, "notes": plan.notes, "pp_size": plan.pp_size, "layers": plan.layers,
          "split_source": plan.split_source, "kv_budgets": plan.kv_budgets, "kv_source": plan.kv_source,
-         "cpu_first": plan.cpu_first, "cpu_compile": plan.cpu_compile, "batches": plan.batches,
+         "cpu_first": plan.cpu_first, "cpu_compile": plan.cpu_compile, "cpu_gemm": plan.cpu_gemm,
+         "batches": plan.batches,
          "batches_source": plan.batches_source, "shared_cores": plan.shared_cores}
     )
 
@@ -274,6 +278,7 @@ def plan_from_json(text: str) -> RankPlan:
         kv_budgets=tuple(data.get("kv_budgets", ())),
         kv_source=data.get("kv_source", ""),
         cpu_compile=data.get("cpu_compile", ""),
+        cpu_gemm=data.get("cpu_gemm", ""),
         cpu_first=data.get("cpu_first", False),
         batches=data.get("batches", 0),
         batches_source=data.get("batches_source", ""),

@@ -65,6 +65,36 @@ def test_by_default_pipeline_cpu_stages_use_the_gpu_tensor_parallel_ranks_do_not
     assert rank_process.gpu_for_large_steps(tensor_parallel, 1)[settings.CPU_RANK_GPU] == "0"
 
 
+def test_the_rank_plan_says_where_cpu_ranks_linear_layers_go(monkeypatch):
+    """The plan's line follows the settings the ranks will read: large steps to the next stage's GPU
+    rank, smaller ones split with it (share, which layers, queued or not); own GPUs; nothing in TP."""
+    for name in (settings.CPU_GEMM_ON_GPU, settings.CPU_GEMM_VIA, settings.CPU_GEMM_SPLIT,
+                 settings.CPU_GEMM_SPLIT_LAYERS, settings.CPU_GEMM_QUEUE_STEP, "CUDA_VISIBLE_DEVICES"):
+        monkeypatch.delenv(name, raising=False)
+    route = rank_process.large_steps_route
+    pipeline = RankPlan(world_size=2, gpu_ranks=1, cpu_first=True, pp_size=2, layers=(12, 20))
+    assert route(pipeline) == ("steps of >= 64 tokens on the next stage's GPU rank (weights streamed from shared "
+                               "memory); smaller steps split: the leading 50 % of each layer's rows there, the others "
+                               "here at the same time, a step's requests queued ahead")
+    monkeypatch.setenv(settings.CPU_GEMM_QUEUE_STEP, "0")
+    monkeypatch.setenv(settings.CPU_GEMM_SPLIT, "40")
+    assert route(pipeline).endswith("the leading 40 % of each layer's rows there, the others here at the same time")
+    monkeypatch.setenv(settings.CPU_GEMM_SPLIT_LAYERS, "large")
+    assert "the leading rows of the large layers, 40 % of the stage's weights, there" in route(pipeline)
+    monkeypatch.setenv(settings.CPU_GEMM_SPLIT, "0")
+    assert route(pipeline).endswith("(weights streamed from shared memory)")
+    monkeypatch.setenv(settings.CPU_GEMM_VIA, "own")
+    assert route(pipeline) == "steps of >= 64 tokens on GPU 0 (the rank's own CUDA context)"
+    monkeypatch.delenv(settings.CPU_GEMM_VIA)
+    # two CPU stages before the GPU stage: only the second is followed by a GPU rank
+    three = RankPlan(world_size=3, gpu_ranks=1, cpu_first=True, pp_size=3, layers=(4, 4, 8))
+    assert route(three) == ("CPU rank 0: steps of >= 64 tokens on GPU 0 (the rank's own CUDA context); CPU rank 1: "
+                            "steps of >= 64 tokens on the next stage's GPU rank (weights streamed from shared memory)")
+    assert route(RankPlan(world_size=2, gpu_ranks=1)) == ""  # tensor parallelism: by default on the CPU
+    monkeypatch.setenv(settings.CPU_GEMM_ON_GPU, "0")
+    assert route(pipeline) == ""
+
+
 def test_the_gpu_budget_pays_for_cpu_ranks_streaming_there(monkeypatch):
     """Each CPU rank that opens the GPU is charged its context and two weight buffers. With whole
     weights (chunks off) that is what the engine's peak grew by on the H200 (0.96 GiB at 3B shapes,

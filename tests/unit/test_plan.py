@@ -45,6 +45,10 @@ def test_kinds_and_description():
     text = plan.describe()
     assert "rank 0: GPU" in text and "rank 1: CPU  cores 2-3" in text and "reserved cores: 0" in text
     assert plan_from_json(plan_to_json(plan)) == plan
+    assert "linear layers" not in text
+    routed = RankPlan(world_size=2, gpu_ranks=1, cpu_first=True, pp_size=2, layers=(1, 1), cpu_gemm="ROUTE")
+    assert "  CPU ranks' linear layers: ROUTE" in routed.describe()
+    assert plan_from_json(plan_to_json(routed)) == routed
 
 
 def test_id_lists_round_trip():

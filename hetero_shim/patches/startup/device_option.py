@@ -144,7 +144,8 @@ def plan_before_config(wrapped, instance, args, kwargs):
     _check_main_guard()
     split = _pipeline_split(config, kinds, gpu_layers) if pp > 1 else None
     plan = build.build_plan(tp * pp, gpus, split, kv_for=lambda p: _cpu_kv_budgets(config, p), cpu_first=cpu_first,
-                            cpu_compile=lambda p: rank_process.cpu_compile_reason(config, p))
+                            cpu_compile=lambda p: rank_process.cpu_compile_reason(config, p),
+                            cpu_gemm=rank_process.large_steps_route)
     if plan.world_size > plan.gpu_ranks:
         model_support.check_cpu_ranks_support(config, ranks=_cpu_ranks_text(plan))
         warning = model_support.routing_warning(config, plan)

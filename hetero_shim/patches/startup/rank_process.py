@@ -146,6 +146,34 @@ def gpu_for_large_steps(plan, rank: int) -> dict[str, str]:
     return {settings.CPU_RANK_GPU: device, "PYTORCH_NVML_BASED_CUDA_CHECK": "1"}
 
 
+def large_steps_route(plan) -> str:
+    """What the rank plan says about the CPU ranks' linear layers: where each CPU rank's large steps
+    go (:func:`gpu_for_large_steps`) and, where the next stage's GPU rank serves it, how its small
+    steps split; "" when every CPU rank computes them itself. Ranks with the same route share a line."""
+    tokens = settings.cpu_gemm_on_gpu_tokens()
+    routes: dict[str, list[int]] = {}
+    for rank in plan.cpu_ranks:
+        entry = gpu_for_large_steps(plan, rank).get(settings.CPU_RANK_GPU)
+        if entry is None:
+            continue
+        if entry != gemm_channel.NEXT_STAGE:
+            route = f"steps of >= {tokens} tokens on GPU {entry} (the rank's own CUDA context)"
+        else:
+            route = f"steps of >= {tokens} tokens on the next stage's GPU rank (weights streamed from shared memory)"
+            pct = settings.cpu_gemm_split_pct()
+            if pct:
+                share = (f"the leading rows of the large layers, {pct} % of the stage's weights," if
+                         settings.cpu_gemm_split_large_only() else f"the leading {pct} % of each layer's rows")
+                queued = ", a step's requests queued ahead" if settings.cpu_gemm_queue_step() else ""
+                route += f"; smaller steps split: {share} there, the others here at the same time{queued}"
+        routes.setdefault(route, []).append(rank)
+    if not routes:
+        return ""
+    parts = [f"CPU rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}: {route}"
+             for route, ranks in routes.items()]
+    return "; ".join(parts) if len(parts) > 1 else parts[0].split(": ", 1)[1]
+
+
 def omp_environment(cores) -> dict[str, str]:
     """OpenMP settings of a CPU rank on ``cores``: by default one place holding them all (threads
     may move among the rank's cores, as vLLM's generic OpenMP setup does); with
