@@ -257,8 +257,7 @@ def plan_to_json(plan: RankPlan) -> str:
          "reserved": plan.reserved, "notes": plan.notes, "pp_size": plan.pp_size, "layers": plan.layers,
          "split_source": plan.split_source, "kv_budgets": plan.kv_budgets, "kv_source": plan.kv_source,
          "cpu_first": plan.cpu_first, "cpu_compile": plan.cpu_compile, "cpu_gemm": plan.cpu_gemm,
-         "batches": plan.batches,
-         "batches_source": plan.batches_source, "shared_cores": plan.shared_cores}
+         "batches": plan.batches, "batches_source": plan.batches_source, "shared_cores": plan.shared_cores}
     )
 
 

@@ -151,27 +151,24 @@ def large_steps_route(plan) -> str:
     go (:func:`gpu_for_large_steps`) and, where the next stage's GPU rank serves it, how its small
     steps split; "" when every CPU rank computes them itself. Ranks with the same route share a line."""
     tokens = settings.cpu_gemm_on_gpu_tokens()
+    served = f"steps of >= {tokens} tokens on the next stage's GPU rank (weights streamed from shared memory)"
+    pct = settings.cpu_gemm_split_pct()
+    if pct:
+        share = (f"the leading rows of the large layers, {pct} % of the stage's weights," if
+                 settings.cpu_gemm_split_large_only() else f"the leading {pct} % of each layer's rows")
+        queued = ", a step's requests queued ahead" if settings.cpu_gemm_queue_step() else ""
+        served += f"; smaller steps split: {share} there, the others here at the same time{queued}"
     routes: dict[str, list[int]] = {}
     for rank in plan.cpu_ranks:
         entry = gpu_for_large_steps(plan, rank).get(settings.CPU_RANK_GPU)
-        if entry is None:
-            continue
-        if entry != gemm_channel.NEXT_STAGE:
-            route = f"steps of >= {tokens} tokens on GPU {entry} (the rank's own CUDA context)"
-        else:
-            route = f"steps of >= {tokens} tokens on the next stage's GPU rank (weights streamed from shared memory)"
-            pct = settings.cpu_gemm_split_pct()
-            if pct:
-                share = (f"the leading rows of the large layers, {pct} % of the stage's weights," if
-                         settings.cpu_gemm_split_large_only() else f"the leading {pct} % of each layer's rows")
-                queued = ", a step's requests queued ahead" if settings.cpu_gemm_queue_step() else ""
-                route += f"; smaller steps split: {share} there, the others here at the same time{queued}"
-        routes.setdefault(route, []).append(rank)
-    if not routes:
-        return ""
-    parts = [f"CPU rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}: {route}"
-             for route, ranks in routes.items()]
-    return "; ".join(parts) if len(parts) > 1 else parts[0].split(": ", 1)[1]
+        if entry is not None:
+            route = served if entry == gemm_channel.NEXT_STAGE else \
+                f"steps of >= {tokens} tokens on GPU {entry} (the rank's own CUDA context)"
+            routes.setdefault(route, []).append(rank)
+    if len(routes) < 2:
+        return next(iter(routes), "")
+    return "; ".join(f"CPU rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}: {route}"
+                     for route, ranks in routes.items())
 
 
 def omp_environment(cores) -> dict[str, str]:
