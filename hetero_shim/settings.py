@@ -111,6 +111,11 @@ CPU_GEMM_SPLIT_MAX_PCT = 90
 #: half the largest layer's weight), each with the share that keeps the next stage's rank at
 #: HETERO_SHIM_CPU_GEMM_SPLIT percent of the stage's weight: half the requests a step at Llama's shapes.
 CPU_GEMM_SPLIT_LAYERS = "HETERO_SHIM_CPU_GEMM_SPLIT_LAYERS"
+#: Small steps of at least TOKENS tokens give the next stage's rank a larger share of the rows:
+#: "TOKENS:PCT", e.g. "8:60" (TOKENS from 2 and below the large-step threshold, PCT above
+#: HETERO_SHIM_CPU_GEMM_SPLIT, at most 90). At batch 16 the CPU rank's rows take longer than the GPU
+#: rank's copies of its rows, at batch 1 about as long. Default off: one share for every small step.
+CPU_GEMM_SPLIT_WIDE = "HETERO_SHIM_CPU_GEMM_SPLIT_WIDE"
 SPLIT_LAYER_CHOICES = ("auto", "all", "large")
 #: "1": once a small step's first split request came, the next stage's rank queues the step's other
 #: split requests on its stream at once, each waiting on the stream for the CPU rank's go
@@ -347,6 +352,30 @@ def cpu_gemm_split_large_only() -> bool:
     return _choice(CPU_GEMM_SPLIT_LAYERS, SPLIT_LAYER_CHOICES) == "large"
 
 
+def cpu_gemm_split_wide() -> tuple[int, int] | None:
+    """HETERO_SHIM_CPU_GEMM_SPLIT_WIDE: (tokens, percent): small steps of at least that many tokens
+    split with that share; None: off."""
+    raw = os.environ.get(CPU_GEMM_SPLIT_WIDE, "").strip()
+    if raw.lower() in _FALSE:
+        return None
+    tokens, sep, pct = raw.partition(":")
+    if not sep or not tokens.strip().isdigit() or not pct.strip().isdigit():
+        raise HeteroConfigError(f"{CPU_GEMM_SPLIT_WIDE}={raw!r} is not understood; use TOKENS:PERCENT, e.g. 8:60 "
+                                "(small steps of at least 8 tokens: 60 % of the rows on the next stage's rank)")
+    tokens_n, pct_n = int(tokens), int(pct)
+    narrow, large = cpu_gemm_split_pct(), cpu_gemm_on_gpu_tokens()
+    if not narrow:
+        raise HeteroConfigError(f"{CPU_GEMM_SPLIT_WIDE}={raw!r} needs the split on: unset {CPU_GEMM_SPLIT} or set it "
+                                f"above 0, or unset {CPU_GEMM_SPLIT_WIDE}")
+    if not narrow < pct_n <= CPU_GEMM_SPLIT_MAX_PCT:
+        raise HeteroConfigError(f"{CPU_GEMM_SPLIT_WIDE}={raw!r}: the percentage must be above {CPU_GEMM_SPLIT}'s "
+                                f"{narrow} and at most {CPU_GEMM_SPLIT_MAX_PCT}")
+    if tokens_n < 2 or (large is not None and tokens_n >= large):
+        raise HeteroConfigError(f"{CPU_GEMM_SPLIT_WIDE}={raw!r}: the tokens must be 2 or more and below the "
+                                f"{large} from which a step's layers run whole on the GPU ({CPU_GEMM_ON_GPU})")
+    return tokens_n, pct_n
+
+
 def cpu_gemm_queue_step() -> bool:
     """HETERO_SHIM_CPU_GEMM_QUEUE_STEP: the next stage's rank queues a small step's split requests at once."""
     return _flag(CPU_GEMM_QUEUE_STEP, default=True)
@@ -511,6 +540,7 @@ def check_environment() -> None:
     cpu_gemm_chunk_bytes()
     cpu_gemm_split_pct()
     cpu_gemm_split_large_only()
+    cpu_gemm_split_wide()
     cpu_gemm_queue_step()
     cpu_gemm_served_timeout()
     cpu_gemm_check_calls()

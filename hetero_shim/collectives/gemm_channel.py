@@ -32,10 +32,12 @@ Layout::
 
 Protocol: the client writes x (and bias), LAYER, TOKENS, BIAS, ROWS, then REQUEST = n; the server
 computes and writes y, then ANSWER = n (after its stream is synchronised). ROWS 0 asks for the whole
-layer; otherwise for its first ``split`` rows (the table's, ``ROWS`` of them, in ``split_pieces``),
-which a small step's split asks for: the client computes the other rows meanwhile (``start`` ...
+layer; otherwise for its first ``split`` rows (the table's, ``ROWS`` of them, in ``split_pieces``;
+in steps of at least the table's ``wide_tokens`` tokens its ``wide`` rows, in ``wide_pieces``, where
+``HETERO_SHIM_CPU_GEMM_SPLIT_WIDE`` is set), which a small step's split asks for: both sides pick the
+rows by the step's token count; the client computes the other rows meanwhile (``start`` ...
 ``finish``), and the server streams those leading rows through the same two buffers, as a ring of
-layers of their own, the next layer's queued behind each answer, so that PCIe carries the next
+layers of their own (the wide rows another), the next layer's queued behind each answer, so that PCIe carries the next
 layer's rows while the CPU computes this one's. With ``HETERO_SHIM_CPU_GEMM_QUEUE_STEP`` (default 1)
 the server queues a step's further split requests before they come; those go through GO and DONE
 instead of REQUEST and ANSWER (gemm_queue.py). Pipeline steps are
@@ -190,7 +192,15 @@ class Segment:
         return self.bytes[off:off + nbytes].view(dtype)
 
 
-def _layout(layers: list, max_tokens: int) -> tuple[dict, int]:
+def split_rows(table: dict, index: int, tokens: int) -> int:
+    """The leading rows of layer ``index`` that a split of a ``tokens``-token step asks for (0: the
+    layer does not split): its ``wide`` rows from the table's ``wide_tokens`` on, where it has them."""
+    entry = table["layers"][index]
+    wide_from = table.get("wide_tokens", 0)
+    return entry["wide"] if wide_from and tokens >= wide_from and entry.get("wide") else entry["split"]
+
+
+def _layout(layers: list, max_tokens: int, wide_tokens: int = 0) -> tuple[dict, int]:
     def up(n: int) -> int:
         return -(-n // ALIGN) * ALIGN
 
@@ -209,20 +219,25 @@ def _layout(layers: list, max_tokens: int) -> tuple[dict, int]:
         w = layer.weight
         entries.append({"offset": at, "shape": list(w.shape), "dtype": str(w.dtype).removeprefix("torch."),
                         "pieces": [list(p) for p in layer.pieces], "split": getattr(layer, "split_rows", 0),
-                        "split_pieces": [list(p) for p in getattr(layer, "split_pieces", ())]})
+                        "split_pieces": [list(p) for p in getattr(layer, "split_pieces", ())],
+                        "wide": getattr(layer, "wide_rows", 0),
+                        "wide_pieces": [list(p) for p in getattr(layer, "wide_pieces", ())]})
         at += up(w.numel() * w.element_size())
     table["layers"] = entries
     table["max_tokens"] = max_tokens
+    table["wide_tokens"] = wide_tokens
     return table, at
 
 
 class GemmClient:
     """The CPU rank's side: the segment with its weights; :meth:`linear` asks the server."""
 
-    def __init__(self, layers: list, max_tokens: int, rank: int, sends: int = 0) -> None:
-        """``layers``: objects with ``weight`` (a CPU tensor) and ``pieces``; each ``weight`` is
-        replaced by its copy in the segment. ``sends``: this rank's pipeline sends so far."""
-        table, size = _layout(layers, max_tokens)
+    def __init__(self, layers: list, max_tokens: int, rank: int, sends: int = 0, wide_tokens: int = 0) -> None:
+        """``layers``: objects with ``weight`` (a CPU tensor) and ``pieces`` (and, where small steps
+        split, ``split_rows``, ``split_pieces``, ``wide_rows``, ``wide_pieces``); each ``weight`` is
+        replaced by its copy in the segment. ``sends``: this rank's pipeline sends so far;
+        ``wide_tokens``: from how many tokens a split takes the wide rows (0: never)."""
+        table, size = _layout(layers, max_tokens, wide_tokens)
         fd = os.memfd_create("hetero_shim_gemm")
         try:
             os.ftruncate(fd, size)
@@ -277,8 +292,8 @@ class GemmClient:
         return self.finish(x, index)
 
     def start(self, x, index: int, bias, split: bool = False) -> None:
-        """Ask for layer ``index`` (``split``: its first ``split`` rows only, ``bias`` those rows')
-        without waiting; :meth:`finish` waits for the answer."""
+        """Ask for layer ``index`` (``split``: its leading rows only, :func:`split_rows` of them,
+        ``bias`` those rows') without waiting; :meth:`finish` waits for the answer."""
         import torch
 
         w = self.seg.words
@@ -286,11 +301,11 @@ class GemmClient:
             raise RuntimeError("the next stage's rank stopped computing for this rank")
         entry = self.seg.table["layers"][index]
         n, k = entry["shape"]
-        rows = entry["split"] if split else 0
         dtype = getattr(torch, entry["dtype"])
         elem = dtype.itemsize
         flat = x.reshape(-1, k)
         m = flat.shape[0]
+        rows = split_rows(self.seg.table, index, m) if split else 0
         self.queued = split and gemm_queue.matches(self.seg.expect, index, self.requests + 1, self.sends + 1, m,
                                                    bias is not None)
         self.seg.region("x", m * k * elem, dtype).view(m, k).copy_(flat)
@@ -306,8 +321,8 @@ class GemmClient:
 
     def finish(self, x, index: int, split: bool = False, tail=None):
         """The answer to the last :meth:`start`: ``[*x.shape[:-1], rows]``, a new tensor. ``tail``
-        (a split's other rows, computed here) is joined after the answer in the same copy out of
-        shared memory: ``[*x.shape[:-1], rows + tail's]``."""
+        (a split's other rows, computed here: a tensor, or a tuple of them in column order) is joined
+        after the answer in the same copy out of shared memory: ``[*x.shape[:-1], rows + tail's]``."""
         import torch
 
         self._wait(self.requests, DONE if self.queued else ANSWER)
@@ -316,13 +331,14 @@ class GemmClient:
         dtype = getattr(torch, entry["dtype"])
         m = x.numel() // k
         if split:
-            n, pieces = entry["split"], entry["split_pieces"]
+            n = split_rows(self.seg.table, index, m)
+            pieces = entry["split_pieces"] if n == entry["split"] else entry["wide_pieces"]
         else:
             pieces = entry["pieces"]
         y = self.seg.region("y", m * n * dtype.itemsize, dtype)
         parts = [piece(y, m, first, end) for first, end in pieces]
-        if tail is not None:
-            parts.append(tail.reshape(m, -1))
+        for part in () if tail is None else tail if isinstance(tail, tuple) else (tail,):
+            parts.append(part.reshape(m, -1))
             n += parts[-1].shape[1]
         out = parts[0].clone() if len(parts) == 1 else torch.cat(parts, dim=1)
         return out.view(*x.shape[:-1], n)

@@ -42,10 +42,14 @@ class GemmServer:
             raise RuntimeError(f"{path} does not name a hetero_shim GEMM segment")
         self.device, self.client_pid, self.registered = device, pid, False
         self.layers = [_ServedLayer(i, seg, entry) for i, entry in enumerate(table["layers"])]
-        # each layer's leading rows, for small steps' splits: after the layers, a ring of their own
+        # each layer's leading rows, for small steps' splits: after the layers, a ring of their own;
+        # the wide rows of larger small steps (HETERO_SHIM_CPU_GEMM_SPLIT_WIDE) a third
         split = [i for i, entry in enumerate(table["layers"]) if entry.get("split")]
-        self.heads = {i: _ServedLayer(len(self.layers) + j, seg, table["layers"][i], split=True)
+        self.heads = {i: _ServedLayer(len(self.layers) + j, seg, table["layers"][i], "split")
                       for j, i in enumerate(split)}
+        wide = [i for i in split if table["layers"][i].get("wide")]
+        self.wides = {i: _ServedLayer(len(self.layers) + len(split) + j, seg, table["layers"][i], "wide")
+                      for j, i in enumerate(wide)}
         self.answered = seg.words[ch.ANSWER]  # a request the client made before this server existed is pending
         self.serving = True  # False once computing a layer failed or the client went idle: waits only
         self.streamer = None
@@ -60,10 +64,10 @@ class GemmServer:
                 seg.words[ch.STATE] = ch.FAILED
                 raise RuntimeError(f"cudaHostRegister of {size / (1 << 30):.2f} GiB failed ({err})")
             self.registered = True
-            streamed = self.layers + list(self.heads.values())
+            streamed = self.layers + list(self.heads.values()) + list(self.wides.values())
             slot = max(layer.weight.shape[1] * layer.weight.element_size() * (end - first)
                        for layer in streamed for first, end in layer.pieces)
-            rings = (len(self.layers), len(self.heads)) if self.heads else None
+            rings = tuple(n for n in (len(self.layers), len(self.heads), len(self.wides)) if n)
             self.streamer = weight_stream.WeightStreamer(device, streamed, slot, rings, settings.cpu_gemm_ahead())
         self.step = receives  # the pipeline step being served
         self.ahead = self._step_queue() if self.heads and settings.cpu_gemm_queue_step() else None
@@ -74,6 +78,9 @@ class GemmServer:
                  "%d layers, %.2f GiB of shared memory%s%s", pid, device, len(self.layers), size / (1 << 30),
                  " registered with CUDA" if self.registered else "",
                  f"; and the leading rows of {len(self.heads)} layers in its small steps" if self.heads else "")
+        if self.wides:
+            log.info("hetero_shim: small steps of >= %d tokens: more leading rows of %d layers (%s)",
+                     table["wide_tokens"], len(self.wides), settings.CPU_GEMM_SPLIT_WIDE)
 
     def _step_queue(self):
         """gemm_queue.StepQueue on this server's stream (the stand-in: a thread), or None (logged)
@@ -148,8 +155,13 @@ class GemmServer:
             if ahead is not None and ahead.pending():
                 ahead.release(f"request {request} came as the server had queued others for it (the CPU stage's "
                               f"split layers were not called in load order)")
-            split, index, m, with_bias = w[ch.ROWS] != 0, w[ch.LAYER], w[ch.TOKENS], bool(w[ch.BIAS])
-            self._compute(self.heads[index] if split else self.layers[index], m, with_bias)
+            rows, index, m, with_bias = w[ch.ROWS], w[ch.LAYER], w[ch.TOKENS], bool(w[ch.BIAS])
+            split = rows != 0
+            layer = self._head(index, m) if split else self.layers[index]
+            if split and layer.weight.shape[0] != rows:
+                raise RuntimeError(f"layer {index}: asked for {rows} leading rows of a {m}-token step, the table "
+                                   f"gives {layer.weight.shape[0]}")
+            self._compute(layer, m, with_bias)
             chain = ahead.publish(index, request, self.step, m, with_bias) if ahead is not None and split else []
             if self.streamer is not None:
                 self.streamer.stream.synchronize()
@@ -174,8 +186,16 @@ class GemmServer:
         if self.ahead is not None:
             self.ahead.release(None)
 
+    def _head(self, index: int, m: int):
+        """The leading rows of layer ``index`` that a split of an ``m``-token step computes
+        (gemm_channel.split_rows: the wide ones from the table's ``wide_tokens`` on)."""
+        wide_from = self.seg.table.get("wide_tokens", 0)
+        if wide_from and m >= wide_from and index in self.wides:
+            return self.wides[index]
+        return self.heads[index]
+
     def _compute_head(self, index: int, m: int, with_bias: bool) -> None:
-        self._compute(self.heads[index], m, with_bias)
+        self._compute(self._head(index, m), m, with_bias)
 
     def _compute(self, layer, m: int, with_bias: bool) -> None:
         """``x @ layer.weight.T (+ bias)`` of the segment's regions into y: queued on the streamer's
@@ -219,12 +239,12 @@ def _log_failure(exc: BaseException) -> None:
 
 
 class _ServedLayer:
-    """A layer as the server sees it: its weight in the segment and its pieces; with ``split``, only
-    its leading rows, in their pieces."""
+    """A layer as the server sees it: its weight in the segment and its pieces; with ``split``
+    ("split" or "wide"), only those leading rows, in their pieces."""
 
     __slots__ = ("index", "weight", "pieces")
 
-    def __init__(self, index: int, seg: ch.Segment, entry: dict, split: bool = False) -> None:
+    def __init__(self, index: int, seg: ch.Segment, entry: dict, split: str = "") -> None:
         import torch
 
         n, k = entry["shape"]
@@ -234,4 +254,4 @@ class _ServedLayer:
         self.weight = seg.bytes[entry["offset"]:entry["offset"] + nbytes].view(dtype).view(n, k)
         self.pieces = [tuple(p) for p in entry["pieces"]]
         if split:
-            self.weight, self.pieces = self.weight[:entry["split"]], [tuple(p) for p in entry["split_pieces"]]
+            self.weight, self.pieces = self.weight[:entry[split]], [tuple(p) for p in entry[f"{split}_pieces"]]

@@ -42,10 +42,10 @@ _server: gemm_server.GemmServer | None = None
 _server_gone = False  # stop looking for a client after a failure
 
 
-def open_client(layers: list, max_tokens: int, rank: int) -> ch.GemmClient:
+def open_client(layers: list, max_tokens: int, rank: int, wide_tokens: int = 0) -> ch.GemmClient:
     """The CPU rank's end: its linear weights moved into a new segment (gemm_channel.GemmClient)."""
     global _client
-    _client = ch.GemmClient(layers, max_tokens, rank, sends=_sends)
+    _client = ch.GemmClient(layers, max_tokens, rank, sends=_sends, wide_tokens=wide_tokens)
     import atexit
 
     atexit.register(_client.close)

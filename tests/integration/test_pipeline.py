@@ -235,6 +235,30 @@ def test_small_steps_split_requests_can_be_queued_before_they_come(four_layers):
     assert not [n for n in set(os.listdir("/dev/shm")) - before if "_gemm_" in n]
 
 
+def test_larger_small_steps_can_split_at_a_larger_share(four_layers):
+    """HETERO_SHIM_CPU_GEMM_SPLIT_WIDE on the real vLLM: decode steps of >= 2 tokens (8 sequences)
+    give the next stage's rank (the CPU stand-in) 75 % of each layer's rows instead of 50 %: the CPU
+    rank computes the others with vLLM's CPU kernels for its pieces of rows, both sides pick the rows
+    by the step's token count, and the step's requests are queued at those rows. The tokens must be
+    stock TP=1's (identical, or a near tie between kernels); nothing fails over to the CPU."""
+    stock = generate(four_layers, "--tp", "1", "--logprobs", "3")
+    before = set(os.listdir("/dev/shm"))
+    proc = procs.run_python([GENERATE, str(four_layers), *PP2, "--logprobs", "3"], timeout=300,
+                            HETERO_SHIM_CPU_GEMM_ON_GPU="9", HETERO_SHIM_CPU_RANK_GPU="next-stage",
+                            HETERO_SHIM_CPU_GEMM_SPLIT="50", HETERO_SHIM_CPU_GEMM_SPLIT_WIDE="2:75")
+    assert proc.returncode == 0, proc.stdout[-6000:]
+    out = proc.stdout.splitlines()
+    planned = [line for line in out if "small steps of >= 2 tokens give the next stage's rank" in line]
+    serving = [line for line in out if "small steps of >= 2 tokens: more leading rows of 8 layers" in line]
+    queued = [line for line in out if "split requests are queued before they come (7 after a step's first)" in line]
+    assert len(planned) == 1 and len(serving) == 1 and len(queued) == 1, proc.stdout[-4000:]
+    assert not [line for line in out if "serves each request as it comes" in line or "from now on" in line
+                or "stops computing" in line or "keeps its linear layers on the CPU" in line], proc.stdout[-4000:]
+    verdicts = closeness.compare(stock, parse_result(proc.stdout))
+    assert all(v.status in ("identical", "near tie") for v in verdicts), closeness.summary(verdicts)
+    assert not [n for n in set(os.listdir("/dev/shm")) - before if "_gemm_" in n]
+
+
 def test_small_steps_can_split_only_the_large_layers(four_layers):
     """HETERO_SHIM_CPU_GEMM_SPLIT_LAYERS=large on the real vLLM: the tiny Llama's o_proj (a quarter of
     gate_up's weight) stays whole on the CPU in decode steps; qkv, gate_up and down (at least half

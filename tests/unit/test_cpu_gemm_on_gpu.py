@@ -69,7 +69,8 @@ def test_the_rank_plan_says_where_cpu_ranks_linear_layers_go(monkeypatch):
     """The plan's line follows the settings the ranks will read: large steps to the next stage's GPU
     rank, smaller ones split with it (share, which layers, queued or not); own GPUs; nothing in TP."""
     for name in (settings.CPU_GEMM_ON_GPU, settings.CPU_GEMM_VIA, settings.CPU_GEMM_SPLIT,
-                 settings.CPU_GEMM_SPLIT_LAYERS, settings.CPU_GEMM_QUEUE_STEP, "CUDA_VISIBLE_DEVICES"):
+                 settings.CPU_GEMM_SPLIT_LAYERS, settings.CPU_GEMM_SPLIT_WIDE, settings.CPU_GEMM_QUEUE_STEP,
+                 "CUDA_VISIBLE_DEVICES"):
         monkeypatch.delenv(name, raising=False)
     route = rank_process.large_steps_route
     pipeline = RankPlan(world_size=2, gpu_ranks=1, cpu_first=True, pp_size=2, layers=(12, 20))
@@ -79,6 +80,10 @@ def test_the_rank_plan_says_where_cpu_ranks_linear_layers_go(monkeypatch):
     monkeypatch.setenv(settings.CPU_GEMM_QUEUE_STEP, "0")
     monkeypatch.setenv(settings.CPU_GEMM_SPLIT, "40")
     assert route(pipeline).endswith("the leading 40 % of each layer's rows there, the others here at the same time")
+    monkeypatch.setenv(settings.CPU_GEMM_SPLIT_WIDE, "8:60")
+    assert route(pipeline).endswith("the leading 40 % of each layer's rows (60 % in steps of >= 8 tokens) there, "
+                                    "the others here at the same time")
+    monkeypatch.delenv(settings.CPU_GEMM_SPLIT_WIDE)
     monkeypatch.setenv(settings.CPU_GEMM_SPLIT_LAYERS, "large")
     assert "the leading rows of the large layers, 40 % of the stage's weights, there" in route(pipeline)
     monkeypatch.setenv(settings.CPU_GEMM_SPLIT, "0")

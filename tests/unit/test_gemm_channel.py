@@ -349,3 +349,54 @@ def test_a_queued_request_that_fails_is_not_taken_for_an_answer(monkeypatch):
     assert outcomes[6][:3] == (2, 2, True) and "failed to compute" in outcomes[6][3]
     assert "stopped computing" in outcomes[7][3]  # the client's next call: nothing more asked of the server
     assert not server.serving and not server.ahead.on
+
+
+QWIDE = (64, 16, 16, 24)  # HETERO_SHIM_CPU_GEMM_SPLIT_WIDE's rows: more of each layer (the third: as many)
+
+
+def test_larger_small_steps_split_at_the_wide_rows(monkeypatch):
+    """With wide rows in the table, a split of a step of at least ``wide_tokens`` tokens asks for
+    them (both sides pick by the token count), narrower steps for the split rows; each step's
+    requests after its first are queued at the rows of its own size, and every result, the CPU's
+    rows joined as two parts, equals F.linear."""
+    import threading
+
+    monkeypatch.setenv("HETERO_SHIM_CPU_GEMM_QUEUE_STEP", "1")
+    gen, weights, layers = _split_layers(4)
+    for layer, rows in zip(layers, QWIDE):
+        layer.wide_rows = rows
+        layer.wide_pieces = weight_stream.row_pieces(rows, layer.weight.shape[1] * 4, 1024)
+    client = gc.GemmClient(layers, max_tokens=16, rank=11, wide_tokens=6)
+    server = gemm_server.GemmServer(client.path, torch.device("cpu"))
+    asked, worst, queued = [], 0.0, []
+    try:
+        for step, tokens in enumerate((3, 8, 8, 3, 6, 2), start=1):
+            serving = threading.Thread(target=server.serve_until, args=(step,))
+            serving.start()
+            flags = []
+            for index in FULL:
+                w = weights[index]
+                rows = gc.split_rows(client.seg.table, index, tokens)
+                asked.append(rows)
+                x = torch.randn(tokens, w.shape[1], generator=gen)
+                bias = torch.randn(w.shape[0], generator=gen) if index % 2 == 0 else None
+                client.start(x, index, None if bias is None else bias[:rows], split=True)
+                flags.append(client.queued)
+                mid = rows + (w.shape[0] - rows) // 2  # the CPU's rows as two kernels' parts
+                tail = tuple(torch.nn.functional.linear(x, w[a:b], None if bias is None else bias[a:b])
+                             for a, b in ((rows, mid), (mid, w.shape[0])))
+                got = client.finish(x, index, split=True, tail=tail)
+                want = torch.nn.functional.linear(x, w, bias)
+                assert got.shape == want.shape
+                worst = max(worst, ((got - want).abs().max() / want.abs().max()).item())
+            queued.append(flags)
+            client.publish_sends(step)
+            serving.join(10)
+            assert not serving.is_alive()
+    finally:
+        client.close()
+    narrow, wide = list(QSPLIT), list(QWIDE)
+    assert asked == narrow + wide + wide + narrow + wide + narrow
+    assert worst < 1e-6
+    assert queued[0] == [False] * 4 and all(flags == [False, True, True, True] for flags in queued[1:])
+    assert server.serving and server.ahead.on

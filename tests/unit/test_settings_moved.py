@@ -12,12 +12,29 @@ from hetero_shim import errors, settings
     (settings.CPU_GEMM_SPLIT_LAYERS, "small", "use one of auto, all, large"),
     (settings.CPU_GEMM_CHUNK_MIB, "-1", "whole number of MiB"),
     (settings.CPU_GEMM_QUEUE_STEP, "maybe", "is not understood; use 1 or 0"),
+    (settings.CPU_GEMM_SPLIT_WIDE, "60", "is not understood; use TOKENS:PERCENT, e.g. 8:60"),
+    (settings.CPU_GEMM_SPLIT_WIDE, "8:40", "the percentage must be above HETERO_SHIM_CPU_GEMM_SPLIT's 50"),
+    (settings.CPU_GEMM_SPLIT_WIDE, "8:95", "at most 90"),
+    (settings.CPU_GEMM_SPLIT_WIDE, "64:60", "the tokens must be 2 or more and below the 64"),
+    (settings.CPU_GEMM_SPLIT_WIDE, "1:60", "the tokens must be 2 or more"),
 ])
 def test_bad_value_fails_check_environment_in_one_line(monkeypatch, name, value, says):
     monkeypatch.setenv(name, value)
     with pytest.raises(errors.HeteroConfigError, match=says) as err:
         settings.check_environment()
     assert "\n" not in str(err.value) and name in str(err.value)
+
+
+def test_a_wider_split_for_larger_small_steps_is_off_unless_asked_for(monkeypatch):
+    monkeypatch.delenv(settings.CPU_GEMM_SPLIT_WIDE, raising=False)
+    monkeypatch.delenv(settings.CPU_GEMM_SPLIT, raising=False)
+    monkeypatch.delenv(settings.CPU_GEMM_ON_GPU, raising=False)
+    assert settings.cpu_gemm_split_wide() is None
+    monkeypatch.setenv(settings.CPU_GEMM_SPLIT_WIDE, " 8:60 ")
+    assert settings.cpu_gemm_split_wide() == (8, 60)
+    monkeypatch.setenv(settings.CPU_GEMM_SPLIT, "0")
+    with pytest.raises(errors.HeteroConfigError, match="needs the split on"):
+        settings.cpu_gemm_split_wide()
 
 
 def test_kernel_cache_must_be_a_folder(monkeypatch, tmp_path):

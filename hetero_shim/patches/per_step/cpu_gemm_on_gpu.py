@@ -215,6 +215,7 @@ class ServedSide(GpuSide):
     def __init__(self, min_tokens: int, rank: int) -> None:
         super().__init__(min_tokens, gemm_channel.NEXT_STAGE)
         self.rank, self.client = rank, None
+        self.wide_tokens = 0  # small steps of at least this many tokens split at the wide rows (0: never)
 
     def open(self, max_tokens: int) -> None:
         from hetero_shim.collectives import weight_stream
@@ -225,10 +226,18 @@ class ServedSide(GpuSide):
         large_only = settings.cpu_gemm_split_large_only()
         shapes = [(layer.weight.shape[0], layer.weight.shape[1] * layer.weight.element_size()) for layer in self.layers]
         plan = weight_stream.split_plan(shapes, pct, large_only, settings.CPU_GEMM_SPLIT_MAX_PCT)
-        for layer, rows, (_, row) in zip(self.layers, plan, shapes):
+        wide_tokens, wide_pct = (settings.cpu_gemm_split_wide() or (0, 0)) if pct else (0, 0)
+        wide = weight_stream.split_plan(shapes, wide_pct, large_only, settings.CPU_GEMM_SPLIT_MAX_PCT) if wide_pct \
+            else [0] * len(shapes)
+        for layer, rows, wide_rows, (_, row) in zip(self.layers, plan, wide, shapes):
             layer.split_rows = rows
             layer.split_pieces = weight_stream.row_pieces(rows, row, chunk) if rows else []
-        self.client = stage_handover.open_client(self.layers, max_tokens, self.rank)
+            # a layer that splits takes wide rows too (at least its split's), so that a step's
+            # requests stay in one ring of the server's
+            layer.wide_rows = max(rows, wide_rows) if rows and wide_pct else 0
+            layer.wide_pieces = weight_stream.row_pieces(layer.wide_rows, row, chunk) if layer.wide_rows else []
+        self.wide_tokens = wide_tokens
+        self.client = stage_handover.open_client(self.layers, max_tokens, self.rank, wide_tokens)
         split = [layer for layer in self.layers if layer.split_rows]
         for layer in split:  # after the weights moved to shared memory: the kernels' plain rows are views of it
             layer.split_kernels(self.dispatch)
@@ -236,6 +245,11 @@ class ServedSide(GpuSide):
         log.info("hetero_shim: CPU rank %d: linear layers of steps with >= %d tokens are computed by the next "
                  "stage's rank: %d layers, %.2f GiB of weights in shared memory (%s=0 keeps them on the CPU)",
                  self.rank, self.min_tokens, len(self.layers), self.client.size / (1 << 30), settings.CPU_GEMM_ON_GPU)
+        if split and wide_tokens:
+            log.info("hetero_shim: CPU rank %d: small steps of >= %d tokens give the next stage's rank %d %% of the "
+                     "weights the split's share below gives it (%s)", self.rank, wide_tokens,
+                     round(100 * sum(layer.wide_rows for layer in split) / sum(layer.split_rows for layer in split)),
+                     settings.CPU_GEMM_SPLIT_WIDE)
         if split and not large_only:
             log.info("hetero_shim: CPU rank %d: in smaller steps the next stage's rank computes the leading %d %% of "
                      "the rows of %d layers, their weights streamed, while this rank computes the others (%s=0 keeps "
@@ -257,9 +271,10 @@ class ServedSide(GpuSide):
     def split(self, x, layer: LayerChoice, bias):
         """A small step of ``layer``: its leading rows by the next stage's rank, the others here, at once;
         the two joined in one copy."""
-        rows = layer.split_rows
+        wide = self.wide_tokens and x.numel() >= self.wide_tokens * x.shape[-1]
+        rows = layer.wide_rows if wide else layer.split_rows
         self.client.start(x, layer.index, None if bias is None else bias[:rows], split=True)
-        tail = layer.tail(x, None if bias is None else bias[rows:])
+        tail = (layer.wide_tail if wide else layer.tail)(x, None if bias is None else bias[rows:])
         out = self.client.finish(x, layer.index, split=True, tail=tail)
         if not self.split_used:
             self.split_used = True
@@ -277,7 +292,8 @@ class LayerChoice:
     """A layer's ``cpu_linear``: vLLM's CPU kernel below the GPU side's token threshold (or while
     the GPU is not open), the GPU with the kept plain weight from it on."""
 
-    __slots__ = ("cpu", "weight", "side", "index", "pieces", "split_rows", "split_pieces", "tail")
+    __slots__ = ("cpu", "weight", "side", "index", "pieces", "split_rows", "split_pieces", "tail", "wide_rows",
+                 "wide_pieces", "wide_tail")
 
     def __init__(self, cpu, weight, side: GpuSide) -> None:
         self.cpu, self.weight, self.side = cpu, weight, side
@@ -285,22 +301,36 @@ class LayerChoice:
         self.pieces: list[tuple[int, int]] = [(0, weight.shape[0])]  # rows [first, end) streamed at once
         self.split_rows = 0  # small steps: rows [0, split_rows) computed by the next stage's rank
         self.split_pieces: list[tuple[int, int]] = []  # those rows as they are streamed
-        self.tail = None  # small steps: vLLM's CPU kernel for the other rows, (x, bias) -> y
+        self.tail = None  # small steps: vLLM's CPU kernel for the other rows, (x, bias) -> y (or a tuple)
+        self.wide_rows = 0  # larger small steps (HETERO_SHIM_CPU_GEMM_SPLIT_WIDE): rows [0, wide_rows) there
+        self.wide_pieces: list[tuple[int, int]] = []
+        self.wide_tail = None  # and vLLM's CPU kernel for the rows after them
         side.layers.append(self)
 
     def split_kernels(self, dispatch) -> None:
-        """vLLM's CPU kernels for rows [0, split_rows) and the rest, chosen by ``dispatch`` as for a
-        layer of those rows; the whole layer's kernel becomes the two (vLLM's copy of it is freed)."""
+        """vLLM's CPU kernels for rows [0, split_rows), [split_rows, wide_rows) where wide_rows is
+        larger, and the rest, each chosen by ``dispatch`` as for a layer of those rows; the whole
+        layer's kernel becomes them (vLLM's copy of it is freed, so the host holds no third copy)."""
         import torch
 
-        rows = self.split_rows
-        head, tail = _row_kernel(dispatch, self.weight[:rows]), _row_kernel(dispatch, self.weight[rows:])
+        cuts = [0, self.split_rows] + ([self.wide_rows] if self.wide_rows > self.split_rows else []) + \
+            [self.weight.shape[0]]
+        kernels = [_row_kernel(dispatch, self.weight[first:end]) for first, end in zip(cuts, cuts[1:])]
+        spans = list(zip(cuts, cuts[1:]))
+
+        def rows_from(i):
+            """Rows [cuts[i], n): the kernels from the i-th on; a tuple of parts where more than one."""
+            if len(kernels) - i == 1:
+                return lambda x, bias: kernels[i](x, bias)
+            return lambda x, bias: tuple(kernel(x, None if bias is None else bias[first - cuts[i]:end - cuts[i]])
+                                         for kernel, (first, end) in zip(kernels[i:], spans[i:]))
 
         def whole(x, weight, bias):
-            return torch.cat((head(x, None if bias is None else bias[:rows]),
-                              tail(x, None if bias is None else bias[rows:])), dim=-1)
+            return torch.cat([kernel(x, None if bias is None else bias[first:end])
+                              for kernel, (first, end) in zip(kernels, spans)], dim=-1)
 
-        self.cpu, self.tail = whole, tail
+        self.cpu, self.tail = whole, rows_from(1)
+        self.wide_tail = rows_from(len(kernels) - 1) if self.wide_rows else None
 
     def __call__(self, x, weight, bias):
         side = self.side

@@ -157,7 +157,9 @@ def large_steps_route(plan) -> str:
         share = (f"the leading rows of the large layers, {pct} % of the stage's weights," if
                  settings.cpu_gemm_split_large_only() else f"the leading {pct} % of each layer's rows")
         queued = ", a step's requests queued ahead" if settings.cpu_gemm_queue_step() else ""
-        served += f"; smaller steps split: {share} there, the others here at the same time{queued}"
+        wide = settings.cpu_gemm_split_wide()
+        wider = f" ({wide[1]} % in steps of >= {wide[0]} tokens)" if wide else ""
+        served += f"; smaller steps split: {share}{wider} there, the others here at the same time{queued}"
     routes: dict[str, list[int]] = {}
     for rank in plan.cpu_ranks:
         entry = gpu_for_large_steps(plan, rank).get(settings.CPU_RANK_GPU)
