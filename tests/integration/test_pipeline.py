@@ -248,7 +248,7 @@ def test_larger_small_steps_can_split_at_a_larger_share(four_layers):
                             HETERO_SHIM_CPU_GEMM_SPLIT="50", HETERO_SHIM_CPU_GEMM_SPLIT_WIDE="2:75")
     assert proc.returncode == 0, proc.stdout[-6000:]
     out = proc.stdout.splitlines()
-    planned = [line for line in out if "small steps of >= 2 tokens give the next stage's rank" in line]
+    planned = [line for line in out if "in small steps of >= 2 tokens the next stage's rank computes 75 % of the weights below instead of 50 %" in line]
     serving = [line for line in out if "small steps of >= 2 tokens: more leading rows of 8 layers" in line]
     queued = [line for line in out if "split requests are queued before they come (7 after a step's first)" in line]
     assert len(planned) == 1 and len(serving) == 1 and len(queued) == 1, proc.stdout[-4000:]

@@ -246,9 +246,8 @@ class ServedSide(GpuSide):
                  "stage's rank: %d layers, %.2f GiB of weights in shared memory (%s=0 keeps them on the CPU)",
                  self.rank, self.min_tokens, len(self.layers), self.client.size / (1 << 30), settings.CPU_GEMM_ON_GPU)
         if split and wide_tokens:
-            log.info("hetero_shim: CPU rank %d: small steps of >= %d tokens give the next stage's rank %d %% of the "
-                     "weights the split's share below gives it (%s)", self.rank, wide_tokens,
-                     round(100 * sum(layer.wide_rows for layer in split) / sum(layer.split_rows for layer in split)),
+            log.info("hetero_shim: CPU rank %d: in small steps of >= %d tokens the next stage's rank computes %d %% of "
+                     "the weights below instead of %d %% (%s)", self.rank, wide_tokens, wide_pct, pct,
                      settings.CPU_GEMM_SPLIT_WIDE)
         if split and not large_only:
             log.info("hetero_shim: CPU rank %d: in smaller steps the next stage's rank computes the leading %d %% of "
