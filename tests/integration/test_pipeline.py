@@ -219,20 +219,28 @@ def test_small_steps_split_requests_can_be_queued_before_they_come(four_layers):
     queue a thread) queues each decode step's 7 split requests after the first as soon as the first
     came; the CPU stage's later requests go through that queue in every step (no release: the
     requests come in the predicted order), and the tokens are stock TP=1's."""
+    out = _queued_split_run(four_layers, HETERO_SHIM_CPU_GEMM_QUEUE_STEP="1")
+    queued = [line for line in out if "split requests are queued before they come (7 after a step's first)" in line]
+    assert len(queued) == 1, "\n".join(out[-40:])
+
+
+def _queued_split_run(four_layers, **env) -> list[str]:
+    """PP=2 with decode steps split with the next stage's rank (the CPU stand-in), queued ahead, and
+    ``env``: the run's output lines, once its tokens were found to be stock TP=1's (identical, or a
+    near tie), nothing served as it came or fell back to the CPU, and nothing left in /dev/shm."""
     stock = generate(four_layers, "--tp", "1", "--logprobs", "3")
     before = set(os.listdir("/dev/shm"))
     proc = procs.run_python([GENERATE, str(four_layers), *PP2, "--logprobs", "3"], timeout=300,
                             HETERO_SHIM_CPU_GEMM_ON_GPU="9", HETERO_SHIM_CPU_RANK_GPU="next-stage",
-                            HETERO_SHIM_CPU_GEMM_SPLIT="50", HETERO_SHIM_CPU_GEMM_QUEUE_STEP="1")
+                            HETERO_SHIM_CPU_GEMM_SPLIT="50", **env)
     assert proc.returncode == 0, proc.stdout[-6000:]
     out = proc.stdout.splitlines()
-    queued = [line for line in out if "split requests are queued before they come (7 after a step's first)" in line]
-    assert len(queued) == 1, proc.stdout[-4000:]
     assert not [line for line in out if "serves each request as it comes" in line or "from now on" in line
                 or "stops computing" in line or "keeps its linear layers on the CPU" in line], proc.stdout[-4000:]
     verdicts = closeness.compare(stock, parse_result(proc.stdout))
     assert all(v.status in ("identical", "near tie") for v in verdicts), closeness.summary(verdicts)
     assert not [n for n in set(os.listdir("/dev/shm")) - before if "_gemm_" in n]
+    return out
 
 
 def test_larger_small_steps_can_split_at_a_larger_share(four_layers):
@@ -241,22 +249,12 @@ def test_larger_small_steps_can_split_at_a_larger_share(four_layers):
     rank computes the others with vLLM's CPU kernels for its pieces of rows, both sides pick the rows
     by the step's token count, and the step's requests are queued at those rows. The tokens must be
     stock TP=1's (identical, or a near tie between kernels); nothing fails over to the CPU."""
-    stock = generate(four_layers, "--tp", "1", "--logprobs", "3")
-    before = set(os.listdir("/dev/shm"))
-    proc = procs.run_python([GENERATE, str(four_layers), *PP2, "--logprobs", "3"], timeout=300,
-                            HETERO_SHIM_CPU_GEMM_ON_GPU="9", HETERO_SHIM_CPU_RANK_GPU="next-stage",
-                            HETERO_SHIM_CPU_GEMM_SPLIT="50", HETERO_SHIM_CPU_GEMM_SPLIT_WIDE="2:75")
-    assert proc.returncode == 0, proc.stdout[-6000:]
-    out = proc.stdout.splitlines()
-    planned = [line for line in out if "in small steps of >= 2 tokens the next stage's rank computes 75 % of the weights below instead of 50 %" in line]
+    out = _queued_split_run(four_layers, HETERO_SHIM_CPU_GEMM_SPLIT_WIDE="2:75")
+    planned = [line for line in out if "in small steps of >= 2 tokens the next stage's rank computes 75 % of the "
+               "weights below instead of 50 %" in line]
     serving = [line for line in out if "small steps of >= 2 tokens: more leading rows of 8 layers" in line]
     queued = [line for line in out if "split requests are queued before they come (7 after a step's first)" in line]
-    assert len(planned) == 1 and len(serving) == 1 and len(queued) == 1, proc.stdout[-4000:]
-    assert not [line for line in out if "serves each request as it comes" in line or "from now on" in line
-                or "stops computing" in line or "keeps its linear layers on the CPU" in line], proc.stdout[-4000:]
-    verdicts = closeness.compare(stock, parse_result(proc.stdout))
-    assert all(v.status in ("identical", "near tie") for v in verdicts), closeness.summary(verdicts)
-    assert not [n for n in set(os.listdir("/dev/shm")) - before if "_gemm_" in n]
+    assert len(planned) == 1 and len(serving) == 1 and len(queued) == 1, "\n".join(out[-40:])
 
 
 def test_small_steps_can_split_only_the_large_layers(four_layers):
