@@ -111,12 +111,12 @@ CPU_GEMM_SPLIT_MAX_PCT = 90
 #: half the largest layer's weight), each with the share that keeps the next stage's rank at
 #: HETERO_SHIM_CPU_GEMM_SPLIT percent of the stage's weight: half the requests a step at Llama's shapes.
 CPU_GEMM_SPLIT_LAYERS = "HETERO_SHIM_CPU_GEMM_SPLIT_LAYERS"
+SPLIT_LAYER_CHOICES = ("auto", "all", "large")
 #: Small steps of at least TOKENS tokens give the next stage's rank a larger share of the rows:
 #: "TOKENS:PCT", e.g. "8:60" (TOKENS from 2 and below the large-step threshold, PCT above
 #: HETERO_SHIM_CPU_GEMM_SPLIT, at most 90). At batch 16 the CPU rank's rows take longer than the GPU
 #: rank's copies of its rows, at batch 1 about as long. Default off: one share for every small step.
 CPU_GEMM_SPLIT_WIDE = "HETERO_SHIM_CPU_GEMM_SPLIT_WIDE"
-SPLIT_LAYER_CHOICES = ("auto", "all", "large")
 #: "1": once a small step's first split request came, the next stage's rank queues the step's other
 #: split requests on its stream at once, each waiting on the stream for the CPU rank's go
 #: (collectives/gemm_queue.py), so its host is off each request's path. Default 1; 0: each request is

@@ -37,8 +37,8 @@ in steps of at least the table's ``wide_tokens`` tokens its ``wide`` rows, in ``
 ``HETERO_SHIM_CPU_GEMM_SPLIT_WIDE`` is set), which a small step's split asks for: both sides pick the
 rows by the step's token count; the client computes the other rows meanwhile (``start`` ...
 ``finish``), and the server streams those leading rows through the same two buffers, as a ring of
-layers of their own (the wide rows another), the next layer's queued behind each answer, so that PCIe carries the next
-layer's rows while the CPU computes this one's. With ``HETERO_SHIM_CPU_GEMM_QUEUE_STEP`` (default 1)
+layers of their own (the wide rows another), the next layer's queued behind each answer, so that
+PCIe carries the next layer's rows while the CPU computes this one's. With ``HETERO_SHIM_CPU_GEMM_QUEUE_STEP`` (default 1)
 the server queues a step's further split requests before they come; those go through GO and DONE
 instead of REQUEST and ANSWER (gemm_queue.py). Pipeline steps are
 matched by count: the client publishes SENDS = its pipeline sends so far before each send; a GPU
