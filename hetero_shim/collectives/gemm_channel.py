@@ -38,10 +38,10 @@ in steps of at least the table's ``wide_tokens`` tokens its ``wide`` rows, in ``
 rows by the step's token count; the client computes the other rows meanwhile (``start`` ...
 ``finish``), and the server streams those leading rows through the same two buffers, as a ring of
 layers of their own (the wide rows another), the next layer's queued behind each answer, so that
-PCIe carries the next layer's rows while the CPU computes this one's. With ``HETERO_SHIM_CPU_GEMM_QUEUE_STEP`` (default 1)
-the server queues a step's further split requests before they come; those go through GO and DONE
-instead of REQUEST and ANSWER (gemm_queue.py). Pipeline steps are
-matched by count: the client publishes SENDS = its pipeline sends so far before each send; a GPU
+PCIe carries the next layer's rows while the CPU computes this one's. With
+``HETERO_SHIM_CPU_GEMM_QUEUE_STEP`` (default 1) the server queues a step's further split requests
+before they come; those go through GO and DONE instead of REQUEST and ANSWER (gemm_queue.py).
+Pipeline steps are matched by count: the client publishes SENDS = its pipeline sends so far before each send; a GPU
 rank at its k-th receive serves requests until SENDS >= k, then receives as vLLM would. The client
 rings BELL (collectives/doorbell.py) after each REQUEST, SENDS or STATE it publishes, and the server
 sleeps on it between them: by default after ~2000 ``sched_yield`` turns, at once where the plan
@@ -192,12 +192,18 @@ class Segment:
         return self.bytes[off:off + nbytes].view(dtype)
 
 
+def takes_wide(table: dict, index: int, tokens: int) -> bool:
+    """Whether a split of layer ``index`` in a ``tokens``-token step takes the layer's ``wide`` rows:
+    from the table's ``wide_tokens`` on, where it has them. Both sides decide by this alone."""
+    wide_from = table.get("wide_tokens", 0)
+    return bool(wide_from and tokens >= wide_from and table["layers"][index].get("wide"))
+
+
 def split_rows(table: dict, index: int, tokens: int) -> int:
     """The leading rows of layer ``index`` that a split of a ``tokens``-token step asks for (0: the
-    layer does not split): its ``wide`` rows from the table's ``wide_tokens`` on, where it has them."""
+    layer does not split): its ``wide`` rows where :func:`takes_wide`, else its ``split`` rows."""
     entry = table["layers"][index]
-    wide_from = table.get("wide_tokens", 0)
-    return entry["wide"] if wide_from and tokens >= wide_from and entry.get("wide") else entry["split"]
+    return entry["wide"] if takes_wide(table, index, tokens) else entry["split"]
 
 
 def _layout(layers: list, max_tokens: int, wide_tokens: int = 0) -> tuple[dict, int]:
@@ -331,8 +337,8 @@ class GemmClient:
         dtype = getattr(torch, entry["dtype"])
         m = x.numel() // k
         if split:
-            n = split_rows(self.seg.table, index, m)
-            pieces = entry["split_pieces"] if n == entry["split"] else entry["wide_pieces"]
+            wide = takes_wide(self.seg.table, index, m)
+            n, pieces = (entry["wide"], entry["wide_pieces"]) if wide else (entry["split"], entry["split_pieces"])
         else:
             pieces = entry["pieces"]
         y = self.seg.region("y", m * n * dtype.itemsize, dtype)

@@ -188,11 +188,8 @@ class GemmServer:
 
     def _head(self, index: int, m: int):
         """The leading rows of layer ``index`` that a split of an ``m``-token step computes
-        (gemm_channel.split_rows: the wide ones from the table's ``wide_tokens`` on)."""
-        wide_from = self.seg.table.get("wide_tokens", 0)
-        if wide_from and m >= wide_from and index in self.wides:
-            return self.wides[index]
-        return self.heads[index]
+        (the wide ones where gemm_channel.takes_wide)."""
+        return self.wides[index] if ch.takes_wide(self.seg.table, index, m) else self.heads[index]
 
     def _compute_head(self, index: int, m: int, with_bias: bool) -> None:
         self._compute(self._head(index, m), m, with_bias)

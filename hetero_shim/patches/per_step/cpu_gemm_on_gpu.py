@@ -215,7 +215,6 @@ class ServedSide(GpuSide):
     def __init__(self, min_tokens: int, rank: int) -> None:
         super().__init__(min_tokens, gemm_channel.NEXT_STAGE)
         self.rank, self.client = rank, None
-        self.wide_tokens = 0  # small steps of at least this many tokens split at the wide rows (0: never)
 
     def open(self, max_tokens: int) -> None:
         from hetero_shim.collectives import weight_stream
@@ -236,7 +235,6 @@ class ServedSide(GpuSide):
             # requests stay in one ring of the server's
             layer.wide_rows = max(rows, wide_rows) if rows and wide_pct else 0
             layer.wide_pieces = weight_stream.row_pieces(layer.wide_rows, row, chunk) if layer.wide_rows else []
-        self.wide_tokens = wide_tokens
         self.client = stage_handover.open_client(self.layers, max_tokens, self.rank, wide_tokens)
         split = [layer for layer in self.layers if layer.split_rows]
         for layer in split:  # after the weights moved to shared memory: the kernels' plain rows are views of it
@@ -270,7 +268,7 @@ class ServedSide(GpuSide):
     def split(self, x, layer: LayerChoice, bias):
         """A small step of ``layer``: its leading rows by the next stage's rank, the others here, at once;
         the two joined in one copy."""
-        wide = self.wide_tokens and x.numel() >= self.wide_tokens * x.shape[-1]
+        wide = gemm_channel.takes_wide(self.client.seg.table, layer.index, x.numel() // x.shape[-1])
         rows = layer.wide_rows if wide else layer.split_rows
         self.client.start(x, layer.index, None if bias is None else bias[:rows], split=True)
         tail = (layer.wide_tail if wide else layer.tail)(x, None if bias is None else bias[rows:])
@@ -320,7 +318,7 @@ class LayerChoice:
         def rows_from(i):
             """Rows [cuts[i], n): the kernels from the i-th on; a tuple of parts where more than one."""
             if len(kernels) - i == 1:
-                return lambda x, bias: kernels[i](x, bias)
+                return kernels[i]
             return lambda x, bias: tuple(kernel(x, None if bias is None else bias[first - cuts[i]:end - cuts[i]])
                                          for kernel, (first, end) in zip(kernels[i:], spans[i:]))
 
