@@ -112,17 +112,22 @@ def test_pieces_copied_ahead_give_gpu_only_tokens(gpu, evidence):
     evidence.check()
 
 
-@pytest.mark.parametrize("layers", ["all", "large"])
-def test_queued_split_requests_give_gpu_only_tokens(gpu, evidence, layers):
+@pytest.mark.parametrize("layers,wide", [("all", ""), ("large", ""), ("all", "2:65")],
+                         ids=["all", "large", "all-wide"])
+def test_queued_split_requests_give_gpu_only_tokens(gpu, evidence, layers, wide):
     """HETERO_SHIM_CPU_GEMM_QUEUE_STEP=1: the GPU rank queues each decode step's split requests after
     the first on its stream, behind CUDA stream waits on the CPU rank's go word in the registered
     segment, answered by stream writes; with every layer split (``all``) or only the large ones
-    (HETERO_SHIM_CPU_GEMM_SPLIT_LAYERS=large). Three pieces ahead. Tokens as GPU TP=1's, and the queue
-    never released (the requests came in the predicted order)."""
+    (HETERO_SHIM_CPU_GEMM_SPLIT_LAYERS=large); ``all-wide``: steps of 2 tokens or more split at 65 %
+    (HETERO_SHIM_CPU_GEMM_SPLIT_WIDE), so the batch's decode steps take the wide rows and its last
+    single sequences the default ones. Three pieces ahead. Tokens as GPU TP=1's, and the queue never
+    released (the requests came in the predicted order)."""
     model = tiny_models.get(tiny_models.NAMED["llama"])
     ref = gpu.reference(model, "float32", tp=1)
     env = {"HETERO_SHIM_CPU_GEMM_QUEUE_STEP": "1", "HETERO_SHIM_CPU_GEMM_AHEAD": "3",
            "HETERO_SHIM_CPU_GEMM_SPLIT_LAYERS": layers}
+    if wide:
+        env["HETERO_SHIM_CPU_GEMM_SPLIT_WIDE"] = wide
     got = gpu.generate(model, 1, True, "float32", evidence.dir, extra_env=env, pp=gpu.opts.pp)
     evidence.save("result", {"reference": ref, "hetero": got})
     log = open(got["run"]["log"]).read() if got else ""
@@ -133,8 +138,9 @@ def test_queued_split_requests_give_gpu_only_tokens(gpu, evidence, layers):
     evidence.row("the queue was never released", not released, released[0][-200:] if released else "")
     fell_back = "computes on the CPU from now on" in log or "keeps its linear layers" in log
     evidence.row("no fallback to the CPU", not fell_back, "")
-    evidence.compare_close(f"llama PP float32 greedy, split requests queued ahead ({layers} layers split) == GPU TP=1",
-                           ref, got)
+    wider = f", {wide} wide" if wide else ""
+    evidence.compare_close(f"llama PP float32 greedy, split requests queued ahead ({layers} layers split{wider}) == "
+                           "GPU TP=1", ref, got)
     evidence.check()
 
 
