@@ -192,18 +192,13 @@ class Segment:
         return self.bytes[off:off + nbytes].view(dtype)
 
 
-def takes_wide(table: dict, index: int, tokens: int) -> bool:
-    """Whether a split of layer ``index`` in a ``tokens``-token step takes the layer's ``wide`` rows:
-    from the table's ``wide_tokens`` on, where it has them. Both sides decide by this alone."""
+def split_kind(table: dict, index: int, tokens: int) -> str:
+    """Which rows a split of layer ``index`` in a ``tokens``-token step asks for: ``"wide"`` (the
+    layer's wide rows, from the table's ``wide_tokens`` on, where it has them) or ``"split"``. Both
+    sides decide by this alone; the answer names the table entry (``entry[kind]`` rows, streamed as
+    ``entry[kind + "_pieces"]``)."""
     wide_from = table.get("wide_tokens", 0)
-    return bool(wide_from and tokens >= wide_from and table["layers"][index].get("wide"))
-
-
-def split_rows(table: dict, index: int, tokens: int) -> int:
-    """The leading rows of layer ``index`` that a split of a ``tokens``-token step asks for (0: the
-    layer does not split): its ``wide`` rows where :func:`takes_wide`, else its ``split`` rows."""
-    entry = table["layers"][index]
-    return entry["wide"] if takes_wide(table, index, tokens) else entry["split"]
+    return "wide" if wide_from and tokens >= wide_from and table["layers"][index].get("wide") else "split"
 
 
 def _layout(layers: list, max_tokens: int, wide_tokens: int = 0) -> tuple[dict, int]:
@@ -274,6 +269,7 @@ class GemmClient:
         self.requests = 0
         self.sends = sends  # pipeline sends published: the step being computed is the next
         self.queued = False  # the last request went through GO (queued by the server), not REQUEST
+        self.kind = None  # the last request's split_kind (None: the whole layer)
         self.failed: str | None = None
 
     def wait_taken(self, step: int) -> None:
@@ -297,9 +293,10 @@ class GemmClient:
         self.start(x, index, bias)
         return self.finish(x, index)
 
-    def start(self, x, index: int, bias, split: bool = False) -> None:
-        """Ask for layer ``index`` (``split``: its leading rows only, :func:`split_rows` of them,
-        ``bias`` those rows') without waiting; :meth:`finish` waits for the answer."""
+    def start(self, x, index: int, bias, split: bool = False) -> str | None:
+        """Ask for layer ``index`` without waiting; :meth:`finish` waits for the answer. ``split``:
+        its leading rows only (and ``bias``'s), as :func:`split_kind` says; returns that kind
+        (None without ``split``), which :meth:`finish` uses too."""
         import torch
 
         w = self.seg.words
@@ -311,24 +308,27 @@ class GemmClient:
         elem = dtype.itemsize
         flat = x.reshape(-1, k)
         m = flat.shape[0]
-        rows = split_rows(self.seg.table, index, m) if split else 0
+        self.kind = split_kind(self.seg.table, index, m) if split else None
+        rows = entry[self.kind] if split else 0
         self.queued = split and gemm_queue.matches(self.seg.expect, index, self.requests + 1, self.sends + 1, m,
                                                    bias is not None)
         self.seg.region("x", m * k * elem, dtype).view(m, k).copy_(flat)
         if bias is not None:
-            self.seg.region("bias", (rows or n) * elem, dtype).copy_(bias)
+            self.seg.region("bias", (rows or n) * elem, dtype).copy_(bias[:rows] if rows else bias)
         self.requests += 1
         if self.queued:  # the server's stream waits for this word; its host is not woken
             w[GO] = self.requests
-            return
+            return self.kind
         w[LAYER], w[TOKENS], w[BIAS], w[ROWS] = index, m, int(bias is not None), rows
         w[REQUEST] = self.requests
         self.seg.bell.ring()
+        return self.kind
 
-    def finish(self, x, index: int, split: bool = False, tail=None):
-        """The answer to the last :meth:`start`: ``[*x.shape[:-1], rows]``, a new tensor. ``tail``
-        (a split's other rows, computed here: a tensor, or a tuple of them in column order) is joined
-        after the answer in the same copy out of shared memory: ``[*x.shape[:-1], rows + tail's]``."""
+    def finish(self, x, index: int, tail=None):
+        """The answer to the last :meth:`start` (the rows of the kind it chose): ``[*x.shape[:-1], rows]``,
+        a new tensor. ``tail`` (a split's other rows, computed here: a tensor, or a tuple of them in
+        column order) is joined after the answer in the same copy out of shared memory:
+        ``[*x.shape[:-1], rows + tail's]``."""
         import torch
 
         self._wait(self.requests, DONE if self.queued else ANSWER)
@@ -336,9 +336,8 @@ class GemmClient:
         n, k = entry["shape"]
         dtype = getattr(torch, entry["dtype"])
         m = x.numel() // k
-        if split:
-            wide = takes_wide(self.seg.table, index, m)
-            n, pieces = (entry["wide"], entry["wide_pieces"]) if wide else (entry["split"], entry["split_pieces"])
+        if self.kind is not None:
+            n, pieces = entry[self.kind], entry[self.kind + "_pieces"]
         else:
             pieces = entry["pieces"]
         y = self.seg.region("y", m * n * dtype.itemsize, dtype)

@@ -188,8 +188,8 @@ class GemmServer:
 
     def _head(self, index: int, m: int):
         """The leading rows of layer ``index`` that a split of an ``m``-token step computes
-        (the wide ones where gemm_channel.takes_wide)."""
-        return self.wides[index] if ch.takes_wide(self.seg.table, index, m) else self.heads[index]
+        (the wide ones where gemm_channel.split_kind says so)."""
+        return self.wides[index] if ch.split_kind(self.seg.table, index, m) == "wide" else self.heads[index]
 
     def _compute_head(self, index: int, m: int, with_bias: bool) -> None:
         self._compute(self._head(index, m), m, with_bias)

@@ -112,7 +112,7 @@ def test_the_timed_steps_of_the_real_channel_are_written(tmp_path, monkeypatch):
                 rows = layer.split_rows
                 client.start(x, index, None, split=True)
                 assert server._serve(client.requests)
-                got = client.finish(x, index, split=True, tail=x @ layer.weight[rows:].T)
+                got = client.finish(x, index, tail=x @ layer.weight[rows:].T)
                 torch.testing.assert_close(got, x @ layer.weight.T)
             timer.end_step()
     finally:

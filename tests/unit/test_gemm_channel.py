@@ -77,7 +77,7 @@ def _client(queue, kill_server_after: int | None):
                     y = client.seg.region("y", m * n * 4, torch.float32)
                     y.fill_(float("nan"))
                     client.start(x, index, None if bias is None else bias[:rows], split=True)
-                    got = client.finish(x, index, split=True)
+                    got = client.finish(x, index)
                     want = want[..., :rows]
                     assert got.shape == want.shape
                     assert bool(y[m * rows:].isnan().all()), "the server computed rows that were not asked for"
@@ -85,7 +85,7 @@ def _client(queue, kill_server_after: int | None):
                     # the split as a CPU rank runs it: the other rows computed here, joined after the answer
                     client.start(x, index, None if bias is None else bias[:rows], split=True)
                     tail = torch.nn.functional.linear(x, w[rows:], None if bias is None else bias[rows:])
-                    got = client.finish(x, index, split=True, tail=tail)
+                    got = client.finish(x, index, tail=tail)
                     want = torch.nn.functional.linear(x, w, bias)
                     assert got.shape == want.shape and bool((got[..., rows:] == tail).all())
                     worst = max(worst, ((got - want).abs().max() / want.abs().max()).item())
@@ -243,7 +243,7 @@ def _queued_client(queue, orders):
                 client.start(x, index, None if bias is None else bias[:rows], split=True)
                 flags.append(client.queued)
                 tail = torch.nn.functional.linear(x, w[rows:], None if bias is None else bias[rows:])
-                got = client.finish(x, index, split=True, tail=tail)
+                got = client.finish(x, index, tail=tail)
                 want = torch.nn.functional.linear(x, w, bias)
                 worst = max(worst, ((got - want).abs().max() / want.abs().max()).item())
             queued.append(flags)
@@ -334,7 +334,7 @@ def test_a_queued_request_that_fails_is_not_taken_for_an_answer(monkeypatch):
                 try:
                     client.start(x, index, None, split=True)
                     queued = client.queued
-                    got = client.finish(x, index, split=True)
+                    got = client.finish(x, index)
                     outcomes.append((step, index, queued, bool(torch.allclose(
                         got, torch.nn.functional.linear(x, weights[index][:QSPLIT[index]]), atol=1e-5))))
                 except RuntimeError as exc:
@@ -376,16 +376,15 @@ def test_larger_small_steps_split_at_the_wide_rows(monkeypatch):
             flags = []
             for index in FULL:
                 w = weights[index]
-                rows = gc.split_rows(client.seg.table, index, tokens)
-                asked.append(rows)
                 x = torch.randn(tokens, w.shape[1], generator=gen)
                 bias = torch.randn(w.shape[0], generator=gen) if index % 2 == 0 else None
-                client.start(x, index, None if bias is None else bias[:rows], split=True)
+                rows = client.seg.table["layers"][index][client.start(x, index, bias, split=True)]
+                asked.append(rows)
                 flags.append(client.queued)
                 mid = rows + (w.shape[0] - rows) // 2  # the CPU's rows as two kernels' parts
                 tail = tuple(torch.nn.functional.linear(x, w[a:b], None if bias is None else bias[a:b])
                              for a, b in ((rows, mid), (mid, w.shape[0])))
-                got = client.finish(x, index, split=True, tail=tail)
+                got = client.finish(x, index, tail=tail)
                 want = torch.nn.functional.linear(x, w, bias)
                 assert got.shape == want.shape
                 worst = max(worst, ((got - want).abs().max() / want.abs().max()).item())

@@ -268,11 +268,10 @@ class ServedSide(GpuSide):
     def split(self, x, layer: LayerChoice, bias):
         """A small step of ``layer``: its leading rows by the next stage's rank, the others here, at once;
         the two joined in one copy."""
-        wide = gemm_channel.takes_wide(self.client.seg.table, layer.index, x.numel() // x.shape[-1])
+        wide = self.client.start(x, layer.index, bias, split=True) == "wide"
         rows = layer.wide_rows if wide else layer.split_rows
-        self.client.start(x, layer.index, None if bias is None else bias[:rows], split=True)
         tail = (layer.wide_tail if wide else layer.tail)(x, None if bias is None else bias[rows:])
-        out = self.client.finish(x, layer.index, split=True, tail=tail)
+        out = self.client.finish(x, layer.index, tail=tail)
         if not self.split_used:
             self.split_used = True
             log.info("hetero_shim: CPU rank: a step of %d tokens split its linear layers with the next stage's rank",
@@ -312,8 +311,8 @@ class LayerChoice:
 
         cuts = [0, self.split_rows] + ([self.wide_rows] if self.wide_rows > self.split_rows else []) + \
             [self.weight.shape[0]]
-        kernels = [_row_kernel(dispatch, self.weight[first:end]) for first, end in zip(cuts, cuts[1:])]
         spans = list(zip(cuts, cuts[1:]))
+        kernels = [_row_kernel(dispatch, self.weight[first:end]) for first, end in spans]
 
         def rows_from(i):
             """Rows [cuts[i], n): the kernels from the i-th on; a tuple of parts where more than one."""
