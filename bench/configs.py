@@ -237,9 +237,11 @@ VARIANTS = {
     # the CPU ranks' threads on the reserved cores too, the processes waiting for them asleep
     "-share": {"HETERO_SHIM_SHARE_CORES": "1"},
     "-nothp": {"THP_MEM_ALLOC_ENABLE": "0"},
-    # the CPU rank's OpenMP threads: each on its own core; idle threads spinning instead of sleeping
+    # the CPU rank's OpenMP threads: each on its own core; idle threads spinning without a bound, or
+    # waiting as the OpenMP runtime's default has it (the pipeline's default: spin ~0.1 s, then sleep)
     "-pin": {"HETERO_SHIM_CPU_THREAD_PLACES": "core"},
     "-spin": {"HETERO_SHIM_CPU_OMP_WAIT": "active"},
+    "-nospin": {"HETERO_SHIM_CPU_OMP_WAIT": "runtime"},
     # the CPU ranks' linear layers of steps with 64 tokens or more (prefill) on the GPU (the default in
     # pipeline mode; in tensor-parallel mode only when asked for), and always on the CPU
     "-gpugemm": {"HETERO_SHIM_CPU_GEMM_ON_GPU": "on"},

@@ -74,10 +74,14 @@ SHARE_CORES = "HETERO_SHIM_SHARE_CORES"
 #: "core" one place per core with close binding, each thread kept on its own core.
 CPU_THREAD_PLACES = "HETERO_SHIM_CPU_THREAD_PLACES"
 CPU_THREAD_PLACE_CHOICES = ("auto", "rank", "core")
-#: OMP_WAIT_POLICY of a CPU rank beside GPU ranks: "auto" (default: as the environment has it),
-#: "active" (idle threads keep spinning on the rank's own cores) or "passive" (they sleep at once).
+#: How the idle OpenMP threads of a CPU rank beside GPU ranks wait: "auto" (default) "bounded" for
+#: the CPU stages of a pipeline with GPU stages whose cores are theirs alone, where the environment
+#: sets no OMP_WAIT_POLICY, else "runtime"; "bounded" spin on the rank's own cores for about 0.1 s
+#: (OMP_WAIT_POLICY=ACTIVE with GOMP_SPINCOUNT / KMP_BLOCKTIME bounding it), then sleep; "active"
+#: spin without a bound; "passive" sleep at once; "runtime" as the environment (or the OpenMP
+#: runtime's own default) has it.
 CPU_OMP_WAIT = "HETERO_SHIM_CPU_OMP_WAIT"
-CPU_OMP_WAIT_CHOICES = ("auto", "active", "passive")
+CPU_OMP_WAIT_CHOICES = ("auto", "bounded", "active", "passive", "runtime")
 #: Linear layers of a CPU rank beside GPU ranks, in steps of many tokens (prefill), run on a GPU of
 #: the node with the weights streamed from the rank's memory: "auto" (default: from 64 tokens on in
 #: pipeline mode, never in tensor-parallel mode), "0"/"off" (always on the CPU), "on" (from 64 tokens

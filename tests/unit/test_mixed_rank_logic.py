@@ -202,3 +202,33 @@ def test_cpu_rank_compiles_as_the_engine_does_in_scope(monkeypatch):
     monkeypatch.setenv(settings.CPU_RANK_COMPILE, "maybe")
     with pytest.raises(HeteroConfigError, match="HETERO_SHIM_CPU_RANK_COMPILE='maybe' is not understood"):
         settings.check_environment()
+
+
+@pytest.mark.parametrize("pp,shared,policy,choice,want", [
+    (2, (), None, "auto", "bounded"),  # a pipeline's CPU stage on its own cores
+    (1, (), None, "auto", "runtime"),  # tensor parallel: not measured, left as it was
+    (2, (0,), None, "auto", "runtime"),  # its threads also on the reserved cores: spinning would slow them
+    (2, (), "PASSIVE", "auto", "runtime"),  # the environment's own OMP_WAIT_POLICY wins
+    (1, (), None, "active", "active"),
+    (2, (), None, "runtime", "runtime"),
+])
+def test_idle_openmp_threads_wait(monkeypatch, pp, shared, policy, choice, want):
+    plan = RankPlan(world_size=2, gpu_ranks=1, cpu_lists=((2, 3, 4),), reserved=(0, 1), pp_size=pp,
+                    shared_cores=shared)
+    monkeypatch.setenv(settings.CPU_OMP_WAIT, choice)
+    if policy:
+        monkeypatch.setenv("OMP_WAIT_POLICY", policy)
+    else:
+        monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    for name in ("GOMP_SPINCOUNT", "KMP_BLOCKTIME"):
+        monkeypatch.delenv(name, raising=False)
+    assert rank_process.omp_wait(plan) == want
+    env = rank_process.omp_environment((2, 3, 4), plan)
+    if want == "bounded":
+        assert (env["OMP_WAIT_POLICY"], env["GOMP_SPINCOUNT"], env["KMP_BLOCKTIME"]) == ("ACTIVE", "10000000", "100")
+        monkeypatch.setenv("GOMP_SPINCOUNT", "5")  # the user's own bound is kept
+        assert rank_process.omp_environment((2, 3, 4), plan)["GOMP_SPINCOUNT"] == "5"
+    elif want == "runtime":
+        assert not {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME"} & env.keys()
+    else:
+        assert env["OMP_WAIT_POLICY"] == want.upper() and "GOMP_SPINCOUNT" not in env

@@ -83,10 +83,12 @@ def rank_environment(rank: int) -> dict[str, str]:
         env.update(gpu_for_large_steps(plan, rank))
         cores = plan.cpu_lists[plan.cpu_index(rank)] if plan.cpu_lists else ()
         if cores:
-            env.update(omp_environment(cores))
+            env.update(omp_environment(cores, plan))
             if confine:
                 env[settings.PROCESS_CPUS] = format_id_list(cores)
-            log.info("hetero_shim: CPU rank %d bound to cores %s", rank, format_id_list(cores))
+            log.info("hetero_shim: CPU rank %d bound to cores %s%s", rank, format_id_list(cores),
+                     "; its idle OpenMP threads spin before they sleep (%s=runtime: as the environment has it)"
+                     % settings.CPU_OMP_WAIT if env.get("OMP_WAIT_POLICY") == "ACTIVE" else "")
     return env
 
 
@@ -173,17 +175,38 @@ def large_steps_route(plan) -> str:
                      for route, ranks in routes.items())
 
 
-def omp_environment(cores) -> dict[str, str]:
+#: "bounded" waiting: libgomp's spin turns (12.5 ns each measured on the CI machine's Xeon, so about
+#: 0.125 s) and Intel OpenMP's block time in ms: long enough to span the gaps inside a pipeline's
+#: decode steps and between them, short enough that an idle engine's CPU ranks sleep. Spin turns
+#: and block time set in the environment are kept.
+BOUNDED_SPIN = {"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": "10000000", "KMP_BLOCKTIME": "100"}
+
+
+def omp_wait(plan) -> str:
+    """HETERO_SHIM_CPU_OMP_WAIT, "auto" resolved for ``plan``: "bounded" for the CPU stages of a
+    pipeline with GPU stages whose cores are theirs alone (between the many short parallel regions
+    of a decode step, sleeping threads took longer to wake than the regions' gaps), unless the
+    environment sets OMP_WAIT_POLICY itself; "runtime" otherwise."""
+    wait = settings.cpu_omp_wait()
+    if wait != "auto":
+        return wait
+    pipeline = plan is not None and plan.pp_size > 1 and plan.gpu_ranks > 0 and not plan.shared_cores
+    return "bounded" if pipeline and "OMP_WAIT_POLICY" not in os.environ else "runtime"
+
+
+def omp_environment(cores, plan=None) -> dict[str, str]:
     """OpenMP settings of a CPU rank on ``cores``: by default one place holding them all (threads
     may move among the rank's cores, as vLLM's generic OpenMP setup does); with
     HETERO_SHIM_CPU_THREAD_PLACES=core one place per core, thread i on core i (as vLLM's GNU and
-    Intel OpenMP setups pin them); HETERO_SHIM_CPU_OMP_WAIT sets the rank's OMP_WAIT_POLICY."""
+    Intel OpenMP setups pin them); how idle threads wait: :func:`omp_wait`."""
     if settings.cpu_thread_places() == "core":
         env = {"OMP_PLACES": ",".join("{%d}" % c for c in cores), "OMP_PROC_BIND": "close"}
     else:
         env = {"OMP_PLACES": "{" + ",".join(map(str, cores)) + "}", "OMP_PROC_BIND": "true"}
-    wait = settings.cpu_omp_wait()
-    if wait != "auto":
+    wait = omp_wait(plan)
+    if wait == "bounded":
+        env.update({k: v if k == "OMP_WAIT_POLICY" else os.environ.get(k, v) for k, v in BOUNDED_SPIN.items()})
+    elif wait != "runtime":
         env["OMP_WAIT_POLICY"] = wait.upper()
     return {"OMP_NUM_THREADS": str(len(cores))} | env
 
