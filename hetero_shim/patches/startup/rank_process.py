@@ -184,9 +184,9 @@ BOUNDED_SPIN = {"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": "10000000", "KMP_
 
 def omp_wait(plan) -> str:
     """HETERO_SHIM_CPU_OMP_WAIT, "auto" resolved for ``plan``: "bounded" for the CPU stages of a
-    pipeline with GPU stages whose cores are theirs alone (between the many short parallel regions
-    of a decode step, sleeping threads took longer to wake than the regions' gaps), unless the
-    environment sets OMP_WAIT_POLICY itself; "runtime" otherwise."""
+    pipeline with GPU stages whose cores are theirs alone (spinning made such a stage's own GEMM
+    22-33 % faster in decode, docs/performance.md), unless the environment sets OMP_WAIT_POLICY
+    itself; "runtime" otherwise."""
     wait = settings.cpu_omp_wait()
     if wait != "auto":
         return wait
