@@ -86,11 +86,12 @@ def rank_environment(rank: int) -> dict[str, str]:
             env.update(omp_environment(cores, plan))
             if confine:
                 env[settings.PROCESS_CPUS] = format_id_list(cores)
-            bound = f"GOMP_SPINCOUNT={env['GOMP_SPINCOUNT']}" if "GOMP_SPINCOUNT" in env else "without a bound"
-            spin = (f"; its idle OpenMP threads spin ({bound}; {settings.CPU_OMP_WAIT}=runtime: as the "
-                    "environment has it)")
-            log.info("hetero_shim: CPU rank %d bound to cores %s%s", rank, format_id_list(cores),
-                     spin if env.get("OMP_WAIT_POLICY") == "ACTIVE" else "")
+            spin = ""
+            if env.get("OMP_WAIT_POLICY") == "ACTIVE":
+                bound = f"GOMP_SPINCOUNT={env['GOMP_SPINCOUNT']}" if "GOMP_SPINCOUNT" in env else "without a bound"
+                spin = (f"; its idle OpenMP threads spin ({bound}; {settings.CPU_OMP_WAIT}=runtime: as the "
+                        "environment has it)")
+            log.info("hetero_shim: CPU rank %d bound to cores %s%s", rank, format_id_list(cores), spin)
     return env
 
 
@@ -177,11 +178,11 @@ def large_steps_route(plan) -> str:
                      for route, ranks in routes.items())
 
 
-#: "bounded" waiting: libgomp's spin turns (12.5 ns each measured on the CI machine's Xeon, so about
-#: 0.125 s) and Intel OpenMP's block time in ms: long enough to span the gaps inside a pipeline's
-#: decode steps and between them, short enough that an idle engine's CPU ranks sleep. Spin turns
-#: and block time set in the environment are kept.
-BOUNDED_SPIN = {"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": "10000000", "KMP_BLOCKTIME": "100"}
+#: The bound of "bounded" waiting (OMP_WAIT_POLICY=ACTIVE): libgomp's spin turns (12.5 ns each
+#: measured on the CI machine's Xeon, so about 0.125 s) and Intel OpenMP's block time in ms: long
+#: enough to span the gaps inside a pipeline's decode steps and between them, short enough that an
+#: idle engine's CPU ranks sleep. Spin turns and block time set in the environment are kept.
+SPIN_BOUND = {"GOMP_SPINCOUNT": "10000000", "KMP_BLOCKTIME": "100"}
 
 
 def omp_wait(plan) -> str:
@@ -196,7 +197,7 @@ def omp_wait(plan) -> str:
     return "bounded" if pipeline and "OMP_WAIT_POLICY" not in os.environ else "runtime"
 
 
-def omp_environment(cores, plan=None) -> dict[str, str]:
+def omp_environment(cores, plan) -> dict[str, str]:
     """OpenMP settings of a CPU rank on ``cores``: by default one place holding them all (threads
     may move among the rank's cores, as vLLM's generic OpenMP setup does); with
     HETERO_SHIM_CPU_THREAD_PLACES=core one place per core, thread i on core i (as vLLM's GNU and
@@ -206,10 +207,10 @@ def omp_environment(cores, plan=None) -> dict[str, str]:
     else:
         env = {"OMP_PLACES": "{" + ",".join(map(str, cores)) + "}", "OMP_PROC_BIND": "true"}
     wait = omp_wait(plan)
+    if wait != "runtime":
+        env["OMP_WAIT_POLICY"] = "PASSIVE" if wait == "passive" else "ACTIVE"
     if wait == "bounded":
-        env.update({k: v if k == "OMP_WAIT_POLICY" else os.environ.get(k, v) for k, v in BOUNDED_SPIN.items()})
-    elif wait != "runtime":
-        env["OMP_WAIT_POLICY"] = wait.upper()
+        env.update({k: os.environ.get(k, v) for k, v in SPIN_BOUND.items()})
     return {"OMP_NUM_THREADS": str(len(cores))} | env
 
 
