@@ -253,6 +253,7 @@ VARIANTS = {
     "-nosplit": {"HETERO_SHIM_CPU_GEMM_SPLIT": "0"},
     "-split30": {"HETERO_SHIM_CPU_GEMM_SPLIT": "30"},
     "-split40": {"HETERO_SHIM_CPU_GEMM_SPLIT": "40"},
+    "-split45": {"HETERO_SHIM_CPU_GEMM_SPLIT": "45"},
     "-split50": {"HETERO_SHIM_CPU_GEMM_SPLIT": "50"},
     "-split60": {"HETERO_SHIM_CPU_GEMM_SPLIT": "60"},
     "-split70": {"HETERO_SHIM_CPU_GEMM_SPLIT": "70"},
