@@ -89,8 +89,8 @@ def rank_environment(rank: int) -> dict[str, str]:
             spin = ""
             if env.get("OMP_WAIT_POLICY") == "ACTIVE":
                 bound = f"GOMP_SPINCOUNT={env['GOMP_SPINCOUNT']}" if "GOMP_SPINCOUNT" in env else "without a bound"
-                spin = (f"; its idle OpenMP threads spin ({bound}; {settings.CPU_OMP_WAIT}=runtime: as the "
-                        "environment has it)")
+                spin = (f"; its idle OpenMP threads spin ({bound}; {settings.CPU_OMP_WAIT}=runtime leaves the "
+                        "wait to the OpenMP runtime)")
             log.info("hetero_shim: CPU rank %d bound to cores %s%s", rank, format_id_list(cores), spin)
     return env
 
