@@ -254,6 +254,8 @@ VARIANTS = {
     "-split30": {"HETERO_SHIM_CPU_GEMM_SPLIT": "30"},
     "-split40": {"HETERO_SHIM_CPU_GEMM_SPLIT": "40"},
     "-split45": {"HETERO_SHIM_CPU_GEMM_SPLIT": "45"},
+    # the share the CPU rank measures at start-up (its one-token rate against PCIe's)
+    "-splitauto": {"HETERO_SHIM_CPU_GEMM_SPLIT": "auto"},
     "-split50": {"HETERO_SHIM_CPU_GEMM_SPLIT": "50"},
     "-split60": {"HETERO_SHIM_CPU_GEMM_SPLIT": "60"},
     "-split70": {"HETERO_SHIM_CPU_GEMM_SPLIT": "70"},

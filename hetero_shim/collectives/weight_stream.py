@@ -49,6 +49,15 @@ def split_rows(n: int, pct) -> int:
     return rows if rows >= SPLIT_ROW_BLOCK and n - rows >= SPLIT_ROW_BLOCK else 0
 
 
+def balanced_share(cpu_rate: float, copy_rate: float, low: int, high: int) -> int:
+    """The next stage's rank's share of each layer's rows, in whole percent within [low, high], at
+    which its copies (``copy_rate`` bytes/s) and the CPU rank's kernels (``cpu_rate``) take as long:
+    the share s with s / copy_rate = (1 - s) / cpu_rate."""
+    if cpu_rate <= 0 or copy_rate <= 0:
+        raise ValueError(f"rates must be positive (CPU {cpu_rate}, copies {copy_rate} bytes/s)")
+    return max(low, min(high, round(100 * copy_rate / (cpu_rate + copy_rate))))
+
+
 def split_plan(layers: list[tuple[int, int]], pct: int, large_only: bool = False, max_pct: int = 90) -> list[int]:
     """``split_rows`` of each layer (``(rows, bytes a row)`` each): ``pct`` percent of every layer; with
     ``large_only``, only of the layers of at least half the largest one's bytes, each of them with

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import procs
@@ -232,7 +233,7 @@ def _queued_split_run(four_layers, **env) -> list[str]:
     before = set(os.listdir("/dev/shm"))
     proc = procs.run_python([GENERATE, str(four_layers), *PP2, "--logprobs", "3"], timeout=300,
                             HETERO_SHIM_CPU_GEMM_ON_GPU="9", HETERO_SHIM_CPU_RANK_GPU="next-stage",
-                            HETERO_SHIM_CPU_GEMM_SPLIT="50", **env)
+                            **({"HETERO_SHIM_CPU_GEMM_SPLIT": "50"} | env))
     assert proc.returncode == 0, proc.stdout[-6000:]
     out = proc.stdout.splitlines()
     assert not [line for line in out if "serves each request as it comes" in line or "from now on" in line
@@ -255,6 +256,23 @@ def test_larger_small_steps_can_split_at_a_larger_share(four_layers):
     serving = [line for line in out if "small steps of >= 2 tokens: more leading rows of 8 layers" in line]
     queued = [line for line in out if "split requests are queued before they come (7 after a step's first)" in line]
     assert len(planned) == 1 and len(serving) == 1 and len(queued) == 1, "\n".join(out[-40:])
+
+
+def test_the_split_share_can_be_measured_at_start_up(four_layers):
+    """HETERO_SHIM_CPU_GEMM_SPLIT=auto on the real vLLM: the CPU rank times its kernels over its 8
+    layers for one token, logs the rate and the share it gives the next stage's rank (the CPU
+    stand-in), within 30-60 %, and splits every layer at that share; the step's requests are
+    queued at those rows and the tokens are stock TP=1's."""
+    out = _queued_split_run(four_layers, HETERO_SHIM_CPU_GEMM_SPLIT="auto")
+    measured = [re.search(r"its kernels read ([0-9.]+) GB/s of their weights for one token; with the copies at "
+                          r"55.0 GB/s the next stage's rank takes (\d+) % of the rows", line) for line in out]
+    measured = [m for m in measured if m]
+    assert len(measured) == 1, "\n".join(out[-40:])
+    rate, pct = float(measured[0].group(1)), int(measured[0].group(2))
+    assert rate > 0 and 30 <= pct <= 60
+    planned = [line for line in out if f"computes the leading {pct} % of the rows of 8 layers" in line]
+    queued = [line for line in out if "split requests are queued before they come (7 after a step's first)" in line]
+    assert len(planned) == 1 and len(queued) == 1, "\n".join(out[-40:])
 
 
 def test_small_steps_can_split_only_the_large_layers(four_layers):

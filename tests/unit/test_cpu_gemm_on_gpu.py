@@ -84,6 +84,10 @@ def test_the_rank_plan_says_where_cpu_ranks_linear_layers_go(monkeypatch):
     assert route(pipeline).endswith("the leading 40 % of each layer's rows (60 % in steps of >= 8 tokens) there, "
                                     "the others here at the same time")
     monkeypatch.delenv(settings.CPU_GEMM_SPLIT_WIDE)
+    monkeypatch.setenv(settings.CPU_GEMM_SPLIT, "auto")
+    assert route(pipeline).endswith("the leading rows of each layer, a share the CPU rank measures at start-up, "
+                                    "there, the others here at the same time")
+    monkeypatch.setenv(settings.CPU_GEMM_SPLIT, "40")
     monkeypatch.setenv(settings.CPU_GEMM_SPLIT_LAYERS, "large")
     assert "the leading rows of the large layers, 40 % of the stage's weights, there" in route(pipeline)
     monkeypatch.setenv(settings.CPU_GEMM_SPLIT, "0")
@@ -289,3 +293,59 @@ def test_a_traced_model_keeps_the_choice_per_call(monkeypatch):
         x = torch.randn(rows, 5)
         torch.testing.assert_close(forward(x), 2 * torch.nn.functional.linear(x, plain, layer.bias))
     assert side.calls == [8, 6] and cpu_calls == [1, 2]
+
+
+@pytest.mark.parametrize("cpu_gbps, copy_gbps, pct", [
+    (55, 55, 50),   # equal rates: half each
+    (103, 55, 35),  # a fast CPU side (the bound step's rate on an H100 machine): less on the GPU
+    (89.5, 58, 39),  # the rates measured inside the engine on that machine
+    (20, 55, 60),   # a slow CPU side: at most the range's top
+    (400, 55, 30),  # a very fast one: at least the range's bottom
+])
+def test_the_automatic_share_balances_the_two_rates(cpu_gbps, copy_gbps, pct):
+    assert weight_stream.balanced_share(cpu_gbps * 1e9, copy_gbps * 1e9, 30, 60) == pct
+
+
+def test_the_automatic_share_needs_positive_rates():
+    with pytest.raises(ValueError, match="rates must be positive"):
+        weight_stream.balanced_share(0.0, 55e9, 30, 60)
+
+
+class _Layer:
+    """A layer as one_token_rate reads it: a weight and ``cpu(x, weight, bias)``, counting its calls."""
+
+    def __init__(self, n, k):
+        self.weight, self.calls = torch.randn(n, k), 0
+
+    def cpu(self, x, weight, bias):
+        self.calls += 1
+        assert x.shape == (1, weight.shape[1]) and x.dtype == weight.dtype and bias is None
+        return torch.nn.functional.linear(x, weight)
+
+
+def test_the_one_token_rate_times_every_layer_with_one_token():
+    layers = [_Layer(256, 128), _Layer(128, 256), _Layer(512, 128)]
+    rate = gg.one_token_rate(layers, passes=2)
+    assert all(layer.calls == 3 for layer in layers)  # one untimed pass, two timed
+    assert 1e6 < rate < 1e13  # bytes/s of fp32 weights read on this machine
+
+
+def test_an_automatic_split_takes_the_measured_share(monkeypatch):
+    """``auto``: the served side's share comes from its layers' measured rate and the assumed copy
+    rate; a fixed percentage, the wider split and 0 keep their meaning."""
+    monkeypatch.setenv(settings.CPU_GEMM_SPLIT, "auto")
+    monkeypatch.delenv(settings.CPU_GEMM_SPLIT_WIDE, raising=False)
+    assert settings.cpu_gemm_split_auto() and settings.cpu_gemm_split_pct() == settings.CPU_GEMM_SPLIT_DEFAULT_PCT
+    side = gg.ServedSide(64, 1)
+    layers = [gg.LayerChoice(None, torch.randn(256, 128), side) for _ in range(2)]
+    for layer in layers:
+        layer.cpu = lambda x, weight, bias: torch.nn.functional.linear(x, weight)
+    monkeypatch.setattr(gg, "one_token_rate", lambda got: 110e9 if got is side.layers else 0.0)
+    assert side.measured_share() == 33  # 55 / (110 + 55)
+    monkeypatch.setattr(gg, "one_token_rate", lambda got: 1e9)
+    assert side.measured_share() == settings.CPU_GEMM_SPLIT_AUTO_RANGE[1]
+    monkeypatch.setenv(settings.CPU_GEMM_SPLIT_WIDE, "8:60")
+    with pytest.raises(HeteroConfigError, match="needs a fixed share"):
+        settings.cpu_gemm_split_wide()
+    monkeypatch.setenv(settings.CPU_GEMM_SPLIT, "45")
+    assert not settings.cpu_gemm_split_auto() and settings.cpu_gemm_split_pct() == 45

@@ -34,7 +34,8 @@ the CPU stage is compute-bound (an 8B CPU stage took 1.2-1.4 s for 512 tokens on
 host) while PCIe moves its weights in a fraction of that. Decode steps (a few tokens) are bound by
 how fast weights are read: the CPU streams them faster than PCIe (77-88 GB/s against 55 on the
 H200 host), but both together faster still, so where the next stage's GPU rank serves this rank,
-small steps split each linear layer (``HETERO_SHIM_CPU_GEMM_SPLIT``, ``split_plan``; with
+small steps split each linear layer (``HETERO_SHIM_CPU_GEMM_SPLIT``, ``split_plan``; with ``auto`` at
+the share that the rank's own one-token rate, timed at start-up, balances against PCIe's; with
 ``HETERO_SHIM_CPU_GEMM_SPLIT_LAYERS=large`` only the large ones, at a larger share): that rank
 computes the leading rows, their weights crossing PCIe (the next layer's queued behind each answer),
 while this rank computes the others with vLLM's CPU kernel for those rows (chosen by vLLM's own
@@ -50,6 +51,7 @@ Remove when: vLLM offloads a CPU worker's large GEMMs itself (not as of 0.33.0).
 from __future__ import annotations
 
 import os
+import time
 
 from hetero_shim import run_state, settings, versions
 from hetero_shim.arguments import Params
@@ -222,6 +224,8 @@ class ServedSide(GpuSide):
         chunk = settings.cpu_gemm_chunk_bytes()
         weight_stream.cut_into_pieces(self.layers, chunk)
         pct = settings.cpu_gemm_split_pct() if self.dispatch is not None else 0
+        if pct and settings.cpu_gemm_split_auto():
+            pct = self.measured_share()
         large_only = settings.cpu_gemm_split_large_only()
         shapes = [(layer.weight.shape[0], layer.weight.shape[1] * layer.weight.element_size()) for layer in self.layers]
         plan = weight_stream.split_plan(shapes, pct, large_only, settings.CPU_GEMM_SPLIT_MAX_PCT)
@@ -259,6 +263,21 @@ class ServedSide(GpuSide):
                      100 * rows / sum(layer.weight.numel() for layer in split), len(split),
                      settings.CPU_GEMM_SPLIT_LAYERS,
                      100 * rows / sum(layer.weight.numel() for layer in self.layers), len(self.layers) - len(split))
+
+    def measured_share(self) -> int:
+        """HETERO_SHIM_CPU_GEMM_SPLIT=auto: the share at which this rank's kernels and the next stage's
+        rank's copies (at settings.CPU_GEMM_SPLIT_COPY_RATE) would take as long, from the best of
+        three one-token passes over the layers (after one untimed); the CPU alone here, while in a
+        step the copies read the same memory."""
+        from hetero_shim.collectives import weight_stream
+
+        rate = one_token_rate(self.layers)
+        low, high = settings.CPU_GEMM_SPLIT_AUTO_RANGE
+        pct = weight_stream.balanced_share(rate, settings.CPU_GEMM_SPLIT_COPY_RATE, low, high)
+        log.info("hetero_shim: CPU rank %d: its kernels read %.1f GB/s of their weights for one token; with the "
+                 "copies at %.1f GB/s the next stage's rank takes %d %% of the rows (%s=auto)", self.rank,
+                 rate / 1e9, settings.CPU_GEMM_SPLIT_COPY_RATE / 1e9, pct, settings.CPU_GEMM_SPLIT)
+        return pct
 
     def linear(self, x, layer: LayerChoice, bias):
         out = self.client.linear(x, layer.index, bias)
@@ -348,6 +367,27 @@ class LayerChoice:
         if side.checks_left > 0:
             side.check(self, got, self.cpu(x, weight, bias))
         return got
+
+
+def one_token_rate(layers, passes: int = 3) -> float:
+    """Bytes/s at which the layers' CPU kernels (``cpu(x, weight, bias)``) read their weights for one
+    token: all the weights over the fastest of ``passes`` timed passes, after an untimed one."""
+    import torch
+
+    inputs = {}
+    for layer in layers:
+        k, dtype = layer.weight.shape[1], layer.weight.dtype
+        inputs.setdefault((k, dtype), torch.ones(1, k, dtype=dtype))
+    total = sum(layer.weight.numel() * layer.weight.element_size() for layer in layers)
+    best = float("inf")
+    with torch.inference_mode():
+        for turn in range(passes + 1):
+            start = time.perf_counter()
+            for layer in layers:
+                layer.cpu(inputs[layer.weight.shape[1], layer.weight.dtype], layer.weight, None)
+            if turn:
+                best = min(best, time.perf_counter() - start)
+    return total / best
 
 
 def _row_kernel(dispatch, weight):

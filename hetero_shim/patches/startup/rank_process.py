@@ -159,8 +159,13 @@ def large_steps_route(plan) -> str:
     served = f"steps of >= {tokens} tokens on the next stage's GPU rank (weights streamed from shared memory)"
     pct = settings.cpu_gemm_split_pct()
     if pct:
-        share = (f"the leading rows of the large layers, {pct} % of the stage's weights," if
-                 settings.cpu_gemm_split_large_only() else f"the leading {pct} % of each layer's rows")
+        large = settings.cpu_gemm_split_large_only()
+        if settings.cpu_gemm_split_auto():
+            share = (f"the leading rows of {'the large layers' if large else 'each layer'}, a share the CPU rank "
+                     f"measures at start-up,")
+        else:
+            share = (f"the leading rows of the large layers, {pct} % of the stage's weights," if large else
+                     f"the leading {pct} % of each layer's rows")
         queued = ", a step's requests queued ahead" if settings.cpu_gemm_queue_step() else ""
         wide = settings.cpu_gemm_split_wide()
         wider = f" ({wide[1]} % in steps of >= {wide[0]} tokens)" if wide else ""
