@@ -162,7 +162,7 @@ def large_steps_route(plan) -> str:
         large = settings.cpu_gemm_split_large_only()
         if settings.cpu_gemm_split_auto():
             share = (f"the leading rows of {'the large layers' if large else 'each layer'}, a share the CPU rank "
-                     f"measures at start-up,")
+                     "measures at start-up,")
         else:
             share = (f"the leading rows of the large layers, {pct} % of the stage's weights," if large else
                      f"the leading {pct} % of each layer's rows")
