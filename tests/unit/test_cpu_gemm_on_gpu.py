@@ -332,14 +332,11 @@ def test_the_one_token_rate_times_every_layer_with_one_token():
 
 def test_an_automatic_split_takes_the_measured_share(monkeypatch):
     """``auto``: the served side's share comes from its layers' measured rate and the assumed copy
-    rate; a fixed percentage, the wider split and 0 keep their meaning."""
+    rate; the wider split refuses it, and a fixed percentage keeps its meaning."""
     monkeypatch.setenv(settings.CPU_GEMM_SPLIT, "auto")
     monkeypatch.delenv(settings.CPU_GEMM_SPLIT_WIDE, raising=False)
     assert settings.cpu_gemm_split_auto() and settings.cpu_gemm_split_pct() == settings.CPU_GEMM_SPLIT_DEFAULT_PCT
     side = gg.ServedSide(64, 1)
-    layers = [gg.LayerChoice(None, torch.randn(256, 128), side) for _ in range(2)]
-    for layer in layers:
-        layer.cpu = lambda x, weight, bias: torch.nn.functional.linear(x, weight)
     monkeypatch.setattr(gg, "one_token_rate", lambda got: 110e9 if got is side.layers else 0.0)
     assert side.measured_share() == 33  # 55 / (110 + 55)
     monkeypatch.setattr(gg, "one_token_rate", lambda got: 1e9)
