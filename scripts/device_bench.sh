@@ -7,8 +7,7 @@
 #     GPUTESTS="pipeline_gives and llama-pp2-auto" bash scripts/device_bench.sh
 # MODEL, CONFIGS: bench/run.py's --models and --configs; DEADLINE: the bench's --deadline (s);
 # TOTAL: seconds for the whole script, the GPU tests get what the bench left (skipped under 60 s);
-# GPUTESTS: a pytest -k expression for tests/gpu/test_pipeline.py (empty: none);
-# GPUTEST_ENV: NAME=VALUE words set for the GPU tests only (not the bench), e.g. a HETERO_SHIM_ setting.
+# GPUTESTS: a pytest -k expression for tests/gpu/test_pipeline.py (empty: none).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?the output folder of the call}" "${MODEL:?e.g. 3b}" "${CONFIGS:?e.g. offload-uva,hetero-pp2}"
@@ -21,9 +20,9 @@ python3 bench/run.py --size full --models "$MODEL" --configs "$CONFIGS" --budget
   > "$OUT/bench-$MODEL.log" 2>&1
 (cd "$OUT" && tar czf "bench-$MODEL.tgz" "bench-$MODEL" && rm -rf "bench-$MODEL/breakdown" "bench-$MODEL/logs")
 left=$(( ${TOTAL:-575} - SECONDS ))
-echo "gpu tests start $(date -u +%T), $left s left, env: ${GPUTEST_ENV:-none}" >> "$OUT/times.txt"
+echo "gpu tests start $(date -u +%T), $left s left" >> "$OUT/times.txt"
 if [ -n "${GPUTESTS:-}" ] && [ "$left" -gt 60 ]; then
-  env ${GPUTEST_ENV:-} timeout "$left" python3 -m pytest -q tests/gpu/test_pipeline.py -k "$GPUTESTS" --gpu-stage-orders auto \
+  timeout "$left" python3 -m pytest -q tests/gpu/test_pipeline.py -k "$GPUTESTS" --gpu-stage-orders auto \
     --gpu-out "$OUT/gpu" > "$OUT/gputests.log" 2>&1
   echo "rc=$?" >> "$OUT/gputests.log"
   (cd "$OUT" && [ -d gpu ] && tar czf gpu.tgz gpu && rm -rf gpu)

@@ -17,6 +17,8 @@ the GPU's (the seeded tokens are kept as information in seeded.json, for both or
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from hetero_shim.testing import tiny_models
@@ -167,4 +169,29 @@ def test_compiled_cpu_stage_gives_gpu_only_tokens(gpu, evidence):
     evidence.row("the GPU rank took the CPU stage's activations from their shared memory",
                  "takes the CPU stage's activations from their shared memory" in log, "")
     evidence.compare_close("llama PP float32 greedy, compiled engine and CPU stage == GPU TP=1", ref, got)
+    evidence.check()
+
+
+def test_measured_split_share_gives_gpu_only_tokens(gpu, evidence):
+    """HETERO_SHIM_CPU_GEMM_SPLIT=auto with the GPU stage last: the CPU rank times its kernels over its
+    layers for one token at start-up, logs the rate and the share of the rows it gives the GPU rank
+    (30-60 %), its decode steps split at that share, and the tokens are GPU TP=1's up to a near tie.
+    (The harness drops HETERO_SHIM_ settings from the environment, so the setting is given here.)"""
+    model = tiny_models.get(tiny_models.NAMED["llama"])
+    ref = gpu.reference(model, "float32", tp=1)
+    got = gpu.generate(model, 1, True, "float32", evidence.dir, extra_env={"HETERO_SHIM_CPU_GEMM_SPLIT": "auto"},
+                       pp=gpu.opts.pp)
+    evidence.save("result", {"reference": ref, "hetero": got})
+    log = open(got["run"]["log"]).read() if got else ""
+    measured = [m for m in (re.search(r"its kernels read ([0-9.]+) GB/s of their weights for one token; with the "
+                                      r"copies at [0-9.]+ GB/s the next stage's rank takes (\d+) % of the rows", line)
+                            for line in log.splitlines()) if m]
+    pct = int(measured[0].group(2)) if measured else -1
+    evidence.row("the CPU rank measured its kernels and chose a share of 30-60 %", 30 <= pct <= 60,
+                 measured[0].group(0)[-160:] if measured else "no such line")
+    evidence.row(f"its small steps give the GPU rank that share ({pct} %)",
+                 f"the next stage's rank computes the leading {pct} % of the rows" in log, "")
+    evidence.row("decode steps split their linear layers with the GPU rank",
+                 "split its linear layers with the next stage's rank" in log, "")
+    evidence.compare_close("llama PP float32 greedy, share measured at start-up == GPU TP=1", ref, got)
     evidence.check()
