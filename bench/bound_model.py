@@ -3,8 +3,8 @@
 Pure arithmetic over bound.py's JSON (no torch, no subprocesses; unit-tested with made-up rates).
 ``bound_for(model, budget, rates)`` turns the rates into the ideal decode step at batch 1 for
 stock UVA offload and for heterogeneous TP and pipeline mode (bytes each device must read per
-token / its rate; collectives, attention and launch overheads ignored); ``best_cpu_rate`` and
-``best_split_pass`` pick the rates it uses, ``bound_of_config`` the entry a harness configuration
+token / its rate; collectives, attention and launch overheads ignored); ``best_cpu_rate`` picks the rate it
+uses and ``best_split_pass`` the pass it reports beside it, ``bound_of_config`` the entry a harness configuration
 is held against, ``plan_stage_layers`` / ``plan_gpu_layers`` read a run's rank plan; ``table``
 prints the measured rates, ``bounds_table`` a model's bounds.
 """
@@ -119,10 +119,9 @@ def bound_for(model, budget, rates: dict, tp_sizes=(2, 4), prefetch_layers: int 
       CPU stage comes first, the GPU rank computes part of each of its layers in small steps
       (``HETERO_SHIM_CPU_GEMM_SPLIT``), streaming those rows over PCIe at once: the CPU stage's bytes
       at the CPU rate plus the pinned host->GPU rate (the best split, the two assumed not to slow
-      each other), or, where the bound step also ran the split's pass over the CPU stage's layers
-      (``rates['split_pass']``, bench/costream.py), at the fastest such pass if that is lower: both
-      streams read the host's memory, and on the GPU machine the CPU kernel's reads gave way to the
-      copies; ``hetero-pp2-nosplit``: at the CPU rate alone.
+      each other). The split's pass measured outside the engine (``rates['split_pass']``,
+      bench/costream.py) is reported beside it, not used: the engine's own pass ran faster than it
+      on two machines, so it is no ceiling; ``hetero-pp2-nosplit``: at the CPU rate alone.
     - ``hetero-tpN``: every matrix split N ways, 1/N on the GPU rank, (N-1)/N on the CPU ranks
       (which share the plan's cores: the rate at the plan's thread count); ranks run at once:
       the larger of the two times.
@@ -173,8 +172,7 @@ def bound_for(model, budget, rates: dict, tp_sizes=(2, 4), prefetch_layers: int 
     if cpu_best:
         rate = cpu_best[0]
         measured = best_split_pass(rates)
-        capped = measured is not None and measured[0] < rate + h2d  # the streams slow each other
-        together = measured[0] if capped else rate + h2d
+        together = rate + h2d
         if measured:
             out["rates"]["split_pass_GBps"] = round(measured[0] / 1e9, 2)
             out["rates"]["split_pass_share"] = measured[1]
@@ -190,10 +188,10 @@ def bound_for(model, budget, rates: dict, tp_sizes=(2, 4), prefetch_layers: int 
                 gpu_bytes = sum(layers[:gpu_layers])
                 cpu_bytes = sum(layers[gpu_layers:]) + tail
             how = f"{rate / 1e9:.1f} GB/s ({cpu_best[1]})"
-            if split and capped:
-                how = f"{together / 1e9:.1f} GB/s, the split's fastest pass measured (GPU share {measured[1]})"
-            elif split:
+            if split:
                 how += f" + PCIe {h2d / 1e9:.1f} GB/s, split"
+                if measured:
+                    how += f" (the split's pass outside the engine: {measured[0] / 1e9:.1f} GB/s at GPU share {measured[1]})"
             entry = _entry(cpu_bytes, gpu_bytes, 0, cpu_bytes / stream + gpu_bytes / hbm,
                            f"{'CPU stage first' if cpu_first else 'GPU stage first'}: {gpu_layers} of {len(layers)} "
                            f"layers on the GPU; CPU stage {cpu_bytes / GIB:.2f} GiB at {how}")

@@ -356,13 +356,15 @@ def test_cpu_stage_gemm_rate_from_the_breakdown_and_the_plan():
     assert report.cpu_stage_gemm({"hetero_plan": plan}, model, r) is None  # no breakdown
 
 
-def test_a_measured_split_pass_below_the_sum_of_the_rates_bounds_the_split_pipeline():
-    """Both streams read the host's memory: where the bound step measured the split's pass over the CPU
-    stage's layers, the split pipeline's bound streams at its fastest pass when that is below CPU + PCIe."""
+def test_a_measured_split_pass_is_reported_but_does_not_lower_the_bound():
+    """The split's pass measured outside the engine (bench/costream.py) is no ceiling: the engine's own
+    pass ran faster than it on two GPU machines. The split pipeline's bound stays CPU + PCIe, and the
+    measured pass is reported beside it."""
     m = llama(28, 0.1875, 0.73, tied=True)
     b = configs.make_budget(m, FULL, gpu_total_gib=139.0, budget_ratio=1.5)
     r = rates({"packed": 76.0})
     plain = bound_model.bound_for(m, b, r)
+    assert "split_pass_GBps" not in plain["rates"] and "outside the engine" not in plain["hetero-pp2"]["how"]
     r["split_pass"] = {"by_fraction": {"0.0": {"1": {"GBps": 76.0}}, "0.4": {"1": {"GBps": 80.0}},
                                        "0.5": {"1": {"GBps": 82.6}, "16": {"GBps": 76.6}}, "0.6": {"1": {}}}}
     assert bound_model.best_split_pass(r) == (82.6e9, "0.5")
@@ -370,12 +372,9 @@ def test_a_measured_split_pass_below_the_sum_of_the_rates_bounds_the_split_pipel
     cf, g = out["hetero-pp2"], out["hetero-pp2"]["gpu_layers"]
     cpu_bytes = (28 - g) * int(0.1875 * GIB)
     gpu_bytes = g * int(0.1875 * GIB) + bound_model.model_bytes(m)["lm_head"] + 4096
-    assert cf["step_ms"] == pytest.approx((cpu_bytes / 82.6e9 + gpu_bytes / 4000e9) * 1e3, abs=1e-3)
-    assert "fastest pass" in cf["how"] and out["rates"]["split_pass_GBps"] == 82.6
-    assert cf["step_ms"] > plain["hetero-pp2"]["step_ms"]  # 82.6 < 76 + 55 GB/s
+    assert cf["step_ms"] == pytest.approx((cpu_bytes / (76e9 + 55e9) + gpu_bytes / 4000e9) * 1e3, abs=1e-3)
+    assert cf["step_ms"] == plain["hetero-pp2"]["step_ms"]
+    assert "outside the engine: 82.6 GB/s at GPU share 0.5" in cf["how"] and out["rates"]["split_pass_GBps"] == 82.6
     assert out["hetero-pp2-nosplit"] == plain["hetero-pp2-nosplit"]  # the CPU alone: unchanged
-    # a pass faster than the sum (not seen) leaves the sum
-    r["split_pass"]["by_fraction"]["0.5"]["1"]["GBps"] = 200.0
-    assert bound_model.bound_for(m, b, r)["hetero-pp2"]["step_ms"] == plain["hetero-pp2"]["step_ms"]
     assert bound_model.best_split_pass({}) is None
     assert bound_model.best_split_pass({"split_pass": {"error": "x"}}) is None
