@@ -271,6 +271,10 @@ class GemmClient:
         self.queued = False  # the last request went through GO (queued by the server), not REQUEST
         self.kind = None  # the last request's split_kind (None: the whole layer)
         self.failed: str | None = None
+        # per layer (n, k, dtype, entry), and the region views of small steps, made once: a decode
+        # step makes 4 requests per layer, and each torch view costs microseconds of Python
+        self.layer_info: dict[int, tuple] = {}
+        self.views: dict[tuple, object] = {}
 
     def wait_taken(self, step: int) -> None:
         """Until the server copied out the activations of pipeline step ``step`` (stage_handover.py);
@@ -302,17 +306,22 @@ class GemmClient:
         w = self.seg.words
         if w[STATE] != OPEN:
             raise RuntimeError("the next stage's rank stopped computing for this rank")
-        entry = self.seg.table["layers"][index]
-        n, k = entry["shape"]
-        dtype = getattr(torch, entry["dtype"])
+        n, k, dtype, entry = self.layer(index)
         elem = dtype.itemsize
-        flat = x.reshape(-1, k)
+        flat = x if x.dim() == 2 and x.shape[1] == k else x.reshape(-1, k)
         m = flat.shape[0]
         self.kind = split_kind(self.seg.table, index, m) if split else None
         rows = entry[self.kind] if split else 0
         self.queued = split and gemm_queue.matches(self.seg.expect, index, self.requests + 1, self.sends + 1, m,
                                                    bias is not None)
-        self.seg.region("x", m * k * elem, dtype).view(m, k).copy_(flat)
+        if split:
+            key = ("x", m, k, dtype)
+            dest = self.views.get(key)
+            if dest is None:
+                dest = self.views[key] = self.seg.region("x", m * k * elem, dtype).view(m, k)
+        else:  # a large step: its size varies too much to keep a view per size
+            dest = self.seg.region("x", m * k * elem, dtype).view(m, k)
+        dest.copy_(flat)
         if bias is not None:
             self.seg.region("bias", (rows or n) * elem, dtype).copy_(bias[:rows] if rows else bias)
         self.requests += 1
@@ -332,26 +341,44 @@ class GemmClient:
         import torch
 
         self._wait(self.requests, DONE if self.queued else ANSWER)
-        entry = self.seg.table["layers"][index]
-        n, k = entry["shape"]
-        dtype = getattr(torch, entry["dtype"])
+        n, k, dtype, entry = self.layer(index)
         m = x.numel() // k
-        if self.kind is not None:
-            n, pieces = entry[self.kind], entry[self.kind + "_pieces"]
+        if self.kind is not None:  # a small step: its answer's views made once per size
+            key = ("y", index, self.kind, m)
+            answer = self.views.get(key)
+            if answer is None:
+                answer = self.views[key] = self.answer_views(entry[self.kind], entry[self.kind + "_pieces"], m, dtype)
+            n, parts = answer[0], list(answer[1])
         else:
-            pieces = entry["pieces"]
-        y = self.seg.region("y", m * n * dtype.itemsize, dtype)
-        parts = [piece(y, m, first, end) for first, end in pieces]
+            n, parts = self.answer_views(n, entry["pieces"], m, dtype)
         for part in () if tail is None else tail if isinstance(tail, tuple) else (tail,):
-            parts.append(part.reshape(m, -1))
+            parts.append(part if part.dim() == 2 and part.shape[0] == m else part.reshape(m, -1))
             n += parts[-1].shape[1]
         out = parts[0].clone() if len(parts) == 1 else torch.cat(parts, dim=1)
-        return out.view(*x.shape[:-1], n)
+        return out if x.dim() == 2 else out.view(*x.shape[:-1], n)
+
+    def layer(self, index: int) -> tuple:
+        """(n, k, dtype, table entry) of layer ``index``."""
+        got = self.layer_info.get(index)
+        if got is None:
+            import torch
+
+            entry = self.seg.table["layers"][index]
+            n, k = entry["shape"]
+            got = self.layer_info[index] = (n, k, getattr(torch, entry["dtype"]), entry)
+        return got
+
+    def answer_views(self, n: int, pieces: list, m: int, dtype) -> tuple[int, list]:
+        """(n, views of the y region): an answer of ``n`` output columns for ``m`` tokens, piece by piece."""
+        y = self.seg.region("y", m * n * dtype.itemsize, dtype)
+        return n, [piece(y, m, first, end) for first, end in pieces]
 
     def _wait(self, request: int, word: int = ANSWER) -> None:
         """Until ``word`` (ANSWER, or DONE for a queued request) reaches ``request``; STATE is read
         after it (a server that stopped releases its queued requests after setting it)."""
         w = self.seg.words
+        if w[word] >= request and w[STATE] == OPEN:  # answered already: no clock, no setting read
+            return
         start = time.monotonic()
         limit = answer_timeout()
         waiter = Waiter()

@@ -399,3 +399,40 @@ def test_larger_small_steps_split_at_the_wide_rows(monkeypatch):
     assert worst < 1e-6
     assert queued[0] == [False] * 4 and all(flags == [False, True, True, True] for flags in queued[1:])
     assert server.serving and server.ahead.on
+
+
+def test_a_split_answer_is_joined_right_for_every_token_count_and_input_shape():
+    """The client keeps a small step's region views per layer, kind and token count: steps of changing
+    sizes, with inputs of one, two and three dimensions, each get F.linear's result. The server's part
+    is computed here, piece by piece into the answer region, as the CPU stand-in computes it."""
+    linear = torch.nn.functional.linear
+    gen = torch.Generator().manual_seed(3)
+    weights = [torch.randn(n, k, generator=gen) for n, k in SHAPES]
+    layers = [_Layer(w.clone()) for w in weights]
+    weight_stream.cut_into_pieces(layers, 1024)
+    for layer, rows in zip(layers, SPLIT):
+        layer.split_rows = rows
+        layer.split_pieces = weight_stream.row_pieces(rows, layer.weight.shape[1] * 4, 1024) if rows else []
+    client = gc.GemmClient(layers, max_tokens=16, rank=0)
+    try:
+        for m, dims in ((1, 1), (3, 2), (1, 2), (2, 3), (3, 2), (1, 1), (2, 2)):
+            for index, (weight, rows) in enumerate(zip(weights, SPLIT)):
+                if not rows:
+                    continue
+                k = weight.shape[1]
+                x = torch.randn(m, k, generator=gen)
+                shaped = x[0] if dims == 1 else x if dims == 2 else x.unsqueeze(0)
+                assert client.start(shaped, index, None, split=True) == "split"
+                sent = client.seg.region("x", m * k * 4, torch.float32).view(m, k)
+                assert torch.equal(sent, x)
+                y = client.seg.region("y", m * rows * 4, torch.float32)
+                for first, end in layers[index].split_pieces:
+                    gc.piece(y, m, first, end).copy_(linear(sent, weight[first:end]))
+                client.seg.words[gc.ANSWER] = client.requests
+                got = client.finish(shaped, index, tail=linear(shaped, weight[rows:]))
+                want = linear(shaped, weight)
+                assert got.shape == want.shape
+                assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+    finally:
+        client.close()
+        os.close(client.fd)
