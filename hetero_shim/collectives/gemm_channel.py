@@ -301,8 +301,6 @@ class GemmClient:
         """Ask for layer ``index`` without waiting; :meth:`finish` waits for the answer. ``split``:
         its leading rows only (and ``bias``'s), as :func:`split_kind` says; returns that kind
         (None without ``split``), which :meth:`finish` uses too."""
-        import torch
-
         w = self.seg.words
         if w[STATE] != OPEN:
             raise RuntimeError("the next stage's rank stopped computing for this rank")
