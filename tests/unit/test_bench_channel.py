@@ -127,3 +127,17 @@ def test_the_timed_steps_of_the_real_channel_are_written(tmp_path, monkeypatch):
     summary = channel.summarize(records, records)
     assert summary[3]["steps"] == 2 and summary[3]["requests_per_step"] == 2
     assert set(summary[3]["wait_in_ms"]) == {"pick-up", "serve", "notice"}
+
+
+def test_the_channel_clients_cost_per_request_is_measured(tmp_path):
+    """bench/channel_client.py times the client's start and finish over real segments (no peer, the
+    answer already there) and writes one row per token count."""
+    from bench import channel_client
+
+    out = tmp_path / "client.json"
+    assert channel_client.main(["--shapes", "96x32,40x96", "--tokens", "1,3", "--repeats", "20",
+                                "--out", str(out)]) == 0
+    got = json.loads(out.read_text())
+    assert [row["tokens"] for row in got["rows"]] == [1, 3]
+    assert all(row["us_per_request"] > 0 and row["requests"] == 40 for row in got["rows"])
+    assert got["share"] == 50 and got["shapes"] == [[96, 32], [40, 96]]
