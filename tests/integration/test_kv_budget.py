@@ -57,14 +57,15 @@ def test_default_sizing_with_four_cpu_ranks(models, reference):
     assert result["tokens"] == reference("llama")["tokens"]
 
 
-def test_numa_meminfo_smaller_than_the_host(models, reference):
+def test_numa_meminfo_smaller_than_the_host(models, reference, tmp_path):
     """A host whose NUMA meminfo reports 2 GiB of far more (faked through the shim's node reader in
     every process): budgets come from the host's MemAvailable, and the CPU ranks' own memory check
     sees the host's figures, so an explicit 3 GiB per rank (more than the node claims) starts."""
     fake = procs.REPO / "tests" / "integration" / "fake_numa"
     host_total = int(open("/proc/meminfo").read().split("MemTotal:")[1].split()[0]) * 1024
     result, report, log = run_tp2(models["llama"], "--kv-cache-bytes", "0", VLLM_CPU_KVCACHE_SPACE="3",
-                                  FAKE_NUMA_GIB="2", PYTHONPATH=f"{fake}:{procs.REPO}")
+                                  FAKE_NUMA_GIB="2", FAKE_NUMA_DIR=str(tmp_path),
+                                  PYTHONPATH=f"{fake}:{procs.REPO}")
     assert "NUMA meminfo reports 2.0 of" in result["plan"] and "is not used" in result["plan"]
     assert report["budgets"] == {0: 3 * GIB, 1: 3 * GIB}
     checked = [line for line in log.splitlines() if "Explicitly set" in line and "GiB for KV cache" in line]
