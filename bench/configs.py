@@ -261,6 +261,7 @@ VARIANTS = {
     "-split70": {"HETERO_SHIM_CPU_GEMM_SPLIT": "70"},
     # the default share below 8 tokens, a larger one from 8 (batch 16 decode: the CPU rank's rows take
     # longer than the GPU rank's copies at the default share)
+    "-wide55": {"HETERO_SHIM_CPU_GEMM_SPLIT_WIDE": "8:55"},
     "-wide60": {"HETERO_SHIM_CPU_GEMM_SPLIT_WIDE": "8:60"},
     "-wide65": {"HETERO_SHIM_CPU_GEMM_SPLIT_WIDE": "8:65"},
     # three pieces of weight copied to the GPU ahead of the one multiplied instead of one (four
