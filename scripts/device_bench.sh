@@ -23,7 +23,7 @@ left=$(( ${TOTAL:-575} - SECONDS ))
 echo "gpu tests start $(date -u +%T), $left s left" >> "$OUT/times.txt"
 if [ -n "${GPUTESTS:-}" ] && [ "$left" -gt 60 ]; then
   timeout "$left" python3 -m pytest -q tests/gpu/test_pipeline.py -k "$GPUTESTS" --gpu-stage-orders auto \
-    --gpu-out "$OUT/gpu" > "$OUT/gputests.log" 2>&1
+    --gpu-out "$OUT/gpu" --gpu-ref-cache /tmp/hs_gpu_refs > "$OUT/gputests.log" 2>&1
   echo "rc=$?" >> "$OUT/gputests.log"
   (cd "$OUT" && [ -d gpu ] && tar czf gpu.tgz gpu && rm -rf gpu)
 fi

@@ -10,7 +10,8 @@ every-rank-holds-rank-0's-tokens checks). Anywhere else every test is skipped wi
 
 Every vLLM run is a subprocess in its own process session with a time limit: on overrun the
 whole session is killed, and whatever of it is alive 30 s after it exited is reported. The
-GPU-only reference of a model and dtype is computed once per session. Each test writes its
+GPU-only reference of a model and dtype is computed once per session (with ``--gpu-ref-cache DIR``
+once per machine: later sessions reuse it where every input is the same). Each test writes its
 evidence (its rows, the tokens it compared, its runs' logs) to ``--gpu-out DIR/<module>/<test>/``
 (default: a temporary folder); the session writes every row to ``DIR/rows.json`` and prints the
 table of rows last.
@@ -36,7 +37,7 @@ REPO = HERE.parents[1]
 if str(REPO) not in sys.path:  # hetero_shim and bench from this checkout, also under the plain `pytest` command
     sys.path.insert(0, str(REPO))
 
-from hetero_shim.testing import closeness, kv_report, proctree, tiny_models  # noqa: E402
+from hetero_shim.testing import closeness, kv_report, proctree, reference_cache, tiny_models  # noqa: E402
 
 GENERATE = str(REPO / "hetero_shim" / "testing" / "generate.py")
 #: candidates per position every generation run writes, for the near-tie check (Evidence.compare_close)
@@ -62,6 +63,9 @@ def pytest_addoption(parser) -> None:
     group.addoption("--gpu-timeout", type=float, default=240, help="seconds one offline vLLM run may take")
     group.addoption("--gpu-skip-sampled", action="store_true", help="compare greedy tokens only, not seeded T=0.8")
     group.addoption("--shm-cpu-ranks", default="1,3", help="CPU ranks beside the GPU rank, one group per entry")
+    group.addoption("--gpu-ref-cache", default=None,
+                    help="folder that keeps GPU-only reference runs between sessions on this machine "
+                         "(hetero_shim/testing/reference_cache.py; default: each session computes its own)")
     group.addoption("--cpu-dry-run", action="store_true",
                     help="run only the tests marked cpu_dry_run, every rank on the CPU (a machine without a GPU)")
 
@@ -79,6 +83,7 @@ class Options:
     skip_sampled: bool
     shm_cpu_ranks: list[int]
     cpu_dry_run: bool
+    ref_cache: str | None = None
 
     def models_or(self, default: str) -> list[str]:
         return (self.models or default).split(",")
@@ -94,6 +99,7 @@ def options(config) -> Options:
         stage_orders=get("gpu_stage_orders", "auto,gpu-first").split(","),
         timeout=get("gpu_timeout", 240), skip_sampled=get("gpu_skip_sampled", False),
         shm_cpu_ranks=[int(c) for c in get("shm_cpu_ranks", "1,3").split(",")], cpu_dry_run=get("cpu_dry_run", False),
+        ref_cache=get("gpu_ref_cache", None),
     )
 
 
@@ -290,8 +296,30 @@ class GpuSession:
                   extra_env: dict[str, str] | None = None) -> dict | None:
         """Stock GPU-only vLLM (no shim), TP=``tp``: once per model, dtype, TP, length and environment per session."""
         key = ("reference", str(model), dtype, tp, max_tokens, tuple(sorted((extra_env or {}).items())))
-        return self.once(key, lambda: self.generate(model, tp, False, dtype, self.out / "reference",
-                                                    extra_env=extra_env, max_tokens=max_tokens))
+        return self.once(key, lambda: self._kept_reference(model, dtype, tp, max_tokens, extra_env))
+
+    def _kept_reference(self, model: Path, dtype: str, tp: int, max_tokens: int,
+                        extra_env: dict[str, str] | None) -> dict | None:
+        """The reference run, or the one ``--gpu-ref-cache`` kept for exactly these inputs."""
+        def compute():
+            return self.generate(model, tp, False, dtype, self.out / "reference", extra_env=extra_env,
+                                 max_tokens=max_tokens)
+
+        if not self.opts.ref_cache:
+            return compute()
+        args = {"tp": tp, "dtype": dtype, "max_tokens": max_tokens, "top": TOP_CANDIDATES,
+                "env": {k: v for k, v in run_env(extra_env).items() if k.startswith(("VLLM_", "HETERO_SHIM_", "CUDA"))}}
+        scripts = [Path(GENERATE), Path(tiny_models.__file__), Path(__file__)]  # this file: the run's arguments
+        name = reference_cache.key(model, args, scripts, reference_cache.gpu_models())
+        kept = reference_cache.load(self.opts.ref_cache, name)
+        if kept is not None:
+            print(f"-- reference of {model.name} {dtype} tp{tp} {max_tokens} tokens: kept run "
+                  f"{kept['run']['log']}", flush=True)
+            return kept
+        result = compute()
+        if result is not None and result["run"]["rc"] == 0:
+            reference_cache.store(self.opts.ref_cache, name, result, Path(result["run"]["log"]))
+        return result
 
     def once(self, key, compute):
         if key not in self._once:
