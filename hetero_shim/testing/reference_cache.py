@@ -17,6 +17,8 @@ import shutil
 from importlib import metadata
 from pathlib import Path
 
+from hetero_shim import versions
+
 
 def _file_digest(path: Path) -> str:
     digest = hashlib.sha256()
@@ -26,9 +28,9 @@ def _file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _installed(name: str) -> str:
+def _torch_version() -> str:
     try:
-        return metadata.version(name)
+        return metadata.version("torch")
     except metadata.PackageNotFoundError:
         return "not installed"
 
@@ -49,8 +51,8 @@ def key(model: Path, args: dict, scripts: list[Path], device: str) -> str:
     """The cache key of a reference run: the model folder's files (name, size and, for all but the
     weights, content; the weights' names carry no content, so their size and modification time),
     ``args`` (the run's arguments and environment), the content of ``scripts`` (the runner and what it
-    imports for prompts and models), vLLM's and torch's installed versions and ``device`` (the GPU's
-    name)."""
+    imports for prompts and models), the installed vLLM distribution and version (as the shim finds
+    it: ``versions.installed``) and torch's, and ``device`` (the GPU's name)."""
     files = []
     for path in sorted(Path(model).iterdir()):
         if path.is_file():
@@ -59,7 +61,7 @@ def key(model: Path, args: dict, scripts: list[Path], device: str) -> str:
                        else _file_digest(path))
             files.append((path.name, content))
     parts = {"model": [str(model), files], "args": args, "scripts": [_file_digest(p) for p in scripts],
-             "vllm": _installed("vllm"), "torch": _installed("torch"), "device": device}
+             "vllm": repr(versions.installed()), "torch": _torch_version(), "device": device}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
@@ -72,12 +74,13 @@ def load(folder: Path, name: str) -> dict | None:
         return None
 
 
-def store(folder: Path, name: str, result: dict, log: Path | None = None) -> None:
-    """Keep ``result`` (and a copy of its run's ``log``) under ``name``; written to a temporary name
-    and renamed, so a reader never sees half a result."""
+def store(folder: Path, name: str, result: dict) -> None:
+    """Keep ``result`` (and a copy of the log its ``run`` names) under ``name``; written to a
+    temporary name and renamed, so a reader never sees half a result."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    if log is not None and Path(log).is_file():
+    log = result.get("run", {}).get("log")
+    if log and Path(log).is_file():
         kept = folder / f"{name}.log"
         shutil.copyfile(log, f"{kept}.{os.getpid()}")
         os.replace(f"{kept}.{os.getpid()}", kept)

@@ -307,9 +307,9 @@ class GpuSession:
 
         if not self.opts.ref_cache:
             return compute()
-        args = {"tp": tp, "dtype": dtype, "max_tokens": max_tokens, "top": TOP_CANDIDATES,
+        args = {"tp": tp, "dtype": dtype, "max_tokens": max_tokens,
                 "env": {k: v for k, v in run_env(extra_env).items() if k.startswith(("VLLM_", "HETERO_SHIM_", "CUDA"))}}
-        scripts = [Path(GENERATE), Path(tiny_models.__file__), Path(__file__)]  # this file: the run's arguments
+        scripts = [Path(GENERATE), Path(tiny_models.__file__), Path(__file__)]  # this file: the run's other arguments
         name = reference_cache.key(model, args, scripts, reference_cache.gpu_models())
         kept = reference_cache.load(self.opts.ref_cache, name)
         if kept is not None:
@@ -318,7 +318,7 @@ class GpuSession:
             return kept
         result = compute()
         if result is not None and result["run"]["rc"] == 0:
-            reference_cache.store(self.opts.ref_cache, name, result, Path(result["run"]["log"]))
+            reference_cache.store(self.opts.ref_cache, name, result)
         return result
 
     def once(self, key, compute):

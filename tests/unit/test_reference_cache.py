@@ -42,7 +42,7 @@ def test_a_stored_result_comes_back_with_its_log_and_nothing_else_does(tmp_path)
     assert reference_cache.load(cache, "abc") is None
     log = tmp_path / "run.log"
     log.write_text("RESULT {}\n")
-    reference_cache.store(cache, "abc", {"tokens": [[1, 2]], "run": {"rc": 0, "log": str(log)}}, log)
+    reference_cache.store(cache, "abc", {"tokens": [[1, 2]], "run": {"rc": 0, "log": str(log)}})
     got = reference_cache.load(cache, "abc")
     assert got["tokens"] == [[1, 2]]
     assert got["run"]["log"] == str(cache / "abc.log") and (cache / "abc.log").read_text() == "RESULT {}\n"
