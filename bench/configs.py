@@ -271,6 +271,10 @@ VARIANTS = {
     # so the automatic split stays (3B at 1.5x the budget: 14 GPU layers; by the planner's charges 13
     # with -ahead3 alone)
     "-chunk16": {"HETERO_SHIM_CPU_GEMM_CHUNK_MIB": "16"},
+    # eight pieces of 8 MiB ahead (nine buffers, 72 MiB against the default's 64): twice the default's
+    # weight copied ahead, so PCIe goes on copying while the CPU stage runs attention, norms and the join
+    "-ahead8": {"HETERO_SHIM_CPU_GEMM_AHEAD": "8"},
+    "-chunk8": {"HETERO_SHIM_CPU_GEMM_CHUNK_MIB": "8"},
     # small steps split only the large linear layers (gate_up and down at Llama's shapes), the GPU
     # rank's share of the stage's weight kept: half the requests a step
     "-bigsplit": {"HETERO_SHIM_CPU_GEMM_SPLIT_LAYERS": "large"},
