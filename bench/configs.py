@@ -256,6 +256,8 @@ VARIANTS = {
     "-split45": {"HETERO_SHIM_CPU_GEMM_SPLIT": "45"},
     # the share the CPU rank measures at start-up (its one-token rate against PCIe's)
     "-splitauto": {"HETERO_SHIM_CPU_GEMM_SPLIT": "auto"},
+    # the share chosen while the CPU rank runs: 40, 50 or 60 %, whichever split took least per step size
+    "-splitadapt": {"HETERO_SHIM_CPU_GEMM_SPLIT": "adapt"},
     "-split50": {"HETERO_SHIM_CPU_GEMM_SPLIT": "50"},
     "-split60": {"HETERO_SHIM_CPU_GEMM_SPLIT": "60"},
     "-split70": {"HETERO_SHIM_CPU_GEMM_SPLIT": "70"},

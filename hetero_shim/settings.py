@@ -110,7 +110,8 @@ CPU_GEMM_VIA_CHOICES = ("auto", "own")
 #: both the host's memory channels and PCIe carry weights. Whole number, 0 (off) to 90; default 50.
 #: "auto": the CPU rank times its own kernels over its layers at start-up and gives the GPU rank
 #: the share at which both sides would finish together, with the GPU rank's copies at
-#: CPU_GEMM_SPLIT_COPY_RATE; within CPU_GEMM_SPLIT_AUTO_RANGE.
+#: CPU_GEMM_SPLIT_COPY_RATE; within CPU_GEMM_SPLIT_AUTO_RANGE. "adapt": each small step takes one of
+#: CPU_GEMM_SPLIT_ADAPT_SHARES, the one whose split took least in the steps of its size so far.
 CPU_GEMM_SPLIT = "HETERO_SHIM_CPU_GEMM_SPLIT"
 CPU_GEMM_SPLIT_DEFAULT_PCT = 50
 CPU_GEMM_SPLIT_MAX_PCT = 90
@@ -119,6 +120,10 @@ CPU_GEMM_SPLIT_MAX_PCT = 90
 CPU_GEMM_SPLIT_COPY_RATE = 55e9
 #: the automatic share's range, in percent (the shares run in the engine span 40-60)
 CPU_GEMM_SPLIT_AUTO_RANGE = (30, 60)
+#: "adapt": the shares the CPU rank chooses from while it runs (collectives/share_choice.py), in
+#: percent, the default's in the middle. The balanced share measured 36-58 % between machines of the
+#: GPU kind and between step sizes on one.
+CPU_GEMM_SPLIT_ADAPT_SHARES = (40, 50, 60)
 #: Which linear layers small steps split: "all" (the default, "auto"), or only "large" ones (at least
 #: half the largest layer's weight), each with the share that keeps the next stage's rank at
 #: HETERO_SHIM_CPU_GEMM_SPLIT percent of the stage's weight: half the requests a step at Llama's shapes.
@@ -355,13 +360,20 @@ def cpu_gemm_split_auto() -> bool:
     return os.environ.get(CPU_GEMM_SPLIT, "").strip().lower() == "auto"
 
 
+def cpu_gemm_split_adapt() -> bool:
+    """HETERO_SHIM_CPU_GEMM_SPLIT=adapt: each small step takes one of CPU_GEMM_SPLIT_ADAPT_SHARES, chosen
+    as the rank runs."""
+    return os.environ.get(CPU_GEMM_SPLIT, "").strip().lower() == "adapt"
+
+
 def cpu_gemm_split_pct() -> int:
     """HETERO_SHIM_CPU_GEMM_SPLIT: the GPU rank's share of a small step's rows, in percent (0: none;
-    with ``auto`` the default's, which the CPU rank replaces by the share it measures)."""
-    if cpu_gemm_split_auto():
+    with ``auto`` the default's, which the CPU rank replaces by the share it measures; with ``adapt``
+    the default's, the middle one of those it chooses from)."""
+    if cpu_gemm_split_auto() or cpu_gemm_split_adapt():
         return CPU_GEMM_SPLIT_DEFAULT_PCT
     value = _whole_number_up_to(CPU_GEMM_SPLIT, 0, CPU_GEMM_SPLIT_MAX_PCT, f"must be a whole percentage of rows, 0 (off) "
-                                f"to {CPU_GEMM_SPLIT_MAX_PCT} (default {CPU_GEMM_SPLIT_DEFAULT_PCT}), or auto",
+                                f"to {CPU_GEMM_SPLIT_MAX_PCT} (default {CPU_GEMM_SPLIT_DEFAULT_PCT}), auto or adapt",
                                 f"the CPU rank keeps at least {100 - CPU_GEMM_SPLIT_MAX_PCT} % of the rows (0 turns the "
                                 "split off)")
     return CPU_GEMM_SPLIT_DEFAULT_PCT if value is None else value
@@ -383,9 +395,10 @@ def cpu_gemm_split_wide() -> tuple[int, int] | None:
         raise HeteroConfigError(f"{CPU_GEMM_SPLIT_WIDE}={raw!r} is not understood; use TOKENS:PERCENT, e.g. 8:60 "
                                 "(small steps of at least 8 tokens: 60 % of the rows on the next stage's rank)")
     tokens_n, pct_n = int(tokens), int(pct)
-    if cpu_gemm_split_auto():
+    if cpu_gemm_split_auto() or cpu_gemm_split_adapt():
         raise HeteroConfigError(f"{CPU_GEMM_SPLIT_WIDE}={raw!r} needs a fixed share: set {CPU_GEMM_SPLIT} to a "
-                                f"percentage instead of auto, or unset {CPU_GEMM_SPLIT_WIDE}")
+                                f"percentage instead of {os.environ[CPU_GEMM_SPLIT].strip()}, or unset "
+                                f"{CPU_GEMM_SPLIT_WIDE}")
     narrow, large = cpu_gemm_split_pct(), cpu_gemm_on_gpu_tokens()
     if not narrow:
         raise HeteroConfigError(f"{CPU_GEMM_SPLIT_WIDE}={raw!r} needs the split on: unset {CPU_GEMM_SPLIT} or set it "

@@ -30,15 +30,17 @@ Layout::
              (piece [first, end) of output columns as a contiguous [tokens, end - first] block)
     weights  each layer's weight, 4 KiB aligned
 
-Protocol: the client writes x (and bias), LAYER, TOKENS, BIAS, ROWS, then REQUEST = n; the server
-computes and writes y, then ANSWER = n (after its stream is synchronised). ROWS 0 asks for the whole
-layer; otherwise for its first ``split`` rows (the table's, ``ROWS`` of them, in ``split_pieces``;
-in steps of at least the table's ``wide_tokens`` tokens its ``wide`` rows, in ``wide_pieces``, where
-``HETERO_SHIM_CPU_GEMM_SPLIT_WIDE`` is set), which a small step's split asks for: both sides pick the
-rows by the step's token count; the client computes the other rows meanwhile (``start`` ...
-``finish``), and the server streams those leading rows through the same two buffers, as a ring of
-layers of their own (the wide rows another), the next layer's queued behind each answer, so that
-PCIe carries the next layer's rows while the CPU computes this one's. With
+Protocol: the client writes x (and bias), LAYER, TOKENS, BIAS, ROWS, KIND, then REQUEST = n; the
+server computes and writes y, then ANSWER = n (after its stream is synchronised). ROWS 0 asks for
+the whole layer; otherwise for its leading rows of the kind KIND names (an index into ``KINDS``: the
+table's ``split`` rows, ``ROWS`` of them, in ``split_pieces``; in steps of at least the table's
+``wide_tokens`` tokens its ``wide`` rows, in ``wide_pieces``, where ``HETERO_SHIM_CPU_GEMM_SPLIT_WIDE``
+is set; with ``HETERO_SHIM_CPU_GEMM_SPLIT=adapt`` the kind the client chose for the step among
+``low``, ``split`` and ``wide``, collectives/share_choice.py), which a small step's split asks for; the
+client computes the other rows meanwhile (``start`` ... ``finish``), and the server streams those
+leading rows through the same two buffers, as a ring of layers of their own per kind, the next
+layer's queued behind each answer, so that PCIe carries the next layer's rows while the CPU computes
+this one's. With
 ``HETERO_SHIM_CPU_GEMM_QUEUE_STEP`` (default 1) the server queues a step's further split requests
 before they come; those go through GO and DONE instead of REQUEST and ANSWER (gemm_queue.py).
 Pipeline steps are matched by count: the client publishes SENDS = its pipeline sends so far before each send; a GPU
@@ -75,12 +77,15 @@ ALIGN = 4096
 LINE = 8  # int64 words per 64-byte line
 MAGIC_VALUE = 0x6873676D6D  # "hsgmm"
 MAGIC, REQUEST, ANSWER, SENDS, STATE, LAYER, TOKENS, BIAS, CLIENT_PID, SERVER_PID, TAKEN, META_LEN, MODES, BELL, ROWS, \
-    GO, DONE = (i * LINE for i in range(17))
+    GO, DONE, KIND = (i * LINE for i in range(18))
 RING = LINE  # MODES: the hand-over mode of step k in word MODES + k % RING (stage_handover.py)
 META_BYTES = 64 << 10
 BELL_WAIT_S = 0.1  # longest sleep on the bell: the peer's liveness is checked between sleeps
 OPEN, FAILED = 0, 1
 DTYPES = ("float32", "bfloat16", "float16")
+#: a split's kinds of leading rows, by the index KIND carries: the share of HETERO_SHIM_CPU_GEMM_SPLIT,
+#: the larger one of HETERO_SHIM_CPU_GEMM_SPLIT_WIDE or of ``adapt``, and ``adapt``'s smaller one
+KINDS = ("split", "wide", "low")
 
 
 
@@ -193,10 +198,10 @@ class Segment:
 
 
 def split_kind(table: dict, index: int, tokens: int) -> str:
-    """Which rows a split of layer ``index`` in a ``tokens``-token step asks for: ``"wide"`` (the
-    layer's wide rows, from the table's ``wide_tokens`` on, where it has them) or ``"split"``. Both
-    sides decide by this alone; the answer names the table entry (``entry[kind]`` rows, streamed as
-    ``entry[kind + "_pieces"]``)."""
+    """Which rows a split of layer ``index`` in a ``tokens``-token step asks for where the client does
+    not choose (``adapt``): ``"wide"`` (the layer's wide rows, from the table's ``wide_tokens`` on,
+    where it has them) or ``"split"``. The answer names the table entry (``entry[kind]`` rows, streamed
+    as ``entry[kind + "_pieces"]``); the request carries it (KIND)."""
     wide_from = table.get("wide_tokens", 0)
     return "wide" if wide_from and tokens >= wide_from and table["layers"][index].get("wide") else "split"
 
@@ -222,7 +227,9 @@ def _layout(layers: list, max_tokens: int, wide_tokens: int = 0) -> tuple[dict, 
                         "pieces": [list(p) for p in layer.pieces], "split": getattr(layer, "split_rows", 0),
                         "split_pieces": [list(p) for p in getattr(layer, "split_pieces", ())],
                         "wide": getattr(layer, "wide_rows", 0),
-                        "wide_pieces": [list(p) for p in getattr(layer, "wide_pieces", ())]})
+                        "wide_pieces": [list(p) for p in getattr(layer, "wide_pieces", ())],
+                        "low": getattr(layer, "low_rows", 0),
+                        "low_pieces": [list(p) for p in getattr(layer, "low_pieces", ())]})
         at += up(w.numel() * w.element_size())
     table["layers"] = entries
     table["max_tokens"] = max_tokens
@@ -297,10 +304,11 @@ class GemmClient:
         self.start(x, index, bias)
         return self.finish(x, index)
 
-    def start(self, x, index: int, bias, split: bool = False) -> str | None:
+    def start(self, x, index: int, bias, split: bool = False, kind: str | None = None) -> str | None:
         """Ask for layer ``index`` without waiting; :meth:`finish` waits for the answer. ``split``:
-        its leading rows only (and ``bias``'s), as :func:`split_kind` says; returns that kind
-        (None without ``split``), which :meth:`finish` uses too."""
+        its leading rows only (and ``bias``'s), of ``kind`` (one of ``KINDS``, the same for every
+        request of a step) or, without it, as :func:`split_kind` says; returns that kind (None
+        without ``split``), which :meth:`finish` uses too."""
         w = self.seg.words
         if w[STATE] != OPEN:
             raise RuntimeError("the next stage's rank stopped computing for this rank")
@@ -308,10 +316,11 @@ class GemmClient:
         elem = dtype.itemsize
         flat = x if x.dim() == 2 and x.shape[1] == k else x.reshape(-1, k)
         m = flat.shape[0]
-        self.kind = split_kind(self.seg.table, index, m) if split else None
+        self.kind = (kind or split_kind(self.seg.table, index, m)) if split else None
         rows = entry[self.kind] if split else 0
+        kind_id = KINDS.index(self.kind) if split else 0
         self.queued = split and gemm_queue.matches(self.seg.expect, index, self.requests + 1, self.sends + 1, m,
-                                                   bias is not None)
+                                                   bias is not None, kind_id)
         if split:
             key = ("x", m, k, dtype)
             dest = self.views.get(key)
@@ -326,7 +335,7 @@ class GemmClient:
         if self.queued:  # the server's stream waits for this word; its host is not woken
             w[GO] = self.requests
             return self.kind
-        w[LAYER], w[TOKENS], w[BIAS], w[ROWS] = index, m, int(bias is not None), rows
+        w[LAYER], w[TOKENS], w[BIAS], w[ROWS], w[KIND] = index, m, int(bias is not None), rows, kind_id
         w[REQUEST] = self.requests
         self.seg.bell.ring()
         return self.kind

@@ -11,14 +11,15 @@ once the step's first split request came (its token count known), the server que
 on its stream, each behind a wait for the CPU rank's go: its host work overlaps the CPU's.
 
 Protocol (words of ``gemm_channel``'s header; ``EXPECT``: the segment's ``expect`` region, four int64
-words per layer of the table: request number, step, tokens, bias):
+words per layer of the table: request number, step, tokens, and bias + 2 x the kind: which rows, an
+index into ``gemm_channel.KINDS``, the same for all the requests of a step):
 - the server answers a split request ``n`` of step ``k`` as before, but first publishes, for each
   split layer that follows in load order (and whose bias it has seen), ``EXPECT[layer] = (q, k,
-  tokens, bias)`` with ``q = n + 1, n + 2, ...``; only then it answers ``n``, and queues for each
+  tokens, bias + 2 kind)`` with ``q = n + 1, n + 2, ...``; only then it answers ``n``, and queues for each
   ``q``: a stream wait until ``GO >= q``, the layer's copies and GEMMs (as for any request), and a
   stream write ``DONE = q`` after the result's copy to host memory;
 - the client, for a split request numbered ``q`` of its step ``k``, takes that path only if
-  ``EXPECT[layer]`` is exactly ``(q, k, its tokens, its bias)``: it writes its input and then
+  ``EXPECT[layer]`` is exactly ``(q, k, its tokens, its bias + 2 kind)``: it writes its input and then
   ``GO = q``, and waits for ``DONE >= q``; anything else goes as a plain request (``REQUEST``);
 - the entries of a request are published before the answer that lets the client make it (x86-64
   stores are seen in program order, and the answer of ``n`` is stored after them), so the client
@@ -55,11 +56,11 @@ def region_bytes(layers: int) -> int:
     return ENTRY * 8 * max(1, layers)
 
 
-def matches(expect, index: int, request: int, step: int, tokens: int, bias: bool) -> bool:
+def matches(expect, index: int, request: int, step: int, tokens: int, bias: bool, kind: int = 0) -> bool:
     """Whether the server queued request ``request`` for layer ``index`` as the client would make it."""
     at = ENTRY * index
     return (expect[at] == request and expect[at + 1] == step and expect[at + 2] == tokens
-            and expect[at + 3] == int(bias))
+            and expect[at + 3] == int(bias) + 2 * kind)
 
 
 class StreamQueue:
@@ -131,7 +132,7 @@ class StepQueue:
     """The server's side: which split requests of a step it queued, and their release.
 
     ``heads``: the table indices of the split layers, in load (= call) order; ``compute(index,
-    tokens, bias)``: queue (or, on the stand-in, run) one request's work on ``sequence``'s stream;
+    tokens, bias, kind)``: queue (or, on the stand-in, run) one request's work on ``sequence``'s stream;
     ``words``, ``expect``: the segment's header words and expect entries; ``go``, ``done``,
     ``state``, ``failed``: the words and value of the protocol."""
 
@@ -149,9 +150,11 @@ class StepQueue:
     def pending(self) -> bool:
         return self.last > self.words[self.done]
 
-    def publish(self, index: int, request: int, step: int, tokens: int, bias: bool) -> list[tuple[int, int]]:
-        """A split request ``request`` of ``index`` came: publish the step's following requests (before
-        the caller answers this one) and return them as (layer index, request number)."""
+    def publish(self, index: int, request: int, step: int, tokens: int, bias: bool,
+                kind: int = 0) -> list[tuple[int, int]]:
+        """A split request ``request`` of ``index`` (of ``kind``'s rows) came: publish the step's
+        following requests (before the caller answers this one), of the same kind, and return them
+        as (layer index, request number)."""
         self.bias[index] = bias
         if not self.on:
             return []
@@ -161,17 +164,17 @@ class StepQueue:
                 break
             q = request + 1 + len(chain)
             at = ENTRY * nxt
-            self.expect[at + 1], self.expect[at + 2], self.expect[at + 3] = step, tokens, int(self.bias[nxt])
+            self.expect[at + 1], self.expect[at + 2], self.expect[at + 3] = step, tokens, int(self.bias[nxt]) + 2 * kind
             self.expect[at] = q
             chain.append((nxt, q))
         return chain
 
-    def queue(self, chain: list[tuple[int, int]], tokens: int) -> None:
+    def queue(self, chain: list[tuple[int, int]], tokens: int, kind: int = 0) -> None:
         """Queue each published request behind its go (after the caller answered the one before)."""
         seq = self.sequence
         for index, q in chain:
             seq.wait_at_least(self.go, q)
-            seq.run(lambda index=index, bias=self.bias[index]: self.compute(index, tokens, bias))
+            seq.run(lambda index=index, bias=self.bias[index]: self.compute(index, tokens, bias, kind))
             seq.write(self.done, q)
             self.last = q
         if chain and not self.queued:

@@ -43,13 +43,17 @@ class GemmServer:
         self.device, self.client_pid, self.registered = device, pid, False
         self.layers = [_ServedLayer(i, seg, entry) for i, entry in enumerate(table["layers"])]
         # each layer's leading rows, for small steps' splits: after the layers, a ring of their own;
-        # the wide rows of larger small steps (HETERO_SHIM_CPU_GEMM_SPLIT_WIDE) a third
+        # each other kind of leading rows (HETERO_SHIM_CPU_GEMM_SPLIT_WIDE, or =adapt) another
         split = [i for i, entry in enumerate(table["layers"]) if entry.get("split")]
-        self.heads = {i: _ServedLayer(len(self.layers) + j, seg, table["layers"][i], "split")
-                      for j, i in enumerate(split)}
-        wide = [i for i in split if table["layers"][i].get("wide")]
-        self.wides = {i: _ServedLayer(len(self.layers) + len(split) + j, seg, table["layers"][i], "wide")
-                      for j, i in enumerate(wide)}
+        self.kinds: dict[str, dict[int, _ServedLayer]] = {}
+        streamed = len(self.layers)
+        for kind in ch.KINDS:
+            have = [i for i in split if table["layers"][i].get(kind)]
+            if have:
+                self.kinds[kind] = {i: _ServedLayer(streamed + j, seg, table["layers"][i], kind)
+                                    for j, i in enumerate(have)}
+                streamed += len(have)
+        self.heads = self.kinds.get("split", {})
         self.answered = seg.words[ch.ANSWER]  # a request the client made before this server existed is pending
         self.serving = True  # False once computing a layer failed or the client went idle: waits only
         self.streamer = None
@@ -64,10 +68,10 @@ class GemmServer:
                 seg.words[ch.STATE] = ch.FAILED
                 raise RuntimeError(f"cudaHostRegister of {size / (1 << 30):.2f} GiB failed ({err})")
             self.registered = True
-            streamed = self.layers + list(self.heads.values()) + list(self.wides.values())
+            streamed = self.layers + [layer for rows in self.kinds.values() for layer in rows.values()]
             slot = max(layer.weight.shape[1] * layer.weight.element_size() * (end - first)
                        for layer in streamed for first, end in layer.pieces)
-            rings = tuple(n for n in (len(self.layers), len(self.heads), len(self.wides)) if n)
+            rings = (len(self.layers),) + tuple(len(rows) for rows in self.kinds.values())
             self.streamer = weight_stream.WeightStreamer(device, streamed, slot, rings, settings.cpu_gemm_ahead())
         self.step = receives  # the pipeline step being served
         self.ahead = self._step_queue() if self.heads and settings.cpu_gemm_queue_step() else None
@@ -78,9 +82,12 @@ class GemmServer:
                  "%d layers, %.2f GiB of shared memory%s%s", pid, device, len(self.layers), size / (1 << 30),
                  " registered with CUDA" if self.registered else "",
                  f"; and the leading rows of {len(self.heads)} layers in its small steps" if self.heads else "")
-        if self.wides:
+        if "wide" in self.kinds and table.get("wide_tokens"):
             log.info("hetero_shim: small steps of >= %d tokens: more leading rows of %d layers (%s)",
-                     table["wide_tokens"], len(self.wides), settings.CPU_GEMM_SPLIT_WIDE)
+                     table["wide_tokens"], len(self.kinds["wide"]), settings.CPU_GEMM_SPLIT_WIDE)
+        elif len(self.kinds) > 1:
+            log.info("hetero_shim: small steps take one of %d shares of the leading rows, as the CPU stage's rank "
+                     "chooses (%s=adapt)", len(self.kinds), settings.CPU_GEMM_SPLIT)
 
     def _step_queue(self):
         """gemm_queue.StepQueue on this server's stream (the stand-in: a thread), or None (logged)
@@ -156,19 +163,19 @@ class GemmServer:
                 ahead.release(f"request {request} came as the server had queued others for it (the CPU stage's "
                               f"split layers were not called in load order)")
             rows, index, m, with_bias = w[ch.ROWS], w[ch.LAYER], w[ch.TOKENS], bool(w[ch.BIAS])
-            split = rows != 0
-            layer = self._head(index, m) if split else self.layers[index]
+            split, kind = rows != 0, w[ch.KIND]
+            layer = self._head(index, kind) if split else self.layers[index]
             if split and layer.weight.shape[0] != rows:
                 raise RuntimeError(f"layer {index}: asked for {rows} leading rows of a {m}-token step, the table "
                                    f"gives {layer.weight.shape[0]}")
             self._compute(layer, m, with_bias)
-            chain = ahead.publish(index, request, self.step, m, with_bias) if ahead is not None and split else []
+            chain = ahead.publish(index, request, self.step, m, with_bias, kind) if ahead is not None and split else []
             if self.streamer is not None:
                 self.streamer.stream.synchronize()
             self.answered = request
             w[ch.ANSWER] = request
             if chain:
-                ahead.queue(chain, m)
+                ahead.queue(chain, m, kind)
         except Exception as exc:  # noqa: BLE001 - the client computes on the CPU instead
             self._failed(exc)
             return False
@@ -186,13 +193,17 @@ class GemmServer:
         if self.ahead is not None:
             self.ahead.release(None)
 
-    def _head(self, index: int, m: int):
-        """The leading rows of layer ``index`` that a split of an ``m``-token step computes
-        (the wide ones where gemm_channel.split_kind says so)."""
-        return self.wides[index] if ch.split_kind(self.seg.table, index, m) == "wide" else self.heads[index]
+    def _head(self, index: int, kind: int):
+        """The leading rows of layer ``index`` of the kind a request names (an index into gemm_channel.KINDS)."""
+        name = ch.KINDS[kind] if 0 <= kind < len(ch.KINDS) else None
+        rows = self.kinds.get(name, {}).get(index)
+        if rows is None:
+            raise RuntimeError(f"layer {index}: a split of kind {kind} ({name}) asked for, which the table does "
+                               "not give")
+        return rows
 
-    def _compute_head(self, index: int, m: int, with_bias: bool) -> None:
-        self._compute(self._head(index, m), m, with_bias)
+    def _compute_head(self, index: int, m: int, with_bias: bool, kind: int = 0) -> None:
+        self._compute(self._head(index, kind), m, with_bias)
 
     def _compute(self, layer, m: int, with_bias: bool) -> None:
         """``x @ layer.weight.T (+ bias)`` of the segment's regions into y: queued on the streamer's
@@ -236,8 +247,8 @@ def _log_failure(exc: BaseException) -> None:
 
 
 class _ServedLayer:
-    """A layer as the server sees it: its weight in the segment and its pieces; with ``split``
-    ("split" or "wide"), only those leading rows, in their pieces."""
+    """A layer as the server sees it: its weight in the segment and its pieces; with ``split`` (one
+    of gemm_channel.KINDS), only those leading rows, in their pieces."""
 
     __slots__ = ("index", "weight", "pieces")
 

@@ -177,12 +177,7 @@ def test_measured_split_share_gives_gpu_only_tokens(gpu, evidence):
     layers for one token at start-up, logs the rate and the share of the rows it gives the GPU rank
     (30-60 %), its decode steps split at that share, and the tokens are GPU TP=1's up to a near tie.
     (The harness drops HETERO_SHIM_ settings from the environment, so the setting is given here.)"""
-    model = tiny_models.get(tiny_models.NAMED["llama"])
-    ref = gpu.reference(model, "float32", tp=1)
-    got = gpu.generate(model, 1, True, "float32", evidence.dir, extra_env={"HETERO_SHIM_CPU_GEMM_SPLIT": "auto"},
-                       pp=gpu.opts.pp)
-    evidence.save("result", {"reference": ref, "hetero": got})
-    log = open(got["run"]["log"]).read() if got else ""
+    ref, got, log = _split_share_run(gpu, evidence, "auto")
     measured = [m for m in (re.search(r"its kernels read ([0-9.]+) GB/s of their weights for one token; with the "
                                       r"copies at [0-9.]+ GB/s the next stage's rank takes (\d+) % of the rows", line)
                             for line in log.splitlines()) if m]
@@ -195,3 +190,30 @@ def test_measured_split_share_gives_gpu_only_tokens(gpu, evidence):
                  "split its linear layers with the next stage's rank" in log, "")
     evidence.compare_close("llama PP float32 greedy, share measured at start-up == GPU TP=1", ref, got)
     evidence.check()
+
+
+def test_adapting_split_share_gives_gpu_only_tokens(gpu, evidence):
+    """HETERO_SHIM_CPU_GEMM_SPLIT=adapt with the GPU stage last: both ranks log the three shares, the
+    CPU rank's decode steps try each and name it to the GPU rank, and the tokens are GPU TP=1's up to
+    a near tie. (The harness drops HETERO_SHIM_ settings from the environment, so the setting is
+    given here.)"""
+    ref, got, log = _split_share_run(gpu, evidence, "adapt")
+    evidence.row("the CPU rank splits at 40, 50 or 60 %, chosen per step size",
+                 "each small step gives the next stage's rank 40, 50 or 60 % of the rows below" in log, "")
+    evidence.row("the GPU rank serves the three shares", "small steps take one of 3 shares of the leading rows" in log,
+                 "")
+    evidence.row("decode steps split their linear layers with the GPU rank",
+                 "split its linear layers with the next stage's rank" in log, "")
+    evidence.compare_close("llama PP float32 greedy, share chosen while running == GPU TP=1", ref, got)
+    evidence.check()
+
+
+def _split_share_run(gpu, evidence, share: str):
+    """The tiny Llama at PP=2 with HETERO_SHIM_CPU_GEMM_SPLIT=``share``, and GPU TP=1's reference:
+    (reference, result, the run's log), both saved as evidence."""
+    model = tiny_models.get(tiny_models.NAMED["llama"])
+    ref = gpu.reference(model, "float32", tp=1)
+    got = gpu.generate(model, 1, True, "float32", evidence.dir, extra_env={"HETERO_SHIM_CPU_GEMM_SPLIT": share},
+                       pp=gpu.opts.pp)
+    evidence.save("result", {"reference": ref, "hetero": got})
+    return ref, got, open(got["run"]["log"]).read() if got else ""

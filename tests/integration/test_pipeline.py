@@ -225,13 +225,14 @@ def test_small_steps_split_requests_can_be_queued_before_they_come(four_layers):
     assert len(queued) == 1, "\n".join(out[-40:])
 
 
-def _queued_split_run(four_layers, **env) -> list[str]:
+def _queued_split_run(four_layers, *args: str, **env) -> list[str]:
     """PP=2 with decode steps split with the next stage's rank (the CPU stand-in), queued ahead, and
-    ``env``: the run's output lines, once its tokens were found to be stock TP=1's (identical, or a
-    near tie), nothing served as it came or fell back to the CPU, and nothing left in /dev/shm."""
-    stock = generate(four_layers, "--tp", "1", "--logprobs", "3")
+    ``env`` (``args``: more arguments of both runs): the run's output lines, once its tokens were found
+    to be stock TP=1's (identical, or a near tie), nothing served as it came or fell back to the CPU,
+    and nothing left in /dev/shm."""
+    stock = generate(four_layers, "--tp", "1", "--logprobs", "3", *args)
     before = set(os.listdir("/dev/shm"))
-    proc = procs.run_python([GENERATE, str(four_layers), *PP2, "--logprobs", "3"], timeout=300,
+    proc = procs.run_python([GENERATE, str(four_layers), *PP2, "--logprobs", "3", *args], timeout=300,
                             HETERO_SHIM_CPU_GEMM_ON_GPU="9", HETERO_SHIM_CPU_RANK_GPU="next-stage",
                             **({"HETERO_SHIM_CPU_GEMM_SPLIT": "50"} | env))
     assert proc.returncode == 0, proc.stdout[-6000:]
@@ -273,6 +274,21 @@ def test_the_split_share_can_be_measured_at_start_up(four_layers):
     planned = [line for line in out if f"computes the leading {pct} % of the rows of 8 layers" in line]
     queued = [line for line in out if "split requests are queued before they come (7 after a step's first)" in line]
     assert len(planned) == 1 and len(queued) == 1, "\n".join(out[-40:])
+
+
+def test_the_split_share_can_adapt_while_the_rank_runs(four_layers):
+    """HETERO_SHIM_CPU_GEMM_SPLIT=adapt on the real vLLM: both ranks log the three shares (40, 50, 60 %),
+    the CPU rank's decode steps (8 tokens, 39 of them) try each for 8 counted steps, each step naming
+    its kind to the next stage's rank (the CPU stand-in), then keep the cheapest; the step's requests
+    stay queued across the changes of kind, and the tokens are stock TP=1's."""
+    out = _queued_split_run(four_layers, "--max-tokens", "40", HETERO_SHIM_CPU_GEMM_SPLIT="adapt")
+    planned = [line for line in out if "each small step gives the next stage's rank 40, 50 or 60 % of the rows below"
+               in line]
+    serving = [line for line in out if "small steps take one of 3 shares of the leading rows" in line]
+    kept = [re.search(r"steps of 8-15 tokens give the next stage's rank its (low|split|wide) rows", line) for line in out]
+    queued = [line for line in out if "split requests are queued before they come (7 after a step's first)" in line]
+    assert len(planned) == 1 and len(serving) == 1 and len(queued) == 1, "\n".join(out[-40:])
+    assert [m for m in kept if m], "\n".join(out[-40:])
 
 
 def test_small_steps_can_split_only_the_large_layers(four_layers):

@@ -87,6 +87,9 @@ def test_the_rank_plan_says_where_cpu_ranks_linear_layers_go(monkeypatch):
     monkeypatch.setenv(settings.CPU_GEMM_SPLIT, "auto")
     assert route(pipeline).endswith("the leading rows of each layer, a share the CPU rank measures at start-up, "
                                     "there, the others here at the same time")
+    monkeypatch.setenv(settings.CPU_GEMM_SPLIT, "adapt")
+    assert route(pipeline).endswith("the leading rows of each layer, 40, 50 or 60 % as the CPU rank finds fastest per "
+                                    "step size, there, the others here at the same time")
     monkeypatch.setenv(settings.CPU_GEMM_SPLIT, "40")
     monkeypatch.setenv(settings.CPU_GEMM_SPLIT_LAYERS, "large")
     assert "the leading rows of the large layers, 40 % of the stage's weights, there" in route(pipeline)
@@ -346,3 +349,32 @@ def test_an_automatic_split_takes_the_measured_share(monkeypatch):
         settings.cpu_gemm_split_wide()
     monkeypatch.setenv(settings.CPU_GEMM_SPLIT, "45")
     assert not settings.cpu_gemm_split_auto() and settings.cpu_gemm_split_pct() == 45
+
+
+def test_an_adapting_split_keeps_one_kind_a_step_and_reports_each_steps_cost(monkeypatch):
+    """``adapt``: the served side asks its chooser once per step (a step: the span between two
+    pipeline sends), uses that kind for all the step's splits, and records the step's split cost
+    under it before choosing the next step's; the wider split refuses ``adapt``."""
+    from hetero_shim.collectives import share_choice
+
+    monkeypatch.setenv(settings.CPU_GEMM_SPLIT, "adapt")
+    assert settings.cpu_gemm_split_adapt() and settings.cpu_gemm_split_pct() == settings.CPU_GEMM_SPLIT_DEFAULT_PCT
+    monkeypatch.setenv(settings.CPU_GEMM_SPLIT_WIDE, "8:60")
+    with pytest.raises(HeteroConfigError, match="instead of adapt"):
+        settings.cpu_gemm_split_wide()
+    side = gg.ServedSide(64, 1)
+    side.client = type("Client", (), {"sends": 0})()
+    side.chooser = share_choice.ShareChooser(("low", "split", "wide"), default=1, trials=1, revisit=1000)
+    recorded = []
+    record = side.chooser.record
+    monkeypatch.setattr(side.chooser, "record", lambda t, k, s: (recorded.append((t, k, round(s, 3))), record(t, k, s)))
+    x = torch.zeros(4, 8)
+    kinds = []
+    for step in range(7):
+        side.client.sends = step
+        kinds.append({side._step_kind(x) for _ in range(3)})  # three splits of one step
+        side.step_cost += {"low": 0.01, "split": 0.02, "wide": 0.03}[next(iter(kinds[-1]))]
+    assert kinds == [{"split"}, {"split"}, {"low"}, {"low"}, {"wide"}, {"wide"}, {"low"}]
+    assert [k for _, k, _ in recorded] == ["split", "split", "low", "low", "wide", "wide"]
+    assert all(t == 4 for t, _, _ in recorded) and recorded[0][2] == 0.02
+    assert side.chooser.kept(4) == "low"

@@ -317,7 +317,7 @@ def test_a_queued_request_that_fails_is_not_taken_for_an_answer(monkeypatch):
     computed = []
     real = server._compute_head
 
-    def compute_head(index, m, with_bias):
+    def compute_head(index, m, with_bias, kind=0):
         computed.append(index)
         if len(computed) == 2:
             raise RuntimeError("injected")
@@ -351,26 +351,16 @@ def test_a_queued_request_that_fails_is_not_taken_for_an_answer(monkeypatch):
     assert not server.serving and not server.ahead.on
 
 
-QWIDE = (64, 16, 16, 24)  # HETERO_SHIM_CPU_GEMM_SPLIT_WIDE's rows: more of each layer (the third: as many)
-
-
-def test_larger_small_steps_split_at_the_wide_rows(monkeypatch):
-    """With wide rows in the table, a split of a step of at least ``wide_tokens`` tokens asks for
-    them (both sides pick by the token count), narrower steps for the split rows; each step's
-    requests after its first are queued at the rows of its own size, and every result, the CPU's
-    rows joined as two parts, equals F.linear."""
+def _split_steps(client, server, gen, weights, steps) -> tuple[list[int], float, list[list[bool]]]:
+    """Pipeline steps of split requests of the FULL layers, each ``(tokens, kind)`` (kind None: as the
+    token count says), served by ``server`` on a thread until the step's send; the CPU's rows joined as
+    two kernels' parts. Returns the rows asked for, the worst relative error against F.linear, and per
+    step whether each request went through the server's queue. Closes the client."""
     import threading
 
-    monkeypatch.setenv("HETERO_SHIM_CPU_GEMM_QUEUE_STEP", "1")
-    gen, weights, layers = _split_layers(4)
-    for layer, rows in zip(layers, QWIDE):
-        layer.wide_rows = rows
-        layer.wide_pieces = weight_stream.row_pieces(rows, layer.weight.shape[1] * 4, 1024)
-    client = gc.GemmClient(layers, max_tokens=16, rank=11, wide_tokens=6)
-    server = gemm_server.GemmServer(client.path, torch.device("cpu"))
     asked, worst, queued = [], 0.0, []
     try:
-        for step, tokens in enumerate((3, 8, 8, 3, 6, 2), start=1):
+        for step, (tokens, kind) in enumerate(steps, start=1):
             serving = threading.Thread(target=server.serve_until, args=(step,))
             serving.start()
             flags = []
@@ -378,10 +368,12 @@ def test_larger_small_steps_split_at_the_wide_rows(monkeypatch):
                 w = weights[index]
                 x = torch.randn(tokens, w.shape[1], generator=gen)
                 bias = torch.randn(w.shape[0], generator=gen) if index % 2 == 0 else None
-                rows = client.seg.table["layers"][index][client.start(x, index, bias, split=True)]
+                chosen = client.start(x, index, bias, split=True, kind=kind)
+                assert kind is None or chosen == kind
+                rows = client.seg.table["layers"][index][chosen]
                 asked.append(rows)
                 flags.append(client.queued)
-                mid = rows + (w.shape[0] - rows) // 2  # the CPU's rows as two kernels' parts
+                mid = rows + (w.shape[0] - rows) // 2
                 tail = tuple(torch.nn.functional.linear(x, w[a:b], None if bias is None else bias[a:b])
                              for a, b in ((rows, mid), (mid, w.shape[0])))
                 got = client.finish(x, index, tail=tail)
@@ -394,11 +386,85 @@ def test_larger_small_steps_split_at_the_wide_rows(monkeypatch):
             assert not serving.is_alive()
     finally:
         client.close()
+    return asked, worst, queued
+
+
+QWIDE = (64, 16, 16, 24)  # HETERO_SHIM_CPU_GEMM_SPLIT_WIDE's rows: more of each layer (the third: as many)
+
+
+def test_larger_small_steps_split_at_the_wide_rows(monkeypatch):
+    """With wide rows in the table, a split of a step of at least ``wide_tokens`` tokens asks for
+    them (both sides pick by the token count), narrower steps for the split rows; each step's
+    requests after its first are queued at the rows of its own size, and every result, the CPU's
+    rows joined as two parts, equals F.linear."""
+    monkeypatch.setenv("HETERO_SHIM_CPU_GEMM_QUEUE_STEP", "1")
+    gen, weights, layers = _split_layers(4)
+    for layer, rows in zip(layers, QWIDE):
+        layer.wide_rows = rows
+        layer.wide_pieces = weight_stream.row_pieces(rows, layer.weight.shape[1] * 4, 1024)
+    client = gc.GemmClient(layers, max_tokens=16, rank=11, wide_tokens=6)
+    server = gemm_server.GemmServer(client.path, torch.device("cpu"))
+    asked, worst, queued = _split_steps(client, server, gen, weights, [(t, None) for t in (3, 8, 8, 3, 6, 2)])
     narrow, wide = list(QSPLIT), list(QWIDE)
     assert asked == narrow + wide + wide + narrow + wide + narrow
     assert worst < 1e-6
     assert queued[0] == [False] * 4 and all(flags == [False, True, True, True] for flags in queued[1:])
     assert server.serving and server.ahead.on
+
+
+QLOW = (24, 8, 8, 8)  # HETERO_SHIM_CPU_GEMM_SPLIT=adapt's smaller share (the second: as many as the split's)
+
+
+def test_the_client_chooses_each_steps_rows_and_the_server_follows(monkeypatch):
+    """With three kinds of leading rows in the table (``adapt``), the client names a kind for each
+    step and the server computes those rows, also for the requests it queued after the step's first:
+    each step's requests after its first are queued at its own kind, a step of another kind than the
+    last is served as well, and every result, the CPU's rows joined as two parts, equals F.linear."""
+    monkeypatch.setenv("HETERO_SHIM_CPU_GEMM_QUEUE_STEP", "1")
+    gen, weights, layers = _split_layers(5)
+    for layer, low, wide in zip(layers, QLOW, QWIDE):
+        layer.wide_rows, layer.low_rows = wide, low
+        layer.wide_pieces = weight_stream.row_pieces(wide, layer.weight.shape[1] * 4, 1024)
+        layer.low_pieces = weight_stream.row_pieces(low, layer.weight.shape[1] * 4, 1024)
+    client = gc.GemmClient(layers, max_tokens=16, rank=12)
+    server = gemm_server.GemmServer(client.path, torch.device("cpu"))
+    assert set(server.kinds) == {"split", "wide", "low"}
+    kinds = ("split", "low", "low", "wide", "split", "wide", "low")
+    asked, worst, queued = _split_steps(client, server, gen, weights, [(3, kind) for kind in kinds])
+    by_kind = {"split": list(QSPLIT), "wide": list(QWIDE), "low": list(QLOW)}
+    assert asked == [rows for kind in kinds for rows in by_kind[kind]]
+    assert worst < 1e-6
+    assert queued[0] == [False] * 4 and all(flags == [False, True, True, True] for flags in queued[1:])
+    assert server.serving and server.ahead.on
+
+
+def test_a_kind_the_table_lacks_fails_the_request_not_the_process():
+    """A request naming a kind of rows the table has no entry for (a client and server that disagree)
+    makes the server stop serving with a logged failure; the client's wait raises, so its rank
+    computes on the CPU from then on."""
+    import threading
+
+    gen, weights, layers = _split_layers(6)
+    client = gc.GemmClient(layers, max_tokens=16, rank=13)
+    server = gemm_server.GemmServer(client.path, torch.device("cpu"))
+    assert set(server.kinds) == {"split"}
+    try:
+        serving = threading.Thread(target=server.serve_until, args=(1,))
+        serving.start()
+        w = weights[0]
+        x = torch.randn(2, w.shape[1], generator=gen)
+        client.start(x, 0, None, split=True)
+        client.seg.words[gc.KIND] = gc.KINDS.index("wide")  # as a client of another kind would ask
+        client.seg.words[gc.REQUEST] = client.requests + 1
+        client.requests += 1
+        client.seg.bell.ring()
+        with pytest.raises(RuntimeError, match="failed to compute"):
+            client.finish(x, 0)
+        client.publish_sends(1)
+        serving.join(10)
+        assert not serving.is_alive() and not server.serving
+    finally:
+        client.close()
 
 
 def test_a_split_answer_is_joined_right_for_every_token_count_and_input_shape():

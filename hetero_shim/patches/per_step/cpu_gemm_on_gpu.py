@@ -217,6 +217,9 @@ class ServedSide(GpuSide):
     def __init__(self, min_tokens: int, rank: int) -> None:
         super().__init__(min_tokens, gemm_channel.NEXT_STAGE)
         self.rank, self.client = rank, None
+        self.chooser = None  # share_choice.ShareChooser with HETERO_SHIM_CPU_GEMM_SPLIT=adapt
+        self.step = None  # (pipeline sends before it, tokens, kind) of the step being split, with adapt
+        self.step_cost = 0.0  # seconds its splits took so far
 
     def open(self, max_tokens: int) -> None:
         from hetero_shim.collectives import weight_stream
@@ -229,16 +232,22 @@ class ServedSide(GpuSide):
         large_only = settings.cpu_gemm_split_large_only()
         shapes = [(layer.weight.shape[0], layer.weight.shape[1] * layer.weight.element_size()) for layer in self.layers]
         plan = weight_stream.split_plan(shapes, pct, large_only, settings.CPU_GEMM_SPLIT_MAX_PCT)
-        wide_tokens, wide_pct = (settings.cpu_gemm_split_wide() or (0, 0)) if pct else (0, 0)
+        adapt = bool(pct) and settings.cpu_gemm_split_adapt()
+        low_pct, _, high_pct = settings.CPU_GEMM_SPLIT_ADAPT_SHARES if adapt else (0, 0, 0)
+        wide_tokens, wide_pct = (settings.cpu_gemm_split_wide() or (0, 0)) if pct and not adapt else (0, high_pct)
         wide = weight_stream.split_plan(shapes, wide_pct, large_only, settings.CPU_GEMM_SPLIT_MAX_PCT) if wide_pct \
             else [0] * len(shapes)
-        for layer, rows, wide_rows, (_, row) in zip(self.layers, plan, wide, shapes):
+        low = weight_stream.split_plan(shapes, low_pct, large_only, settings.CPU_GEMM_SPLIT_MAX_PCT) if low_pct \
+            else [0] * len(shapes)
+        for layer, rows, wide_rows, low_rows, (_, row) in zip(self.layers, plan, wide, low, shapes):
             layer.split_rows = rows
             layer.split_pieces = weight_stream.row_pieces(rows, row, chunk) if rows else []
-            # a layer that splits takes wide rows too (at least its split's), so that a step's
-            # requests stay in one ring of the server's
+            # a layer that splits takes wide (and low) rows too, at least (at most) its split's, so that
+            # a step's requests stay in one ring of the server's
             layer.wide_rows = max(rows, wide_rows) if rows and wide_pct else 0
             layer.wide_pieces = weight_stream.row_pieces(layer.wide_rows, row, chunk) if layer.wide_rows else []
+            layer.low_rows = min(rows, low_rows or rows) if rows and low_pct else 0
+            layer.low_pieces = weight_stream.row_pieces(layer.low_rows, row, chunk) if layer.low_rows else []
         self.client = stage_handover.open_client(self.layers, max_tokens, self.rank, wide_tokens)
         split = [layer for layer in self.layers if layer.split_rows]
         for layer in split:  # after the weights moved to shared memory: the kernels' plain rows are views of it
@@ -251,6 +260,13 @@ class ServedSide(GpuSide):
             log.info("hetero_shim: CPU rank %d: in small steps of >= %d tokens the next stage's rank computes %d %% of "
                      "the weights below instead of %d %% (%s)", self.rank, wide_tokens, wide_pct, pct,
                      settings.CPU_GEMM_SPLIT_WIDE)
+        if split and adapt:
+            from hetero_shim.collectives import share_choice
+
+            self.chooser = share_choice.ShareChooser(("low", "split", "wide"), default=1)
+            log.info("hetero_shim: CPU rank %d: each small step gives the next stage's rank %d, %d or %d %% of the "
+                     "rows below, the share whose split took least in the steps of its size so far (%s=adapt)",
+                     self.rank, low_pct, pct, high_pct, settings.CPU_GEMM_SPLIT)
         if split and not large_only:
             log.info("hetero_shim: CPU rank %d: in smaller steps the next stage's rank computes the leading %d %% of "
                      "the rows of %d layers, their weights streamed, while this rank computes the others (%s=0 keeps "
@@ -287,15 +303,40 @@ class ServedSide(GpuSide):
     def split(self, x, layer: LayerChoice, bias):
         """A small step of ``layer``: its leading rows by the next stage's rank, the others here, at once;
         the two joined in one copy."""
-        wide = self.client.start(x, layer.index, bias, split=True) == "wide"
-        rows = layer.wide_rows if wide else layer.split_rows
-        tail = (layer.wide_tail if wide else layer.tail)(x, None if bias is None else bias[rows:])
+        began = time.perf_counter() if self.chooser is not None else 0.0
+        kind = self.client.start(x, layer.index, bias, split=True, kind=self._step_kind(x))
+        rows = layer.rows_of(kind)
+        tail = layer.tail_of(kind)(x, None if bias is None else bias[rows:])
         out = self.client.finish(x, layer.index, tail=tail)
+        if began:
+            self.step_cost += time.perf_counter() - began
         if not self.split_used:
             self.split_used = True
             log.info("hetero_shim: CPU rank: a step of %d tokens split its linear layers with the next stage's rank",
                      x.numel() // x.shape[-1])
         return out
+
+    def _step_kind(self, x) -> str | None:
+        """With ``adapt``, the kind of the step this split belongs to: chosen at its first split (a step
+        is the span between two pipeline sends), after the last step's cost was recorded."""
+        if self.chooser is None:
+            return None
+        sends = self.client.sends
+        if self.step is not None and self.step[0] == sends:
+            return self.step[2]
+        if self.step is not None:
+            _, tokens, kind = self.step
+            kept = self.chooser.kept(tokens)
+            self.chooser.record(tokens, kind, self.step_cost)
+            now = self.chooser.kept(tokens)
+            if now is not None and now != kept:
+                from hetero_shim.collectives import share_choice
+
+                log.info("hetero_shim: CPU rank %d: steps of %s tokens give the next stage's rank its %s rows "
+                         "(%s=adapt)", self.rank, share_choice.size_text(tokens), now, settings.CPU_GEMM_SPLIT)
+        tokens = x.numel() // x.shape[-1]
+        self.step, self.step_cost = (sends, tokens, self.chooser.choose(tokens)), 0.0
+        return self.step[2]
 
     def fail(self, what: str, exc: BaseException) -> None:
         super().fail(what, exc)
@@ -308,7 +349,7 @@ class LayerChoice:
     the GPU is not open), the GPU with the kept plain weight from it on."""
 
     __slots__ = ("cpu", "weight", "side", "index", "pieces", "split_rows", "split_pieces", "tail", "wide_rows",
-                 "wide_pieces", "wide_tail")
+                 "wide_pieces", "wide_tail", "low_rows", "low_pieces", "low_tail")
 
     def __init__(self, cpu, weight, side: GpuSide) -> None:
         self.cpu, self.weight, self.side = cpu, weight, side
@@ -320,16 +361,29 @@ class LayerChoice:
         self.wide_rows = 0  # larger small steps (HETERO_SHIM_CPU_GEMM_SPLIT_WIDE): rows [0, wide_rows) there
         self.wide_pieces: list[tuple[int, int]] = []
         self.wide_tail = None  # and vLLM's CPU kernel for the rows after them
+        self.low_rows = 0  # HETERO_SHIM_CPU_GEMM_SPLIT=adapt's smaller share: rows [0, low_rows) there
+        self.low_pieces: list[tuple[int, int]] = []
+        self.low_tail = None
         side.layers.append(self)
 
+    def rows_of(self, kind: str) -> int:
+        """The leading rows the next stage's rank computes in a split of ``kind`` (gemm_channel.KINDS)."""
+        return self.wide_rows if kind == "wide" else self.low_rows if kind == "low" else self.split_rows
+
+    def tail_of(self, kind: str):
+        """vLLM's CPU kernels for the other rows of a split of ``kind``."""
+        return self.wide_tail if kind == "wide" else self.low_tail if kind == "low" else self.tail
+
     def split_kernels(self, dispatch) -> None:
-        """vLLM's CPU kernels for rows [0, split_rows), [split_rows, wide_rows) where wide_rows is
-        larger, and the rest, each chosen by ``dispatch`` as for a layer of those rows; the whole
-        layer's kernel becomes them (vLLM's copy of it is freed, so the host holds no third copy)."""
+        """vLLM's CPU kernels for rows [0, low_rows), [low_rows, split_rows), [split_rows, wide_rows)
+        (the first and third where those kinds are in use and differ from the split's) and the rest,
+        each chosen by ``dispatch`` as for a layer of those rows; the whole layer's kernel becomes them
+        (vLLM's copy of it is freed, so the host holds no third copy)."""
         import torch
 
-        cuts = [0, self.split_rows] + ([self.wide_rows] if self.wide_rows > self.split_rows else []) + \
-            [self.weight.shape[0]]
+        low = [self.low_rows] if 0 < self.low_rows < self.split_rows else []
+        wide = [self.wide_rows] if self.wide_rows > self.split_rows else []
+        cuts = [0, *low, self.split_rows, *wide, self.weight.shape[0]]
         spans = list(zip(cuts, cuts[1:]))
         kernels = [_row_kernel(dispatch, self.weight[first:end]) for first, end in spans]
 
@@ -344,8 +398,9 @@ class LayerChoice:
             return torch.cat([kernel(x, None if bias is None else bias[first:end])
                               for kernel, (first, end) in zip(kernels, spans)], dim=-1)
 
-        self.cpu, self.tail = whole, rows_from(1)
-        self.wide_tail = rows_from(len(kernels) - 1) if self.wide_rows else None
+        self.cpu, self.tail = whole, rows_from(cuts.index(self.split_rows))
+        self.wide_tail = rows_from(cuts.index(self.wide_rows)) if self.wide_rows else None
+        self.low_tail = rows_from(cuts.index(self.low_rows)) if self.low_rows else None
 
     def __call__(self, x, weight, bias):
         side = self.side

@@ -163,6 +163,10 @@ def large_steps_route(plan) -> str:
         if settings.cpu_gemm_split_auto():
             share = (f"the leading rows of {'the large layers' if large else 'each layer'}, a share the CPU rank "
                      "measures at start-up,")
+        elif settings.cpu_gemm_split_adapt():
+            low, mid, high = settings.CPU_GEMM_SPLIT_ADAPT_SHARES
+            share = (f"the leading rows of {'the large layers' if large else 'each layer'}, {low}, {mid} or {high} % "
+                     "as the CPU rank finds fastest per step size,")
         else:
             share = (f"the leading rows of the large layers, {pct} % of the stage's weights," if large else
                      f"the leading {pct} % of each layer's rows")
