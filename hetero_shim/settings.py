@@ -355,15 +355,20 @@ def cpu_gemm_via() -> str:
     return _choice(CPU_GEMM_VIA, CPU_GEMM_VIA_CHOICES)
 
 
+def _split_word() -> str:
+    """HETERO_SHIM_CPU_GEMM_SPLIT as a word (``auto``, ``adapt``, a percentage, or empty)."""
+    return os.environ.get(CPU_GEMM_SPLIT, "").strip().lower()
+
+
 def cpu_gemm_split_auto() -> bool:
     """HETERO_SHIM_CPU_GEMM_SPLIT=auto: the CPU rank measures the share at start-up."""
-    return os.environ.get(CPU_GEMM_SPLIT, "").strip().lower() == "auto"
+    return _split_word() == "auto"
 
 
 def cpu_gemm_split_adapt() -> bool:
     """HETERO_SHIM_CPU_GEMM_SPLIT=adapt: each small step takes one of CPU_GEMM_SPLIT_ADAPT_SHARES, chosen
     as the rank runs."""
-    return os.environ.get(CPU_GEMM_SPLIT, "").strip().lower() == "adapt"
+    return _split_word() == "adapt"
 
 
 def cpu_gemm_split_pct() -> int:
@@ -395,10 +400,9 @@ def cpu_gemm_split_wide() -> tuple[int, int] | None:
         raise HeteroConfigError(f"{CPU_GEMM_SPLIT_WIDE}={raw!r} is not understood; use TOKENS:PERCENT, e.g. 8:60 "
                                 "(small steps of at least 8 tokens: 60 % of the rows on the next stage's rank)")
     tokens_n, pct_n = int(tokens), int(pct)
-    if cpu_gemm_split_auto() or cpu_gemm_split_adapt():
+    if _split_word() in ("auto", "adapt"):
         raise HeteroConfigError(f"{CPU_GEMM_SPLIT_WIDE}={raw!r} needs a fixed share: set {CPU_GEMM_SPLIT} to a "
-                                f"percentage instead of {os.environ[CPU_GEMM_SPLIT].strip()}, or unset "
-                                f"{CPU_GEMM_SPLIT_WIDE}")
+                                f"percentage instead of {_split_word()}, or unset {CPU_GEMM_SPLIT_WIDE}")
     narrow, large = cpu_gemm_split_pct(), cpu_gemm_on_gpu_tokens()
     if not narrow:
         raise HeteroConfigError(f"{CPU_GEMM_SPLIT_WIDE}={raw!r} needs the split on: unset {CPU_GEMM_SPLIT} or set it "
