@@ -285,7 +285,8 @@ def test_the_split_share_can_adapt_while_the_rank_runs(four_layers):
     planned = [line for line in out if "each small step gives the next stage's rank 40, 50 or 60 % of the rows below"
                in line]
     serving = [line for line in out if "small steps take one of 3 shares of the leading rows" in line]
-    kept = [re.search(r"steps of 8-15 tokens give the next stage's rank its (low|split|wide) rows", line) for line in out]
+    kept = [re.search(r"steps of 8-15 tokens give the next stage's rank its (low|split|wide) rows", line)
+            for line in out]
     queued = [line for line in out if "split requests are queued before they come (7 after a step's first)" in line]
     assert len(planned) == 1 and len(serving) == 1 and len(queued) == 1, "\n".join(out[-40:])
     assert [m for m in kept if m], "\n".join(out[-40:])
