@@ -225,6 +225,37 @@ def test_dispatch_keeps_the_plain_weight_the_cpu_kernel_drops(monkeypatch):
     assert side.calls == [3]
 
 
+@pytest.mark.parametrize("low, wide", [(0, 0), (4, 0), (0, 6), (4, 6), (5, 5)])
+def test_the_splits_cpu_rows_stay_one_kernel_call(low, wide):
+    """Each kind's CPU rows (rows_of(kind) to the end) give those rows of x @ W.T + b; the default
+    share's rows are one kernel call whichever other kinds are in use, the wide kind's too (its own
+    kernel), the low kind's two; the whole layer is x @ W.T + b."""
+    weight, bias = torch.randn(10, 7), torch.randn(10)
+    packed = []  # the rows each kernel was built for
+
+    def dispatch(holder, remove_weight):  # as vLLM's packed path: its own copy of the rows it is given
+        rows = holder.weight.detach().clone()
+        packed.append(rows.shape[0])
+        holder.cpu_linear = lambda x, w, b: torch.nn.functional.linear(x, rows, b)
+
+    choice = gg.LayerChoice(None, weight, FakeSide())
+    choice.split_rows, choice.low_rows, choice.wide_rows = 5, low, wide
+    choice.split_kernels(dispatch)
+    x = torch.randn(3, 7)
+    want = torch.nn.functional.linear(x, weight, bias)
+    torch.testing.assert_close(choice.cpu(x, weight, bias), want)
+    parts = {"split": 1, "low": 2 if 0 < low < 5 else 1, "wide": 1}
+    for kind in ("split", "low", "wide") if low or wide else ("split",):
+        rows = choice.rows_of(kind)
+        if not rows:
+            continue
+        got = choice.tail_of(kind)(x, bias[rows:])
+        assert (len(got) if isinstance(got, tuple) else 1) == parts[kind], kind
+        got = torch.cat(got, dim=-1) if isinstance(got, tuple) else got
+        torch.testing.assert_close(got, want[:, rows:])
+    assert sum(packed) == 10 + (10 - wide if wide > 5 else 0)  # the wide kind's rows are held twice, no others
+
+
 def test_dispatch_untouched_outside_a_cpu_rank(monkeypatch):
     monkeypatch.setattr(gg, "_side", None)
     monkeypatch.delenv(settings.RANK_KIND, raising=False)

@@ -375,15 +375,17 @@ class LayerChoice:
         return self.wide_tail if kind == "wide" else self.low_tail if kind == "low" else self.tail
 
     def split_kernels(self, dispatch) -> None:
-        """vLLM's CPU kernels for rows [0, low_rows), [low_rows, split_rows), [split_rows, wide_rows)
-        (the first and third where those kinds are in use and differ from the split's) and the rest,
-        each chosen by ``dispatch`` as for a layer of those rows; the whole layer's kernel becomes them
-        (vLLM's copy of it is freed, so the host holds no third copy)."""
+        """vLLM's CPU kernels for rows [0, low_rows) (where that kind is in use and differs from the
+        split's), [low_rows, split_rows) and [split_rows, n), each chosen by ``dispatch`` as for a
+        layer of those rows; the whole layer's kernel becomes them (vLLM's copy of it is freed, so the
+        host holds no third copy). The split's rows stay one kernel call, as without the other kinds.
+        Rows [wide_rows, n) get a kernel of their own where that kind is in use: a cut there would make
+        the split's rows two calls a layer, each on fewer rows, in every step the default share serves
+        (where ``dispatch`` packs, those rows are then held twice)."""
         import torch
 
         low = [self.low_rows] if 0 < self.low_rows < self.split_rows else []
-        wide = [self.wide_rows] if self.wide_rows > self.split_rows else []
-        cuts = [0, *low, self.split_rows, *wide, self.weight.shape[0]]
+        cuts = [0, *low, self.split_rows, self.weight.shape[0]]
         spans = list(zip(cuts, cuts[1:]))
         kernels = [_row_kernel(dispatch, self.weight[first:end]) for first, end in spans]
 
@@ -399,8 +401,11 @@ class LayerChoice:
                               for kernel, (first, end) in zip(kernels, spans)], dim=-1)
 
         self.cpu, self.tail = whole, rows_from(cuts.index(self.split_rows))
-        self.wide_tail = rows_from(cuts.index(self.wide_rows)) if self.wide_rows else None
         self.low_tail = rows_from(cuts.index(self.low_rows)) if self.low_rows else None
+        self.wide_tail = None
+        if self.wide_rows:
+            self.wide_tail = self.tail if self.wide_rows == self.split_rows \
+                else _row_kernel(dispatch, self.weight[self.wide_rows:])
 
     def __call__(self, x, weight, bias):
         side = self.side
