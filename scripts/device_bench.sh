@@ -6,6 +6,7 @@
 #   MODEL=3b CONFIGS=bound,offload-uva,hetero-pp2 DEADLINE=360 TOTAL=575 \
 #     GPUTESTS="pipeline_gives and llama-pp2-auto" bash scripts/device_bench.sh
 # MODEL, CONFIGS: bench/run.py's --models and --configs; DEADLINE: the bench's --deadline (s);
+# MIN_RUN: the bench's --min-run (s; its default 120 skips a 1B run that needs about 60);
 # TOTAL: seconds for the whole script, the GPU tests get what the bench left (skipped under 60 s);
 # GPUTESTS: a pytest -k expression (empty: no GPU tests; "all": every test of the files);
 # GPUTEST_FILES: the test files it selects from (default tests/gpu/test_pipeline.py; test_plugin.py needs the
@@ -19,6 +20,7 @@ export HETERO_SHIM_CPU_KERNELS=${HETERO_SHIM_KERNELS_DIR:-}
 echo "bench start $(date -u +%T)" >> "$OUT/times.txt"
 python3 bench/run.py --size full --models "$MODEL" --configs "$CONFIGS" --budget-ratio 1.5 --breakdown \
   --model-cache /tmp/hsbench/models --out "$OUT/bench-$MODEL" --deadline "${DEADLINE:-540}" --no-plot \
+  ${MIN_RUN:+--min-run "$MIN_RUN"} \
   > "$OUT/bench-$MODEL.log" 2>&1
 (cd "$OUT" && tar czf "bench-$MODEL.tgz" "bench-$MODEL" && rm -rf "bench-$MODEL/breakdown" "bench-$MODEL/logs")
 left=$(( ${TOTAL:-575} - SECONDS ))
