@@ -86,13 +86,13 @@ def build_plan(world_size: int, gpus_on_node: int, split: LayerSplit | None = No
         pp_size=len(split.partition), layers=split.partition, split_source=split.source)
     plan = RankPlan(world_size, gpu_ranks, tuple(tuple(x) for x in lists), tuple(reserved), tuple(notes), **pipeline,
                     cpu_first=cpu_first and 0 < gpu_ranks < world_size, shared_cores=tuple(shared))
+    if cpu_gemm is not None and cpu_ranks:  # before the KV budgets: a route to a GPU holds the weights twice
+        plan = replace(plan, cpu_gemm=cpu_gemm(plan))
     if kv_for is not None and cpu_ranks:
         kv = kv_for(plan)
         plan = replace(plan, kv_budgets=kv.per_rank, kv_source=kv.source, notes=plan.notes + kv.notes)
     if cpu_compile is not None and cpu_ranks:
         plan = replace(plan, cpu_compile=cpu_compile(plan))
-    if cpu_gemm is not None and cpu_ranks:
-        plan = replace(plan, cpu_gemm=cpu_gemm(plan))
     batches, why = batches_in_flight(plan, settings.pipeline_batches())
     if batches:
         plan = replace(plan, batches=batches, batches_source=why)

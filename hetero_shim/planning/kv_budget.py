@@ -37,6 +37,7 @@ class Workload:
     max_num_seqs: int
     processes: int  # every process of the run: workers and the engine core
     fraction: float  # gpu_memory_utilization
+    weights_note: str = ""  # how the weights were counted, where not once
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,8 @@ def budgets(work: Workload, available: int, space_gib: int | None, explicit_byte
     needed = [bpt * work.max_model_len for bpt in work.cpu_bytes_per_token]  # one full-length request
     usable = [bpt * work.max_model_len * work.max_num_seqs for bpt in work.cpu_bytes_per_token]
     where = (f"this host has {_gib(available)} available{' (' + memory_text + ')' if memory_text else ''}; "
-             f"the CPU ranks' weights take about {_gib(weights)} and the run's {work.processes} processes about "
+             f"the CPU ranks' weights take about {_gib(weights)}"
+             f"{' (' + work.weights_note + ')' if work.weights_note else ''} and the run's {work.processes} processes about "
              f"{_gib(overhead)}, which leaves {_gib(max(0, left))}")
     if space_gib is not None or explicit_bytes is not None:
         per = space_gib * GIB if space_gib is not None else explicit_bytes

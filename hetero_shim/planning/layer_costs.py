@@ -189,11 +189,29 @@ def gpu_layer_costs(vllm_config, total_gpu_memory: int, cpu_ranks_on_gpu: int = 
     return GpuLayerCosts(budget, fixed, layer * elem // tp, per_layer_kv, how)
 
 
+def decoder_weight_copies(plan) -> float:
+    """How many times a CPU rank's host memory holds its decoder layers' weights: once, or where its
+    linear layers' large steps go to a GPU (``plan.cpu_gemm``), twice (vLLM's CPU kernels keep their
+    own copy, the plain weights stay in shared memory for the GPU), plus the rows after a decode
+    split's larger share (HETERO_SHIM_CPU_GEMM_SPLIT_WIDE, adapt's 60 %), which have a CPU kernel of
+    their own."""
+    if not plan.cpu_gemm:
+        return 1.0
+    larger = 0
+    if settings.cpu_gemm_split_pct():
+        if settings.cpu_gemm_split_adapt():
+            larger = settings.CPU_GEMM_SPLIT_ADAPT_SHARES[-1]
+        elif settings.cpu_gemm_split_wide():
+            larger = settings.cpu_gemm_split_wide()[1]
+    return 2.0 + ((100 - larger) / 100 if larger else 0.0)
+
+
 def cpu_rank_needs(vllm_config, plan) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(bytes of weights, KV bytes per token) of each CPU rank of ``plan``, in CPU-rank order.
 
     A rank of pipeline stage s holds that stage's layers (the embeddings on the first stage, the
-    LM head, a copy when the embeddings are tied, on the last), all divided by the TP size."""
+    LM head, a copy when the embeddings are tied, on the last), all divided by the TP size; the
+    layers as many times as :func:`decoder_weight_copies` says."""
     model, cache, par = vllm_config.model_config, vllm_config.cache_config, vllm_config.parallel_config
     elem = _itemsize(model.dtype)
     hf = model.hf_text_config
@@ -207,10 +225,12 @@ def cpu_rank_needs(vllm_config, plan) -> tuple[tuple[int, ...], tuple[int, ...]]
     per_token_layer = 2 * model.get_num_kv_heads(par) * model.get_head_size() * kv_elem
     layers = plan.layers or (model.get_total_num_hidden_layers(),)
     tp = plan.world_size // plan.pp_size
+    copies = decoder_weight_copies(plan)
     weights, per_token = [], []
     for rank in plan.cpu_ranks:
         stage = plan.stage(rank)
-        numel = layers[stage] * per_layer + (other if stage == 0 else 0) + (head if stage == len(layers) - 1 else 0)
+        numel = int(layers[stage] * per_layer * copies) + (other if stage == 0 else 0) + \
+            (head if stage == len(layers) - 1 else 0)
         weights.append(numel * elem // tp)
         per_token.append(layers[stage] * per_token_layer)
     return tuple(weights), tuple(per_token)

@@ -63,6 +63,45 @@ def test_default_too_small_for_one_request_is_refused_with_what_to_change():
         kv_budget.budgets(work(ranks=2, weights=6 * GIB, per_token=1 << 20, max_model_len=1 << 14), 16 * GIB, None, None)
 
 
+def test_weights_counted_more_than_once_say_so_when_they_do_not_fit():
+    note = "their decoder layers counted 2 times"
+    w = Workload(cpu_weights=(3 * GIB,), cpu_bytes_per_token=(1024,), max_model_len=2048, max_num_seqs=1,
+                 processes=2, fraction=0.9, weights_note=note)
+    with pytest.raises(HeteroConfigError) as err:
+        kv_budget.budgets(w, 6 * GIB, 4, None)
+    assert f"the CPU ranks' weights take about 3.00 GiB ({note}) and" in str(err.value)
+
+
+@pytest.mark.parametrize("route, env, copies", [
+    ("", {}, 1.0),  # the CPU ranks compute their linear layers themselves
+    ("steps of >= 64 tokens on the next stage's GPU rank", {}, 2.0),
+    ("routed", {"HETERO_SHIM_CPU_GEMM_SPLIT": "adapt"}, 2.4),  # and the rows after 60 %
+    ("routed", {"HETERO_SHIM_CPU_GEMM_SPLIT_WIDE": "8:75"}, 2.25),
+    ("routed", {"HETERO_SHIM_CPU_GEMM_SPLIT": "0", "HETERO_SHIM_CPU_GEMM_SPLIT_WIDE": "8:75"}, 2.0),  # no split
+])
+def test_decoder_layers_held_twice_where_a_gpu_computes_large_steps(monkeypatch, route, env, copies):
+    from hetero_shim.planning.layer_costs import decoder_weight_copies
+    from hetero_shim.planning.plan import RankPlan
+
+    for name in ("HETERO_SHIM_CPU_GEMM_SPLIT", "HETERO_SHIM_CPU_GEMM_SPLIT_WIDE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    plan = RankPlan(2, 1, ((0, 1),), (), (), cpu_gemm=route)
+    assert decoder_weight_copies(plan) == pytest.approx(copies)
+
+
+def test_the_kv_budgets_see_where_the_linear_layers_go(monkeypatch):
+    """build_plan decides the CPU ranks' route before their KV budgets, which count the weights by it."""
+    from hetero_shim.planning import build
+
+    seen = []
+    monkeypatch.setattr(build.run_state, "publish_plan", lambda text: None)
+    build.build_plan(2, 1, kv_for=lambda p: seen.append(p.cpu_gemm) or kv_budget.KvBudgets((GIB,), "test"),
+                     cpu_gemm=lambda p: "routed")
+    assert seen == ["routed"]
+
+
 def test_no_cpu_ranks_no_budgets():
     assert kv_budget.budgets(work(ranks=0), GIB, None, None).per_rank == ()
 

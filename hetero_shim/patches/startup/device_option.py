@@ -164,9 +164,13 @@ def _cpu_kv_budgets(config, plan) -> KvBudgets:
     """The CPU ranks' KV budgets from the memory the run can really use (kv_budget.py): one pool per
     NUMA node where the nodes' meminfo is trusted, else the host's (cgroup-aware) figures."""
     from hetero_shim.planning import node
-    from hetero_shim.planning.layer_costs import cpu_rank_needs
+    from hetero_shim.planning.layer_costs import cpu_rank_needs, decoder_weight_copies
 
     weights, per_token = cpu_rank_needs(config, plan)
+    copies = decoder_weight_copies(plan)
+    note = (f"their decoder layers counted {copies:g} times: vLLM's CPU kernels' copy, and the plain weights in "
+            "shared memory for the GPU" + (", and the rows after the split's larger share" if copies > 2 else "")
+            if copies > 1 else "")
     memory = node.host_memory()
     space = settings.cpu_kvcache_space_gib()
     cache, sched = config.cache_config, config.scheduler_config
@@ -182,7 +186,7 @@ def _cpu_kv_budgets(config, plan) -> KvBudgets:
         work = kv_budget.Workload(
             cpu_weights=tuple(weights[i] for i in members), cpu_bytes_per_token=tuple(per_token[i] for i in members),
             max_model_len=config.model_config.max_model_len, max_num_seqs=sched.max_num_seqs,
-            processes=len(members) + others, fraction=cache.gpu_memory_utilization)
+            processes=len(members) + others, fraction=cache.gpu_memory_utilization, weights_note=note)
         others = 0
         found = kv_budget.budgets(work, pool.available, space, cache.kv_cache_memory_bytes, memory.describe())
         for i, value in zip(members, found.per_rank):
