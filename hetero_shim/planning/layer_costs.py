@@ -192,7 +192,7 @@ def gpu_layer_costs(vllm_config, total_gpu_memory: int, cpu_ranks_on_gpu: int = 
 def decoder_weight_copies(plan) -> float:
     """How many times a CPU rank's host memory holds its decoder layers' weights: once, or where its
     linear layers' large steps go to a GPU (``plan.cpu_gemm``), twice (vLLM's CPU kernels keep their
-    own copy, the plain weights stay in shared memory for the GPU), plus the rows after a decode
+    own copy where they pack, the plain weights stay in shared memory for the GPU), plus the rows after a decode
     split's larger share (HETERO_SHIM_CPU_GEMM_SPLIT_WIDE, adapt's 60 %), which have a CPU kernel of
     their own."""
     if not plan.cpu_gemm:
