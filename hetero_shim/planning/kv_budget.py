@@ -62,10 +62,10 @@ def budgets(work: Workload, available: int, space_gib: int | None, explicit_byte
     left = available - weights - overhead
     needed = [bpt * work.max_model_len for bpt in work.cpu_bytes_per_token]  # one full-length request
     usable = [bpt * work.max_model_len * work.max_num_seqs for bpt in work.cpu_bytes_per_token]
+    counted = f" ({work.weights_note})" if work.weights_note else ""
     where = (f"this host has {_gib(available)} available{' (' + memory_text + ')' if memory_text else ''}; "
-             f"the CPU ranks' weights take about {_gib(weights)}"
-             f"{' (' + work.weights_note + ')' if work.weights_note else ''} and the run's {work.processes} processes about "
-             f"{_gib(overhead)}, which leaves {_gib(max(0, left))}")
+             f"the CPU ranks' weights take about {_gib(weights)}{counted} and the run's {work.processes} processes "
+             f"about {_gib(overhead)}, which leaves {_gib(max(0, left))}")
     if space_gib is not None or explicit_bytes is not None:
         per = space_gib * GIB if space_gib is not None else explicit_bytes
         name = f"VLLM_CPU_KVCACHE_SPACE={space_gib}" if space_gib is not None else f"kv_cache_memory_bytes={per}"
