@@ -43,8 +43,8 @@ dispatch; the whole layer's kernel becomes the two, so the host holds no third c
 memory this takes (the GPU rank's buffers and activations, 0.2 GiB at 3B / 8B shapes; with its own
 GPU, this rank's CUDA context and buffers, 0.77 GiB besides the buffers on the H200) is charged to
 the GPU stage by the automatic layer split (planning/layer_costs.py); the kept weights double the
-host memory of layers whose CPU kernel packs its own copy (the CPU ranks' KV budgets count it). If the GPU side cannot be used or a call fails, the rank logs why and computes on the
-CPU from then on.
+host memory of layers whose CPU kernel packs its own copy (the CPU ranks' KV budgets count it). If
+the GPU side cannot be used or a call fails, the rank logs why and computes on the CPU from then on.
 Remove when: vLLM offloads a CPU worker's large GEMMs itself (not as of 0.33.0).
 """
 
