@@ -416,6 +416,19 @@ def cpu_gemm_split_wide() -> tuple[int, int] | None:
     return tokens_n, pct_n
 
 
+def cpu_gemm_split_other_shares() -> tuple[int, int, int]:
+    """The split's shares besides HETERO_SHIM_CPU_GEMM_SPLIT's, as set, in percent: (adapt's smaller
+    share, the token count from which HETERO_SHIM_CPU_GEMM_SPLIT_WIDE's larger one applies (0 with
+    adapt, which chooses per step), the larger share); zeros where there is none or the split is off."""
+    if not cpu_gemm_split_pct():
+        return 0, 0, 0
+    if cpu_gemm_split_adapt():
+        low, _, high = CPU_GEMM_SPLIT_ADAPT_SHARES
+        return low, 0, high
+    wide = cpu_gemm_split_wide()
+    return (0, *wide) if wide else (0, 0, 0)
+
+
 def cpu_gemm_queue_step() -> bool:
     """HETERO_SHIM_CPU_GEMM_QUEUE_STEP: the next stage's rank queues a small step's split requests at once."""
     return _flag(CPU_GEMM_QUEUE_STEP, default=True)

@@ -197,12 +197,7 @@ def decoder_weight_copies(plan) -> float:
     their own."""
     if not plan.cpu_gemm:
         return 1.0
-    larger = 0
-    if settings.cpu_gemm_split_pct():
-        if settings.cpu_gemm_split_adapt():
-            larger = settings.CPU_GEMM_SPLIT_ADAPT_SHARES[-1]
-        elif settings.cpu_gemm_split_wide():
-            larger = settings.cpu_gemm_split_wide()[1]
+    _, _, larger = settings.cpu_gemm_split_other_shares()
     return 2.0 + ((100 - larger) / 100 if larger else 0.0)
 
 

@@ -233,8 +233,7 @@ class ServedSide(GpuSide):
         shapes = [(layer.weight.shape[0], layer.weight.shape[1] * layer.weight.element_size()) for layer in self.layers]
         plan = weight_stream.split_plan(shapes, pct, large_only, settings.CPU_GEMM_SPLIT_MAX_PCT)
         adapt = bool(pct) and settings.cpu_gemm_split_adapt()
-        low_pct, _, high_pct = settings.CPU_GEMM_SPLIT_ADAPT_SHARES if adapt else (0, 0, 0)
-        wide_tokens, wide_pct = (settings.cpu_gemm_split_wide() or (0, 0)) if pct and not adapt else (0, high_pct)
+        low_pct, wide_tokens, wide_pct = settings.cpu_gemm_split_other_shares() if pct else (0, 0, 0)
         wide = weight_stream.split_plan(shapes, wide_pct, large_only, settings.CPU_GEMM_SPLIT_MAX_PCT) if wide_pct \
             else [0] * len(shapes)
         low = weight_stream.split_plan(shapes, low_pct, large_only, settings.CPU_GEMM_SPLIT_MAX_PCT) if low_pct \
@@ -266,7 +265,7 @@ class ServedSide(GpuSide):
             self.chooser = share_choice.ShareChooser(("low", "split", "wide"), default=1)
             log.info("hetero_shim: CPU rank %d: each small step gives the next stage's rank %d, %d or %d %% of the "
                      "rows below, the share whose split took least in the steps of its size so far (%s=adapt)",
-                     self.rank, low_pct, pct, high_pct, settings.CPU_GEMM_SPLIT)
+                     self.rank, low_pct, pct, wide_pct, settings.CPU_GEMM_SPLIT)
         if split and not large_only:
             log.info("hetero_shim: CPU rank %d: in smaller steps the next stage's rank computes the leading %d %% of "
                      "the rows of %d layers, their weights streamed, while this rank computes the others (%s=0 keeps "
