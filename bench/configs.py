@@ -249,7 +249,7 @@ VARIANTS = {
     # those steps computed by the CPU rank's own CUDA context instead of the next stage's GPU rank
     "-own": {"HETERO_SHIM_CPU_GEMM_VIA": "own"},
     # small steps' split of each linear layer between the CPU rank and the next stage's GPU rank: off,
-    # and other shares of the rows for that rank than the default
+    # and fixed shares of the rows for that rank instead of the default's choice while running
     "-nosplit": {"HETERO_SHIM_CPU_GEMM_SPLIT": "0"},
     "-split30": {"HETERO_SHIM_CPU_GEMM_SPLIT": "30"},
     "-split40": {"HETERO_SHIM_CPU_GEMM_SPLIT": "40"},
@@ -257,12 +257,13 @@ VARIANTS = {
     # the share the CPU rank measures at start-up (its one-token rate against PCIe's)
     "-splitauto": {"HETERO_SHIM_CPU_GEMM_SPLIT": "auto"},
     # the share chosen while the CPU rank runs: 40, 50 or 60 %, whichever split took least per step size
+    # (the default)
     "-splitadapt": {"HETERO_SHIM_CPU_GEMM_SPLIT": "adapt"},
     "-split50": {"HETERO_SHIM_CPU_GEMM_SPLIT": "50"},
     "-split60": {"HETERO_SHIM_CPU_GEMM_SPLIT": "60"},
     "-split70": {"HETERO_SHIM_CPU_GEMM_SPLIT": "70"},
-    # the default share below 8 tokens, a larger one from 8 (batch 16 decode: the CPU rank's rows take
-    # longer than the GPU rank's copies at the default share)
+    # a fixed share below 8 tokens (50 %, or a -splitNN's), a larger one from 8 (batch 16 decode: the CPU
+    # rank's rows take longer than the GPU rank's copies at 50 %)
     "-wide55": {"HETERO_SHIM_CPU_GEMM_SPLIT_WIDE": "8:55"},
     "-wide60": {"HETERO_SHIM_CPU_GEMM_SPLIT_WIDE": "8:60"},
     "-wide65": {"HETERO_SHIM_CPU_GEMM_SPLIT_WIDE": "8:65"},
@@ -441,6 +442,8 @@ def split_variants(name: str) -> tuple[str, dict[str, str]]:
     while True:
         suffix = next((s for s in VARIANTS if name.endswith(s)), None)
         if suffix is None:
+            if "HETERO_SHIM_CPU_GEMM_SPLIT_WIDE" in env:  # needs a fixed share: 50 % unless -splitNN names one
+                env.setdefault("HETERO_SHIM_CPU_GEMM_SPLIT", "50")
             return name, env
         env = VARIANTS[suffix] | env
         name = name.removesuffix(suffix)

@@ -107,13 +107,16 @@ CPU_GEMM_VIA_CHOICES = ("auto", "own")
 #: Small steps (decode, below the token threshold above) of a CPU stage whose large steps the next
 #: stage's GPU rank computes: the percentage of each linear layer's output rows that GPU rank computes,
 #: their weights streamed over PCIe while the CPU rank computes the other rows from its own memory, so
-#: both the host's memory channels and PCIe carry weights. Whole number, 0 (off) to 90; default 50.
-#: "auto": the CPU rank times its own kernels over its layers at start-up and gives the GPU rank
-#: the share at which both sides would finish together, with the GPU rank's copies at
-#: CPU_GEMM_SPLIT_COPY_RATE; within CPU_GEMM_SPLIT_AUTO_RANGE. "adapt": each small step takes one of
-#: CPU_GEMM_SPLIT_ADAPT_SHARES, the one whose split took least in the steps of its size so far.
+#: both the host's memory channels and PCIe carry weights. "adapt" (the default): each small step takes
+#: one of CPU_GEMM_SPLIT_ADAPT_SHARES, the one whose split took least in the steps of its size so far.
+#: A whole number, 0 (off) to 90: that share for every small step. "auto": the CPU rank times its own
+#: kernels over its layers at start-up and gives the GPU rank the share at which both sides would
+#: finish together, with the GPU rank's copies at CPU_GEMM_SPLIT_COPY_RATE; within
+#: CPU_GEMM_SPLIT_AUTO_RANGE.
 CPU_GEMM_SPLIT = "HETERO_SHIM_CPU_GEMM_SPLIT"
-CPU_GEMM_SPLIT_DEFAULT_PCT = 50
+CPU_GEMM_SPLIT_DEFAULT = "adapt"
+#: the share adapt starts from and auto falls back to, in percent: the middle one of adapt's
+CPU_GEMM_SPLIT_MIDDLE_PCT = 50
 CPU_GEMM_SPLIT_MAX_PCT = 90
 #: bytes/s of the GPU rank's copies that the automatic share assumes: pinned host-to-GPU measured
 #: 55.0-55.4 GB/s on every machine of the GPU kind (bench/bound.py), the copies in the split 50-58.
@@ -356,8 +359,9 @@ def cpu_gemm_via() -> str:
 
 
 def _split_word() -> str:
-    """HETERO_SHIM_CPU_GEMM_SPLIT as a word (``auto``, ``adapt``, a percentage, or empty)."""
-    return os.environ.get(CPU_GEMM_SPLIT, "").strip().lower()
+    """HETERO_SHIM_CPU_GEMM_SPLIT as a word (``auto``, ``adapt``, or a percentage); unset or empty:
+    the default, ``adapt``."""
+    return os.environ.get(CPU_GEMM_SPLIT, "").strip().lower() or CPU_GEMM_SPLIT_DEFAULT
 
 
 def cpu_gemm_split_auto() -> bool:
@@ -366,22 +370,22 @@ def cpu_gemm_split_auto() -> bool:
 
 
 def cpu_gemm_split_adapt() -> bool:
-    """HETERO_SHIM_CPU_GEMM_SPLIT=adapt: each small step takes one of CPU_GEMM_SPLIT_ADAPT_SHARES, chosen
-    as the rank runs."""
+    """HETERO_SHIM_CPU_GEMM_SPLIT=adapt (the default): each small step takes one of
+    CPU_GEMM_SPLIT_ADAPT_SHARES, chosen as the rank runs."""
     return _split_word() == "adapt"
 
 
 def cpu_gemm_split_pct() -> int:
     """HETERO_SHIM_CPU_GEMM_SPLIT: the GPU rank's share of a small step's rows, in percent (0: none;
-    with ``auto`` the default's, which the CPU rank replaces by the share it measures; with ``adapt``
-    the default's, the middle one of those it chooses from)."""
+    with ``auto`` the middle one, which the CPU rank replaces by the share it measures; with ``adapt``
+    the middle one of those it chooses from)."""
     if cpu_gemm_split_auto() or cpu_gemm_split_adapt():
-        return CPU_GEMM_SPLIT_DEFAULT_PCT
+        return CPU_GEMM_SPLIT_MIDDLE_PCT
     value = _whole_number_up_to(CPU_GEMM_SPLIT, 0, CPU_GEMM_SPLIT_MAX_PCT, f"must be a whole percentage of rows, 0 (off) "
-                                f"to {CPU_GEMM_SPLIT_MAX_PCT} (default {CPU_GEMM_SPLIT_DEFAULT_PCT}), auto or adapt",
+                                f"to {CPU_GEMM_SPLIT_MAX_PCT}, adapt (the default) or auto",
                                 f"the CPU rank keeps at least {100 - CPU_GEMM_SPLIT_MAX_PCT} % of the rows (0 turns the "
                                 "split off)")
-    return CPU_GEMM_SPLIT_DEFAULT_PCT if value is None else value
+    return CPU_GEMM_SPLIT_MIDDLE_PCT if value is None else value
 
 
 def cpu_gemm_split_large_only() -> bool:
@@ -401,8 +405,11 @@ def cpu_gemm_split_wide() -> tuple[int, int] | None:
                                 "(small steps of at least 8 tokens: 60 % of the rows on the next stage's rank)")
     tokens_n, pct_n = int(tokens), int(pct)
     if _split_word() in ("auto", "adapt"):
+        chosen = f"{CPU_GEMM_SPLIT}={_split_word()}" if os.environ.get(CPU_GEMM_SPLIT, "").strip() else \
+            f"the default {CPU_GEMM_SPLIT_DEFAULT}"
         raise HeteroConfigError(f"{CPU_GEMM_SPLIT_WIDE}={raw!r} needs a fixed share: set {CPU_GEMM_SPLIT} to a "
-                                f"percentage instead of {_split_word()}, or unset {CPU_GEMM_SPLIT_WIDE}")
+                                f"percentage (e.g. {CPU_GEMM_SPLIT_MIDDLE_PCT}) instead of {chosen}, or unset "
+                                f"{CPU_GEMM_SPLIT_WIDE}")
     narrow, large = cpu_gemm_split_pct(), cpu_gemm_on_gpu_tokens()
     if not narrow:
         raise HeteroConfigError(f"{CPU_GEMM_SPLIT_WIDE}={raw!r} needs the split on: unset {CPU_GEMM_SPLIT} or set it "

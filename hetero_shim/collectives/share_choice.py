@@ -1,5 +1,5 @@
 """Which share of a split layer's rows the next stage's GPU rank computes in a small step, chosen
-while the CPU rank runs (``HETERO_SHIM_CPU_GEMM_SPLIT=adapt``; used by
+while the CPU rank runs (``HETERO_SHIM_CPU_GEMM_SPLIT=adapt``, the default; used by
 ``patches/per_step/cpu_gemm_on_gpu.py``).
 
 Why: the split of a decode step's linear layers ends when the slower of its two sides ends: the CPU

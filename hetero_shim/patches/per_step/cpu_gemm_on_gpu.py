@@ -379,7 +379,7 @@ class LayerChoice:
         layer of those rows; the whole layer's kernel becomes them (vLLM's copy of it is freed, so the
         host holds no third copy). The split's rows stay one kernel call, as without the other kinds.
         Rows [wide_rows, n) get a kernel of their own where that kind is in use: a cut there would make
-        the split's rows two calls a layer, each on fewer rows, in every step the default share serves
+        the split's rows two calls a layer, each on fewer rows, in every step the middle share serves
         (where ``dispatch`` packs, those rows are then held twice)."""
         import torch
 
