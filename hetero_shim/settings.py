@@ -134,7 +134,7 @@ CPU_GEMM_SPLIT_LAYERS = "HETERO_SHIM_CPU_GEMM_SPLIT_LAYERS"
 SPLIT_LAYER_CHOICES = ("auto", "all", "large")
 #: Small steps of at least TOKENS tokens give the next stage's rank a larger share of the rows:
 #: "TOKENS:PCT", e.g. "8:60" (TOKENS from 2 and below the large-step threshold, PCT above
-#: HETERO_SHIM_CPU_GEMM_SPLIT, at most 90). At batch 16 the CPU rank's rows take longer than the GPU
+#: HETERO_SHIM_CPU_GEMM_SPLIT, which must be a percentage then, not the default adapt; at most 90). At batch 16 the CPU rank's rows take longer than the GPU
 #: rank's copies of its rows, at batch 1 about as long. Default off: one share for every small step.
 CPU_GEMM_SPLIT_WIDE = "HETERO_SHIM_CPU_GEMM_SPLIT_WIDE"
 #: "1": once a small step's first split request came, the next stage's rank queues the step's other
@@ -412,8 +412,8 @@ def cpu_gemm_split_wide() -> tuple[int, int] | None:
                                 f"{CPU_GEMM_SPLIT_WIDE}")
     narrow, large = cpu_gemm_split_pct(), cpu_gemm_on_gpu_tokens()
     if not narrow:
-        raise HeteroConfigError(f"{CPU_GEMM_SPLIT_WIDE}={raw!r} needs the split on: unset {CPU_GEMM_SPLIT} or set it "
-                                f"above 0, or unset {CPU_GEMM_SPLIT_WIDE}")
+        raise HeteroConfigError(f"{CPU_GEMM_SPLIT_WIDE}={raw!r} needs the split on: set {CPU_GEMM_SPLIT} to a "
+                                f"percentage above 0, or unset {CPU_GEMM_SPLIT_WIDE}")
     if not narrow < pct_n <= CPU_GEMM_SPLIT_MAX_PCT:
         raise HeteroConfigError(f"{CPU_GEMM_SPLIT_WIDE}={raw!r}: the percentage must be above {CPU_GEMM_SPLIT}'s "
                                 f"{narrow} and at most {CPU_GEMM_SPLIT_MAX_PCT}")
