@@ -201,6 +201,19 @@ def decoder_weight_copies(plan) -> float:
     return 2.0 + ((100 - larger) / 100 if larger else 0.0)
 
 
+
+def copies_note(copies: float) -> str:
+    """How the KV budgets' messages say the decoder layers were counted (:func:`decoder_weight_copies`):
+    "" where once; the larger share's rows with what saves them, since the default split holds them."""
+    if copies <= 1:
+        return ""
+    note = (f"their decoder layers counted {copies:g} times: vLLM's CPU kernels' copy, and the plain weights in "
+            "shared memory for the GPU")
+    if copies > 2:
+        note += (f", and the rows after the split's larger share (a fixed {settings.CPU_GEMM_SPLIT}, e.g. "
+                 f"{settings.CPU_GEMM_SPLIT_MIDDLE_PCT}, without {settings.CPU_GEMM_SPLIT_WIDE} holds them once)")
+    return note
+
 def cpu_rank_needs(vllm_config, plan) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(bytes of weights, KV bytes per token) of each CPU rank of ``plan``, in CPU-rank order.
 

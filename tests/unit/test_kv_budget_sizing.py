@@ -93,6 +93,14 @@ def test_decoder_layers_held_twice_where_a_gpu_computes_large_steps(monkeypatch,
     assert decoder_weight_copies(plan) == pytest.approx(copies)
 
 
+def test_the_weights_note_says_what_saves_the_larger_shares_rows():
+    from hetero_shim.planning.layer_costs import copies_note
+
+    assert copies_note(1.0) == ""
+    assert copies_note(2.0).startswith("their decoder layers counted 2 times") and "larger share" not in copies_note(2.0)
+    assert copies_note(2.4).endswith("the rows after the split's larger share (a fixed HETERO_SHIM_CPU_GEMM_SPLIT, "
+                                     "e.g. 50, without HETERO_SHIM_CPU_GEMM_SPLIT_WIDE holds them once)")
+
 def test_the_kv_budgets_see_where_the_linear_layers_go(monkeypatch):
     """build_plan decides the CPU ranks' route before their KV budgets, which count the weights by it."""
     from hetero_shim.planning import build

@@ -164,13 +164,10 @@ def _cpu_kv_budgets(config, plan) -> KvBudgets:
     """The CPU ranks' KV budgets from the memory the run can really use (kv_budget.py): one pool per
     NUMA node where the nodes' meminfo is trusted, else the host's (cgroup-aware) figures."""
     from hetero_shim.planning import node
-    from hetero_shim.planning.layer_costs import cpu_rank_needs, decoder_weight_copies
+    from hetero_shim.planning.layer_costs import copies_note, cpu_rank_needs, decoder_weight_copies
 
     weights, per_token = cpu_rank_needs(config, plan)
-    copies = decoder_weight_copies(plan)
-    note = (f"their decoder layers counted {copies:g} times: vLLM's CPU kernels' copy, and the plain weights in "
-            "shared memory for the GPU" + (", and the rows after the split's larger share" if copies > 2 else "")
-            if copies > 1 else "")
+    note = copies_note(decoder_weight_copies(plan))
     memory = node.host_memory()
     space = settings.cpu_kvcache_space_gib()
     cache, sched = config.cache_config, config.scheduler_config
