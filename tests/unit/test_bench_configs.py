@@ -144,7 +144,6 @@ def test_reserved_core_variants_stack_with_others():
         "hetero-pp2", {"HETERO_SHIM_RESERVE_CORES": "0", "HETERO_SHIM_GPU_STAGE_GRAPHS": "0"})
 
 
-
 def test_a_wider_share_variant_gets_a_fixed_share_below_it():
     """HETERO_SHIM_CPU_GEMM_SPLIT_WIDE refuses the default adapt: -wideNN runs at 50 % below its tokens,
     or at a -splitNN's share where the name has one."""
@@ -153,6 +152,7 @@ def test_a_wider_share_variant_gets_a_fixed_share_below_it():
         "hetero-pp2", {wide: "8:60", "HETERO_SHIM_CPU_GEMM_SPLIT": "50"})
     assert configs.split_variants("hetero-pp2-split45-wide60")[1] == {wide: "8:60", "HETERO_SHIM_CPU_GEMM_SPLIT": "45"}
     assert configs.split_variants("hetero-pp2-splitadapt") == ("hetero-pp2", {"HETERO_SHIM_CPU_GEMM_SPLIT": "adapt"})
+
 
 def test_expert_offload_takes_only_expert_weights_up_to_the_excess(tmp_path):
     """offload-uva-experts on a real (small) Qwen3-MoE checkpoint: --cpu-offload-params selects the

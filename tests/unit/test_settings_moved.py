@@ -4,7 +4,6 @@ import pytest
 
 from hetero_shim import errors, settings
 
-
 FIXED = {settings.CPU_GEMM_SPLIT: "50"}  # a fixed share, which HETERO_SHIM_CPU_GEMM_SPLIT_WIDE needs
 
 
@@ -20,8 +19,8 @@ FIXED = {settings.CPU_GEMM_SPLIT: "50"}  # a fixed share, which HETERO_SHIM_CPU_
     (settings.CPU_GEMM_SPLIT_WIDE, "8:95", "at most 90", FIXED),
     (settings.CPU_GEMM_SPLIT_WIDE, "64:60", "the tokens must be 2 or more and below the 64", FIXED),
     (settings.CPU_GEMM_SPLIT_WIDE, "1:60", "the tokens must be 2 or more", FIXED),
-    (settings.CPU_GEMM_SPLIT_WIDE, "8:60", r"needs a fixed share: set HETERO_SHIM_CPU_GEMM_SPLIT to a percentage "
-     r"\(e.g. 50\) instead of the default adapt", {}),
+    (settings.CPU_GEMM_SPLIT_WIDE, "8:60", (r"needs a fixed share: set HETERO_SHIM_CPU_GEMM_SPLIT to a percentage "
+                                           r"\(e.g. 50\) instead of the default adapt"), {}),
 ])
 def test_bad_value_fails_check_environment_in_one_line(monkeypatch, name, value, says, also):
     monkeypatch.delenv(settings.CPU_GEMM_SPLIT, raising=False)
