@@ -358,10 +358,15 @@ def cpu_gemm_via() -> str:
     return _choice(CPU_GEMM_VIA, CPU_GEMM_VIA_CHOICES)
 
 
+def _split_set() -> str:
+    """HETERO_SHIM_CPU_GEMM_SPLIT as set, lower case ("" where unset or empty)."""
+    return os.environ.get(CPU_GEMM_SPLIT, "").strip().lower()
+
+
 def _split_word() -> str:
     """HETERO_SHIM_CPU_GEMM_SPLIT as a word (``auto``, ``adapt``, or a percentage); unset or empty:
     the default, ``adapt``."""
-    return os.environ.get(CPU_GEMM_SPLIT, "").strip().lower() or CPU_GEMM_SPLIT_DEFAULT
+    return _split_set() or CPU_GEMM_SPLIT_DEFAULT
 
 
 def cpu_gemm_split_auto() -> bool:
@@ -385,7 +390,8 @@ def cpu_gemm_split_pct() -> int:
                                 f"to {CPU_GEMM_SPLIT_MAX_PCT}, adapt (the default) or auto",
                                 f"the CPU rank keeps at least {100 - CPU_GEMM_SPLIT_MAX_PCT} % of the rows (0 turns the "
                                 "split off)")
-    return CPU_GEMM_SPLIT_MIDDLE_PCT if value is None else value
+    assert value is not None  # unset or empty means adapt, returned above
+    return value
 
 
 def cpu_gemm_split_large_only() -> bool:
@@ -405,8 +411,7 @@ def cpu_gemm_split_wide() -> tuple[int, int] | None:
                                 "(small steps of at least 8 tokens: 60 % of the rows on the next stage's rank)")
     tokens_n, pct_n = int(tokens), int(pct)
     if _split_word() in ("auto", "adapt"):
-        chosen = f"{CPU_GEMM_SPLIT}={_split_word()}" if os.environ.get(CPU_GEMM_SPLIT, "").strip() else \
-            f"the default {CPU_GEMM_SPLIT_DEFAULT}"
+        chosen = f"{CPU_GEMM_SPLIT}={_split_set()}" if _split_set() else f"the default {CPU_GEMM_SPLIT_DEFAULT}"
         raise HeteroConfigError(f"{CPU_GEMM_SPLIT_WIDE}={raw!r} needs a fixed share: set {CPU_GEMM_SPLIT} to a "
                                 f"percentage (e.g. {CPU_GEMM_SPLIT_MIDDLE_PCT}) instead of {chosen}, or unset "
                                 f"{CPU_GEMM_SPLIT_WIDE}")
