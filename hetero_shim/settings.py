@@ -287,10 +287,15 @@ def confine_processes() -> bool:
 COLLECTIVE_MODES = ("auto", "shm", "gloo")
 
 
+def _word(name: str) -> str:
+    """Environment variable ``name`` as set, stripped and lower-cased ("" where unset or blank)."""
+    return os.environ.get(name, "").strip().lower()
+
+
 def _choice(name: str, choices: tuple[str, ...]) -> str:
     """Environment variable ``name``, lower-cased, one of ``choices`` ("auto" when unset or blank);
     otherwise one error naming the choices."""
-    raw = os.environ.get(name, "").strip().lower() or "auto"
+    raw = _word(name) or "auto"
     if raw not in choices:
         raise HeteroConfigError(f"{name}={os.environ[name]!r} is not supported; use one of {', '.join(choices)}")
     return raw
@@ -324,13 +329,9 @@ def cpu_omp_wait() -> str:
     return _choice(CPU_OMP_WAIT, CPU_OMP_WAIT_CHOICES)
 
 
-def _cpu_gemm_on_gpu_raw() -> str:
-    return os.environ.get(CPU_GEMM_ON_GPU, "").strip().lower()
-
-
 def cpu_gemm_on_gpu_tokens() -> int | None:
     """From how many tokens a CPU rank's linear layers run on the GPU; None: never."""
-    raw = _cpu_gemm_on_gpu_raw()
+    raw = _word(CPU_GEMM_ON_GPU)
     if raw in ("", "on", "auto"):
         return CPU_GEMM_ON_GPU_DEFAULT_TOKENS
     if raw in _FALSE:
@@ -358,15 +359,10 @@ def cpu_gemm_via() -> str:
     return _choice(CPU_GEMM_VIA, CPU_GEMM_VIA_CHOICES)
 
 
-def _split_set() -> str:
-    """HETERO_SHIM_CPU_GEMM_SPLIT as set, lower case ("" where unset or empty)."""
-    return os.environ.get(CPU_GEMM_SPLIT, "").strip().lower()
-
-
 def _split_word() -> str:
     """HETERO_SHIM_CPU_GEMM_SPLIT as a word (``auto``, ``adapt``, or a percentage); unset or empty:
     the default, ``adapt``."""
-    return _split_set() or CPU_GEMM_SPLIT_DEFAULT
+    return _word(CPU_GEMM_SPLIT) or CPU_GEMM_SPLIT_DEFAULT
 
 
 def cpu_gemm_split_auto() -> bool:
@@ -411,7 +407,8 @@ def cpu_gemm_split_wide() -> tuple[int, int] | None:
                                 "(small steps of at least 8 tokens: 60 % of the rows on the next stage's rank)")
     tokens_n, pct_n = int(tokens), int(pct)
     if _split_word() in ("auto", "adapt"):
-        chosen = f"{CPU_GEMM_SPLIT}={_split_set()}" if _split_set() else f"the default {CPU_GEMM_SPLIT_DEFAULT}"
+        word = _word(CPU_GEMM_SPLIT)
+        chosen = f"{CPU_GEMM_SPLIT}={word}" if word else f"the default {CPU_GEMM_SPLIT_DEFAULT}"
         raise HeteroConfigError(f"{CPU_GEMM_SPLIT_WIDE}={raw!r} needs a fixed share: set {CPU_GEMM_SPLIT} to a "
                                 f"percentage (e.g. {CPU_GEMM_SPLIT_MIDDLE_PCT}) instead of {chosen}, or unset "
                                 f"{CPU_GEMM_SPLIT_WIDE}")
@@ -461,7 +458,7 @@ def cpu_gemm_on_gpu_wanted(pipeline: bool) -> bool:
     ("auto") in pipeline mode only (measured there; tensor-parallel CPU ranks were not)."""
     if cpu_gemm_on_gpu_tokens() is None:
         return False
-    return pipeline or _cpu_gemm_on_gpu_raw() not in ("", "auto")
+    return pipeline or _word(CPU_GEMM_ON_GPU) not in ("", "auto")
 
 
 def gpu_stage_graphs() -> bool:
@@ -470,7 +467,7 @@ def gpu_stage_graphs() -> bool:
 
 def cpu_rank_compile() -> str:
     """HETERO_SHIM_CPU_RANK_COMPILE: "auto", "on" or "off"."""
-    raw = os.environ.get(CPU_RANK_COMPILE, "").strip().lower()
+    raw = _word(CPU_RANK_COMPILE)
     if raw in ("", "auto"):
         return "auto"
     if raw in _TRUE:
@@ -482,7 +479,7 @@ def cpu_rank_compile() -> str:
 
 def pipeline_batches() -> int | None:
     """HETERO_SHIM_PIPELINE_BATCHES as a number, None for "auto" (vLLM's own batch queue)."""
-    if os.environ.get(PIPELINE_BATCHES, "").strip().lower() == "auto":
+    if _word(PIPELINE_BATCHES) == "auto":
         return None
     return _whole_number(PIPELINE_BATCHES, 1, "must be auto or a whole number of micro-batches, 1 or more")
 
