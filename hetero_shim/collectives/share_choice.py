@@ -94,6 +94,14 @@ class ShareChooser:
         timed = {k: median(c) for k, c in size.costs.items() if c}
         return min(timed, key=lambda k: (timed[k], k != self.default)) if timed else self.default
 
+    def medians(self, tokens: int) -> dict[str, float]:
+        """Each tried kind's median cost (seconds) over its latest counted steps of this size, in
+        the kinds' order; what the kept kind was chosen from."""
+        size = self.sizes.get(size_class(tokens))
+        if size is None:
+            return {}
+        return {self.kinds[k]: median(size.costs[k]) for k in sorted(size.costs) if size.costs[k]}
+
     def kept(self, tokens: int) -> str | None:
         """The kind kept for steps of this size, once its trials ended (None before)."""
         size = self.sizes.get(size_class(tokens))

@@ -281,8 +281,8 @@ def test_the_split_share_can_adapt_while_the_rank_runs(four_layers):
     the CPU rank's decode steps (8 sequences of 64 tokens; vLLM's two pipeline batches may carry them as
     one step of 8 tokens or as two smaller ones, so more than one step size may settle) try each share
     for 8 counted steps of their size, each step naming its kind to the next stage's rank (the CPU
-    stand-in), then keep the cheapest; the step's requests stay queued across the changes of kind, and
-    the tokens are stock TP=1's."""
+    stand-in), then keep the cheapest, logging each share's median; the step's requests stay queued across the
+    changes of kind, and the tokens are stock TP=1's."""
     out = _queued_split_run(four_layers, "--max-tokens", "64", HETERO_SHIM_CPU_GEMM_SPLIT="adapt")
     planned = [line for line in out if "each small step gives the next stage's rank 40, 50 or 60 % of the rows below"
                in line]
@@ -292,6 +292,10 @@ def test_the_split_share_can_adapt_while_the_rank_runs(four_layers):
     queued = [line for line in out if "split requests are queued before they come (7 after a step's first)" in line]
     assert len(planned) == 1 and len(serving) == 1 and len(queued) == 1, "\n".join(out[-40:])
     assert [m for m in kept if m], "\n".join(out[-40:])
+    # the kept share's line gives what it was chosen from: each share's median split a step
+    medians = [re.search(r"the split's median a step: low ([\d.]+) ms, split ([\d.]+) ms, wide ([\d.]+) ms\)", line)
+               for line in out if "give the next stage's rank its" in line]
+    assert medians and all(m and min(float(v) for v in m.groups()) > 0 for m in medians), "\n".join(out[-40:])
 
 
 def test_small_steps_can_split_only_the_large_layers(four_layers):

@@ -34,6 +34,8 @@ def test_each_share_is_tried_then_the_cheapest_kept(best):
     chosen = _run(chooser, 1, costs.__getitem__, 12 + 20)
     assert chosen[:12] == ["split"] * 4 + ["low"] * 4 + ["wide"] * 4
     assert chooser.kept(1) == best and chosen[12:] == [best] * 20
+    assert chooser.medians(1) == {kind: (0.020 if kind == best else 0.030) for kind in KINDS}
+    assert chooser.medians(16) == {}  # no step of that size yet
 
 
 def test_the_first_step_of_a_run_is_not_counted():

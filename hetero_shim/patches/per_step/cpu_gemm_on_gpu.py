@@ -331,8 +331,10 @@ class ServedSide(GpuSide):
             if now is not None and now != kept:
                 from hetero_shim.collectives import share_choice
 
+                took = ", ".join(f"{k} {s * 1e3:.2f} ms" for k, s in self.chooser.medians(tokens).items())
                 log.info("hetero_shim: CPU rank %d: steps of %s tokens give the next stage's rank its %s rows "
-                         "(%s=adapt)", self.rank, share_choice.size_text(tokens), now, settings.CPU_GEMM_SPLIT)
+                         "(%s=adapt; the split's median a step: %s)", self.rank, share_choice.size_text(tokens), now,
+                         settings.CPU_GEMM_SPLIT, took)
         tokens = x.numel() // x.shape[-1]
         self.step, self.step_cost = (sends, tokens, self.chooser.choose(tokens)), 0.0
         return self.step[2]
