@@ -67,11 +67,13 @@ def test_pipeline_rank_killed_while_requests_are_queued(models, tmp_path, rank, 
     names the worker, no process and no segment is left (the server releases its queue when its
     client is gone; the client notices a gone server within a second and computes on its own)."""
     before = set(os.listdir("/dev/shm"))
-    # 500 tokens a request (the tiny Llama's 512 positions): at 200 the 4 requests were done 1.3 s after
-    # the queue started on the 2-core CI machine, and once finished before the kill landed
+    # 16 requests of 500 tokens (the tiny Llama's 512 positions), at most 4 at once: the generation outlasts
+    # the kill's latency. On the 2-core CI machine 4 requests of 200 tokens were done 1.3 s after the queue
+    # started, 4 of 500 about 4 s after it, and each once finished before the kill landed.
     out, result = fault_check(models["llama"], tmp_path, "--phase", "generate", "--tp", "1", "--rank", str(rank),
-                              "--engine", json.dumps({"pipeline_parallel_size": 2, "max_model_len": 512}),
-                              "--requests", "4", "--max-tokens", "500",
+                              "--engine", json.dumps({"pipeline_parallel_size": 2, "max_model_len": 512,
+                                                      "max_num_seqs": 4}),
+                              "--requests", "16", "--max-tokens", "500",
                               "--at-log", "queued before they come", "--delay", "0.05",
                               HETERO_SHIM_CPU_GEMM_ON_GPU="9", HETERO_SHIM_CPU_RANK_GPU="next-stage",
                               HETERO_SHIM_CPU_GEMM_QUEUE_STEP="1")
