@@ -90,17 +90,21 @@ class ShareChooser:
         else:
             size.since += 1
 
+    @staticmethod
+    def _timed(size: _Size) -> dict[int, float]:
+        """Each tried kind's median cost over its latest counted steps of the size."""
+        return {k: median(c) for k, c in size.costs.items() if c}
+
     def _best(self, size: _Size) -> int:
-        timed = {k: median(c) for k, c in size.costs.items() if c}
+        timed = self._timed(size)
         return min(timed, key=lambda k: (timed[k], k != self.default)) if timed else self.default
 
     def medians(self, tokens: int) -> dict[str, float]:
         """Each tried kind's median cost (seconds) over its latest counted steps of this size, in
         the kinds' order; what the kept kind was chosen from."""
         size = self.sizes.get(size_class(tokens))
-        if size is None:
-            return {}
-        return {self.kinds[k]: median(size.costs[k]) for k in sorted(size.costs) if size.costs[k]}
+        timed = {} if size is None else self._timed(size)
+        return {self.kinds[k]: timed[k] for k in sorted(timed)}
 
     def kept(self, tokens: int) -> str | None:
         """The kind kept for steps of this size, once its trials ended (None before)."""
