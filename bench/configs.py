@@ -259,6 +259,8 @@ VARIANTS = {
     # the share chosen while the CPU rank runs: 40, 50 or 60 %, whichever split took least per step size
     # (the default)
     "-splitadapt": {"HETERO_SHIM_CPU_GEMM_SPLIT": "adapt"},
+    # the same over three larger shares: 50, 60 or 70 % (hosts whose CPU side was the longer one at 60 %)
+    "-adapt506070": {"HETERO_SHIM_CPU_GEMM_SPLIT": "adapt:50,60,70"},
     "-split50": {"HETERO_SHIM_CPU_GEMM_SPLIT": "50"},
     "-split60": {"HETERO_SHIM_CPU_GEMM_SPLIT": "60"},
     "-split70": {"HETERO_SHIM_CPU_GEMM_SPLIT": "70"},

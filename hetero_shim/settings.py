@@ -108,14 +108,15 @@ CPU_GEMM_VIA_CHOICES = ("auto", "own")
 #: stage's GPU rank computes: the percentage of each linear layer's output rows that GPU rank computes,
 #: their weights streamed over PCIe while the CPU rank computes the other rows from its own memory, so
 #: both the host's memory channels and PCIe carry weights. "adapt" (the default): each small step takes
-#: one of CPU_GEMM_SPLIT_ADAPT_SHARES, the one whose split took least in the steps of its size so far.
+#: one of CPU_GEMM_SPLIT_ADAPT_SHARES, the one whose split took least in the steps of its size so far;
+#: "adapt:LOW,MIDDLE,HIGH" (e.g. "adapt:50,60,70"): the same over those three shares, from MIDDLE.
 #: A whole number, 0 (off) to 90: that share for every small step. "auto": the CPU rank times its own
 #: kernels over its layers at start-up and gives the GPU rank the share at which both sides would
 #: finish together, with the GPU rank's copies at CPU_GEMM_SPLIT_COPY_RATE; within
 #: CPU_GEMM_SPLIT_AUTO_RANGE.
 CPU_GEMM_SPLIT = "HETERO_SHIM_CPU_GEMM_SPLIT"
 CPU_GEMM_SPLIT_DEFAULT = "adapt"
-#: the share adapt starts from and auto falls back to, in percent: the middle one of adapt's
+#: the share auto falls back to, in percent: the middle one of adapt's default shares
 CPU_GEMM_SPLIT_MIDDLE_PCT = 50
 CPU_GEMM_SPLIT_MAX_PCT = 90
 #: bytes/s of the GPU rank's copies that the automatic share assumes: pinned host-to-GPU measured
@@ -127,6 +128,7 @@ CPU_GEMM_SPLIT_AUTO_RANGE = (30, 60)
 #: percent, the default's in the middle. The balanced share measured 36-58 % between machines of the
 #: GPU kind and between step sizes on one.
 CPU_GEMM_SPLIT_ADAPT_SHARES = (40, 50, 60)
+_ADAPT = "adapt"
 #: Which linear layers small steps split: "all" (the default, "auto"), or only "large" ones (at least
 #: half the largest layer's weight), each with the share that keeps the next stage's rank at
 #: HETERO_SHIM_CPU_GEMM_SPLIT percent of the stage's weight: half the requests a step at Llama's shapes.
@@ -371,19 +373,46 @@ def cpu_gemm_split_auto() -> bool:
 
 
 def cpu_gemm_split_adapt() -> bool:
-    """HETERO_SHIM_CPU_GEMM_SPLIT=adapt (the default): each small step takes one of
-    CPU_GEMM_SPLIT_ADAPT_SHARES, chosen as the rank runs."""
-    return _split_word() == "adapt"
+    """HETERO_SHIM_CPU_GEMM_SPLIT=adapt (the default) or adapt:LOW,MIDDLE,HIGH: each small step takes
+    one of three shares (:func:`cpu_gemm_split_adapt_shares`), chosen as the rank runs."""
+    word = _split_word()
+    return word == _ADAPT or word.startswith(_ADAPT + ":")
+
+
+def cpu_gemm_split_adapt_shares() -> tuple[int, int, int]:
+    """The three shares adapt chooses from, in percent, ascending: CPU_GEMM_SPLIT_ADAPT_SHARES for
+    ``adapt``, the given ones for ``adapt:LOW,MIDDLE,HIGH``; one error for anything else after the colon."""
+    word = _split_word()
+    if word == _ADAPT:
+        return CPU_GEMM_SPLIT_ADAPT_SHARES
+    given = word[len(_ADAPT) + 1:]
+    example = f"e.g. {CPU_GEMM_SPLIT}={_ADAPT}:50,60,70, or {_ADAPT} alone for {_shares_text(CPU_GEMM_SPLIT_ADAPT_SHARES)}"
+    parts = [p.strip() for p in given.split(",")]
+    if len(parts) != 3 or not all(p.isdigit() for p in parts):
+        raise HeteroConfigError(f"{CPU_GEMM_SPLIT}={word!r}: after '{_ADAPT}:' give three whole percentages of the "
+                                f"rows, smallest first ({example})")
+    low, mid, high = (int(p) for p in parts)
+    if not 0 < low < mid < high <= CPU_GEMM_SPLIT_MAX_PCT:
+        raise HeteroConfigError(f"{CPU_GEMM_SPLIT}={word!r}: the three shares must rise, from 1 to at most "
+                                f"{CPU_GEMM_SPLIT_MAX_PCT} (the CPU rank keeps at least "
+                                f"{100 - CPU_GEMM_SPLIT_MAX_PCT} % of the rows; {example})")
+    return low, mid, high
+
+
+def _shares_text(shares: tuple[int, int, int]) -> str:
+    return f"{shares[0]}, {shares[1]} or {shares[2]} %"
 
 
 def cpu_gemm_split_pct() -> int:
     """HETERO_SHIM_CPU_GEMM_SPLIT: the GPU rank's share of a small step's rows, in percent (0: none;
     with ``auto`` the middle one, which the CPU rank replaces by the share it measures; with ``adapt``
     the middle one of those it chooses from)."""
-    if cpu_gemm_split_auto() or cpu_gemm_split_adapt():
+    if cpu_gemm_split_adapt():
+        return cpu_gemm_split_adapt_shares()[1]
+    if cpu_gemm_split_auto():
         return CPU_GEMM_SPLIT_MIDDLE_PCT
     value = _whole_number_up_to(CPU_GEMM_SPLIT, 0, CPU_GEMM_SPLIT_MAX_PCT, f"must be a whole percentage of rows, 0 (off) "
-                                f"to {CPU_GEMM_SPLIT_MAX_PCT}, adapt (the default) or auto",
+                                f"to {CPU_GEMM_SPLIT_MAX_PCT}, adapt (the default), adapt:LOW,MIDDLE,HIGH or auto",
                                 f"the CPU rank keeps at least {100 - CPU_GEMM_SPLIT_MAX_PCT} % of the rows (0 turns the "
                                 "split off)")
     assert value is not None  # unset or empty means adapt, returned above
@@ -406,7 +435,7 @@ def cpu_gemm_split_wide() -> tuple[int, int] | None:
         raise HeteroConfigError(f"{CPU_GEMM_SPLIT_WIDE}={raw!r} is not understood; use TOKENS:PERCENT, e.g. 8:60 "
                                 "(small steps of at least 8 tokens: 60 % of the rows on the next stage's rank)")
     tokens_n, pct_n = int(tokens), int(pct)
-    if _split_word() in ("auto", "adapt"):
+    if cpu_gemm_split_auto() or cpu_gemm_split_adapt():
         word = _word(CPU_GEMM_SPLIT)
         chosen = f"{CPU_GEMM_SPLIT}={word}" if word else f"the default {CPU_GEMM_SPLIT_DEFAULT}"
         raise HeteroConfigError(f"{CPU_GEMM_SPLIT_WIDE}={raw!r} needs a fixed share: set {CPU_GEMM_SPLIT} to a "
@@ -432,7 +461,7 @@ def cpu_gemm_split_other_shares() -> tuple[int, int, int]:
     if not cpu_gemm_split_pct():
         return 0, 0, 0
     if cpu_gemm_split_adapt():
-        low, _, high = CPU_GEMM_SPLIT_ADAPT_SHARES
+        low, _, high = cpu_gemm_split_adapt_shares()
         return low, 0, high
     wide = cpu_gemm_split_wide()
     return (0, *wide) if wide else (0, 0, 0)

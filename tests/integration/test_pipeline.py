@@ -276,22 +276,27 @@ def test_the_split_share_can_be_measured_at_start_up(four_layers):
     assert len(planned) == 1 and len(queued) == 1, "\n".join(out[-40:])
 
 
-def test_the_split_share_can_adapt_while_the_rank_runs(four_layers):
-    """HETERO_SHIM_CPU_GEMM_SPLIT=adapt on the real vLLM: both ranks log the three shares (40, 50, 60 %),
-    the CPU rank's decode steps (8 sequences of 64 tokens; vLLM's two pipeline batches may carry them as
-    one step of 8 tokens or as two smaller ones, so more than one step size may settle) try each share
-    for 8 counted steps of their size, each step naming its kind to the next stage's rank (the CPU
-    stand-in), then keep the cheapest, logging each share's median; the step's requests stay queued across the
-    changes of kind, and the tokens are stock TP=1's."""
-    out = _queued_split_run(four_layers, "--max-tokens", "64", HETERO_SHIM_CPU_GEMM_SPLIT="adapt")
-    planned = [line for line in out if "each small step gives the next stage's rank 40, 50 or 60 % of the rows below"
-               in line]
+@pytest.mark.parametrize("split, shares", [("adapt", (40, 50, 60)), ("adapt:50,60,70", (50, 60, 70))],
+                         ids=["default-shares", "given-shares"])
+def test_the_split_share_can_adapt_while_the_rank_runs(four_layers, split, shares):
+    """HETERO_SHIM_CPU_GEMM_SPLIT=adapt on the real vLLM (its own three shares, or three given ones): both
+    ranks log the three shares, the CPU rank's decode steps (8 sequences of 64 tokens; vLLM's two pipeline
+    batches may carry them as one step of 8 tokens or as two smaller ones, so more than one step size may
+    settle) try each share for 8 counted steps of their size, each step naming its kind to the next
+    stage's rank (the CPU stand-in), then keep the cheapest, logging its share and each share's median;
+    the step's requests stay queued across the changes of kind, and the tokens are stock TP=1's."""
+    out = _queued_split_run(four_layers, "--max-tokens", "64", HETERO_SHIM_CPU_GEMM_SPLIT=split)
+    low, mid, high = shares
+    planned = [line for line in out if f"each small step gives the next stage's rank {low}, {mid} or {high} % of the "
+               "rows below" in line]
     serving = [line for line in out if "small steps take one of 3 shares of the leading rows" in line]
-    kept = [re.search(r"steps of (\d+(-\d+)?) tokens give the next stage's rank its (low|split|wide) rows", line)
-            for line in out]
+    kept = [re.search(r"steps of (\d+(-\d+)?) tokens give the next stage's rank its (low|split|wide) rows \((\d+) %\)",
+                      line) for line in out]
+    kept = [m for m in kept if m]
     queued = [line for line in out if "split requests are queued before they come (7 after a step's first)" in line]
     assert len(planned) == 1 and len(serving) == 1 and len(queued) == 1, "\n".join(out[-40:])
-    assert [m for m in kept if m], "\n".join(out[-40:])
+    assert kept, "\n".join(out[-40:])
+    assert all(int(m.group(4)) == dict(zip(("low", "split", "wide"), shares))[m.group(3)] for m in kept)
     # the kept share's line gives what it was chosen from: each share's median split a step
     medians = [re.search(r"the split's median a step: low ([\d.]+) ms, split ([\d.]+) ms, wide ([\d.]+) ms\)", line)
                for line in out if "give the next stage's rank its" in line]

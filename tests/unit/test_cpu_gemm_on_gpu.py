@@ -383,6 +383,32 @@ def test_an_automatic_split_takes_the_measured_share(monkeypatch):
     assert not settings.cpu_gemm_split_auto() and settings.cpu_gemm_split_pct() == 45
 
 
+def test_adapt_takes_three_given_shares_or_its_own(monkeypatch):
+    """``adapt:LOW,MIDDLE,HIGH``: the three shares adapt chooses from, MIDDLE the split's own and the
+    others the low and wide rows'; ``adapt`` alone its own; anything else one error saying what to give."""
+    monkeypatch.delenv(settings.CPU_GEMM_SPLIT_WIDE, raising=False)
+    monkeypatch.setenv(settings.CPU_GEMM_SPLIT, "adapt")
+    assert settings.cpu_gemm_split_adapt_shares() == settings.CPU_GEMM_SPLIT_ADAPT_SHARES == (40, 50, 60)
+    monkeypatch.setenv(settings.CPU_GEMM_SPLIT, " Adapt:50, 60,70 ")
+    assert settings.cpu_gemm_split_adapt() and not settings.cpu_gemm_split_auto()
+    assert settings.cpu_gemm_split_adapt_shares() == (50, 60, 70)
+    assert settings.cpu_gemm_split_pct() == 60 and settings.cpu_gemm_split_other_shares() == (50, 0, 70)
+    with pytest.raises(HeteroConfigError, match="needs a fixed share"):
+        monkeypatch.setenv(settings.CPU_GEMM_SPLIT_WIDE, "8:80")
+        settings.cpu_gemm_split_wide()
+    monkeypatch.delenv(settings.CPU_GEMM_SPLIT_WIDE)
+    for bad, says in (("adapt:50,60", "give three whole percentages"), ("adapt:", "give three whole percentages"),
+                      ("adapt:40,x,60", "give three whole percentages"), ("adapt:60,50,70", "must rise"),
+                      ("adapt:0,50,60", "must rise"), ("adapt:50,60,95", "at most 90"), ("adapt:50,50,60", "must rise")):
+        monkeypatch.setenv(settings.CPU_GEMM_SPLIT, bad)
+        with pytest.raises(HeteroConfigError, match=says) as err:
+            settings.check_environment()
+        assert "e.g. HETERO_SHIM_CPU_GEMM_SPLIT=adapt:50,60,70" in str(err.value)
+    monkeypatch.setenv(settings.CPU_GEMM_SPLIT, "adapted")
+    with pytest.raises(HeteroConfigError, match="adapt:LOW,MIDDLE,HIGH"):
+        settings.cpu_gemm_split_pct()
+
+
 def test_an_adapting_split_keeps_one_kind_a_step_and_reports_each_steps_cost(monkeypatch):
     """``adapt``: the served side asks its chooser once per step (a step: the span between two
     pipeline sends), uses that kind for all the step's splits, and records the step's split cost

@@ -218,6 +218,7 @@ class ServedSide(GpuSide):
         super().__init__(min_tokens, gemm_channel.NEXT_STAGE)
         self.rank, self.client = rank, None
         self.chooser = None  # share_choice.ShareChooser with HETERO_SHIM_CPU_GEMM_SPLIT=adapt
+        self.kind_pct: dict[str, int] = {}  # adapt's kinds of rows -> their share, in percent
         self.step = None  # (pipeline sends before it, tokens, kind) of the step being split, with adapt
         self.step_cost = 0.0  # seconds its splits took so far
 
@@ -263,6 +264,7 @@ class ServedSide(GpuSide):
             from hetero_shim.collectives import share_choice
 
             self.chooser = share_choice.ShareChooser(("low", "split", "wide"), default=1)
+            self.kind_pct = {"low": low_pct, "split": pct, "wide": wide_pct}
             log.info("hetero_shim: CPU rank %d: each small step gives the next stage's rank %d, %d or %d %% of the "
                      "rows below, the share whose split took least in the steps of its size so far (%s=adapt)",
                      self.rank, low_pct, pct, wide_pct, settings.CPU_GEMM_SPLIT)
@@ -332,9 +334,10 @@ class ServedSide(GpuSide):
                 from hetero_shim.collectives import share_choice
 
                 took = ", ".join(f"{k} {s * 1e3:.2f} ms" for k, s in self.chooser.medians(tokens).items())
-                log.info("hetero_shim: CPU rank %d: steps of %s tokens give the next stage's rank its %s rows "
+                share = f" ({self.kind_pct[now]} %)" if now in self.kind_pct else ""
+                log.info("hetero_shim: CPU rank %d: steps of %s tokens give the next stage's rank its %s rows%s "
                          "(%s=adapt; the split's median a step: %s)", self.rank, share_choice.size_text(tokens), now,
-                         settings.CPU_GEMM_SPLIT, took)
+                         share, settings.CPU_GEMM_SPLIT, took)
         tokens = x.numel() // x.shape[-1]
         self.step, self.step_cost = (sends, tokens, self.chooser.choose(tokens)), 0.0
         return self.step[2]

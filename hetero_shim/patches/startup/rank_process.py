@@ -164,7 +164,7 @@ def large_steps_route(plan) -> str:
             share = (f"the leading rows of {'the large layers' if large else 'each layer'}, a share the CPU rank "
                      "measures at start-up,")
         elif settings.cpu_gemm_split_adapt():
-            low, mid, high = settings.CPU_GEMM_SPLIT_ADAPT_SHARES
+            low, mid, high = settings.cpu_gemm_split_adapt_shares()
             share = (f"the leading rows of {'the large layers' if large else 'each layer'}, {low}, {mid} or {high} % "
                      "as the CPU rank finds fastest per step size,")
         else:
