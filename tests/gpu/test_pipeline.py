@@ -192,14 +192,17 @@ def test_measured_split_share_gives_gpu_only_tokens(gpu, evidence):
     evidence.check()
 
 
-def test_adapting_split_share_gives_gpu_only_tokens(gpu, evidence):
-    """HETERO_SHIM_CPU_GEMM_SPLIT=adapt with the GPU stage last: both ranks log the three shares, the
-    CPU rank's decode steps try each and name it to the GPU rank, and the tokens are GPU TP=1's up to
-    a near tie. (The harness drops HETERO_SHIM_ settings from the environment, so the setting is
-    given here.)"""
-    ref, got, log = _split_share_run(gpu, evidence, "adapt")
-    evidence.row("the CPU rank splits at 40, 50 or 60 %, chosen per step size",
-                 "each small step gives the next stage's rank 40, 50 or 60 % of the rows below" in log, "")
+@pytest.mark.parametrize("split, shares", [("adapt", (40, 50, 60)), ("adapt:50,60,70", (50, 60, 70))],
+                         ids=["default-shares", "given-shares"])
+def test_adapting_split_share_gives_gpu_only_tokens(gpu, evidence, split, shares):
+    """HETERO_SHIM_CPU_GEMM_SPLIT=adapt (its own three shares, or three given ones) with the GPU stage
+    last: both ranks log the three shares, the CPU rank's decode steps try each and name it to the GPU
+    rank, and the tokens are GPU TP=1's up to a near tie. (The harness drops HETERO_SHIM_ settings from
+    the environment, so the setting is given here.)"""
+    ref, got, log = _split_share_run(gpu, evidence, split)
+    low, mid, high = shares
+    evidence.row(f"the CPU rank splits at {low}, {mid} or {high} %, chosen per step size",
+                 f"each small step gives the next stage's rank {low}, {mid} or {high} % of the rows below" in log, "")
     evidence.row("the GPU rank serves the three shares", "small steps take one of 3 shares of the leading rows" in log,
                  "")
     evidence.row("decode steps split their linear layers with the GPU rank",
