@@ -393,8 +393,8 @@ def test_adapt_takes_three_given_shares_or_its_own(monkeypatch):
     assert settings.cpu_gemm_split_adapt() and not settings.cpu_gemm_split_auto()
     assert settings.cpu_gemm_split_adapt_shares() == (50, 60, 70)
     assert settings.cpu_gemm_split_pct() == 60 and settings.cpu_gemm_split_other_shares() == (50, 0, 70)
+    monkeypatch.setenv(settings.CPU_GEMM_SPLIT_WIDE, "8:80")
     with pytest.raises(HeteroConfigError, match="needs a fixed share"):
-        monkeypatch.setenv(settings.CPU_GEMM_SPLIT_WIDE, "8:80")
         settings.cpu_gemm_split_wide()
     monkeypatch.delenv(settings.CPU_GEMM_SPLIT_WIDE)
     for bad, says in (("adapt:50,60", "give three whole percentages"), ("adapt:", "give three whole percentages"),
