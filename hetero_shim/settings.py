@@ -361,7 +361,7 @@ def cpu_gemm_via() -> str:
     return _choice(CPU_GEMM_VIA, CPU_GEMM_VIA_CHOICES)
 
 
-def _split_word() -> str:
+def cpu_gemm_split_word() -> str:
     """HETERO_SHIM_CPU_GEMM_SPLIT as a word (``auto``, ``adapt``, or a percentage); unset or empty:
     the default, ``adapt``."""
     return _word(CPU_GEMM_SPLIT) or CPU_GEMM_SPLIT_DEFAULT
@@ -369,20 +369,20 @@ def _split_word() -> str:
 
 def cpu_gemm_split_auto() -> bool:
     """HETERO_SHIM_CPU_GEMM_SPLIT=auto: the CPU rank measures the share at start-up."""
-    return _split_word() == "auto"
+    return cpu_gemm_split_word() == "auto"
 
 
 def cpu_gemm_split_adapt() -> bool:
     """HETERO_SHIM_CPU_GEMM_SPLIT=adapt (the default) or adapt:LOW,MIDDLE,HIGH: each small step takes
     one of three shares (:func:`cpu_gemm_split_adapt_shares`), chosen as the rank runs."""
-    word = _split_word()
+    word = cpu_gemm_split_word()
     return word == _ADAPT or word.startswith(_ADAPT + ":")
 
 
 def cpu_gemm_split_adapt_shares() -> tuple[int, int, int]:
     """The three shares adapt chooses from, in percent, ascending: CPU_GEMM_SPLIT_ADAPT_SHARES for
     ``adapt``, the given ones for ``adapt:LOW,MIDDLE,HIGH``; one error for anything else after the colon."""
-    word = _split_word()
+    word = cpu_gemm_split_word()
     if word == _ADAPT:
         return CPU_GEMM_SPLIT_ADAPT_SHARES
     given = word[len(_ADAPT) + 1:]

@@ -297,8 +297,9 @@ def test_the_split_share_can_adapt_while_the_rank_runs(four_layers, split, share
     assert len(planned) == 1 and len(serving) == 1 and len(queued) == 1, "\n".join(out[-40:])
     assert kept, "\n".join(out[-40:])
     assert all(int(m.group(4)) == dict(zip(("low", "split", "wide"), shares))[m.group(3)] for m in kept)
-    # the kept share's line gives what it was chosen from: each share's median split a step
-    medians = [re.search(r"the split's median a step: low ([\d.]+) ms, split ([\d.]+) ms, wide ([\d.]+) ms\)", line)
+    # the kept share's line names the setting as given and what it was chosen from: each share's median split a step
+    medians = [re.search(rf"\(HETERO_SHIM_CPU_GEMM_SPLIT={split}; the split's median a step: low ([\d.]+) ms, "
+                         r"split ([\d.]+) ms, wide ([\d.]+) ms\)", line)
                for line in out if "give the next stage's rank its" in line]
     assert medians and all(m and min(float(v) for v in m.groups()) > 0 for m in medians), "\n".join(out[-40:])
 

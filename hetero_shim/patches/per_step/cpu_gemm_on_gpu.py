@@ -336,8 +336,8 @@ class ServedSide(GpuSide):
                 took = ", ".join(f"{k} {s * 1e3:.2f} ms" for k, s in self.chooser.medians(tokens).items())
                 share = f" ({self.kind_pct[now]} %)" if now in self.kind_pct else ""
                 log.info("hetero_shim: CPU rank %d: steps of %s tokens give the next stage's rank its %s rows%s "
-                         "(%s=adapt; the split's median a step: %s)", self.rank, share_choice.size_text(tokens), now,
-                         share, settings.CPU_GEMM_SPLIT, took)
+                         "(%s=%s; the split's median a step: %s)", self.rank, share_choice.size_text(tokens), now,
+                         share, settings.CPU_GEMM_SPLIT, settings.cpu_gemm_split_word(), took)
         tokens = x.numel() // x.shape[-1]
         self.step, self.step_cost = (sends, tokens, self.chooser.choose(tokens)), 0.0
         return self.step[2]
