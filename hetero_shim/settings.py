@@ -386,7 +386,7 @@ def cpu_gemm_split_adapt_shares() -> tuple[int, int, int]:
     if word == _ADAPT:
         return CPU_GEMM_SPLIT_ADAPT_SHARES
     given = word[len(_ADAPT) + 1:]
-    example = f"e.g. {CPU_GEMM_SPLIT}={_ADAPT}:50,60,70, or {_ADAPT} alone for {_shares_text(CPU_GEMM_SPLIT_ADAPT_SHARES)}"
+    example = f"e.g. {CPU_GEMM_SPLIT}={_ADAPT}:50,60,70, or {_ADAPT} alone for {shares_text(CPU_GEMM_SPLIT_ADAPT_SHARES)}"
     parts = [p.strip() for p in given.split(",")]
     if len(parts) != 3 or not all(p.isdigit() for p in parts):
         raise HeteroConfigError(f"{CPU_GEMM_SPLIT}={word!r}: after '{_ADAPT}:' give three whole percentages of the "
@@ -399,7 +399,8 @@ def cpu_gemm_split_adapt_shares() -> tuple[int, int, int]:
     return low, mid, high
 
 
-def _shares_text(shares: tuple[int, int, int]) -> str:
+def shares_text(shares: tuple[int, int, int]) -> str:
+    """Adapt's three shares as the logs and errors name them: "40, 50 or 60 %"."""
     return f"{shares[0]}, {shares[1]} or {shares[2]} %"
 
 

@@ -87,7 +87,7 @@ class GemmServer:
                      table["wide_tokens"], len(self.kinds["wide"]), settings.CPU_GEMM_SPLIT_WIDE)
         elif len(self.kinds) > 1:
             log.info("hetero_shim: small steps take one of %d shares of the leading rows, as the CPU stage's rank "
-                     "chooses (%s=adapt)", len(self.kinds), settings.CPU_GEMM_SPLIT)
+                     "chooses (%s=%s)", len(self.kinds), settings.CPU_GEMM_SPLIT, settings.cpu_gemm_split_word())
 
     def _step_queue(self):
         """gemm_queue.StepQueue on this server's stream (the stand-in: a thread), or None (logged)

@@ -288,8 +288,10 @@ def test_the_split_share_can_adapt_while_the_rank_runs(four_layers, split, share
     out = _queued_split_run(four_layers, "--max-tokens", "64", HETERO_SHIM_CPU_GEMM_SPLIT=split)
     low, mid, high = shares
     planned = [line for line in out if f"each small step gives the next stage's rank {low}, {mid} or {high} % of the "
-               "rows below" in line]
-    serving = [line for line in out if "small steps take one of 3 shares of the leading rows" in line]
+               f"rows below, the share whose split took least in the steps of its size so far "
+               f"(HETERO_SHIM_CPU_GEMM_SPLIT={split})" in line]
+    serving = [line for line in out if "small steps take one of 3 shares of the leading rows, as the CPU stage's rank "
+               f"chooses (HETERO_SHIM_CPU_GEMM_SPLIT={split})" in line]
     kept = [re.search(r"steps of (\d+(-\d+)?) tokens give the next stage's rank its (low|split|wide) rows \((\d+) %\)",
                       line) for line in out]
     kept = [m for m in kept if m]

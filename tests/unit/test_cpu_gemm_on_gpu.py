@@ -423,6 +423,7 @@ def test_an_adapting_split_keeps_one_kind_a_step_and_reports_each_steps_cost(mon
     side = gg.ServedSide(64, 1)
     side.client = type("Client", (), {"sends": 0})()
     side.chooser = share_choice.ShareChooser(("low", "split", "wide"), default=1, trials=1, revisit=1000)
+    side.kind_pct = {"low": 40, "split": 50, "wide": 60}
     recorded = []
     record = side.chooser.record
     monkeypatch.setattr(side.chooser, "record", lambda t, k, s: (recorded.append((t, k, round(s, 3))), record(t, k, s)))

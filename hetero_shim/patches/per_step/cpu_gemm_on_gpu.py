@@ -265,9 +265,10 @@ class ServedSide(GpuSide):
 
             self.chooser = share_choice.ShareChooser(("low", "split", "wide"), default=1)
             self.kind_pct = {"low": low_pct, "split": pct, "wide": wide_pct}
-            log.info("hetero_shim: CPU rank %d: each small step gives the next stage's rank %d, %d or %d %% of the "
-                     "rows below, the share whose split took least in the steps of its size so far (%s=adapt)",
-                     self.rank, low_pct, pct, wide_pct, settings.CPU_GEMM_SPLIT)
+            log.info("hetero_shim: CPU rank %d: each small step gives the next stage's rank %s of the rows below, "
+                     "the share whose split took least in the steps of its size so far (%s=%s)", self.rank,
+                     settings.shares_text((low_pct, pct, wide_pct)), settings.CPU_GEMM_SPLIT,
+                     settings.cpu_gemm_split_word())
         if split and not large_only:
             log.info("hetero_shim: CPU rank %d: in smaller steps the next stage's rank computes the leading %d %% of "
                      "the rows of %d layers, their weights streamed, while this rank computes the others (%s=0 keeps "
@@ -334,10 +335,9 @@ class ServedSide(GpuSide):
                 from hetero_shim.collectives import share_choice
 
                 took = ", ".join(f"{k} {s * 1e3:.2f} ms" for k, s in self.chooser.medians(tokens).items())
-                share = f" ({self.kind_pct[now]} %)" if now in self.kind_pct else ""
-                log.info("hetero_shim: CPU rank %d: steps of %s tokens give the next stage's rank its %s rows%s "
+                log.info("hetero_shim: CPU rank %d: steps of %s tokens give the next stage's rank its %s rows (%d %%) "
                          "(%s=%s; the split's median a step: %s)", self.rank, share_choice.size_text(tokens), now,
-                         share, settings.CPU_GEMM_SPLIT, settings.cpu_gemm_split_word(), took)
+                         self.kind_pct[now], settings.CPU_GEMM_SPLIT, settings.cpu_gemm_split_word(), took)
         tokens = x.numel() // x.shape[-1]
         self.step, self.step_cost = (sends, tokens, self.chooser.choose(tokens)), 0.0
         return self.step[2]

@@ -164,9 +164,9 @@ def large_steps_route(plan) -> str:
             share = (f"the leading rows of {'the large layers' if large else 'each layer'}, a share the CPU rank "
                      "measures at start-up,")
         elif settings.cpu_gemm_split_adapt():
-            low, mid, high = settings.cpu_gemm_split_adapt_shares()
-            share = (f"the leading rows of {'the large layers' if large else 'each layer'}, {low}, {mid} or {high} % "
-                     "as the CPU rank finds fastest per step size,")
+            shares = settings.shares_text(settings.cpu_gemm_split_adapt_shares())
+            share = (f"the leading rows of {'the large layers' if large else 'each layer'}, {shares} as the CPU rank "
+                     "finds fastest per step size,")
         else:
             share = (f"the leading rows of the large layers, {pct} % of the stage's weights," if large else
                      f"the leading {pct} % of each layer's rows")
