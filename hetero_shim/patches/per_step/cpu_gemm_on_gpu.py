@@ -263,8 +263,9 @@ class ServedSide(GpuSide):
         if split and adapt:
             from hetero_shim.collectives import share_choice
 
-            self.chooser = share_choice.ShareChooser(("low", "split", "wide"), default=1)
-            self.kind_pct = {"low": low_pct, "split": pct, "wide": wide_pct}
+            kinds = ("low", "split", "wide")
+            self.chooser = share_choice.ShareChooser(kinds, default=1)
+            self.kind_pct = dict(zip(kinds, (low_pct, pct, wide_pct)))
             log.info("hetero_shim: CPU rank %d: each small step gives the next stage's rank %s of the rows below, "
                      "the share whose split took least in the steps of its size so far (%s=%s)", self.rank,
                      settings.shares_text((low_pct, pct, wide_pct)), settings.CPU_GEMM_SPLIT,
