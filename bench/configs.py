@@ -256,12 +256,11 @@ VARIANTS = {
     "-split45": {"HETERO_SHIM_CPU_GEMM_SPLIT": "45"},
     # the share the CPU rank measures at start-up (its one-token rate against PCIe's)
     "-splitauto": {"HETERO_SHIM_CPU_GEMM_SPLIT": "auto"},
-    # the share chosen while the CPU rank runs: 50, 60 or 70 %, whichever split took least per step size
+    # the share chosen while the CPU rank runs: 40, 50 or 60 %, whichever split took least per step size
     # (the default)
     "-splitadapt": {"HETERO_SHIM_CPU_GEMM_SPLIT": "adapt"},
-    # the same over the given shares: the default's (50, 60 or 70 %), and the default's before it (40, 50 or 60 %)
+    # the same over three larger shares: 50, 60 or 70 % (hosts whose CPU side was the longer one at 60 %)
     "-adapt506070": {"HETERO_SHIM_CPU_GEMM_SPLIT": "adapt:50,60,70"},
-    "-adapt405060": {"HETERO_SHIM_CPU_GEMM_SPLIT": "adapt:40,50,60"},
     "-split50": {"HETERO_SHIM_CPU_GEMM_SPLIT": "50"},
     "-split60": {"HETERO_SHIM_CPU_GEMM_SPLIT": "60"},
     "-split70": {"HETERO_SHIM_CPU_GEMM_SPLIT": "70"},

@@ -109,14 +109,14 @@ CPU_GEMM_VIA_CHOICES = ("auto", "own")
 #: their weights streamed over PCIe while the CPU rank computes the other rows from its own memory, so
 #: both the host's memory channels and PCIe carry weights. "adapt" (the default): each small step takes
 #: one of CPU_GEMM_SPLIT_ADAPT_SHARES, the one whose split took least in the steps of its size so far;
-#: "adapt:LOW,MIDDLE,HIGH" (e.g. "adapt:40,50,60"): the same over those three shares, from MIDDLE.
+#: "adapt:LOW,MIDDLE,HIGH" (e.g. "adapt:50,60,70"): the same over those three shares, from MIDDLE.
 #: A whole number, 0 (off) to 90: that share for every small step. "auto": the CPU rank times its own
 #: kernels over its layers at start-up and gives the GPU rank the share at which both sides would
 #: finish together, with the GPU rank's copies at CPU_GEMM_SPLIT_COPY_RATE; within
 #: CPU_GEMM_SPLIT_AUTO_RANGE.
 CPU_GEMM_SPLIT = "HETERO_SHIM_CPU_GEMM_SPLIT"
 CPU_GEMM_SPLIT_DEFAULT = "adapt"
-#: the share auto falls back to, in percent
+#: the share auto falls back to, in percent: the middle one of adapt's default shares
 CPU_GEMM_SPLIT_MIDDLE_PCT = 50
 CPU_GEMM_SPLIT_MAX_PCT = 90
 #: bytes/s of the GPU rank's copies that the automatic share assumes: pinned host-to-GPU measured
@@ -125,10 +125,9 @@ CPU_GEMM_SPLIT_COPY_RATE = 55e9
 #: the automatic share's range, in percent (the shares run in the engine span 40-60)
 CPU_GEMM_SPLIT_AUTO_RANGE = (30, 60)
 #: "adapt": the shares the CPU rank chooses from while it runs (collectives/share_choice.py), in
-#: percent, the default's in the middle. On the machines of the GPU kind where the 1-token target is
-#: tight (300 MiB of L3, offload at its usual speed) 40 % was never kept and the split got cheaper up
-#: to 60 %; 40 % was kept only where offload is slow and the margins are wide (docs/performance.md).
-CPU_GEMM_SPLIT_ADAPT_SHARES = (50, 60, 70)
+#: percent, the default's in the middle. The balanced share measured 36-58 % between machines of the
+#: GPU kind and between step sizes on one.
+CPU_GEMM_SPLIT_ADAPT_SHARES = (40, 50, 60)
 _ADAPT = "adapt"
 #: Which linear layers small steps split: "all" (the default, "auto"), or only "large" ones (at least
 #: half the largest layer's weight), each with the share that keeps the next stage's rank at
@@ -387,7 +386,7 @@ def cpu_gemm_split_adapt_shares() -> tuple[int, int, int]:
     if word == _ADAPT:
         return CPU_GEMM_SPLIT_ADAPT_SHARES
     given = word[len(_ADAPT) + 1:]
-    example = f"e.g. {CPU_GEMM_SPLIT}={_ADAPT}:40,50,60, or {_ADAPT} alone for {shares_text(CPU_GEMM_SPLIT_ADAPT_SHARES)}"
+    example = f"e.g. {CPU_GEMM_SPLIT}={_ADAPT}:50,60,70, or {_ADAPT} alone for {shares_text(CPU_GEMM_SPLIT_ADAPT_SHARES)}"
     parts = [p.strip() for p in given.split(",")]
     if len(parts) != 3 or not all(p.isdigit() for p in parts):
         raise HeteroConfigError(f"{CPU_GEMM_SPLIT}={word!r}: after '{_ADAPT}:' give three whole percentages of the "
@@ -401,7 +400,7 @@ def cpu_gemm_split_adapt_shares() -> tuple[int, int, int]:
 
 
 def shares_text(shares: tuple[int, int, int]) -> str:
-    """Adapt's three shares as the logs and errors name them: "50, 60 or 70 %"."""
+    """Adapt's three shares as the logs and errors name them: "40, 50 or 60 %"."""
     return f"{shares[0]}, {shares[1]} or {shares[2]} %"
 
 

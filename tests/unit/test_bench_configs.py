@@ -154,7 +154,6 @@ def test_a_wider_share_variant_gets_a_fixed_share_below_it():
     assert configs.split_variants("hetero-pp2-splitadapt") == ("hetero-pp2", {"HETERO_SHIM_CPU_GEMM_SPLIT": "adapt"})
     assert configs.split_variants("hetero-pp2-adapt506070") == ("hetero-pp2",
                                                                  {"HETERO_SHIM_CPU_GEMM_SPLIT": "adapt:50,60,70"})
-    assert configs.split_variants("hetero-pp2-adapt405060")[1] == {"HETERO_SHIM_CPU_GEMM_SPLIT": "adapt:40,50,60"}
 
 
 def test_expert_offload_takes_only_expert_weights_up_to_the_excess(tmp_path):

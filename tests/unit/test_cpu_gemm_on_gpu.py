@@ -75,7 +75,7 @@ def test_the_rank_plan_says_where_cpu_ranks_linear_layers_go(monkeypatch):
     route = rank_process.large_steps_route
     pipeline = RankPlan(world_size=2, gpu_ranks=1, cpu_first=True, pp_size=2, layers=(12, 20))
     assert route(pipeline) == ("steps of >= 64 tokens on the next stage's GPU rank (weights streamed from shared "
-                               "memory); smaller steps split: the leading rows of each layer, 50, 60 or 70 % as the CPU "
+                               "memory); smaller steps split: the leading rows of each layer, 40, 50 or 60 % as the CPU "
                                "rank finds fastest per step size, there, the others here at the same time, a step's "
                                "requests queued ahead")
     monkeypatch.setenv(settings.CPU_GEMM_QUEUE_STEP, "0")
@@ -89,7 +89,7 @@ def test_the_rank_plan_says_where_cpu_ranks_linear_layers_go(monkeypatch):
     assert route(pipeline).endswith("the leading rows of each layer, a share the CPU rank measures at start-up, "
                                     "there, the others here at the same time")
     monkeypatch.setenv(settings.CPU_GEMM_SPLIT, "adapt")
-    assert route(pipeline).endswith("the leading rows of each layer, 50, 60 or 70 % as the CPU rank finds fastest per "
+    assert route(pipeline).endswith("the leading rows of each layer, 40, 50 or 60 % as the CPU rank finds fastest per "
                                     "step size, there, the others here at the same time")
     monkeypatch.setenv(settings.CPU_GEMM_SPLIT, "40")
     monkeypatch.setenv(settings.CPU_GEMM_SPLIT_LAYERS, "large")
@@ -388,11 +388,11 @@ def test_adapt_takes_three_given_shares_or_its_own(monkeypatch):
     others the low and wide rows'; ``adapt`` alone its own; anything else one error saying what to give."""
     monkeypatch.delenv(settings.CPU_GEMM_SPLIT_WIDE, raising=False)
     monkeypatch.setenv(settings.CPU_GEMM_SPLIT, "adapt")
-    assert settings.cpu_gemm_split_adapt_shares() == settings.CPU_GEMM_SPLIT_ADAPT_SHARES == (50, 60, 70)
-    monkeypatch.setenv(settings.CPU_GEMM_SPLIT, " Adapt:40, 50,60 ")
+    assert settings.cpu_gemm_split_adapt_shares() == settings.CPU_GEMM_SPLIT_ADAPT_SHARES == (40, 50, 60)
+    monkeypatch.setenv(settings.CPU_GEMM_SPLIT, " Adapt:50, 60,70 ")
     assert settings.cpu_gemm_split_adapt() and not settings.cpu_gemm_split_auto()
-    assert settings.cpu_gemm_split_adapt_shares() == (40, 50, 60)
-    assert settings.cpu_gemm_split_pct() == 50 and settings.cpu_gemm_split_other_shares() == (40, 0, 60)
+    assert settings.cpu_gemm_split_adapt_shares() == (50, 60, 70)
+    assert settings.cpu_gemm_split_pct() == 60 and settings.cpu_gemm_split_other_shares() == (50, 0, 70)
     monkeypatch.setenv(settings.CPU_GEMM_SPLIT_WIDE, "8:80")
     with pytest.raises(HeteroConfigError, match="needs a fixed share"):
         settings.cpu_gemm_split_wide()
@@ -403,7 +403,7 @@ def test_adapt_takes_three_given_shares_or_its_own(monkeypatch):
         monkeypatch.setenv(settings.CPU_GEMM_SPLIT, bad)
         with pytest.raises(HeteroConfigError, match=says) as err:
             settings.check_environment()
-        assert "e.g. HETERO_SHIM_CPU_GEMM_SPLIT=adapt:40,50,60" in str(err.value)
+        assert "e.g. HETERO_SHIM_CPU_GEMM_SPLIT=adapt:50,60,70" in str(err.value)
     monkeypatch.setenv(settings.CPU_GEMM_SPLIT, "adapted")
     with pytest.raises(HeteroConfigError, match="adapt:LOW,MIDDLE,HIGH"):
         settings.cpu_gemm_split_pct()
@@ -416,7 +416,7 @@ def test_an_adapting_split_keeps_one_kind_a_step_and_reports_each_steps_cost(mon
     from hetero_shim.collectives import share_choice
 
     monkeypatch.setenv(settings.CPU_GEMM_SPLIT, "adapt")
-    assert settings.cpu_gemm_split_adapt() and settings.cpu_gemm_split_pct() == settings.CPU_GEMM_SPLIT_ADAPT_SHARES[1]
+    assert settings.cpu_gemm_split_adapt() and settings.cpu_gemm_split_pct() == settings.CPU_GEMM_SPLIT_MIDDLE_PCT
     monkeypatch.setenv(settings.CPU_GEMM_SPLIT_WIDE, "8:60")
     with pytest.raises(HeteroConfigError, match="instead of HETERO_SHIM_CPU_GEMM_SPLIT=adapt"):
         settings.cpu_gemm_split_wide()

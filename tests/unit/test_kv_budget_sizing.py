@@ -74,11 +74,11 @@ def test_weights_counted_more_than_once_say_so_when_they_do_not_fit():
 
 @pytest.mark.parametrize("route, env, copies", [
     ("", {}, 1.0),  # the CPU ranks compute their linear layers themselves
-    # and the rows after adapt's (the default's) 70 %
-    ("steps of >= 64 tokens on the next stage's GPU rank", {}, 2.3),
-    ("routed", {"HETERO_SHIM_CPU_GEMM_SPLIT": "adapt"}, 2.3),
+    # and the rows after adapt's (the default's) 60 %
+    ("steps of >= 64 tokens on the next stage's GPU rank", {}, 2.4),
+    ("routed", {"HETERO_SHIM_CPU_GEMM_SPLIT": "adapt"}, 2.4),
     ("routed", {"HETERO_SHIM_CPU_GEMM_SPLIT": "50"}, 2.0),  # one fixed share: no rows of their own
-    ("routed", {"HETERO_SHIM_CPU_GEMM_SPLIT": "adapt:40,50,60"}, 2.4),  # the rows after its 60 %
+    ("routed", {"HETERO_SHIM_CPU_GEMM_SPLIT": "adapt:50,60,70"}, 2.3),  # the rows after its 70 %
     ("routed", {"HETERO_SHIM_CPU_GEMM_SPLIT": "50", "HETERO_SHIM_CPU_GEMM_SPLIT_WIDE": "8:75"}, 2.25),
     ("routed", {"HETERO_SHIM_CPU_GEMM_SPLIT": "0", "HETERO_SHIM_CPU_GEMM_SPLIT_WIDE": "8:75"}, 2.0),  # no split
 ])
