@@ -263,12 +263,12 @@ class ServedSide(GpuSide):
         if split and adapt:
             from hetero_shim.collectives import share_choice
 
-            kinds = ("low", "split", "wide")
+            kinds, shares = ("low", "split", "wide"), (low_pct, pct, wide_pct)
             self.chooser = share_choice.ShareChooser(kinds, default=1)
-            self.kind_pct = dict(zip(kinds, (low_pct, pct, wide_pct)))
+            self.kind_pct = dict(zip(kinds, shares))
             log.info("hetero_shim: CPU rank %d: each small step gives the next stage's rank %s of the rows below, "
                      "the share whose split took least in the steps of its size so far (%s=%s)", self.rank,
-                     settings.shares_text((low_pct, pct, wide_pct)), settings.CPU_GEMM_SPLIT,
+                     settings.shares_text(shares), settings.CPU_GEMM_SPLIT,
                      settings.cpu_gemm_split_word())
         if split and not large_only:
             log.info("hetero_shim: CPU rank %d: in smaller steps the next stage's rank computes the leading %d %% of "
